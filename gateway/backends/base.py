@@ -1,0 +1,76 @@
+"""The backend seam: one small protocol that every target implements.
+
+Like httpx's transports: `complete`, `stream`, `aclose`. Foreign errors (litellm, httpx, the
+engine) are translated to `BackendError` at the seam, once, so the pipeline reasons about a
+single error tree when it decides whether to retry or fall back.
+
+    BackendError
+      kind = "connect"     could not reach the target (refused, DNS, reset before a response)
+      kind = "timeout"     no (complete) answer within the deadline
+      kind = "status"      the target answered with an HTTP error status (`status`, `retry_after`)
+      kind = "protocol"    the answer was not the OpenAI API (HTML captive portal, bad JSON, cut SSE)
+      kind = "overloaded"  a local target's queue is full (503 + Retry-After to the client)
+      kind = "invalid"     the request itself was rejected (4xx other than 408/409/429): no fallback
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+ErrorKind = Literal["connect", "timeout", "status", "protocol", "overloaded", "invalid"]
+
+
+class BackendError(Exception):
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another try on the same target (tenacity decides how often)."""
+        if self.kind in ("connect", "timeout", "protocol"):
+            return True
+        if self.kind == "status":
+            return self.status is not None and (self.status >= 500 or self.status in (408, 409, 429))
+        return False
+
+    @property
+    def reason(self) -> str:
+        """Short machine-friendly reason for headers and metrics (never request content)."""
+        return f"{self.kind}:{self.status}" if self.status else self.kind
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    deadline: float  # absolute time.monotonic() by which the call must have finished
+    request_id: str = ""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A target that answers OpenAI chat-completion bodies.
+
+    `body` is the OpenAI request body (already redacted, `model` replaced by the target's model).
+    `complete` returns an OpenAI `chat.completion` dict; `stream` yields `chat.completion.chunk`
+    dicts (the last one may carry `usage`). Both raise `BackendError` only.
+    """
+
+    name: str
+
+    async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]: ...
+
+    def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,19 @@
+"""The classifier seam: a classifier takes the request body and returns a finding with evidence.
+
+Classifiers are synchronous and CPU-bound; the pipeline runs them in a worker thread under a
+time budget, so an implementation never needs to know about asyncio.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from gateway.features import DifficultyFinding, SensitivityFinding
+
+
+class SensitivityClassifier(Protocol):
+    def classify(self, body: dict[str, Any]) -> SensitivityFinding: ...
+
+
+class DifficultyClassifier(Protocol):
+    def classify(self, body: dict[str, Any]) -> DifficultyFinding: ...

@@ -1,0 +1,78 @@
+"""The typed objects that flow one way through the request pipeline.
+
+request -> classify (Findings -> Features) -> decide (Decision) -> redact -> dispatch -> restore -> respond
+
+Every stage takes these small frozen objects and returns new ones; nothing reaches back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SENSITIVITY_LEVELS: tuple[str, ...] = ("none", "low", "medium", "high")
+DIFFICULTY_LEVELS: tuple[str, ...] = ("easy", "medium", "hard")
+CONNECTIVITY_STATES: tuple[str, ...] = ("online", "offline")
+
+Connectivity = Literal["online", "offline"]
+
+
+def level_rank(levels: tuple[str, ...], level: str) -> int:
+    """Position of `level` in its ordered scale; ValueError for an unknown level."""
+    return levels.index(level)
+
+
+@dataclass(frozen=True)
+class Entity:
+    """One detected sensitive value. `text` is the raw value: never log it."""
+
+    type: str
+    location: str  # JSON-pointer-like path into the request body, e.g. "/messages/2/content"
+    start: int
+    end: int
+    score: float
+    level: str
+    text: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class SensitivityFinding:
+    level: str = "none"
+    entities: tuple[Entity, ...] = ()
+    unscanned: tuple[str, ...] = ()  # locations of parts we could not analyse (images, audio)
+    evidence: dict[str, Any] = field(default_factory=dict)  # counts by entity type, never values
+    error: str | None = None  # set when analysis failed or timed out: callers must fail closed
+
+    @property
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in self.entities:
+            out[e.type] = out.get(e.type, 0) + 1
+        return out
+
+
+@dataclass(frozen=True)
+class DifficultyFinding:
+    level: str = "easy"
+    score: float = 0.0
+    method: str = "none"
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Everything the policy may look at. Built once per request by the classify stage."""
+
+    model: str
+    client: str | None
+    connectivity: dict[str, Connectivity]  # per cloud target name
+    sensitivity: SensitivityFinding
+    difficulty: DifficultyFinding
+    prompt_tokens: int
+    has_tools: bool
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+
+    @property
+    def overall_connectivity(self) -> Connectivity:
+        """Online when at least one cloud target is reachable (no cloud targets: offline)."""
+        return "online" if any(s == "online" for s in self.connectivity.values()) else "offline"
