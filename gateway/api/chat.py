@@ -1,0 +1,199 @@
+"""POST /v1/chat/completions and POST /v1/route/explain: OpenAI wire format in and out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+
+from gateway import pipeline
+from gateway.api.deps import authenticate, get_state
+from gateway.api.errors import validation_error
+from gateway.api.responses import JSON
+from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
+from gateway.state import GatewayState
+
+router = APIRouter()
+
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+    }
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 503)
+}
+
+
+async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
+    """Read and validate a JSON body under the size limit and a read deadline (slow clients)."""
+    limits = state.runtime.policy.limits
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise APIError(413, f"Request body exceeds {limits.max_body_bytes} bytes.", code="body_too_large")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def consume() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise APIError(413, f"Request body exceeds {limits.max_body_bytes} bytes.", code="body_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(consume(), timeout=limits.body_read_timeout_s)
+    except TimeoutError:
+        raise APIError(408, "Timed out reading the request body.", code="body_timeout") from None
+    raw = b"".join(chunks)
+    if not raw:
+        raise APIError(400, "The request body is empty; expected JSON.", code="invalid_json")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "The request body is not valid JSON (or not UTF-8).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if len(data["messages"]) > limits.max_messages:
+        raise APIError(400, f"Too many messages (limit {limits.max_messages}).", param="messages",
+                       code="too_many_messages")
+    return data
+
+
+def _call(request: Request, body: dict[str, Any], client: str | None) -> pipeline.Call:
+    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() != "authorization"}
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id)
+
+
+def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[str, str]:
+    f = prepared.features
+    h = {
+        "x-hybrid-route": served.target,
+        "x-hybrid-rule": prepared.decision.rule,
+        "x-hybrid-connectivity": f.overall_connectivity,
+        "x-hybrid-sensitivity": f.sensitivity.level,
+        "x-hybrid-difficulty": f.difficulty.level,
+        "x-hybrid-redactions": str(served.redactions),
+        "x-request-id": prepared.call.request_id,
+    }
+    if served.fallbacks:
+        h["x-hybrid-fallback"] = ", ".join(str(fb) for fb in served.fallbacks)
+    if prepared.warnings:
+        h["x-hybrid-warning"] = "; ".join(prepared.warnings)
+    return h
+
+
+def _record(
+    state: GatewayState,
+    prepared: pipeline.Prepared,
+    served: pipeline.Served | None,
+    status: int,
+    usage: dict[str, Any],
+    stream: bool,
+) -> None:
+    elapsed = time.monotonic() - prepared.call.started
+    route = served.target if served else "-"
+    m = state.metrics
+    m.requests.labels(route, prepared.decision.rule, str(status)).inc()
+    m.latency.labels(route, str(stream).lower()).observe(elapsed)
+    counts = prepared.features.sensitivity.counts if prepared.redacted is not None else {}
+    if served:
+        for fb in served.fallbacks:
+            m.fallbacks.labels(fb.source, fb.to, fb.reason).inc()
+        for entity, n in counts.items():
+            m.redactions.labels(entity).inc(n)
+        for kind in ("prompt_tokens", "completion_tokens"):
+            if isinstance(usage.get(kind), int):
+                m.tokens.labels(route, kind.removesuffix("_tokens")).inc(usage[kind])
+    state.audit.write(
+        {
+            "time": time.time(),
+            "request_id": prepared.call.request_id,
+            "client": prepared.call.client,
+            "model": prepared.features.model,
+            "rule": prepared.decision.rule,
+            "target": route,
+            "fallbacks": [str(fb) for fb in served.fallbacks] if served else [],
+            "status": status,
+            "stream": stream,
+            "sensitivity": prepared.features.sensitivity.level,
+            "entities": prepared.features.sensitivity.counts,
+            "redacted": bool(counts),
+            "difficulty": prepared.features.difficulty.level,
+            "latency_ms": round(elapsed * 1000, 2),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "error": usage.get("error"),
+        }
+    )
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=_BODY_SCHEMA,
+    responses=_ERRORS,
+    response_model=None,
+)
+async def chat_completions(
+    request: Request,
+    state: GatewayState = Depends(get_state),
+    client: str | None = Depends(authenticate),
+) -> Response:
+    body = await read_body(request, state)
+    rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
+    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    try:
+        if body.get("stream"):
+            stream, served, usage = await pipeline.stream(rt, prepared)
+        else:
+            response, served = await pipeline.complete(rt, prepared)
+    except APIError as exc:
+        _record(state, prepared, None, exc.status, {}, bool(body.get("stream")))
+        exc.headers.setdefault("x-request-id", prepared.call.request_id)
+        exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+        raise
+    headers = route_headers(prepared, served)
+    if not body.get("stream"):
+        _record(state, prepared, served, 200, response.get("usage") or {}, False)
+        return JSON(response, headers=headers)
+
+    async def observed() -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for piece in stream:
+                if first:
+                    state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
+                    first = False
+                yield piece
+        finally:
+            _record(state, prepared, served, 200, usage, True)
+
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    return StreamingResponse(observed(), media_type="text/event-stream", headers=headers)
+
+
+@router.post("/v1/route/explain", openapi_extra=_BODY_SCHEMA, responses=_ERRORS, response_model=None)
+async def route_explain(
+    request: Request,
+    state: GatewayState = Depends(get_state),
+    client: str | None = Depends(authenticate),
+) -> Response:
+    body = await read_body(request, state)
+    rt = state.runtime
+    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    return JSON(pipeline.explain(rt, prepared))

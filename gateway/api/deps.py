@@ -1,0 +1,45 @@
+"""Explicit dependencies for the routes (FastAPI `Depends`): the state and the caller's identity."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Request
+
+from gateway.schema import APIError
+from gateway.state import GatewayState
+
+
+def get_state(request: Request) -> GatewayState:
+    return request.app.state.gateway
+
+
+def _bearer(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.headers.get("api-key") or None
+
+
+def authenticate(request: Request) -> str | None:
+    """The client's name from its API key; None when the policy declares no clients (no auth)."""
+    clients = get_state(request).runtime.policy.clients
+    if clients is None:
+        return None
+    token = _bearer(request)
+    if token is None:
+        raise APIError(401, "Missing API key: send `Authorization: Bearer <key>`.", code="missing_api_key")
+    for client in clients:
+        if hmac.compare_digest(client.api_key.encode(), token.encode()):
+            return client.name
+    raise APIError(401, "Invalid API key.", code="invalid_api_key")
+
+
+def require_admin(request: Request) -> None:
+    key = get_state(request).settings.admin_key
+    if not key:
+        raise APIError(404, "Admin endpoints are disabled (set GATEWAY_ADMIN_KEY).", code="not_found")
+    token = _bearer(request)
+    if token is None or not hmac.compare_digest(key.encode(), token.encode()):
+        raise APIError(401, "Invalid admin key.", code="invalid_api_key")

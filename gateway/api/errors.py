@@ -1,0 +1,47 @@
+"""Every error leaves in OpenAI's shape `{"error": {message, type, param, code}}`, never a trace."""
+
+from __future__ import annotations
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.api.responses import JSON
+from gateway.schema import APIError
+
+log = structlog.get_logger("gateway.api")
+
+
+def error_response(err: APIError) -> JSON:
+    return JSON(err.body(), status_code=err.status, headers=err.headers)
+
+
+def validation_error(exc: RequestValidationError | Exception) -> APIError:
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "Invalid request")
+    return APIError(400, f"Invalid request: {param + ': ' if param else ''}{msg}", param=param, code="invalid_value")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSON:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSON:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSON:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSON:
+        # Log the type only: an exception's text may quote request content.
+        log.error("unhandled_error", error=type(exc).__name__, path=request.url.path)
+        return error_response(APIError(500, "Internal error in the gateway.", code="internal_error"))

@@ -1,0 +1,35 @@
+"""Builds the FastAPI app from Settings. No logic here: routes live in gateway/api."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe before any litellm import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from gateway.api import chat, errors, models, ops
+from gateway.state import GatewayState, Settings
+
+
+def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI:
+    gateway_state = state or GatewayState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway_state.start()
+        try:
+            yield
+        finally:
+            await gateway_state.stop()
+
+    app = FastAPI(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway_state
+    errors.install(app)
+    for router in (chat.router, models.router, ops.router):
+        app.include_router(router)
+    return app

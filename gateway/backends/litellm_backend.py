@@ -1,0 +1,84 @@
+"""Any provider litellm supports (Anthropic, Bedrock, Vertex, …), through `litellm.acompletion`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from gateway.backends.base import BackendError, CallOptions
+from gateway.backends.errors import from_litellm
+
+# The machine may be offline: litellm must not fetch its cost map at import (litellm #739).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def _to_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    return obj.model_dump(exclude_none=True)
+
+
+class LitellmBackend:
+    def __init__(
+        self,
+        name: str,
+        *,
+        model: str,
+        api_base: str | None,
+        api_key: str | None,
+        timeout_s: float,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        import litellm
+
+        litellm.telemetry = False
+        litellm.drop_params = True  # a provider that lacks a parameter should not fail the request
+        self._litellm = litellm
+        self.name = name
+        self.model = model
+        self.api_base = api_base
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.extra_body = extra_body or {}
+
+    def _kwargs(self, body: dict[str, Any], opts: CallOptions, stream: bool) -> dict[str, Any]:
+        left = opts.deadline - time.monotonic()
+        if left <= 0:
+            raise BackendError("timeout", f"deadline passed before calling {self.name}")
+        kwargs = {k: v for k, v in body.items() if k not in ("model", "stream", "stream_options")}
+        kwargs.update(self.extra_body)
+        kwargs.update(
+            model=self.model,
+            stream=stream,
+            timeout=min(self.timeout_s, left),
+            num_retries=0,  # retries are ours (tenacity), bounded by the request deadline
+        )
+        if stream:
+            kwargs["stream_options"] = {"include_usage": True}
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self.api_key:
+            kwargs["api_key"] = self.api_key
+        return kwargs
+
+    async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        try:
+            resp = await self._litellm.acompletion(**self._kwargs(body, opts, False))
+        except Exception as exc:
+            raise from_litellm(self.name, exc) from None
+        return _to_dict(resp)
+
+    async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
+        try:
+            resp = await self._litellm.acompletion(**self._kwargs(body, opts, True))
+            async for chunk in resp:
+                yield _to_dict(chunk)
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise from_litellm(self.name, exc) from None
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,148 @@
+"""`hybrid-gateway`: serve | explain | policy check | policy test | difficulty …"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any
+
+import click
+import orjson
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from gateway.policy.load import PolicyError, load_policy
+
+DEFAULT_POLICY = "policies/default.yaml"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+def _load(path: str) -> Any:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        _fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Hybrid Gateway: an OpenAI-compatible gateway that routes LLM traffic by policy."""
+
+
+@main.command()
+@click.option("--policy", "policy_path", default=DEFAULT_POLICY, show_default=True, type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--offline", is_flag=True, help="Treat every cloud target as offline (test offline mode).")
+@click.option("--audit-log", default=None, help="Write the audit log here ('-' for stdout).")
+@click.option("--log-level", default="INFO", show_default=True)
+@click.option("--no-watch", is_flag=True, help="Do not reload the policy when the file changes.")
+def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str | None, log_level: str,
+          no_watch: bool) -> None:
+    """Serve the OpenAI-compatible API."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.logs import configure_logging
+    from gateway.state import GatewayState, Settings
+
+    configure_logging(log_level)
+    policy = _load(policy_path)
+    settings = Settings(policy_path=policy_path, force="offline" if offline else "auto",
+                        audit_path=audit_log, watch=not no_watch)
+    try:
+        state = GatewayState(settings, policy)
+    except Exception as exc:  # e.g. a missing NLP model: one clear line, no traceback
+        _fail(f"{policy_path}: cannot start: {type(exc).__name__}: {exc}")
+    app = create_app(settings, state)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                            loop="auto", http="auto", timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
+
+
+def _messages(prompt: str | None, messages_json: str | None) -> list[dict[str, Any]]:
+    if messages_json:
+        try:
+            data = orjson.loads(messages_json)
+        except orjson.JSONDecodeError as exc:
+            _fail(f"--messages is not valid JSON: {exc}")
+        if not isinstance(data, list):
+            _fail("--messages must be a JSON list of messages")
+        return data
+    if prompt is None:
+        _fail("give a PROMPT or --messages")
+    return [{"role": "user", "content": prompt}]
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--policy", "policy_path", default=DEFAULT_POLICY, show_default=True, type=click.Path())
+@click.option("--offline", is_flag=True, help="Assume every cloud target is offline.")
+@click.option("--model", default="auto", show_default=True)
+@click.option("--messages", "messages_json", default=None, help="A JSON list of messages instead of PROMPT.")
+@click.option("--header", "headers", multiple=True, help="NAME=VALUE, repeatable.")
+@click.option("--client", default=None, help="Client name to assume.")
+def explain(prompt: str | None, policy_path: str, offline: bool, model: str, messages_json: str | None,
+            headers: tuple[str, ...], client: str | None) -> None:
+    """Print the routing decision for a prompt as JSON. Calls no model."""
+    from gateway.explain import explain_offline
+
+    policy = _load(policy_path)
+    body = {"model": model, "messages": _messages(prompt, messages_json)}
+    hdrs = dict(h.split("=", 1) for h in headers if "=" in h)
+    result = asyncio.run(explain_offline(policy, policy_path, body, offline=offline, headers=hdrs, client=client))
+    click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+@main.group()
+def policy() -> None:
+    """Check and test policies."""
+
+
+@policy.command("check")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+def policy_check(paths: tuple[str, ...]) -> None:
+    """Validate policy files; errors as file:line:col: message."""
+    bad = 0
+    for path in paths:
+        try:
+            p = load_policy(path)
+        except PolicyError as exc:
+            bad += 1
+            click.echo(str(exc), err=True)
+            continue
+        click.echo(f"{path}: ok ({len(p.targets)} targets, {len(p.rules)} rules)")
+    sys.exit(1 if bad else 0)
+
+
+@policy.command("test")
+@click.argument("policy_path", type=click.Path())
+@click.argument("cases_path", type=click.Path())
+def policy_test(policy_path: str, cases_path: str) -> None:
+    """Run table-driven routing cases against a policy (like `opa test`)."""
+    from gateway.policy_cases import CaseError, format_table, run_cases
+
+    policy = _load(policy_path)
+    try:
+        results = asyncio.run(run_cases(policy, policy_path, cases_path))
+    except CaseError as exc:
+        _fail(str(exc))
+    click.echo(format_table(results))
+    sys.exit(0 if all(r.passed for r in results) else 1)
+
+
+def _register_optional() -> None:
+    try:
+        from gateway.classify.difficulty_cli import difficulty
+    except ImportError:
+        return
+    main.add_command(difficulty)
+
+
+_register_optional()

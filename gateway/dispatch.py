@@ -1,0 +1,203 @@
+"""Send a request along a decision's chain of targets: retries per target, then the fallbacks.
+
+Retries use tenacity (exponential backoff with jitter, Retry-After honoured when it fits), all
+bounded by the request deadline. A target the connectivity monitor already knows is offline is
+skipped at once when something is left to try, instead of being discovered by a timeout. For a
+stream, the first meaningful chunk is pulled before we commit to a target, so a failure before
+the first token falls back transparently.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from gateway.backends.base import Backend, BackendError, CallOptions
+from gateway.connectivity import ConnectivityMonitor
+from gateway.policy.model import Policy
+
+log = structlog.get_logger("gateway.dispatch")
+
+BodyFor = Callable[[str], dict[str, Any]]  # target name -> the body to send it (redacted for cloud)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    source: str
+    to: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}->{self.to}: {self.reason}"
+
+
+@dataclass
+class Outcome:
+    target: str
+    fallbacks: list[Fallback] = field(default_factory=list)
+    attempts: int = 0
+    response: dict[str, Any] | None = None
+    head: list[dict[str, Any]] = field(default_factory=list)  # stream chunks already pulled
+    rest: AsyncIterator[dict[str, Any]] | None = None  # the remaining stream
+
+
+class AllTargetsFailed(Exception):
+    def __init__(self, errors: list[tuple[str, BackendError]], fallbacks: list[Fallback]) -> None:
+        super().__init__("; ".join(f"{t}: {e.reason}" for t, e in errors))
+        self.errors = errors
+        self.fallbacks = fallbacks
+
+    @property
+    def retry_after(self) -> float | None:
+        hints = [e.retry_after for _, e in self.errors if e.retry_after is not None]
+        return min(hints) if hints else None
+
+    @property
+    def invalid(self) -> BackendError | None:
+        """The request itself was rejected (4xx): the caller should see that error."""
+        for _, e in self.errors:
+            if e.kind == "invalid":
+                return e
+        return None
+
+
+def _meaningful(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason"):
+            return True
+    return bool(chunk.get("usage")) and not chunk.get("choices")
+
+
+def _counts_against_connectivity(e: BackendError) -> bool:
+    return e.kind in ("connect", "timeout", "protocol") or (e.kind == "status" and (e.status or 0) >= 500)
+
+
+class Dispatcher:
+    def __init__(self, policy: Policy, backends: dict[str, Backend], monitor: ConnectivityMonitor) -> None:
+        self.policy = policy
+        self.backends = backends
+        self.monitor = monitor
+
+    def _retrying(self, target: str, deadline: float) -> AsyncRetrying:
+        cfg = self.policy.targets[target]
+        max_after = cfg.max_retry_after_s
+        backoff = wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05)
+
+        def should_retry(exc: BaseException) -> bool:
+            if not isinstance(exc, BackendError) or not exc.retryable:
+                return False
+            if exc.retry_after is not None and exc.retry_after > max_after:
+                return False  # not worth the wait: the fallback answers sooner
+            return True
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            hinted = getattr(exc, "retry_after", None)
+            delay = hinted if hinted is not None else backoff(state)
+            left = deadline - time.monotonic()
+            return max(0.0, min(delay, left - 0.05))
+
+        def out_of_time(state: RetryCallState) -> bool:
+            return time.monotonic() >= deadline - 0.05
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(cfg.retries + 1) | out_of_time,
+            wait=wait,
+            retry=retry_if_exception(should_retry),
+            reraise=True,
+        )
+
+    def _record(self, target: str, error: BackendError | None) -> None:
+        if not self.policy.is_cloud(target):
+            return
+        if error is None or not _counts_against_connectivity(error):
+            self.monitor.record(target, True)
+        else:
+            self.monitor.record(target, False, error.reason)
+
+    async def _walk(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: Any) -> Outcome:
+        errors: list[tuple[str, BackendError]] = []
+        fallbacks: list[Fallback] = []
+        attempts = 0
+        for i, target in enumerate(chain):
+            nxt = chain[i + 1] if i + 1 < len(chain) else None
+            if time.monotonic() >= opts.deadline:
+                errors.append((target, BackendError("timeout", "request deadline passed")))
+                break
+            if self.monitor.disabled(target):
+                errors.append((target, BackendError("connect", f"{target} has no API key configured")))
+                if nxt:
+                    fallbacks.append(Fallback(target, nxt, "not_configured"))
+                continue
+            if nxt and self.monitor.state(target) == "offline":
+                fallbacks.append(Fallback(target, nxt, "offline"))
+                errors.append((target, BackendError("connect", f"{target} is offline")))
+                continue
+            try:
+                async for attempt in self._retrying(target, opts.deadline):
+                    with attempt:
+                        attempts += 1
+                        try:
+                            outcome = await attempt_one(target)
+                        except BackendError as e:
+                            self._record(target, e)
+                            raise
+                self._record(target, None)
+                outcome.fallbacks, outcome.attempts = fallbacks, attempts
+                return outcome
+            except BackendError as e:
+                log.warning("target_failed", target=target, reason=e.reason, request_id=opts.request_id)
+                errors.append((target, e))
+                if e.kind == "invalid":
+                    break  # the request itself is wrong: another target would refuse it too
+                if nxt:
+                    fallbacks.append(Fallback(target, nxt, e.reason))
+        raise AllTargetsFailed(errors, fallbacks)
+
+    async def complete(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions) -> Outcome:
+        async def one(target: str) -> Outcome:
+            resp = await self.backends[target].complete(body_for(target), opts)
+            return Outcome(target=target, response=resp)
+
+        return await self._walk(chain, opts, one)
+
+    async def stream(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions) -> Outcome:
+        async def one(target: str) -> Outcome:
+            it = aiter(self.backends[target].stream(body_for(target), opts))
+            head: list[dict[str, Any]] = []
+            try:
+                while True:
+                    try:
+                        chunk = await anext(it)
+                    except StopAsyncIteration:
+                        break
+                    head.append(chunk)
+                    if _meaningful(chunk):
+                        break
+            except BaseException:
+                await _aclose(it)
+                raise
+            return Outcome(target=target, head=head, rest=it)
+
+        return await self._walk(chain, opts, one)
+
+
+async def _aclose(it: AsyncIterator[Any]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass

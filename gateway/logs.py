@@ -1,0 +1,67 @@
+"""Structured JSON logs (structlog) and the audit log: one line per request, never prompt text."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, TextIO
+
+import orjson
+import structlog
+
+
+def _dumps(obj: Any, default: Any = None) -> str:
+    return orjson.dumps(obj, default=default).decode()
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """JSON lines to stderr (or `stream`) for our loggers and the libraries' stdlib loggers."""
+    out = stream or sys.stderr
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer(_dumps)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=structlog.processors.JSONRenderer(_dumps), foreign_pre_chain=shared
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # litellm logs request bodies at DEBUG/INFO: keep it quiet so prompts never reach the logs.
+    for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "presidio-analyzer", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class AuditLog:
+    """One JSON line per request: who, which rule and target, fallbacks, entity counts, latency."""
+
+    def __init__(self, path: str | None) -> None:
+        self._path = path
+        self._fh: TextIO | None = None
+        if path and path != "-":
+            self._fh = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the app
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._path is None:
+            return
+        line = _dumps(record) + "\n"
+        if self._fh is not None:
+            self._fh.write(line)
+        else:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,369 @@
+"""One request, one way: classify -> decide -> redact -> dispatch -> restore -> respond.
+
+This is the only module that knows the order of the stages. Each stage is a function over the
+small typed objects in gateway/features.py; the HTTP layer (gateway/api) only converts wire format
+in and out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from gateway.backends.base import BackendError, CallOptions
+from gateway.classify.text import all_text
+from gateway.dispatch import AllTargetsFailed, Fallback, Outcome
+from gateway.features import DifficultyFinding, Features, SensitivityFinding
+from gateway.metrics import Metrics
+from gateway.policy.evaluate import Decision, decide, resolve_model
+from gateway.privacy.redact import redact_body
+from gateway.privacy.vault import Vault
+from gateway.runtime import Runtime
+from gateway.schema import APIError
+
+log = structlog.get_logger("gateway.pipeline")
+audit = structlog.get_logger("gateway.audit")
+
+# Fields the local engine cannot honour; dropped with a warning header rather than failing.
+_ENGINE_UNSUPPORTED = ("tools", "tool_choice", "response_format", "parallel_tool_calls")
+
+
+@dataclass(frozen=True)
+class Call:
+    body: dict[str, Any]
+    headers: dict[str, str]  # lower-cased names
+    client: str | None
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Prepared:
+    call: Call
+    features: Features
+    decision: Decision
+    vault: Vault | None = None
+    redacted: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Served:
+    """What the respond stage needs to build headers, metrics and the audit line."""
+
+    target: str
+    fallbacks: list[Fallback]
+    redactions: int
+
+
+# -- classify ---------------------------------------------------------------------------------
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    # A provider-neutral estimate (~4 characters a token); the real count comes back in `usage`.
+    return max(1, len(all_text(body)) // 4)
+
+
+async def _timed(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return await asyncio.to_thread(fn, body)
+    finally:
+        metrics.classify_seconds.labels(name).observe(time.perf_counter() - t0)
+
+
+async def classify(rt: Runtime, call: Call, metrics: Metrics) -> Features:
+    budget = rt.policy.limits.classify_budget_ms / 1000
+    sens_task = asyncio.ensure_future(_timed(metrics, "sensitivity", rt.sensitivity.classify, call.body))
+    diff_task = asyncio.ensure_future(_timed(metrics, "difficulty", rt.difficulty.classify, call.body))
+    done, _ = await asyncio.wait({sens_task, diff_task}, timeout=budget)
+    try:
+        sensitivity = sens_task.result() if sens_task in done else None
+        if sensitivity is None:
+            sensitivity = SensitivityFinding(level="high", error="sensitivity analysis exceeded its time budget")
+    except Exception as exc:
+        # Fail closed: an analysis we could not finish must never let the request reach the cloud.
+        log.error("sensitivity_failed", error=type(exc).__name__, request_id=call.request_id)
+        sensitivity = SensitivityFinding(level="high", error=f"sensitivity analysis failed ({type(exc).__name__})")
+    try:
+        difficulty = diff_task.result() if diff_task in done else None
+        if difficulty is None:
+            difficulty = DifficultyFinding(level="easy", method="timeout", evidence={"error": "over budget"})
+    except Exception as exc:
+        log.error("difficulty_failed", error=type(exc).__name__, request_id=call.request_id)
+        difficulty = DifficultyFinding(level="easy", method="error", evidence={"error": type(exc).__name__})
+    for task in (sens_task, diff_task):
+        if not task.done():
+            task.cancel()  # the thread finishes on its own; its result is ignored
+    return Features(
+        model=str(call.body.get("model", "")),
+        client=call.client,
+        connectivity=rt.monitor.snapshot(),
+        sensitivity=sensitivity,
+        difficulty=difficulty,
+        prompt_tokens=estimate_tokens(call.body),
+        has_tools=bool(call.body.get("tools")),
+        headers=call.headers,
+    )
+
+
+# -- decide -----------------------------------------------------------------------------------
+
+
+def pinned_target(rt: Runtime, model: str) -> str | None:
+    try:
+        return resolve_model(rt.policy, model)
+    except KeyError:
+        raise APIError(
+            404,
+            f"The model `{model[:100]}` does not exist. Use `auto` or one of GET /v1/models.",
+            code="model_not_found",
+            param="model",
+        ) from None
+
+
+def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision:
+    """With no trustworthy sensitivity finding, drop every cloud target from the chain."""
+    if features.sensitivity.error is None or decision.action != "route":
+        return decision
+    local = tuple(t for t in decision.chain if not rt.policy.is_cloud(t))
+    if local == decision.chain:
+        return decision
+    on_error = getattr(rt.policy.privacy, "on_error", "local")
+    if not local and on_error == "local":
+        local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
+    note = "sensitivity analysis unavailable: cloud targets removed (fail closed)"
+    if not local or on_error == "block":
+        return Decision(
+            rule=decision.rule,
+            action="block",
+            block_status=503,
+            block_message="Sensitivity analysis is unavailable and policy forbids sending this request out.",
+            matched=decision.matched,
+            pinned=decision.pinned,
+            notes=(*decision.notes, note),
+        )
+    return Decision(
+        rule=decision.rule,
+        action="route",
+        chain=local,
+        redact=decision.redact,
+        matched=decision.matched,
+        pinned=decision.pinned,
+        notes=(*decision.notes, note),
+    )
+
+
+async def prepare(rt: Runtime, call: Call, metrics: Metrics) -> Prepared:
+    pinned = pinned_target(rt, str(call.body.get("model", "")))
+    features = await classify(rt, call, metrics)
+    decision = fail_closed(rt, features, decide(features, rt.policy, pinned))
+    prepared = Prepared(call=call, features=features, decision=decision)
+    if decision.action == "route" and decision.redact and any(rt.policy.is_cloud(t) for t in decision.chain):
+        conversation = call.headers.get("x-hybrid-conversation-id") or (
+            (call.body.get("metadata") or {}).get("conversation_id")
+            if isinstance(call.body.get("metadata"), dict)
+            else None
+        )
+        prepared.vault = rt.vaults.get(str(conversation) if conversation else None)
+        prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
+    return prepared
+
+
+def body_for(rt: Runtime, prepared: Prepared, target: str) -> dict[str, Any]:
+    """The body a target receives: redacted for the cloud when the rule says so."""
+    if prepared.redacted is not None and rt.policy.is_cloud(target):
+        return prepared.redacted
+    body = prepared.call.body
+    if rt.is_engine(target) and any(k in body for k in _ENGINE_UNSUPPORTED):
+        dropped = [k for k in _ENGINE_UNSUPPORTED if k in body]
+        warning = f"{target} ignores {', '.join(dropped)}"
+        if warning not in prepared.warnings:
+            prepared.warnings.append(warning)
+        return {k: v for k, v in body.items() if k not in _ENGINE_UNSUPPORTED}
+    return body
+
+
+def _restoring(rt: Runtime, prepared: Prepared, target: str) -> bool:
+    return prepared.vault is not None and prepared.redacted is not None and rt.policy.is_cloud(target)
+
+
+def _all_failed_error(exc: AllTargetsFailed) -> APIError:
+    invalid = exc.invalid
+    if invalid is not None:
+        return APIError(invalid.status or 400, invalid.message, code="upstream_rejected")
+    retry_after = exc.retry_after
+    overloaded = any(e.kind == "overloaded" for _, e in exc.errors)
+    seconds = max(1, math.ceil(retry_after)) if retry_after is not None else (2 if overloaded else 5)
+    return APIError(
+        503,
+        "No target could serve this request: " + "; ".join(f"{t}: {e.reason}" for t, e in exc.errors),
+        code="all_targets_unavailable" if not overloaded else "local_engine_busy",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def _options(rt: Runtime, call: Call) -> CallOptions:
+    return CallOptions(deadline=call.started + rt.policy.limits.request_timeout_s, request_id=call.request_id)
+
+
+def _blocked(decision: Decision) -> APIError:
+    return APIError(
+        decision.block_status or 403,
+        decision.block_message or "Blocked by policy.",
+        code="blocked_by_policy",
+        type_="permission_error" if (decision.block_status or 403) == 403 else None,
+    )
+
+
+# -- dispatch + restore -----------------------------------------------------------------------
+
+
+async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Served]:
+    decision = prepared.decision
+    if decision.action == "block":
+        raise _blocked(decision)
+    try:
+        outcome = await rt.dispatcher.complete(
+            decision.chain, lambda t: body_for(rt, prepared, t), _options(rt, prepared.call)
+        )
+    except AllTargetsFailed as exc:
+        raise _all_failed_error(exc) from None
+    response = outcome.response or {}
+    if _restoring(rt, prepared, outcome.target):
+        assert prepared.vault is not None
+        response = prepared.vault.restore_completion(response)
+    return response, _served(prepared, outcome)
+
+
+def _served(prepared: Prepared, outcome: Outcome) -> Served:
+    redactions = len(prepared.vault) if prepared.vault is not None and prepared.redacted is not None else 0
+    return Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=redactions)
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes], Served, dict[str, Any]]:
+    """Returns the SSE byte stream, what served it, and a dict filled with usage as it streams."""
+    decision = prepared.decision
+    if decision.action == "block":
+        raise _blocked(decision)
+    opts = _options(rt, prepared.call)
+    try:
+        outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts)
+    except AllTargetsFailed as exc:
+        raise _all_failed_error(exc) from None
+    restorer = prepared.vault.stream_restorer() if _restoring(rt, prepared, outcome.target) else None
+    want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
+    usage: dict[str, Any] = {}
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        for chunk in outcome.head:
+            yield chunk
+        rest = outcome.rest
+        if rest is None:
+            return
+        while True:
+            left = opts.deadline - time.monotonic()
+            if left <= 0:
+                raise BackendError("timeout", "request deadline passed mid-stream")
+            try:
+                async with asyncio.timeout(left):
+                    chunk = await anext(rest)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise BackendError("timeout", "request deadline passed mid-stream") from None
+            yield chunk
+
+    def out(chunk: dict[str, Any]) -> list[bytes]:
+        if chunk.get("usage"):
+            usage.update(chunk["usage"])
+            if not chunk.get("choices"):
+                return [sse(chunk)] if want_usage else []
+            if not want_usage:
+                chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        pieces = restorer.feed(chunk) if restorer is not None else [chunk]
+        return [sse(c) for c in pieces]
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks():
+                for piece in out(chunk):
+                    yield piece
+            if restorer is not None:
+                for c in restorer.flush():
+                    yield sse(c)
+        except BackendError as exc:
+            # Tokens were already sent: we cannot switch targets silently any more. End the stream
+            # with an error event the OpenAI SDK raises on, never with a hung connection.
+            log.warning("stream_interrupted", target=outcome.target, reason=exc.reason,
+                        request_id=prepared.call.request_id)
+            if restorer is not None:
+                for c in restorer.flush():
+                    yield sse(c)
+            yield sse(
+                {
+                    "error": {
+                        "message": f"The upstream stream from {outcome.target} was interrupted ({exc.reason}).",
+                        "type": "upstream_error",
+                        "param": None,
+                        "code": "stream_interrupted",
+                    }
+                }
+            )
+            usage["error"] = exc.reason
+        finally:
+            close = getattr(outcome.rest, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    pass
+        yield SSE_DONE
+
+    return body(), _served(prepared, outcome), usage
+
+
+def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
+    f, d = prepared.features, prepared.decision
+    planned: dict[str, int] = {}
+    if prepared.redacted is not None:
+        planned = dict(f.sensitivity.counts)
+    return {
+        "decision": d.as_dict(),
+        "features": {
+            "model": f.model,
+            "client": f.client,
+            "connectivity": f.overall_connectivity,
+            "targets": f.connectivity,
+            "sensitivity": {
+                "level": f.sensitivity.level,
+                "entities": f.sensitivity.counts,
+                "unscanned": list(f.sensitivity.unscanned),
+                "error": f.sensitivity.error,
+            },
+            "difficulty": {
+                "level": f.difficulty.level,
+                "score": round(f.difficulty.score, 4),
+                "method": f.difficulty.method,
+                "evidence": f.difficulty.evidence,
+            },
+            "prompt_tokens": f.prompt_tokens,
+            "has_tools": f.has_tools,
+        },
+        "redactions_planned": planned,
+    }
+

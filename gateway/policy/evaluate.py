@@ -1,0 +1,170 @@
+"""The routing decision: a pure function of (request features, policy).
+
+No I/O, no clock, no globals: `decide` is what `explain`, the response headers, the audit log and
+the dispatcher all read, so a decision is explained exactly as it is executed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS, Features, level_rank
+from gateway.policy.model import AtLeast, Policy, Rule, When
+
+
+@dataclass(frozen=True)
+class Decision:
+    rule: str
+    action: str  # "route" | "block"
+    chain: tuple[str, ...] = ()  # target names in the order they will be tried
+    redact: bool = False
+    block_status: int | None = None
+    block_message: str | None = None
+    matched: tuple[str, ...] = ()  # human-readable reasons the rule matched
+    pinned: str | None = None  # the target the request named, if any
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def target(self) -> str | None:
+        return self.chain[0] if self.chain else None
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        return self.chain[1:]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "rule": self.rule,
+            "action": self.action,
+            "target": self.target,
+            "fallbacks": list(self.fallbacks),
+            "redact": self.redact,
+            "block": {"status": self.block_status, "message": self.block_message}
+            if self.action == "block"
+            else None,
+            "matched": list(self.matched),
+            "pinned": self.pinned,
+            "notes": list(self.notes),
+        }
+
+
+def _level(levels: tuple[str, ...], cond: str | AtLeast, actual: str, what: str) -> str | None:
+    if isinstance(cond, AtLeast):
+        if level_rank(levels, actual) >= level_rank(levels, cond.at_least):
+            return f"{what} {actual} >= {cond.at_least}"
+        return None
+    return f"{what} == {actual}" if actual == cond else None
+
+
+def match(when: When, f: Features) -> tuple[str, ...] | None:
+    """Reasons the condition holds, or None when it does not (keys are ANDed)."""
+    reasons: list[str] = []
+
+    def need(reason: str | None) -> bool:
+        if reason is None:
+            return False
+        reasons.append(reason)
+        return True
+
+    if when.connectivity is not None and not need(
+        f"connectivity == {when.connectivity}" if f.overall_connectivity == when.connectivity else None
+    ):
+        return None
+    if when.sensitivity is not None and not need(
+        _level(SENSITIVITY_LEVELS, when.sensitivity, f.sensitivity.level, "sensitivity")
+    ):
+        return None
+    if when.difficulty is not None and not need(
+        _level(DIFFICULTY_LEVELS, when.difficulty, f.difficulty.level, "difficulty")
+    ):
+        return None
+    if when.model is not None and not need(
+        f"model {f.model!r} ~ {when.model!r}" if fnmatchcase(f.model, when.model) else None
+    ):
+        return None
+    if when.client is not None and not need(
+        f"client {f.client!r} ~ {when.client!r}"
+        if f.client is not None and fnmatchcase(f.client, when.client)
+        else None
+    ):
+        return None
+    if when.prompt_tokens is not None:
+        b, n = when.prompt_tokens, f.prompt_tokens
+        if (b.gt is not None and not n > b.gt) or (b.lt is not None and not n < b.lt):
+            return None
+        reasons.append(f"prompt_tokens {n} within (gt={b.gt}, lt={b.lt})")
+    if when.has_tools is not None and not need(
+        f"has_tools == {f.has_tools}" if f.has_tools == when.has_tools else None
+    ):
+        return None
+    for name, pattern in (when.header or {}).items():
+        value = f.headers.get(name.lower())
+        if not need(f"header {name} ~ {pattern!r}" if value is not None and fnmatchcase(value, pattern) else None):
+            return None
+    return tuple(reasons) or ("matches every request",)
+
+
+def resolve_model(policy: Policy, requested: str) -> str | None:
+    """Target pinned by the requested model name; None means the policy decides (`auto`).
+
+    Raises KeyError for a name the policy does not know.
+    """
+    if requested == "auto":
+        return None
+    if requested in policy.targets:
+        return requested
+    alias = policy.aliases.get(requested)
+    if alias is None:
+        raise KeyError(requested)
+    return None if alias == "auto" else alias
+
+
+def _apply_pin(policy: Policy, rule: Rule, chain: tuple[str, ...], pinned: str) -> tuple[tuple[str, ...], str]:
+    """A pin may move the request to a target only where it exposes no more data than the rule allows."""
+    if pinned in chain:
+        rest = tuple(t for t in chain if t != pinned)
+        return (pinned, *rest), f"pinned to {pinned}"
+    if not policy.is_cloud(pinned):
+        return (pinned, *chain), f"pinned to local target {pinned}"
+    if rule.pin_allowed:
+        return (pinned, *chain), f"pinned to {pinned}"
+    return chain, f"pin to {pinned} refused: rule {rule.name!r} keeps this request on the device"
+
+
+def decide(features: Features, policy: Policy, pinned: str | None = None) -> Decision:
+    """First matching rule wins. Pure: same inputs, same Decision."""
+    for rule in policy.rules:
+        reasons = match(rule.when, features)
+        if reasons is None:
+            continue
+        if rule.block is not None:
+            return Decision(
+                rule=rule.name,
+                action="block",
+                block_status=rule.block.status,
+                block_message=rule.block.message,
+                matched=reasons,
+                pinned=pinned,
+            )
+        chain = policy.chain(rule)
+        notes: tuple[str, ...] = ()
+        if pinned is not None:
+            chain, note = _apply_pin(policy, rule, chain, pinned)
+            notes = (note,)
+        return Decision(
+            rule=rule.name,
+            action="route",
+            chain=chain,
+            redact=rule.redact,
+            matched=reasons,
+            pinned=pinned,
+            notes=notes,
+        )
+    return Decision(
+        rule="(none)",
+        action="block",
+        block_status=403,
+        block_message="No policy rule matches this request.",
+        pinned=pinned,
+    )

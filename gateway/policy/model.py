@@ -1,0 +1,247 @@
+"""The policy as typed data: what a YAML policy file may say, validated by pydantic.
+
+This module is the single source of truth for the policy format: `policies/schema.json` is
+generated from `Policy.model_json_schema()` (a test keeps them in sync).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.classify.difficulty import DifficultyConfig
+from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS
+from gateway.privacy.config import PrivacyConfig
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CloudTarget(_Strict):
+    """Data sent here leaves the device."""
+
+    kind: Literal["cloud"]
+    model: str = Field(description="Any litellm model string, e.g. openai/deepseek-v3.")
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(1, ge=0, le=10, description="Extra attempts on retryable errors.")
+    max_retry_after_s: float = Field(
+        5.0, ge=0, description="Honour a Retry-After up to this long; longer goes to the fallback."
+    )
+    probe_url: str | None = Field(None, description="Default: GET {api_base}/models.")
+    client: Literal["auto", "litellm", "openai"] = Field(
+        "auto",
+        description="auto: direct OpenAI-compatible HTTP for openai/* models with an api_base, "
+        "litellm for every other provider.",
+    )
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class LocalTarget(_Strict):
+    """Data sent here stays on the device: the in-process engine or a local server."""
+
+    kind: Literal["local"]
+    engine: Literal["local_engine"] | None = None
+    model_path: str | None = Field(None, description="For engine: a path or builtin:NAME.")
+    model: str | None = Field(None, description="For a local server: a litellm model string.")
+    api_base: str | None = None
+    api_key: str | None = None
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(0, ge=0, le=10)
+    max_retry_after_s: float = Field(5.0, ge=0)
+    client: Literal["auto", "litellm", "openai"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    max_queue: int = Field(8, ge=1)
+    memory_budget: str | None = None
+    default_max_tokens: int = Field(256, ge=1)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _engine_or_server(self) -> LocalTarget:
+        if self.engine and self.model:
+            raise ValueError("a local target has either `engine` or `model` (a local server), not both")
+        if not self.engine and not self.model:
+            raise ValueError("a local target needs `engine: local_engine` or `model` + `api_base`")
+        if self.engine and not self.model_path:
+            raise ValueError("`engine: local_engine` needs `model_path` (a path or builtin:NAME)")
+        return self
+
+
+Target = Annotated[CloudTarget | LocalTarget, Field(discriminator="kind")]
+
+
+class ConnectivityConfig(_Strict):
+    probe_interval_s: float = Field(10.0, gt=0)
+    probe_timeout_s: float = Field(2.0, gt=0)
+    failures_to_offline: int = Field(3, ge=1)
+    successes_to_online: int = Field(2, ge=1)
+
+
+class Client(_Strict):
+    name: Name
+    api_key: str = Field(min_length=1)
+
+
+class Limits(_Strict):
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(2048, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline for a whole request.")
+    body_read_timeout_s: float = Field(10.0, gt=0, description="Slow clients are cut off after this.")
+    classify_budget_ms: float = Field(
+        500.0, gt=0, description="Time budget for all classifiers; over it, fail closed."
+    )
+
+
+def _check_level(levels: tuple[str, ...], v: Any) -> Any:
+    level = v.get("at_least") if isinstance(v, dict) else v
+    if level not in levels:
+        raise ValueError(f"unknown level {level!r}; expected one of {', '.join(levels)}")
+    return v
+
+
+class AtLeast(_Strict):
+    at_least: str
+
+
+class Bound(_Strict):
+    gt: int | None = None
+    lt: int | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Bound:
+        if self.gt is None and self.lt is None:
+            raise ValueError("give `gt` and/or `lt`")
+        return self
+
+
+class When(_Strict):
+    """All keys are ANDed. An empty `when` (or none) matches every request."""
+
+    connectivity: Literal["online", "offline"] | None = None
+    sensitivity: str | AtLeast | None = None
+    difficulty: str | AtLeast | None = None
+    model: str | None = Field(None, description="Glob on the requested model name.")
+    client: str | None = Field(None, description="Glob on the authenticated client name.")
+    prompt_tokens: Bound | None = None
+    has_tools: bool | None = None
+    header: dict[str, str] | None = Field(None, description="Header name -> glob on its value.")
+
+    @field_validator("sensitivity", mode="before")
+    @classmethod
+    def _sens(cls, v: Any) -> Any:
+        return v if v is None else _check_level(SENSITIVITY_LEVELS, v)
+
+    @field_validator("difficulty", mode="before")
+    @classmethod
+    def _diff(cls, v: Any) -> Any:
+        return v if v is None else _check_level(DIFFICULTY_LEVELS, v)
+
+    @property
+    def is_catch_all(self) -> bool:
+        return all(getattr(self, f) is None for f in type(self).model_fields)
+
+
+class Block(_Strict):
+    status: int = Field(403, ge=400, le=599)
+    message: str = "Blocked by policy."
+
+
+class Rule(_Strict):
+    name: Name
+    description: str | None = None
+    when: When = Field(default_factory=When)
+    route: str | None = None
+    redact: bool = False
+    fallback: list[str] | None = Field(
+        None, description="Ordered targets tried when the route fails. Absent: defaults.fallback."
+    )
+    block: Block | None = None
+    allow_pin: bool | None = Field(
+        None,
+        description="May a request that names a cloud target (model: <target>) go there anyway? "
+        "Default: yes, except for rules that test sensitivity or connectivity (the guards).",
+    )
+
+    @property
+    def pin_allowed(self) -> bool:
+        if self.allow_pin is not None:
+            return self.allow_pin
+        return self.when.sensitivity is None and self.when.connectivity is None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> Rule:
+        if (self.route is None) == (self.block is None):
+            raise ValueError("a rule needs exactly one of `route` or `block`")
+        return self
+
+
+class Defaults(_Strict):
+    fallback: list[str] = Field(default_factory=list)
+
+
+class Policy(_Strict):
+    version: Literal[1]
+    targets: dict[Name, Target]
+    aliases: dict[str, str] = Field(
+        default_factory=dict, description="Model name -> target name, or `auto` for the policy's choice."
+    )
+    connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
+    clients: list[Client] | None = Field(None, description="Absent: no authentication.")
+    limits: Limits = Field(default_factory=Limits)
+    defaults: Defaults = Field(default_factory=Defaults)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
+    rules: list[Rule] = Field(min_length=1)
+
+    def chain(self, rule: Rule) -> tuple[str, ...]:
+        """The route followed by its fallbacks, without repeats."""
+        names = [rule.route, *(rule.fallback if rule.fallback is not None else self.defaults.fallback)]
+        out: list[str] = []
+        for n in names:
+            if n and n not in out:
+                out.append(n)
+        return tuple(out)
+
+    def is_cloud(self, target: str) -> bool:
+        return isinstance(self.targets[target], CloudTarget)
+
+    @property
+    def cloud_targets(self) -> list[str]:
+        return [n for n, t in self.targets.items() if isinstance(t, CloudTarget)]
+
+
+def cross_check(policy: Policy) -> list[tuple[str, str]]:
+    """Checks across sections that field validation cannot see: (dotted location, message)."""
+    errors: list[tuple[str, str]] = []
+    for i, rule in enumerate(policy.rules):
+        if rule.route and rule.route not in policy.targets:
+            errors.append((f"rules.{i}.route", f"unknown target {rule.route!r}"))
+        for j, name in enumerate(rule.fallback or []):
+            if name not in policy.targets:
+                errors.append((f"rules.{i}.fallback.{j}", f"unknown target {name!r}"))
+    for j, name in enumerate(policy.defaults.fallback):
+        if name not in policy.targets:
+            errors.append((f"defaults.fallback.{j}", f"unknown target {name!r}"))
+    for alias, name in policy.aliases.items():
+        if name != "auto" and name not in policy.targets:
+            errors.append((f"aliases.{alias}", f"alias points to unknown target {name!r}"))
+        if alias in policy.targets:
+            errors.append((f"aliases.{alias}", f"alias {alias!r} shadows a target of the same name"))
+    seen: set[str] = set()
+    for i, rule in enumerate(policy.rules):
+        if rule.name in seen:
+            errors.append((f"rules.{i}.name", f"duplicate rule name {rule.name!r}"))
+        seen.add(rule.name)
+    for i, rule in enumerate(policy.rules[:-1]):
+        if rule.when.is_catch_all:
+            later = policy.rules[i + 1].name
+            errors.append(
+                (f"rules.{i + 1}", f"rule {later!r} is unreachable: rule {rule.name!r} before it matches everything")
+            )
+            break
+    return errors

@@ -1,0 +1,173 @@
+"""Everything a loaded policy needs at run time: backends, classifiers, connectivity, vaults.
+
+A `Runtime` is immutable once built. A policy reload builds a new one, reusing every part whose
+configuration did not change (the engine and the NLP models are expensive to load), and swaps it
+in atomically; in-flight requests finish on the runtime they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from gateway.backends.base import Backend
+from gateway.classify.base import DifficultyClassifier, SensitivityClassifier
+from gateway.classify.difficulty import build_difficulty_classifier
+from gateway.classify.sensitivity import build_sensitivity_classifier
+from gateway.connectivity import ConnectivityMonitor, Force
+from gateway.dispatch import Dispatcher
+from gateway.policy.model import CloudTarget, LocalTarget, Policy
+from gateway.privacy.vault import VaultStore
+
+log = structlog.get_logger("gateway.runtime")
+
+
+def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
+    if isinstance(cfg, LocalTarget) and cfg.engine == "local_engine":
+        from gateway.backends.engine_backend import EngineBackend
+
+        opts: dict[str, Any] = {}
+        if cfg.memory_budget:
+            opts["memory_budget"] = cfg.memory_budget
+        return EngineBackend(
+            name,
+            cfg.model_path or "",
+            threads=cfg.threads,
+            max_queue=cfg.max_queue,
+            default_max_tokens=cfg.default_max_tokens,
+            **opts,
+        )
+    assert cfg.model is not None
+    direct = cfg.client == "openai" or (
+        cfg.client == "auto" and cfg.model.startswith("openai/") and cfg.api_base is not None
+    )
+    if direct:
+        from gateway.backends.openai_http import OpenAIHTTPBackend
+
+        if not cfg.api_base:
+            raise ValueError(f"target {name!r}: client openai needs api_base")
+        return OpenAIHTTPBackend(
+            name,
+            model=cfg.model,
+            api_base=cfg.api_base,
+            api_key=cfg.api_key,
+            timeout_s=cfg.timeout_s,
+            extra_body=cfg.extra_body,
+        )
+    from gateway.backends.litellm_backend import LitellmBackend
+
+    return LitellmBackend(
+        name,
+        model=cfg.model,
+        api_base=cfg.api_base,
+        api_key=cfg.api_key,
+        timeout_s=cfg.timeout_s,
+        extra_body=cfg.extra_body,
+    )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    policy: Policy
+    backends: dict[str, Backend]
+    monitor: ConnectivityMonitor
+    dispatcher: Dispatcher
+    sensitivity: SensitivityClassifier
+    difficulty: DifficultyClassifier
+    vaults: VaultStore
+    source: str  # the policy file, for messages
+
+    def is_engine(self, target: str) -> bool:
+        cfg = self.policy.targets[target]
+        return isinstance(cfg, LocalTarget) and cfg.engine == "local_engine"
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when the policy is loaded and at least one local target can answer."""
+        detail: dict[str, Any] = {}
+        any_local = False
+        for name, backend in self.backends.items():
+            if self.policy.is_cloud(name):
+                detail[name] = self.monitor.state(name)
+                continue
+            ok = bool(getattr(backend, "ready", True))
+            detail[name] = "ready" if ok else "loading"
+            any_local = any_local or ok
+        no_local = not any(not self.policy.is_cloud(n) for n in self.backends)
+        return (any_local or no_local), detail
+
+
+def build_runtime(
+    policy: Policy,
+    source: str,
+    previous: Runtime | None = None,
+    *,
+    force: Force = "auto",
+    on_connectivity_change: Any = None,
+) -> Runtime:
+    prev_policy = previous.policy if previous else None
+    backends: dict[str, Backend] = {}
+    for name, cfg in policy.targets.items():
+        if previous and prev_policy and prev_policy.targets.get(name) == cfg and name in previous.backends:
+            backends[name] = previous.backends[name]
+        else:
+            backends[name] = build_backend(name, cfg)
+
+    clouds = {n: t for n, t in policy.targets.items() if isinstance(t, CloudTarget)}
+    if (
+        previous
+        and prev_policy
+        and prev_policy.connectivity == policy.connectivity
+        and {n: t for n, t in prev_policy.targets.items() if isinstance(t, CloudTarget)} == clouds
+    ):
+        monitor = previous.monitor
+    else:
+        monitor = ConnectivityMonitor(clouds, policy.connectivity, force_all=force, on_change=on_connectivity_change)
+        if previous:  # keep forced states and what we learnt about targets that still exist
+            for name, h in previous.monitor.health.items():
+                if name in monitor.health:
+                    monitor.health[name] = h
+
+    sensitivity = (
+        previous.sensitivity
+        if previous and prev_policy and prev_policy.privacy == policy.privacy
+        else build_sensitivity_classifier(policy.privacy)
+    )
+    difficulty = (
+        previous.difficulty
+        if previous and prev_policy and prev_policy.difficulty == policy.difficulty
+        else build_difficulty_classifier(policy.difficulty)
+    )
+    vaults = previous.vaults if previous else VaultStore(ttl_s=_vault_ttl(policy))
+    return Runtime(
+        policy=policy,
+        backends=backends,
+        monitor=monitor,
+        dispatcher=Dispatcher(policy, backends, monitor),
+        sensitivity=sensitivity,
+        difficulty=difficulty,
+        vaults=vaults,
+        source=source,
+    )
+
+
+def _vault_ttl(policy: Policy) -> float:
+    return float(getattr(policy.privacy, "vault_ttl_s", 3600.0))
+
+
+async def retire(old: Runtime, new: Runtime, grace_s: float) -> None:
+    """Close what the new runtime no longer uses, after in-flight requests had time to finish."""
+    stale = [b for name, b in old.backends.items() if new.backends.get(name) is not b]
+    old_monitor = old.monitor if old.monitor is not new.monitor else None
+    if old_monitor:
+        await old_monitor.aclose()
+    if not stale:
+        return
+    await asyncio.sleep(grace_s)
+    for backend in stale:
+        with contextlib.suppress(Exception):
+            await backend.aclose()
+

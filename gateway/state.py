@@ -1,0 +1,120 @@
+"""The process-wide holder of the current Runtime, and the policy file watcher that swaps it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.connectivity import Force
+from gateway.logs import AuditLog
+from gateway.metrics import Metrics
+from gateway.policy.load import PolicyError, load_policy
+from gateway.policy.model import Policy
+from gateway.runtime import Runtime, build_runtime, retire
+
+log = structlog.get_logger("gateway.state")
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy_path: str
+    force: Force = "auto"  # `serve --offline` sets "offline" for every cloud target
+    admin_key: str | None = field(default_factory=lambda: os.environ.get("GATEWAY_ADMIN_KEY") or None)
+    audit_path: str | None = None  # None: no audit log; "-": stdout
+    watch: bool = True
+    reload_grace_s: float = 30.0
+
+
+class GatewayState:
+    def __init__(self, settings: Settings, policy: Policy | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.audit = AuditLog(settings.audit_path)
+        policy = policy or load_policy(settings.policy_path)
+        self.runtime: Runtime = build_runtime(
+            policy, settings.policy_path, force=settings.force, on_connectivity_change=self._on_change
+        )
+        self.metrics.watch_engines(self._engine_stats)
+        self.policy_error: str | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def _on_change(self, target: str, state: str) -> None:
+        self.metrics.set_connectivity(target, state)
+
+    def _engine_stats(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, backend in self.runtime.backends.items():
+            stats = getattr(backend, "stats", None)
+            if callable(stats):
+                out[name] = stats()
+        return out
+
+    async def start(self) -> None:
+        for name, state in self.runtime.monitor.snapshot().items():
+            self.metrics.set_connectivity(name, state)
+        self.runtime.monitor.start()
+        await self._load_engines(self.runtime)
+        if self.settings.watch:
+            self._tasks.append(asyncio.create_task(self._watch(), name="policy-watch"))
+
+    async def _load_engines(self, rt: Runtime) -> None:
+        for backend in rt.backends.values():
+            load = getattr(backend, "load", None)
+            if callable(load) and not getattr(backend, "ready", True):
+                await asyncio.to_thread(load)
+
+    async def reload(self) -> bool:
+        """Load the policy file again; on any error keep the last good policy."""
+        path = self.settings.policy_path
+        try:
+            policy = await asyncio.to_thread(load_policy, path)
+            old = self.runtime
+            new = await asyncio.to_thread(
+                build_runtime, policy, path, old, force=self.settings.force, on_connectivity_change=self._on_change
+            )
+            await self._load_engines(new)
+        except PolicyError as exc:
+            self.policy_error = str(exc)
+            self.metrics.policy_reloads.labels("invalid").inc()
+            log.error("policy_reload_rejected", file=path, problems=[str(p) for p in exc.problems])
+            return False
+        except Exception as exc:
+            self.policy_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.policy_reloads.labels("failed").inc()
+            log.error("policy_reload_failed", file=path, error=self.policy_error)
+            return False
+        self.runtime = new
+        self.policy_error = None
+        if new.monitor is not old.monitor:
+            new.monitor.start()
+        self.metrics.policy_reloads.labels("ok").inc()
+        log.info("policy_reloaded", file=path, rules=len(policy.rules))
+        self._tasks.append(asyncio.create_task(retire(old, new, self.settings.reload_grace_s)))
+        return True
+
+    async def _watch(self) -> None:
+        from watchfiles import awatch
+
+        target = Path(self.settings.policy_path).resolve()
+        # Watch the directory: editors replace files (rename), which a file watch would miss.
+        async for changes in awatch(target.parent, debounce=200, step=50, recursive=False):
+            if any(Path(p).resolve() == target for _, p in changes):
+                await self.reload()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.runtime.monitor.aclose()
+        for backend in self.runtime.backends.values():
+            with contextlib.suppress(Exception):
+                await backend.aclose()
+        self.audit.close()

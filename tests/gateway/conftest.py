@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.upstream import FakeUpstream
+
+POLICY = """
+version: 1
+targets:
+  cloud:
+    kind: cloud
+    model: openai/cloud-model
+    api_base: {cloud}
+    api_key: sk-test-cloud
+    timeout_s: 5
+    retries: 1
+    max_retry_after_s: 1
+  local:
+    kind: local
+    model: openai/local-model
+    api_base: {local}
+    timeout_s: 5
+aliases:
+  smart: cloud
+  gpt-4o: auto
+connectivity:
+  probe_interval_s: 0.3
+  probe_timeout_s: 0.5
+  failures_to_offline: 3
+  successes_to_online: 2
+limits:
+  max_body_bytes: 20000
+  request_timeout_s: 8
+  body_read_timeout_s: 1
+defaults:
+  fallback: [local]
+rules:
+  - name: offline
+    when: {{ connectivity: offline }}
+    route: local
+  - name: forbidden
+    when: {{ header: {{ x-team: blocked-* }} }}
+    block: {{ status: 403, message: "Team is not allowed." }}
+  - name: to-cloud
+    when: {{ header: {{ x-route: cloud }} }}
+    route: cloud
+  - name: tools-cloud
+    when: {{ has_tools: true }}
+    route: cloud
+  - name: long-cloud
+    when: {{ prompt_tokens: {{ gt: 1000 }} }}
+    route: cloud
+    fallback: []
+  - name: default
+    route: local
+"""
+
+
+def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, text: str = POLICY) -> Path:
+    path.write_text(textwrap.dedent(text).format(cloud=cloud.base_url, local=local.base_url))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[FakeUpstream]:
+    with FakeUpstream(model="cloud-model", name="cloud") as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def local() -> Iterator[FakeUpstream]:
+    with FakeUpstream(model="local-model", name="local", reply=lambda b: "local answer") as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream, local: FakeUpstream) -> Path:
+    return write_policy(tmp_path_factory.mktemp("policy") / "policy.yaml", cloud, local)
+
+
+@pytest.fixture(scope="module")
+def gw(policy_file: Path) -> Iterator[RunningGateway]:
+    with run_gateway(policy_file) as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    for name in ("cloud", "local"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()
