@@ -1,0 +1,198 @@
+"""Where weight bytes come from. Model code asks a store for tensors by name, one at a time.
+
+    TensorStore (protocol)
+      info: StoreInfo            path, format ("gguf" | "safetensors"), metadata (GGUF key/values
+                                 or the HF config.json)
+      names() -> list[str]       native tensor names (GGUF "blk.0.attn_q.weight", HF "model.…")
+      get(name) -> Tensor        float tensor, PyTorch layout ([out, in] for matrices), fp32 for
+                                 GGUF quantised types (dequantised on demand), the stored dtype
+                                 for safetensors
+      raw(name) -> RawTensor|None  the still-quantised payload for GGUF quantised tensors, so the
+                                 model can keep them quantised (int4/int8 kernels); None otherwise
+
+Both implementations are lazy: GGUF is memory-mapped by ``gguf.GGUFReader``; safetensors files
+are opened with ``safe_open`` and each tensor is read when asked. Nothing here holds "the model".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from local_engine.errors import ModelFileError, UnsupportedModel
+
+# Quant types we can dequantise (gguf.quants implements them in numpy).
+SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                        "Q6_K", "Q2_K", "Q3_K"}
+
+
+@dataclass
+class StoreInfo:
+    path: Path
+    format: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RawTensor:
+    name: str
+    qtype: str  # GGML type name, e.g. "Q4_1"
+    shape: tuple[int, ...]  # logical PyTorch shape (rows, cols)
+    data: np.ndarray  # uint8 [rows, row_bytes], memory-mapped
+
+
+class TensorStore(Protocol):
+    info: StoreInfo
+
+    def names(self) -> list[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def raw(self, name: str) -> RawTensor | None: ...
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ModelFileError(path, "no such file or directory")
+    if path.is_file() and not os.access(path, os.R_OK):
+        raise ModelFileError(path, "not readable")
+
+
+class GGUFStore:
+    """A memory-mapped GGUF file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import gguf  # local: importing gguf pulls numpy machinery we only need here
+
+        self.path = Path(path)
+        _check_file(self.path)
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelFileError(self.path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        size = self.path.stat().st_size
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damage
+            raise ModelFileError(self.path, f"corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        self._tensors = {}
+        for t in self._reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelFileError(self.path, f"truncated: tensor {t.name} ends at byte {end}, file has {size}")
+            self._tensors[t.name] = t
+        meta: dict[str, Any] = {}
+        for key, fld in self._reader.fields.items():
+            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                       "tokenizer.ggml.scores"):
+                continue  # large arrays: read on demand through array()
+            try:
+                meta[key] = fld.contents()
+            except Exception:
+                continue
+        self.info = StoreInfo(self.path, "gguf", meta)
+
+    def array(self, key: str) -> list[Any]:
+        fld = self._reader.fields.get(key)
+        return [] if fld is None else list(fld.contents())
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def _tensor(self, name: str) -> Any:
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFileError(self.path, f"missing tensor {name!r}")
+        return t
+
+    def qtype(self, name: str) -> str:
+        return self._tensor(name).tensor_type.name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(s) for s in reversed(self._tensor(name).shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self._tensor(name)
+        q = t.tensor_type.name
+        if q not in SUPPORTED_GGUF_TYPES:
+            raise UnsupportedModel(self.path, f"tensor {name} has quant type {q}")
+        if q == "F32":
+            arr = np.asarray(t.data)
+        elif q == "F16":
+            arr = np.asarray(t.data).astype(np.float32)
+        else:
+            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        shape = self.shape(name)
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+
+    def raw(self, name: str) -> RawTensor | None:
+        t = self._tensor(name)
+        q = t.tensor_type.name
+        if q in ("F32", "F16", "BF16"):
+            return None
+        if q not in SUPPORTED_GGUF_TYPES:
+            raise UnsupportedModel(self.path, f"tensor {name} has quant type {q}")
+        return RawTensor(name, q, self.shape(name), np.asarray(t.data))
+
+
+class SafetensorsStore:
+    """An HF model directory: ``config.json`` plus one or more ``*.safetensors`` files."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        _check_file(self.path)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise ModelFileError(self.path, "not a model directory (no config.json)")
+        try:
+            config = json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelFileError(cfg, f"invalid JSON ({e})") from None
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelFileError(self.path, "no *.safetensors files")
+        self._handles: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt")
+                keys = list(h.keys())
+            except Exception as e:
+                raise ModelFileError(f, f"corrupt or truncated safetensors ({e})") from None
+            self._handles[str(f)] = h
+            for k in keys:
+                self._where[k] = str(f)
+        self.info = StoreInfo(self.path, "safetensors", config)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self._where.get(name)
+        if f is None:
+            raise ModelFileError(self.path, f"missing tensor {name!r}")
+        try:
+            return self._handles[f].get_tensor(name)
+        except Exception as e:
+            raise ModelFileError(f, f"cannot read tensor {name} ({e})") from None
+
+    def raw(self, name: str) -> RawTensor | None:
+        return None
+
+
+def open_store(path: str | os.PathLike[str]) -> GGUFStore | SafetensorsStore:
+    p = Path(path)
+    if p.is_dir():
+        return SafetensorsStore(p)
+    _check_file(p)
+    return GGUFStore(p)
