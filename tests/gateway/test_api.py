@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.support.gateway import RunningGateway
-from tests.support.upstream import Fault, FakeUpstream
+from tests.support.upstream import FakeUpstream, Fault
 
 
 def sdk(gw: RunningGateway, **kw) -> openai.OpenAI:
