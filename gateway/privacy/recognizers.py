@@ -1,0 +1,209 @@
+"""Recognizers we add to presidio's: secrets, a fast phone recognizer, an offline e-mail
+recognizer, and the custom recognizers a policy declares.
+
+Secrets are matched by their documented formats (prefixes, lengths, PEM armour, JWT structure)
+with scores high enough to pass any sane threshold without context words.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+import tldextract
+from presidio_analyzer import (
+    AnalysisExplanation,
+    EntityRecognizer,
+    LocalRecognizer,
+    Pattern,
+    PatternRecognizer,
+    RecognizerResult,
+)
+from presidio_analyzer.nlp_engine import NlpArtifacts
+from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+from gateway.privacy.config import CustomRecognizer
+
+
+@dataclass(frozen=True)
+class SecretPattern:
+    entity: str
+    name: str
+    regex: re.Pattern[str]
+    group: int = 0  # the capture group holding the secret itself (0: the whole match)
+    score: float = 0.95
+
+
+_B = r"(?<![A-Za-z0-9_-])"  # start of a token: secrets are never the tail of a longer word
+_E = r"(?![A-Za-z0-9_-])"
+
+SECRET_PATTERNS: tuple[SecretPattern, ...] = (
+    # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), and other sk- keys: long random tails.
+    SecretPattern("API_KEY", "openai_like", re.compile(_B + r"sk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{20,}" + _E)),
+    SecretPattern("API_KEY", "stripe", re.compile(_B + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}" + _E)),
+    SecretPattern("API_KEY", "github", re.compile(_B + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})" + _E)),
+    SecretPattern("API_KEY", "slack", re.compile(_B + r"xox[abposr]-(?:[A-Za-z0-9]+-){1,4}[A-Za-z0-9]{8,}" + _E)),
+    SecretPattern(
+        "API_KEY", "slack_webhook", re.compile(r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")
+    ),
+    SecretPattern("API_KEY", "google", re.compile(_B + r"AIza[0-9A-Za-z_-]{35}" + _E)),
+    SecretPattern("API_KEY", "huggingface", re.compile(_B + r"hf_[A-Za-z0-9]{30,}" + _E)),
+    SecretPattern("AWS_ACCESS_KEY", "aws_key_id", re.compile(_B + r"(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}" + _E)),
+    SecretPattern(
+        "PRIVATE_KEY",
+        "pem",
+        re.compile(
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+            re.DOTALL,
+        ),
+        score=1.0,
+    ),
+    # header.payload.signature, the first two being base64url JSON objects ("eyJ" = '{"').
+    SecretPattern("JWT", "jwt", re.compile(_B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _E)),
+    # scheme://user:password@host: only the password is the secret.
+    SecretPattern(
+        "PASSWORD", "url_password", re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:([^\s/@]{1,256})@[^\s/]"), group=1
+    ),
+    # password = "...", api_key: ..., token=... in configs, env files and logs.
+    SecretPattern(
+        "SECRET",
+        "assignment",
+        re.compile(
+            r"(?i)\b(?:password|passwd|pwd|pass|secret|client_secret|token|access_token|auth_token|api[_-]?key|"
+            r"secret[_-]?key|access[_-]?key|aws_secret_access_key|private[_-]?key)\b[\"']?\s*[:=]\s*[\"']?"
+            r"([^\s\"',;]{6,})"
+        ),
+        group=1,
+        score=0.85,
+    ),
+)
+
+
+class SecretRecognizer(LocalRecognizer):
+    """Credentials by their known formats. Reported span = the secret only, not its label."""
+
+    def __init__(self, patterns: tuple[SecretPattern, ...] = SECRET_PATTERNS) -> None:
+        self._patterns = patterns
+        super().__init__(supported_entities=sorted({p.entity for p in patterns}), name="SecretRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        out: list[RecognizerResult] = []
+        for p in self._patterns:
+            if p.entity not in entities:
+                continue
+            for m in p.regex.finditer(text):
+                start, end = m.span(p.group)
+                if p.entity == "SECRET" and _looks_like_placeholder(text[start:end]):
+                    continue
+                out.append(_result(self, p.entity, start, end, p.score))
+        return out
+
+
+def _result(rec: EntityRecognizer, entity: str, start: int, end: int, score: float) -> RecognizerResult:
+    # presidio's context enhancer expects an explanation on every result.
+    return RecognizerResult(
+        entity,
+        start,
+        end,
+        score,
+        analysis_explanation=AnalysisExplanation(recognizer=rec.name, original_score=score),
+        recognition_metadata={
+            RecognizerResult.RECOGNIZER_NAME_KEY: rec.name,
+            RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: rec.id,
+        },
+    )
+
+
+def _looks_like_placeholder(value: str) -> bool:
+    # `password: <PASSWORD_1>` or `token=${TOKEN}` is not a secret to redact again.
+    return value.startswith(("<", "${", "{{", "$"))
+
+
+# Candidate phone numbers: an optional +country code, optional (area), then 2-4 digit groups.
+_PHONE_CANDIDATE = re.compile(
+    r"(?<![\w+/.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,5}){1,4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w/-])"
+)
+_SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
+_DATE_SHAPE = re.compile(r"^\d{1,4}[-./]\d{1,2}[-./]\d{1,4}$")
+
+
+class FastPhoneRecognizer(LocalRecognizer):
+    """Phone numbers: a regex finds candidates, python-phonenumbers validates them.
+
+    Presidio's PhoneRecognizer runs phonenumbers' matcher over the whole text once per region
+    (~30 ms for 1 KB here); validating only regex candidates gives the same answers in ~1 ms.
+    """
+
+    CONTEXT = ["phone", "number", "telephone", "tel", "cell", "cellphone", "mobile", "call", "fax", "whatsapp"]
+    REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "AU")
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["PHONE_NUMBER"], context=self.CONTEXT, name="FastPhoneRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        out: list[RecognizerResult] = []
+        for m in _PHONE_CANDIDATE.finditer(text):
+            cand = m.group(0)
+            digits = sum(c.isdigit() for c in cand)
+            if not 7 <= digits <= 15 or _SSN_SHAPE.match(cand) or _DATE_SHAPE.match(cand):
+                continue
+            score = self._score(cand)
+            if score > 0:
+                out.append(_result(self, "PHONE_NUMBER", m.start(), m.end(), score))
+        return out
+
+    def _score(self, cand: str) -> float:
+        regions: tuple[str | None, ...] = (None,) if cand.startswith("+") else self.REGIONS
+        possible = False
+        for region in regions:
+            try:
+                num = phonenumbers.parse(cand, region)
+            except phonenumbers.NumberParseException:
+                continue
+            if phonenumbers.is_valid_number(num):
+                # Separators or a + make a bare digit run far more likely to be a phone number.
+                formatted = cand.startswith("+") or any(c in cand for c in " -.()")
+                return 0.75 if formatted else 0.5
+            possible = possible or phonenumbers.is_possible_number(num)
+        return 0.3 if possible else 0.0
+
+
+class OfflineEmailRecognizer(EmailRecognizer):
+    """Presidio's e-mail recognizer, validating domains against the bundled public suffix list.
+
+    tldextract's module-level extractor fetches the list from the internet on first use; ours
+    never does (no network at run time, and a fetch would stall the first request).
+    """
+
+    _extract = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return self._extract(pattern_text).fqdn != ""
+
+
+def custom_recognizers(specs: list[CustomRecognizer]) -> list[EntityRecognizer]:
+    """One presidio PatternRecognizer per YAML entry (regex patterns with context, deny list)."""
+    out: list[EntityRecognizer] = []
+    for spec in specs:
+        patterns = [
+            Pattern(name=p.name or f"{spec.entity.lower()}_{i}", regex=p.regex, score=p.score)
+            for i, p in enumerate(spec.patterns)
+        ]
+        out.append(
+            PatternRecognizer(
+                supported_entity=spec.entity,
+                name=f"custom:{spec.entity}",
+                patterns=patterns or None,
+                deny_list=list(spec.deny_list) or None,
+                context=list(spec.context) or None,
+                deny_list_score=spec.deny_list_score,
+            )
+        )
+    return out
