@@ -1,0 +1,222 @@
+"""Where expert bytes come from at run time: the byte-bounded cache, else positional reads.
+
+``ExpertStore.request(layer, experts)`` is the only entry point the model uses. It takes every
+expert a layer needs for this step at once, starts all misses immediately on a thread pool
+(``os.preadv`` releases the GIL, so several reads are in flight while Python computes), hands
+back cache hits first so compute overlaps the reads, then misses in completion order. Each
+miss is ONE read of a 4 KiB-aligned bundle into a page-aligned anonymous buffer, optionally
+with ``O_DIRECT`` so the page cache neither helps nor hides anything.
+
+Memory: the cache holds at most ``budget_bytes`` of bundles; in addition at most
+``max_inflight`` bundles are in flight or awaiting compute (the working set, reported as
+``working_set_bytes``), so peak RSS ~ resident + budget + working set + runtime.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import resource
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from local_engine.cache import ExpertCache
+from local_engine.formats.pack import (
+    EXPERTS_FILE,
+    RESIDENT_FILE,
+    Manifest,
+    PackError,
+    bundle_views,
+    dequantize,
+)
+
+VERIFY_MODES = ("always", "first", "never")
+
+
+class BudgetError(ValueError):
+    """The memory budget cannot hold what one step needs."""
+
+
+@dataclass
+class IOStats:
+    bytes_read: int = 0
+    reads: int = 0
+    io_wait_s: float = 0.0  # time the compute thread sat blocked on reads
+    io_busy_s: float = 0.0  # wall time with >= 1 read in flight
+    steps: int = 0
+    trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class ExpertStore:
+    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = "lfu-da", threads: int = 8,
+                 direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
+                 max_inflight: int | None = None, record_trace: bool = True) -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}")
+        self.m = manifest
+        self.stride = manifest.stride
+        if 0 < budget_bytes < min_resident_experts * self.stride:
+            need = min_resident_experts * self.stride
+            raise BudgetError(
+                f"memory budget {budget_bytes} B is below one layer's active experts "
+                f"({min_resident_experts} x {self.stride} B = {need} B); use 0 to stream every "
+                f"expert, or a budget >= {need} B")
+        self.cache = ExpertCache(budget_bytes, policy)
+        self.verify = verify
+        self._verified = bytearray(len(manifest.raw["experts"]["crc32"]))
+        self.path = manifest.root / EXPERTS_FILE
+        self.direct = False
+        flags = os.O_RDONLY
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(self.path, flags | os.O_DIRECT)
+                self.direct = True
+            except OSError:  # tmpfs and some filesystems refuse O_DIRECT: fall back to buffered
+                self.fd = os.open(self.path, flags)
+        else:
+            self.fd = os.open(self.path, flags)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read")
+        self.threads = threads
+        self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * threads)
+        self.io = IOStats()
+        self.record_trace = record_trace
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._busy_since = 0.0
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ reads
+    def _read(self, layer: int, expert: int) -> mmap.mmap:
+        off = self.m.expert_offset(layer, expert)
+        with self._lock:
+            if self._inflight == 0:
+                self._busy_since = time.perf_counter()
+            self._inflight += 1
+        try:
+            buf = mmap.mmap(-1, self.stride)  # page-aligned: valid O_DIRECT target
+            view = memoryview(buf)
+            got = 0
+            while got < self.stride:
+                n = os.preadv(self.fd, [view[got:]], off + got)
+                if n <= 0:
+                    raise PackError(f"{self.path}: truncated: short read for layer {layer} expert {expert} "
+                                    f"at offset {off + got}")
+                got += n
+            slot = self.m.slot(layer, expert)
+            if self.verify == "always" or (self.verify == "first" and not self._verified[slot]):
+                crc = zlib.crc32(view[: self.m.bundle_nbytes])
+                if crc != self.m.expert_crc(layer, expert):
+                    raise PackError(f"{self.path}: checksum mismatch for layer {layer} expert {expert} "
+                                    f"(offset {off}): file is corrupt, re-pack it")
+                self._verified[slot] = 1
+            view.release()
+            return buf
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                self.io.reads += 1
+                self.io.bytes_read += self.stride
+                if self._inflight == 0:
+                    self.io.io_busy_s += time.perf_counter() - self._busy_since
+
+    def request(self, layer: int, experts: list[int]) -> Iterator[tuple[int, Any]]:
+        """Yield ``(expert, buffer)`` for every expert in ``experts`` (each once): hits first."""
+        keys = [(layer, e) for e in experts]
+        self.io.steps += 1
+        if self.record_trace:
+            self.io.trace.append((layer, tuple(experts)))
+        hits: list[tuple[int, Any]] = []
+        todo: deque[int] = deque()
+        for e in experts:
+            b = self.cache.lookup((layer, e))
+            if b is None:
+                todo.append(e)
+            else:
+                hits.append((e, b))
+        pending: dict[Future[mmap.mmap], int] = {}
+
+        def fill() -> None:
+            while todo and len(pending) < self.max_inflight:
+                e = todo.popleft()
+                pending[self.pool.submit(self._read, layer, e)] = e
+
+        fill()  # reads start before any compute
+        yield from hits
+        while pending:
+            t = time.perf_counter()
+            done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+            self.io.io_wait_s += time.perf_counter() - t
+            for f in done:
+                e = pending.pop(f)
+                buf = f.result()
+                self.cache.insert((layer, e), buf, self.stride, pinned=keys)
+                fill()
+                yield e, buf
+
+    # ------------------------------------------------------------------ helpers
+    def weights(self, buf: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (gate_up [2I, H], down [H, I]) from a bundle buffer; zero-copy when stored fp32."""
+        views = {p.name: (p, t) for p, t in bundle_views(self.m, buf)}
+        q = self.m.quant
+        out = []
+        for name in ("gate_up", "down"):
+            p, t = views[name]
+            if q == "none":
+                out.append(t if t.dtype == torch.float32 else t.float())
+            else:
+                out.append(dequantize(t, views[name + ".scale"][1], q, (p.shape[0], p.shape[1] * (2 if q == "int4" else 1))))
+        return out[0], out[1]
+
+    def evict_page_cache(self) -> None:
+        """Drop our files from the OS page cache so the next run is cold."""
+        for name in (EXPERTS_FILE, RESIDENT_FILE):
+            fd = os.open(self.m.root / name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+    @property
+    def working_set_bytes(self) -> int:
+        return self.max_inflight * self.stride
+
+    def stats(self) -> dict[str, Any]:
+        io = self.io
+        return {
+            "cache_policy": self.cache.policy,
+            "cache_budget_bytes": self.cache.budget_bytes,
+            "cache_used_bytes": self.cache.used_bytes,
+            "cache_items": len(self.cache),
+            **{f"cache_{k}": v for k, v in self.cache.stats.as_dict().items()},
+            "bytes_read": io.bytes_read,
+            "reads": io.reads,
+            "read_bandwidth_Bps": io.bytes_read / io.io_busy_s if io.io_busy_s else 0.0,
+            "io_wait_s": io.io_wait_s,
+            "io_busy_s": io.io_busy_s,
+            "o_direct": self.direct,
+            "working_set_bytes": self.working_set_bytes,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }
+
+    def reset_stats(self) -> None:
+        self.io = IOStats()
+        self.cache.stats = type(self.cache.stats)()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

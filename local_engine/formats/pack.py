@@ -1,0 +1,493 @@
+"""Flash layout for Mixture-of-Experts checkpoints: writer, manifest reader, group quantisation.
+
+A packed directory holds three files::
+
+    manifest.json   what is where: arch + HF config, quant, tensor/expert offsets, crc32 checksums
+    resident.bin    every non-expert tensor (embeddings, attention, norms, routers, shared experts),
+                    raw little-endian, each 64-byte aligned, kept lossless (source dtype)
+    experts.bin     one *bundle* per (layer, expert): gate_up [2I, H] then down [H, I] (plus their
+                    group scales when quantised), padded to a 4 KiB multiple and 4 KiB aligned so a
+                    miss is ONE positional read, O_DIRECT-able, into an aligned buffer
+
+All bundles share one internal layout (``bundle.parts``: relative offsets/shapes/dtypes), so the
+manifest stores it once; bundle ``(l, e)`` sits at ``experts_offset(l, e)`` with a fixed stride.
+The writer streams tensor by tensor from the safetensors shards (``safe_open`` slices), so a
+model larger than RAM can be packed: peak memory is about one expert plus one resident tensor.
+
+Quantisation (``int8`` / ``int4``) is symmetric, per group of ``group_size`` consecutive input
+columns, one fp16 scale per (row, group); ``int4`` packs two values per byte (low nibble first).
+``none`` copies the source dtype bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_NAME = "hgw-flash-moe"
+FORMAT_VERSION = 1
+ALIGN = 4096
+RESIDENT_ALIGN = 64
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.bin"
+EXPERTS_FILE = "experts.bin"
+QUANT_METHODS = ("none", "int8", "int4")
+
+# safetensors dtype names <-> torch
+_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class PackError(RuntimeError):
+    """A packed directory (or a pack source) is missing, malformed, truncated or corrupt."""
+
+
+class UnsupportedArchitecture(PackError):
+    """The checkpoint's architecture is not one of the MoE families we know how to route."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise PackError(f"unsupported tensor dtype {name!r}") from None
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return _DTYPE_NAMES[dt]
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+# --------------------------------------------------------------------------- architectures
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one HF MoE family names its expert tensors.
+
+    ``expert_fmt`` gives per-expert tensor names (the on-disk layout HF checkpoints use);
+    ``fused`` gives the transformers-5 in-memory layout ([E, 2I, H] / [E, H, I]) which some
+    checkpoints are saved in; both are accepted.
+    """
+
+    model_type: str
+    moe_prefix: str  # "model.layers.{l}.<moe_prefix>"
+    gate: str
+    up: str
+    down: str
+    num_experts_key: str
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "mixtral": ArchSpec("mixtral", "block_sparse_moe", "w1", "w3", "w2", "num_local_experts"),
+    "qwen2_moe": ArchSpec("qwen2_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
+    "qwen3_moe": ArchSpec("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
+    "olmoe": ArchSpec("olmoe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
+}
+
+
+def arch_spec(config: dict[str, Any], where: str) -> ArchSpec:
+    mt = config.get("model_type")
+    if mt not in ARCHS:
+        raise UnsupportedArchitecture(
+            f"{where}: unsupported architecture model_type={mt!r} "
+            f"(supported MoE families: {', '.join(sorted(ARCHS))})"
+        )
+    return ARCHS[mt]
+
+
+def moe_layers(config: dict[str, Any]) -> list[bool]:
+    """Which decoder layers carry a sparse MoE block (Qwen2/3-MoE can interleave dense MLPs)."""
+    n = int(config["num_hidden_layers"])
+    if config.get("model_type") in ("qwen2_moe", "qwen3_moe"):
+        step = int(config.get("decoder_sparse_step", 1) or 1)
+        only = set(config.get("mlp_only_layers") or [])
+        n_exp = num_experts(config)
+        return [(i not in only) and n_exp > 0 and (i + 1) % step == 0 for i in range(n)]
+    return [True] * n
+
+
+def num_experts(config: dict[str, Any]) -> int:
+    """Expert count; transformers 5 writes ``num_local_experts`` even for Qwen3-MoE."""
+    for key in ("num_experts", "num_local_experts"):
+        if config.get(key):
+            return int(config[key])
+    raise PackError(f"config of {config.get('model_type')!r} has no num_experts / num_local_experts")
+
+
+def expert_dims(config: dict[str, Any]) -> tuple[int, int]:
+    """(hidden H, expert intermediate I)."""
+    h = int(config["hidden_size"])
+    if config.get("model_type") == "mixtral":
+        return h, int(config["intermediate_size"])
+    return h, int(config.get("moe_intermediate_size") or config["intermediate_size"])
+
+
+# --------------------------------------------------------------------------- quantisation
+
+def quantize(w: torch.Tensor, method: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-group quantisation of a 2-D weight along its input (last) dim.
+
+    Returns (q, scales): int8 [out, in] or uint8 nibble-packed [out, in/2]; fp16 scales
+    [out, in/group]. Scales are computed in fp32 then stored fp16; the quantised values are
+    rounded against the *stored* fp16 scale so dequantisation matches what was optimised.
+    """
+    out_f, in_f = w.shape
+    if in_f % group:
+        raise PackError(f"input dim {in_f} is not a multiple of group size {group}")
+    qmax = 127.0 if method == "int8" else 7.0
+    g = w.float().reshape(out_f, in_f // group, group)
+    scale = (g.abs().amax(dim=-1) / qmax).clamp_min(1e-12).to(torch.float16)
+    s32 = scale.float().clamp_min(1e-12).unsqueeze(-1)
+    if method == "int8":
+        q = torch.round(g / s32).clamp(-127, 127).to(torch.int8).reshape(out_f, in_f)
+    else:
+        q = (torch.round(g / s32).clamp(-8, 7) + 8).to(torch.uint8).reshape(out_f, in_f)
+        q = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, method: str, shape: tuple[int, int]) -> torch.Tensor:
+    out_f, in_f = shape
+    if method == "int4":
+        lo = (q & 0x0F).to(torch.int8) - 8
+        hi = (q >> 4).to(torch.int8) - 8
+        vals = torch.stack((lo, hi), dim=-1).reshape(out_f, in_f)
+    else:
+        vals = q
+    ng = scale.shape[1]
+    w = vals.reshape(out_f, ng, in_f // ng).to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+    return w.reshape(out_f, in_f)
+
+
+# --------------------------------------------------------------------------- manifest model
+
+@dataclass(frozen=True)
+class Part:
+    """One array inside a bundle (relative offset)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    raw: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.raw["config"]
+
+    @property
+    def arch(self) -> str:
+        return self.raw["arch"]
+
+    @property
+    def quant(self) -> str:
+        return self.raw["quant"]["method"]
+
+    @property
+    def group_size(self) -> int:
+        return int(self.raw["quant"]["group_size"])
+
+    @property
+    def stride(self) -> int:
+        return int(self.raw["experts"]["stride"])
+
+    @property
+    def bundle_nbytes(self) -> int:
+        return int(self.raw["experts"]["bundle_nbytes"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.raw["experts"]["num_experts"])
+
+    @property
+    def parts(self) -> list[Part]:
+        return [Part(p["name"], tuple(p["shape"]), p["dtype"], p["offset"], p["nbytes"])
+                for p in self.raw["experts"]["parts"]]
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [int(x) for x in self.raw["experts"]["layers"]]
+
+    def slot(self, layer: int, expert: int) -> int:
+        """Index of (layer, expert)'s bundle in experts.bin."""
+        return self.raw["experts"]["layer_slot"][str(layer)] * self.num_experts + expert
+
+    def expert_offset(self, layer: int, expert: int) -> int:
+        return self.slot(layer, expert) * self.stride
+
+    def expert_crc(self, layer: int, expert: int) -> int:
+        return int(self.raw["experts"]["crc32"][self.slot(layer, expert)])
+
+    @property
+    def expert_bank_bytes(self) -> int:
+        return len(self.raw["experts"]["crc32"]) * self.stride
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(int(t["nbytes"]) for t in self.raw["resident"]["tensors"].values())
+
+
+def read_manifest(root: str | os.PathLike[str]) -> Manifest:
+    """Load and validate a packed directory's manifest; checks both data files' sizes."""
+    root = Path(root)
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise PackError(f"{root}: not a packed MoE directory (no {MANIFEST})")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackError(f"{mpath}: unreadable manifest: {e}") from None
+    if raw.get("format") != FORMAT_NAME:
+        raise PackError(f"{mpath}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
+    if raw.get("version") != FORMAT_VERSION:
+        raise PackError(f"{mpath}: format version {raw.get('version')} unsupported (want {FORMAT_VERSION})")
+    arch_spec(raw.get("config", {}), str(mpath))
+    m = Manifest(root, raw)
+    for fname, need in ((RESIDENT_FILE, raw["resident"]["file_nbytes"]),
+                        (EXPERTS_FILE, raw["experts"]["file_nbytes"])):
+        p = root / fname
+        if not p.is_file():
+            raise PackError(f"{p}: data file missing")
+        have = p.stat().st_size
+        if have < need:
+            raise PackError(f"{p}: truncated: {have} bytes on disk, manifest expects {need}")
+    return m
+
+
+def load_resident(m: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read every resident tensor into RAM (one pass over resident.bin), checking crc32s."""
+    path = m.root / RESIDENT_FILE
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        for name, t in m.raw["resident"]["tensors"].items():
+            f.seek(int(t["offset"]))
+            buf = bytearray(int(t["nbytes"]))
+            if f.readinto(buf) != len(buf):
+                raise PackError(f"{path}: truncated while reading tensor {name}")
+            if verify and zlib.crc32(buf) != int(t["crc32"]):
+                raise PackError(f"{path}: checksum mismatch in resident tensor {name} at offset {t['offset']}")
+            dt = dtype_from_name(t["dtype"])
+            out[name] = torch.frombuffer(buf, dtype=dt).reshape(t["shape"]) if buf else torch.empty(
+                t["shape"], dtype=dt)
+    return out
+
+
+# --------------------------------------------------------------------------- source reading
+
+class _Source:
+    """Lazy view over an HF safetensors directory: name -> shard, slices read on demand."""
+
+    def __init__(self, src: Path) -> None:
+        from safetensors import safe_open
+
+        self.src = src
+        cfg_path = src / "config.json"
+        if not cfg_path.is_file():
+            raise PackError(f"{src}: no config.json (expected a Hugging Face safetensors directory)")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise PackError(f"{cfg_path}: invalid JSON: {e}") from None
+        shards = sorted(src.glob("*.safetensors"))
+        if not shards:
+            raise PackError(f"{src}: no *.safetensors files")
+        self._handles = []
+        self.where: dict[str, Any] = {}
+        for s in shards:
+            try:
+                h = safe_open(str(s), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise PackError(f"{s}: cannot open safetensors file: {e}") from None
+            self._handles.append(h)
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                self.where[k] = h
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self.where[name].get_tensor(name)
+        except KeyError:
+            raise PackError(f"{self.src}: tensor {name} missing from checkpoint") from None
+
+    def get_row(self, name: str, i: int) -> torch.Tensor:
+        return self.where[name].get_slice(name)[i]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return dtype_from_name(self.where[name].get_slice(name).get_dtype())
+
+
+def _expert_tensors(srcv: _Source, spec: ArchSpec, layer: int, e: int, inter: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
+    per = f"{base}.{e}"
+    if srcv.has(f"{per}.{spec.gate}.weight"):
+        return (srcv.get(f"{per}.{spec.gate}.weight"), srcv.get(f"{per}.{spec.up}.weight"),
+                srcv.get(f"{per}.{spec.down}.weight"))
+    if srcv.has(f"{base}.gate_up_proj"):  # transformers-5 fused layout: [E, 2I, H], [E, H, I]
+        gu = srcv.get_row(f"{base}.gate_up_proj", e)
+        return gu[:inter], gu[inter:], srcv.get_row(f"{base}.down_proj", e)
+    raise PackError(f"{srcv.src}: no expert tensors found for layer {layer} expert {e} (looked for {per}.*)")
+
+
+def _is_expert_tensor(name: str, spec: ArchSpec) -> bool:
+    return f".{spec.moe_prefix}.experts." in name
+
+
+# --------------------------------------------------------------------------- writer
+
+def _bundle_arrays(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, quant: str, group: int
+                   ) -> list[tuple[str, torch.Tensor]]:
+    gate_up = torch.cat([gate, up], dim=0).contiguous()
+    down = down.contiguous()
+    if quant == "none":
+        return [("gate_up", gate_up), ("down", down)]
+    q1, s1 = quantize(gate_up, quant, group)
+    q2, s2 = quantize(down, quant, group)
+    return [("gate_up", q1), ("gate_up.scale", s1), ("down", q2), ("down.scale", s2)]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
+
+
+def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = "none",
+         group_size: int = 64, progress: bool = True,
+         on_progress: Callable[[int], None] | None = None) -> Manifest:
+    """Convert an HF safetensors MoE directory into the flash layout (see module docstring)."""
+    if quant not in QUANT_METHODS:
+        raise PackError(f"unknown quantisation {quant!r} (choose from {', '.join(QUANT_METHODS)})")
+    src, dst = Path(src), Path(dst)
+    srcv = _Source(src)
+    cfg = srcv.config
+    spec = arch_spec(cfg, str(src / "config.json"))
+    hidden, inter = expert_dims(cfg)
+    n_exp = num_experts(cfg)
+    layers = [i for i, is_moe in enumerate(moe_layers(cfg)) if is_moe]
+    if quant != "none":
+        for d in (hidden, inter):
+            if d % group_size or (quant == "int4" and group_size % 2):
+                raise PackError(f"dimension {d} is not divisible by group size {group_size}")
+    dst.mkdir(parents=True, exist_ok=True)
+
+    resident_names = [k for k in srcv.where if not _is_expert_tensor(k, spec)]
+    total = sum(1 for _ in resident_names) + len(layers) * n_exp
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="tensor", desc=f"pack {src.name} -> {dst.name} [{quant}]")
+
+    def tick() -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_progress is not None:
+            on_progress(1)
+
+    # Resident tensors: lossless, one at a time.
+    res_meta: dict[str, Any] = {}
+    with open(dst / RESIDENT_FILE, "wb") as f:
+        off = 0
+        for name in resident_names:
+            t = srcv.get(name)
+            data = _tensor_bytes(t)
+            pad = _align(off, RESIDENT_ALIGN) - off
+            f.write(b"\0" * pad)
+            off += pad
+            f.write(data)
+            res_meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
+                              "dtype": dtype_name(t.dtype), "crc32": zlib.crc32(data)}
+            off += len(data)
+            tick()
+        res_size = off
+
+    # Expert bundles: fixed layout, so the first bundle defines parts/stride for all.
+    parts: list[dict[str, Any]] | None = None
+    stride = bundle_nbytes = 0
+    crcs: list[int] = []
+    with open(dst / EXPERTS_FILE, "wb") as f:
+        for layer in layers:
+            for e in range(n_exp):
+                arrays = _bundle_arrays(*_expert_tensors(srcv, spec, layer, e, inter), quant, group_size)
+                blobs = [_tensor_bytes(a) for _, a in arrays]
+                if parts is None:
+                    parts, rel = [], 0
+                    for (pname, a), b in zip(arrays, blobs, strict=True):
+                        rel = _align(rel, RESIDENT_ALIGN)
+                        parts.append({"name": pname, "shape": list(a.shape), "dtype": dtype_name(a.dtype),
+                                      "offset": rel, "nbytes": len(b)})
+                        rel += len(b)
+                    bundle_nbytes = rel
+                    stride = _align(rel, ALIGN)
+                bundle = bytearray(stride)
+                for p, b in zip(parts, blobs, strict=True):
+                    if len(b) != p["nbytes"]:
+                        raise PackError(f"{src}: layer {layer} expert {e} has a different shape than expert 0")
+                    bundle[p["offset"]:p["offset"] + len(b)] = b
+                crcs.append(zlib.crc32(memoryview(bundle)[:bundle_nbytes]))
+                f.write(bundle)
+                tick()
+    if bar is not None:
+        bar.close()
+
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "arch": spec.model_type,
+        "config": cfg,
+        "quant": {"method": quant, "group_size": group_size, "scale_dtype": "F16"},
+        "alignment": ALIGN,
+        "resident": {"file": RESIDENT_FILE, "file_nbytes": res_size, "tensors": res_meta},
+        "experts": {
+            "file": EXPERTS_FILE,
+            "file_nbytes": len(crcs) * stride,
+            "num_experts": n_exp,
+            "layers": layers,
+            "layer_slot": {str(layer): i for i, layer in enumerate(layers)},
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "stride": stride,
+            "bundle_nbytes": bundle_nbytes,
+            "parts": parts or [],
+            "crc32": crcs,
+        },
+    }
+    tmp = dst / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, dst / MANIFEST)  # the manifest appears only once the data is complete
+    return read_manifest(dst)
+
+
+def bundle_views(m: Manifest, buf: Any) -> Iterator[tuple[Part, torch.Tensor]]:
+    """Zero-copy tensors over one bundle buffer (bytes-like, writable for torch.frombuffer)."""
+    for p in m.parts:
+        dt = dtype_from_name(p.dtype)
+        yield p, torch.frombuffer(buf, dtype=dt, count=p.nbytes // dt.itemsize, offset=p.offset).reshape(p.shape)

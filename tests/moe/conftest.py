@@ -1,0 +1,68 @@
+"""Tiny random MoE checkpoints built with transformers (no download), saved and packed once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+PROMPT = [5, 17, 99, 3, 64, 8, 120, 42, 77, 1, 30, 11]
+GEN_STEPS = 10
+
+
+@dataclass
+class Tiny:
+    arch: str
+    hf_dir: Path
+    hf: object
+    packed: dict[str, Path] = field(default_factory=dict)
+
+
+def _config(arch: str):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(num_local_experts=8, intermediate_size=64, **common)
+    if arch == "qwen2_moe":
+        # shared expert + gate, and one dense (mlp_only) layer to exercise the interleave
+        return transformers.Qwen2MoeConfig(num_experts=8, moe_intermediate_size=64, intermediate_size=128,
+                                           shared_expert_intermediate_size=96, mlp_only_layers=[1], **common)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(num_experts=8, moe_intermediate_size=64, norm_topk_prob=True,
+                                           **common)
+    return transformers.OlmoeConfig(num_experts=8, intermediate_size=64, eos_token_id=2, pad_token_id=1,
+                                    **common)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
+    import transformers
+
+    from local_engine.formats.pack import pack
+
+    root = tmp_path_factory.mktemp("moe")
+    out: dict[str, Tiny] = {}
+    for i, arch in enumerate(ARCHS):
+        torch.manual_seed(1234 + i)
+        hf = transformers.AutoModelForCausalLM.from_config(_config(arch)).eval()
+        # default init (std 0.02) gives near-flat logits; widen so greedy is not decided by ties
+        with torch.no_grad():
+            for p in hf.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.15)
+        hf_dir = root / arch
+        hf.save_pretrained(hf_dir)
+        t = Tiny(arch, hf_dir, hf)
+        for q in ("none", "int8", "int4"):
+            t.packed[q] = root / f"{arch}-{q}"
+            pack(hf_dir, t.packed[q], quant=q, group_size=32, progress=False)
+        out[arch] = t
+    return out

@@ -1,0 +1,108 @@
+"""Packed MoE models vs transformers: logits, greedy tokens across budgets, quantised packs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from local_engine.models.moe import MoEModel
+from tests.moe.conftest import ARCHS, GEN_STEPS, PROMPT, Tiny
+
+TOL = 1e-4  # fp32, same op order up to GEMM blocking
+
+
+def _budgets(t: Tiny) -> dict[str, int | str]:
+    from local_engine.formats.pack import read_manifest
+
+    m = read_manifest(t.packed["none"])
+    # middle: a bit more than one layer's top-k, far below the bank -> hits AND evictions
+    return {"zero": 0, "middle": 3 * m.stride, "unlimited": "unlimited"}
+
+
+def _hf_logits(t: Tiny, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return t.hf(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[str, Tiny], arch: str) -> None:
+    t = tiny_models[arch]
+    ref = _hf_logits(t, PROMPT)
+    tokens: dict[str, list[int]] = {}
+    for label, budget in _budgets(t).items():
+        for policy in ("lru", "lfu-da"):
+            m = MoEModel.open(t.packed["none"], memory_budget=budget, policy=policy)
+            try:
+                diff = (m.logits(PROMPT) - ref).abs().max().item()
+                print(f"{arch} budget={label} policy={policy}: max |logit diff| vs transformers = {diff:.2e}")
+                assert diff < TOL
+                toks = list(m.generate_ids(PROMPT, GEN_STEPS))
+                s = m.stats()
+                if label == "zero":
+                    assert s["store_cache_hits"] == 0 and s["bytes_read_per_token"] > 0
+                if label == "middle":
+                    assert s["store_cache_evictions"] > 0
+                    assert s["store_cache_used_bytes"] <= 3 * m.m.stride
+            finally:
+                m.close()
+            tokens[f"{label}/{policy}"] = toks
+    first = next(iter(tokens.values()))
+    assert all(v == first for v in tokens.values()), tokens
+    # greedy tokens are what transformers' argmax picks on the same (teacher-forced) sequence
+    full = _hf_logits(t, PROMPT + first)
+    hf_greedy = full[len(PROMPT) - 1: -1].argmax(-1).tolist()
+    assert first == hf_greedy
+
+
+def test_unlimited_budget_second_run_reads_nothing(tiny_models: dict[str, Tiny]) -> None:
+    m = MoEModel.open(tiny_models["qwen3_moe"].packed["none"], memory_budget="unlimited")
+    try:
+        a = list(m.generate_ids(PROMPT, 4))
+        m.reset_stats()
+        b = list(m.generate_ids(PROMPT, 4))
+        s = m.stats()
+    finally:
+        m.close()
+    assert a == b
+    assert s["store_bytes_read"] == 0 and s["hit_rate"] == 1.0
+
+
+def test_buffered_reads_equal_o_direct(tiny_models: dict[str, Tiny]) -> None:
+    p = tiny_models["mixtral"].packed["none"]
+    outs = []
+    for direct in (True, False):
+        m = MoEModel.open(p, memory_budget=0, direct=direct, verify="always")
+        try:
+            outs.append(m.logits(PROMPT))
+        finally:
+            m.close()
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quantised_packs_stay_close_to_lossless(tiny_models: dict[str, Tiny], arch: str) -> None:
+    t = tiny_models[arch]
+    lossless = MoEModel.open(t.packed["none"], memory_budget="unlimited")
+    try:
+        ref = lossless.logits(PROMPT)
+        ref_toks = list(lossless.generate_ids(PROMPT, GEN_STEPS))
+    finally:
+        lossless.close()
+    scale = ref.abs().mean().item()
+    # (mean |err| / mean |logit|, min greedy agreement). Mean, not max: a quantised hidden state can
+    # flip one router decision, which moves a few logits a lot while the rest stay close.
+    bounds = {"int8": (0.05, 0.7), "int4": (0.5, 0.3)}
+    for q, (err_bound, agree_bound) in bounds.items():
+        m = MoEModel.open(t.packed[q], memory_budget=0)
+        try:
+            d = (m.logits(PROMPT) - ref).abs()
+            err, err_max = d.mean().item(), d.max().item()
+            # agreement of teacher-forced greedy choices on the lossless continuation
+            lg = m.logits(PROMPT + ref_toks)[len(PROMPT) - 1: -1].argmax(-1).tolist()
+        finally:
+            m.close()
+        agree = sum(a == b for a, b in zip(lg, ref_toks, strict=True)) / len(ref_toks)
+        print(f"{arch} {q}: mean |logit err| {err:.4f} ({err / scale:.2%} of mean |logit|), "
+              f"max {err_max:.3f}, greedy agreement {agree:.0%}")
+        assert err / scale < err_bound
+        assert agree >= agree_bound
