@@ -121,6 +121,21 @@ def policy_check(paths: tuple[str, ...]) -> None:
     sys.exit(1 if bad else 0)
 
 
+def policy_json_schema() -> dict[str, Any]:
+    from gateway.policy.model import Policy
+
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Hybrid Gateway policy"
+    return schema
+
+
+@policy.command("schema")
+def policy_schema() -> None:
+    """Print the policy JSON Schema (policies/schema.json is this output)."""
+    click.echo(orjson.dumps(policy_json_schema(), option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+
+
 @policy.command("test")
 @click.argument("policy_path", type=click.Path())
 @click.argument("cases_path", type=click.Path())
@@ -146,3 +161,7 @@ def _register_optional() -> None:
 
 
 _register_optional()
+
+
+if __name__ == "__main__":
+    main()

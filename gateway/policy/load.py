@@ -149,7 +149,9 @@ def parse_policy(text: str, file: str = "<policy>", env: Mapping[str, str] | Non
                 msg = f"unknown key {loc[-1]!r}"
             elif err["type"] == "missing":
                 msg = f"missing required key {loc[-1]!r}"
-            field = ".".join(str(p) for p in loc)
+            # Drop pydantic's union tags (targets.local.local.x -> targets.local.x).
+            parts = [str(p) for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "targets" and p in ("cloud", "local"))]
+            field = ".".join(parts)
             problems.append(Problem(file, *pos.locate(loc), f"{field}: {msg}" if field else msg))
         raise PolicyError(_dedupe(problems)) from None
 
