@@ -50,6 +50,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
 
     root = tmp_path_factory.mktemp("moe")
     out: dict[str, Tiny] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     for i, arch in enumerate(ARCHS):
         torch.manual_seed(1234 + i)
         hf = transformers.AutoModelForCausalLM.from_config(_config(arch)).eval()
@@ -65,4 +67,14 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
             t.packed[q] = root / f"{arch}-{q}"
             pack(hf_dir, t.packed[q], quant=q, group_size=32, progress=False)
         out[arch] = t
+    torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tiny matrices: torch's 2-thread pool only adds spin/handoff cost (large on a loaded box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
