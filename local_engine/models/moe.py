@@ -10,13 +10,13 @@ summation order).
 Shapes: T tokens in the step, H hidden, I expert intermediate, E experts, k top-k,
 nh / nkv / hd attention heads / kv heads / head dim.
 
-The attention side is plain fp32 PyTorch (RMSNorm, RoPE, GQA with a KV cache, batched
-prefill); resident weights are converted to fp32 once at load.
+The attention side reuses ``local_engine.models.layers`` (RMSNorm, RoPE incl. scaling, GQA with
+a preallocated KV cache, batched prefill); Qwen2-MoE's qkv bias and OLMoE's whole-projection
+q/k norm are expressed as ``Linear`` callables. Resident weights are converted to fp32 once.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +33,16 @@ from local_engine.formats.pack import (
     UnsupportedArchitecture,
     load_resident,
     read_manifest,
+)
+from local_engine.models.layers import (
+    KVCache,
+    Linear,
+    RopeTables,
+    attention,
+    linear,
+    rms_norm,
+    rope_inv_freq,
+    swiglu,
 )
 
 # --------------------------------------------------------------------------- routing (pure)
@@ -66,45 +76,15 @@ def router_for(config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.T
 # --------------------------------------------------------------------------- small ops
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    var = x.pow(2).mean(-1, keepdim=True)
-    return w * (x * torch.rsqrt(var + eps))
+def _expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return swiglu(x, None, None, down, w_gate_up=gate_up)
 
 
-def rope_inv_freq(config: dict[str, Any], head_dim: int) -> torch.Tensor:
-    rp = config.get("rope_parameters") or {}
-    theta = float(rp.get("rope_theta", config.get("rope_theta", 10000.0)))
-    rtype = rp.get("rope_type", "default")
-    scaling = config.get("rope_scaling")
-    if rtype not in ("default", None) or (scaling and scaling.get("rope_type", scaling.get("type")) != "default"):
-        raise UnsupportedArchitecture(f"rope type {rtype!r} / scaling {scaling!r} is not supported for MoE models yet")
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, n, hd]; HF rotate_half convention."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rot * sin[:, None, :]
-
-
-def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
+    return w if b is None else (lambda x: F.linear(x, w, b))
 
 
 # --------------------------------------------------------------------------- model
-
-
-@dataclass
-class KVCache:
-    k: list[torch.Tensor | None]
-    v: list[torch.Tensor | None]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, n_layers: int) -> KVCache:
-        return cls([None] * n_layers, [None] * n_layers)
 
 
 @dataclass
@@ -138,7 +118,14 @@ class MoEModel:
         self.route = router_for(c)
         self.moe_layers = set(manifest.moe_layers)
         self.w = {k: (v if v.dtype == torch.float32 else v.float()) for k, v in resident.items()}
-        self.inv_freq = rope_inv_freq(c, self.hd)
+        rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
+        try:
+            self.inv_freq, self.attn_factor = rope_inv_freq(self.hd, theta, rp or None,
+                                                            c.get("max_position_embeddings"))
+        except ValueError as e:
+            raise UnsupportedArchitecture(f"{manifest.root}: {e}") from None
+        self._rope_tables: RopeTables | None = None
         mp = "block_sparse_moe" if self.arch == "mixtral" else "mlp"
         self._moe_prefix = mp
         if "lm_head.weight" not in self.w:
@@ -169,46 +156,28 @@ class MoEModel:
     def _attn(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
         p = f"model.layers.{i}.self_attn."
         w = self.w
-        T = h.shape[0]
-        q = F.linear(h, w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
-        k = F.linear(h, w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
-        v = F.linear(h, w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        wq = _with_bias(w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
+        wk = _with_bias(w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
+        wv = _with_bias(w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        q_norm = k_norm = None
         if self.arch == "olmoe":  # OLMoE normalises the whole projection before the head split
-            q = rms_norm(q, w[p + "q_norm.weight"], self.eps)
-            k = rms_norm(k, w[p + "k_norm.weight"], self.eps)
-        q = q.view(T, self.nh, self.hd)
-        k = k.view(T, self.nkv, self.hd)
-        v = v.view(T, self.nkv, self.hd)
-        if self.arch == "qwen3_moe":  # Qwen3: per-head q/k RMSNorm
-            q = rms_norm(q, w[p + "q_norm.weight"], self.eps)
-            k = rms_norm(k, w[p + "k_norm.weight"], self.eps)
-        pos = torch.arange(pos0, pos0 + T, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [nkv, T, hd]
-        if cache.k[i] is not None:
-            kt = torch.cat((cache.k[i], kt), dim=1)
-            vt = torch.cat((cache.v[i], vt), dim=1)
-        cache.k[i], cache.v[i] = kt, vt
-        rep = self.nh // self.nkv
-        kr = kt.repeat_interleave(rep, dim=0)
-        vr = vt.repeat_interleave(rep, dim=0)
-        S = kr.shape[1]
-        qpos = torch.arange(pos0, pos0 + T)[:, None]
-        kpos = torch.arange(S)[None, :]
-        mask = kpos <= qpos  # causal with an offset for cached keys
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), kr, vr, attn_mask=mask,
-                                           scale=1.0 / math.sqrt(self.hd))
-        return F.linear(o.transpose(0, 1).reshape(T, self.nh * self.hd), w[p + "o_proj.weight"])
+            qw, kw, qn, kn = wq, wk, w[p + "q_norm.weight"], w[p + "k_norm.weight"]
+            wq = lambda x: rms_norm(linear(x, qw), qn, self.eps)  # noqa: E731
+            wk = lambda x: rms_norm(linear(x, kw), kn, self.eps)  # noqa: E731
+        elif self.arch == "qwen3_moe":  # per-head q/k RMSNorm
+            q_norm, k_norm = w[p + "q_norm.weight"], w[p + "k_norm.weight"]
+        return attention(h, layer=i, start=pos0, wq=wq, wk=wk, wv=wv, wo=w[p + "o_proj.weight"],
+                         n_heads=self.nh, n_kv_heads=self.nkv, head_dim=self.hd, rope=self._rope(pos0 + h.shape[0]),
+                         cache=cache, q_norm=q_norm, k_norm=k_norm, eps=self.eps)
+
+    def _rope(self, n_pos: int) -> RopeTables:
+        if self._rope_tables is None or self._rope_tables.max_pos < n_pos:
+            self._rope_tables = RopeTables(self.inv_freq, max(n_pos, 4096), self.attn_factor)
+        return self._rope_tables
 
     def _dense_mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
         w = self.w
-        g = F.linear(h, w[prefix + "gate_proj.weight"])
-        u = F.linear(h, w[prefix + "up_proj.weight"])
-        return F.linear(F.silu(g) * u, w[prefix + "down_proj.weight"])
+        return swiglu(h, w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"])
 
     def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{i}.{self._moe_prefix}."
@@ -220,7 +189,7 @@ class MoEModel:
             t0 = time.perf_counter()
             tok, slot = torch.where(idx == e)
             gate_up, down = self.store.weights(buf)
-            results[e] = swiglu(h[tok], gate_up, down) * weights[tok, slot, None]
+            results[e] = _expert_swiglu(h[tok], gate_up, down) * weights[tok, slot, None]
             toks[e] = tok
             self.run.expert_compute_s += time.perf_counter() - t0
         out = torch.zeros_like(h)
@@ -242,19 +211,22 @@ class MoEModel:
             x = x + self._attn(i, rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps), cache, pos0)
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
             x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
-        cache.length += ids.shape[0]
+        cache.advance(ids.shape[0])
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)
         return F.linear(x, self.w["lm_head.weight"])
 
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
-        return self.forward(ids, KVCache.empty(self.n_layers))
+        return self.forward(ids, self.new_cache(ids.shape[0]))
+
+    def new_cache(self, max_seq: int) -> KVCache:
+        return KVCache(self.n_layers, self.nkv, self.hd, max_seq)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
                      stop_ids: set[int] | None = None,
                      sample: Callable[[torch.Tensor], int] | None = None) -> Iterator[int]:
         """Greedy (or ``sample``) decoding: prefill as one micro-batch, then one token per step."""
-        cache = KVCache.empty(self.n_layers)
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         pick = sample or (lambda lg: int(torch.argmax(lg).item()))
         w0 = self.store.io.io_wait_s
         t0 = time.perf_counter()
