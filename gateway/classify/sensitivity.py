@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from presidio_analyzer import AnalyzerEngine
@@ -73,6 +74,7 @@ class PresidioSensitivityClassifier:
         self._analyzer, self._entities = build_analyzer(cfg)
         self._lock = threading.Lock()
         self._cache = _LRU(cfg.cache_size)
+        self._rank = lambda etype: level_rank(SENSITIVITY_LEVELS, self._levels.get(etype, cfg.default_level))
         self._allow = {k: {v.casefold() for v in vals} for k, vals in cfg.allow.items()}
         # The first call pays spaCy's lazy initialisation; pay it at startup, not on a request.
         self._analyze_texts(["Warm-up: Jane Doe wrote to jane@example.com from Paris."])
@@ -181,13 +183,16 @@ class PresidioSensitivityClassifier:
                 a, b = max(r.start, s0), min(r.end, s0 + len(text))
                 if a < b:
                     per[i].append((r.entity_type, a - s0, b - s0, float(r.score)))
-        return [tuple(_drop_overlaps(p)) for p in per]
+        return [tuple(_drop_overlaps(p, self._rank)) for p in per]
 
 
-def _drop_overlaps(raws: list[Raw]) -> list[Raw]:
-    """Keep the best of overlapping findings: highest score, then longest span."""
+def _drop_overlaps(raws: list[Raw], rank: Callable[[str], int]) -> list[Raw]:
+    """Keep the best of overlapping findings: most sensitive level, then score, then longest.
+
+    (The password inside `https://user:pw@host` also looks like an e-mail; the secret wins.)
+    """
     kept: list[Raw] = []
-    for r in sorted(raws, key=lambda r: (-r[3], -(r[2] - r[1]), r[1])):
+    for r in sorted(raws, key=lambda r: (-rank(r[0]), -r[3], -(r[2] - r[1]), r[1])):
         if all(r[2] <= k[1] or r[1] >= k[2] for k in kept):
             kept.append(r)
     return sorted(kept, key=lambda r: r[1])

@@ -129,6 +129,7 @@ _PHONE_CANDIDATE = re.compile(
 )
 _SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
 _DATE_SHAPE = re.compile(r"^\d{1,4}[-./]\d{1,2}[-./]\d{1,4}$")
+_IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 
 
 class FastPhoneRecognizer(LocalRecognizer):
@@ -152,7 +153,7 @@ class FastPhoneRecognizer(LocalRecognizer):
         for m in _PHONE_CANDIDATE.finditer(text):
             cand = m.group(0)
             digits = sum(c.isdigit() for c in cand)
-            if not 7 <= digits <= 15 or _SSN_SHAPE.match(cand) or _DATE_SHAPE.match(cand):
+            if not 7 <= digits <= 15 or _SSN_SHAPE.match(cand) or _DATE_SHAPE.match(cand) or _IPV4_SHAPE.match(cand):
                 continue
             score = self._score(cand)
             if score > 0:
