@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,12 @@ class RunStats:
     decode_s: float = 0.0
     io_wait_s: float = 0.0
     expert_compute_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # decode-only I/O (prefill touches most experts of a layer at once; keep it apart)
+    decode_bytes_read: int = 0
+    decode_io_busy_s: float = 0.0
+    decode_io_wait_s: float = 0.0
+    decode_hits: int = 0
+    decode_misses: int = 0
 
 
 class MoEModel:
@@ -233,15 +238,23 @@ class MoEModel:
         lg = self.forward(torch.as_tensor(prompt_ids, dtype=torch.long), cache)[-1]
         self.run.prefill_s += time.perf_counter() - t0
         self.run.prefill_tokens += len(prompt_ids)
+        io, cs = self.store.io, self.store.cache.stats
         for _ in range(max_new_tokens):
             tok = pick(lg)
             yield tok
             if stop_ids and tok in stop_ids:
                 break
+            before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
             t0 = time.perf_counter()
             lg = self.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
-            self.run.decode_s += time.perf_counter() - t0
-            self.run.decode_tokens += 1
+            r = self.run
+            r.decode_s += time.perf_counter() - t0
+            r.decode_tokens += 1
+            r.decode_bytes_read += io.bytes_read - before[0]
+            r.decode_io_busy_s += io.io_busy_s - before[1]
+            r.decode_io_wait_s += io.io_wait_s - before[2]
+            r.decode_hits += cs.hits - before[3]
+            r.decode_misses += cs.misses - before[4]
         self.run.io_wait_s += self.store.io.io_wait_s - w0
 
     def reset_stats(self) -> None:
@@ -260,6 +273,10 @@ class MoEModel:
             "decode_tokens": r.decode_tokens,
             "decode_tok_s": r.decode_tokens / r.decode_s if r.decode_s else 0.0,
             "bytes_read_per_token": s["bytes_read"] / toks if toks else 0.0,
+            "decode_bytes_read_per_token": r.decode_bytes_read / r.decode_tokens if r.decode_tokens else 0.0,
+            "decode_hit_rate": r.decode_hits / max(r.decode_hits + r.decode_misses, 1),
+            "decode_read_bandwidth_Bps": r.decode_bytes_read / r.decode_io_busy_s if r.decode_io_busy_s else 0.0,
+            "decode_io_wait_s": r.decode_io_wait_s,
             "hit_rate": s["cache_hit_rate"],
             "read_bandwidth_Bps": s["read_bandwidth_Bps"],
             "io_wait_s": s["io_wait_s"],
