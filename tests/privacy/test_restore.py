@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -181,7 +182,7 @@ _texts = st.lists(st.one_of(_placeholder, _plain), max_size=12).map("".join)
 
 def _chunked(text: str, cuts: list[int]) -> list[str]:
     points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
 @settings(max_examples=300, deadline=None)
