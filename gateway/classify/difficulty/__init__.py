@@ -1,0 +1,70 @@
+"""Difficulty classifier: how likely the local (weak) model is to fail this request.
+
+`build_difficulty_classifier(cfg)` is the seam the runtime calls once per policy load; the object it
+returns has `classify(body) -> DifficultyFinding` and is safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gateway.classify.difficulty.artefact import Artefact, ArtefactError, load_artefact
+from gateway.classify.difficulty.config import DifficultyConfig, Thresholds
+from gateway.classify.difficulty.embed import EmbeddingUnavailable, MiniLMEmbedder
+from gateway.classify.difficulty.heuristic import DEFAULT_THRESHOLDS, HeuristicDifficultyClassifier
+from gateway.classify.difficulty.knn import KnnDifficultyClassifier
+
+__all__ = [
+    "DifficultyConfig",
+    "HeuristicDifficultyClassifier",
+    "KnnDifficultyClassifier",
+    "Thresholds",
+    "build_difficulty_classifier",
+]
+
+log = logging.getLogger("gateway.classify.difficulty")
+
+DifficultyClassifierImpl = KnnDifficultyClassifier | HeuristicDifficultyClassifier
+
+
+def _thresholds(cfg: DifficultyConfig, artefact: Artefact | None, method: str) -> tuple[float, float]:
+    if cfg.thresholds is not None:
+        return cfg.thresholds.medium, cfg.thresholds.hard
+    shipped = artefact.thresholds(method) if artefact else None
+    return shipped or DEFAULT_THRESHOLDS
+
+
+def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierImpl:
+    """The configured classifier; `knn` degrades to `heuristic` (logged) instead of failing."""
+    artefact: Artefact | None = None
+    try:
+        artefact = load_artefact(cfg.artefact)
+    except ArtefactError as exc:
+        if cfg.method == "knn" or cfg.artefact is not None:
+            log.warning("difficulty artefact unusable: %s", exc)
+    if cfg.method == "heuristic":
+        return HeuristicDifficultyClassifier(*_thresholds(cfg, artefact, "heuristic"))
+    reason: str | None = None
+    if artefact is None:
+        reason = "artefact unavailable"
+    else:
+        emb_meta = artefact.meta["embedding"]
+        max_tokens = cfg.max_tokens or int(emb_meta["max_tokens"])
+        if cfg.max_tokens and cfg.max_tokens != int(emb_meta["max_tokens"]):
+            log.warning("difficulty: max_tokens %d differs from the %d the artefact was fitted with",
+                        cfg.max_tokens, emb_meta["max_tokens"])
+        try:
+            if cfg.torch_threads:
+                import torch
+
+                torch.set_num_threads(cfg.torch_threads)
+            embedder = MiniLMEmbedder(cfg.embedding_package, max_tokens=max_tokens)
+            return KnnDifficultyClassifier(
+                artefact, embedder, *_thresholds(cfg, artefact, "knn"), budget_ms=cfg.budget_ms
+            )
+        except EmbeddingUnavailable as exc:
+            reason = str(exc)
+    log.warning("difficulty method knn unavailable, falling back to heuristic: %s", reason)
+    return HeuristicDifficultyClassifier(
+        *_thresholds(cfg, artefact, "heuristic"), note=f"knn unavailable: {reason}"
+    )

@@ -1,0 +1,78 @@
+"""The `knn` method: MiniLM embedding + fitted artefact, blended with the heuristic signals."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from gateway.classify.difficulty.artefact import Artefact
+from gateway.classify.difficulty.embed import MiniLMEmbedder
+from gateway.classify.difficulty.heuristic import level_for
+from gateway.classify.difficulty.model import KnnModel, sigmoid
+from gateway.classify.difficulty.signals import SIGNAL_NAMES, extract_signals, request_text, vector
+from gateway.features import DifficultyFinding
+
+log = logging.getLogger("gateway.classify.difficulty")
+
+
+class KnnDifficultyClassifier:
+    """Thread-safe: the model arrays are read-only and the embedder serialises its forward pass."""
+
+    method = "knn"
+
+    def __init__(
+        self, artefact: Artefact, embedder: MiniLMEmbedder, medium: float, hard: float, budget_ms: float
+    ) -> None:
+        knn = artefact.meta["knn"]
+        self.model = KnnModel.from_arrays(artefact.arrays, k=int(knn["k"]), temp=float(knn["temp"]))
+        self.labels: list[str] = list(artefact.meta.get("prototype_labels") or [])
+        self.version = artefact.version
+        self.embedder = embedder
+        self.medium, self.hard = medium, hard
+        self.budget_ms = budget_ms
+
+    def score_many(self, texts: list[str], sigs: np.ndarray, progress: bool = False) -> np.ndarray:
+        """Scores for many prompts at once (evaluation and calibration)."""
+        return self.model.scores(self.embedder.embed_many(texts, progress=progress), sigs)
+
+    def classify(self, body: dict[str, Any]) -> DifficultyFinding:
+        t0 = time.perf_counter()
+        s = extract_signals(body)
+        emb = self.embedder.embed(request_text(body) or " ")[None, :]
+        sig = np.asarray([vector(s)], dtype=np.float32)
+        p = self.model.parts(emb, sig)
+        logit = (self.model.intercept + float(p["embedding"][0]) + float(p["signals"][0].sum())
+                 + float(p["neighbours"][0]))
+        score = sigmoid(logit)
+        elapsed_ms = (time.perf_counter() - t0) * 1000
+        if elapsed_ms > self.budget_ms:
+            log.warning("difficulty_over_budget elapsed_ms=%.1f budget_ms=%.1f", elapsed_ms, self.budget_ms)
+        sig_contrib = {n: round(float(c), 4) for n, c in zip(SIGNAL_NAMES, p["signals"][0], strict=True)
+                       if abs(c) >= 0.01}
+        neighbours = [
+            {"prototype": int(i), "topic": self.labels[i] if i < len(self.labels) else None,
+             "similarity": round(float(sim), 3), "hard_rate": round(float(self.model.proto_hard[i]), 3),
+             "examples": int(self.model.proto_n[i])}
+            for i, sim in zip(p["top"][0][:3], p["sims"][0][:3], strict=True)
+        ]
+        evidence: dict[str, Any] = {
+            "signals": {k: v for k, v in s.as_dict().items() if v},
+            "contributions": {
+                "intercept": round(self.model.intercept, 4),
+                "embedding": round(float(p["embedding"][0]), 4),
+                "neighbours": round(float(p["neighbours"][0]), 4),
+                "signals": sig_contrib,
+            },
+            "neighbour_hard_rate": round(float(p["rate"][0]), 4),
+            "neighbours": neighbours,
+            "thresholds": {"medium": self.medium, "hard": self.hard},
+            "artefact": self.version,
+            "elapsed_ms": round(elapsed_ms, 2),
+        }
+        return DifficultyFinding(
+            level=level_for(score, self.medium, self.hard), score=round(score, 6), method=self.method,
+            evidence=evidence,
+        )
