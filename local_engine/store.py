@@ -65,82 +65,58 @@ def _check_file(path: Path) -> None:
 
 
 class GGUFStore:
-    """A memory-mapped GGUF file."""
+    """A memory-mapped GGUF file (header parsed by local_engine.formats.gguf)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        import gguf  # local: importing gguf pulls numpy machinery we only need here
+        from local_engine.formats.gguf import GGUFFile
 
         self.path = Path(path)
         _check_file(self.path)
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelFileError(self.path, f"not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        size = self.path.stat().st_size
-        try:
-            self._reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damage
-            raise ModelFileError(self.path, f"corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
-        self._tensors = {}
-        for t in self._reader.tensors:
-            end = int(t.data_offset) + int(t.n_bytes)
-            if end > size:
-                raise ModelFileError(self.path, f"truncated: tensor {t.name} ends at byte {end}, file has {size}")
-            self._tensors[t.name] = t
-        meta: dict[str, Any] = {}
-        for key, fld in self._reader.fields.items():
-            if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                       "tokenizer.ggml.scores"):
-                continue  # large arrays: read on demand through array()
-            try:
-                meta[key] = fld.contents()
-            except Exception:
-                continue
+        self._file = GGUFFile(self.path)
+        meta = {k: v for k, v in self._file.metadata.items() if not isinstance(v, list) or len(v) < 1024}
         self.info = StoreInfo(self.path, "gguf", meta)
 
     def array(self, key: str) -> list[Any]:
-        fld = self._reader.fields.get(key)
-        return [] if fld is None else list(fld.contents())
+        """A metadata array, including the large ones left out of ``info.metadata``."""
+        return list(self._file.metadata.get(key) or [])
 
     def names(self) -> list[str]:
-        return list(self._tensors)
+        return list(self._file.tensors)
 
     def _tensor(self, name: str) -> Any:
-        t = self._tensors.get(name)
+        t = self._file.tensors.get(name)
         if t is None:
             raise ModelFileError(self.path, f"missing tensor {name!r}")
         return t
 
     def qtype(self, name: str) -> str:
-        return self._tensor(name).tensor_type.name
+        return str(self._tensor(name).type_name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in reversed(self._tensor(name).shape))
+        return tuple(self._tensor(name).shape)
 
     def get(self, name: str) -> torch.Tensor:
         import gguf
 
         t = self._tensor(name)
-        q = t.tensor_type.name
+        q = t.type_name
         if q not in SUPPORTED_GGUF_TYPES:
             raise UnsupportedModel(self.path, f"tensor {name} has quant type {q}")
-        if q == "F32":
-            arr = np.asarray(t.data)
-        elif q == "F16":
-            arr = np.asarray(t.data).astype(np.float32)
+        data = self._file.data(name)
+        if q in ("F32", "F16"):
+            arr = data.astype(np.float32)
         else:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        shape = self.shape(name)
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
+            arr = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[q])
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(t.shape)
 
     def raw(self, name: str) -> RawTensor | None:
         t = self._tensor(name)
-        q = t.tensor_type.name
+        q = t.type_name
         if q in ("F32", "F16", "BF16"):
             return None
         if q not in SUPPORTED_GGUF_TYPES:
             raise UnsupportedModel(self.path, f"tensor {name} has quant type {q}")
-        return RawTensor(name, q, self.shape(name), np.asarray(t.data))
+        return RawTensor(name, q, tuple(t.shape), self._file.data(name))
 
 
 class SafetensorsStore:

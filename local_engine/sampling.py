@@ -1,0 +1,69 @@
+"""Next-token choice: a chain of logit transforms then greedy or a seeded draw.
+
+Order (as llama.cpp / HF): repetition penalty -> temperature -> top-k -> top-p -> draw.
+``temperature <= 0`` means greedy (argmax after the repetition penalty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.p = params
+        self.gen = torch.Generator()
+        if params.seed is not None:
+            self.gen.manual_seed(int(params.seed))
+        else:
+            self.gen.seed()
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits: [vocab] fp32 for the next position; history: prompt + generated ids."""
+        p = self.p
+        x = logits.float()
+        if p.repetition_penalty != 1.0 and history:
+            idx = torch.tensor(sorted(set(history)), dtype=torch.long)
+            v = x[idx]
+            x = x.clone()
+            x[idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if p.temperature <= 0:
+            return int(torch.argmax(x))
+        x = x / p.temperature
+        if p.top_k and p.top_k < x.shape[-1]:
+            kth = torch.topk(x, p.top_k).values[-1]
+            x = torch.where(x < kth, torch.full_like(x, float("-inf")), x)
+        if p.top_p < 1.0:
+            sorted_x, order = torch.sort(x, descending=True)
+            probs = torch.softmax(sorted_x, -1)
+            # drop tokens once the mass before them already reaches top_p (always keep the first)
+            drop = (torch.cumsum(probs, -1) - probs) >= p.top_p
+            sorted_x[drop] = float("-inf")
+            x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
+        probs = torch.softmax(x, -1)
+        return int(torch.multinomial(probs, 1, generator=self.gen))
