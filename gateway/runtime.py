@@ -70,6 +70,18 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
     )
 
 
+# Classifiers load NLP and embedding models (seconds each) and are safe to share between threads,
+# so one instance serves every runtime with the same configuration: reloads and tests stay fast.
+_CLASSIFIERS: dict[tuple[str, str], Any] = {}
+
+
+def _shared(kind: str, cfg: Any, build: Any) -> Any:
+    key = (kind, cfg.model_dump_json())
+    if key not in _CLASSIFIERS:
+        _CLASSIFIERS[key] = build(cfg)
+    return _CLASSIFIERS[key]
+
+
 @dataclass(frozen=True)
 class Runtime:
     policy: Policy
@@ -131,16 +143,8 @@ def build_runtime(
                 if name in monitor.health:
                     monitor.health[name] = h
 
-    sensitivity = (
-        previous.sensitivity
-        if previous and prev_policy and prev_policy.privacy == policy.privacy
-        else build_sensitivity_classifier(policy.privacy)
-    )
-    difficulty = (
-        previous.difficulty
-        if previous and prev_policy and prev_policy.difficulty == policy.difficulty
-        else build_difficulty_classifier(policy.difficulty)
-    )
+    sensitivity = _shared("sensitivity", policy.privacy, build_sensitivity_classifier)
+    difficulty = _shared("difficulty", policy.difficulty, build_difficulty_classifier)
     vaults = previous.vaults if previous else VaultStore(ttl_s=_vault_ttl(policy))
     return Runtime(
         policy=policy,

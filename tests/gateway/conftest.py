@@ -37,6 +37,7 @@ limits:
   max_body_bytes: 20000
   request_timeout_s: 8
   body_read_timeout_s: 1
+  classify_budget_ms: 5000
 defaults:
   fallback: [local]
 rules:
@@ -53,7 +54,7 @@ rules:
     when: {{ has_tools: true }}
     route: cloud
   - name: long-cloud
-    when: {{ prompt_tokens: {{ gt: 1000 }} }}
+    when: {{ prompt_tokens: {{ gt: 200 }} }}
     route: cloud
     fallback: []
   - name: default
