@@ -197,7 +197,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     from local_engine.models.moe import MoEModel
 
     torch.set_num_threads(a.threads)
-    model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=8, direct=True,
+    model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
                           verify=a.verify)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     t0 = time.perf_counter()
@@ -284,7 +284,8 @@ def main() -> None:
     ap.add_argument("--verify", default="first")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--readers", type=int, default=8, help="parallel expert reads (reader threads)")
     ap.add_argument("--peer-tokens", type=int, default=3)
     ap.add_argument("--peer-timeout", type=float, default=420)
     ap.add_argument("--skip-peer", action="store_true")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,7 @@ class ExpertCache:
     budget_bytes: int
     policy: str = "lru"
     stats: CacheStats = field(default_factory=CacheStats)
+    on_evict: Callable[[Key, Any], None] | None = None  # e.g. return the buffer to a pool
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
@@ -177,10 +178,12 @@ class ExpertCache:
         return True
 
     def _evict(self, key: Key) -> None:
-        _, n = self._items.pop(key)
+        value, n = self._items.pop(key)
         self._pol.remove(key)
         self.used_bytes -= n
         self.stats.evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(key, value)
 
     def clear(self) -> None:
         for k in list(self._items):

@@ -10,6 +10,10 @@ with ``O_DIRECT`` so the page cache neither helps nor hides anything.
 Memory: the cache holds at most ``budget_bytes`` of bundles; in addition at most
 ``max_inflight`` bundles are in flight or awaiting compute (the working set, reported as
 ``working_set_bytes``), so peak RSS ~ resident + budget + working set + runtime.
+
+Buffers are recycled through a free list (evicted or never-admitted bundles), so a miss costs
+one read and no page faults. Contract: a yielded buffer is valid until the consumer asks for
+the next one (the model computes an expert fully before moving on).
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ class ExpertStore:
                 f"memory budget {budget_bytes} B is below one layer's active experts "
                 f"({min_resident_experts} x {self.stride} B = {need} B); use 0 to stream every "
                 f"expert, or a budget >= {need} B")
-        self.cache = ExpertCache(budget_bytes, policy)
+        self.cache = ExpertCache(budget_bytes, policy, on_evict=lambda _k, buf: self._release(buf))
+        self._free: deque[mmap.mmap] = deque()  # append/pop are atomic: safe across reader threads
         self.verify = verify
         self._verified = bytearray(len(manifest.raw["experts"]["crc32"]))
         self.path = manifest.root / EXPERTS_FILE
@@ -97,6 +102,17 @@ class ExpertStore:
         self._busy_since = 0.0
         self._t0 = time.perf_counter()
 
+    # ------------------------------------------------------------------ buffers
+    def _alloc(self) -> mmap.mmap:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return mmap.mmap(-1, self.stride)  # page-aligned: a valid O_DIRECT target
+
+    def _release(self, buf: mmap.mmap) -> None:
+        if len(self._free) < self.max_inflight:
+            self._free.append(buf)
+
     # ------------------------------------------------------------------ reads
     def _read(self, layer: int, expert: int) -> mmap.mmap:
         off = self.m.expert_offset(layer, expert)
@@ -105,7 +121,7 @@ class ExpertStore:
                 self._busy_since = time.perf_counter()
             self._inflight += 1
         try:
-            buf = mmap.mmap(-1, self.stride)  # page-aligned: valid O_DIRECT target
+            buf = self._alloc()
             view = memoryview(buf)
             got = 0
             while got < self.stride:
@@ -161,9 +177,11 @@ class ExpertStore:
             for f in done:
                 e = pending.pop(f)
                 buf = f.result()
-                self.cache.insert((layer, e), buf, self.stride, pinned=keys)
+                cached = self.cache.insert((layer, e), buf, self.stride, pinned=keys)
                 fill()
                 yield e, buf
+                if not cached:  # the consumer is done with it (see contract above)
+                    self._release(buf)
 
     # ------------------------------------------------------------------ helpers
     def weights(self, buf: Any) -> tuple[torch.Tensor, torch.Tensor]:
