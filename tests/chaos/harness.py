@@ -1,0 +1,211 @@
+"""Shared pieces of the chaos and soak runs: the policy, a traffic driver, and an outcome tally.
+
+The driver speaks raw HTTP (httpx) and parses the SSE itself, so it sees exactly what a client
+sees: status, routing headers, how far a stream got, and whether it ended with `[DONE]`, with an
+error event, or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+
+from tests.support.upstream import FakeUpstream
+
+# Small timeouts so every fault resolves in about a second; hysteresis as shipped (3 down, 2 up).
+# Classification is switched off (heuristic difficulty, no presidio): this suite is about transport.
+CHAOS_POLICY = """
+version: 1
+targets:
+  cloud:
+    kind: cloud
+    model: openai/cloud-model
+    api_base: {cloud}
+    api_key: sk-test-cloud
+    timeout_s: 1
+    retries: 1
+    max_retry_after_s: 0.5
+  local:
+    kind: local
+    model: openai/local-model
+    api_base: {local}
+    timeout_s: 3
+connectivity:
+  probe_interval_s: {probe}
+  probe_timeout_s: 0.3
+  failures_to_offline: 3
+  successes_to_online: 2
+limits:
+  request_timeout_s: {deadline}
+  body_read_timeout_s: 2
+  classify_budget_ms: 200
+privacy:
+  enabled: false
+difficulty:
+  method: heuristic
+defaults:
+  fallback: [local]
+rules:
+  - name: offline
+    when: {{ connectivity: offline }}
+    route: local
+  - name: default
+    route: cloud
+"""
+
+PROBE_INTERVAL_S = 0.3
+DEADLINE_S = 4.0
+
+
+def write_chaos_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream) -> Path:
+    path.write_text(textwrap.dedent(CHAOS_POLICY).format(
+        cloud=cloud.base_url, local=local.base_url, probe=PROBE_INTERVAL_S, deadline=DEADLINE_S))
+    return path
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@dataclass
+class Result:
+    stream: bool
+    status: int
+    route: str | None
+    fallback: str | None
+    rule: str | None
+    seconds: float
+    phase_start: str
+    phase_end: str
+    tokens: int = 0
+    ended: str = "ok"  # ok | error_event | status | exception | no_done
+    detail: str = ""
+
+    @property
+    def outcome(self) -> str:
+        if self.ended == "error_event":
+            return "midstream_error"
+        if self.ended != "ok":
+            return "failed"
+        if self.route == "cloud":
+            return "primary"
+        if self.fallback:
+            return "fallback"
+        return "offline_rule"  # already known offline: routed to local directly, no fallback needed
+
+
+def _stream(client: httpx.Client, body: dict) -> tuple[int, dict, int, str, str]:
+    tokens = 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            resp.read()
+            return resp.status_code, dict(resp.headers), 0, "status", resp.text[:200]
+        for line in resp.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return 200, dict(resp.headers), tokens, "ok", ""
+            chunk = orjson.loads(data)
+            if "error" in chunk:
+                return 200, dict(resp.headers), tokens, "error_event", chunk["error"].get("message", "")
+            for choice in chunk.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    tokens += 1
+        return 200, dict(resp.headers), tokens, "no_done", "stream closed without [DONE]"
+
+
+def one_request(client: httpx.Client, i: int, stream: bool, phase: Callable[[], str]) -> Result:
+    body = {"model": "auto", "stream": stream,
+            "messages": [{"role": "user", "content": f"request {i}: tell me a short story please"}]}
+    start_phase = phase()
+    t0 = time.monotonic()
+    try:
+        if stream:
+            status, headers, tokens, ended, detail = _stream(client, body)
+        else:
+            resp = client.post("/v1/chat/completions", json=body)
+            status, headers, tokens = resp.status_code, dict(resp.headers), 0
+            ended, detail = ("ok", "") if status == 200 else ("status", resp.text[:200])
+            if status == 200 and not resp.json()["choices"][0]["message"]["content"]:
+                ended, detail = "status", "empty answer"
+    except httpx.HTTPError as exc:
+        status, headers, tokens, ended, detail = 0, {}, 0, "exception", repr(exc)
+    return Result(stream=stream, status=status, route=headers.get("x-hybrid-route"),
+                  fallback=headers.get("x-hybrid-fallback"), rule=headers.get("x-hybrid-rule"),
+                  seconds=time.monotonic() - t0, phase_start=start_phase, phase_end=phase(), tokens=tokens,
+                  ended=ended, detail=detail)
+
+
+@dataclass
+class Driver:
+    """A few client threads sending a bounded, alternating mix of streamed and plain requests."""
+
+    base_url: str
+    threads: int = 4
+    pause_s: float = 0.02
+    phase: Callable[[], str] = lambda: "-"
+    results: list[Result] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _counter: int = 0
+    _workers: list[threading.Thread] = field(default_factory=list)
+
+    def _next(self) -> int:
+        with self._lock:
+            self._counter += 1
+            return self._counter
+
+    def _work(self, limit: int | None) -> None:
+        # Client timeout well past the gateway's deadline: if the gateway hangs, we see it as slow.
+        with httpx.Client(base_url=self.base_url, timeout=DEADLINE_S * 3, trust_env=False) as client:
+            while not self._stop.is_set():
+                i = self._next()
+                if limit is not None and i > limit:
+                    return
+                r = one_request(client, i, stream=bool(i % 2), phase=self.phase)
+                with self._lock:
+                    self.results.append(r)
+                time.sleep(self.pause_s)
+
+    def start(self, limit: int | None = None) -> None:
+        for n in range(self.threads):
+            t = threading.Thread(target=self._work, args=(limit,), daemon=True, name=f"chaos-client-{n}")
+            t.start()
+            self._workers.append(t)
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        for t in self._workers:
+            t.join(timeout)
+        assert not any(t.is_alive() for t in self._workers), "a client thread is stuck (hung connection)"
+
+    def tally(self) -> Counter[str]:
+        with self._lock:
+            return Counter(r.outcome for r in self.results)
+
+
+class Transitions:
+    """Records every connectivity change the monitor reports, with a timestamp."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, str]] = []
+
+    def wrap(self, inner: Callable[[str, str], None] | None) -> Callable[[str, str], None]:
+        def on_change(target: str, state: str) -> None:
+            self.events.append((time.monotonic(), target, state))
+            if inner:
+                inner(target, state)
+        return on_change
+
+    def between(self, t0: float, t1: float, target: str = "cloud") -> list[tuple[float, str]]:
+        return [(t, s) for t, tgt, s in self.events if tgt == target and t0 <= t <= t1]
