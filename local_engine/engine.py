@@ -306,3 +306,6 @@ def _load_hf(path: Path, **opts: Any) -> Engine:
 
 register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf, first=False)
 register_loader("gguf", lambda p: p.is_file(), _load_gguf, first=False)
+
+# Packed MoE directories (manifest.json): importing the module registers its loader first in LOADERS.
+import local_engine.models.moe  # noqa: E402, F401

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.bin"
 EXPERTS_FILE = "experts.bin"
 QUANT_METHODS = ("none", "int8", "int4")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
 
 # safetensors dtype names <-> torch
 _DTYPES: dict[str, torch.dtype] = {
@@ -480,6 +483,9 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
             "crc32": crcs,
         },
     }
+    for name in TOKENIZER_FILES:  # small: lets Engine.open(dst) tokenise and chat
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, dst / MANIFEST)  # the manifest appears only once the data is complete

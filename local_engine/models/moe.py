@@ -101,6 +101,7 @@ class RunStats:
     decode_io_wait_s: float = 0.0
     decode_hits: int = 0
     decode_misses: int = 0
+    tokens_processed: int = 0  # every token through forward(), whoever drives it (Engine or us)
 
 
 class MoEModel:
@@ -138,6 +139,7 @@ class MoEModel:
                 raise PackError(f"{manifest.root}: lm_head.weight missing and embeddings are not tied")
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.run = RunStats()
+        self.max_seq = 4096
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -207,8 +209,8 @@ class MoEModel:
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """ids [T] -> logits [T, vocab]; appends to ``cache``."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """ids [T] -> logits [T, vocab] (or [1, vocab] with ``last_only``); appends to ``cache``."""
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
@@ -217,6 +219,9 @@ class MoEModel:
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
             x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
         cache.advance(ids.shape[0])
+        self.run.tokens_processed += ids.shape[0]
+        if last_only:
+            x = x[-1:]
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)
         return F.linear(x, self.w["lm_head.weight"])
 
@@ -224,8 +229,17 @@ class MoEModel:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         return self.forward(ids, self.new_cache(ids.shape[0]))
 
-    def new_cache(self, max_seq: int) -> KVCache:
-        return KVCache(self.n_layers, self.nkv, self.hd, max_seq)
+    def new_cache(self, max_seq: int | None = None) -> KVCache:
+        return KVCache(self.n_layers, self.nkv, self.hd, max_seq or self.max_seq)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``Engine.info()``."""
+        return {"arch": self.arch, "format": "flash-moe-pack", "quant": self.m.quant,
+                "layers": self.n_layers, "moe_layers": len(self.moe_layers), "experts": self.m.num_experts,
+                "top_k": self.top_k, "bundle_bytes": self.m.stride, "expert_bank_bytes": self.m.expert_bank_bytes,
+                "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.cache.budget_bytes,
+                "cache_policy": self.store.cache.policy, "o_direct": self.store.direct,
+                "working_set_bytes": self.store.working_set_bytes}
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
                      stop_ids: set[int] | None = None,
@@ -265,7 +279,7 @@ class MoEModel:
         """Streaming stats for ``--stats`` / metrics: speed, I/O, cache, memory."""
         s = self.store.stats()
         r = self.run
-        toks = r.decode_tokens + r.prefill_tokens
+        toks = r.tokens_processed
         total_s = r.decode_s + r.prefill_s
         return {
             "prefill_tokens": r.prefill_tokens,
@@ -307,3 +321,46 @@ def parse_bytes(v: int | str | None) -> int:
     if unit not in _UNITS or not num:
         raise ValueError(f"cannot parse memory size {v!r} (e.g. 512MiB, 2GiB, 0)")
     return int(float(num) * _UNITS[unit])
+
+
+# --------------------------------------------------------------------------- Engine integration
+
+
+def _load_packed(path: Path, **opts: Any) -> Any:
+    """``Engine.open(packed_dir, memory_budget="2GiB", policy=..., readers=..., direct=..., verify=...)``.
+
+    Without ``memory_budget`` the env var ``LOCAL_ENGINE_MOE_BUDGET`` applies (so ``local-engine
+    generate`` can set it), else 2GiB. The tokenizer comes from the packed dir (``pack`` copies it).
+    """
+    import os
+
+    from local_engine.engine import Engine
+    from local_engine.errors import EngineError
+    from local_engine.tokenizer import from_hf_dir
+
+    budget = opts.get("memory_budget") or os.environ.get("LOCAL_ENGINE_MOE_BUDGET") or "2GiB"
+    try:
+        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", "lfu-da"),
+                              threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
+                              verify=opts.get("verify", "first"))
+    except (PackError, ValueError) as e:  # BudgetError is a ValueError
+        raise EngineError(str(e)) from None
+    if opts.get("max_seq"):
+        model.max_seq = int(opts["max_seq"])
+    try:
+        tok = from_hf_dir(path)
+    except BaseException:
+        model.close()
+        raise
+    return Engine(model, tok, source=str(path), format="flash-moe-pack", max_seq=model.max_seq,
+                  threads=opts.get("threads"))
+
+
+def _register() -> None:
+    from local_engine.engine import register_loader
+
+    register_loader("flash-moe-pack", lambda p: p.is_dir() and (p / "manifest.json").is_file(), _load_packed,
+                    first=True)
+
+
+_register()

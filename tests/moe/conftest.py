@@ -42,6 +42,15 @@ def _config(arch: str):
                                     **common)
 
 
+def _save_word_tokenizer(d: Path, vocab: int) -> None:
+    """A whitespace word-level tokenizer ("w0".."wN") so Engine.open can run the packed dir end to end."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
     import transformers
@@ -62,6 +71,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
                     p.normal_(0.0, 0.15)
         hf_dir = root / arch
         hf.save_pretrained(hf_dir)
+        _save_word_tokenizer(hf_dir, hf.config.vocab_size)
         t = Tiny(arch, hf_dir, hf)
         for q in ("none", "int8", "int4"):
             t.packed[q] = root / f"{arch}-{q}"

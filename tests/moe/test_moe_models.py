@@ -106,3 +106,28 @@ def test_quantised_packs_stay_close_to_lossless(tiny_models: dict[str, Tiny], ar
               f"max {err_max:.3f}, greedy agreement {agree:.0%}")
         assert err / scale < err_bound
         assert agree >= agree_bound
+
+
+def test_engine_open_registers_packed_dirs(tiny_models: dict[str, Tiny]) -> None:
+    """Engine.open picks the packed-MoE loader; logits, text generation and stats go through it."""
+    from local_engine.engine import Engine
+    from local_engine.formats.pack import read_manifest
+
+    t = tiny_models["qwen2_moe"]
+    stride = read_manifest(t.packed["none"]).stride
+    eng = Engine.open(t.packed["none"], memory_budget=4 * stride, policy="lru")
+    try:
+        assert eng.info()["format"] == "flash-moe-pack" and eng.info()["cache_budget_bytes"] == 4 * stride
+        diff = (eng.logits(PROMPT) - _hf_logits(t, PROMPT)).abs().max().item()
+        assert diff < TOL
+        gen = eng.generate(" ".join(f"w{i}" for i in PROMPT), max_tokens=6, temperature=0)
+        text = "".join(gen)
+        assert len(text.split()) == 6
+        s = gen.stats.as_dict()
+        assert s["store_bytes_read"] > 0 and 0.0 <= s["hit_rate"] <= 1.0 and s["peak_rss_bytes"] > 0
+        # the engine's greedy continuation is ours (and transformers') greedy continuation
+        m = eng.model
+        ours = list(m.generate_ids(PROMPT, 6))
+        assert text.split() == [f"w{i}" for i in ours]
+    finally:
+        eng.model.close()
