@@ -45,6 +45,21 @@ def status_error(target: str, status: int, retry_after: str | None, content: byt
     return BackendError(kind, message, status=status, retry_after=parse_retry_after(retry_after))
 
 
+def _caused_by_connect(exc: BaseException) -> bool:
+    """litellm wraps transport errors in status-500 exceptions; look at what it wrapped."""
+    import httpx
+    import openai
+
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, httpx.ConnectError | httpx.RemoteProtocolError | openai.APIConnectionError | ConnectionError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
 def from_litellm(target: str, exc: BaseException) -> BackendError:
     """Map a litellm / openai SDK exception by its status and class, never by its text."""
     import litellm  # imported lazily: litellm is slow to import
@@ -64,6 +79,6 @@ def from_litellm(target: str, exc: BaseException) -> BackendError:
             retry_after = headers.get("retry-after") or headers.get("Retry-After")
         except AttributeError:
             retry_after = None
-    if isinstance(exc, litellm.APIConnectionError) or status is None:
+    if isinstance(exc, litellm.APIConnectionError) or status is None or _caused_by_connect(exc):
         return BackendError("connect", f"{target}: {type(exc).__name__}")
     return status_error(target, int(status), retry_after)
