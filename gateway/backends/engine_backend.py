@@ -1,0 +1,300 @@
+"""The in-process engine as a gateway Backend (``engine: local_engine`` targets).
+
+The model is not re-entrant and generation is CPU-bound, so exactly one worker thread runs it,
+fed by a bounded queue: a full queue is answered at once with ``BackendError("overloaded", 503,
+retry_after)``, never an unbounded pile-up. The event loop only awaits results: the worker hands
+each text delta over with ``loop.call_soon_threadsafe``.
+
+Deadline (``opts.deadline``) and cancellation (the client went away: the async generator is
+closed, or the awaiting task cancelled) both reach the worker through a flag it polls between
+tokens, so it stops within one decode step. A deadline hit after some text came out ends the
+answer with ``finish_reason="length"``; with nothing produced it is a ``timeout`` error.
+
+Request fields used: messages, max_tokens / max_completion_tokens, temperature (absent -> greedy:
+a small local model answers best greedy), top_p, seed, stop, and the non-OpenAI extras top_k and
+repetition_penalty. Others (tools, response_format, n, penalties) are ignored here; the gateway
+adds the warning header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.backends.base import BackendError, CallOptions
+
+_SENTINEL = object()
+
+
+@dataclass
+class _Job:
+    messages: list[dict[str, Any]]
+    sampling: dict[str, Any]
+    deadline: float
+    emit: Callable[[tuple[str, Any]], None]  # thread-safe: puts an event on the caller's loop
+    cancel: threading.Event = field(default_factory=threading.Event)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class EngineBackend:
+    def __init__(self, name: str, model_path: str, *, threads: int | None = None, max_queue: int = 8,
+                 default_max_tokens: int = 256, **engine_opts: Any) -> None:
+        self.name = name
+        self.model_path = model_path
+        self.threads = threads
+        self.max_queue = max_queue
+        self.default_max_tokens = default_max_tokens
+        self.engine_opts = engine_opts
+        self.engine: Any = None
+        self.load_error: str | None = None
+        self._load_lock = threading.Lock()
+        self._jobs: queue.Queue[Any] = queue.Queue()
+        self._slots = threading.BoundedSemaphore(max_queue)  # queued + running jobs
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._stats: dict[str, Any] = {"requests": 0, "completed": 0, "rejected_overloaded": 0, "timeouts": 0,
+                                       "cancelled": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                       "in_flight": 0, "load_s": None, "last_prefill_tok_s": None,
+                                       "last_decode_tok_s": None, "avg_job_s": None}
+
+    # ---------------------------------------------------------------------------- lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    def load(self) -> None:
+        """Load the model now (blocking; idempotent). Raises BackendError if it cannot be loaded."""
+        with self._load_lock:
+            if self.engine is not None:
+                return
+            if self.load_error is not None:
+                raise BackendError("connect", self.load_error)
+            from local_engine.engine import Engine
+            from local_engine.errors import EngineError
+
+            t0 = time.monotonic()
+            opts = dict(self.engine_opts)
+            if self.threads:
+                opts["threads"] = self.threads
+            try:
+                self.engine = Engine.open(self.model_path, **opts)
+            except (EngineError, OSError, ValueError) as e:
+                self.load_error = f"{self.name}: cannot load model: {e}"
+                raise BackendError("connect", self.load_error) from None
+            self._stats["load_s"] = round(time.monotonic() - t0, 2)
+
+    def start_loading(self) -> None:
+        """Load in the worker thread without blocking (``ready`` turns true when done)."""
+        self._ensure_worker()
+        self._jobs.put(None)  # a None job just triggers the lazy load
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+            self._worker.start()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._worker is not None and self._worker.is_alive():
+            self._jobs.put(_SENTINEL)
+            await asyncio.to_thread(self._worker.join, 5.0)
+
+    def stats(self) -> dict[str, Any]:
+        s = dict(self._stats)
+        s["queued"] = self._jobs.qsize()
+        s["ready"] = self.ready
+        s["max_queue"] = self.max_queue
+        if self.load_error:
+            s["load_error"] = self.load_error
+        return s
+
+    # ---------------------------------------------------------------------------- worker
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _SENTINEL:
+                return
+            if job is None:
+                try:
+                    self.load()
+                except BackendError:
+                    pass
+                continue
+            self._stats["in_flight"] = 1
+            t0 = time.monotonic()
+            try:
+                self._serve(job)
+            finally:
+                self._stats["in_flight"] = 0
+                self._slots.release()
+                dt = time.monotonic() - t0
+                avg = self._stats["avg_job_s"]
+                self._stats["avg_job_s"] = round(dt if avg is None else 0.8 * avg + 0.2 * dt, 3)
+
+    def _serve(self, job: _Job) -> None:
+        if job.cancel.is_set():
+            job.emit(("end", None))
+            return
+        if time.monotonic() >= job.deadline:
+            self._stats["timeouts"] += 1
+            job.emit(("error", BackendError("timeout", f"{self.name}: deadline passed while queued")))
+            return
+        try:
+            self.load()
+        except BackendError as e:
+            self._stats["errors"] += 1
+            job.emit(("error", e))
+            return
+        from local_engine.errors import EngineError
+
+        def should_stop() -> bool:
+            return job.cancel.is_set() or time.monotonic() >= job.deadline
+
+        try:
+            gen = self.engine.chat(job.messages, should_stop=should_stop, **job.sampling)
+            for delta in gen:
+                job.emit(("delta", delta))
+        except EngineError as e:
+            self._stats["errors"] += 1
+            job.emit(("error", BackendError("invalid", f"{self.name}: {e}")))
+            return
+        except Exception as e:  # a bug in the engine must not kill the worker thread
+            self._stats["errors"] += 1
+            job.emit(("error", BackendError("protocol", f"{self.name}: engine failed: {type(e).__name__}: {e}")))
+            return
+        st = gen.stats
+        self._stats["completed"] += 1
+        self._stats["prompt_tokens"] += st.prompt_tokens
+        self._stats["completion_tokens"] += st.completion_tokens
+        if st.prefill_tok_s:
+            self._stats["last_prefill_tok_s"] = round(st.prefill_tok_s, 1)
+        if st.decode_tok_s:
+            self._stats["last_decode_tok_s"] = round(st.decode_tok_s, 1)
+        reason = gen.finish_reason
+        if reason == "cancelled":
+            if job.cancel.is_set():
+                self._stats["cancelled"] += 1
+            else:  # the deadline stopped it
+                self._stats["timeouts"] += 1
+                if not gen.text:
+                    job.emit(("error", BackendError("timeout", f"{self.name}: no output before the deadline")))
+                    return
+            reason = "length"
+        job.emit(("end", {"finish_reason": reason, "usage": gen.usage}))
+
+    # ---------------------------------------------------------------------------- requests
+    def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:
+        mt = body.get("max_completion_tokens") or body.get("max_tokens") or self.default_max_tokens
+        s: dict[str, Any] = {"max_tokens": int(mt), "temperature": float(body.get("temperature") or 0.0)}
+        for key in ("top_p", "seed", "top_k", "repetition_penalty"):
+            if body.get(key) is not None:
+                s[key] = body[key]
+        stop = body.get("stop")
+        if stop:
+            s["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        return s
+
+    def _submit(self, body: dict[str, Any], opts: CallOptions) -> tuple[_Job, asyncio.Queue[tuple[str, Any]]]:
+        if self._closed:
+            raise BackendError("connect", f"{self.name}: backend closed")
+        if self.load_error is not None:
+            raise BackendError("connect", self.load_error)
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BackendError("invalid", f"{self.name}: request has no messages")
+        self._stats["requests"] += 1
+        if not self._slots.acquire(blocking=False):
+            self._stats["rejected_overloaded"] += 1
+            avg = self._stats["avg_job_s"] or 5.0
+            raise BackendError("overloaded", f"{self.name}: local engine queue is full ({self.max_queue})",
+                               status=503, retry_after=max(1.0, round(avg * self.max_queue / 2, 1)))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        def emit(ev: tuple[str, Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the caller's loop is gone: nobody is listening
+                job.cancel.set()
+
+        job = _Job(msgs, self._sampling(body), opts.deadline, emit)
+        self._ensure_worker()
+        self._jobs.put(job)
+        return job, events
+
+    async def _next(self, job: _Job, events: asyncio.Queue[tuple[str, Any]]) -> tuple[str, Any]:
+        # the worker polls the deadline between tokens; this extra margin covers a stuck prefill
+        remaining = job.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(events.get(), timeout=max(remaining, 0) + 30.0)
+        except TimeoutError:
+            job.cancel.set()
+            raise BackendError("timeout", f"{self.name}: engine did not answer before the deadline") from None
+
+    def _ids_now(self) -> tuple[str, int]:
+        return f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def _model(self, body: dict[str, Any]) -> str:
+        return str(body.get("model") or self.name)
+
+    async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        job, events = self._submit(body, opts)
+        parts: list[str] = []
+        try:
+            while True:
+                kind, val = await self._next(job, events)
+                if kind == "delta":
+                    parts.append(val)
+                elif kind == "error":
+                    raise val
+                else:
+                    break
+        finally:
+            job.cancel.set()  # no-op when finished; stops the worker if we were cancelled
+        cid, created = self._ids_now()
+        end = val or {"finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0,
+                                                           "total_tokens": 0}}
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": self._model(body),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                         "finish_reason": end["finish_reason"], "logprobs": None}],
+            "usage": end["usage"],
+        }
+
+    async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
+        job, events = self._submit(body, opts)
+        cid, created = self._ids_now()
+        model = self._model(body)
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+        try:
+            first = True
+            while True:
+                kind, val = await self._next(job, events)
+                if kind == "error":
+                    raise val
+                if first:
+                    yield chunk({"role": "assistant", "content": ""})
+                    first = False
+                if kind == "delta":
+                    yield chunk({"content": val})
+                    continue
+                if val is None:  # cancelled before it started
+                    return
+                yield chunk({}, val["finish_reason"])
+                yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [], "usage": val["usage"]}
+                return
+        finally:
+            job.cancel.set()  # client disconnect (aclose/cancel) lands here: the worker stops soon

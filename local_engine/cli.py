@@ -1,0 +1,101 @@
+"""``local-engine`` command line: ``info MODEL`` and ``generate MODEL``.
+
+MODEL is a GGUF file, an HF model directory, or ``builtin:smollm2-135m``. Other modules add
+commands to the ``main`` group (``main.add_command(...)``). Bad input exits 2 with one line on
+stderr naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from local_engine.errors import EngineError
+
+
+def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EngineError as e:
+            click.echo(f"local-engine: error: {e}", err=True)
+            sys.exit(2)
+        except (OSError, ValueError) as e:  # anything a loader failed to translate: still one line
+            click.echo(f"local-engine: error: {type(e).__name__}: {e}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """Run GGUF / Hugging Face models on the CPU."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("--weights", default="auto", show_default=True, help="auto | f32 | bf16 | int8")
+@_clean_errors
+def info(model: str, weights: str) -> None:
+    """Print what MODEL is (architecture, sizes, weight representation) as JSON."""
+    from local_engine.engine import Engine
+
+    eng = Engine.open(model, weights=weights)
+    click.echo(json.dumps(eng.info(), indent=2, default=str))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", help="raw text prompt (no chat template)")
+@click.option("--chat", "chat_text", help="a user message, wrapped in the model's chat template")
+@click.option("--system", help="optional system message for --chat")
+@click.option("--max-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--top-k", default=0, type=int)
+@click.option("--top-p", default=1.0, type=float)
+@click.option("--repetition-penalty", default=1.0, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--stop", multiple=True, help="stop string (repeatable)")
+@click.option("--threads", default=None, type=int, help="CPU threads (default: torch's)")
+@click.option("--weights", default="auto", show_default=True, help="auto | f32 | bf16 | int8")
+@click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
+@_clean_errors
+def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
+             temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
+             stop: tuple[str, ...], threads: int | None, weights: str, stats: bool) -> None:
+    """Generate text from MODEL, streamed to stdout."""
+    if (prompt is None) == (chat_text is None):
+        raise click.UsageError("give exactly one of --prompt or --chat")
+    from local_engine.engine import Engine
+
+    eng = Engine.open(model, threads=threads, weights=weights)
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+    if chat_text is not None:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat_text}]
+        gen = eng.chat(msgs, **sampling)
+    else:
+        gen = eng.generate(prompt or "", **sampling)
+    for delta in gen:
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if stats:
+        s = gen.stats
+        click.echo(f"prompt {s.prompt_tokens} tok, prefill {s.prefill_tok_s:.1f} tok/s | "
+                   f"completion {s.completion_tokens} tok, decode {s.decode_tok_s:.1f} tok/s | "
+                   f"peak RSS {s.peak_rss_mb:.0f} MB | finish {gen.finish_reason}", err=True)
+        extra = {k: v for k, v in s.as_dict().items() if k not in (
+            "prompt_tokens", "completion_tokens", "prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s",
+            "peak_rss_mb")}
+        if extra:
+            click.echo(json.dumps(extra, default=str), err=True)
+
+
+if __name__ == "__main__":
+    main()
