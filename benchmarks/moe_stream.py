@@ -200,8 +200,20 @@ def worker_ours(a: argparse.Namespace) -> None:
     model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
                           verify=a.verify)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
+
+    def run_once() -> list[int]:
+        # seeded sampling (T=1): greedy on a random model falls into short loops that reuse the
+        # same experts, which would flatter the cache; sampling keeps routing near-uniform
+        g = torch.Generator().manual_seed(1)
+        pick = lambda lg: int(torch.multinomial(torch.softmax(lg, -1), 1, generator=g))  # noqa: E731
+        return list(model.generate_ids(prompt, a.tokens, sample=pick))
+
     t0 = time.perf_counter()
-    toks = list(model.generate_ids(prompt, a.tokens))
+    toks = run_once()
+    if a.hot:  # compute-only: same tokens again, every expert already in RAM
+        model.reset_stats()
+        t0 = time.perf_counter()
+        assert run_once() == toks
     wall = time.perf_counter() - t0
     s = model.stats()
     s["trace"] = [[layer, list(es)] for layer, es in model.store.io.trace]
@@ -269,6 +281,7 @@ def replay_all(trace: list[tuple[int, tuple[int, ...]]], capacity: int) -> dict[
     steps = [[(layer, e) for e in es] for layer, es in trace]
     return {"lru": replay(steps, capacity, "lru").hit_rate,
             "lfu-da": replay(steps, capacity, "lfu-da").hit_rate,
+            "tinylfu": replay(steps, capacity, "tinylfu").hit_rate,
             "belady": belady_hits(steps, capacity).hit_rate}
 
 
@@ -278,9 +291,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["ours", "peer"])
     ap.add_argument("--cgroup")
+    ap.add_argument("--hot", action="store_true", help="worker: second pass with all experts cached")
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--max-memory", type=int, default=0)
-    ap.add_argument("--policy", default="lfu-da")
+    ap.add_argument("--policy", default="tinylfu")
     ap.add_argument("--verify", default="first")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompt", type=int, default=8)
@@ -313,9 +327,7 @@ def main() -> None:
           f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}")
 
     evict(PACKED)
-    ceiling = measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=4.0)
-    print(f"# storage ceiling (8 parallel O_DIRECT reads of {stride / 2**20:.2f} MiB at random offsets): "
-          f"{ceiling / 1e9:.2f} GB/s")
+    ceil_runs = [measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0) for _ in range(3)]
 
     rows = []
     for frac in [float(x) for x in a.fractions.split(",")]:
@@ -334,6 +346,16 @@ def main() -> None:
         rows.append(r)
         print(f"  ran budget {frac:.0%}: {json.dumps({k: v for k, v in r.items() if k not in ('trace', 'tokens')})[:300]}",
               file=sys.stderr, flush=True)
+
+    hot = run_in_cgroup(["--worker", "ours", "--hot", "--budget", str(bank), "--tokens", str(a.tokens),
+                         "--prompt", str(a.prompt), "--threads", str(a.threads)], 64 * GiB, "hot", timeout=900)
+    compute_tps = hot.get("decode_tok_s", float("nan"))
+    ceil_runs += [measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0) for _ in range(2)]
+    ceiling = max(ceil_runs)
+    print(f"# storage ceiling (8 parallel O_DIRECT reads of {stride / 2**20:.2f} MiB at random offsets, best of "
+          f"{len(ceil_runs)} x 2 s, before and after the runs): {ceiling / 1e9:.2f} GB/s "
+          f"(all: {', '.join(f'{c / 1e9:.2f}' for c in ceil_runs)})")
+    print(f"# compute-only decode (same tokens, every expert already in RAM): {compute_tps:.2f} tok/s")
 
     peer = None
     if not a.skip_peer:
@@ -354,8 +376,8 @@ def main() -> None:
     print(f"policy {a.policy}, checksums verified on first read ({a.verify}); limit = memory cgroup v1 "
           f"(page cache counted) = resident + budget + 1 GiB")
     hdr = ("| budget (% bank) | cgroup limit | tok/s | MB read/token | miss-read GB/s | / ceiling "
-           "| I/O bound tok/s | tok/s / bound | hit rate decode | hit rate all | LRU replay all "
-           "| Belady all | ours / Belady "
+           "| I/O bound tok/s | tok/s / I/O bound | tok/s / max(I/O, compute) bound | hit rate decode | hit rate all "
+           "| LRU replay | LFU-DA replay | Belady | ours / Belady "
            "| I/O wait | peak RSS |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -366,12 +388,15 @@ def main() -> None:
         bpt = r["decode_bytes_read_per_token"]
         bw = r["decode_read_bandwidth_Bps"]
         bound = ceiling / bpt if bpt else float("inf")
+        both = 1.0 / max(bpt / ceiling, 1.0 / compute_tps)
         tps = r["decode_tok_s"]
         rep = r["replay_all"]
         decode_s = r["decode_tokens"] / tps if tps else float("nan")
         print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB | {tps:.2f} "
               f"| {bpt / 1e6:.0f} | {bw / 1e9:.2f} | {bw / ceiling:.2f} | {bound:.2f} | {tps / bound:.2f} "
-              f"| {r['decode_hit_rate']:.3f} | {r['hit_rate']:.3f} | {rep['lru']:.3f} | {rep['belady']:.3f} "
+              f"| {tps / both:.2f} "
+              f"| {r['decode_hit_rate']:.3f} | {r['hit_rate']:.3f} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} "
+              f"| {rep['belady']:.3f} "
               f"| {r['hit_rate'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {r['decode_io_wait_s'] / decode_s:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
     print("tok/s, MB/token, bandwidth, bound, I/O wait: decode only (the prompt's batched prefill is "
@@ -399,12 +424,13 @@ def main() -> None:
     print("## Cache policy on a synthetic SKEWED trace (Zipf s=1.1 popularity per layer, 30% token-to-token "
           "reuse), replay only, no I/O")
     tr = skewed_trace(400, L, E, k, s=1.1, reuse=0.3)
-    print("| budget (% bank) | LRU | LFU-DA | Belady | LFU-DA / Belady |")
-    print("|---|---|---|---|---|")
+    print("| budget (% bank) | LRU | LFU-DA | TinyLFU | Belady | best online / Belady |")
+    print("|---|---|---|---|---|---|")
     for frac in (0.05, 0.15, 0.24, 0.5):
         rep = replay_all(tr, int(L * E * frac))
-        print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['belady']:.3f} "
-              f"| {rep['lfu-da'] / rep['belady']:.2f} |")
+        best = max(rep["lru"], rep["lfu-da"], rep["tinylfu"])
+        print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['tinylfu']:.3f} | {rep['belady']:.3f} "
+              f"| {best / rep['belady']:.2f} |")
 
 
 if __name__ == "__main__":

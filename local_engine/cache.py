@@ -8,10 +8,12 @@ Policies
 - ``lfu-da``: LFU with dynamic aging (Arlitt et al. 2000). Priority = L + hits; evicting
   sets L to the victim's priority, so stale-but-once-hot experts age out. MoE routers have
   persistent per-expert popularity that LRU forgets each time a layer's working set rolls
-  over; LFU-DA keeps the popular ones. Both are O(log n) per operation via a lazy heap.
-
-``belady_hits`` replays a recorded access trace with the clairvoyant optimal policy (evict the
-key used farthest in the future): the upper bound any online policy can reach on that trace.
+  over; LFU-DA keeps the popular ones. O(log n) per operation via a lazy heap.
+- ``tinylfu``: LRU order plus frequency *admission* (Einziger et al., TinyLFU): a missed
+  expert only displaces the LRU victim if it has been requested more often (counts include
+  misses and are halved every ``10 x capacity`` accesses so popularity can drift). When the
+  cache holds less than one sweep of all layers (small budgets), admit-everything policies
+  thrash to ~0 hits; admission keeps a stable popular set, which is what Belady does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Key = Hashable
-POLICIES = ("lru", "lfu-da")
+POLICIES = ("lru", "lfu-da", "tinylfu")
 
 
 @dataclass
@@ -46,6 +48,12 @@ class CacheStats:
 
 
 class _Policy:
+    def access(self, key: Key) -> None:
+        """Every request (hit or miss), before touch/insert."""
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return True
+
     def touch(self, key: Key) -> None: ...
     def insert(self, key: Key) -> None: ...
     def remove(self, key: Key) -> None: ...
@@ -117,9 +125,29 @@ class _LFUDA(_Policy):
         return found
 
 
+class _TinyLFU(_LRU):
+    def __init__(self) -> None:
+        super().__init__()
+        self._count: dict[Key, int] = {}
+        self._n = 0
+        self.sample = 1000  # reset by the cache to 10 x its capacity in items
+
+    def access(self, key: Key) -> None:
+        self._count[key] = self._count.get(key, 0) + 1
+        self._n += 1
+        if self._n >= self.sample:  # aging: halve every count
+            self._n = 0
+            self._count = {k: c // 2 for k, c in self._count.items() if c > 1}
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self._count.get(key, 0) > self._count.get(victim, 0)
+
+
 def make_policy(name: str) -> _Policy:
     if name == "lru":
         return _LRU()
+    if name == "tinylfu":
+        return _TinyLFU()
     if name == "lfu-da":
         return _LFUDA()
     raise ValueError(f"unknown cache policy {name!r} (choose from {', '.join(POLICIES)})")
@@ -134,12 +162,17 @@ class ExpertCache:
     stats: CacheStats = field(default_factory=CacheStats)
     on_evict: Callable[[Key, Any], None] | None = None  # e.g. return the buffer to a pool
 
+    item_bytes: int = 1  # typical item size: sets TinyLFU's aging window (10 x capacity in items)
+
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise ValueError("cache budget must be >= 0")
         self._pol = make_policy(self.policy)
+        if isinstance(self._pol, _TinyLFU):
+            self._pol.sample = max(10 * (self.budget_bytes // max(self.item_bytes, 1)), 100)
         self._items: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
+
 
     def __contains__(self, key: Key) -> bool:
         return key in self._items
@@ -149,6 +182,7 @@ class ExpertCache:
 
     def lookup(self, key: Key) -> Any | None:
         """Return the cached buffer (a hit, counted) or None (a miss, counted)."""
+        self._pol.access(key)
         item = self._items.get(key)
         if item is None:
             self.stats.misses += 1
@@ -165,6 +199,11 @@ class ExpertCache:
             self.stats.rejected += 1
             return False
         pin = set(pinned)
+        if self.used_bytes + nbytes > self.budget_bytes:
+            v = self._pol.victim(pin)
+            if v is None or not self._pol.admit(key, v):
+                self.stats.rejected += 1
+                return False
         while self.used_bytes + nbytes > self.budget_bytes:
             v = self._pol.victim(pin)
             if v is None:

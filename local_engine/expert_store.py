@@ -64,7 +64,7 @@ def peak_rss_bytes() -> int:
 
 
 class ExpertStore:
-    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = "lfu-da", threads: int = 8,
+    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = "tinylfu", threads: int = 8,
                  direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
                  max_inflight: int | None = None, record_trace: bool = True) -> None:
         if verify not in VERIFY_MODES:
@@ -77,7 +77,8 @@ class ExpertStore:
                 f"memory budget {budget_bytes} B is below one layer's active experts "
                 f"({min_resident_experts} x {self.stride} B = {need} B); use 0 to stream every "
                 f"expert, or a budget >= {need} B")
-        self.cache = ExpertCache(budget_bytes, policy, on_evict=lambda _k, buf: self._release(buf))
+        self.cache = ExpertCache(budget_bytes, policy, on_evict=lambda _k, buf: self._release(buf),
+                                 item_bytes=self.stride)
         self._free: deque[mmap.mmap] = deque()  # append/pop are atomic: safe across reader threads
         self.verify = verify
         self._verified = bytearray(len(manifest.raw["experts"]["crc32"]))

@@ -38,7 +38,7 @@ def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> 
 @click.option("--ids", required=True, help="Comma-separated prompt token ids.")
 @click.option("--max-tokens", type=int, default=16, show_default=True)
 @click.option("--memory-budget", default="0", show_default=True, help="Expert cache size, e.g. 512MiB; 0 streams all.")
-@click.option("--policy", type=click.Choice(["lru", "lfu-da"]), default="lfu-da", show_default=True)
+@click.option("--policy", type=click.Choice(["lru", "lfu-da", "tinylfu"]), default="tinylfu", show_default=True)
 @click.option("--stats", is_flag=True, help="Print streaming stats as JSON on stderr.")
 def moe_generate(packed: str, ids: str, max_tokens: int, memory_budget: str, policy: str, stats: bool) -> None:
     """Greedy decode from token ids on a packed MoE dir (no tokenizer needed)."""

@@ -143,7 +143,7 @@ class MoEModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = "lfu-da", threads: int = 8,
+    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = "tinylfu", threads: int = 8,
              direct: bool = True, verify: str = "first") -> MoEModel:
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
@@ -340,7 +340,7 @@ def _load_packed(path: Path, **opts: Any) -> Any:
 
     budget = opts.get("memory_budget") or os.environ.get("LOCAL_ENGINE_MOE_BUDGET") or "2GiB"
     try:
-        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", "lfu-da"),
+        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", "tinylfu"),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
                               verify=opts.get("verify", "first"))
     except (PackError, ValueError) as e:  # BudgetError is a ValueError

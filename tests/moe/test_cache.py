@@ -23,7 +23,7 @@ def test_byte_budget_is_never_exceeded_and_pinned_items_stay() -> None:
     assert "a" in c2 and "b" in c2 and c2.stats.rejected == 1
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu-da"])
+@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu"])
 def test_zero_budget_caches_nothing(policy: str) -> None:
     c = ExpertCache(0, policy)
     assert not c.insert("x", 1, 1)
@@ -69,3 +69,20 @@ def test_belady_bounds_online_policies_on_random_step_traces() -> None:
         opt = belady_hits(trace, cap).hits
         assert opt >= replay(trace, cap, "lru").hits
         assert opt >= replay(trace, cap, "lfu-da").hits
+        assert opt >= replay(trace, cap, "tinylfu").hits
+
+
+def test_tinylfu_keeps_hot_experts_when_the_cache_is_smaller_than_one_sweep() -> None:
+    # 4 layers cycled, each step: 2 hot experts + 2 one-off experts. Capacity 6 < one sweep (16):
+    # LRU evicts everything before its layer comes back (0 hits); admission keeps the hot ones.
+    trace = []
+    fresh = 100
+    for _ in range(50):
+        for layer in range(4):
+            trace.append([(layer, 0), (layer, 1), (layer, fresh), (layer, fresh + 1)])
+            fresh += 2
+    lru = replay(trace, 6, "lru")
+    tiny = replay(trace, 6, "tinylfu")
+    assert lru.hits == 0
+    assert tiny.hit_rate > 0.1
+    assert tiny.hits <= belady_hits(trace, 6).hits
