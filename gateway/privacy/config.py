@@ -45,6 +45,7 @@ DEFAULT_LEVELS: dict[str, str] = {
     "EMAIL_ADDRESS": "medium",
     "PHONE_NUMBER": "medium",
     "IP_ADDRESS": "medium",
+    "STREET_ADDRESS": "medium",
     # context
     "LOCATION": "low",
     "NRP": "low",

@@ -38,9 +38,11 @@ from spacy.attrs import IDX, IS_PUNCT, IS_STOP, LEMMA, LENGTH, LOWER
 
 from gateway.privacy.config import PrivacyConfig
 from gateway.privacy.recognizers import (
+    CardNumberRecognizer,
     FastPhoneRecognizer,
     OfflineEmailRecognizer,
     SecretRecognizer,
+    StreetAddressRecognizer,
     custom_recognizers,
 )
 
@@ -182,6 +184,8 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
         UrlRecognizer(),
         FastPhoneRecognizer(),
         SecretRecognizer(),
+        CardNumberRecognizer(),
+        StreetAddressRecognizer(),
         *custom_recognizers(cfg.recognizers),
     ]
     if with_ner:

@@ -125,7 +125,7 @@ def _looks_like_placeholder(value: str) -> bool:
 
 # Candidate phone numbers: an optional +country code, optional (area), then 2-4 digit groups.
 _PHONE_CANDIDATE = re.compile(
-    r"(?<![\w+/.-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,5}){1,4}(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w/-])"
+    r"(?<![\w+/.-])(?:\+\d{1,3}[ \t.-]?)?(?:\(\d{1,5}\)[ \t.-]?)?\d{1,4}(?:[ \t.-]?\d{2,5}){1,4}(?:[ \t]?(?:x|ext\.?)[ \t]?\d{1,5})?(?![\w/]|[-.]\d)"
 )
 _SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
 _DATE_SHAPE = re.compile(r"^\d{1,4}[-./]\d{1,2}[-./]\d{1,4}$")
@@ -141,6 +141,8 @@ class FastPhoneRecognizer(LocalRecognizer):
 
     CONTEXT = ["phone", "number", "telephone", "tel", "cell", "cellphone", "mobile", "call", "fax", "whatsapp"]
     REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "AU")
+    # Tried only for numbers laid out like phone numbers (separators), to keep false alarms down.
+    MORE_REGIONS = ("IE", "IT", "ES", "NL", "CH", "AT", "BE", "CZ", "PL", "SE", "DK", "NO", "MX", "JP")
 
     def __init__(self) -> None:
         super().__init__(supported_entities=["PHONE_NUMBER"], context=self.CONTEXT, name="FastPhoneRecognizer")
@@ -161,7 +163,10 @@ class FastPhoneRecognizer(LocalRecognizer):
         return out
 
     def _score(self, cand: str) -> float:
-        regions: tuple[str | None, ...] = (None,) if cand.startswith("+") else self.REGIONS
+        laid_out = cand.startswith(("+", "(")) or len(re.findall(r"[\s.()-]+", cand.strip())) >= 2
+        regions: tuple[str | None, ...] = (
+            (None,) if cand.startswith("+") else self.REGIONS + (self.MORE_REGIONS if laid_out else ())
+        )
         possible = False
         for region in regions:
             try:
@@ -173,7 +178,85 @@ class FastPhoneRecognizer(LocalRecognizer):
                 formatted = cand.startswith("+") or any(c in cand for c in " -.()")
                 return 0.75 if formatted else 0.5
             possible = possible or phonenumbers.is_possible_number(num)
+        if possible and laid_out:
+            return 0.45  # a number laid out like a phone number, just not in a known numbering plan
         return 0.3 if possible else 0.0
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, c in enumerate(reversed(digits)):
+        d = int(c)
+        if i % 2 == 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+_CARD_CANDIDATE = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
+# Issuer prefixes (IIN ranges): Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38,
+# Discover/UnionPay 6, JCB 35, Maestro 50/56-69.
+_IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6)")
+
+
+class CardNumberRecognizer(LocalRecognizer):
+    """Card numbers of 12-19 digits with a known issuer prefix and a valid Luhn checksum.
+
+    Complements presidio's CreditCardRecognizer, whose patterns miss 19-digit Visa and the
+    Mastercard 2-series (2221-2720).
+    """
+
+    CONTEXT = ["credit", "card", "visa", "mastercard", "cc", "amex", "debit", "payment"]
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["CREDIT_CARD"], context=self.CONTEXT, name="CardNumberRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        out = []
+        for m in _CARD_CANDIDATE.finditer(text):
+            digits = re.sub(r"\D", "", m.group(0))
+            if 12 <= len(digits) <= 19 and _IIN.match(digits) and luhn_ok(digits) and len(set(digits)) > 2:
+                out.append(_result(self, "CREDIT_CARD", m.start(), m.end(), 0.9 if len(digits) >= 15 else 0.6))
+        return out
+
+
+_STREET_TYPES = (
+    "Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Way|Court|Ct|Place|Pl|Terrace|Ter|"
+    "Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Crescent|Close|Row|Alley|Loop|Pike|Plaza|"
+    "Gardens|Grove|Hill|Mews|Walk|Green|Park|Ridge|View|Heights|Crossing|Expressway"
+)
+_ADDRESS_PATTERNS = (
+    # 12 Main Street, 4018 N. Oak Ridge Rd
+    (re.compile(rf"\b\d{{1,6}}[A-Za-z]?\s+(?:[NSEW]\.?\s+)?(?:[A-Z][\w'.-]*\s+){{1,4}}(?:{_STREET_TYPES})\b\.?"), 0.6),
+    # Via Pasquale Scura 127, Rua Arapiraca 1943, Calle Mayor 5
+    (re.compile(r"\b(?:Via|Viale|Rua|Avenida|Av\.|Calle|Carrer|Rue|Strada|Piazza|Corso|Plaza|Paseo|Travessa|Ulica|ul\.)"
+                r"\s+(?:[A-Z\u00C0-\u017F][\w'.-]*\s+){1,4}\d{1,5}\b"), 0.55),
+    # Apt. 559, Suite 026, Unit 4B
+    (re.compile(r"\b(?:Apt|Apartment|Suite|Ste|Unit|Flat|Room|Floor|PO Box|P\.O\. Box)\.?\s*#?\s*\d{1,5}[A-Za-z]?\b"), 0.5),
+)
+
+
+class StreetAddressRecognizer(LocalRecognizer):
+    """Street addresses by their shape: house number + street name + street type, and unit lines.
+
+    spaCy's small model tags cities and countries (LOCATION) but not street addresses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["STREET_ADDRESS"], name="StreetAddressRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        return [
+            _result(self, "STREET_ADDRESS", m.start(), m.end(), score)
+            for pattern, score in _ADDRESS_PATTERNS
+            for m in pattern.finditer(text)
+        ]
 
 
 class OfflineEmailRecognizer(EmailRecognizer):
