@@ -97,5 +97,9 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
             click.echo(json.dumps(extra, default=str), err=True)
 
 
+from local_engine.pack_cli import pack as _pack  # noqa: E402  (MoE flash-layout packer, docs/moe.md)
+
+main.add_command(_pack)
+
 if __name__ == "__main__":
     main()
