@@ -131,3 +131,22 @@ def test_engine_open_registers_packed_dirs(tiny_models: dict[str, Tiny]) -> None
         assert text.split() == [f"w{i}" for i in ours]
     finally:
         eng.model.close()
+
+
+def test_local_engine_generate_stats_on_a_packed_dir(tiny_models: dict[str, Tiny],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`local-engine generate PACKED --stats` streams through the expert store and prints its stats."""
+    import json
+
+    from click.testing import CliRunner
+
+    from local_engine.cli import main
+
+    monkeypatch.setenv("LOCAL_ENGINE_MOE_BUDGET", "0")
+    r = CliRunner().invoke(main, ["generate", str(tiny_models["mixtral"].packed["int8"]), "--prompt",
+                                  " ".join(f"w{i}" for i in PROMPT), "--max-tokens", "5", "--stats"])
+    assert r.exit_code == 0, r.output
+    extra = json.loads(r.stderr.strip().splitlines()[-1])
+    assert extra["store_cache_budget_bytes"] == 0 and extra["hit_rate"] == 0.0
+    assert extra["bytes_read_per_token"] > 0 and extra["read_bandwidth_Bps"] > 0
+    assert len(r.stdout.split()) == 5
