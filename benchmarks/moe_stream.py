@@ -8,7 +8,7 @@ What it does, in one run:
 1. generates (once, cached in benchmarks/.work/moe/) a random Qwen3-MoE checkpoint with
    realistic proportions (24 layers x 64 experts, top-8, fp32, ~4.5 GB of experts) and packs it;
 2. measures this disk's ceiling on that file: 8 parallel O_DIRECT reads of bundle-sized blocks
-   at random aligned offsets;
+   at random aligned offsets, right before and right after each run (the box is shared);
 3. decodes cold (page cache evicted with POSIX_FADV_DONTNEED) at cache budgets of 5/15/50% of
    the expert bank, each in a fresh process inside a memory cgroup (v1) whose limit counts page
    cache: resident + budget + 1 GiB;
@@ -210,10 +210,6 @@ def worker_ours(a: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     toks = run_once()
-    if a.hot:  # compute-only: same tokens again, every expert already in RAM
-        model.reset_stats()
-        t0 = time.perf_counter()
-        assert run_once() == toks
     wall = time.perf_counter() - t0
     s = model.stats()
     s["trace"] = [[layer, list(es)] for layer, es in model.store.io.trace]
@@ -291,7 +287,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["ours", "peer"])
     ap.add_argument("--cgroup")
-    ap.add_argument("--hot", action="store_true", help="worker: second pass with all experts cached")
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--max-memory", type=int, default=0)
     ap.add_argument("--policy", default="tinylfu")
@@ -326,36 +321,32 @@ def main() -> None:
     print(f"# machine: {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at start (shared box); "
           f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}")
 
-    evict(PACKED)
-    ceil_runs = [measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0) for _ in range(3)]
+    def ceiling_now() -> float:
+        return measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0)
 
+    # The box is shared: CPU starvation lowers the disk's effective queue depth too. So each run gets
+    # its own ceiling, measured right before and right after it (best of the two), and its own
+    # compute time per token (decode time minus time blocked on reads), all under the same load.
     rows = []
     for frac in [float(x) for x in a.fractions.split(",")]:
         budget = int(bank * frac) // stride * stride
         limit = resident + budget + GiB
         evict(PACKED)
+        c0, load0 = ceiling_now(), os.getloadavg()[0]
+        evict(PACKED)
         r = run_in_cgroup(["--worker", "ours", "--budget", str(budget), "--policy", a.policy,
                            "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
-                           "--verify", a.verify], limit, f"ours{int(frac * 100)}", timeout=900)
-        r.update(frac=frac, budget=budget, limit=limit)
+                           "--readers", str(a.readers), "--verify", a.verify], limit, f"ours{int(frac * 100)}",
+                          timeout=900)
+        c1 = ceiling_now()
+        r.update(frac=frac, budget=budget, limit=limit, ceiling=max(c0, c1), ceilings=(c0, c1), load=load0)
         if "error" not in r:
             trace = [(layer, tuple(es)) for layer, es in r["trace"]]
-            decode_trace = trace[L:] if len(trace) > L else trace  # skip the prefill step per layer
-            r["replay"] = replay_all(decode_trace, budget // stride)
             r["replay_all"] = replay_all(trace, budget // stride)
         rows.append(r)
-        print(f"  ran budget {frac:.0%}: {json.dumps({k: v for k, v in r.items() if k not in ('trace', 'tokens')})[:300]}",
+        print(f"  ran budget {frac:.0%}: ceilings {c0 / 1e9:.2f}/{c1 / 1e9:.2f} GB/s "
+              f"{json.dumps({k: v for k, v in r.items() if k not in ('trace', 'tokens')})[:300]}",
               file=sys.stderr, flush=True)
-
-    hot = run_in_cgroup(["--worker", "ours", "--hot", "--budget", str(bank), "--tokens", str(a.tokens),
-                         "--prompt", str(a.prompt), "--threads", str(a.threads)], 64 * GiB, "hot", timeout=900)
-    compute_tps = hot.get("decode_tok_s", float("nan"))
-    ceil_runs += [measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0) for _ in range(2)]
-    ceiling = max(ceil_runs)
-    print(f"# storage ceiling (8 parallel O_DIRECT reads of {stride / 2**20:.2f} MiB at random offsets, best of "
-          f"{len(ceil_runs)} x 2 s, before and after the runs): {ceiling / 1e9:.2f} GB/s "
-          f"(all: {', '.join(f'{c / 1e9:.2f}' for c in ceil_runs)})")
-    print(f"# compute-only decode (same tokens, every expert already in RAM): {compute_tps:.2f} tok/s")
 
     peer = None
     if not a.skip_peer:
@@ -375,10 +366,11 @@ def main() -> None:
     print("## Cold decode, random-router checkpoint (near-uniform expert use: worst case for caching)")
     print(f"policy {a.policy}, checksums verified on first read ({a.verify}); limit = memory cgroup v1 "
           f"(page cache counted) = resident + budget + 1 GiB")
-    hdr = ("| budget (% bank) | cgroup limit | tok/s | MB read/token | miss-read GB/s | / ceiling "
-           "| I/O bound tok/s | tok/s / I/O bound | tok/s / max(I/O, compute) bound | hit rate decode | hit rate all "
+    hdr = ("| budget (% bank) | cgroup limit | load avg | tok/s | MB read/token | miss-read GB/s | ceiling GB/s "
+           "| / ceiling | I/O bound tok/s | tok/s / I/O bound | compute s/token | tok/s / max(I/O, compute) bound "
+           "| hit rate decode | hit rate all "
            "| LRU replay | LFU-DA replay | Belady | ours / Belady "
-           "| I/O wait | peak RSS |")
+           "| I/O wait | peak RSS | RSS - resident - budget |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
@@ -387,21 +379,27 @@ def main() -> None:
             continue
         bpt = r["decode_bytes_read_per_token"]
         bw = r["decode_read_bandwidth_Bps"]
+        ceiling = r["ceiling"]
         bound = ceiling / bpt if bpt else float("inf")
-        both = 1.0 / max(bpt / ceiling, 1.0 / compute_tps)
         tps = r["decode_tok_s"]
+        decode_s = r["decode_tokens"] / tps
+        compute_pt = (decode_s - r["decode_io_wait_s"]) / r["decode_tokens"]
+        both = 1.0 / max(bpt / ceiling, compute_pt)
         rep = r["replay_all"]
-        decode_s = r["decode_tokens"] / tps if tps else float("nan")
-        print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB | {tps:.2f} "
-              f"| {bpt / 1e6:.0f} | {bw / 1e9:.2f} | {bw / ceiling:.2f} | {bound:.2f} | {tps / bound:.2f} "
-              f"| {tps / both:.2f} "
+        print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB | {r['load']:.1f} "
+              f"| {tps:.2f} | {bpt / 1e6:.0f} | {bw / 1e9:.2f} | {ceiling / 1e9:.2f} | {bw / ceiling:.2f} | {bound:.2f} "
+              f"| {tps / bound:.2f} | {compute_pt:.2f} | {tps / both:.2f} "
               f"| {r['decode_hit_rate']:.3f} | {r['hit_rate']:.3f} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} "
               f"| {rep['belady']:.3f} "
               f"| {r['hit_rate'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
-              f"| {r['decode_io_wait_s'] / decode_s:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB |")
-    print("tok/s, MB/token, bandwidth, bound, I/O wait: decode only (the prompt's batched prefill is "
-          "excluded); bound = ceiling / bytes read per decode token. 'all' hit rates cover prefill + decode "
-          "of the same recorded expert trace, ours online vs LRU and Belady (optimal offline) replays.")
+              f"| {r['decode_io_wait_s'] / decode_s:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+              f"| {(r['peak_rss_bytes'] - resident - r['budget']) / 2**20:.0f} MiB |")
+    print("tok/s, MB/token, bandwidth, bounds, I/O wait: decode only (the prompt's batched prefill is "
+          "excluded). ceiling: this run's, best of 8-lane O_DIRECT random reads just before and just after it. "
+          "I/O bound = ceiling / bytes read per token; compute s/token = decode time not blocked on reads; "
+          "max(I/O, compute) bound = 1 / max(bytes/ceiling, compute s/token), i.e. perfect overlap. "
+          "'all' hit rates cover prefill + decode of the same recorded expert trace: ours online vs LRU, "
+          "LFU-DA and Belady (optimal offline) replays.")
 
     if peer is not None:
         ours15 = next((r for r in rows if abs(r["frac"] - 0.15) < 1e-9 and "error" not in r), None)
