@@ -283,24 +283,26 @@ class Engine:
 
 # ---------------------------------------------------------------------------------- loaders
 def _load_gguf(path: Path, **opts: Any) -> Engine:
-    from local_engine.models.llama import load_llama
+    from local_engine.models.llama import LlamaModel, config_from_gguf
     from local_engine.store import GGUFStore
     from local_engine.tokenizer import from_gguf
 
     store = GGUFStore(path)
+    cfg = config_from_gguf(store)  # architecture first: the clearest error for a foreign model
     tok = from_gguf(store)
-    model = load_llama(store, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
     return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"))
 
 
 def _load_hf(path: Path, **opts: Any) -> Engine:
-    from local_engine.models.llama import load_llama
+    from local_engine.models.llama import LlamaModel, config_from_hf
     from local_engine.store import SafetensorsStore
     from local_engine.tokenizer import from_hf_dir
 
     store = SafetensorsStore(path)
-    model = load_llama(store, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    cfg = config_from_hf(store)
     tok = from_hf_dir(path)
+    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
     return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"))
 
 

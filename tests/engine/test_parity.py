@@ -29,6 +29,7 @@ def _our_greedy(engine, ids: list[int], n: int) -> list[int]:
     return out
 
 
+@pytest.mark.timeout(900)
 def test_gguf_logits_match_transformers(smol_f32, smol, hf_smol, hf_smol_tokenizer) -> None:
     ids = hf_smol_tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
@@ -44,6 +45,7 @@ def test_gguf_logits_match_transformers(smol_f32, smol, hf_smol, hf_smol_tokeniz
     assert qdiff < 2.0 and agree >= 0.75
 
 
+@pytest.mark.timeout(900)
 def test_gguf_greedy_32_tokens_identical(smol_f32, hf_smol, hf_smol_tokenizer) -> None:
     ids = hf_smol_tokenizer(PROMPT)["input_ids"]
     ref = _hf_greedy(hf_smol, ids, 32)
@@ -97,6 +99,7 @@ def _make_tiny(kind: str, root: Path, tokenizer) -> Path:
     return d
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("kind", sorted(TINY))
 def test_tiny_hf_dir_matches_transformers(kind: str, tmp_path: Path, hf_smol_tokenizer) -> None:
     import transformers
