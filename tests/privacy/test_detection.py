@@ -249,3 +249,42 @@ def test_concurrent_classify_matches_sequential(classifier: PresidioSensitivityC
 def test_disabled_privacy_scans_nothing() -> None:
     c = build_sensitivity_classifier(PrivacyConfig(enabled=False))
     assert c.classify(user("card 4111 1111 1111 1111")).level == "none"
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "4841241182449353489",  # 19-digit Visa: presidio's own pattern misses it
+        "2223 0031 2200 3222",  # Mastercard 2-series
+        "3782 822463 10005",  # Amex
+    ],
+)
+def test_card_numbers_by_issuer_and_luhn(custom_classifier: PresidioSensitivityClassifier, card: str) -> None:
+    f = custom_classifier.classify(user(f"charge {card} please"))
+    assert ("CREDIT_CARD", card) in found(f)
+
+
+def test_luhn_invalid_digit_runs_are_not_cards(custom_classifier: PresidioSensitivityClassifier) -> None:
+    f = custom_classifier.classify(user("order 4841241182449353488 shipped"))
+    assert "CREDIT_CARD" not in {e.type for e in f.entities}
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("Ship it to 4018 Oak Ridge Road tomorrow", "4018 Oak Ridge Road"),
+        ("The bus station is on Via Pasquale Scura 127", "Via Pasquale Scura 127"),
+        ("She lives at Rosenweg 5 in Bern", "Rosenweg 5"),
+        ("mail: PSC 3412, Box 5242", "PSC 3412, Box 5242"),
+        ("Floor plan for Suite 026", "Suite 026"),
+    ],
+)
+def test_street_addresses(custom_classifier: PresidioSensitivityClassifier, text: str, address: str) -> None:
+    f = custom_classifier.classify(user(text))
+    assert ("STREET_ADDRESS", address) in found(f)
+    assert f.level == "medium"
+
+
+def test_version_numbers_are_not_addresses(custom_classifier: PresidioSensitivityClassifier) -> None:
+    f = custom_classifier.classify(user("I use Windows 10 and Python 3.11; see chapter 5, table 12."))
+    assert not f.entities

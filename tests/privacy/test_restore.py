@@ -213,3 +213,16 @@ def test_hold_back_is_bounded(prefix: str, word: str) -> None:
     assert released == (prefix + word)[: len(released)]
     assert held <= max(len(k) for k in _KEYS) + 2
     assert held <= len(word)
+
+
+def test_streamed_surrogates_are_restored_across_chunks() -> None:
+    v = Vault("surrogate")
+    sur = v.replacement_for("PERSON", NAME)
+    assert sur != NAME and "<" not in sur
+    text = f"Hello {sur}, and again {sur}."
+    r = v.stream_restorer()
+    out = []
+    for i in range(0, len(text), 3):
+        out += r.feed(chunk(text[i : i + 3]))
+    out += r.flush()
+    assert texts(out) == f"Hello {NAME}, and again {NAME}."
