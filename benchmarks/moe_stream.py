@@ -291,7 +291,7 @@ def main() -> None:
     ap.add_argument("--max-memory", type=int, default=0)
     ap.add_argument("--policy", default="tinylfu")
     ap.add_argument("--verify", default="first")
-    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--readers", type=int, default=8, help="parallel expert reads (reader threads)")
