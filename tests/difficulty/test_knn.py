@@ -1,0 +1,60 @@
+"""The knn method with the real MiniLM model and the shipped artefact (built once per session)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from gateway.classify.difficulty.data import load_examples, split_indices
+from gateway.classify.difficulty.signals import extract_signals, vector
+from gateway.classify.difficulty.train import auc
+from tests.difficulty.conftest import body
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Prove that there are infinitely many primes, then give a constructive bound on the n-th prime.",
+    "Write a haiku about autumn.",
+    "A train leaves at 3pm at 60 mph; another leaves at 4pm at 80 mph. When does the second catch up?",
+]
+
+
+def test_finding_shape_and_evidence(knn_classifier):
+    f = knn_classifier.classify(body(PROMPTS[1]))
+    assert f.method == "knn"
+    assert 0.0 <= f.score <= 1.0
+    assert f.level == ("hard" if f.score >= knn_classifier.hard else "medium" if f.score >= knn_classifier.medium else "easy")
+    ev = f.evidence
+    assert set(ev["contributions"]) == {"intercept", "embedding", "neighbours", "signals"}
+    assert len(ev["neighbours"]) == 3 and all(-1.0 <= n["similarity"] <= 1.0 for n in ev["neighbours"])
+    assert ev["artefact"] == "difficulty-v1"
+    assert "infinitely" not in json.dumps(ev)  # feature names and numbers only, no prompt text
+
+
+def test_deterministic_across_calls_and_threads(knn_classifier):
+    first = [knn_classifier.classify(body(p)) for p in PROMPTS]
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda p: knn_classifier.classify(body(p)), PROMPTS * 3))
+    for i, f in enumerate(again):
+        assert f.score == first[i % len(PROMPTS)].score
+        assert f.level == first[i % len(PROMPTS)].level
+
+
+def test_batched_scores_match_single_requests(knn_classifier):
+    bodies = [body(p) for p in PROMPTS]
+    sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
+    batched = knn_classifier.score_many(PROMPTS, sigs)
+    single = [knn_classifier.classify(b).score for b in bodies]
+    assert np.allclose(batched, single, atol=1e-4)
+
+
+def test_beats_chance_on_unseen_subjects(knn_classifier, labelled_path):
+    # 200 prompts from the test part of the grouped split: subjects the artefact never saw
+    examples = load_examples(labelled_path)
+    idx = split_indices(examples)["test"]
+    pick = [examples[i] for i in np.random.default_rng(0).choice(idx, 200, replace=False)]
+    bodies = [body(e.prompt) for e in pick]
+    sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
+    scores = knn_classifier.score_many([e.prompt for e in pick], sigs)
+    assert auc(np.asarray([e.hard for e in pick]), scores) > 0.58
