@@ -80,10 +80,14 @@ class Int4Linear:
         return cls(np.concatenate(qs), np.concatenate(ss), np.concatenate(zs), bias, act_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scales_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if x.dim() == 2:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.act_dtype), self.packed, INT4_GROUP,
+                                                           self.scales_zeros).to(x.dtype)
+        else:
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scales_zeros)
+            y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
 

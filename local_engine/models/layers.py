@@ -51,6 +51,8 @@ def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op: decode is op-count bound
     # fp32 accumulate, like HF's LlamaRMSNorm, so bf16 activations do not drift.
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -132,16 +134,16 @@ class RopeTables:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * attention_factor).to(dtype)
         self.sin = (emb.sin() * attention_factor).to(dtype)
+        half = emb.shape[-1] // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin | sin]: 3 ops instead of 7 per call
+        self._sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
         self.max_pos = max_pos
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.shape[-2]
         cos = self.cos[start:start + T]
-        sin = self.sin[start:start + T]
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        rot = torch.cat((-x2, x1), dim=-1)
-        return x * cos + rot * sin
+        sin = self._sin_signed[start:start + T]
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 # ----------------------------------------------------------------------------------- KV cache
@@ -192,15 +194,21 @@ def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk:
     else:
         assert wq is not None and wk is not None and wv is not None
         q, k, v = linear(x, wq), linear(x, wk), linear(x, wv)
-    q = q.view(T, n_heads, head_dim).transpose(0, 1)
-    k = k.view(T, n_kv_heads, head_dim).transpose(0, 1)
-    v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)
-    if q_norm is not None:
-        q = rms_norm(q, q_norm, eps)
-    if k_norm is not None:
-        k = rms_norm(k, k_norm, eps)
-    q = rope.apply(q, start)
-    k = rope.apply(k, start)
+    if wqkv is not None and q_norm is None and k_norm is None:
+        # rotate q and k heads together in one call (fewer ops per decode step)
+        qk = rope.apply(qkv[:, :nq + nk].view(T, n_heads + n_kv_heads, head_dim).transpose(0, 1), start)
+        q, k = qk[:n_heads], qk[n_heads:]
+        v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)
+    else:
+        q = q.reshape(T, n_heads, head_dim).transpose(0, 1)
+        k = k.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+        v = v.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, eps)
+        if k_norm is not None:
+            k = rms_norm(k, k_norm, eps)
+        q = rope.apply(q, start)
+        k = rope.apply(k, start)
     k_all, v_all = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
     if k_all.dtype != q.dtype:
         k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
