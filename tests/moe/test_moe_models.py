@@ -150,3 +150,24 @@ def test_local_engine_generate_stats_on_a_packed_dir(tiny_models: dict[str, Tiny
     assert extra["store_cache_budget_bytes"] == 0 and extra["hit_rate"] == 0.0
     assert extra["bytes_read_per_token"] > 0 and extra["read_bandwidth_Bps"] > 0
     assert len(r.stdout.split()) == 5
+
+
+def test_prefill_reads_each_touched_expert_once_per_layer(tiny_models: dict[str, Tiny]) -> None:
+    m = MoEModel.open(tiny_models["qwen2_moe"].packed["none"], memory_budget=0)
+    try:
+        m.logits(PROMPT)  # 12 tokens x top-2 in one micro-batch
+        trace, io = m.store.io.trace, m.store.io
+    finally:
+        m.close()
+    assert [layer for layer, _ in trace] == m.m.moe_layers  # one request per MoE layer, dense layer skipped
+    assert all(len(set(es)) == len(es) for _, es in trace)
+    assert io.reads == sum(len(es) for _, es in trace) and any(len(es) > 2 for _, es in trace)
+
+
+def test_quantised_bundles_are_smaller(tiny_models: dict[str, Tiny]) -> None:
+    from local_engine.formats.pack import read_manifest
+
+    p = tiny_models["mixtral"].packed
+    n = {q: read_manifest(p[q]).bundle_nbytes for q in ("none", "int8", "int4")}
+    # fp32 -> 1 byte (+ fp16 scale per 32) -> half a byte (+ the same scales)
+    assert n["int8"] < n["none"] * 0.30 and n["int4"] < n["int8"] * 0.65
