@@ -1,0 +1,371 @@
+"""Gateway overhead and throughput against LiteLLM proxy, in one run, paths in alternation.
+
+    .venv/bin/python benchmarks/gateway_overhead.py            # ~4 minutes
+    .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
+
+Paths, all to the same Nagle-free loopback fake upstream (tests/support/upstream.py, run in its
+own process so it does not share a GIL with the load generator), fixed small answer:
+
+  direct        client -> upstream (the baseline, measured in the same run)
+  hg-off        client -> `hybrid-gateway serve` -> upstream, classification off
+                (privacy.enabled: false, difficulty: heuristic)
+  hg-on         the same with presidio PII detection + redaction + kNN difficulty (1 KB prompt)
+  litellm       client -> `litellm --config` (LiteLLM proxy, no database) -> upstream
+
+LiteLLM proxy is installed only for this benchmark, in its own venv:
+
+    python3.11 -m venv .venv-bench
+    .venv-bench/bin/pip install -r benchmarks/requirements-litellm-proxy.txt
+
+Skipped with a note if `.venv-bench/bin/litellm` is missing. Each measurement cycles through the
+paths in rotating order, so load from other processes on the machine hits every path alike.
+Prints the table and writes it to benchmarks/results/gateway_overhead.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "gateway_overhead.txt"
+LITELLM_BIN = ROOT / ".venv-bench" / "bin" / "litellm"
+MASTER_KEY = "sk-bench-master-key"
+ENV = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "*", "PYTHONUNBUFFERED": "1"}
+
+# ~1 KB of prompt with a few entities, so the classification-on path does real work.
+PROMPT = ("Hi, I am Maria Gonzalez (maria.gonzalez@example.com, +1 415 555 0134). " + (
+    "Please summarise the quarterly report on supply chain delays in the northern warehouses and "
+    "list the three most important follow-up actions for the operations team. ") * 6)[:1024]
+
+UPSTREAM_CODE = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.support.upstream import FakeUpstream
+up = FakeUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
+up.received = type("Sink", (), {{"append": lambda self, x: None, "clear": lambda self: None}})()  # no growth
+up.received_headers = up.received
+up.start()
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+HG_POLICY = """
+version: 1
+targets:
+  cloud:
+    kind: cloud
+    model: openai/fake-model
+    api_base: http://127.0.0.1:{port}/v1
+    api_key: sk-bench
+    timeout_s: 30
+    retries: 0
+connectivity:
+  probe_interval_s: 30
+limits:
+  request_timeout_s: 60
+  classify_budget_ms: 5000
+{classification}
+rules:
+  - name: all
+    route: cloud
+"""
+CLASSIFY_OFF = "privacy:\n  enabled: false\ndifficulty:\n  method: heuristic\n"
+CLASSIFY_ON = ""  # the shipped defaults: presidio + secrets, placeholder redaction, kNN difficulty
+
+LITELLM_CONFIG = """
+model_list:
+  - model_name: fake-model
+    litellm_params:
+      model: openai/fake-model
+      api_base: http://127.0.0.1:{port}/v1
+      api_key: sk-bench
+litellm_settings:
+  drop_params: true
+  telemetry: false
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of a process and its children (LiteLLM may fork workers)."""
+    total = 0.0
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    model: str = "fake-model"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, headers: dict[str, str] | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        try:
+            with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+                if r.status < 500:
+                    return
+        except Exception:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not come up in {timeout} s")
+
+
+def start_upstream(port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_CODE.format(root=str(ROOT), port=port)],
+                            stdout=subprocess.PIPE, env=ENV)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != b"ready":
+        raise RuntimeError("fake upstream did not start")
+    return proc
+
+
+def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path) -> Server:
+    policy = tmp / f"{name}.yaml"
+    policy.write_text(textwrap.dedent(HG_POLICY).format(port=upstream_port, classification=classification))
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
+                             "--port", str(port), "--log-level", "ERROR", "--no-watch"],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=300)
+    return Server(name, proc, f"http://127.0.0.1:{port}", model="auto")
+
+
+def start_litellm(upstream_port: int, tmp: Path) -> Server | None:
+    if not LITELLM_BIN.exists():
+        return None
+    cfg = tmp / "litellm.yaml"
+    cfg.write_text(textwrap.dedent(LITELLM_CONFIG).format(port=upstream_port))
+    port = free_port()
+    env = {**ENV, "LITELLM_MASTER_KEY": MASTER_KEY, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
+    proc = subprocess.Popen([str(LITELLM_BIN), "--config", str(cfg), "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    auth = {"Authorization": f"Bearer {MASTER_KEY}"}
+    wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc, timeout=300, headers=auth)
+    return Server("litellm", proc, f"http://127.0.0.1:{port}", headers=auth)
+
+
+@dataclass
+class Sample:
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+    def add(self, other: Sample) -> None:
+        self.latencies += other.latencies
+        self.errors += other.errors
+        self.seconds += other.seconds
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else float("nan")
+
+    @property
+    def rps(self) -> float:
+        return len(self.latencies) / self.seconds if self.seconds else 0.0
+
+
+async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict[str, str]) -> bool:
+    async with session.post(url, json=payload, headers=headers) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            return False
+        if payload.get("stream"):
+            return b"data: [DONE]" in data and b'"content"' in data
+        return b'"choices"' in data
+
+
+async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
+                  requests: int | None, seconds: float | None) -> Sample:
+    url = (server_url if server_url.endswith("/v1") else server_url + "/v1") + "/chat/completions"
+    payload = {"model": model, "stream": stream, "max_tokens": 16,
+               "messages": [{"role": "user", "content": PROMPT}]}
+    sample = Sample()
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+        left = [requests] if requests is not None else None
+        end = time.perf_counter() + (seconds or 0)
+
+        async def worker() -> None:
+            while True:
+                if left is not None:
+                    if left[0] <= 0:
+                        return
+                    left[0] -= 1
+                elif time.perf_counter() >= end:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    ok = await one(session, url, payload, headers)
+                except (aiohttp.ClientError, TimeoutError):
+                    ok = False
+                if ok:
+                    sample.latencies.append(time.perf_counter() - t0)
+                else:
+                    sample.errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        sample.seconds = time.perf_counter() - t0
+    return sample
+
+
+def run(args: argparse.Namespace) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    up_port = free_port()
+    procs: list[Server] = []
+    upstream = start_upstream(up_port)
+    lines: list[str] = []
+
+    def out(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    try:
+        direct = Server("direct", upstream, f"http://127.0.0.1:{up_port}")
+        paths = [direct]
+        print("starting hybrid-gateway (classification off, on) and litellm proxy ...", flush=True)
+        procs.append(start_gateway("hg-off", up_port, CLASSIFY_OFF, tmp))
+        procs.append(start_gateway("hg-on", up_port, CLASSIFY_ON, tmp))
+        litellm = start_litellm(up_port, tmp)
+        if litellm:
+            procs.append(litellm)
+        paths += procs
+        for p in paths:  # warm-up: imports, model loads, connection pools, JIT-ish caches
+            asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None))
+            asyncio.run(measure(p.url, p.model, p.headers, 2, stream=True, requests=args.warmup // 2, seconds=None))
+
+        # (label, concurrency, stream, requests per slice, seconds per slice)
+        plan = [("c=1", 1, False, args.seq, None), ("c=1 stream", 1, True, args.seq, None),
+                ("c=16", 16, False, None, args.slice_s), ("c=64", 64, False, None, args.slice_s)]
+        results: dict[tuple[str, str], Sample] = {}
+        for label, conc, stream, reqs, secs in plan:
+            for r in range(args.rounds):
+                order = paths[r % len(paths):] + paths[: r % len(paths)]  # rotate who goes first
+                for p in order:
+                    # Classification on at high concurrency only measures presidio's CPU: keep it to c<=16.
+                    if p.name == "hg-on" and conc > 16:
+                        continue
+                    s = asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream, requests=reqs, seconds=secs))
+                    results.setdefault((label, p.name), Sample()).add(s)
+
+        load = os.getloadavg()
+        out(f"Gateway overhead vs direct, loopback fake upstream ({len(PROMPT)} B prompt, fixed small answer)")
+        out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f} (other work shares the cores); "
+            f"{args.rounds} alternating rounds per cell")
+        out()
+        out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
+        for label, *_ in plan:
+            base = results.get((label, "direct"))
+            for p in paths:
+                s = results.get((label, p.name))
+                if s is None or base is None:
+                    continue
+                add50 = s.pct(0.5) - base.pct(0.5)
+                add99 = s.pct(0.99) - base.pct(0.99)
+                plus = f"{'-':>9}{'-':>9}" if p.name == "direct" else f"{add50:9.2f}{add99:9.2f}"
+                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}")
+        out()
+        out(f"{'path':<10}{'peak RSS MB':>12}{'max req/s (0 errors)':>22}")
+        best: dict[str, float] = {}
+        for p in paths:
+            rps = [results[(lbl, p.name)].rps for lbl, *_ in plan
+                   if (lbl, p.name) in results and results[(lbl, p.name)].errors == 0]
+            best[p.name] = max(rps, default=0.0)
+            out(f"{p.name:<10}{peak_rss_mb(p.proc.pid):12.0f}{best[p.name]:22.0f}")
+        if litellm:
+            out()
+            out("ratios ours / LiteLLM proxy (lower is better for latency, higher for req/s):")
+            for label in ("c=1", "c=1 stream"):
+                base = results[(label, "direct")].pct(0.5)
+                lit = results[(label, "litellm")].pct(0.5) - base
+                for ours in ("hg-off", "hg-on"):
+                    mine = results[(label, ours)].pct(0.5) - base
+                    out(f"  {label:<11} added p50 {ours}: {mine:6.2f} ms vs {lit:6.2f} ms = {mine / lit:5.2f}x")
+            out(f"  max req/s hg-off: {best['hg-off']:.0f} vs {best['litellm']:.0f} = "
+                f"{best['hg-off'] / max(best['litellm'], 1e-9):.2f}x")
+            out(f"  peak RSS hg-off: {peak_rss_mb(procs[0].proc.pid):.0f} MB vs "
+                f"{peak_rss_mb(litellm.proc.pid):.0f} MB")
+        else:
+            out()
+            out(f"LiteLLM proxy not measured: {LITELLM_BIN} is missing (see the module docstring).")
+        out("direct req/s is bounded by the Python fake upstream and the Python client on the same cores.")
+    finally:
+        for p in procs:
+            p.stop()
+        upstream.terminate()
+        upstream.wait(10)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
+    args = ap.parse_args()
+    args.rounds = 2 if args.quick else 4
+    args.seq = 50 if args.quick else 150  # sequential requests per path per round
+    args.slice_s = 1.5 if args.quick else 3.0
+    args.warmup = 20 if args.quick else 60
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    text = run(args)
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text)
+        print(f"saved to {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
