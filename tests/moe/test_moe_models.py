@@ -171,3 +171,30 @@ def test_quantised_bundles_are_smaller(tiny_models: dict[str, Tiny]) -> None:
     n = {q: read_manifest(p[q]).bundle_nbytes for q in ("none", "int8", "int4")}
     # fp32 -> 1 byte (+ fp16 scale per 32) -> half a byte (+ the same scales)
     assert n["int8"] < n["none"] * 0.30 and n["int4"] < n["int8"] * 0.65
+
+
+def test_bf16_checkpoint_packs_losslessly(tiny_models: dict[str, Tiny], tmp_path) -> None:
+    """Real checkpoints are bf16: `none` keeps bf16 bits on disk, compute upcasts to fp32."""
+    import copy
+
+    from local_engine.formats.pack import pack, read_manifest
+
+    t = tiny_models["qwen3_moe"]
+    hf16 = copy.deepcopy(t.hf).to(torch.bfloat16)
+    hf16.save_pretrained(tmp_path / "bf16")
+    pack(tmp_path / "bf16", tmp_path / "packed", quant="none", progress=False)
+    assert {p.dtype for p in read_manifest(tmp_path / "packed").parts} == {"BF16"}
+    # the same bf16-rounded parameters in the fp32 model (hf16.float() would keep its RoPE buffer rounded)
+    ref_model = copy.deepcopy(t.hf)
+    with torch.no_grad():
+        for (_, p32), (_, p16) in zip(ref_model.named_parameters(), hf16.named_parameters(), strict=True):
+            p32.copy_(p16.float())
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([PROMPT])).logits[0]
+    m = MoEModel.open(tmp_path / "packed", memory_budget=0)
+    try:
+        diff = (m.logits(PROMPT) - ref).abs().max().item()
+    finally:
+        m.close()
+    print(f"bf16 pack: max |logit diff| vs transformers (bf16 weights, fp32 compute) = {diff:.2e}")
+    assert diff < TOL
