@@ -38,9 +38,12 @@ targets:
     timeout_s: 5
 connectivity:
   probe_interval_s: 30
+limits:
+  classify_budget_ms: 20000   # generous: a busy CI machine must not turn these into fail-closed tests
 privacy:
   on_error: {on_error}
   nlp_model: {nlp_model}
+  analysis_budget_ms: 20000
 rules:
   - name: cloud-redacted
     route: cloud
