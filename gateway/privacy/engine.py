@@ -41,6 +41,7 @@ from gateway.privacy.recognizers import (
     CardNumberRecognizer,
     FastPhoneRecognizer,
     OfflineEmailRecognizer,
+    PersonCueRecognizer,
     SecretRecognizer,
     StreetAddressRecognizer,
     custom_recognizers,
@@ -186,6 +187,7 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
         SecretRecognizer(),
         CardNumberRecognizer(),
         StreetAddressRecognizer(),
+        PersonCueRecognizer(),
         *custom_recognizers(cfg.recognizers),
     ]
     if with_ner:

@@ -284,6 +284,38 @@ class StreetAddressRecognizer(LocalRecognizer):
         ]
 
 
+_NAME = r"[A-Z\u00C0-\u017F][\w'\u00C0-\u017F-]+"
+_NAME_CUES: tuple[tuple[re.Pattern[str], float], ...] = (
+    # Mr. John Smith, ms. Tomasz, Dr Ada Lovelace
+    (re.compile(rf"\b(?i:mr|mrs|ms|miss|mx|dr|prof)\.?\s+({_NAME}(?:\s+(?:[A-Z]\.?\s+)?{_NAME})?)"), 0.6),
+    # my name is Klaudia, I'm called Riku Andou, her maiden name is Vinklárková, last name? Møller
+    (
+        re.compile(
+            rf"\b(?i:(?:my|his|her|their|maiden|first|last|full) name(?: is|:|\?)|i am called|i'm called|call me)"
+            rf"\s+({_NAME}(?:\s+{_NAME})?)"
+        ),
+        0.6,
+    ),
+)
+
+
+class PersonCueRecognizer(LocalRecognizer):
+    """Names announced by a cue the small NER model often misses: titles and "my name is"."""
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["PERSON"], name="PersonCueRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        return [
+            _result(self, "PERSON", m.start(1), m.end(1), score)
+            for pattern, score in _NAME_CUES
+            for m in pattern.finditer(text)
+        ]
+
+
 class OfflineEmailRecognizer(EmailRecognizer):
     """Presidio's e-mail recognizer, validating domains against the bundled public suffix list.
 

@@ -288,3 +288,10 @@ def test_street_addresses(custom_classifier: PresidioSensitivityClassifier, text
 def test_version_numbers_are_not_addresses(custom_classifier: PresidioSensitivityClassifier) -> None:
     f = custom_classifier.classify(user("I use Windows 10 and Python 3.11; see chapter 5, table 12."))
     assert not f.entities
+
+
+def test_name_cues_find_people_without_ner(custom_classifier: PresidioSensitivityClassifier) -> None:
+    # custom_classifier has no NER (nlp_model: none): these come from the cue recognizer alone.
+    f = custom_classifier.classify(user("Hello, my name is Klaudia Nowak. Please cc Dr. Ada Lovelace."))
+    assert found(f) >= {("PERSON", "Klaudia Nowak"), ("PERSON", "Ada Lovelace")}
+    assert not custom_classifier.classify(user("the name is not important")).entities

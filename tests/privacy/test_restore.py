@@ -185,7 +185,7 @@ def _chunked(text: str, cuts: list[int]) -> list[str]:
     return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(text=_texts, cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=20), finish=st.booleans())
 def test_streamed_restoration_equals_whole(text: str, cuts: list[int], finish: bool) -> None:
     v = make_vault()
@@ -202,7 +202,7 @@ def test_streamed_restoration_equals_whole(text: str, cuts: list[int], finish: b
     assert args_of(out) == expected_args
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(prefix=st.text(alphabet=st.sampled_from(list("ab .,\n")), max_size=40), word=st.sampled_from(["PERSON", "Person_", "<EMAIL_ADDRESS", "ab"]))
 def test_hold_back_is_bounded(prefix: str, word: str) -> None:
     """Whatever arrives, at most one placeholder's length (+1) is ever held."""
