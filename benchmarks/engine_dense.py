@@ -10,12 +10,17 @@ of R repetitions per configuration; model load time is not counted. The table al
 1-minute load average, because this box is shared and absolute numbers move with it; the ratios
 are what to read.
 
-Setup (llama.cpp is benchmark-only; it compiles, ~4 min on 2 cores). The CPU reports AMX, which
-segfaults in ggml here, so build without AMX and without native detection:
+Setup (llama.cpp is benchmark-only; it compiles: ~4 min on 2 idle cores, over an hour on a busy
+box). Build without AMX (it segfaults in ggml_backend_amx_mul_mat on these hosts) and without
+native detection; set GGML_AVX512 to match the CPU (`grep -c avx512f /proc/cpuinfo`): the host
+this table was measured on has AVX2/FMA only, and an AVX512=ON build dies with SIGILL there:
 
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX512=OFF -DGGML_FMA=ON \
       -DGGML_F16C=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF" \
       .venv/bin/pip install --no-cache-dir -r benchmarks/requirements-llamacpp.txt
+
+(llama-cpp-python also honours LLAMA_CPP_LIB_PATH=<dir with libllama.so> if you built the shared
+libraries with cmake yourself.)
 
 Run:  .venv/bin/python benchmarks/engine_dense.py [--decode 64] [--reps 3] [--weights auto]
       | tee benchmarks/results/engine_dense.txt

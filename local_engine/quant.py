@@ -79,6 +79,17 @@ class Int4Linear:
         qs, ss, zs = zip(*(_q4_unpack(p) for p in parts), strict=True)
         return cls(np.concatenate(qs), np.concatenate(ss), np.concatenate(zs), bias, act_dtype)
 
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
+                   act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
+        """Asymmetric 4-bit groups of 32 (min/max per group), like GGML Q4_1."""
+        rows, cols = w.shape
+        g = w.float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(rows, cols)
+        return cls(q.numpy(), scale.numpy(), (lo + 8.0 * scale).numpy(), bias, act_dtype)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(self.act_dtype), self.packed, INT4_GROUP,
