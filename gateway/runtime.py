@@ -106,7 +106,8 @@ class Runtime:
                 detail[name] = self.monitor.state(name)
                 continue
             ok = bool(getattr(backend, "ready", True))
-            detail[name] = "ready" if ok else "loading"
+            error = getattr(backend, "load_error", None)
+            detail[name] = "ready" if ok else (f"failed: {error}" if error else "loading")
             any_local = any_local or ok
         no_local = not any(not self.policy.is_cloud(n) for n in self.backends)
         return (any_local or no_local), detail

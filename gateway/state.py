@@ -64,10 +64,15 @@ class GatewayState:
             self._tasks.append(asyncio.create_task(self._watch(), name="policy-watch"))
 
     async def _load_engines(self, rt: Runtime) -> None:
-        for backend in rt.backends.values():
+        """Load in-process models before serving. A model that cannot load is logged and reported
+        by /readyz; the gateway still serves whatever its other targets can."""
+        for name, backend in rt.backends.items():
             load = getattr(backend, "load", None)
             if callable(load) and not getattr(backend, "ready", True):
-                await asyncio.to_thread(load)
+                try:
+                    await asyncio.to_thread(load)
+                except Exception as exc:
+                    log.error("engine_load_failed", target=name, error=str(getattr(exc, "message", exc)))
 
     async def reload(self) -> bool:
         """Load the policy file again; on any error keep the last good policy."""

@@ -22,10 +22,43 @@ from gateway.state import GatewayState
 
 router = APIRouter()
 
+MAX_JSON_DEPTH = 128  # deeper bodies are hostile; orjson also cannot re-serialise past 254 levels
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """Inline pydantic's `$defs` so the schema is valid anywhere in the OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def _depth_exceeds(data: Any, limit: int) -> bool:
+    stack = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return False
+
+
 _BODY_SCHEMA = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": _inline_defs(ChatCompletionRequest.model_json_schema())}},
     }
 }
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -63,6 +96,8 @@ async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
         raise APIError(400, "The request body is not valid JSON (or not UTF-8).", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise APIError(400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
     try:
         ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
