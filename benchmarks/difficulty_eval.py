@@ -115,7 +115,13 @@ def main() -> None:
     out("| method | wall p50 ms | wall p90 ms | wall p99 ms | CPU p50 ms (all threads) | wall p50 vs heuristic |")
     out("|---|---|---|---|---|---|")
     lat, cpu = {}, {}
-    for m, clf in (("heuristic", heur), ("knn", knn)):
+    import torch
+
+    default_threads = torch.get_num_threads()
+    runs = (("heuristic", heur, default_threads), (f"knn, {default_threads} torch threads", knn, default_threads),
+            ("knn, 1 torch thread", knn, 1))
+    for m, clf, threads in runs:
+        torch.set_num_threads(threads)
         for b in pick[:5]:
             clf.classify(b)  # warm-up
         ts, cs = [], []
@@ -125,7 +131,8 @@ def main() -> None:
             ts.append((time.perf_counter() - t) * 1000)
             cs.append((time.process_time() - c) * 1000)
         lat[m], cpu[m] = np.percentile(ts, [50, 90, 99]), float(np.median(cs))
-    for m in ("heuristic", "knn"):
+    torch.set_num_threads(default_threads)
+    for m, _, _ in runs:
         p = lat[m]
         out(f"| {m} | {p[0]:.2f} | {p[1]:.2f} | {p[2]:.2f} | {cpu[m]:.2f} | {p[0] / lat['heuristic'][0]:.1f}x |")
     lens = [len(b["messages"][0]["content"]) for b in pick]

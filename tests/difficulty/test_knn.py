@@ -37,8 +37,7 @@ def test_deterministic_across_calls_and_threads(knn_classifier):
     with ThreadPoolExecutor(4) as pool:
         again = list(pool.map(lambda p: knn_classifier.classify(body(p)), PROMPTS * 3))
     for i, f in enumerate(again):
-        assert f.score == first[i % len(PROMPTS)].score
-        assert f.level == first[i % len(PROMPTS)].level
+        assert f == first[i % len(PROMPTS)]  # score, level and evidence alike
 
 
 def test_batched_scores_match_single_requests(knn_classifier):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -33,6 +34,20 @@ class KnnDifficultyClassifier:
         self.embedder = embedder
         self.medium, self.hard = medium, hard
         self.budget_ms = budget_ms
+        self._slow = 0
+        self._slow_logged_at = -1e9
+        self._slow_lock = threading.Lock()
+
+    def _over_budget(self, elapsed_ms: float) -> None:
+        """Count slow classifications; log at most once a minute so a busy CPU does not flood logs."""
+        with self._slow_lock:
+            self._slow += 1
+            now = time.monotonic()
+            if now - self._slow_logged_at < 60:
+                return
+            self._slow_logged_at, count, self._slow = now, self._slow, 0
+        log.warning("difficulty classification over budget: %.1f ms > %.1f ms (%d slow since last report); "
+                    "consider difficulty.torch_threads: 1 on a busy machine", elapsed_ms, self.budget_ms, count)
 
     def score_many(self, texts: list[str], sigs: np.ndarray, progress: bool = False) -> np.ndarray:
         """Scores for many prompts at once (evaluation and calibration)."""
@@ -49,7 +64,7 @@ class KnnDifficultyClassifier:
         score = sigmoid(logit)
         elapsed_ms = (time.perf_counter() - t0) * 1000
         if elapsed_ms > self.budget_ms:
-            log.warning("difficulty_over_budget elapsed_ms=%.1f budget_ms=%.1f", elapsed_ms, self.budget_ms)
+            self._over_budget(elapsed_ms)
         sig_contrib = {n: round(float(c), 4) for n, c in zip(SIGNAL_NAMES, p["signals"][0], strict=True)
                        if abs(c) >= 0.01}
         neighbours = [
@@ -70,7 +85,6 @@ class KnnDifficultyClassifier:
             "neighbours": neighbours,
             "thresholds": {"medium": self.medium, "hard": self.hard},
             "artefact": self.version,
-            "elapsed_ms": round(elapsed_ms, 2),
         }
         return DifficultyFinding(
             level=level_for(score, self.medium, self.hard), score=round(score, 6), method=self.method,
