@@ -12,7 +12,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe be
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gateway.api import chat, errors, models, ops
+from gateway.api import chat, dashboard, errors, models, ops
 from gateway.state import GatewayState, Settings
 
 
@@ -30,6 +30,6 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app = FastAPI(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway_state
     errors.install(app)
-    for router in (chat.router, models.router, ops.router):
+    for router in (chat.router, models.router, ops.router, dashboard.router):
         app.include_router(router)
     return app
