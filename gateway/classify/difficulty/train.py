@@ -67,7 +67,7 @@ def fit_prototypes(emb: np.ndarray, hard: np.ndarray, n: int, seed: int = 0) -> 
     """k-means centroids (unit rows), their smoothed failure rate and size, and each row's centroid."""
     from sklearn.cluster import KMeans
 
-    n = min(n, len(emb))
+    n = min(n, max(1, len(emb) // 4))  # at least ~4 prompts per prototype on small data
     # 50 Lloyd iterations are plenty for a neighbour prior and keep a fit to seconds on 2 cores
     km = KMeans(n, n_init=1, max_iter=50, random_state=seed).fit(emb)
     centres = km.cluster_centers_ / np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True)
