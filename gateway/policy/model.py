@@ -93,7 +93,7 @@ class Limits(_Strict):
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline for a whole request.")
     body_read_timeout_s: float = Field(10.0, gt=0, description="Slow clients are cut off after this.")
     classify_budget_ms: float = Field(
-        500.0, gt=0, description="Time budget for all classifiers; over it, fail closed."
+        1500.0, gt=0, description="Time budget for all classifiers; over it, fail closed."
     )
 
 
