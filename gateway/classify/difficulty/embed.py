@@ -77,6 +77,9 @@ class MiniLMEmbedder:
         # One forward at a time: on 2 cores concurrent forwards only fight over the same threads,
         # and serialising makes the latency predictable.
         self._lock = threading.Lock()
+        # The first forward pays one-off kernel selection and allocation (hundreds of ms here);
+        # pay it at build time, not on the first request and its classify budget.
+        self.embed_many(["warm-up: a short sentence", "another, slightly longer warm-up sentence " * 8])
 
     def embed(self, text: str) -> np.ndarray:
         return self.embed_many([text])[0]
