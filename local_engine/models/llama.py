@@ -3,11 +3,13 @@
 One sequence at a time; x is [T, d]. Weights are read from the store once at load and kept in the
 representation chosen by ``weights``:
 
-    "auto"  GGUF Q4_0/Q4_1 -> int4 groups (exact, no re-quantisation), other GGUF quant types ->
-            int8 per row; float tensors keep their stored dtype (fp32/bf16)
+    "auto"  GGUF quantised matrices -> int8 per row with dynamic 8-bit activations (fbgemm), the
+            fastest kernel on this CPU; float tensors keep their stored dtype (fp32/bf16)
+    "int4"  GGUF Q4_0/Q4_1 -> PyTorch int4 groups (exact, no re-quantisation; smallest memory),
+            other GGUF quant types -> int8 per row
     "f32"   everything dequantised to fp32 (the reference path the tests compare with HF)
     "bf16"  everything in bf16
-    "int8"  every matrix int8 per row
+    "int8"  every matrix int8 per row (dynamic activations), float models included
 
 Fused weights: q|k|v and gate|up are concatenated so a layer does 4 matmuls per token.
 """
@@ -22,12 +24,12 @@ import torch
 
 from local_engine.errors import UnsupportedModel
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
-from local_engine.quant import DenseLinear, Int4Linear, Int8Linear
+from local_engine.quant import DenseLinear, DynInt8Linear, Int4Linear, Int8Linear
 from local_engine.store import GGUFStore, RawTensor, TensorStore
 
 GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-WEIGHT_MODES = ("auto", "f32", "bf16", "int8")
+WEIGHT_MODES = ("auto", "int4", "f32", "bf16", "int8")
 
 
 @dataclass
@@ -187,7 +189,7 @@ class LlamaModel:
         """A matrix as (float tensor, None) or (None, raw quantised), q/k rows un-permuted for GGUF."""
         raw = self.store.raw(name) if self.gguf else None
         perm = _unpermute_rows(self.store.shape(name)[0], n_head) if (self._permute and n_head) else None  # type: ignore[attr-defined]
-        if raw is not None and self.mode == "auto" and raw.qtype in ("Q4_0", "Q4_1"):
+        if raw is not None and self.mode == "int4" and raw.qtype in ("Q4_0", "Q4_1"):
             if perm is not None:
                 raw = RawTensor(raw.name, raw.qtype, raw.shape, raw.data[perm])
             return None, raw
@@ -207,6 +209,8 @@ class LlamaModel:
             quantised = self.gguf and any(r is not None or self.store.qtype(n) not in ("F32", "F16", "BF16")  # type: ignore[attr-defined]
                                           for (_, r), (n, _) in zip(parts, names, strict=True))
             if self.mode == "int8" or (self.mode == "auto" and quantised):
+                lin, kind = DynInt8Linear(w, bias), "int8-dynamic"
+            elif self.mode == "int4" and quantised:
                 lin, kind = Int8Linear(w, bias), "int8"
             elif self.mode == "bf16" or (self.mode == "auto" and w.dtype == torch.bfloat16):
                 lin, kind = DenseLinear(w, bias, torch.bfloat16), "bf16"

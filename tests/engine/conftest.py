@@ -23,7 +23,7 @@ def smol_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smol(smol_path: Path):
-    """The built-in model in the default representation (int4 groups + int8 head)."""
+    """The built-in model in the default representation (int8 weights, dynamic int8 activations)."""
     from local_engine.engine import Engine
 
     return Engine.open(smol_path)
