@@ -60,3 +60,11 @@ def test_serving_path_reproduces_the_fit(knn_classifier, labelled_path):
     sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
     scores = knn_classifier.score_many([e.prompt for e in pick], sigs)
     assert auc(np.asarray([e.hard for e in pick]), scores) > 0.65
+
+
+def test_classifiers_share_one_loaded_model(knn_classifier):
+    from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier
+
+    again = build_difficulty_classifier(DifficultyConfig(thresholds={"medium": 0.1, "hard": 0.2}))
+    assert again.embedder is knn_classifier.embedder  # a policy reload does not load MiniLM again
+    assert (again.medium, again.hard) == (0.1, 0.2)

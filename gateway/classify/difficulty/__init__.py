@@ -10,7 +10,7 @@ import logging
 
 from gateway.classify.difficulty.artefact import Artefact, ArtefactError, load_artefact
 from gateway.classify.difficulty.config import DifficultyConfig, Thresholds
-from gateway.classify.difficulty.embed import EmbeddingUnavailable, MiniLMEmbedder
+from gateway.classify.difficulty.embed import EmbeddingUnavailable, shared_embedder
 from gateway.classify.difficulty.heuristic import DEFAULT_THRESHOLDS, HeuristicDifficultyClassifier
 from gateway.classify.difficulty.knn import KnnDifficultyClassifier
 
@@ -58,7 +58,7 @@ def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierIm
                 import torch
 
                 torch.set_num_threads(cfg.torch_threads)
-            embedder = MiniLMEmbedder(cfg.embedding_package, max_tokens=max_tokens)
+            embedder = shared_embedder(cfg.embedding_package, max_tokens=max_tokens)
             return KnnDifficultyClassifier(
                 artefact, embedder, *_thresholds(cfg, artefact, "knn"), budget_ms=cfg.budget_ms
             )

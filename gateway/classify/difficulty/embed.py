@@ -111,3 +111,17 @@ class MiniLMEmbedder:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
             out[idx] = pooled.numpy()
         return out
+
+
+_SHARED: dict[tuple[str, int], MiniLMEmbedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_embedder(package: str = DEFAULT_PACKAGE, max_tokens: int = 128) -> MiniLMEmbedder:
+    """One embedder per (package, token cap) per process: every policy reload, runtime or test that
+    builds a knn classifier reuses the loaded model instead of paying seconds and ~90 MB again."""
+    key = (package, max_tokens)
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = MiniLMEmbedder(package, max_tokens=max_tokens)
+        return _SHARED[key]
