@@ -53,7 +53,9 @@ PROMPT = ("Hi, I am Maria Gonzalez (maria.gonzalez@example.com, +1 415 555 0134)
 UPSTREAM_CODE = """
 import sys, time
 sys.path.insert(0, {root!r})
+from tests.support import upstream
 from tests.support.upstream import FakeUpstream
+upstream._Server.request_queue_size = 1024  # socketserver's default backlog of 5 drops SYNs at c=64
 up = FakeUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
 up.received = type("Sink", (), {{"append": lambda self, x: None, "clear": lambda self: None}})()  # no growth
 up.received_headers = up.received
@@ -196,10 +198,13 @@ class Sample:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: Sample) -> None:
         self.latencies += other.latencies
         self.errors += other.errors
+        for k, n in other.error_kinds.items():
+            self.error_kinds[k] = self.error_kinds.get(k, 0) + n
         self.seconds += other.seconds
 
     def pct(self, q: float) -> float:
@@ -211,14 +216,15 @@ class Sample:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
 
-async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict[str, str]) -> bool:
+async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict[str, str]) -> str | None:
+    """None when the answer is complete and correct, else what was wrong."""
     async with session.post(url, json=payload, headers=headers) as resp:
         data = await resp.read()
         if resp.status != 200:
-            return False
+            return f"HTTP {resp.status}"
         if payload.get("stream"):
-            return b"data: [DONE]" in data and b'"content"' in data
-        return b'"choices"' in data
+            return None if b"data: [DONE]" in data and b'"content"' in data else "incomplete stream"
+        return None if b'"choices"' in data else "not a completion"
 
 
 async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
@@ -243,13 +249,14 @@ async def measure(server_url: str, model: str, headers: dict[str, str], concurre
                     return
                 t0 = time.perf_counter()
                 try:
-                    ok = await one(session, url, payload, headers)
-                except (aiohttp.ClientError, TimeoutError):
-                    ok = False
-                if ok:
+                    problem = await one(session, url, payload, headers)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    problem = type(exc).__name__
+                if problem is None:
                     sample.latencies.append(time.perf_counter() - t0)
                 else:
                     sample.errors += 1
+                    sample.error_kinds[problem] = sample.error_kinds.get(problem, 0) + 1
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -311,7 +318,8 @@ def run(args: argparse.Namespace) -> str:
                 add50 = s.pct(0.5) - base.pct(0.5)
                 add99 = s.pct(0.99) - base.pct(0.99)
                 plus = f"{'-':>9}{'-':>9}" if p.name == "direct" else f"{add50:9.2f}{add99:9.2f}"
-                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}")
+                kinds = f"  {s.error_kinds}" if s.errors else ""
+                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}{kinds}")
         out()
         out(f"{'path':<10}{'peak RSS MB':>12}{'max req/s (0 errors)':>22}")
         best: dict[str, float] = {}
