@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.support.upstream import FakeUpstream
+from tests.support.upstream import FakeUpstream, Fault
 
 # Small timeouts so every fault resolves in about a second; hysteresis as shipped (3 down, 2 up).
 # Classification is switched off (heuristic difficulty, no presidio): this suite is about transport.
@@ -209,3 +209,104 @@ class Transitions:
 
     def between(self, t0: float, t1: float, target: str = "cloud") -> list[tuple[float, str]]:
         return [(t, s) for t, tgt, s in self.events if tgt == target and t0 <= t <= t1]
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class SoakReport:
+    seconds: float
+    tally: Counter[str]
+    samples: list[tuple[float, float, int]]  # (t, rss MB, fds)
+    warmup_s: float
+    outages: int
+    slowest_s: float
+
+    def _after_warmup(self) -> list[tuple[float, float, int]]:
+        return [s for s in self.samples if s[0] >= self.warmup_s] or self.samples[-1:]
+
+    @property
+    def rss_start(self) -> float:
+        first = self._after_warmup()[:3]
+        return sorted(s[1] for s in first)[len(first) // 2]
+
+    @property
+    def rss_end(self) -> float:
+        last = self._after_warmup()[-3:]
+        return sorted(s[1] for s in last)[len(last) // 2]
+
+    @property
+    def rss_growth(self) -> float:
+        return (self.rss_end - self.rss_start) / self.rss_start
+
+    @property
+    def fds_start(self) -> int:
+        return self._after_warmup()[0][2]
+
+    @property
+    def fds_max(self) -> int:
+        return max(s[2] for s in self._after_warmup())
+
+    def lines(self) -> list[str]:
+        t = self.tally
+        sent = sum(t.values())
+        return [
+            f"soak: {self.seconds:.0f} s, {self.outages} cloud outages, warm-up {self.warmup_s:.0f} s",
+            f"soak: sent={sent} primary={t['primary']} fallback={t['fallback']} offline_rule={t['offline_rule']} "
+            f"midstream_error={t['midstream_error']} failed={t['failed']}; slowest {self.slowest_s:.2f} s",
+            f"soak: RSS after warm-up {self.rss_start:.1f} MB -> end {self.rss_end:.1f} MB "
+            f"({100 * self.rss_growth:+.1f}%), peak {max(s[1] for s in self.samples):.1f} MB",
+            f"soak: open fds after warm-up {self.fds_start}, max {self.fds_max}, "
+            f"end {self.samples[-1][2]} ({len(self.samples)} samples)",
+        ]
+
+
+def soak(base_url: str, pid: int, cloud: FakeUpstream, *, seconds: float, warmup_s: float,
+         outage_every_s: float, outage_s: float, sample_every_s: float, threads: int = 4,
+         pause_s: float = 0.02, log: Callable[[str], None] | None = None) -> SoakReport:
+    """Mixed streaming load for `seconds`, the cloud killed for `outage_s` every `outage_every_s`
+    (connection refused), with a blip of 502s between outages; RSS and fds of `pid` sampled."""
+    phase = ["healthy"]
+    driver = Driver(base_url, threads=threads, pause_s=pause_s, phase=lambda: phase[0])
+    samples: list[tuple[float, float, int]] = []
+    t0 = time.monotonic()
+    next_sample, next_outage = t0, t0 + outage_every_s
+    outages = 0
+    driver.start()
+    try:
+        while (now := time.monotonic()) - t0 < seconds:
+            if now >= next_sample:
+                samples.append((now - t0, proc_rss_mb(pid), proc_fds(pid)))
+                if log:
+                    log(f"  t={now - t0:6.0f}s rss={samples[-1][1]:.1f} MB fds={samples[-1][2]} "
+                        f"requests={len(driver.results)}")
+                next_sample += sample_every_s
+            if now >= next_outage and now - t0 + outage_s < seconds:
+                outages += 1
+                phase[0] = "outage"
+                cloud.stop()
+                time.sleep(outage_s)
+                cloud.start()
+                phase[0] = "blip"
+                cloud.fault = Fault("status", status=502)
+                time.sleep(min(0.5, outage_s))
+                cloud.fault = None
+                phase[0] = "healthy"
+                next_outage = time.monotonic() + outage_every_s
+            time.sleep(0.05)
+    finally:
+        driver.stop()
+    time.sleep(1.0)  # let keep-alive connections settle before the last sample
+    samples.append((time.monotonic() - t0, proc_rss_mb(pid), proc_fds(pid)))
+    results = list(driver.results)
+    return SoakReport(seconds=time.monotonic() - t0, tally=driver.tally(), samples=samples, warmup_s=warmup_s,
+                      outages=outages, slowest_s=max((r.seconds for r in results), default=0.0))
