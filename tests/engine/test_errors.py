@@ -108,7 +108,7 @@ def test_cli_exit_2_one_line(case: str, smol_path: Path, tmp_path: Path) -> None
 
 def test_cli_generate_with_stats(smol_path: Path) -> None:
     r = CliRunner().invoke(main, ["generate", "builtin:smollm2-135m", "--chat", "What is the capital of France?",
-                                  "--max-tokens", "16", "--stats", "--threads", "2"])
+                                  "--max-tokens", "16", "--stats", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert "Paris" in r.stdout
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak RSS" in r.stderr
