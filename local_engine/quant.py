@@ -18,7 +18,7 @@ Matrices that share an input (q|k|v, gate|up) are fused by concatenating rows be
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -122,12 +122,19 @@ class F16Linear:
 class Int8Linear:
     """Symmetric int8 per output row, computed from a float weight."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+    def __init__(self, weight: torch.Tensor | Iterable[torch.Tensor], bias: torch.Tensor | None = None,
                  act_dtype: torch.dtype = torch.bfloat16) -> None:
-        w = weight.float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-        self.w8 = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(act_dtype)
+        # quantise in row chunks: a 49k-row vocab head in fp32 is 113 MB, and doing it in one go
+        # made the transient copies the peak RSS of the whole engine
+        chunks = weight.split(4096) if isinstance(weight, torch.Tensor) else weight
+        w8s, scales = [], []
+        for c in chunks:
+            w = c.float()
+            sc = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            w8s.append(torch.round(w / sc[:, None]).clamp(-127, 127).to(torch.int8))
+            scales.append(sc)
+        self.w8 = torch.cat(w8s).contiguous()
+        self.scale = torch.cat(scales).to(act_dtype)
         self.bias = None if bias is None else bias.float()
         self.act_dtype = act_dtype
         self.out_features, self.in_features = self.w8.shape

@@ -201,6 +201,13 @@ class LlamaModel:
 
     def _linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None = None,
                 head: bool = False) -> Any:
+        if head and self.gguf and self.mode in ("auto", "int4", "int8"):
+            raw = self.store.raw(names[0][0])
+            if raw is not None:  # dequantise + re-quantise the vocab head chunk by chunk (peak RSS)
+                lin = Int8Linear(self._dequant_chunks(raw))
+                self.weight_bytes += lin.nbytes
+                self.kinds["int8"] = self.kinds.get("int8", 0) + 1
+                return lin
         parts = [self._rows(n, h) for n, h in names]
         if all(r is not None for _, r in parts):
             lin: Any = Int4Linear.from_raw([r for _, r in parts], bias)  # type: ignore[misc]
@@ -246,6 +253,15 @@ class LlamaModel:
             q_norm=self._opt(n("q_norm", i)),
             k_norm=self._opt(n("k_norm", i)),
         )
+
+    @staticmethod
+    def _dequant_chunks(raw: RawTensor, rows: int = 4096) -> Any:
+        import gguf
+
+        qt = gguf.GGMLQuantizationType[raw.qtype]
+        for a in range(0, raw.shape[0], rows):
+            arr = gguf.quants.dequantize(raw.data[a:a + rows], qt)
+            yield torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(-1, raw.shape[1])
 
     def _load_embeddings(self) -> None:
         emb_name = self._name("embed")
