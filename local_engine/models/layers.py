@@ -154,8 +154,10 @@ class KVCache:
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq: int,
                  dtype: torch.dtype = torch.float32) -> None:
-        self.k = torch.zeros(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
-        self.v = torch.zeros(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
+        # empty, not zeros: positions are written before they are read, and untouched pages of a
+        # long context never become resident memory
+        self.k = torch.empty(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
+        self.v = torch.empty(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
         self.max_seq = max_seq
         self.length = 0
 
