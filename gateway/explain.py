@@ -24,7 +24,10 @@ async def explain_with(
     headers: dict[str, str] | None = None,
     client: str | None = None,
 ) -> tuple[pipeline.Prepared, dict[str, Any]]:
-    for name in rt.monitor.health:
+    for name, health in rt.monitor.health.items():
+        # Explaining calls nothing, so a cloud target without a key is simulated like any other:
+        # the question is what the policy would do, online or offline.
+        health.disabled = False
         rt.monitor.force(name, "offline" if offline else "online")
     call = pipeline.Call(
         body=body,
