@@ -98,13 +98,14 @@ async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     if _depth_exceeds(data, MAX_JSON_DEPTH):
         raise APIError(400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:  # before the costly validation
+        raise APIError(400, f"Too many messages (limit {limits.max_messages}).", param="messages",
+                       code="too_many_messages")
     try:
         ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
-    if len(data["messages"]) > limits.max_messages:
-        raise APIError(400, f"Too many messages (limit {limits.max_messages}).", param="messages",
-                       code="too_many_messages")
     return data
 
 
