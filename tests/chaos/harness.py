@@ -230,6 +230,7 @@ class SoakReport:
     warmup_s: float
     outages: int
     slowest_s: float
+    failures: list[Result] = field(default_factory=list)
 
     def _after_warmup(self) -> list[tuple[float, float, int]]:
         return [s for s in self.samples if s[0] >= self.warmup_s] or self.samples[-1:]
@@ -267,6 +268,8 @@ class SoakReport:
             f"({100 * self.rss_growth:+.1f}%), peak {max(s[1] for s in self.samples):.1f} MB",
             f"soak: open fds after warm-up {self.fds_start}, max {self.fds_max}, "
             f"end {self.samples[-1][2]} ({len(self.samples)} samples)",
+            *(f"soak: failed: phase {r.phase_start}->{r.phase_end} stream={r.stream} status={r.status} "
+              f"{r.ended}: {r.detail[:160]}" for r in self.failures[:10]),
         ]
 
 
@@ -309,4 +312,5 @@ def soak(base_url: str, pid: int, cloud: FakeUpstream, *, seconds: float, warmup
     samples.append((time.monotonic() - t0, proc_rss_mb(pid), proc_fds(pid)))
     results = list(driver.results)
     return SoakReport(seconds=time.monotonic() - t0, tally=driver.tally(), samples=samples, warmup_s=warmup_s,
-                      outages=outages, slowest_s=max((r.seconds for r in results), default=0.0))
+                      outages=outages, slowest_s=max((r.seconds for r in results), default=0.0),
+                      failures=[r for r in results if r.outcome == "failed"])

@@ -345,7 +345,7 @@ def test_slow_loris_crowd_does_not_starve_real_clients(gw: RunningGateway) -> No
         slow.append(s)
     t0 = time.monotonic()
     r = post(gw, json.dumps(msg()).encode())
-    assert r.status_code == 200 and time.monotonic() - t0 < 2
+    assert r.status_code == 200 and time.monotonic() - t0 < 5  # served while they hang, not after
 
     answers: list[bytes] = []
     lock = threading.Lock()
