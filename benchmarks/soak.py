@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--max-growth", type=float, default=0.10)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--gateway-log", help="write the gateway's JSON log (level ERROR) here; default: discard")
     args = ap.parse_args()
 
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "HF_HUB_OFFLINE": "1", "NO_PROXY": "*"}
@@ -77,7 +78,8 @@ def main() -> None:
         port = free_port()
         proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
                                  "--port", str(port), "--log-level", "ERROR", "--no-watch"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(args.gateway_log, "w") if args.gateway_log else subprocess.DEVNULL)  # noqa: SIM115
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
             print(f"soak: gateway pid {proc.pid} on :{port}, {args.minutes} min, outage {args.outage} s "
