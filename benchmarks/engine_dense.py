@@ -6,7 +6,8 @@ process, so RSS is its own), and our/llama.cpp ratios. Targets: decode >= 0.7x, 
 
 Method: a fixed prompt of ~97 tokens (the same ids for both), greedy; prefill = one batched
 forward of the prompt; decode = N single-token steps after it (argmax of the last logits); best
-of R repetitions per configuration; model load time is not counted. The table also shows the
+of R repetitions per configuration; model load time is not counted. Both run with
+OMP_WAIT_POLICY=PASSIVE (override by setting it). The table also shows the
 1-minute load average, because this box is shared and absolute numbers move with it; the ratios
 are what to read.
 
@@ -115,7 +116,9 @@ def worker_llamacpp(threads: int, ids: list[int], decode: int, reps: int) -> dic
 def _child(engine: str, threads: int, args: argparse.Namespace) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", engine, "--threads", str(threads), "--decode", str(args.decode),
            "--reps", str(args.reps), "--prompt-tokens", str(args.prompt_tokens), "--weights", args.weights]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    # passive OpenMP waits for both engines: on a shared box spinning workers starve each other
+    # (measured: our 2-thread decode 4.4 -> 12 tok/s with it)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"{engine} worker failed:\n{out.stderr[-2000:]}")
