@@ -79,29 +79,59 @@ async def _timed(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> 
         metrics.classify_seconds.labels(name).observe(time.perf_counter() - t0)
 
 
+def _inline(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> Any:
+    t0 = time.perf_counter()
+    try:
+        return fn(body)
+    finally:
+        metrics.classify_seconds.labels(name).observe(time.perf_counter() - t0)
+
+
+def _sensitivity_failed(call: Call, exc: BaseException | None) -> SensitivityFinding:
+    # Fail closed: an analysis we could not finish must never let the request reach the cloud.
+    if exc is None:
+        return SensitivityFinding(level="high", error="sensitivity analysis exceeded its time budget")
+    log.error("sensitivity_failed", error=type(exc).__name__, request_id=call.request_id)
+    return SensitivityFinding(level="high", error=f"sensitivity analysis failed ({type(exc).__name__})")
+
+
+def _difficulty_failed(call: Call, exc: BaseException | None) -> DifficultyFinding:
+    if exc is None:
+        return DifficultyFinding(level="easy", method="timeout", evidence={"error": "over budget"})
+    log.error("difficulty_failed", error=type(exc).__name__, request_id=call.request_id)
+    return DifficultyFinding(level="easy", method="error", evidence={"error": type(exc).__name__})
+
+
+async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics) -> tuple[SensitivityFinding, DifficultyFinding]:
+    """Both classifiers under one time budget: cheap ones inline, model-backed ones in threads."""
+    jobs = {"sensitivity": rt.sensitivity.classify, "difficulty": rt.difficulty.classify}
+    inline = {n for n, c in (("sensitivity", rt.sensitivity), ("difficulty", rt.difficulty))
+              if getattr(c, "runs_inline", False)}
+    results: dict[str, Any] = {}
+    errors: dict[str, BaseException | None] = {}
+    tasks = {n: asyncio.ensure_future(_timed(metrics, n, fn, call.body)) for n, fn in jobs.items() if n not in inline}
+    for name in inline:
+        try:
+            results[name] = _inline(metrics, name, jobs[name], call.body)
+        except Exception as exc:
+            errors[name] = exc
+    if tasks:
+        done, _ = await asyncio.wait(tasks.values(), timeout=rt.policy.limits.classify_budget_ms / 1000)
+        for name, task in tasks.items():
+            if task not in done:
+                task.cancel()  # the thread finishes on its own; its result is ignored
+                errors[name] = None
+            elif task.exception() is not None:
+                errors[name] = task.exception()
+            else:
+                results[name] = task.result()
+    sensitivity = results.get("sensitivity") or _sensitivity_failed(call, errors.get("sensitivity"))
+    difficulty = results.get("difficulty") or _difficulty_failed(call, errors.get("difficulty"))
+    return sensitivity, difficulty
+
+
 async def classify(rt: Runtime, call: Call, metrics: Metrics) -> Features:
-    budget = rt.policy.limits.classify_budget_ms / 1000
-    sens_task = asyncio.ensure_future(_timed(metrics, "sensitivity", rt.sensitivity.classify, call.body))
-    diff_task = asyncio.ensure_future(_timed(metrics, "difficulty", rt.difficulty.classify, call.body))
-    done, _ = await asyncio.wait({sens_task, diff_task}, timeout=budget)
-    try:
-        sensitivity = sens_task.result() if sens_task in done else None
-        if sensitivity is None:
-            sensitivity = SensitivityFinding(level="high", error="sensitivity analysis exceeded its time budget")
-    except Exception as exc:
-        # Fail closed: an analysis we could not finish must never let the request reach the cloud.
-        log.error("sensitivity_failed", error=type(exc).__name__, request_id=call.request_id)
-        sensitivity = SensitivityFinding(level="high", error=f"sensitivity analysis failed ({type(exc).__name__})")
-    try:
-        difficulty = diff_task.result() if diff_task in done else None
-        if difficulty is None:
-            difficulty = DifficultyFinding(level="easy", method="timeout", evidence={"error": "over budget"})
-    except Exception as exc:
-        log.error("difficulty_failed", error=type(exc).__name__, request_id=call.request_id)
-        difficulty = DifficultyFinding(level="easy", method="error", evidence={"error": type(exc).__name__})
-    for task in (sens_task, diff_task):
-        if not task.done():
-            task.cancel()  # the thread finishes on its own; its result is ignored
+    sensitivity, difficulty = await _run_classifiers(rt, call, metrics)
     return Features(
         model=str(call.body.get("model", "")),
         client=call.client,

@@ -60,6 +60,7 @@ class HeuristicDifficultyClassifier:
     """Stateless and thread-safe."""
 
     method = "heuristic"
+    runs_inline = True  # ~0.2 ms of regexes: cheaper than a thread hand-off
 
     def __init__(self, medium: float, hard: float, note: str | None = None) -> None:
         self.medium, self.hard = medium, hard
