@@ -11,6 +11,8 @@ export LITELLM_LOCAL_MODEL_COST_MAP := True
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# torch worker threads sleep instead of spin-waiting: on a shared 2-core box spinning made generation ~10x slower.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: setup run test lint bench clean
 

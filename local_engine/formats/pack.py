@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from local_engine.errors import EngineError
+
 FORMAT_NAME = "hgw-flash-moe"
 FORMAT_VERSION = 1
 ALIGN = 4096
@@ -56,8 +58,11 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class PackError(RuntimeError):
-    """A packed directory (or a pack source) is missing, malformed, truncated or corrupt."""
+class PackError(EngineError, RuntimeError):
+    """A packed directory (or a pack source) is missing, malformed, truncated or corrupt.
+
+    An EngineError, so the CLI prints it as one line (exit 2) and the gateway maps it like any
+    other model error."""
 
 
 class UnsupportedArchitecture(PackError):
