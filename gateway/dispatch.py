@@ -154,6 +154,13 @@ class Dispatcher:
                         except BackendError as e:
                             self._record(target, e)
                             raise
+                        except Exception as exc:
+                            # A backend bug or a library raising outside its documented errors
+                            # (seen: AttributeError from a socket torn down mid-call) must not
+                            # lose the request: treat it as a failed attempt and fall back.
+                            e = BackendError("protocol", f"{target}: unexpected {type(exc).__name__}")
+                            self._record(target, e)
+                            raise e from None
                 self._record(target, None)
                 outcome.fallbacks, outcome.attempts = fallbacks, attempts
                 return outcome

@@ -316,6 +316,10 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                 return
             except TimeoutError:
                 raise BackendError("timeout", "request deadline passed mid-stream") from None
+            except BackendError:
+                raise
+            except Exception as exc:  # end the stream cleanly whatever the backend raised
+                raise BackendError("protocol", f"unexpected {type(exc).__name__} mid-stream") from None
             yield chunk
 
     def out(chunk: dict[str, Any]) -> list[bytes]:
