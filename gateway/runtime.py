@@ -42,6 +42,10 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             **opts,
         )
     assert cfg.model is not None
+    common: dict[str, Any] = dict(
+        model=cfg.model, api_base=cfg.api_base, api_key=cfg.api_key, timeout_s=cfg.timeout_s,
+        extra_body=cfg.extra_body,
+    )
     direct = cfg.client == "openai" or (
         cfg.client == "auto" and cfg.model.startswith("openai/") and cfg.api_base is not None
     )
@@ -50,24 +54,10 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
 
         if not cfg.api_base:
             raise ValueError(f"target {name!r}: client openai needs api_base")
-        return OpenAIHTTPBackend(
-            name,
-            model=cfg.model,
-            api_base=cfg.api_base,
-            api_key=cfg.api_key,
-            timeout_s=cfg.timeout_s,
-            extra_body=cfg.extra_body,
-        )
+        return OpenAIHTTPBackend(name, **common)
     from gateway.backends.litellm_backend import LitellmBackend
 
-    return LitellmBackend(
-        name,
-        model=cfg.model,
-        api_base=cfg.api_base,
-        api_key=cfg.api_key,
-        timeout_s=cfg.timeout_s,
-        extra_body=cfg.extra_body,
-    )
+    return LitellmBackend(name, **common)
 
 
 # Classifiers load NLP and embedding models (seconds each) and are safe to share between threads,

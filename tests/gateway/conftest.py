@@ -68,18 +68,6 @@ def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, text: str
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[FakeUpstream]:
-    with FakeUpstream(model="cloud-model", name="cloud") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[FakeUpstream]:
-    with FakeUpstream(model="local-model", name="local", reply=lambda b: "local answer") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def policy_file(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream, local: FakeUpstream) -> Path:
     return write_policy(tmp_path_factory.mktemp("policy") / "policy.yaml", cloud, local)
 

@@ -62,18 +62,6 @@ def _policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, on_error: str,
 
 
 @pytest.fixture(scope="module")
-def cloud() -> Iterator[FakeUpstream]:
-    with FakeUpstream(model="cloud-model", name="cloud") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
-def local() -> Iterator[FakeUpstream]:
-    with FakeUpstream(model="local-model", name="local", reply=lambda b: "local answer") as up:
-        yield up
-
-
-@pytest.fixture(scope="module")
 def audit_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("audit") / "audit.jsonl"
 
