@@ -84,7 +84,8 @@ async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(consume(), timeout=limits.body_read_timeout_s)
+        async with asyncio.timeout(limits.body_read_timeout_s):  # no extra task, unlike wait_for
+            await consume()
     except TimeoutError:
         raise APIError(408, "Timed out reading the request body.", code="body_timeout") from None
     raw = b"".join(chunks)
