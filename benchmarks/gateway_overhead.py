@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/gateway_overhead.py            # ~4 minutes
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
 
+Every request carries a distinct ~1 KB prompt (a counter at its end), so classifier caches miss.
+
 Paths, all to the same Nagle-free loopback fake upstream (tests/support/upstream.py, run in its
 own process so it does not share a GIL with the load generator), fixed small answer:
 
@@ -230,9 +232,16 @@ async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: 
 async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
                   requests: int | None, seconds: float | None) -> Sample:
     url = (server_url if server_url.endswith("/v1") else server_url + "/v1") + "/chat/completions"
-    payload = {"model": model, "stream": stream, "max_tokens": 16,
-               "messages": [{"role": "user", "content": PROMPT}]}
     sample = Sample()
+    counter = [0]
+
+    def payload() -> dict:
+        # A different prompt every time (same length), so no classifier result cache can hit:
+        # real traffic does not repeat itself byte for byte.
+        counter[0] += 1
+        text = f"{PROMPT[:-12]} ref {os.getpid() % 1000:03d}{counter[0]:05d}"
+        return {"model": model, "stream": stream, "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
@@ -249,7 +258,7 @@ async def measure(server_url: str, model: str, headers: dict[str, str], concurre
                     return
                 t0 = time.perf_counter()
                 try:
-                    problem = await one(session, url, payload, headers)
+                    problem = await one(session, url, payload(), headers)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     problem = type(exc).__name__
                 if problem is None:
