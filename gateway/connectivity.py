@@ -4,7 +4,8 @@ Routing reads `state(target)` without waiting: the knowledge is kept warm in the
 request never has to discover an outage by timing out. A target flips offline after
 `failures_to_offline` consecutive failures and back online after `successes_to_online`
 consecutive successes, so a single blip does not flap the route. After a failure the probe runs
-sooner, so a dead cloud is marked offline within about one probe interval even with no traffic.
+sooner, so a dead cloud is marked offline within about one probe interval even with no traffic;
+once offline, a target stays so for at least one probe interval (hold-down against flapping).
 """
 
 from __future__ import annotations
@@ -133,7 +134,10 @@ class ConnectivityMonitor:
         if ok:
             h.successes += 1
             h.failures = 0
-            if h.state == "offline" and h.successes >= self.cfg.successes_to_online:
+            # Hold-down: stay offline at least one probe interval, so a cloud whose probe answers
+            # but whose calls keep failing does not flap on every pair of good probes.
+            held = time.time() - h.last_change >= self.cfg.probe_interval_s
+            if h.state == "offline" and h.successes >= self.cfg.successes_to_online and held:
                 h.state, h.last_change = "online", time.time()
         else:
             h.failures += 1

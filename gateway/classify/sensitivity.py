@@ -18,14 +18,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
-
-from presidio_analyzer import AnalyzerEngine
+from typing import TYPE_CHECKING, Any
 
 from gateway.features import SENSITIVITY_LEVELS, Entity, SensitivityFinding, level_rank
 from gateway.privacy.config import PrivacyConfig
-from gateway.privacy.engine import build_analyzer
 from gateway.privacy.walk import Segment, walk
+
+if TYPE_CHECKING:
+    from presidio_analyzer import AnalyzerEngine
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ class PresidioSensitivityClassifier:
     def __init__(self, cfg: PrivacyConfig) -> None:
         self._cfg = cfg
         self._levels = cfg.effective_levels()
+        # Imported here: presidio pulls in spaCy (and torch); a gateway with privacy disabled
+        # never pays for it, in start-up time or memory.
+        from gateway.privacy.engine import build_analyzer
+
         self._analyzer: AnalyzerEngine
         self._analyzer, self._entities = build_analyzer(cfg)
         self._lock = threading.Lock()
