@@ -63,17 +63,22 @@ def info(model: str, weights: str) -> None:
 @click.option("--stop", multiple=True, help="stop string (repeatable)")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's)")
 @click.option("--weights", default="auto", show_default=True, help="auto | f32 | bf16 | int8")
+@click.option("--memory-budget", default=None,
+              help="packed MoE dirs: expert cache size, e.g. 2GiB or 0 to stream every expert "
+                   "(default: $LOCAL_ENGINE_MOE_BUDGET, else 2GiB)")
 @click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
 @_clean_errors
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
-             stop: tuple[str, ...], threads: int | None, weights: str, stats: bool) -> None:
+             stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
+             stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
     from local_engine.engine import Engine
 
-    eng = Engine.open(model, threads=threads, weights=weights)
+    opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
+    eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
     if chat_text is not None:

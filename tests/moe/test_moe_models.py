@@ -133,8 +133,9 @@ def test_engine_open_registers_packed_dirs(tiny_models: dict[str, Tiny]) -> None
         eng.model.close()
 
 
+@pytest.mark.parametrize("how", ["env", "flag"])
 def test_local_engine_generate_stats_on_a_packed_dir(tiny_models: dict[str, Tiny],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """`local-engine generate PACKED --stats` streams through the expert store and prints its stats."""
     import json
 
@@ -142,9 +143,14 @@ def test_local_engine_generate_stats_on_a_packed_dir(tiny_models: dict[str, Tiny
 
     from local_engine.cli import main
 
-    monkeypatch.setenv("LOCAL_ENGINE_MOE_BUDGET", "0")
+    budget: list[str] = []
+    if how == "env":
+        monkeypatch.setenv("LOCAL_ENGINE_MOE_BUDGET", "0")
+    else:
+        monkeypatch.setenv("LOCAL_ENGINE_MOE_BUDGET", "1GiB")  # the flag wins over the environment
+        budget = ["--memory-budget", "0"]
     r = CliRunner().invoke(main, ["generate", str(tiny_models["mixtral"].packed["int8"]), "--prompt",
-                                  " ".join(f"w{i}" for i in PROMPT), "--max-tokens", "5", "--stats"])
+                                  " ".join(f"w{i}" for i in PROMPT), "--max-tokens", "5", "--stats", *budget])
     assert r.exit_code == 0, r.output
     extra = json.loads(r.stderr.strip().splitlines()[-1])
     assert extra["store_cache_budget_bytes"] == 0 and extra["hit_rate"] == 0.0
