@@ -12,7 +12,6 @@ from typing import Any, Literal
 
 SENSITIVITY_LEVELS: tuple[str, ...] = ("none", "low", "medium", "high")
 DIFFICULTY_LEVELS: tuple[str, ...] = ("easy", "medium", "hard")
-CONNECTIVITY_STATES: tuple[str, ...] = ("online", "offline")
 
 Connectivity = Literal["online", "offline"]
 

@@ -51,6 +51,10 @@ class AuditLog:
         if path and path != "-":
             self._fh = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives with the app
 
+    @property
+    def enabled(self) -> bool:
+        return self._path is not None
+
     def write(self, record: dict[str, Any]) -> None:
         if self._path is None:
             return

@@ -156,6 +156,8 @@ def _record(
         for kind in ("prompt_tokens", "completion_tokens"):
             if isinstance(usage.get(kind), int):
                 m.tokens.labels(route, kind.removesuffix("_tokens")).inc(usage[kind])
+    if not state.audit.enabled:  # the record is built per request: skip it when nobody reads it
+        return
     state.audit.write(
         {
             "time": time.time(),
