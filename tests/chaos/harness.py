@@ -89,6 +89,7 @@ class Result:
     tokens: int = 0
     ended: str = "ok"  # ok | error_event | status | exception | no_done
     detail: str = ""
+    started: float = 0.0  # time.monotonic() when the request was sent
 
     @property
     def outcome(self) -> str:
@@ -143,7 +144,7 @@ def one_request(client: httpx.Client, i: int, stream: bool, phase: Callable[[], 
     return Result(stream=stream, status=status, route=headers.get("x-hybrid-route"),
                   fallback=headers.get("x-hybrid-fallback"), rule=headers.get("x-hybrid-rule"),
                   seconds=time.monotonic() - t0, phase_start=start_phase, phase_end=phase(), tokens=tokens,
-                  ended=ended, detail=detail)
+                  ended=ended, detail=detail, started=t0)
 
 
 @dataclass

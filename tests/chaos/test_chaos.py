@@ -23,6 +23,7 @@ from tests.chaos.harness import (
     DEADLINE_S,
     PROBE_INTERVAL_S,
     Driver,
+    Result,
     Transitions,
     open_fds,
     write_chaos_policy,
@@ -69,6 +70,19 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
     transitions = Transitions()
     outages: list[dict[str, float | str]] = []
     phase = ["starting"]
+    phase_log: list[tuple[float, str]] = [(time.monotonic(), "starting")]
+
+    def set_phase(name: str) -> None:
+        phase[0] = name
+        phase_log.append((time.monotonic(), name))
+
+    def phases_during(r: Result) -> set[str]:
+        """Every phase active while the request ran: a stream sent in one phase can reach the
+        upstream in the next, and outlive a short phase entirely."""
+        end = r.started + r.seconds
+        active = {name for t, name in phase_log if r.started <= t <= end}
+        before = [name for t, name in phase_log if t < r.started]
+        return active | set(before[-1:])
 
     try:
         with run_gateway(write_chaos_policy(tmp_path / "chaos.yaml", cloud, local)) as gw:
@@ -80,20 +94,20 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
 
             def run_faults() -> None:
                 for name, fault, seconds in FAULTS:
-                    phase[0] = name
+                    set_phase(name)
                     cloud.fault = fault
                     time.sleep(seconds)
                     cloud.fault = None
 
             def outage(name: str, begin: Callable[[], None], end: Callable[[], None], seconds: float) -> None:
-                phase[0] = name
+                set_phase(name)
                 t0 = time.monotonic()
                 begin()
                 to_offline = wait_for(lambda: monitor.state("cloud") == "offline", timeout=5)
                 time.sleep(max(0.0, seconds - to_offline))
                 t1 = time.monotonic()
                 end()
-                phase[0] = name + "_recovery"
+                set_phase(name + "_recovery")
                 to_online = wait_for(lambda: monitor.state("cloud") == "online", timeout=5)
                 t2 = time.monotonic()
                 time.sleep(1.0)  # healthy again: the state must stay put
@@ -105,7 +119,7 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
             captive_everywhere = Fault("captive", paths=("/models", "/chat/completions"))
             outage("captive_all", lambda: setattr(cloud, "fault", captive_everywhere),
                    lambda: setattr(cloud, "fault", None), 1.5)
-            phase[0] = "healthy_end"
+            set_phase("healthy_end")
             time.sleep(0.5)
             driver.stop()
             results = list(driver.results)
@@ -138,7 +152,7 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
     # Mid-stream breaks only happen where the schedule cuts a stream after tokens, they carried
     # the tokens that arrived, and they stay the minority of streams.
     mid = [r for r in results if r.outcome == "midstream_error"]
-    assert all({r.phase_start, r.phase_end} & MIDSTREAM_PHASES for r in mid), [(r.phase_start, r.detail) for r in mid]
+    assert all(phases_during(r) & MIDSTREAM_PHASES for r in mid), [(sorted(phases_during(r)), r.detail) for r in mid]
     assert all(r.tokens > 0 and "interrupted" in r.detail for r in mid)
     assert len(mid) <= 0.15 * len(streams)
 
