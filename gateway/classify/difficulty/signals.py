@@ -7,9 +7,10 @@ model and the heuristic score both use, on a log scale so one very long prompt c
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.classify.text import content_text, last_user_text
@@ -23,10 +24,34 @@ _CODE_LINE = re.compile(
     r"return\b|for\s*\(|while\s*\(|if\s*\(|SELECT |\}|.*[;{]\s*$)",
     re.MULTILINE,
 )
-_MATH = re.compile(
-    r"\\(frac|sqrt|int|sum|prod|lim|alpha|beta|theta|pi|cdot|times|leq|geq|neq|infty|partial)\b"
-    r"|[=<>≤≥≠±×÷√∑∏∫∂∞π^]|\$[^$\n]+\$|\b\d+\s*[-+*/]\s*\d+\b|\b[a-z]\s*\^\s*\d|\bf\([a-z]\)"
+# Each branch of the math pattern is paired with what it cannot match without; per prompt only the
+# branches that can match are compiled into the alternation (cached), which gives the same matches
+# as the full pattern at a quarter of its cost: re tries every branch at every position otherwise.
+_MATH_BRANCHES: tuple[tuple[str, str | None], ...] = (
+    (r"\\(frac|sqrt|int|sum|prod|lim|alpha|beta|theta|pi|cdot|times|leq|geq|neq|infty|partial)\b", "\\"),
+    (r"[=<>≤≥≠±×÷√∑∏∫∂∞π^]", None),
+    (r"\$[^$\n]+\$", "$"),
+    (r"\b\d+\s*[-+*/]\s*\d+\b", "digit"),
+    (r"\b[a-z]\s*\^\s*\d", "^"),
+    (r"\bf\([a-z]\)", "f("),
 )
+_MATH = re.compile("|".join(b for b, _ in _MATH_BRANCHES))  # the reference: what _math_count counts
+_DIGIT = re.compile(r"\d")
+
+
+@functools.lru_cache(maxsize=64)
+def _math_pattern(present: tuple[bool, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(b for (b, _), on in zip(_MATH_BRANCHES, present, strict=True) if on))
+
+
+def _math_count(text: str) -> int:
+    present = tuple(
+        need is None or (_DIGIT.search(text) is not None if need == "digit" else need in text)
+        for _, need in _MATH_BRANCHES
+    )
+    return len(_math_pattern(present).findall(text))
+
+
 # Cue words are counted by set lookup over the lower-cased words (one regex pass for all three
 # lists): big alternation regexes with IGNORECASE cost ~0.5 ms each per prompt.
 _REASONING_WORDS = frozenset(
@@ -65,7 +90,7 @@ class Signals:
     non_english: float  # share of letters outside ASCII (0..1)
 
     def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in SIGNAL_NAMES}  # asdict() deep-copies: 10x slower
 
 
 # The order of the numeric vector; the artefact stores it and refuses a different one.
@@ -77,8 +102,11 @@ def _count(words: list[str], lower: str, vocab: frozenset[str], phrases: tuple[s
 
 
 def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signals:
-    letters = _LETTER.findall(text)
-    non_ascii = sum(1 for ch in letters if ord(ch) > 127)
+    if text.isascii():  # the common case: no letter outside ASCII, no need to list the letters
+        letters, non_ascii = [], 0
+    else:
+        letters = _LETTER.findall(text)
+        non_ascii = sum(1 for ch in letters if ord(ch) > 127)
     lower = text.lower()
     words = _LOWER_WORD.findall(lower)
     fences = len(_FENCE.findall(text)) // 2
@@ -87,7 +115,7 @@ def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signal
         chars=len(text),
         tokens=len(_WORD.findall(text)),
         code_blocks=fences + code_lines // 5,
-        math=len(_MATH.findall(text)),
+        math=_math_count(text),
         numbers=len(_NUMBER.findall(text)),
         reasoning_cues=_count(words, lower, _REASONING_WORDS, _REASONING_PHRASES),
         step_cues=_count(words, lower, _STEP_WORDS, _STEP_PHRASES) + len(_LIST_ITEM.findall(text)),
