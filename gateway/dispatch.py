@@ -9,8 +9,10 @@ the first token falls back transparently.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +82,13 @@ def _meaningful(chunk: dict[str, Any]) -> bool:
     return bool(chunk.get("usage")) and not chunk.get("choices")
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What tenacity's wait strategies read from a retry state."""
+
+    attempt_number: int
+
+
 def _counts_against_connectivity(e: BackendError) -> bool:
     return e.kind in ("connect", "timeout", "protocol") or (e.kind == "status" and (e.status or 0) >= 500)
 
@@ -90,7 +99,13 @@ class Dispatcher:
         self.backends = backends
         self.monitor = monitor
 
-    def _retrying(self, target: str, deadline: float) -> AsyncRetrying:
+    async def _attempts(self, target: str, deadline: float, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """Run `call` under the target's retry policy; return its outcome or raise the last error.
+
+        The first attempt runs bare and tenacity takes over only after a retryable failure: setting
+        up its retry loop costs ~0.3 ms per call here, a third of our whole per-request budget, and
+        almost every call succeeds at once.
+        """
         cfg = self.policy.targets[target]
         max_after = cfg.max_retry_after_s
         backoff = wait_exponential_jitter(initial=0.05, max=2.0, jitter=0.05)
@@ -102,22 +117,33 @@ class Dispatcher:
                 return False  # not worth the wait: the fallback answers sooner
             return True
 
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
+        def delay_after(attempt: int, exc: BaseException | None) -> float:
             hinted = getattr(exc, "retry_after", None)
-            delay = hinted if hinted is not None else backoff(state)
-            left = deadline - time.monotonic()
-            return max(0.0, min(delay, left - 0.05))
+            delay = hinted if hinted is not None else backoff(_Attempt(attempt))
+            return max(0.0, min(delay, deadline - time.monotonic() - 0.05))
 
-        def out_of_time(state: RetryCallState) -> bool:
+        def out_of_time(state: RetryCallState | None = None) -> bool:
             return time.monotonic() >= deadline - 0.05
 
-        return AsyncRetrying(
-            stop=stop_after_attempt(cfg.retries + 1) | out_of_time,
+        try:
+            return await call()
+        except BackendError as first:
+            if cfg.retries < 1 or not should_retry(first) or out_of_time():
+                raise
+            await asyncio.sleep(delay_after(1, first))
+
+        def wait(state: RetryCallState) -> float:  # tenacity's attempt n is our attempt n + 1
+            return delay_after(state.attempt_number + 1, state.outcome.exception() if state.outcome else None)
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(cfg.retries) | out_of_time,
             wait=wait,
             retry=retry_if_exception(should_retry),
             reraise=True,
-        )
+        ):
+            with attempt:
+                outcome = await call()
+        return outcome
 
     def _record(self, target: str, error: BackendError | None) -> None:
         if not self.policy.is_cloud(target):
@@ -130,7 +156,24 @@ class Dispatcher:
     async def _walk(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: Any) -> Outcome:
         errors: list[tuple[str, BackendError]] = []
         fallbacks: list[Fallback] = []
-        attempts = 0
+        attempts = 0  # over the whole chain
+
+        async def one_attempt(target: str) -> Outcome:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return await attempt_one(target)
+            except BackendError as e:
+                self._record(target, e)
+                raise
+            except Exception as exc:
+                # A backend bug or a library raising outside its documented errors (seen:
+                # AttributeError from a socket torn down mid-call) must not lose the request:
+                # treat it as a failed attempt and fall back.
+                e = BackendError("protocol", f"{target}: unexpected {type(exc).__name__}")
+                self._record(target, e)
+                raise e from None
+
         for i, target in enumerate(chain):
             nxt = chain[i + 1] if i + 1 < len(chain) else None
             if time.monotonic() >= opts.deadline:
@@ -146,21 +189,7 @@ class Dispatcher:
                 errors.append((target, BackendError("connect", f"{target} is offline")))
                 continue
             try:
-                async for attempt in self._retrying(target, opts.deadline):
-                    with attempt:
-                        attempts += 1
-                        try:
-                            outcome = await attempt_one(target)
-                        except BackendError as e:
-                            self._record(target, e)
-                            raise
-                        except Exception as exc:
-                            # A backend bug or a library raising outside its documented errors
-                            # (seen: AttributeError from a socket torn down mid-call) must not
-                            # lose the request: treat it as a failed attempt and fall back.
-                            e = BackendError("protocol", f"{target}: unexpected {type(exc).__name__}")
-                            self._record(target, e)
-                            raise e from None
+                outcome = await self._attempts(target, opts.deadline, functools.partial(one_attempt, target))
                 self._record(target, None)
                 outcome.fallbacks, outcome.attempts = fallbacks, attempts
                 return outcome
