@@ -74,10 +74,33 @@ def normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(source: str | None, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-           tools: list[dict[str, Any]] | None = None, **special: Any) -> str:
+           tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+           **special: Any) -> str:
+    """The prompt text. ``continue_final_message``: the last message is an unfinished assistant
+    answer the model goes on writing (HF's option of the same name): the prompt ends right after its
+    text, without the end-of-turn the template would write."""
     tpl = compile_template(source or CHATML)
+    msgs = normalise_messages(messages)
+    if continue_final_message:
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise ChatTemplateError("continue_final_message: the last message must be the assistant's")
+        add_generation_prompt = False
     try:
-        return tpl.render(messages=normalise_messages(messages), tools=tools, documents=None,
+        text = tpl.render(messages=msgs, tools=tools, documents=None,
                           add_generation_prompt=add_generation_prompt, **special)
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template: {e}") from None
+    return _cut_after_final(text, msgs[-1]["content"]) if continue_final_message else text
+
+
+def _cut_after_final(text: str, final: str) -> str:
+    # As transformers does it: templates may strip the message, so look for its stripped text.
+    core = final.strip()
+    if not core:
+        raise ChatTemplateError("continue_final_message: the final assistant message is empty")
+    at = text.rfind(core)
+    if at < 0:
+        raise ChatTemplateError("continue_final_message: the template does not render the final message's text")
+    if text[at:at + len(final.lstrip())] == final.lstrip():
+        return text[:at + len(final.lstrip())]  # trailing spaces kept: the model continues after them
+    return text[:at + len(core)]

@@ -245,14 +245,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------ text
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
+                    tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False) -> str:
         tok = self.tokenizer
         return chat_template.render(tok.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                    tools=tools, bos_token=tok.bos_token, eos_token=tok.eos_token)
+                                    tools=tools, continue_final_message=continue_final_message,
+                                    bos_token=tok.bos_token, eos_token=tok.eos_token)
 
     def chat(self, messages: list[dict[str, Any]], *, should_stop: Callable[[], bool] | None = None,
-             **sampling: Any) -> Generation:
-        text = self.render_chat(messages)
+             continue_final_message: bool = False, **sampling: Any) -> Generation:
+        """Answer the conversation; with ``continue_final_message`` go on writing its last,
+        unfinished assistant message (only the new text is generated and returned)."""
+        text = self.render_chat(messages, continue_final_message=continue_final_message)
         # the template already writes BOS where the model wants it (as HF's tokenize=True does)
         return self._generation(self.tokenizer.encode(text), sampling, should_stop)
 
