@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # torch worker threads sleep instead of spin-waiting: on a shared 2-core box spinning made generation ~10x slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup system-tools run test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,10 +26,32 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# Optional system tools some tests use (headless Chromium for the dashboard test, docker-compose v1
+# for `docker-compose config`). Installed with apt-get only where that needs no sudo (root, Debian or
+# Ubuntu: CI and containers); anywhere else one line is printed and those tests skip themselves.
+# SYSTEM_TOOLS=skip turns the install off. A failed install fails the target (no silent skips in CI).
+system-tools:
+	@missing=""; \
+	if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null \
+	   && ! ls /usr/lib/chromium*/headless_shell >/dev/null 2>&1; then missing=" chromium-headless-shell"; fi; \
+	if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then \
+	   missing="$$missing docker-compose"; fi; \
+	if [ -z "$$missing" ]; then echo "system-tools: headless Chromium and docker compose present"; \
+	elif [ "$(SYSTEM_TOOLS)" = skip ]; then echo "system-tools: SYSTEM_TOOLS=skip, not installing:$$missing"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	   echo "system-tools: not root with apt-get, skipping (tests needing them skip; to install: sudo apt-get install$$missing)"; \
+	else \
+	   echo "system-tools: apt-get install$$missing"; \
+	   export DEBIAN_FRONTEND=noninteractive; \
+	   apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
+	   || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+	   || { echo "system-tools: apt-get install$$missing failed (SYSTEM_TOOLS=skip to go on without)" >&2; exit 1; }; \
+	fi
+
 run: setup
 	$(BIN)/hybrid-gateway serve --policy $(POLICY) --host $(HOST) --port $(PORT)
 
-test: setup
+test: setup system-tools
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
