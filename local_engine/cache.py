@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Key = Hashable
-POLICIES = ("lru", "lfu-da", "tinylfu")
+POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu")
+DEFAULT_POLICY = "layer-lfu"
 
 
 @dataclass
@@ -48,8 +49,11 @@ class CacheStats:
 
 
 class _Policy:
-    def access(self, key: Key) -> None:
-        """Every request (hit or miss), before touch/insert."""
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        """A new step of ``group`` (a layer) over ``n_tokens`` tokens: its keys come next."""
+
+    def access(self, key: Key, uses: int = 1) -> None:
+        """Every request (hit or miss), before touch/insert; ``uses``: tokens routed to it."""
 
     def admit(self, key: Key, victim: Key) -> bool:
         return True
@@ -132,7 +136,7 @@ class _TinyLFU(_LRU):
         self._n = 0
         self.sample = 1000  # reset by the cache to 10 x its capacity in items
 
-    def access(self, key: Key) -> None:
+    def access(self, key: Key, uses: int = 1) -> None:
         self._count[key] = self._count.get(key, 0) + 1
         self._n += 1
         if self._n >= self.sample:  # aging: halve every count
@@ -143,13 +147,131 @@ class _TinyLFU(_LRU):
         return self._count.get(key, 0) > self._count.get(victim, 0)
 
 
-def make_policy(name: str) -> _Policy:
+class _LayerLFU(_Policy):
+    """Per-layer decayed frequency with admission: keep the experts most likely to be used next.
+
+    A layer's experts can only be re-referenced at that layer's next step (the next token), so
+    every cached bundle is "due" once per token: recency *across* layers says nothing (it is why
+    LRU is a cyclic scan here and scores 0 below one sweep). What matters is the probability an
+    expert is routed at its layer's next step. It is estimated by an exponentially decayed count
+    of its past uses, with time counted in steps *of its own layer*:
+    score = sum over uses of ``decay ** (t_layer_now - t_use)``. ``decay`` near 1 is popularity
+    (LFU); near 0 it is "used at the last token". Each layer is judged on its own clock: an
+    expert of a layer not yet visited for this token has not yet lost anything, so it is not
+    out-ranked by an expert of a layer just visited (a global clock would do that, and evict
+    experts that are needed a few steps later: the cyclic-scan trap again).
+
+    The cache holds the highest-scoring bundles: the victim is the lowest score over all
+    layers, and a miss is admitted only if its (updated) score beats the victim's, so one-shot
+    experts bypass the cache instead of flushing a hot one (what Belady does).
+
+    Scores are stored un-decayed (``sum decay ** -t_use``, one min-heap per layer), so time
+    passing never touches them; the decayed score is ``stored / unit[layer]`` with
+    ``unit = decay ** -t_layer``. They grow geometrically, so everything is rescaled when large.
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError("decay must be in (0, 1]")
+        self._decay = decay
+        self._inv = 1.0 / decay
+        self._n: dict[Hashable, int] = {}  # tokens in the group's current step
+        self._unit: dict[Hashable, float] = {}  # decay ** -t for each group (layer)
+        self._score: dict[Key, float] = {}  # survives eviction: popularity belongs to the expert
+        self._in: set[Key] = set()
+        self._heaps: dict[Hashable, list[tuple[float, int, Key]]] = {}
+        self._seq = itertools.count()
+
+    @staticmethod
+    def _group(key: Key) -> Hashable:
+        return key[0] if isinstance(key, tuple) and key else None
+
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        n = max(n_tokens, 1)
+        self._n[group] = n
+        u = self._unit.get(group, 1.0) * self._inv**n
+        self._unit[group] = u
+        if u > 1e200:
+            self._rescale(1e-200)
+
+    def _rescale(self, f: float) -> None:
+        self._unit = {g: u * f for g, u in self._unit.items()}
+        self._score = {k: v * f for k, v in self._score.items() if v * f > 1e-250 or k in self._in}
+        self._heaps = {}
+        for k in self._in:
+            self._heaps.setdefault(self._group(k), []).append((self._score[k], next(self._seq), k))
+        for h in self._heaps.values():
+            heapq.heapify(h)
+
+    def _now(self, key: Key) -> float:
+        """The decayed score at its layer's current time."""
+        return self._score.get(key, 0.0) / self._unit.get(self._group(key), 1.0)
+
+    def access(self, key: Key, uses: int = 1) -> None:
+        g = self._group(key)
+        n = self._n.get(g, 1)
+        w = 1.0
+        if n > 1:  # a prefill micro-batch of n tokens: as n decode steps with the expert in uses/n of them
+            d = self._decay
+            w = uses / n * (n if d == 1.0 else (1.0 - d**n) / (1.0 - d))
+        self._score[key] = self._score.get(key, 0.0) + w * self._unit.get(g, 1.0)
+        if key in self._in:
+            h = self._heaps[g]
+            heapq.heappush(h, (self._score[key], next(self._seq), key))
+            if len(h) > 4 * 64 + 64:  # drop stale entries (all hits, no evictions)
+                self._heaps[g] = h = [e for e in h if e[2] in self._in and self._score[e[2]] == e[0]]
+                heapq.heapify(h)
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self._now(key) > self._now(victim)
+
+    def insert(self, key: Key) -> None:
+        self._in.add(key)
+        heapq.heappush(self._heaps.setdefault(self._group(key), []),
+                       (self._score.get(key, 0.0), next(self._seq), key))
+
+    def remove(self, key: Key) -> None:
+        self._in.discard(key)
+
+    def _top(self, h: list[tuple[float, int, Key]], pinned: set[Key]) -> Key | None:
+        """Lowest live, unpinned key of one layer's heap (stale entries dropped on the way)."""
+        skipped = []
+        found = None
+        while h:
+            s, _, k = h[0]
+            if k not in self._in or self._score.get(k) != s:
+                heapq.heappop(h)
+                continue
+            if k in pinned:
+                skipped.append(heapq.heappop(h))
+                continue
+            found = k
+            break
+        for item in skipped:
+            heapq.heappush(h, item)
+        return found
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        best: Key | None = None
+        best_s = 0.0
+        for g, h in self._heaps.items():
+            k = self._top(h, pinned)
+            if k is not None:
+                s = self._score[k] / self._unit.get(g, 1.0)
+                if best is None or s < best_s:
+                    best, best_s = k, s
+        return best
+
+
+def make_policy(name: str, **opts: Any) -> _Policy:
     if name == "lru":
         return _LRU()
     if name == "tinylfu":
         return _TinyLFU()
     if name == "lfu-da":
         return _LFUDA()
+    if name == "layer-lfu":
+        return _LayerLFU(**opts)
     raise ValueError(f"unknown cache policy {name!r} (choose from {', '.join(POLICIES)})")
 
 
@@ -163,16 +285,20 @@ class ExpertCache:
     on_evict: Callable[[Key, Any], None] | None = None  # e.g. return the buffer to a pool
 
     item_bytes: int = 1  # typical item size: sets TinyLFU's aging window (10 x capacity in items)
+    policy_opts: dict[str, Any] = field(default_factory=dict)  # e.g. {"decay": 0.9} for layer-lfu
 
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise ValueError("cache budget must be >= 0")
-        self._pol = make_policy(self.policy)
+        self._pol = make_policy(self.policy, **self.policy_opts)
         if isinstance(self._pol, _TinyLFU):
             self._pol.sample = max(10 * (self.budget_bytes // max(self.item_bytes, 1)), 100)
         self._items: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
 
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        """Announce a new step of ``group`` (a layer) over ``n_tokens`` tokens before its lookups."""
+        self._pol.step(group, n_tokens)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._items
@@ -180,9 +306,12 @@ class ExpertCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def lookup(self, key: Key) -> Any | None:
-        """Return the cached buffer (a hit, counted) or None (a miss, counted)."""
-        self._pol.access(key)
+    def lookup(self, key: Key, uses: int = 1) -> Any | None:
+        """Return the cached buffer (a hit, counted) or None (a miss, counted).
+
+        ``uses``: how many of the step's tokens need it (prefill), evidence for frequency policies.
+        """
+        self._pol.access(key, uses)
         item = self._items.get(key)
         if item is None:
             self.stats.misses += 1
@@ -231,16 +360,22 @@ class ExpertCache:
 
 # --------------------------------------------------------------------------- offline replay
 
-def replay(trace: Sequence[Sequence[Key]], capacity: int, policy: str) -> CacheStats:
+def replay(trace: Sequence[Sequence[Key]], capacity: int, policy: str,
+           uses: Sequence[tuple[int, Sequence[int]]] | None = None, **policy_opts: Any) -> CacheStats:
     """Replay a trace of steps (each: the keys one layer needs at once) on an item-bounded cache.
 
     Keys of one step are pinned together, mirroring the runtime (a layer's experts are all in
-    use during its step).
+    use during its step). A step's group (its layer) is its first key's ``[0]`` for tuple keys.
+    ``uses`` (optional, parallel to ``trace``): per step, (tokens in the step, tokens per key).
     """
-    c = ExpertCache(budget_bytes=capacity, policy=policy)
-    for step in trace:
-        for k in step:
-            if c.lookup(k) is None:
+    c = ExpertCache(budget_bytes=capacity, policy=policy, policy_opts=policy_opts)
+    for i, step in enumerate(trace):
+        n, per_key = uses[i] if uses is not None else (1, [1] * len(step))
+        if step:
+            k0 = step[0]
+            c.step(k0[0] if isinstance(k0, tuple) else None, n)
+        for k, u in zip(step, per_key, strict=True):
+            if c.lookup(k, u) is None:
                 c.insert(k, None, 1, pinned=step)
     return c.stats
 

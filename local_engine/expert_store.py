@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from local_engine.cache import ExpertCache
+from local_engine.cache import DEFAULT_POLICY, ExpertCache
 from local_engine.formats.pack import (
     EXPERTS_FILE,
     RESIDENT_FILE,
@@ -56,7 +56,8 @@ class IOStats:
     io_wait_s: float = 0.0  # time the compute thread sat blocked on reads
     io_busy_s: float = 0.0  # wall time with >= 1 read in flight
     steps: int = 0
-    trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
+    trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
 
 
 def peak_rss_bytes() -> int:
@@ -64,7 +65,7 @@ def peak_rss_bytes() -> int:
 
 
 class ExpertStore:
-    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = "tinylfu", threads: int = 8,
+    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = DEFAULT_POLICY, threads: int = 8,
                  direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
                  max_inflight: int | None = None, record_trace: bool = True) -> None:
         if verify not in VERIFY_MODES:
@@ -148,16 +149,24 @@ class ExpertStore:
                 if self._inflight == 0:
                     self.io.io_busy_s += time.perf_counter() - self._busy_since
 
-    def request(self, layer: int, experts: list[int]) -> Iterator[tuple[int, Any]]:
-        """Yield ``(expert, buffer)`` for every expert in ``experts`` (each once): hits first."""
+    def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
+                n_tokens: int = 1) -> Iterator[tuple[int, Any]]:
+        """Yield ``(expert, buffer)`` for every expert in ``experts`` (each once): hits first.
+
+        ``uses[i]``: how many of the step's ``n_tokens`` tokens go to ``experts[i]`` (default 1
+        each): evidence of popularity for the cache policy.
+        """
         keys = [(layer, e) for e in experts]
+        uses = uses if uses is not None else [1] * len(experts)
         self.io.steps += 1
         if self.record_trace:
             self.io.trace.append((layer, tuple(experts)))
+            self.io.trace_uses.append((n_tokens, tuple(uses)))
         hits: list[tuple[int, Any]] = []
         todo: deque[int] = deque()
-        for e in experts:
-            b = self.cache.lookup((layer, e))
+        self.cache.step(layer, n_tokens)
+        for e, u in zip(experts, uses, strict=True):
+            b = self.cache.lookup((layer, e), u)
             if b is None:
                 todo.append(e)
             else:

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from local_engine.cache import DEFAULT_POLICY, POLICIES
 from local_engine.formats.pack import QUANT_METHODS, PackError
 from local_engine.formats.pack import pack as pack_dir
 
@@ -38,7 +39,7 @@ def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> 
 @click.option("--ids", required=True, help="Comma-separated prompt token ids.")
 @click.option("--max-tokens", type=int, default=16, show_default=True)
 @click.option("--memory-budget", default="0", show_default=True, help="Expert cache size, e.g. 512MiB; 0 streams all.")
-@click.option("--policy", type=click.Choice(["lru", "lfu-da", "tinylfu"]), default="tinylfu", show_default=True)
+@click.option("--policy", type=click.Choice(list(POLICIES)), default=DEFAULT_POLICY, show_default=True)
 @click.option("--stats", is_flag=True, help="Print streaming stats as JSON on stderr.")
 def moe_generate(packed: str, ids: str, max_tokens: int, memory_budget: str, policy: str, stats: bool) -> None:
     """Greedy decode from token ids on a packed MoE dir (no tokenizer needed)."""

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from local_engine.cache import DEFAULT_POLICY
 from local_engine.expert_store import ExpertStore, peak_rss_bytes
 from local_engine.formats.pack import (
     Manifest,
@@ -143,7 +144,7 @@ class MoEModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = "tinylfu", threads: int = 8,
+    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
              direct: bool = True, verify: str = "first") -> MoEModel:
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
@@ -189,10 +190,11 @@ class MoEModel:
     def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{i}.{self._moe_prefix}."
         weights, idx = self.route(F.linear(h, self.w[p + "gate.weight"]))
-        experts = torch.unique(idx).tolist()  # ascending; all requested at once
+        uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
+        experts = uniq.tolist()
         results: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
-        for e, buf in self.store.request(i, experts):
+        for e, buf in self.store.request(i, experts, counts.tolist(), h.shape[0]):
             t0 = time.perf_counter()
             tok, slot = torch.where(idx == e)
             gate_up, down = self.store.weights(buf)
@@ -340,7 +342,7 @@ def _load_packed(path: Path, **opts: Any) -> Any:
 
     budget = opts.get("memory_budget") or os.environ.get("LOCAL_ENGINE_MOE_BUDGET") or "2GiB"
     try:
-        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", "tinylfu"),
+        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
                               verify=opts.get("verify", "first"))
     except (PackError, ValueError) as e:  # BudgetError is a ValueError

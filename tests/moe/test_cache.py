@@ -23,7 +23,7 @@ def test_byte_budget_is_never_exceeded_and_pinned_items_stay() -> None:
     assert "a" in c2 and "b" in c2 and c2.stats.rejected == 1
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu", "layer-lfu"])
 def test_zero_budget_caches_nothing(policy: str) -> None:
     c = ExpertCache(0, policy)
     assert not c.insert("x", 1, 1)
@@ -70,6 +70,7 @@ def test_belady_bounds_online_policies_on_random_step_traces() -> None:
         assert opt >= replay(trace, cap, "lru").hits
         assert opt >= replay(trace, cap, "lfu-da").hits
         assert opt >= replay(trace, cap, "tinylfu").hits
+        assert opt >= replay(trace, cap, "layer-lfu").hits
 
 
 def test_tinylfu_keeps_hot_experts_when_the_cache_is_smaller_than_one_sweep() -> None:
@@ -86,3 +87,62 @@ def test_tinylfu_keeps_hot_experts_when_the_cache_is_smaller_than_one_sweep() ->
     assert lru.hits == 0
     assert tiny.hit_rate > 0.1
     assert tiny.hits <= belady_hits(trace, 6).hits
+
+
+def _hot_and_one_off_trace(tokens: int = 50, layers: int = 4) -> list[list[tuple[int, int]]]:
+    """Each layer step: 2 hot experts (every token) + 2 never seen again."""
+    trace = []
+    fresh = 100
+    for _ in range(tokens):
+        for layer in range(layers):
+            trace.append([(layer, 0), (layer, 1), (layer, fresh), (layer, fresh + 1)])
+            fresh += 2
+    return trace
+
+
+def test_layer_lfu_holds_the_hot_set_and_bypasses_one_offs() -> None:
+    # capacity 8 = exactly the hot set of all 4 layers (one sweep needs 16): Belady hits every hot
+    # expert after its first use. Online, the first token cannot tell hot from one-off (the cache
+    # fills with layers 0-1's four experts each), so layers 2-3's hot experts come in one token late.
+    trace = _hot_and_one_off_trace()
+    ours = replay(trace, 8, "layer-lfu")
+    opt = belady_hits(trace, 8)
+    assert replay(trace, 8, "lru").hits == 0
+    assert opt.hits == 8 * (50 - 1)
+    assert ours.hits == opt.hits - 4
+
+
+def test_layer_lfu_uses_prefill_token_counts_as_evidence() -> None:
+    # one prefill step of 8 tokens: expert 3 serves all 8 tokens, expert 1 one token. With room
+    # for one bundle, the popular one must stay, whichever is inserted first.
+    c = ExpertCache(1, "layer-lfu")
+    c.step(0, n_tokens=8)
+    for e, uses in ((1, 1), (3, 8)):
+        assert c.lookup((0, e), uses) is None
+        c.insert((0, e), e, 1)
+    assert (0, 3) in c and (0, 1) not in c
+    # the next decode step of that layer finds it
+    c.step(0)
+    assert c.lookup((0, 3)) == 3
+
+
+def test_layer_lfu_judges_each_layer_on_its_own_clock() -> None:
+    # Layer 1's expert was used at token 0; layer 0 has already stepped into token 1 and used a
+    # one-off. On a global clock the one-off looks fresher and would evict layer 1's expert just
+    # before layer 1 needs it again; per layer they are equally fresh, so no admission.
+    c = ExpertCache(1, "layer-lfu")
+    c.step(0)
+    c.lookup((0, 5))
+    c.step(1)
+    c.lookup((1, 7))
+    c.insert((1, 7), "l1", 1)
+    c.step(0)  # token 1, layer 0
+    assert c.lookup((0, 9)) is None
+    assert not c.insert((0, 9), "one-off", 1)
+    c.step(1)
+    assert c.lookup((1, 7)) == "l1"
+
+
+def test_layer_lfu_rejects_a_bad_decay() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        ExpertCache(10, "layer-lfu", policy_opts={"decay": 0.0})
