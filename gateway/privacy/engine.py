@@ -43,6 +43,7 @@ from gateway.privacy.recognizers import (
     FastPhoneRecognizer,
     OfflineEmailRecognizer,
     PersonCueRecognizer,
+    PlaceRecognizer,
     SecretRecognizer,
     StreetAddressRecognizer,
     custom_recognizers,
@@ -224,6 +225,7 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
         SecretRecognizer(),
         CardNumberRecognizer(),
         StreetAddressRecognizer(),
+        PlaceRecognizer(),
         PersonCueRecognizer(),
         *custom_recognizers(cfg.recognizers),
     ]

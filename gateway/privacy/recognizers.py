@@ -23,7 +23,9 @@ from presidio_analyzer import (
 from presidio_analyzer.nlp_engine import NlpArtifacts
 from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
+from gateway.privacy.address import find_addresses
 from gateway.privacy.config import CustomRecognizer
+from gateway.privacy.places import find_places
 
 
 @dataclass(frozen=True)
@@ -223,51 +225,11 @@ class CardNumberRecognizer(LocalRecognizer):
         return out
 
 
-_STREET_TYPES = (
-    "Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Way|Court|Ct|Place|Pl|Terrace|Ter|"
-    "Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Crescent|Close|Row|Alley|Loop|Pike|Plaza|"
-    "Gardens|Grove|Hill|Mews|Walk|Green|Park|Ridge|View|Heights|Crossing|Expressway"
-)
-_EU_STREET_SUFFIX = (
-    r"laan|vej|veg|vei|gade|gata|gatan|väg|vägen|straße|strasse|str\.|weg|platz|plein|straat|gracht|kade|tie|"
-    "katu|utca|ring|allee|gasse|damm|ufer|terrasse|sträte|stræde|plass|torget|torg|ulica|ulice|cesta|iela|gatve|"
-    "hof|dreef|steeg|markt|stieg|aukio|polku|kuja|vägen|gränd"
-)
-_UPPER = "A-ZÀ-ÖØ-Þ\u0370-\u03ff\u0400-\u042f"
-# (pattern, score, capture group holding the address: 0 = the whole match)
-_ADDRESS_PATTERNS: tuple[tuple[re.Pattern[str], float, int], ...] = (
-    # 12 Main Street, 4018 N. Oak Ridge Rd
-    (re.compile(rf"\b\d{{1,6}}[A-Za-z]?\s+(?:[NSEW]\.?\s+)?(?:[A-Z][\w'.-]*\s+){{1,4}}(?:{_STREET_TYPES})\b\.?"), 0.6, 0),
-    # Via Pasquale Scura 127, Rua Arapiraca 1943, ul. Dmowskiego 5 (an optional house number first)
-    (re.compile(r"\b(?:\d{1,6}\s+)?(?:Via|Viale|Rua|Avenida|Av\.|Calle|Carrer|Rue|Strada|Piazza|Corso|Plaza|Paseo|"
-                rf"Travessa|Ulica|ul\.)\s+(?:[{_UPPER}][\w'.-]*\s+){{0,4}}\d{{1,5}}\b"), 0.55, 0),
-    # 46 rue Nationale, 3 place de la Gare
-    (re.compile(r"\b\d{1,5},?\s+(?:rue|avenue|boulevard|bd|chemin|place|allée|impasse|quai)\s+(?:[\w'-]+\s?){1,4}",
-                re.IGNORECASE), 0.55, 0),
-    # Wilgenlaan 40, 750 Hindsholmvej 75, Auerstrasse 132, Bécsi utca 35 (street word capitalised)
-    (
-        re.compile(
-            rf"\b(?:\d{{1,6}}\s+)?(?:[{_UPPER}][\w'-]*?(?i:{_EU_STREET_SUFFIX})|(?:[{_UPPER}][\w'.-]*\s+){{1,3}}"
-            rf"(?i:{_EU_STREET_SUFFIX}))\.?\s+\d{{1,5}}[A-Za-z]?\b"
-        ),
-        0.55,
-        0,
-    ),
-    # Apt. 559, Suite 026, Unit 4B, PO Box 12
-    (re.compile(r"\b(?:Apt|Apartment|Suite|Ste|Unit|Flat|Room|Floor|PO Box|P\.O\. Box)\.?\s*#?\s*\d{1,5}[A-Za-z]?\b"), 0.5, 0),
-    # US military mail: PSC 3412, Box 5242 / APO AE 67601 / USS Lindqvist
-    (re.compile(r"\b(?:PSC|CMR|Unit)\s+\d{3,5},?\s+Box\s+\d{3,5}\b"), 0.6, 0),
-    (re.compile(r"\b(?:APO|FPO|DPO)\s+(?:AA|AE|AP)\s+\d{5}\b"), 0.6, 0),
-    (re.compile(r"\b(?:USS|USNS|USNV|USCGC)\s+[A-Z][a-z]+\b"), 0.5, 0),
-    # A postcode closing an address line: "Norway 29340", "Poznań 60-123" at the end of a line.
-    (re.compile(rf"(?m)^[ \t}}]*[{_UPPER}][^\n\d]{{2,40}}?[ \t]+(\d{{4,6}}|\d{{2}}-\d{{3}})[ \t]*$"), 0.45, 1),
-)
-
-
 class StreetAddressRecognizer(LocalRecognizer):
-    """Street addresses by their shape: house number + street name + street type, and unit lines.
+    """Street addresses as whole blocks (street, unit, town, region, postcode, country).
 
-    spaCy's small model tags cities and countries (LOCATION) but not street addresses.
+    spaCy's small model tags cities and countries (LOCATION) but not street addresses;
+    gateway/privacy/address.py has the shapes.
     """
 
     def __init__(self) -> None:
@@ -277,11 +239,20 @@ class StreetAddressRecognizer(LocalRecognizer):
         pass
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        return [
-            _result(self, "STREET_ADDRESS", m.start(group), m.end(group), score)
-            for pattern, score, group in _ADDRESS_PATTERNS
-            for m in pattern.finditer(text)
-        ]
+        return [_result(self, "STREET_ADDRESS", a, b, score) for a, b, score in find_addresses(text)]
+
+
+class PlaceRecognizer(LocalRecognizer):
+    """Countries and regions from a small gazetteer, and towns announced by a cue ("I'm in X")."""
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["LOCATION"], name="PlaceRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        return [_result(self, "LOCATION", a, b, score) for a, b, score in find_places(text)]
 
 
 _NAME = r"[A-Z\u00C0-\u017F][\w'\u00C0-\u017F-]+"
