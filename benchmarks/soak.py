@@ -38,6 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def fmt_load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
@@ -82,6 +86,7 @@ def main() -> None:
                                 stderr=open(args.gateway_log, "w") if args.gateway_log else subprocess.DEVNULL)  # noqa: SIM115
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+            load_start = os.getloadavg()
             print(f"soak: gateway pid {proc.pid} on :{port}, {args.minutes} min, outage {args.outage} s "
                   f"every {args.outage_every} s, {args.threads} client threads", flush=True)
             report = soak(f"http://127.0.0.1:{port}", proc.pid, cloud, seconds=args.minutes * 60,
@@ -92,6 +97,10 @@ def main() -> None:
             proc.terminate()
             proc.wait(15)
     lines = report.lines()
+    # The box is shared: the load says how much CPU the gateway and the clients really had.
+    load_end = os.getloadavg()
+    lines.append(f"soak: load average (1/5/15 min) at start {fmt_load(load_start)}, at end {fmt_load(load_end)}"
+                 f" on {os.cpu_count()} CPUs")
     problems = []
     if report.tally["failed"]:
         problems.append(f"{report.tally['failed']} failed requests")

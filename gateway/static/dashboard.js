@@ -9,7 +9,9 @@ let last = null;
 
 const $ = (id) => document.getElementById(id);
 const fmt = (n) => (n >= 1000 ? (n / 1000).toFixed(1) + "k" : String(Math.round(n)));
-const top = (obj, n = 3) => Object.entries(obj || {}).sort((a, b) => b[1] - a[1]).slice(0, n)
+// Not `top`: a top-level `const top` collides with the unforgeable `window.top` and the whole
+// script fails to parse (SyntaxError), leaving the page at "connecting…". Found by the browser test.
+const topCounts = (obj, n = 3) => Object.entries(obj || {}).sort((a, b) => b[1] - a[1]).slice(0, n)
   .map(([k, v]) => `${k} ${fmt(v)}`).join(", ") || "none";
 
 function color(route, routes) {
@@ -40,7 +42,8 @@ function drawChart(routes) {
     for (const r of routes) d[r] = Math.max(0, (history[i].byRoute[r] || 0) - (history[i - 1].byRoute[r] || 0));
     deltas.push(d);
   }
-  const max = Math.max(1, ...deltas.map((d) => Object.values(d).reduce((a, b) => a + b, 0)));
+  // A multiple of 4, so the 4 grid lines fall on whole requests (max 1 labelled the axis 0, 0, 1, 1, 1).
+  const max = 4 * Math.ceil(Math.max(1, ...deltas.map((d) => Object.values(d).reduce((a, b) => a + b, 0))) / 4);
   ctx.strokeStyle = "#eceef2"; ctx.fillStyle = "#8a93a6"; ctx.font = "11px system-ui";
   for (let g = 0; g <= 4; g++) {
     const y = h - pad - (g / 4) * (h - 2 * pad);
@@ -78,9 +81,9 @@ function render(data) {
   $("local-share").textContent = local + cloud ? Math.round((100 * local) / (local + cloud)) + "%" : "–";
   $("kind-counts").textContent = `local ${fmt(local)} · cloud ${fmt(cloud)}`;
   $("fallbacks").textContent = fmt(data.fallbacks.total);
-  $("fallback-reasons").textContent = top(data.fallbacks.by_reason);
+  $("fallback-reasons").textContent = topCounts(data.fallbacks.by_reason);
   $("redactions").textContent = fmt(data.redactions.total);
-  $("redaction-types").textContent = top(data.redactions.by_entity);
+  $("redaction-types").textContent = topCounts(data.redactions.by_entity);
   $("policy").textContent = data.policy + (data.policy_error ? " (reload rejected: " + data.policy_error + ")" : "");
 
   fillTable("connectivity", Object.entries(data.connectivity).map(([name, c]) => [
