@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import structlog
 
+from gateway import resume
 from gateway.backends.base import BackendError, CallOptions
 from gateway.classify.text import all_text
 from gateway.dispatch import AllTargetsFailed, Fallback, Outcome
@@ -24,7 +25,9 @@ from gateway.features import DifficultyFinding, Features, SensitivityFinding
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
 from gateway.privacy.redact import redact_body
+from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
+from gateway.resume import Partial, seamless
 from gateway.runtime import Runtime
 from gateway.schema import APIError
 
@@ -295,14 +298,14 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
         outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts)
     except AllTargetsFailed as exc:
         raise _all_failed_error(exc) from None
-    restorer = prepared.vault.stream_restorer() if _restoring(rt, prepared, outcome.target) else None
     want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
     usage: dict[str, Any] = {}
+    served = _served(prepared, outcome)
 
-    async def chunks() -> AsyncIterator[dict[str, Any]]:
-        for chunk in outcome.head:
+    async def chunks(current: Outcome) -> AsyncIterator[dict[str, Any]]:
+        for chunk in current.head:
             yield chunk
-        rest = outcome.rest
+        rest = current.rest
         if rest is None:
             return
         while True:
@@ -322,53 +325,96 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                 raise BackendError("protocol", f"unexpected {type(exc).__name__} mid-stream") from None
             yield chunk
 
-    def out(chunk: dict[str, Any]) -> list[bytes]:
+    def out(chunk: dict[str, Any], restorer: StreamRestorer | None) -> list[dict[str, Any]]:
         if chunk.get("usage"):
             usage.update(chunk["usage"])
             if not chunk.get("choices"):
-                return [sse(chunk)] if want_usage else []
+                return [chunk] if want_usage else []
             if not want_usage:
                 chunk = {k: v for k, v in chunk.items() if k != "usage"}
-        pieces = restorer.feed(chunk) if restorer is not None else [chunk]
-        return [sse(c) for c in pieces]
+        return restorer.feed(chunk) if restorer is not None else [chunk]
 
     async def body() -> AsyncIterator[bytes]:
+        current, partial = outcome, Partial()
         try:
-            async for chunk in chunks():
-                for piece in out(chunk):
-                    yield piece
-            if restorer is not None:
-                for c in restorer.flush():
-                    yield sse(c)
-        except BackendError as exc:
-            # Tokens were already sent: we cannot switch targets silently any more. End the stream
-            # with an error event the OpenAI SDK raises on, never with a hung connection.
-            log.warning("stream_interrupted", target=outcome.target, reason=exc.reason,
-                        request_id=prepared.call.request_id)
-            if restorer is not None:
-                for c in restorer.flush():
-                    yield sse(c)
-            yield sse(
-                {
-                    "error": {
-                        "message": f"The upstream stream from {outcome.target} was interrupted ({exc.reason}).",
-                        "type": "upstream_error",
-                        "param": None,
-                        "code": "stream_interrupted",
-                    }
-                }
-            )
-            usage["error"] = exc.reason
-        finally:
-            close = getattr(outcome.rest, "aclose", None)
-            if close is not None:
+            while True:
+                restorer = prepared.vault.stream_restorer() if _restoring(rt, prepared, current.target) and \
+                    prepared.vault is not None else None
+                partial.raw_seen |= restorer is None
+                resumed = current is not outcome
                 try:
-                    await close()
-                except Exception:
-                    pass
+                    async for chunk in chunks(current):
+                        if resumed and (chunk := seamless(chunk, partial)) is None:
+                            continue
+                        for c in out(chunk, restorer):
+                            partial.seen(c)
+                            yield sse(c)
+                    for c in restorer.flush() if restorer is not None else ():
+                        partial.seen(c)
+                        yield sse(c)
+                    break
+                except BackendError as exc:
+                    log.warning("stream_interrupted", target=current.target, reason=exc.reason,
+                                request_id=prepared.call.request_id)
+                    # Text the restorer still holds (a placeholder cut by the break) is not sent:
+                    # the next target goes on from what the client has actually seen.
+                    nxt = await _resume(rt, prepared, current.target, partial, opts)
+                    if nxt is None:
+                        for c in restorer.flush() if restorer is not None else ():
+                            yield sse(c)
+                        # Tokens were already sent and no target can write the rest: end the stream
+                        # with an error event the OpenAI SDK raises on, never a hung connection.
+                        yield sse(_stream_error(current.target, exc))
+                        usage["error"] = exc.reason
+                        break
+                    served.fallbacks.append(Fallback(current.target, nxt.target, "resumed_mid_stream"))
+                    await _aclose(current.rest)
+                    current = nxt
+        finally:
+            await _aclose(current.rest)
         yield SSE_DONE
 
-    return body(), _served(prepared, outcome), usage
+    return body(), served, usage
+
+
+def _stream_error(target: str, exc: BackendError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"The upstream stream from {target} was interrupted ({exc.reason}).",
+            "type": "upstream_error",
+            "param": None,
+            "code": "stream_interrupted",
+        }
+    }
+
+
+async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: Partial, opts: CallOptions) -> Outcome | None:
+    """The rest of the answer from the next target that can continue it, or None."""
+    redacting = prepared.redacted is not None
+    chain = resume.candidates(prepared.decision.chain, failed, partial, policy=rt.policy, redacting=redacting,
+                              is_engine=rt.is_engine)
+    if not chain:
+        return None
+
+    def body(target: str) -> dict[str, Any]:
+        sees_redacted = redacting and rt.policy.is_cloud(target)
+        return resume.continuation_body(body_for(rt, prepared, target), partial, engine=rt.is_engine(target),
+                                        vault=prepared.vault if sees_redacted else None)
+
+    try:
+        return await rt.dispatcher.stream(chain, body, opts)
+    except AllTargetsFailed as exc:
+        log.warning("stream_resume_failed", reason=str(exc)[:200], request_id=prepared.call.request_id)
+        return None
+
+
+async def _aclose(it: AsyncIterator[Any] | None) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
 
 
 def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:

@@ -11,8 +11,9 @@ tokens, so it stops within one decode step. A deadline hit after some text came 
 answer with ``finish_reason="length"``; with nothing produced it is a ``timeout`` error.
 
 Request fields used: messages, max_tokens / max_completion_tokens, temperature (absent -> greedy:
-a small local model answers best greedy), top_p, seed, stop, and the non-OpenAI extras top_k and
-repetition_penalty. Others (tools, response_format, n, penalties) are ignored here; the gateway
+a small local model answers best greedy), top_p, seed, stop, and the non-OpenAI extras top_k,
+repetition_penalty and continue_final_message (vLLM's name: go on writing the last, unfinished
+assistant message; the gateway uses it to resume a broken stream). Others (tools, response_format, n, penalties) are ignored here; the gateway
 adds the warning header.
 """
 
@@ -39,6 +40,7 @@ class _Job:
     sampling: dict[str, Any]
     deadline: float
     emit: Callable[[tuple[str, Any]], None]  # thread-safe: puts an event on the caller's loop
+    continue_final: bool = False  # go on writing the unfinished last assistant message
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -159,7 +161,8 @@ class EngineBackend:
             return job.cancel.is_set() or time.monotonic() >= job.deadline
 
         try:
-            gen = self.engine.chat(job.messages, should_stop=should_stop, **job.sampling)
+            gen = self.engine.chat(job.messages, should_stop=should_stop, continue_final_message=job.continue_final,
+                                   **job.sampling)
             for delta in gen:
                 job.emit(("delta", delta))
         except EngineError as e:
@@ -225,7 +228,8 @@ class EngineBackend:
             except RuntimeError:  # the caller's loop is gone: nobody is listening
                 job.cancel.set()
 
-        job = _Job(msgs, self._sampling(body), opts.deadline, emit)
+        job = _Job(msgs, self._sampling(body), opts.deadline, emit,
+                   continue_final=bool(body.get("continue_final_message")))
         self._ensure_worker()
         self._jobs.put(job)
         return job, events

@@ -40,6 +40,12 @@ class CloudTarget(_Strict):
         "litellm for every other provider.",
     )
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    continues_answers: bool | None = Field(
+        None,
+        description="Can go on writing an unfinished assistant answer, so a stream another target broke "
+        "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
+        "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
+    )
 
 
 class LocalTarget(_Strict):
@@ -60,6 +66,12 @@ class LocalTarget(_Strict):
     memory_budget: str | None = None
     default_max_tokens: int = Field(256, ge=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    continues_answers: bool | None = Field(
+        None,
+        description="Can go on writing an unfinished assistant answer, so a stream another target broke "
+        "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
+        "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
+    )
 
     @model_validator(mode="after")
     def _engine_or_server(self) -> LocalTarget:

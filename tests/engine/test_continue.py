@@ -40,3 +40,34 @@ def test_greedy_continuation_completes_the_same_answer(smol) -> None:
     rest = "".join(gen)
     assert prefix + rest == full
     assert gen.usage["completion_tokens"] == 24 - 3 or gen.finish_reason == "stop"
+
+
+def test_gateway_resumes_a_broken_cloud_stream_on_the_engine(tmp_path) -> None:
+    """End to end: the cloud's stream breaks mid-answer; the real engine writes the rest of it."""
+    import openai
+
+    from tests.support.gateway import run_gateway
+    from tests.support.upstream import FakeUpstream, Fault
+
+    policy = tmp_path / "p.yaml"
+    with FakeUpstream(model="cloud-model", reply=lambda b: "The capital of France is Paris, of course.") as cloud:
+        policy.write_text(f"""
+version: 1
+targets:
+  cloud: {{kind: cloud, model: openai/cloud-model, api_base: "{cloud.base_url}", api_key: sk-x, retries: 0}}
+  local: {{kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 24}}
+connectivity: {{probe_interval_s: 30}}
+privacy: {{enabled: false}}
+difficulty: {{method: heuristic}}
+rules:
+  - {{name: all, route: cloud, fallback: [local]}}
+""")
+        cloud.fault = Fault("truncated", after_chunks=4)  # "The capital of F", then the connection ends
+        with run_gateway(policy) as gw:
+            client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0)
+            chunks = list(client.chat.completions.create(
+                model="auto", messages=QUESTION, stream=True, timeout=120))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("The capital of F") and len(text) > len("The capital of F")
+    assert "Paris" in text  # the engine continued the same sentence, not a new answer
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] in (["stop"], ["length"])
