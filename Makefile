@@ -33,7 +33,7 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 system-tools:
 	@missing=""; \
 	if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null \
-	   && ! ls /usr/lib/chromium*/headless_shell >/dev/null 2>&1; then missing=" chromium-headless-shell"; fi; \
+	   && [ -z "$$(ls /usr/lib/chromium*/*headless?shell 2>/dev/null)" ]; then missing=" chromium-headless-shell"; fi; \
 	if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then \
 	   missing="$$missing docker-compose"; fi; \
 	if [ -z "$$missing" ]; then echo "system-tools: headless Chromium and docker compose present"; \

@@ -27,8 +27,11 @@ def find_browser() -> str | None:
     for name in _NAMES:
         if path := shutil.which(name):
             return path
-    found = sorted(glob.glob("/usr/lib/chromium*/headless_shell"))
-    return found[0] if found else None
+    # Off PATH: Debian's real binary sits next to its resources; older builds call it headless_shell.
+    for pattern in ("/usr/lib/chromium*/chromium-headless-shell", "/usr/lib/chromium*/headless_shell"):
+        if found := sorted(glob.glob(pattern)):
+            return found[0]
+    return None
 
 
 @dataclass
