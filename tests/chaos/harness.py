@@ -39,6 +39,7 @@ targets:
     model: openai/local-model
     api_base: {local}
     timeout_s: 3
+    continues_answers: true  # a cloud stream broken after its first tokens is finished here
 connectivity:
   probe_interval_s: {probe}
   probe_timeout_s: 0.3
@@ -90,6 +91,7 @@ class Result:
     ended: str = "ok"  # ok | error_event | status | exception | no_done
     detail: str = ""
     started: float = 0.0  # time.monotonic() when the request was sent
+    resumed: bool = False  # the cloud's stream broke and the local target wrote the rest
 
     @property
     def outcome(self) -> str:
@@ -98,31 +100,32 @@ class Result:
         if self.ended != "ok":
             return "failed"
         if self.route == "cloud":
-            return "primary"
+            return "resumed" if self.resumed else "primary"
         if self.fallback:
             return "fallback"
         return "offline_rule"  # already known offline: routed to local directly, no fallback needed
 
 
-def _stream(client: httpx.Client, body: dict) -> tuple[int, dict, int, str, str]:
-    tokens = 0
+def _stream(client: httpx.Client, body: dict) -> tuple[int, dict, int, str, str, str]:
+    tokens, text = 0, []
     with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             resp.read()
-            return resp.status_code, dict(resp.headers), 0, "status", resp.text[:200]
+            return resp.status_code, dict(resp.headers), 0, "status", resp.text[:200], ""
         for line in resp.iter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
             if data == "[DONE]":
-                return 200, dict(resp.headers), tokens, "ok", ""
+                return 200, dict(resp.headers), tokens, "ok", "", "".join(text)
             chunk = orjson.loads(data)
             if "error" in chunk:
-                return 200, dict(resp.headers), tokens, "error_event", chunk["error"].get("message", "")
+                return 200, dict(resp.headers), tokens, "error_event", chunk["error"].get("message", ""), ""
             for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
+                if content := (choice.get("delta") or {}).get("content"):
                     tokens += 1
-        return 200, dict(resp.headers), tokens, "no_done", "stream closed without [DONE]"
+                    text.append(content)
+        return 200, dict(resp.headers), tokens, "no_done", "stream closed without [DONE]", ""
 
 
 def one_request(client: httpx.Client, i: int, stream: bool, phase: Callable[[], str]) -> Result:
@@ -130,9 +133,10 @@ def one_request(client: httpx.Client, i: int, stream: bool, phase: Callable[[], 
             "messages": [{"role": "user", "content": f"request {i}: tell me a short story please"}]}
     start_phase = phase()
     t0 = time.monotonic()
+    text = ""
     try:
         if stream:
-            status, headers, tokens, ended, detail = _stream(client, body)
+            status, headers, tokens, ended, detail, text = _stream(client, body)
         else:
             resp = client.post("/v1/chat/completions", json=body)
             status, headers, tokens = resp.status_code, dict(resp.headers), 0
@@ -144,7 +148,8 @@ def one_request(client: httpx.Client, i: int, stream: bool, phase: Callable[[], 
     return Result(stream=stream, status=status, route=headers.get("x-hybrid-route"),
                   fallback=headers.get("x-hybrid-fallback"), rule=headers.get("x-hybrid-rule"),
                   seconds=time.monotonic() - t0, phase_start=start_phase, phase_end=phase(), tokens=tokens,
-                  ended=ended, detail=detail, started=t0)
+                  ended=ended, detail=detail, started=t0,
+                  resumed=headers.get("x-hybrid-route") == "cloud" and "local answer" in text)
 
 
 @dataclass
@@ -264,7 +269,8 @@ class SoakReport:
         return [
             f"soak: {self.seconds:.0f} s, {self.outages} cloud outages, warm-up {self.warmup_s:.0f} s",
             f"soak: sent={sent} primary={t['primary']} fallback={t['fallback']} offline_rule={t['offline_rule']} "
-            f"midstream_error={t['midstream_error']} failed={t['failed']}; slowest {self.slowest_s:.2f} s",
+            f"resumed={t['resumed']} midstream_error={t['midstream_error']} failed={t['failed']}; "
+            f"slowest {self.slowest_s:.2f} s",
             f"soak: RSS after warm-up {self.rss_start:.1f} MB -> end {self.rss_end:.1f} MB "
             f"({100 * self.rss_growth:+.1f}%), peak {max(s[1] for s in self.samples):.1f} MB",
             f"soak: open fds after warm-up {self.fds_start}, max {self.fds_max}, "

@@ -4,8 +4,8 @@ One run (about 25 s): four client threads send an alternating mix of streamed an
 through the real gateway (uvicorn on loopback) whose cloud target is a fake upstream cycling
 through the fault schedule below, with a healthy local target as fallback. Claims checked:
 
-* no request fails that the fallback could serve; a stream that breaks after tokens were sent
-  ends with an error event (counted apart, and only in the mid-stream fault phases);
+* no request fails that the fallback could serve, streams broken after their first tokens
+  included: the local target (`continues_answers`) writes the rest of the answer;
 * the cloud is marked offline within about one probe interval of an outage, back online after
   recovery, and does not flap either way;
 * no request takes longer than its deadline;
@@ -134,7 +134,7 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
     streams = [r for r in results if r.stream]
     print(f"\nchaos: sent={len(results)} (streams={len(streams)}) primary={tally['primary']} "
           f"fallback={tally['fallback']} offline_rule={tally['offline_rule']} "
-          f"midstream_error={tally['midstream_error']} failed={tally['failed']}")
+          f"resumed={tally['resumed']} midstream_error={tally['midstream_error']} failed={tally['failed']}")
     for o in outages:
         print(f"chaos: outage {o['name']}: offline after {o['to_offline']:.2f} s, "
               f"online {o['to_online']:.2f} s after recovery")
@@ -149,12 +149,14 @@ def test_chaos_mixed_traffic_through_every_fault(tmp_path: Path) -> None:
     failed = [r for r in results if r.outcome == "failed"]
     assert not failed, [(r.phase_start, r.stream, r.status, r.ended, r.detail) for r in failed[:5]]
 
-    # Mid-stream breaks only happen where the schedule cuts a stream after tokens, they carried
-    # the tokens that arrived, and they stay the minority of streams.
+    # A stream cut after tokens is finished by the local target, in the same stream: no error
+    # event reaches a client, and resumptions happen only where the schedule cuts streams.
     mid = [r for r in results if r.outcome == "midstream_error"]
-    assert all(phases_during(r) & MIDSTREAM_PHASES for r in mid), [(sorted(phases_during(r)), r.detail) for r in mid]
-    assert all(r.tokens > 0 and "interrupted" in r.detail for r in mid)
-    assert len(mid) <= 0.15 * len(streams)
+    assert not mid, [(sorted(phases_during(r)), r.detail) for r in mid[:5]]
+    resumed = [r for r in results if r.outcome == "resumed"]
+    assert resumed, "the mid-stream fault phases produced no resumed stream"
+    assert all(r.stream and phases_during(r) & MIDSTREAM_PHASES for r in resumed), \
+        [sorted(phases_during(r)) for r in resumed]
 
     # Every fallback happened in a fault phase and says why.
     for r in results:
