@@ -22,7 +22,7 @@ _W = r"\p{Lu}[\p{L}\p{M}'’.\-]*"
 # Lower-case particles inside street and place names (Rue de Bouillon, Treinta y Tres).
 _LINK = r"(?:de|del|della|da|do|dos|das|di|du|des|la|le|las|los|van|von|der|den|y|e|i|am|an|auf|im|al|el|sur|lès|lez|t)"
 _NAME = rf"{_W}(?:[ \t]+(?:{_LINK}[ \t]+)?{_W}){{0,4}}"
-_NUM = r"\d{1,6}[A-Za-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"
+_NUM = r"\d{1,6}[A-Za-rt-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"  # not "70s": a decade
 
 # English street types (with their USPS abbreviations) that follow the street name.
 _STREET_TYPES = (
@@ -42,14 +42,14 @@ _DIRECTION = r"(?:North|South|East|West|Northeast|Northwest|Southeast|Southwest|
 # Street words that come before the name (Via Roma 12, Rue de la Paix, ul. Dmowskiego 5).
 _STREET_PREFIXES = (
     r"Via|Viale|Vicolo|Piazza|Piazzale|Corso|Largo|Strada|Contrada|Località|Loc\.|Rua|R\.|Travessa|Tv\.|Praça|"
-    r"Pç\.|Avenida|Av\.|Avda\.?|Alameda|Estrada|Bairro|Calle|C/|Carrer|Carretera|Ctra\.|Camino|Paseo|Pº|"
+    r"Pç\.|Rúa|R|Avenida|Av\.|Avda\.?|Alameda|Estrada|Bairro|Calle|C/|Carrer|Carretera|Ctra\.|Camino|Paseo|Pº|"
     r"Plaza|Pza\.|Rambla|Ronda|Travesía|Rue|Avenue|Boulevard|Bd|Bvd|Chemin|Allée|Impasse|Quai|Route|Place|"
     r"Cours|Ulica|ul\.|Aleja|al\.|Ulitsa|ul|Odos|Leoforos|Leof\.|Strasse|Straße|Calea|Strada|Bulevardul|Bd\.|"
-    r"Stradă|Ulice|Ul\.|Sokak|Sok\.|Cadde|Cad\.|Mahallesi|Mah\."
+    r"Stradă|Ulice|Ul\.|Sokak|Sok\.|Cadde|Cad\.|Mahallesi|Mah\.|Οδός|οδός|Οδ\.|Λεωφόρος|Λεωφ\.|Λ\.|Πλατεία|πλατεία"
 )
 # Street words that end the name, as a word of their own or glued to it (Olmstraat, Skolevei).
 _STREET_SUFFIXES = (
-    r"laan|vej|veg|vei|veien|vegen|gade|gata|gatan|gasse|väg|vägen|straße|strasse|str\.|weg|platz|plein|"
+    r"laan|vej|veg|vei|veien|vegen|gade|gate|gata|gatan|gasse|väg|vägen|straße|strasse|str\.|weg|platz|plein|"
     r"straat|gracht|kade|singel|tie|katu|kuja|polku|aukio|utca|út|tér|körút|ring|allee|damm|ufer|chaussee|"
     r"terrasse|stræde|plass|plads|torget|torg|ulica|ulice|cesta|iela|gatve|hof|dreef|steeg|markt|stieg|"
     r"gränd|põik|tänav|mnt|brekka|braut|stígur|stræti|gerði|vegur|götu|gata|sund|bakke|toft|park|stig|"
@@ -68,7 +68,7 @@ _MILITARY = (
 # Postcodes: US ZIP(+4), 4-6 digits, PL 00-000, PT 0000-000, NL 1234 AB, UK, Canada.
 _POSTCODE = (
     r"(?:\d{5}-\d{4}|\d{4}-\d{3}|\d{2}-\d{3}|\d{3}[ ]\d{2}|\d{4}[ ]?\p{Lu}{2}|\d{4,6}"
-    r"|\p{Lu}{1,2}\d[\p{Lu}\d]?[ ]?\d\p{Lu}{2}|\p{Lu}\d\p{Lu}[ ]?\d\p{Lu}\d)(?![\d-])"
+    r"|\p{Lu}{1,2}\d[\p{Lu}\d]?[ ]?\d\p{Lu}{2}|\p{Lu}\d\p{Lu}[ ]?\d\p{Lu}\d)(?![\d-]|[ \t]\d)"
 )
 # Cues that announce an address without a street word (on Midhraun 10, address: Πεντέλης 210).
 _CUE = (
@@ -90,7 +90,7 @@ _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
     # Via Pasquale Scura 127, 893 Via Leopardi 83, ul. Asnyka Adama 82, Rue de Bouillon 178
     (
         regex.compile(
-            rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ \t]+)?(?:{_STREET_PREFIXES})[ \t]+(?:{_LINK}[ \t]+){{0,2}}{_NAME},?"
+            rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ \t]+){{0,2}}(?:{_STREET_PREFIXES})[ \t]+(?:{_LINK}[ \t]+){{0,2}}{_NAME},?"
             rf"[ \t]+{_NUM}\b"
         ),
         0.9,
@@ -98,7 +98,7 @@ _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
     # 23 Rue Abderrahmen Ziad, 46 rue Nationale (number first, no number after)
     (
         regex.compile(
-            rf"\b\d{{1,5}},?[ \t]+(?:{_STREET_PREFIXES}|(?i:rue|avenue|boulevard|chemin|place|allée|impasse|quai))"
+            rf"\b(?:\d{{1,6}}[ \t]+)?\d{{1,5}},?[ \t]+(?:{_STREET_PREFIXES}|(?i:rue|avenue|boulevard|chemin|place|allée|impasse|quai))"
             rf"[ \t]+(?:{_LINK}[ \t]+){{0,2}}{_NAME}"
         ),
         0.85,
@@ -106,18 +106,24 @@ _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
     # Olmstraat 69, 64842 Hauger Skolevei 90, Langenhorner Chaussee 76, Kase põik 91, Tas vezér u. 66
     (
         regex.compile(
-            rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ \t]+)?(?:{_NAME}[ \t]+)?(?:\p{{L}}[\p{{L}}'-]*?)?"
+            rf"(?<![\p{{L}}\d])(?:\d{{1,6}}[ \t]+){{0,2}}(?:{_NAME}[ \t]+)?(?:\p{{L}}[\p{{L}}'-]*?)?"
             rf"(?i:{_STREET_SUFFIXES})(?<=\p{{L}}|\.)[ \t]+{_NUM}\b"
         ),
         0.85,
     ),
     # 637 Strojírenská 1006, 449 Πεντέλης 210: a building number before a "Name 12" street
     (regex.compile(rf"\b\d{{1,6}}[ \t]+{_NAME}[ \t]+{_NUM}\b(?![.,]\d)"), 0.7),
+    # 4093 110 Kontomari: a building number, then a street that starts with its own number
+    (regex.compile(rf"\b\d{{1,6}}[ \t]+\d{{1,5}}[A-Za-z]?[ \t]+{_NAME}(?=[ \t]*(?:$|[,\n]))"), 0.7),
+    # lives on Amelia Center Street (no number)
+    (regex.compile(rf"(?<={_CUE}[ \t]+){_NAME}[ \t]+(?:{_STREET_TYPES})\b"), 0.6),
     # on Midhraun 10, address: Helmstok 174
     (regex.compile(rf"(?<={_CUE}[ \t]+){_NAME}[ \t]+{_NUM}\b(?![.,:]\d)"), 0.6),
     (regex.compile(rf"\b{_PO_BOX}\b"), 0.85),
     (regex.compile(rf"\b(?:{_MILITARY})\b"), 0.9),
     (regex.compile(rf"\b(?:{_UNIT})\b"), 0.5),
+    # a postcode closing a letter's address ("Finland 45622" on its own line)
+    (regex.compile(rf"(?m)(?<=^[^\n\d]{{0,8}}{_NAME}[ \t]+){_POSTCODE}(?=[ \t]*$)"), 0.5),
     # the corner of Main Street and 5th Avenue
     (regex.compile(rf"(?<=(?i:corner[ \t]+of)[ \t]+){_NAME}(?:[ \t]+{_NUM})?[ \t]+and[ \t]+{_NAME}(?:[ \t]+{_NUM})?"), 0.7),
 )
@@ -156,7 +162,7 @@ def find_addresses(text: str) -> list[tuple[int, int, float]]:
         for m in pattern.finditer(text):
             end, parts = _tail_end(text, m.end())
             # An anchor followed by address parts is an address whatever its own shape.
-            found.append((m.start(), end, max(score, 0.85) if parts else score))
+            found.append((m.start(), end, max(score, 0.9) if parts else score))
     found.sort()
     merged: list[list[float]] = []
     for start, end, score in found:

@@ -38,6 +38,7 @@ from presidio_analyzer.predefined_recognizers import (
 from spacy.attrs import IDX, IS_PUNCT, IS_STOP, LEMMA, LENGTH, LOWER
 
 from gateway.privacy.config import PrivacyConfig
+from gateway.privacy.ner_fixes import corrected_entities
 from gateway.privacy.recognizers import (
     CardNumberRecognizer,
     FastPhoneRecognizer,
@@ -108,7 +109,7 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
             if not stop and not punct and lemma not in ("-pron-", "be")
             for part in lemma.split(":")
         ]
-        entities, scores = self._get_updated_entities(list(doc.ents), self._get_scores_for_entities(doc))
+        entities, scores = self._get_updated_entities(*corrected_entities(doc, self.ner_model_configuration.default_score))
         artifacts = NlpArtifacts(
             entities=entities,
             tokens=doc,

@@ -96,6 +96,8 @@ _CUE = (
     r"resident|native)"
     r"[ \t]+(?:back[ \t]+)?(?:in|from|to|at|of|near|into))"
 )
+# A cue ending right where an entity starts: the entity is a place whatever NER called it.
+PLACE_CUE_BEFORE = regex.compile(rf"{_CUE}[ \t]+(?:the[ \t]+)?$")
 _CUED_PLACE = regex.compile(rf"(?<={_CUE}[ \t]+)(?:the[ \t]+)?({_PLACE})(?![\p{{L}}\d])")
 # Words a cue may be followed by that are not places.
 _NOT_PLACES = frozenset(
@@ -117,3 +119,11 @@ def find_places(text: str) -> list[tuple[int, int, float]]:
             continue
         out.append((m.start(1), m.end(1), 0.7))
     return out
+
+
+_KNOWN = frozenset(n.casefold() for n in _PLACE_NAMES)
+
+
+def is_known_place(text: str) -> bool:
+    """Whether `text` is a gazetteer place (any case)."""
+    return text.strip().casefold() in _KNOWN

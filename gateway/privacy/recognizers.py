@@ -127,11 +127,12 @@ def _looks_like_placeholder(value: str) -> bool:
 
 # Candidate phone numbers: an optional +country code, optional (area), then 2-4 digit groups.
 _PHONE_CANDIDATE = re.compile(
-    r"(?<![\w+/.-])(?:\+\d{1,3}[ \t.-]?)?(?:\(\d{1,5}\)[ \t.-]?)?\d{1,4}(?:[ \t.-]?\d{2,5}){1,4}(?:[ \t]?(?:x|ext\.?)[ \t]?\d{1,5})?(?![\w/]|[-.]\d)"
+    r"(?<![\w+/.:-])(?:\+\d{1,3}[ \t.-]?)?(?:\(\d{1,5}\)[ \t.-]?)?\d{1,4}(?:[ \t.-]?\d{2,5}){1,4}(?:[ \t]?(?:x|ext\.?)[ \t]?\d{1,5})?(?![\w/:]|[-.]\d)"
 )
 _SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
 _DATE_SHAPE = re.compile(r"^\d{1,4}[-./]\d{1,2}[-./]\d{1,4}$")
 _IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
+_SHORT_LOCAL = re.compile(r"^\d{2}([ .-])\d{2}\1\d{2}$")
 
 
 class FastPhoneRecognizer(LocalRecognizer):
@@ -141,7 +142,10 @@ class FastPhoneRecognizer(LocalRecognizer):
     (~30 ms for 1 KB here); validating only regex candidates gives the same answers in ~1 ms.
     """
 
-    CONTEXT = ["phone", "number", "telephone", "tel", "cell", "cellphone", "mobile", "call", "fax", "whatsapp"]
+    CONTEXT = [
+        "phone", "number", "telephone", "tel", "cell", "cellphone", "mobile", "call", "fax", "whatsapp",
+        "message", "messages", "text", "sms", "contact", "dial", "desk", "landline", "ring",
+    ]
     REGIONS = ("US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "AU")
     # Tried only for numbers laid out like phone numbers (separators), to keep false alarms down.
     MORE_REGIONS = ("IE", "IT", "ES", "NL", "CH", "AT", "BE", "CZ", "PL", "SE", "DK", "NO", "MX", "JP")
@@ -157,6 +161,10 @@ class FastPhoneRecognizer(LocalRecognizer):
         for m in _PHONE_CANDIDATE.finditer(text):
             cand = m.group(0)
             digits = sum(c.isdigit() for c in cand)
+            if _SHORT_LOCAL.match(cand):
+                # 61 60 34: a 6-digit local number (Greenland, Faroes), only with a context word
+                out.append(_result(self, "PHONE_NUMBER", m.start(), m.end(), 0.3))
+                continue
             if not 7 <= digits <= 15 or _SSN_SHAPE.match(cand) or _DATE_SHAPE.match(cand) or _IPV4_SHAPE.match(cand):
                 continue
             score = self._score(cand)
@@ -197,8 +205,8 @@ def luhn_ok(digits: str) -> bool:
 
 _CARD_CANDIDATE = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
 # Issuer prefixes (IIN ranges): Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38,
-# Discover/UnionPay 6, JCB 35, Maestro 50/56-69.
-_IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6)")
+# Discover/UnionPay 6, JCB 35 (and its 15-digit 2131/1800), Maestro 50/56-69.
+_IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6|2131|1800)")
 
 
 class CardNumberRecognizer(LocalRecognizer):
