@@ -41,10 +41,13 @@ def main() -> None:
 @click.option("--port", default=8080, show_default=True, type=int)
 @click.option("--offline", is_flag=True, help="Treat every cloud target as offline (test offline mode).")
 @click.option("--audit-log", default=None, help="Write the audit log here ('-' for stdout).")
+@click.option("--audit-prompts", type=click.Choice(["off", "redacted", "raw"]), default="off", show_default=True,
+              envvar="GATEWAY_AUDIT_PROMPTS",
+              help="Prompt text in the audit log: off; redacted (every detected value replaced); raw (as received).")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--no-watch", is_flag=True, help="Do not reload the policy when the file changes.")
-def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str | None, log_level: str,
-          no_watch: bool) -> None:
+def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str | None, audit_prompts: str,
+          log_level: str, no_watch: bool) -> None:
     """Serve the OpenAI-compatible API."""
     import uvicorn
 
@@ -55,7 +58,7 @@ def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str 
     configure_logging(log_level)
     policy = _load(policy_path)
     settings = Settings(policy_path=policy_path, force="offline" if offline else "auto",
-                        audit_path=audit_log, watch=not no_watch)
+                        audit_path=audit_log, audit_prompts=audit_prompts, watch=not no_watch)  # type: ignore[arg-type]
     try:
         state = GatewayState(settings, policy)
     except Exception as exc:  # e.g. a missing NLP model: one clear line, no traceback

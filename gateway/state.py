@@ -7,7 +7,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -21,12 +21,17 @@ from gateway.runtime import Runtime, build_runtime, retire
 log = structlog.get_logger("gateway.state")
 
 
+AuditPrompts = Literal["off", "redacted", "raw"]
+
 @dataclass(frozen=True)
 class Settings:
     policy_path: str
     force: Force = "auto"  # `serve --offline` sets "offline" for every cloud target
     admin_key: str | None = field(default_factory=lambda: os.environ.get("GATEWAY_ADMIN_KEY") or None)
     audit_path: str | None = None  # None: no audit log; "-": stdout
+    # Prompt text in the audit log: never by default; "redacted" logs the messages with every
+    # detected value replaced by a placeholder; "raw" logs them as received (explicit opt-in).
+    audit_prompts: AuditPrompts = "off"
     watch: bool = True
     reload_grace_s: float = 30.0
 

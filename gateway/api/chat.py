@@ -17,6 +17,8 @@ from gateway import pipeline
 from gateway.api.deps import authenticate, get_state, state_of
 from gateway.api.errors import validation_error
 from gateway.api.responses import JSON
+from gateway.privacy.redact import redact_body
+from gateway.privacy.vault import Vault
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
 from gateway.state import GatewayState
 
@@ -177,8 +179,23 @@ def _record(
             "prompt_tokens": usage.get("prompt_tokens"),
             "completion_tokens": usage.get("completion_tokens"),
             "error": usage.get("error"),
+            **_audit_messages(state, prepared),
         }
     )
+
+
+def _audit_messages(state: GatewayState, prepared: pipeline.Prepared) -> dict[str, Any]:
+    mode = state.settings.audit_prompts
+    if mode == "off":
+        return {}
+    body = prepared.call.body
+    if mode == "redacted":
+        # Every detected value replaced, whatever its level and whatever the route (stricter than
+        # what a cloud target gets), with a throwaway vault: placeholders are per audit line.
+        body = redact_body(body, prepared.features.sensitivity, Vault(),
+                           state.runtime.policy.privacy.model_copy(update={"redact_at_least": "low",
+                                                                           "mode": "placeholder"}))
+    return {"prompt_text": mode, "messages": body.get("messages")}
 
 
 @router.post(

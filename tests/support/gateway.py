@@ -40,9 +40,9 @@ class RunningGateway:
 
 @contextmanager
 def run_gateway(policy_path: str | Path, *, admin_key: str | None = "admin-secret", audit_path: str | None = None,
-                watch: bool = False, force: str = "auto") -> Iterator[RunningGateway]:
+                watch: bool = False, force: str = "auto", audit_prompts: str = "off") -> Iterator[RunningGateway]:
     settings = Settings(policy_path=str(policy_path), admin_key=admin_key, audit_path=audit_path, watch=watch,
-                        force=force, reload_grace_s=0.5)
+                        force=force, reload_grace_s=0.5, audit_prompts=audit_prompts)  # type: ignore[arg-type]
     state = GatewayState(settings)
     app = create_app(settings, state)
     port = free_port()
