@@ -1,7 +1,8 @@
 """Deployment files: docker-compose.yml, deploy/prometheus.yml and the Dockerfile agree with the code.
 
-`docker compose config` (the real validator) runs only where the docker client has the compose
-plugin; the structural checks run everywhere, so a renamed CLI flag, port or file breaks the test.
+`docker compose config` (the real validator: the v2 plugin, else Debian's `docker-compose` v1.29,
+which `make system-tools` installs on CI) runs where one is installed; the structural checks run
+everywhere, so a renamed CLI flag, port or file breaks the test.
 """
 
 from __future__ import annotations
