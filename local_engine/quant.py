@@ -146,3 +146,68 @@ class Int8Linear:
         y = torch.ops.aten._weight_int8pack_mm(x2, self.w8, self.scale)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class GGUFBlockLinear:
+    """GGUF Q4_0 / Q4_1 / Q8_0 blocks kept as they are, multiplied by local_engine.qkernel (AVX2).
+
+    Activations are quantised to int8 per block of 32 inside the kernel (as llama.cpp does);
+    the output is fp32. Q4_0 blocks are rewritten once as Q4_1 (m = -8 d, exact) so the kernel
+    has one 4-bit path. ``blocks`` may be a read-only memory map (the tied vocab head of a GGUF
+    is multiplied straight from the file, no copy).
+    """
+
+    def __init__(self, lib: object, blocks: np.ndarray, qtype: str, shape: tuple[int, int],
+                 bias: torch.Tensor | None = None) -> None:
+        from local_engine import qkernel
+
+        rows, cols = shape
+        if qtype == "Q4_0":
+            blocks, qtype = _q4_0_as_q4_1(blocks, rows, cols), "Q4_1"
+        if qtype not in ("Q4_1", "Q8_0"):
+            raise ValueError(f"GGUFBlockLinear: unsupported block type {qtype}")
+        self.blocks = np.ascontiguousarray(blocks)  # a no-op for a contiguous memmap
+        self.qtype = qtype
+        self._qt = qkernel.QTYPE_Q4_1 if qtype == "Q4_1" else qkernel.QTYPE_Q8_0
+        self._fn = lib.qmatmul  # type: ignore[attr-defined]
+        self._ptr = self.blocks.ctypes.data
+        self.out_features, self.in_features = rows, cols
+        self.bias = None if bias is None else bias.float()
+        self.nbytes = self.blocks.nbytes
+
+    @classmethod
+    def from_raw(cls, lib: object, parts: Sequence[RawTensor], bias: torch.Tensor | None = None) -> GGUFBlockLinear:
+        qtypes = {p.qtype for p in parts}
+        if len(qtypes) != 1:
+            raise ValueError(f"GGUFBlockLinear: mixed block types {sorted(qtypes)}")
+        # fused q|k|v or gate|up: rows concatenated (one copy); a single matrix is used in place
+        data = parts[0].data if len(parts) == 1 else np.concatenate([p.data for p in parts])
+        rows = sum(p.shape[0] for p in parts)
+        return cls(lib, data, parts[0].qtype, (rows, parts[0].shape[1]), bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, self.out_features)
+        rc = self._fn(self._ptr, self._qt, x2.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features,
+                      torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"qkernel failed with code {rc} for a {self.out_features}x{self.in_features} matrix")
+        if len(shape) != 2:
+            y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _q4_0_as_q4_1(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Q4_0 (fp16 d, 16 bytes) -> Q4_1 (fp16 d, fp16 m = -8 d, same 16 bytes): w = d q - 8 d."""
+    nb = cols // 32
+    b = np.asarray(blocks).reshape(rows, nb, 18)
+    out = np.empty((rows, nb, 20), dtype=np.uint8)
+    out[:, :, 0:2] = b[:, :, 0:2]
+    d = b[:, :, 0:2].copy().view(np.float16)
+    out[:, :, 2:4] = (d.astype(np.float32) * -8.0).astype(np.float16).view(np.uint8)
+    out[:, :, 4:20] = b[:, :, 2:18]
+    return out.reshape(rows, nb * 20)

@@ -17,7 +17,8 @@ Shapes: one sequence at a time, no batch dim. ``x`` is ``[T, d_model]``; heads a
                                 precomputed cos/sin ``[max_pos, Dh]`` (HF "rotate_half" layout);
                                 ``.apply(x [H,T,Dh], start)`` rotates positions start..start+T-1.
     KVCache(n_layers, n_kv_heads, head_dim, max_seq, dtype=float32)
-                                preallocated; ``.update(layer, k, v, start) -> (k_all, v_all)``
+                                preallocated (``.kv [L, 2*Hkv, max_seq, Dh]``, K heads then V heads;
+                                ``.k`` / ``.v`` are views of it); ``.update(layer, k, v, start) -> (k_all, v_all)``
                                 writes ``[Hkv, T, Dh]`` at ``start`` and returns views up to
                                 ``start+T``; ``.length`` is set by the caller via ``.advance(T)``
                                 once all layers ran; ``.reset()``, ``.crop(n)``.
@@ -155,9 +156,12 @@ class KVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_seq: int,
                  dtype: torch.dtype = torch.float32) -> None:
         # empty, not zeros: positions are written before they are read, and untouched pages of a
-        # long context never become resident memory
-        self.k = torch.empty(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
-        self.v = torch.empty(n_layers, n_kv_heads, max_seq, head_dim, dtype=dtype)
+        # long context never become resident memory. K and V of a layer share one tensor (K heads,
+        # then V heads) so a single-token step can write both with one copy (models/llama.py).
+        self.kv = torch.empty(n_layers, 2 * n_kv_heads, max_seq, head_dim, dtype=dtype)
+        self.k = self.kv[:, :n_kv_heads]
+        self.v = self.kv[:, n_kv_heads:]
+        self.n_kv_heads = n_kv_heads
         self.max_seq = max_seq
         self.length = 0
 

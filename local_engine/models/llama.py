@@ -17,20 +17,24 @@ Fused weights: q|k|v and gate|up are concatenated so a layer does 4 matmuls per 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from local_engine import qkernel
 from local_engine.errors import UnsupportedModel
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
-from local_engine.quant import DenseLinear, F16Linear, Int4Linear, Int8Linear
+from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear
 from local_engine.store import GGUFStore, RawTensor, TensorStore
 
 GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 WEIGHT_MODES = ("auto", "int4", "f32", "bf16", "int8")
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what local_engine.qkernel multiplies in place
 
 
 @dataclass
@@ -162,6 +166,12 @@ class LlamaModel:
         self._permute = self.gguf and cfg.arch in ("llama", "mistral")
         self.max_seq = min(max_seq, cfg.context_length)
         self._names = set(store.names())
+        # "auto" on a GGUF: Q4_0/Q4_1/Q8_0 matrices stay as GGUF blocks behind the AVX2 kernel
+        # (local_engine.qkernel); None when it cannot be built here -> PyTorch kernels below
+        self._qlib = qkernel.load() if (weights == "auto" and self.gguf) else None
+        self.kernel = "qkernel-avx2" if self._qlib is not None else "torch"
+        if weights == "auto" and self.gguf and self._qlib is None:
+            self.kernel = f"torch (qkernel unavailable: {qkernel.unavailable_reason})"
         self.weight_bytes = 0
         self.kinds: dict[str, int] = {}
         self.layers = [self._load_layer(i) for i in range(cfg.n_layers)]
@@ -172,6 +182,8 @@ class LlamaModel:
             freq = store.get(self._name("rope_freqs"))
         inv, att = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.context_length, freq)
         self.rope = RopeTables(inv, self.max_seq, att)
+        self._ffn = cfg.ffn
+        self._prepare_step()
 
     # --------------------------------------------------------------------------- loading
     def _name(self, key: str, layer: int | None = None) -> str:
@@ -199,8 +211,28 @@ class LlamaModel:
             w = w[torch.from_numpy(perm)]
         return w, None
 
+    def _block_linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None) -> Any:
+        """The GGUF blocks themselves behind the AVX2 kernel, when every part is Q4_0/Q4_1/Q8_0 of one type."""
+        raws = [self.store.raw(n) for n, _ in names]
+        if any(r is None or r.qtype not in BLOCK_TYPES for r in raws) or len({r.qtype for r in raws}) != 1:  # type: ignore[union-attr]
+            return None
+        parts = []
+        for r, (_, h) in zip(raws, names, strict=True):
+            assert r is not None
+            if self._permute and h:
+                r = RawTensor(r.name, r.qtype, r.shape, r.data[_unpermute_rows(r.shape[0], h)])
+            parts.append(r)
+        return GGUFBlockLinear.from_raw(self._qlib, parts, bias)
+
     def _linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None = None,
                 head: bool = False) -> Any:
+        if self._qlib is not None:
+            blk = self._block_linear(names, bias)
+            if blk is not None:
+                self.weight_bytes += blk.nbytes
+                kind = "gguf-" + blk.qtype.lower()
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
+                return blk
         if head and self.gguf and self.mode in ("auto", "int4", "int8"):
             raw = self.store.raw(names[0][0])
             if raw is not None:  # dequantise + re-quantise the vocab head chunk by chunk (peak RSS)
@@ -279,19 +311,26 @@ class LlamaModel:
         return {"arch": c.arch, "layers": c.n_layers, "d_model": c.d_model, "heads": c.n_heads,
                 "kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "ffn": c.ffn, "vocab": c.vocab,
                 "context_length": c.context_length, "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling,
-                "tied_embeddings": c.tied, "weights": self.mode, "matrices": dict(self.kinds),
+                "tied_embeddings": c.tied, "weights": self.mode, "matrices": dict(self.kinds), "kernel": self.kernel,
                 "weight_mb": round(self.weight_bytes / 1e6, 1)}
 
     # --------------------------------------------------------------------------- forward
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self._emb is not None:
             return self._emb[ids]
-        import gguf
-
         raw = self._emb_raw
         assert raw is not None
         rows = raw.data[ids.numpy()]
-        out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[raw.qtype])
+        if raw.qtype == "Q8_0":
+            # blocks of 32: fp16 scale + 32 int8; a handful of numpy ops instead of gguf's generic
+            # dequantiser (46 us per row, called every decode step)
+            b = rows.reshape(len(ids), -1, 34)
+            d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+            out = b[:, :, 2:].view(np.int8).astype(np.float32) * d
+        else:
+            import gguf
+
+            out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[raw.qtype])
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
 
     def new_cache(self) -> KVCache:
@@ -301,6 +340,8 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Run ``ids`` [T] after the ``cache.length`` tokens already cached; returns fp32 logits."""
+        if ids.shape[0] == 1 and self._step_ok:
+            return self._step(ids, cache)
         c = self.cfg
         start = cache.length
         x = self.embed(ids)
@@ -316,6 +357,58 @@ class LlamaModel:
         if last_only:
             x = x[-1:]
         return self.head(rms_norm(x, self.norm, c.eps)).float()
+
+    # --------------------------------------------------------------------------- decode step
+    # A decode step of a 135M model is ~30 layers x a few dozen tiny ops: at ~1-4 us of Python +
+    # dispatcher per op, the op count matters as much as the weight bytes. The single-token path
+    # below does the same arithmetic as forward() with ~25 ops per layer instead of ~60:
+    #   - q|k|v rows come out of one fused matmul and are rotated with one (mul, roll, addcmul)
+    #     over all heads; the V heads get cos = 1, sin = 0 (exact), and the q heads carry the
+    #     1/sqrt(head_dim) softmax scale in their cos/sin (exact for head_dim 64; one rounding
+    #     otherwise), so nothing else touches q;
+    #   - the rotated K heads and the V heads are adjacent, and so are they in the cache
+    #     (KVCache.kv), so one copy writes both;
+    #   - per-cache views (K transposed, V) are built once, not per step.
+    def _prepare_step(self) -> None:
+        c = self.cfg
+        self._step_ok = (all(L.q_norm is None and L.k_norm is None for L in self.layers)
+                         and c.n_heads % c.n_kv_heads == 0)
+        hq, hk = c.n_heads, c.n_kv_heads
+        scale = 1.0 / math.sqrt(c.head_dim)
+        self._rope_a = torch.cat([torch.full((hq,), scale), torch.ones(hk), torch.zeros(hk)])[:, None]
+        self._rope_b = torch.cat([torch.zeros(hq + hk), torch.ones(hk)])[:, None]
+
+    def _cache_views(self, cache: KVCache) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        views = getattr(cache, "_step_views", None)
+        if views is None:
+            hk = self.cfg.n_kv_heads
+            views = [(cache.kv[i], cache.kv[i, :hk].transpose(1, 2), cache.kv[i, hk:])
+                     for i in range(self.cfg.n_layers)]
+            cache._step_views = views  # type: ignore[attr-defined]
+        return views
+
+    def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        c = self.cfg
+        p = cache.length
+        if p >= cache.max_seq:
+            raise ValueError(f"context length exceeded: {p + 1} > {cache.max_seq} tokens")
+        n = p + 1
+        d, hq, hk, hd, ffn, eps = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, self._ffn, c.eps
+        heads, half = hq + 2 * hk, hd // 2
+        cos = torch.addcmul(self._rope_b, self._rope_a, self.rope.cos[p])
+        sin = self._rope_a * self.rope._sin_signed[p]
+        rms = F.rms_norm
+        x = self.embed(ids)
+        for L, (kv, kt, v) in zip(self.layers, self._cache_views(cache), strict=True):
+            r = L.qkv(rms(x, (d,), L.attn_norm, eps)).view(heads, hd)
+            r = torch.addcmul(r * cos, r.roll(half, -1), sin)
+            kv[:, p] = r[hq:]
+            att = torch.bmm(r[:hq].view(hk, -1, hd), kt[:, :, :n]).softmax(-1)
+            x.add_(L.o(torch.bmm(att, v[:, :n]).view(1, hq * hd)))
+            gu = L.gate_up(rms(x, (d,), L.ffn_norm, eps))
+            x.add_(L.down(F.silu(gu[:, :ffn]) * gu[:, ffn:]))
+        cache.advance(1)
+        return self.head(rms(x, (d,), self.norm, eps)).float()
 
 
 def load_llama(store: TensorStore, weights: str = "auto", max_seq: int = 4096) -> LlamaModel:

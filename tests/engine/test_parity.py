@@ -41,15 +41,24 @@ def test_gguf_logits_match_transformers(smol_f32, smol, hf_smol, hf_smol_tokeniz
     q = smol.logits(ids)
     qdiff = (q - ref).abs().max().item()
     agree = (q.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"GGUF default (int8 weights per row, dynamic int8 activations): max diff {qdiff:.3g}, top-1 agreement {agree:.0%}")
-    assert qdiff < 2.0 and agree >= 0.75
+    kernel = smol.info()["kernel"]
+    print(f"GGUF default ({kernel}: Q4_1/Q8_0 blocks as stored, int16 activations per block of 32): "
+          f"max diff {qdiff:.3g}, top-1 agreement {agree:.0%}")
+    if kernel == "qkernel-avx2":
+        # the weights are the file's, exactly; only the activations are rounded (to 1/32767 of
+        # their block's max): measured 0.0068 against logits of range 33
+        assert qdiff < 0.05 and agree == 1.0
+    else:  # PyTorch fallback (no compiler / no AVX2): fp16 matrices + int8 head, looser
+        assert qdiff < 2.0 and agree >= 0.75
 
 
 @pytest.mark.timeout(900)
-def test_gguf_greedy_32_tokens_identical(smol_f32, hf_smol, hf_smol_tokenizer) -> None:
+def test_gguf_greedy_32_tokens_identical(smol_f32, smol, hf_smol, hf_smol_tokenizer) -> None:
     ids = hf_smol_tokenizer(PROMPT)["input_ids"]
     ref = _hf_greedy(hf_smol, ids, 32)
     assert _our_greedy(smol_f32, ids, 32) == ref
+    if smol.info()["kernel"] == "qkernel-avx2":  # the shipped default path, through its decode step
+        assert _our_greedy(smol, ids, 32) == ref
 
 
 def test_prefill_then_decode_equals_one_pass(smol_f32) -> None:
@@ -63,6 +72,22 @@ def test_prefill_then_decode_equals_one_pass(smol_f32) -> None:
     rest = [m.forward(torch.tensor([i]), cache) for i in ids[33:]]
     stepped = torch.cat([a, b, *rest])
     assert (stepped - full).abs().max().item() < 1e-3
+
+
+def test_decode_step_equals_general_path(smol) -> None:
+    # the single-token fast path (LlamaModel._step) must compute what the general forward does
+    m = smol.model
+    ids = list(range(300, 330))
+    outs = []
+    for fast in (True, False):
+        m._step_ok = fast
+        try:
+            cache = m.new_cache()
+            first = m.forward(torch.tensor(ids[:10]), cache)
+            outs.append(torch.cat([first, *[m.forward(torch.tensor([i]), cache) for i in ids[10:]]]))
+        finally:
+            m._step_ok = True
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-4
 
 
 TINY = {

@@ -1,0 +1,249 @@
+"""A small AVX2 kernel for GGUF Q4_0 / Q4_1 / Q8_0 matrices, built with the system C compiler.
+
+Why: decoding one token of a small model reads every weight once, so its speed is set by the
+bytes per weight and by how cheaply each byte is turned into arithmetic. PyTorch's CPU kernels
+offer either few bytes with a lot of arithmetic per byte (int4 groups: nibbles converted to
+fp32 and FMA'd, compute-bound on AVX2) or cheap arithmetic over many bytes (fp16, 2 bytes per
+weight). This kernel does what llama.cpp does: the GGUF blocks stay as they are in the file
+(Q4_1 = 0.625 bytes per weight, Q8_0 = 1.06), the activations are quantised to int8 per block
+of 32 (an fp32 scale per block, so an outlier channel only coarsens its own block — per-tensor
+activation quantisation is what wrecked SmolLM2 in fbgemm's int8 kernel), and each block is one
+integer multiply-add (``maddubs``) plus one FMA per 32 weights.
+
+    y[m, r] = sum_b  dw[r,b] * dx[m,b] * sum_i qw[r,b,i] * qx[m,b,i]  +  mw[r,b] * dx[m,b] * sum_i qx[m,b,i]
+
+(Q4_0 is stored as Q4_1 with m = -8 d at load; Q8_0 has no m term.)
+
+The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
+``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
+no compiler, the CPU lacks AVX2/FMA/F16C, or ``LOCAL_ENGINE_NO_CKERNEL=1`` is set, ``load()``
+returns None and the model falls back to PyTorch's kernels (see models/llama.py); the reason is
+kept in ``unavailable_reason``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+typedef struct { float d; float s; int16_t q[32]; } xblock;  /* activations, 72 bytes */
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h; memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* x [M, K] fp32 -> M*K/32 blocks of int8 with an fp32 scale (and scale * sum for Q4_1) */
+static void quantize_x(const float *x, int M, int K, xblock *out) {
+    int nb = K / 32;
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < nb; b++) {
+            const float *v = x + (size_t)m * K + b * 32;
+            xblock *o = out + (size_t)m * nb + b;
+            __m256 mx = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            for (int i = 0; i < 32; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+            __m128 t = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+            t = _mm_max_ss(t, _mm_movehdup_ps(t));
+            float amax = _mm_cvtss_f32(t);
+            float d = amax / 32767.0f, id = amax > 0 ? 32767.0f / amax : 0.0f;
+            __m256 mul = _mm256_set1_ps(id);
+            __m256i q[4];
+            for (int i = 0; i < 4; i++)
+                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), mul),
+                                                          _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+            __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            s4 = _mm_hadd_epi32(s4, s4); s4 = _mm_hadd_epi32(s4, s4);
+            o->d = d;
+            o->s = d * (float)_mm_cvtsi128_si32(s4);
+            /* 2 x (8 int32 + 8 int32) -> 16 int16 in order (packs interleaves the 128-bit lanes) */
+            _mm256_storeu_si256((__m256i *)o->q, _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+            _mm256_storeu_si256((__m256i *)(o->q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+        }
+    }
+}
+
+/* One tile: R weight rows x MM activation rows, R*MM independent accumulators (a single
+   accumulator chain is FMA-latency bound). Each weight block is unpacked once per tile and reused
+   for the MM activation rows. R, MM and QT are compile-time constants at every call site, so the
+   loops unroll and the accumulators live in registers.
+   Q4_1 block: 20 bytes = fp16 d, fp16 m, 16 bytes of nibbles (byte j: element j low nibble,
+   element j+16 high nibble). Q8_0 block: 34 bytes = fp16 d, 32 int8. */
+static inline __attribute__((always_inline)) void tile(const uint8_t *w, const int QT, const int R, const int MM,
+                                                       int r, int m, int nb, const xblock *xq, int N, float *y) {
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    __m256 acc[4][4];
+    float summs[4][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) { acc[i][j] = _mm256_setzero_ps(); summs[i][j] = 0.0f; }
+    for (int b = 0; b < nb; b++) {
+        __m256i w0[4], w1[4];  /* elements 0..15 and 16..31 of the block as int16 */
+        float dw[4], mw[4];
+        for (int i = 0; i < R; i++) {
+            const uint8_t *blk = w + ((size_t)(r + i) * nb + b) * bs;
+            dw[i] = h2f(blk);
+            if (QT == 1) {
+                mw[i] = h2f(blk + 2);
+                __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
+                w0[i] = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
+                w1[i] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
+            } else {
+                w0[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+                w1[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+            }
+        }
+        for (int j = 0; j < MM; j++) {
+            const xblock *xb = xq + (size_t)(m + j) * nb + b;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+            for (int i = 0; i < R; i++) {
+                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
+                if (QT == 1) summs[i][j] += mw[i] * xb->s;
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[i] * xb->d), acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
+}
+
+#define ROWS_IMPL(NAME, QT)                                                                          \
+static void NAME(const uint8_t *w, int r0, int r1, int nb, const xblock *xq, int M, int N, float *y) { \
+    int r = r0;                                                                                      \
+    if (M == 1) {                                                                                    \
+        for (; r + 4 <= r1; r += 4) tile(w, QT, 4, 1, r, 0, nb, xq, N, y);                           \
+        for (; r < r1; r++) tile(w, QT, 1, 1, r, 0, nb, xq, N, y);                                   \
+        return;                                                                                      \
+    }                                                                                                \
+    for (; r + 2 <= r1; r += 2) {                                                                    \
+        int m = 0;                                                                                   \
+        for (; m + 4 <= M; m += 4) tile(w, QT, 2, 4, r, m, nb, xq, N, y);                            \
+        for (; m < M; m++) tile(w, QT, 2, 1, r, m, nb, xq, N, y);                                    \
+    }                                                                                                \
+    for (; r < r1; r++) {                                                                            \
+        int m = 0;                                                                                   \
+        for (; m + 4 <= M; m += 4) tile(w, QT, 1, 4, r, m, nb, xq, N, y);                            \
+        for (; m < M; m++) tile(w, QT, 1, 1, r, m, nb, xq, N, y);                                    \
+    }                                                                                                \
+}
+ROWS_IMPL(q4_1_rows, 1)
+ROWS_IMPL(q8_0_rows, 8)
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0). */
+int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads) {
+    if (K % 32 != 0) return -1;
+    int nb = K / 32;
+    xblock stackbuf[128];
+    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
+    if (!xq) return -2;
+    quantize_x(x, M, K, xq);
+    /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
+    int chunks = (N + 15) / 16;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int c = 0; c < chunks; c++) {
+        int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
+        if (qtype == 1) q4_1_rows(w, r0, r1, nb, xq, M, N, y);
+        else q8_0_rows(w, r0, r1, nb, xq, M, N, y);
+    }
+    if (xq != stackbuf) free(xq);
+    return 0;
+}
+"""
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+
+QTYPE_Q4_1 = 1
+QTYPE_Q8_0 = 8
+
+unavailable_reason: str | None = None
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LOCAL_ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "local_engine")
+    return Path(base)
+
+
+def _build() -> ctypes.CDLL:
+    global unavailable_reason
+    if os.environ.get("LOCAL_ENGINE_NO_CKERNEL"):
+        raise RuntimeError("disabled by LOCAL_ENGINE_NO_CKERNEL")
+    missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        raise RuntimeError(f"CPU lacks {', '.join(missing)}")
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"qkernel_{key}.so"
+    if not so.is_file():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as td:
+            src = Path(td) / "qkernel.c"
+            src.write_text(_SOURCE)
+            tmp_so = Path(td) / "qkernel.so"
+            out = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so)], capture_output=True, text=True,
+                                 timeout=120, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {out.stderr.strip()[-500:]}")
+            # atomic publish: two processes building at once both end with a whole file
+            part = so.with_suffix(f".{os.getpid()}.part")
+            shutil.copyfile(tmp_so, part)
+            os.replace(part, so)
+    lib = ctypes.CDLL(str(so))
+    f = lib.qmatmul
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (then ``unavailable_reason`` says why)."""
+    global _lib, _tried, unavailable_reason
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _build()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                unavailable_reason = str(e)
+                _lib = None
+        return _lib
