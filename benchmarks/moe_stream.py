@@ -7,12 +7,20 @@ and transformers + accelerate disk offload (the peer a Python user would pick).
 What it does, in one run:
 1. generates (once, cached in benchmarks/.work/moe/) a random Qwen3-MoE checkpoint with
    realistic proportions (24 layers x 64 experts, top-8, fp32, ~4.5 GB of experts) and packs it;
-2. measures this disk's ceiling on that file: 8 parallel O_DIRECT reads of bundle-sized blocks
-   at random aligned offsets, right before and right after each run (the box is shared);
+2. measures this disk's ceiling on that file *for the decode's own read pattern*: inside the
+   decoding process, between tokens, the previous token's reads are replayed by a bare reader
+   (same bundles, same batches started together, same number of O_DIRECT reader threads), with
+   the decode's mean compute time per batch as idle gaps between batches (this virtual disk is
+   faster in bursts after idle time, and on bundles read recently: a ceiling taken with neither
+   came out *below* what the decode achieved). Ceiling and decode thus share the disk's state
+   (throttling, host cache, other tenants) within a second. A saturating 8-lane random read
+   (2 s, before each run) is printed too, for reference only;
 3. decodes cold (page cache evicted with POSIX_FADV_DONTNEED) at cache budgets of 5/15/50% of
    the expert bank, each in a fresh process inside a memory cgroup (v1) whose limit counts page
-   cache: resident + budget + 1 GiB;
-4. replays each run's recorded expert trace through LRU, LFU-DA and Belady (optimal offline);
+   cache: resident + budget + 1 GiB; then again with next-layer prefetch on, to decide if it pays;
+4. replays each run's recorded expert trace through LRU, LFU-DA, TinyLFU, layer-LFU, the best
+   fixed set (offline: the budget's worth of most-used experts, known in advance) and Belady
+   (optimal offline);
 5. runs transformers + accelerate (device_map="auto", max_memory, offload_folder) on the same
    checkpoint at the 15% budget, inside the same cgroup limit, for a few tokens;
 6. replays a synthetic skewed trace (Zipf popularity + token-to-token reuse): routers of random
@@ -188,6 +196,50 @@ def measure_ceiling(path: Path, block: int, threads: int, seconds: float) -> flo
     return total / dt
 
 
+class PatternCeiling:
+    """The disk's speed for the decode's own read pattern, read by a bare reader: the same bundle
+    slots in the same batches (started together on ``threads`` reader threads, O_DIRECT,
+    page-aligned buffers, like the store), ``gap`` seconds idle between batches (the decode's
+    compute), busy time counted like the store's (wall time with reads in flight)."""
+
+    def __init__(self, fd: int, stride: int, threads: int) -> None:
+        import threading
+
+        self.fd, self.stride = fd, stride
+        self.pool = ThreadPoolExecutor(threads)
+        self._local = threading.local()
+        self.bytes = 0
+        self.seconds = 0.0
+        self.reads = 0
+
+    def _read(self, off: int) -> tuple[int, float, float]:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = mmap.mmap(-1, self.stride)
+        t0 = time.perf_counter()
+        n = os.preadv(self.fd, [buf], off)
+        return n, t0, time.perf_counter()
+
+    def replay(self, batches: list[tuple[int, ...]], gap: float) -> None:
+        for slots in batches:
+            if not slots:
+                continue
+            time.sleep(gap)
+            done = list(self.pool.map(self._read, [s * self.stride for s in slots]))
+            self.bytes += sum(n for n, _, _ in done)
+            # time with >= 1 read in flight, as the store counts it (thread wake-up excluded: on
+            # this loaded 2-core box it is CPU scheduling, not the disk)
+            end = 0.0
+            for _, t0, t1 in sorted(done, key=lambda d: d[1]):
+                self.seconds += max(t1 - max(t0, end), 0.0)
+                end = max(end, t1)
+            self.reads += len(slots)
+
+    @property
+    def bandwidth(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+
 # ----------------------------------------------------------------------------- workers
 
 def worker_ours(a: argparse.Namespace) -> None:
@@ -198,21 +250,41 @@ def worker_ours(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
-                          verify=a.verify)
+                          verify=a.verify, prefetch=a.prefetch)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
-
-    def run_once() -> list[int]:
-        # seeded sampling (T=1): greedy on a random model falls into short loops that reuse the
-        # same experts, which would flatter the cache; sampling keeps routing near-uniform
-        g = torch.Generator().manual_seed(1)
-        pick = lambda lg: int(torch.multinomial(torch.softmax(lg, -1), 1, generator=g))  # noqa: E731
-        return list(model.generate_ids(prompt, a.tokens, sample=pick))
-
+    io = model.store.io
+    pattern = PatternCeiling(model.store.fd, model.m.stride, a.readers)
+    # seeded sampling (T=1): greedy on a random model falls into short loops that reuse the
+    # same experts, which would flatter the cache; sampling keeps routing near-uniform
+    g = torch.Generator().manual_seed(1)
+    pick = lambda lg: int(torch.multinomial(torch.softmax(lg, -1), 1, generator=g))  # noqa: E731
     t0 = time.perf_counter()
-    toks = run_once()
+    toks = []
+    marks: list[int] = []  # len(read_batches) when each token came out
+    run = model.run
+
+    def replay_token(j: int) -> None:
+        """Replay decode step j's reads (between marks j and j+1) with its mean compute gap."""
+        batches = io.read_batches[marks[j]:marks[j + 1]]
+        compute = max(run.decode_s - run.decode_io_wait_s, 0.0) / max(run.decode_tokens, 1)
+        pattern.replay(batches, compute / max(len(batches), 1))
+
+    for tok in model.generate_ids(prompt, a.tokens, sample=pick):
+        # between tokens, outside the timed forward: replay the step before last (its bundles were
+        # read about as recently as the decode's own re-reads are), not the one just read
+        marks.append(len(io.read_batches))
+        if len(marks) >= 3:
+            replay_token(len(marks) - 3)
+        toks.append(tok)
+    marks.append(len(io.read_batches))
+    for j in range(max(len(marks) - 3, 0), len(marks) - 1):  # the last two steps
+        replay_token(j)
     wall = time.perf_counter() - t0
     s = model.stats()
-    s["trace"] = [[layer, list(es)] for layer, es in model.store.io.trace]
+    s["trace"] = [[layer, list(es)] for layer, es in io.trace]
+    s["trace_uses"] = [[n, list(u)] for n, u in io.trace_uses]
+    s["pattern_ceiling_Bps"] = pattern.bandwidth
+    s["pattern_reads"] = pattern.reads
     s["tokens"] = toks
     s["wall_s"] = wall
     s["stride"] = model.m.stride
@@ -271,13 +343,26 @@ def skewed_trace(n_tokens: int, layers: int, experts: int, k: int, s: float, reu
     return trace
 
 
-def replay_all(trace: list[tuple[int, tuple[int, ...]]], capacity: int) -> dict[str, float]:
+def best_fixed_set(steps: list[list[tuple[int, int]]], capacity: int) -> float:
+    """Offline: hold the ``capacity`` most-used keys of the whole trace from the start (their
+    first use still a miss). The ceiling of any policy that predicts by popularity alone."""
+    from collections import Counter
+
+    counts = Counter(k for step in steps for k in step)
+    top = sorted(counts.values(), reverse=True)[:capacity]
+    return sum(c - 1 for c in top) / max(sum(counts.values()), 1)
+
+
+def replay_all(trace: list[tuple[int, tuple[int, ...]]], capacity: int,
+               uses: list[tuple[int, list[int]]] | None = None) -> dict[str, float]:
     from local_engine.cache import belady_hits, replay
 
     steps = [[(layer, e) for e in es] for layer, es in trace]
     return {"lru": replay(steps, capacity, "lru").hit_rate,
             "lfu-da": replay(steps, capacity, "lfu-da").hit_rate,
             "tinylfu": replay(steps, capacity, "tinylfu").hit_rate,
+            "layer-lfu": replay(steps, capacity, "layer-lfu", uses=uses).hit_rate,
+            "fixed": best_fixed_set(steps, capacity),
             "belady": belady_hits(steps, capacity).hit_rate}
 
 
@@ -289,7 +374,10 @@ def main() -> None:
     ap.add_argument("--cgroup")
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--max-memory", type=int, default=0)
-    ap.add_argument("--policy", default="tinylfu")
+    ap.add_argument("--policy", default="layer-lfu")
+    ap.add_argument("--prefetch", action="store_true", help="(worker) next-layer prefetch on")
+    ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
+                    help="budgets also decoded with prefetch on ('' to skip)")
     ap.add_argument("--verify", default="first")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8)
@@ -324,29 +412,32 @@ def main() -> None:
     def ceiling_now() -> float:
         return measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0)
 
-    # The box is shared: CPU starvation lowers the disk's effective queue depth too. So each run gets
-    # its own ceiling, measured right before and right after it (best of the two), and its own
-    # compute time per token (decode time minus time blocked on reads), all under the same load.
-    rows = []
-    for frac in [float(x) for x in a.fractions.split(",")]:
+    def decode(frac: float, prefetch: bool) -> dict[str, Any]:
         budget = int(bank * frac) // stride * stride
         limit = resident + budget + GiB
         evict(PACKED)
-        c0, load0 = ceiling_now(), os.getloadavg()[0]
+        sat, load0 = ceiling_now(), os.getloadavg()[0]
         evict(PACKED)
         r = run_in_cgroup(["--worker", "ours", "--budget", str(budget), "--policy", a.policy,
                            "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
-                           "--readers", str(a.readers), "--verify", a.verify], limit, f"ours{int(frac * 100)}",
-                          timeout=900)
-        c1 = ceiling_now()
-        r.update(frac=frac, budget=budget, limit=limit, ceiling=max(c0, c1), ceilings=(c0, c1), load=load0)
+                           "--readers", str(a.readers), "--verify", a.verify, *(["--prefetch"] if prefetch else [])],
+                          limit, f"ours{int(frac * 100)}{'p' if prefetch else ''}", timeout=900)
+        r.update(frac=frac, budget=budget, limit=limit, saturating=sat, load=load0, prefetch=prefetch)
         if "error" not in r:
+            r["ceiling"] = r["pattern_ceiling_Bps"]
             trace = [(layer, tuple(es)) for layer, es in r["trace"]]
-            r["replay_all"] = replay_all(trace, budget // stride)
-        rows.append(r)
-        print(f"  ran budget {frac:.0%}: ceilings {c0 / 1e9:.2f}/{c1 / 1e9:.2f} GB/s "
-              f"{json.dumps({k: v for k, v in r.items() if k not in ('trace', 'tokens')})[:300]}",
+            uses = [(n, u) for n, u in r["trace_uses"]]
+            r["replay_all"] = replay_all(trace, budget // stride, uses)
+        print(f"  ran budget {frac:.0%} prefetch={prefetch}: saturating {sat / 1e9:.2f} GB/s "
+              f"{json.dumps({k: v for k, v in r.items() if k not in ('trace', 'trace_uses', 'tokens')})[:400]}",
               file=sys.stderr, flush=True)
+        return r
+
+    # The box is shared: CPU starvation lowers the disk's effective queue depth too. So each run
+    # measures its own ceiling on its own read pattern, interleaved with its decode (see the
+    # docstring), and its own compute time per token (decode time minus time blocked on reads).
+    rows = [decode(float(x), False) for x in a.fractions.split(",")]
+    prows = [decode(float(x), True) for x in a.prefetch_fractions.split(",") if x]
 
     peer = None
     if not a.skip_peer:
@@ -361,45 +452,78 @@ def main() -> None:
         if OFFLOAD.exists():
             shutil.rmtree(OFFLOAD)
 
+    def derived(r: dict[str, Any]) -> dict[str, float]:
+        bpt = r["decode_bytes_read_per_token"]
+        tps = r["decode_tok_s"]
+        decode_s = r["decode_tokens"] / tps
+        compute_pt = (decode_s - r["decode_io_wait_s"]) / r["decode_tokens"]
+        bound = r["ceiling"] / bpt if bpt else float("inf")
+        both = 1.0 / max(bpt / r["ceiling"] if bpt else 0.0, compute_pt)
+        return {"bpt": bpt, "tps": tps, "decode_s": decode_s, "compute_pt": compute_pt, "bound": bound,
+                "both": both, "bw": r["decode_read_bandwidth_Bps"]}
+
     # ------------------------------------------------------------------ table
     print()
     print("## Cold decode, random-router checkpoint (near-uniform expert use: worst case for caching)")
-    print(f"policy {a.policy}, checksums verified on first read ({a.verify}); limit = memory cgroup v1 "
+    print(f"policy {a.policy}, no prefetch, checksums verified on first read ({a.verify}); limit = memory cgroup v1 "
           f"(page cache counted) = resident + budget + 1 GiB")
     hdr = ("| budget (% bank) | cgroup limit | load avg | tok/s | MB read/token | miss-read GB/s | ceiling GB/s "
            "| / ceiling | I/O bound tok/s | tok/s / I/O bound | compute s/token | tok/s / max(I/O, compute) bound "
            "| hit rate decode | hit rate all "
-           "| LRU replay | LFU-DA replay | Belady | ours / Belady "
-           "| I/O wait | peak RSS | RSS - resident - budget |")
+           "| LRU | LFU-DA | TinyLFU | layer-LFU | best fixed set | Belady | ours / Belady "
+           "| I/O wait | peak RSS | RSS - resident - budget | 8-lane GB/s |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
         if "error" in r:
             print(f"| {r['frac']:.0%} | error: {r['error'][:200]} |")
             continue
-        bpt = r["decode_bytes_read_per_token"]
-        bw = r["decode_read_bandwidth_Bps"]
-        ceiling = r["ceiling"]
-        bound = ceiling / bpt if bpt else float("inf")
-        tps = r["decode_tok_s"]
-        decode_s = r["decode_tokens"] / tps
-        compute_pt = (decode_s - r["decode_io_wait_s"]) / r["decode_tokens"]
-        both = 1.0 / max(bpt / ceiling, compute_pt)
+        d = derived(r)
         rep = r["replay_all"]
         print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB | {r['load']:.1f} "
-              f"| {tps:.2f} | {bpt / 1e6:.0f} | {bw / 1e9:.2f} | {ceiling / 1e9:.2f} | {bw / ceiling:.2f} | {bound:.2f} "
-              f"| {tps / bound:.2f} | {compute_pt:.2f} | {tps / both:.2f} "
+              f"| {d['tps']:.2f} | {d['bpt'] / 1e6:.0f} | {d['bw'] / 1e9:.2f} | {r['ceiling'] / 1e9:.2f} "
+              f"| {d['bw'] / r['ceiling']:.2f} | {d['bound']:.2f} "
+              f"| {d['tps'] / d['bound']:.2f} | {d['compute_pt']:.2f} | {d['tps'] / d['both']:.2f} "
               f"| {r['decode_hit_rate']:.3f} | {r['hit_rate']:.3f} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} "
-              f"| {rep['belady']:.3f} "
+              f"| {rep['tinylfu']:.3f} | {rep['layer-lfu']:.3f} | {rep['fixed']:.3f} | {rep['belady']:.3f} "
               f"| {r['hit_rate'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
-              f"| {r['decode_io_wait_s'] / decode_s:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"| {(r['peak_rss_bytes'] - resident - r['budget']) / 2**20:.0f} MiB |")
+              f"| {r['decode_io_wait_s'] / d['decode_s']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+              f"| {(r['peak_rss_bytes'] - resident - r['budget']) / 2**20:.0f} MiB | {r['saturating'] / 1e9:.2f} |")
     print("tok/s, MB/token, bandwidth, bounds, I/O wait: decode only (the prompt's batched prefill is "
-          "excluded). ceiling: this run's, best of 8-lane O_DIRECT random reads just before and just after it. "
-          "I/O bound = ceiling / bytes read per token; compute s/token = decode time not blocked on reads; "
-          "max(I/O, compute) bound = 1 / max(bytes/ceiling, compute s/token), i.e. perfect overlap. "
-          "'all' hit rates cover prefill + decode of the same recorded expert trace: ours online vs LRU, "
-          "LFU-DA and Belady (optimal offline) replays.")
+          "excluded). miss-read GB/s = decode bytes read / wall time with >= 1 read in flight. "
+          "ceiling: the same run's reads (same bundles, same batches started together, same "
+          f"{a.readers} O_DIRECT reader threads, the decode's mean compute per batch as idle gaps) replayed by a bare "
+          "reader between tokens, one token late: the disk's speed for this pattern under the same conditions. "
+          "I/O bound = ceiling / bytes read per token; "
+          "compute s/token = decode time not blocked on reads; max(I/O, compute) bound = 1 / max(bytes/ceiling, "
+          "compute s/token), i.e. perfect overlap. Hit rates ('all' = prefill + decode of the recorded expert "
+          "trace): ours online, then replays of the same trace: LRU, LFU-DA, TinyLFU, layer-LFU (online), best "
+          "fixed set and Belady (offline, know the future). 8-lane GB/s: saturating random reads (8 in flight "
+          "all the time, 2 s) just before the run, for reference.")
+
+    if prows:
+        print()
+        print("## Next-layer prefetch (layer L+1's router on layer L's output, reads started before L+1's "
+              "attention), same runs with prefetch on")
+        print("| budget | prefetch | tok/s | vs off | MB read/token | guesses used | I/O wait | ceiling GB/s |")
+        print("|---|---|---|---|---|---|---|---|")
+        off = {r["frac"]: r for r in rows if "error" not in r}
+        for r in prows:
+            if "error" in r:
+                print(f"| {r['frac']:.0%} | on | error: {r['error'][:200]} |")
+                continue
+            base = off.get(r["frac"])
+            for label, x in (("off", base), ("on", r)):
+                if x is None:
+                    continue
+                d = derived(x)
+                used = (f"{x['store_prefetch_used']}/{x['store_prefetch_reads']}"
+                        if x["store_prefetch_reads"] else "-")
+                print(f"| {x['frac']:.0%} | {label} | {d['tps']:.2f} | {d['tps'] / derived(base)['tps'] if base else float('nan'):.2f}x "
+                      f"| {d['bpt'] / 1e6:.0f} | {used} | {x['decode_io_wait_s'] / d['decode_s']:.0%} "
+                      f"| {x['ceiling'] / 1e9:.2f} |")
+        print("guesses used: speculative reads a request then consumed / speculative reads done (the rest is "
+              "wasted disk time and bytes, counted in MB read/token).")
 
     if peer is not None:
         ours15 = next((r for r in rows if abs(r["frac"] - 0.15) < 1e-9 and "error" not in r), None)
@@ -422,12 +546,14 @@ def main() -> None:
     print("## Cache policy on a synthetic SKEWED trace (Zipf s=1.1 popularity per layer, 30% token-to-token "
           "reuse), replay only, no I/O")
     tr = skewed_trace(400, L, E, k, s=1.1, reuse=0.3)
-    print("| budget (% bank) | LRU | LFU-DA | TinyLFU | Belady | best online / Belady |")
-    print("|---|---|---|---|---|---|")
+    print("| budget (% bank) | LRU | LFU-DA | TinyLFU | layer-LFU | best fixed set | Belady | layer-LFU / Belady "
+          "| best online / Belady |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for frac in (0.05, 0.15, 0.24, 0.5):
         rep = replay_all(tr, int(L * E * frac))
-        best = max(rep["lru"], rep["lfu-da"], rep["tinylfu"])
-        print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['tinylfu']:.3f} | {rep['belady']:.3f} "
+        best = max(rep["lru"], rep["lfu-da"], rep["tinylfu"], rep["layer-lfu"])
+        print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['tinylfu']:.3f} | {rep['layer-lfu']:.3f} "
+              f"| {rep['fixed']:.3f} | {rep['belady']:.3f} | {rep['layer-lfu'] / rep['belady']:.2f} "
               f"| {best / rep['belady']:.2f} |")
 
 

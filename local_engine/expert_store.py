@@ -56,8 +56,12 @@ class IOStats:
     io_wait_s: float = 0.0  # time the compute thread sat blocked on reads
     io_busy_s: float = 0.0  # wall time with >= 1 read in flight
     steps: int = 0
+    prefetch_reads: int = 0  # speculative reads done (next-layer guess; cancelled ones not counted)
+    prefetch_used: int = 0  # ... that a later request consumed
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
     trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
+    # file slots read together, per request (misses) or prefetch call: lets a benchmark replay the pattern
+    read_batches: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def peak_rss_bytes() -> int:
@@ -68,6 +72,7 @@ class ExpertStore:
     def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = DEFAULT_POLICY, threads: int = 8,
                  direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
                  max_inflight: int | None = None, record_trace: bool = True) -> None:
+        self.top_k = min_resident_experts
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
         self.m = manifest
@@ -103,6 +108,8 @@ class ExpertStore:
         self._inflight = 0
         self._busy_since = 0.0
         self._t0 = time.perf_counter()
+        # speculative reads for the next layer (see prefetch()); keys -> read in flight or done
+        self._prefetched: dict[tuple[int, int], Future[mmap.mmap]] = {}
 
     # ------------------------------------------------------------------ buffers
     def _alloc(self) -> mmap.mmap:
@@ -172,6 +179,15 @@ class ExpertStore:
             else:
                 hits.append((e, b))
         pending: dict[Future[mmap.mmap], int] = {}
+        if self._prefetched:
+            # adopt the speculative reads that guessed right; the rest of this layer's are waste
+            for e in [e for e in todo if (layer, e) in self._prefetched]:
+                todo.remove(e)
+                pending[self._prefetched.pop((layer, e))] = e
+                self.io.prefetch_used += 1
+            self._drop_prefetched(lambda k: k[0] == layer)
+        if self.record_trace:
+            self.io.read_batches.append(tuple(self.m.slot(layer, e) for e in todo))
 
         def fill() -> None:
             while todo and len(pending) < self.max_inflight:
@@ -192,6 +208,33 @@ class ExpertStore:
                 yield e, buf
                 if not cached:  # the consumer is done with it (see contract above)
                     self._release(buf)
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Start reading ``layer``'s guessed experts now (those not cached nor already coming).
+
+        The next ``request(layer, ...)`` adopts the reads it needs and releases the others
+        (their bytes count in ``bytes_read``: speculation is not free). Buffers are not admitted
+        to the cache until a request uses them, so a wrong guess cannot evict anything.
+        """
+        slots = []
+        for e in experts:
+            key = (layer, e)
+            if key in self.cache or key in self._prefetched:
+                continue
+            self._prefetched[key] = self.pool.submit(self._read, layer, e)
+            self.io.prefetch_reads += 1
+            slots.append(self.m.slot(layer, e))
+        if self.record_trace and slots:
+            self.io.read_batches.append(tuple(slots))
+
+    def _drop_prefetched(self, which: Any) -> None:
+        for key in [k for k in self._prefetched if which(k)]:
+            f = self._prefetched.pop(key)
+            # a read under way: release its buffer once it lands
+            if f.cancel():  # never started: no read, no buffer
+                self.io.prefetch_reads -= 1
+                continue
+            f.add_done_callback(lambda fut: None if fut.exception() else self._release(fut.result()))
 
     # ------------------------------------------------------------------ helpers
     def weights(self, buf: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +261,8 @@ class ExpertStore:
 
     @property
     def working_set_bytes(self) -> int:
-        return self.max_inflight * self.stride
+        # + one layer of speculative reads when prefetch is used
+        return (self.max_inflight + self.top_k) * self.stride
 
     def stats(self) -> dict[str, Any]:
         io = self.io
@@ -234,6 +278,8 @@ class ExpertStore:
             "io_wait_s": io.io_wait_s,
             "io_busy_s": io.io_busy_s,
             "o_direct": self.direct,
+            "prefetch_reads": io.prefetch_reads,
+            "prefetch_used": io.prefetch_used,
             "working_set_bytes": self.working_set_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
         }
@@ -243,6 +289,7 @@ class ExpertStore:
         self.cache.stats = type(self.cache.stats)()
 
     def close(self) -> None:
+        self._drop_prefetched(lambda _k: True)
         self.pool.shutdown(wait=True)
         try:
             os.close(self.fd)

@@ -17,6 +17,7 @@ q/k norm are expressed as ``Linear`` callables. Resident weights are converted t
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,21 +142,27 @@ class MoEModel:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.run = RunStats()
         self.max_seq = 4096
+        # next-layer prefetch (off by default: see docs/moe.md for when it pays)
+        self.prefetch = False
+        order = sorted(self.moe_layers)
+        self._next_moe = dict(itertools.pairwise(order))
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
-             direct: bool = True, verify: str = "first") -> MoEModel:
+             direct: bool = True, verify: str = "first", prefetch: bool = False) -> MoEModel:
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
         k = int(m.config["num_experts_per_tok"])
         store = ExpertStore(m, budget, policy=policy, threads=threads, direct=direct, verify=verify,
                             min_resident_experts=k)
         try:
-            return cls(m, store, load_resident(m))
+            model = cls(m, store, load_resident(m))
         except BaseException:
             store.close()
             raise
+        model.prefetch = prefetch
+        return model
 
     def close(self) -> None:
         self.store.close()
@@ -209,6 +216,21 @@ class MoEModel:
             out = out + torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
 
+    def _prefetch_after(self, i: int, x: torch.Tensor) -> None:
+        """Guess the next MoE layer's experts from this layer's output and start reading them.
+
+        The next layer's router sees ``norm(x + attn(x))``; ``norm(x)`` skips the attention
+        update, which the residual stream mostly survives, so the guess overlaps that layer's
+        attention with the reads. Decode only: a prefill batch would guess most experts.
+        """
+        j = self._next_moe.get(i)
+        if j is None:
+            return
+        p = f"model.layers.{j}."
+        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
+        _, idx = self.route(F.linear(h, self.w[p + self._moe_prefix + ".gate.weight"]))
+        self.store.prefetch(j, torch.unique(idx).tolist())
+
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -220,6 +242,8 @@ class MoEModel:
             x = x + self._attn(i, rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps), cache, pos0)
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
             x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
+            if self.prefetch and ids.shape[0] == 1:
+                self._prefetch_after(i, x)
         cache.advance(ids.shape[0])
         self.run.tokens_processed += ids.shape[0]
         if last_only:
@@ -241,7 +265,7 @@ class MoEModel:
                 "top_k": self.top_k, "bundle_bytes": self.m.stride, "expert_bank_bytes": self.m.expert_bank_bytes,
                 "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.cache.budget_bytes,
                 "cache_policy": self.store.cache.policy, "o_direct": self.store.direct,
-                "working_set_bytes": self.store.working_set_bytes}
+                "working_set_bytes": self.store.working_set_bytes, "prefetch": self.prefetch}
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
                      stop_ids: set[int] | None = None,
@@ -344,7 +368,7 @@ def _load_packed(path: Path, **opts: Any) -> Any:
     try:
         model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
-                              verify=opts.get("verify", "first"))
+                              verify=opts.get("verify", "first"), prefetch=bool(opts.get("prefetch", False)))
     except (PackError, ValueError) as e:  # BudgetError is a ValueError
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):

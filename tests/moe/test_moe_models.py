@@ -29,9 +29,13 @@ def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[
     t = tiny_models[arch]
     ref = _hf_logits(t, PROMPT)
     tokens: dict[str, list[int]] = {}
+    runs = {"zero": [("layer-lfu", False), ("layer-lfu", True)],
+            "middle": [("lru", False), ("lfu-da", False), ("tinylfu", False), ("layer-lfu", False),
+                       ("layer-lfu", True)],
+            "unlimited": [("layer-lfu", False)]}
     for label, budget in _budgets(t).items():
-        for policy in ("lru", "lfu-da", "tinylfu") if label == "middle" else ("tinylfu",):
-            m = MoEModel.open(t.packed["none"], memory_budget=budget, policy=policy)
+        for policy, prefetch in runs[label]:
+            m = MoEModel.open(t.packed["none"], memory_budget=budget, policy=policy, prefetch=prefetch)
             try:
                 diff = (m.logits(PROMPT) - ref).abs().max().item()
                 print(f"{arch} budget={label} policy={policy}: max |logit diff| vs transformers = {diff:.2e}")
@@ -43,9 +47,15 @@ def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[
                 if label == "middle":
                     assert s["store_cache_evictions"] > 0
                     assert s["store_cache_used_bytes"] <= 3 * m.m.stride
+                # every read is a demand miss not covered by a guess, or a guess (used or wasted)
+                assert s["store_reads"] == s["store_cache_misses"] - s["store_prefetch_used"] + s["store_prefetch_reads"]
+                if prefetch and label == "zero":
+                    assert s["store_prefetch_reads"] > 0 and s["store_prefetch_used"] > 0
+                if not prefetch:
+                    assert s["store_prefetch_reads"] == 0
             finally:
                 m.close()
-            tokens[f"{label}/{policy}"] = toks
+            tokens[f"{label}/{policy}/prefetch={prefetch}"] = toks
     first = next(iter(tokens.values()))
     assert all(v == first for v in tokens.values()), tokens
     # greedy tokens are what transformers' argmax picks on the same (teacher-forced) sequence
