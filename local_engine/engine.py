@@ -291,6 +291,10 @@ class Engine:
             d.update(describe())
         return d
 
+    def close(self) -> None:
+        """Release what the model holds open (a packed MoE's expert file and reader threads)."""
+        getattr(self.model, "close", lambda: None)()
+
 
 # ---------------------------------------------------------------------------------- loaders
 def _load_gguf(path: Path, **opts: Any) -> Engine:
