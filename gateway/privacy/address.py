@@ -78,12 +78,23 @@ _CUE = (
     r"meet(?:[ \t]+(?:me|you|us))?[ \t]+at|taxi[ \t]+to)"
 )
 
+_MONTHS = (
+    r"(?:Jan|January|Feb|February|Mar|March|Apr|April|May|Jun|June|Jul|July|Aug|August|Sep|Sept|September|"
+    r"Oct|October|Nov|November|Dec|December)\b"
+)
+# Capitalised counters in running text ("300 Units 2021", "100 Points 3").
+_COMMON_NOUNS = (
+    r"(?:Units?|Points?|Pages?|Items?|Rows?|Columns?|Lines?|Chapters?|Sections?|Tables?|Figures?|Versions?|"
+    r"Steps?|Levels?|Players?|Users?|People|Days?|Years?|Hours?|Minutes?|Dollars?|Euros?|Million|Billion|"
+    r"Thousand|Hundred|Percent|Times?|Miles?|Km|Kg|GB|MB|TB)\b"
+)
+
 _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
     # 12 Main Street, 744 15 Millicent Drive, 4018 N. Oak Ridge Rd, 184 Arnott Heights East
     (
         regex.compile(
             rf"\b\d{{1,6}}[A-Za-z]?(?:[ \t]+\d{{1,6}}[A-Za-z]?)?[ \t]+(?:{_DIRECTION}[ \t]+)?"
-            rf"(?:{_NAME}[ \t]+)?(?:{_STREET_TYPES})\b\.?(?:[ \t]+{_DIRECTION}(?![\p{{L}}]))?"
+            rf"{_NAME}[ \t]+(?:{_STREET_TYPES})\b\.?(?:[ \t]+{_DIRECTION}(?![\p{{L}}]))?"
         ),
         0.9,
     ),
@@ -112,7 +123,8 @@ _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
         0.85,
     ),
     # 637 Strojírenská 1006, 449 Πεντέλης 210: a building number before a "Name 12" street
-    (regex.compile(rf"\b\d{{1,6}}[ \t]+{_NAME}[ \t]+{_NUM}\b(?![.,]\d)"), 0.7),
+    # (3+ digits first: "2 Release 3", "42 Column 7" are not addresses; nor are dates)
+    (regex.compile(rf"\b\d{{3,6}}[ \t]+(?!{_MONTHS})(?!{_COMMON_NOUNS}){_NAME}[ \t]+{_NUM}\b(?![.,]\d)"), 0.7),
     # 4093 110 Kontomari: a building number, then a street that starts with its own number
     (regex.compile(rf"\b\d{{1,6}}[ \t]+\d{{1,5}}[A-Za-z]?[ \t]+{_NAME}(?=[ \t]*(?:$|[,\n]))"), 0.7),
     # lives on Amelia Center Street (no number)
@@ -146,12 +158,18 @@ def _tail_end(text: str, pos: int) -> tuple[int, int]:
         m = _TAIL_PART.match(text, pos)
         if not m:
             break
+        if text[pos - 1] == "." and not text[pos:m.start(m.lastgroup)].strip(" \t"):
+            break  # "10 Downing Street. John Smith will...": a full stop then a space ends the address
         pos = m.end()
         parts += 1
         if m.lastgroup in ("zip", "country") and not _TAIL_PART.match(text, pos):
             break
         if m.lastgroup == "zip":
-            break  # a postcode ends an address; what follows is something else
+            # A postcode ends an address ("Belgium 34866\n0494 41 18 24" is a phone after it),
+            # unless the town follows it on the same line ("00184 Roma, Italia").
+            nxt = _TAIL_PART.match(text, pos)
+            if not nxt or "\n" in text[pos : nxt.start(nxt.lastgroup)] or nxt.lastgroup not in ("place", "country"):
+                break
     return pos, parts
 
 

@@ -90,6 +90,7 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
             ner_model_configuration=NerModelConfiguration(labels_to_ignore=_IGNORED_LABELS),
         )
         self._loaded = nlp
+        self.context_words: frozenset[str] = frozenset()  # set by build_analyzer from the recognizers
 
     def load(self) -> None:
         self.nlp = {"en": self._loaded}
@@ -103,10 +104,13 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
         lemmas = [strings[int(h)].lower() for h in (cols[:, 3] if has_lemma else cols[:, 2])]
         starts = cols[:, 0].tolist()
         ends = (cols[:, 0] + cols[:, 1]).tolist()
+        # presidio drops stop words from the context keywords, but spaCy's stop list holds context
+        # words recognizers rely on ("call" for phones, "name" for names): those are kept.
+        wanted = self.context_words
         keywords = [
             part
             for lemma, stop, punct in zip(lemmas, cols[:, 4].tolist(), cols[:, 5].tolist(), strict=True)
-            if not stop and not punct and lemma not in ("-pron-", "be")
+            if (not stop or lemma in wanted) and not punct and lemma not in ("-pron-", "be")
             for part in lemma.split(":")
         ]
         entities, scores = self._get_updated_entities(*corrected_entities(doc, self.ner_model_configuration.default_score))
@@ -245,9 +249,11 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
         registry.add_recognizer(rec)
     supported = {e for r in registry.recognizers for e in r.supported_entities}
     wanted = sorted(e for e in supported if levels.get(e, cfg.default_level) != "none")
+    engine = _LoadedSpacyEngine(nlp, cfg.nlp_model)
+    engine.context_words = frozenset(w.lower() for r in registry.recognizers for w in (r.context or ()))
     analyzer = AnalyzerEngine(
         registry=registry,
-        nlp_engine=_LoadedSpacyEngine(nlp, cfg.nlp_model),
+        nlp_engine=engine,
         supported_languages=["en"],
         default_score_threshold=cfg.score_threshold,
         context_aware_enhancer=FastContextEnhancer(),

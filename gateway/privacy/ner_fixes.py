@@ -46,13 +46,13 @@ _TRAILING_ADDRESS_WORD = regex.compile(r"[ \t]+(?:Apt|Apartment|Suite|Ste|Unit|F
 # A single word tagged ORG is as often a brand or a capitalised noun ("Wisdom") as a first name:
 # it counts as a person only with a cue around it.
 _PERSON_CUE_BEFORE = regex.compile(
-    r"(?i:\b(?:named|called|kid|son|daughter|wife|husband|partner|friend|brother|sister|mother|father|mom|"
+    r"(?i:\b(?:(?:named|called)(?:[ \t]+(?:him|her|them))?|kid|son|daughter|wife|husband|partner|friend|brother|sister|mother|father|mom|"
     r"mum|dad|boss|colleague|manager|assistant to|meet|met|told|tell|ask|asked|thank|thanks|dear|hi|hello|"
     r"hey|by|with|and|said|to|for|from|cc|me,?|i'm|i am)[ \t]+)$"
 )
 _PERSON_CUE_AFTER = regex.compile(
-    r"^(?:[ \t]*[:,]|'s\b|’s\b|[ \t]+(?i:said|says|shouted|told|asked|replied|wrote|and|has|had|was|is|will|"
-    r"would|spent|lives|began|called|thinks))"
+    r"^(?:[ \t]*:|'s\b|’s\b|[ \t]+(?i:said|says|shouted|told|asked|replied|wrote|spent|lives|lived|began|"
+    r"thinks|thought|smiled|laughed|cried|whispered|answered))"
 )
 
 
