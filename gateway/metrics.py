@@ -6,9 +6,37 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+# Packed-MoE streaming stats (engine_backend puts them under stats()["moe"]): one family per
+# quantity, labelled by target only. (metric name, kind, help, stats key or a function of the stats)
+_MOE_METRICS: tuple[tuple[str, str, str, Any], ...] = (
+    ("hybrid_moe_decode_tokens_per_second", "gauge", "MoE decode speed since load (tokens / decode seconds)",
+     "decode_tok_s"),
+    ("hybrid_moe_prefill_tokens_per_second", "gauge", "MoE prefill speed since load", "prefill_tok_s"),
+    ("hybrid_moe_decode_tokens", "counter", "MoE decode steps", "decode_tokens"),
+    ("hybrid_moe_prefill_tokens", "counter", "MoE prompt tokens prefilled", "prefill_tokens"),
+    ("hybrid_moe_read_bytes", "counter", "Expert bytes read from disk", "store_bytes_read"),
+    ("hybrid_moe_read_bytes_per_token", "gauge", "Expert bytes read per token (prefill + decode)",
+     "bytes_read_per_token"),
+    ("hybrid_moe_decode_read_bytes_per_token", "gauge", "Expert bytes read per decode token",
+     "decode_bytes_read_per_token"),
+    ("hybrid_moe_cache_hits", "counter", "Expert cache hits", "store_cache_hits"),
+    ("hybrid_moe_cache_misses", "counter", "Expert cache misses (bundles read)", "store_cache_misses"),
+    ("hybrid_moe_cache_hit_ratio", "gauge", "Expert cache hit rate since load", "hit_rate"),
+    ("hybrid_moe_cache_budget_bytes", "gauge", "Expert cache budget", "store_cache_budget_bytes"),
+    ("hybrid_moe_cache_used_bytes", "gauge", "Expert cache bytes held", "store_cache_used_bytes"),
+    ("hybrid_moe_read_bandwidth_bytes_per_second", "gauge",
+     "Expert read bandwidth (bytes / time with a read in flight)", "read_bandwidth_Bps"),
+    ("hybrid_moe_io_wait_seconds", "counter", "Time the model waited for expert reads", "io_wait_s"),
+    ("hybrid_moe_compute_seconds", "counter", "Model time not waiting for expert reads", "compute_s"),
+    ("hybrid_moe_prefetch_reads", "counter", "Speculative next-layer expert reads", "store_prefetch_reads"),
+    ("hybrid_moe_prefetch_used", "counter", "Speculative reads a request then used", "store_prefetch_used"),
+    ("hybrid_moe_peak_rss_bytes", "gauge", "Peak resident set size of the gateway process", "peak_rss_bytes"),
+)
 
 
 class _EngineCollector:
@@ -28,6 +56,21 @@ class _EngineCollector:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     fam.add_metric([target, key], float(value))
         yield fam
+        yield from self._moe(stats)
+
+    @staticmethod
+    def _moe(stats: dict[str, dict[str, Any]]) -> Any:
+        moe = {t: v["moe"] for t, v in stats.items() if isinstance(v.get("moe"), dict)}
+        if not moe:
+            return
+        for name, kind, doc, key in _MOE_METRICS:
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            fam = cls(name, doc, labels=["target"])
+            for target, values in moe.items():
+                value = values.get(key)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    fam.add_metric([target], float(value))
+            yield fam
 
 
 class Metrics:

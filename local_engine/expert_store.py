@@ -100,6 +100,7 @@ class ExpertStore:
         else:
             self.fd = os.open(self.path, flags)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read")
+        self.closed = False
         self.threads = threads
         self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * threads)
         self.io = IOStats()
@@ -289,9 +290,11 @@ class ExpertStore:
         self.cache.stats = type(self.cache.stats)()
 
     def close(self) -> None:
+        """Stop the reader threads and close the file (idempotent: a reused fd number is never hit)."""
+        if self.closed:
+            return
+        self.closed = True
         self._drop_prefetched(lambda _k: True)
         self.pool.shutdown(wait=True)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        os.close(self.fd)
+        self.cache.clear()

@@ -108,6 +108,10 @@ class EngineBackend:
         if self._worker is not None and self._worker.is_alive():
             self._jobs.put(_SENTINEL)
             await asyncio.to_thread(self._worker.join, 5.0)
+        if self.engine is not None and (self._worker is None or not self._worker.is_alive()):
+            # nothing runs the model any more: release its files and threads (a packed MoE's
+            # expert store). A worker stuck past the join keeps them; the process exit frees them.
+            self.engine.close()
 
     def stats(self) -> dict[str, Any]:
         s = dict(self._stats)
@@ -116,7 +120,20 @@ class EngineBackend:
         s["max_queue"] = self.max_queue
         if self.load_error:
             s["load_error"] = self.load_error
+        moe = self._moe_stats()
+        if moe is not None:
+            s["moe"] = moe  # a dict: the metrics collector exports it as hybrid_moe_* families
         return s
+
+    def _moe_stats(self) -> dict[str, Any] | None:
+        """Streaming stats of a packed MoE model (cumulative since load), else None."""
+        eng = self.engine
+        if eng is None or getattr(eng, "format", "") != "flash-moe-pack":
+            return None
+        try:
+            return dict(eng.model.stats())
+        except Exception:  # read while the worker runs: never fail a scrape over it
+            return None
 
     # ---------------------------------------------------------------------------- worker
     def _run(self) -> None:

@@ -232,9 +232,33 @@ class MoEModel:
         self.store.prefetch(j, torch.unique(idx).tolist())
 
     # ------------------------------------------------------------------ forward
-    @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
-        """ids [T] -> logits [T, vocab] (or [1, vocab] with ``last_only``); appends to ``cache``."""
+        """ids [T] -> logits [T, vocab] (or [1, vocab] with ``last_only``); appends to ``cache``.
+
+        Accounts every call, whoever drives it (``Engine`` or ``generate_ids``): one token is a
+        decode step, more is a prefill micro-batch.
+        """
+        io, cs, r = self.store.io, self.store.cache.stats, self.run
+        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        t0 = time.perf_counter()
+        out = self._forward(ids, cache, last_only)
+        dt = time.perf_counter() - t0
+        r.io_wait_s += io.io_wait_s - before[2]
+        if ids.shape[0] == 1:
+            r.decode_s += dt
+            r.decode_tokens += 1
+            r.decode_bytes_read += io.bytes_read - before[0]
+            r.decode_io_busy_s += io.io_busy_s - before[1]
+            r.decode_io_wait_s += io.io_wait_s - before[2]
+            r.decode_hits += cs.hits - before[3]
+            r.decode_misses += cs.misses - before[4]
+        else:
+            r.prefill_s += dt
+            r.prefill_tokens += ids.shape[0]
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
@@ -273,29 +297,13 @@ class MoEModel:
         """Greedy (or ``sample``) decoding: prefill as one micro-batch, then one token per step."""
         cache = self.new_cache(len(prompt_ids) + max_new_tokens)
         pick = sample or (lambda lg: int(torch.argmax(lg).item()))
-        w0 = self.store.io.io_wait_s
-        t0 = time.perf_counter()
         lg = self.forward(torch.as_tensor(prompt_ids, dtype=torch.long), cache)[-1]
-        self.run.prefill_s += time.perf_counter() - t0
-        self.run.prefill_tokens += len(prompt_ids)
-        io, cs = self.store.io, self.store.cache.stats
         for _ in range(max_new_tokens):
             tok = pick(lg)
             yield tok
             if stop_ids and tok in stop_ids:
                 break
-            before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
-            t0 = time.perf_counter()
             lg = self.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
-            r = self.run
-            r.decode_s += time.perf_counter() - t0
-            r.decode_tokens += 1
-            r.decode_bytes_read += io.bytes_read - before[0]
-            r.decode_io_busy_s += io.io_busy_s - before[1]
-            r.decode_io_wait_s += io.io_wait_s - before[2]
-            r.decode_hits += cs.hits - before[3]
-            r.decode_misses += cs.misses - before[4]
-        self.run.io_wait_s += self.store.io.io_wait_s - w0
 
     def reset_stats(self) -> None:
         self.run = RunStats()
@@ -319,8 +327,8 @@ class MoEModel:
             "decode_io_wait_s": r.decode_io_wait_s,
             "hit_rate": s["cache_hit_rate"],
             "read_bandwidth_Bps": s["read_bandwidth_Bps"],
-            "io_wait_s": s["io_wait_s"],
-            "compute_s": max(total_s - s["io_wait_s"], 0.0),
+            "io_wait_s": r.io_wait_s,
+            "compute_s": max(total_s - r.io_wait_s, 0.0),
             "expert_compute_s": r.expert_compute_s,
             "peak_rss_bytes": peak_rss_bytes(),
             "resident_bytes": self.m.resident_bytes,
