@@ -82,7 +82,7 @@ def worker_ours(threads: int, ids: list[int], decode: int, reps: int, weights: s
             best_p = max(best_p, len(ids) / (time.perf_counter() - t))
             t = time.perf_counter()
             for _ in range(decode):
-                nxt = int(logits.argmax())
+                nxt = int(logits.numpy().argmax())  # what the engine's greedy sampler does
                 logits = m.forward(torch.tensor([nxt]), cache, last_only=True)[-1]
             best_d = max(best_d, decode / (time.perf_counter() - t))
     return {"prefill": best_p, "decode": best_d, "rss_mb": _peak_rss_mb(), "load_s": load,

@@ -54,16 +54,30 @@ static inline float h2f(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* x [M, K] fp32 -> M*K/32 blocks of int8 with an fp32 scale (and scale * sum for Q4_1) */
-static void quantize_x(const float *x, int M, int K, xblock *out) {
+/* x [M, K] fp32 -> M*K/32 blocks of int16 with an fp32 scale (and scale * sum for Q4_1).
+   With normw != NULL each row is RMS-normalised first (x * normw / sqrt(mean(x^2) + eps), as
+   HF's RMSNorm): the per-row factor only multiplies the block scales, so it costs one pass. */
+static void quantize_x(const float *x, int M, int K, const float *normw, float eps, xblock *out) {
     int nb = K / 32;
     for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        float rs = 1.0f;
+        if (normw) {
+            __m256 ss = _mm256_setzero_ps();
+            for (int i = 0; i < K; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); ss = _mm256_fmadd_ps(v, v, ss); }
+            rs = 1.0f / sqrtf(hsum8(ss) / (float)K + eps);
+        }
         for (int b = 0; b < nb; b++) {
-            const float *v = x + (size_t)m * K + b * 32;
+            const float *v = xr + b * 32;
             xblock *o = out + (size_t)m * nb + b;
+            __m256 xv[4];
+            for (int i = 0; i < 4; i++) {
+                xv[i] = _mm256_loadu_ps(v + 8 * i);
+                if (normw) xv[i] = _mm256_mul_ps(xv[i], _mm256_loadu_ps(normw + b * 32 + 8 * i));
+            }
             __m256 mx = _mm256_setzero_ps();
             const __m256 sign = _mm256_set1_ps(-0.0f);
-            for (int i = 0; i < 32; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+            for (int i = 0; i < 4; i++) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, xv[i]));
             __m128 t = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
             t = _mm_max_ps(t, _mm_movehl_ps(t, t));
             t = _mm_max_ss(t, _mm_movehdup_ps(t));
@@ -72,13 +86,13 @@ static void quantize_x(const float *x, int M, int K, xblock *out) {
             __m256 mul = _mm256_set1_ps(id);
             __m256i q[4];
             for (int i = 0; i < 4; i++)
-                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * i), mul),
+                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(xv[i], mul),
                                                           _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
             __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
             __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
             s4 = _mm_hadd_epi32(s4, s4); s4 = _mm_hadd_epi32(s4, s4);
-            o->d = d;
-            o->s = d * (float)_mm_cvtsi128_si32(s4);
+            o->d = d * rs;
+            o->s = d * rs * (float)_mm_cvtsi128_si32(s4);
             /* 2 x (8 int32 + 8 int32) -> 16 int16 in order (packs interleaves the 128-bit lanes) */
             _mm256_storeu_si256((__m256i *)o->q, _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
             _mm256_storeu_si256((__m256i *)(o->q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
@@ -93,7 +107,8 @@ static void quantize_x(const float *x, int M, int K, xblock *out) {
    Q4_1 block: 20 bytes = fp16 d, fp16 m, 16 bytes of nibbles (byte j: element j low nibble,
    element j+16 high nibble). Q8_0 block: 34 bytes = fp16 d, 32 int8. */
 static inline __attribute__((always_inline)) void tile(const uint8_t *w, const int QT, const int R, const int MM,
-                                                       int r, int m, int nb, const xblock *xq, int N, float *y) {
+                                                       int r, int m, int nb, const xblock *xq, int N, float *y,
+                                                       int add) {
     const int bs = QT == 1 ? 20 : 34;
     const __m128i lowmask = _mm_set1_epi8(0x0F);
     __m256 acc[4][4];
@@ -128,46 +143,52 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, const i
         }
     }
     for (int i = 0; i < R; i++)
-        for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
+        for (int j = 0; j < MM; j++) {
+            float v = hsum8(acc[i][j]) + summs[i][j];
+            float *o = y + (size_t)(m + j) * N + r + i;
+            *o = add ? *o + v : v;
+        }
 }
 
 #define ROWS_IMPL(NAME, QT)                                                                          \
-static void NAME(const uint8_t *w, int r0, int r1, int nb, const xblock *xq, int M, int N, float *y) { \
+static void NAME(const uint8_t *w, int r0, int r1, int nb, const xblock *xq, int M, int N, float *y, int add) { \
     int r = r0;                                                                                      \
     if (M == 1) {                                                                                    \
-        for (; r + 4 <= r1; r += 4) tile(w, QT, 4, 1, r, 0, nb, xq, N, y);                           \
-        for (; r < r1; r++) tile(w, QT, 1, 1, r, 0, nb, xq, N, y);                                   \
+        for (; r + 4 <= r1; r += 4) tile(w, QT, 4, 1, r, 0, nb, xq, N, y, add);                           \
+        for (; r < r1; r++) tile(w, QT, 1, 1, r, 0, nb, xq, N, y, add);                                   \
         return;                                                                                      \
     }                                                                                                \
     for (; r + 2 <= r1; r += 2) {                                                                    \
         int m = 0;                                                                                   \
-        for (; m + 4 <= M; m += 4) tile(w, QT, 2, 4, r, m, nb, xq, N, y);                            \
-        for (; m < M; m++) tile(w, QT, 2, 1, r, m, nb, xq, N, y);                                    \
+        for (; m + 4 <= M; m += 4) tile(w, QT, 2, 4, r, m, nb, xq, N, y, add);                            \
+        for (; m < M; m++) tile(w, QT, 2, 1, r, m, nb, xq, N, y, add);                                    \
     }                                                                                                \
     for (; r < r1; r++) {                                                                            \
         int m = 0;                                                                                   \
-        for (; m + 4 <= M; m += 4) tile(w, QT, 1, 4, r, m, nb, xq, N, y);                            \
-        for (; m < M; m++) tile(w, QT, 1, 1, r, m, nb, xq, N, y);                                    \
+        for (; m + 4 <= M; m += 4) tile(w, QT, 1, 4, r, m, nb, xq, N, y, add);                            \
+        for (; m < M; m++) tile(w, QT, 1, 1, r, m, nb, xq, N, y, add);                                    \
     }                                                                                                \
 }
 ROWS_IMPL(q4_1_rows, 1)
 ROWS_IMPL(q8_0_rows, 8)
 
-/* y[M, N] = x[M, K] @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0). */
-int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads) {
+/* y[M, N] (+)= rmsnorm?(x[M, K]) @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0).
+   normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
+int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads,
+            const float *normw, float eps, int add) {
     if (K % 32 != 0) return -1;
     int nb = K / 32;
     xblock stackbuf[128];
     xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!xq) return -2;
-    quantize_x(x, M, K, xq);
+    quantize_x(x, M, K, normw, eps, xq);
     /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
     int chunks = (N + 15) / 16;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int c = 0; c < chunks; c++) {
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        if (qtype == 1) q4_1_rows(w, r0, r1, nb, xq, M, N, y);
-        else q8_0_rows(w, r0, r1, nb, xq, M, N, y);
+        if (qtype == 1) q4_1_rows(w, r0, r1, nb, xq, M, N, y, add);
+        else q8_0_rows(w, r0, r1, nb, xq, M, N, y, add);
     }
     if (xq != stackbuf) free(xq);
     return 0;
@@ -231,7 +252,7 @@ def _build() -> ctypes.CDLL:
     f = lib.qmatmul
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                  ctypes.c_int, ctypes.c_int]
+                  ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
     return lib
 
 

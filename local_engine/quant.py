@@ -192,13 +192,31 @@ class GGUFBlockLinear:
             x2 = x2.float().contiguous()
         m = x2.shape[0]
         y = torch.empty(m, self.out_features)
-        rc = self._fn(self._ptr, self._qt, x2.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features,
-                      torch.get_num_threads())
-        if rc != 0:
-            raise RuntimeError(f"qkernel failed with code {rc} for a {self.out_features}x{self.in_features} matrix")
+        self._run(x2, y, m, None, 0.0, 0)
         if len(shape) != 2:
             y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def fused(self, x: torch.Tensor, norm: torch.Tensor | None = None, eps: float = 0.0,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        """``rms_norm(x, norm, eps) @ W.T`` in one call; with ``out``, added into it (a residual).
+
+        For the decode step: x [M, in] fp32 contiguous, norm fp32 contiguous; no bias added.
+        """
+        m = x.shape[0]
+        if out is None:
+            y, add = torch.empty(m, self.out_features), 0
+        else:
+            y, add = out, 1
+        self._run(x, y, m, norm, eps, add)
+        return y
+
+    def _run(self, x: torch.Tensor, y: torch.Tensor, m: int, norm: torch.Tensor | None, eps: float,
+             add: int) -> None:
+        rc = self._fn(self._ptr, self._qt, x.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features,
+                      torch.get_num_threads(), None if norm is None else norm.data_ptr(), eps, add)
+        if rc != 0:
+            raise RuntimeError(f"qkernel failed with code {rc} for a {self.out_features}x{self.in_features} matrix")
 
 
 def _q4_0_as_q4_1(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
