@@ -42,6 +42,7 @@ from gateway.privacy.ner_fixes import corrected_entities
 from gateway.privacy.recognizers import (
     CardNumberRecognizer,
     FastPhoneRecognizer,
+    NationalityRecognizer,
     OfflineEmailRecognizer,
     PersonCueRecognizer,
     PlaceRecognizer,
@@ -231,6 +232,7 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
         CardNumberRecognizer(),
         StreetAddressRecognizer(),
         PlaceRecognizer(),
+        NationalityRecognizer(),
         PersonCueRecognizer(),
         *custom_recognizers(cfg.recognizers),
     ]

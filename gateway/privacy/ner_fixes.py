@@ -56,6 +56,19 @@ _PERSON_CUE_AFTER = regex.compile(
 )
 
 
+# Cues that leave no doubt (no prepositions: "to Marina" may be the town).
+_STRICT_PERSON_CUE_BEFORE = regex.compile(
+    r"(?i:\b(?:(?:named|called)(?:[ \t]+(?:him|her|them))?|kid|son|daughter|wife|husband|friend|brother|"
+    r"sister|mother|father|mom|mum|dad|boss|colleague|dear|hi|hello|hey|thanks|told|asked|met|said to|"
+    r"shouted at|said)[ \t]+)$"
+)
+_STRICT_PERSON_CUE_AFTER = regex.compile(
+    r"(?:[ \t]*:|[ \t]+(?i:said|says|shouted|told|asked|replied|wrote|smiled|laughed|cried|whispered|answered|"
+    r"has been|was born|is a|spent))"
+)
+_ORG_SUFFIX = regex.compile(r"(?i)(?<![\p{L}])(?:ltd|inc|llc|corp|plc|gmbh|co\.ltd|co\.,? ?ltd)(?![\p{L}])")
+
+
 def _looks_like_person(text: str, before: str, after: str) -> bool:
     if not _PERSON_SHAPE.match(text) or _ORG_WORDS.search(text):
         return False
@@ -73,6 +86,10 @@ def corrected_entities(doc: Doc, score: float = NER_SCORE) -> tuple[list[Span], 
         newline = text.find("\n", start, end)
         if newline > start:
             end = newline
+        if text.endswith(("'s", "’s"), start, end) and end - start > 2:
+            end -= 2  # "Angel Longino's": the possessive is not part of the name
+        if label in ("GPE", "LOC") and _ORG_SUFFIX.search(text, start, end):
+            continue  # "THK CO.LTD": a company suffix, not Colorado
         if label == "PERSON":
             # "Erin Rukavina Suite 241": the unit word belongs to the address that follows.
             trailing = _TRAILING_ADDRESS_WORD.search(text, start, end)
@@ -88,6 +105,15 @@ def corrected_entities(doc: Doc, score: float = NER_SCORE) -> tuple[list[Span], 
             label, s = "PERSON", ORG_AS_PERSON_SCORE
         elif label == "PERSON" and PLACE_CUE_BEFORE.search(text, max(0, start - 40), start):
             label = "GPE"
+        elif (
+            label == "GPE"
+            and _PERSON_SHAPE.match(text[start:end])
+            and (
+                _STRICT_PERSON_CUE_BEFORE.search(text, max(0, start - 30), start)
+                or _STRICT_PERSON_CUE_AFTER.match(text, end)
+            )
+        ):
+            label = "PERSON"  # "my kid Kateřina", "Claudia: ...": a first name NER took for a town
         if (start, end, label) == (ent.start_char, ent.end_char, ent.label_):
             spans.append(ent)
         else:

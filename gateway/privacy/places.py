@@ -127,3 +127,47 @@ _KNOWN = frozenset(n.casefold() for n in _PLACE_NAMES)
 def is_known_place(text: str) -> bool:
     """Whether `text` is a gazetteer place (any case)."""
     return text.strip().casefold() in _KNOWN
+
+
+# Nationalities and peoples (NRP): the adjective or noun, singular and plural ("Norwegian(s)").
+DEMONYMS = (
+    "Afghan", "Albanian", "Algerian", "American", "Andorran", "Angolan", "Argentine", "Argentinian", "Armenian",
+    "Australian", "Austrian", "Azerbaijani", "Bahraini", "Bangladeshi", "Belarusian", "Belgian", "Bolivian",
+    "Bosnian", "Brazilian", "British", "Bulgarian", "Burmese", "Cambodian", "Cameroonian", "Canadian",
+    "Chilean", "Chinese", "Colombian", "Congolese", "Croatian", "Cuban", "Cypriot", "Czech", "Danish", "Dane",
+    "Dutch", "Ecuadorian", "Egyptian", "English", "Eritrean", "Estonian", "Ethiopian", "Faroese", "Filipino",
+    "Finnish", "Finn", "French", "Georgian", "German", "Ghanaian", "Greek", "Greenlandic", "Greenlander",
+    "Guatemalan", "Haitian", "Honduran", "Hungarian", "Icelandic", "Icelander", "Indian", "Indonesian",
+    "Iranian", "Iraqi", "Irish", "Israeli", "Italian", "Jamaican", "Japanese", "Jordanian", "Kazakh",
+    "Kenyan", "Korean", "Kosovar", "Kurdish", "Kuwaiti", "Kyrgyz", "Lao", "Latvian", "Lebanese", "Liberian",
+    "Libyan", "Lithuanian", "Luxembourgish", "Macedonian", "Malagasy", "Malaysian", "Maltese", "Mexican",
+    "Moldovan", "Mongolian", "Montenegrin", "Moroccan", "Mozambican", "Namibian", "Nepalese", "Nepali",
+    "New Zealander", "Nicaraguan", "Nigerian", "Nigerien", "Norwegian", "Omani", "Pakistani", "Palestinian",
+    "Panamanian", "Paraguayan", "Peruvian", "Polish", "Pole", "Portuguese", "Qatari", "Romanian", "Russian",
+    "Rwandan", "Salvadoran", "Saudi", "Scottish", "Scot", "Senegalese", "Serbian", "Singaporean", "Slovak",
+    "Slovakian", "Slovenian", "Slovene", "Somali", "South African", "Spanish", "Spaniard", "Sri Lankan",
+    "Sudanese", "Swedish", "Swede", "Swiss", "Syrian", "Taiwanese", "Tajik", "Tanzanian", "Thai", "Tibetan",
+    "Tunisian", "Turkish", "Turk", "Turkmen", "Ugandan", "Ukrainian", "Uruguayan", "Uzbek", "Venezuelan",
+    "Vietnamese", "Welsh", "Yemeni", "Zairean", "Zambian", "Zimbabwean", "Chechen", "Basque", "Catalan",
+    "Flemish", "Walloon", "Sami", "Inuit", "Maori", "Māori", "Roma", "Latino", "Latina", "Hispanic",
+    "Arab", "Persian", "Punjabi", "Bengali", "Tamil", "Sikh", "Hindu", "Muslim", "Jewish", "Jew",
+)
+
+
+def _plural(word: str) -> str:
+    if word.endswith(("ese", "ish", "ch", "sh", "ss", "Swiss", "Inuit", "Sami")):
+        return word
+    return word + "s"
+
+
+_DEMONYM_FORMS = tuple({form for d in DEMONYMS for form in (d, _plural(d))})
+_NATIONALITY = regex.compile(
+    rf"(?<![\p{{L}}\d])(?:{_alternation(_DEMONYM_FORMS)}|{_alternation(tuple(f.upper() for f in _DEMONYM_FORMS))}"
+    # lower-case only in the plural: "latvians" is a people, "french" may be fries
+    rf"|{_alternation(tuple(_plural(d).lower() for d in DEMONYMS if _plural(d) != d))})(?![\p{{L}}\d])"
+)
+
+
+def find_nationalities(text: str) -> list[tuple[int, int, float]]:
+    """(start, end, score) of nationality and people names."""
+    return [(m.start(), m.end(), 0.85) for m in _NATIONALITY.finditer(text)]

@@ -25,7 +25,7 @@ from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
 from gateway.privacy.address import find_addresses
 from gateway.privacy.config import CustomRecognizer
-from gateway.privacy.places import find_places
+from gateway.privacy.places import find_nationalities, find_places
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,19 @@ class StreetAddressRecognizer(LocalRecognizer):
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         return [_result(self, "STREET_ADDRESS", a, b, score) for a, b, score in find_addresses(text)]
+
+
+class NationalityRecognizer(LocalRecognizer):
+    """Nationalities and peoples (NRP) by name: the small NER model misses most of them."""
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=["NRP"], name="NationalityRecognizer")
+
+    def load(self) -> None:
+        pass
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        return [_result(self, "NRP", a, b, score) for a, b, score in find_nationalities(text)]
 
 
 class PlaceRecognizer(LocalRecognizer):

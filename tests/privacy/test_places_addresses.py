@@ -114,3 +114,15 @@ def test_short_local_phone_needs_a_context_word(custom_classifier: PresidioSensi
 def test_fifteen_digit_jcb_card(custom_classifier: PresidioSensitivityClassifier) -> None:
     got = found(custom_classifier.classify(user("card 213128569146303 expired")))
     assert got == {("CREDIT_CARD", "213128569146303")}
+
+
+def test_nationalities(custom_classifier: PresidioSensitivityClassifier) -> None:
+    got = found(custom_classifier.classify(user("Our Norwegian hosts met the latvians downtown")))
+    assert got == {("NRP", "Norwegian"), ("NRP", "latvians")}
+    assert not custom_classifier.classify(user("french fries with a side of swiss cheese")).entities
+
+
+def test_possessive_and_company_suffix_are_trimmed(classifier: PresidioSensitivityClassifier) -> None:
+    got = found(classifier.classify(user("They were singing verses from Maite Lemmens's Cautionary Tales.")))
+    assert ("PERSON", "Maite Lemmens") in got
+    assert not {t for t, v in got if v.endswith("'s")}
