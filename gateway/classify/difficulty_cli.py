@@ -14,6 +14,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+DEFAULT_MAX_TOKENS = {"static": 256, "minilm": 128}
 SHARES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -82,18 +83,20 @@ def difficulty() -> None:
 @click.option("--data", required=True, type=click.Path(), help="Labelled JSONL (prompt, source, weak_correct, strong_correct).")
 @click.option("--out", default=None, type=click.Path(), help="Artefact metadata path [default: the shipped one].")
 @click.option("--cache", default="benchmarks/.work", show_default=True, type=click.Path(), help="Embedding cache dir ('' for none).")
-@click.option("--max-tokens", default=128, show_default=True, type=int)
+@click.option("--embedding", type=click.Choice(["static", "minilm"]), default="static", show_default=True,
+              help="static: MiniLM's input word-piece embeddings, mean-pooled (~0.2 ms); minilm: the transformer (~30 ms).")
+@click.option("--max-tokens", default=None, type=int, help="Word pieces embedded [default: 256 static, 128 minilm].")
 @click.option("--cloud-share", default=0.3, show_default=True, type=float, help="Calibrate the shipped thresholds to this hard share.")
-def train(data: str, out: str | None, cache: str, max_tokens: int, cloud_share: float) -> None:
-    """Fit the knn artefact on a grouped train/validation split; report the test split."""
+def train(data: str, out: str | None, cache: str, embedding: str, max_tokens: int | None, cloud_share: float) -> None:
+    """Fit the knn artefact: grouped-CV model selection over train + validation; report the test split."""
     from gateway.classify.difficulty.artefact import SHIPPED
     from gateway.classify.difficulty.data import DataError, load_examples
-    from gateway.classify.difficulty.embed import EmbeddingUnavailable, MiniLMEmbedder
+    from gateway.classify.difficulty.embed import EMBEDDERS, EmbeddingUnavailable
     from gateway.classify.difficulty.train import train as run
 
     try:
         examples = load_examples(data)
-        embedder = MiniLMEmbedder(max_tokens=max_tokens)
+        embedder = EMBEDDERS[embedding](max_tokens=max_tokens or DEFAULT_MAX_TOKENS[embedding])
     except (DataError, EmbeddingUnavailable) as exc:
         _fail(str(exc))
     target = Path(out) if out else SHIPPED

@@ -14,7 +14,7 @@ from gateway.classify.difficulty import (
     HeuristicDifficultyClassifier,
     build_difficulty_classifier,
 )
-from gateway.classify.difficulty.artefact import SHIPPED, ArtefactError, load_artefact
+from gateway.classify.difficulty.artefact import SHIPPED, SHIPPED_MINILM, ArtefactError, load_artefact
 from gateway.classify.difficulty.data import sha256_file
 from tests.difficulty.conftest import body
 
@@ -27,10 +27,24 @@ def test_shipped_artefact_is_small_hashed_and_loads_fast():
     t0 = time.perf_counter()
     art = load_artefact()
     assert time.perf_counter() - t0 < 1.0
-    assert art.version == "difficulty-v1"
+    assert art.version == "difficulty-v2"
+    assert art.meta["embedding"]["kind"] == "static"
     assert art.thresholds("knn") is not None and art.thresholds("heuristic") is not None
     medium, hard = art.thresholds("knn")
     assert 0.0 <= medium <= hard <= 1.0
+
+
+def test_v1_minilm_artefact_still_loads():
+    art = load_artefact(SHIPPED_MINILM)
+    assert art.version == "difficulty-v1"
+    assert "kind" not in art.meta["embedding"]  # predates the field: read as the transformer
+
+
+def test_shipped_artefact_records_its_selection_protocol():
+    training = load_artefact().meta["training"]
+    assert training["selection"].startswith("8-fold grouped CV")
+    # chosen without the test part: the test AUC is a report, not an input
+    assert {"cv_auc", "cv_auc_heuristic", "test_auc", "test_auc_heuristic"} <= set(training)
 
 
 def test_tampered_arrays_are_refused(tmp_path):

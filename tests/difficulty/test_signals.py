@@ -78,3 +78,20 @@ def test_vector_is_fixed_order_and_log_scaled():
     v = vector(s)
     assert len(v) == len(SIGNAL_NAMES)
     assert abs(v[SIGNAL_NAMES.index("tokens")] - __import__("math").log1p(99)) < 1e-9
+
+
+def test_huge_prompt_is_read_from_a_bounded_prefix():
+    import time
+
+    from gateway.classify.difficulty.signals import SIGNAL_CHARS_MAX
+
+    unit = "Explain why, step by step: 12 + 30 = 42. "
+    huge = unit * (3 * SIGNAL_CHARS_MAX // len(unit))
+    t = time.perf_counter()
+    s = extract_text_signals(huge)
+    elapsed = time.perf_counter() - t
+    assert s.chars == len(huge)  # exact
+    words_per_unit = len(__import__("re").findall(r"\w+|[^\w\s]", unit))
+    assert abs(s.tokens - words_per_unit * len(huge) / len(unit)) / s.tokens < 0.01  # extrapolated
+    assert s.reasoning_cues == extract_text_signals(huge[:SIGNAL_CHARS_MAX]).reasoning_cues
+    assert elapsed < 0.5  # the full ~100 kB would cost several times the prefix

@@ -49,16 +49,17 @@ def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierIm
         reason = "artefact unavailable"
     else:
         emb_meta = artefact.meta["embedding"]
+        kind = str(emb_meta.get("kind", "minilm"))  # v1 artefacts predate the field: the transformer
         max_tokens = cfg.max_tokens or int(emb_meta["max_tokens"])
         if cfg.max_tokens and cfg.max_tokens != int(emb_meta["max_tokens"]):
             log.warning("difficulty: max_tokens %d differs from the %d the artefact was fitted with",
                         cfg.max_tokens, emb_meta["max_tokens"])
         try:
-            if cfg.torch_threads:
+            if cfg.torch_threads and kind == "minilm":  # the static embedder runs no torch
                 import torch
 
                 torch.set_num_threads(cfg.torch_threads)
-            embedder = shared_embedder(cfg.embedding_package, max_tokens=max_tokens)
+            embedder = shared_embedder(cfg.embedding_package, max_tokens=max_tokens, kind=kind)
             return KnnDifficultyClassifier(
                 artefact, embedder, *_thresholds(cfg, artefact, "knn"), budget_ms=cfg.budget_ms
             )

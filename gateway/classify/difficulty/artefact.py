@@ -18,7 +18,11 @@ from gateway.classify.difficulty.data import sha256_file
 from gateway.classify.difficulty.signals import SIGNAL_NAMES
 
 FORMAT_VERSION = 1
-SHIPPED = Path(__file__).resolve().parents[2] / "data" / "difficulty-v1.json"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+# v2: static MiniLM word-piece embeddings (default). v1: the MiniLM transformer, kept for comparison
+# and for anyone who prefers it (`artefact: gateway/data/difficulty-v1.json`, ~30 ms per request).
+SHIPPED = DATA_DIR / "difficulty-v2.json"
+SHIPPED_MINILM = DATA_DIR / "difficulty-v1.json"
 ARRAYS = ("sig_mean", "sig_scale", "w_emb", "w_sig", "w_knn", "intercept", "protos", "proto_hard", "proto_n")
 
 

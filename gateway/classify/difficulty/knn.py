@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gateway.classify.difficulty.artefact import Artefact
-from gateway.classify.difficulty.embed import MiniLMEmbedder
+from gateway.classify.difficulty.embed import Embedder
 from gateway.classify.difficulty.heuristic import level_for
 from gateway.classify.difficulty.model import KnnModel, sigmoid
 from gateway.classify.difficulty.signals import SIGNAL_NAMES, extract_signals, request_text, vector
@@ -25,13 +25,16 @@ class KnnDifficultyClassifier:
     method = "knn"
 
     def __init__(
-        self, artefact: Artefact, embedder: MiniLMEmbedder, medium: float, hard: float, budget_ms: float
+        self, artefact: Artefact, embedder: Embedder, medium: float, hard: float, budget_ms: float
     ) -> None:
         knn = artefact.meta["knn"]
         self.model = KnnModel.from_arrays(artefact.arrays, k=int(knn["k"]), temp=float(knn["temp"]))
         self.labels: list[str] = list(artefact.meta.get("prototype_labels") or [])
         self.version = artefact.version
         self.embedder = embedder
+        # With static embeddings a classification is ~0.5 ms of numpy: cheaper to run on the event
+        # loop than to hand off to a thread (gateway/classify/base.py). The transformer is not.
+        self.runs_inline = embedder.kind == "static"
         self.medium, self.hard = medium, hard
         self.budget_ms = budget_ms
         self._slow = 0
@@ -47,7 +50,7 @@ class KnnDifficultyClassifier:
                 return
             self._slow_logged_at, count, self._slow = now, self._slow, 0
         log.warning("difficulty classification over budget: %.1f ms > %.1f ms (%d slow since last report); "
-                    "consider difficulty.torch_threads: 1 on a busy machine", elapsed_ms, self.budget_ms, count)
+                    "with the minilm artefact, consider difficulty.torch_threads: 1 on a busy machine", elapsed_ms, self.budget_ms, count)
 
     def score_many(self, texts: list[str], sigs: np.ndarray, progress: bool = False) -> np.ndarray:
         """Scores for many prompts at once (evaluation and calibration)."""

@@ -101,7 +101,16 @@ def _count(words: list[str], lower: str, vocab: frozenset[str], phrases: tuple[s
     return sum(1 for w in words if w in vocab) + sum(lower.count(p) for p in phrases)
 
 
+# Signals are read from at most this many characters (the length ones extrapolated to the whole
+# text): the classifier may run on the event loop, and a 1 MB prompt took 1.3 s of regexes here.
+# Every prompt in the routing data is shorter, so the fitted weights are unaffected.
+SIGNAL_CHARS_MAX = 32_768
+
+
 def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signals:
+    full_chars = len(text)
+    if full_chars > SIGNAL_CHARS_MAX:
+        text = text[:SIGNAL_CHARS_MAX]
     if text.isascii():  # the common case: no letter outside ASCII, no need to list the letters
         letters, non_ascii = [], 0
     else:
@@ -112,8 +121,8 @@ def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signal
     fences = len(_FENCE.findall(text)) // 2
     code_lines = len(_CODE_LINE.findall(text))
     return Signals(
-        chars=len(text),
-        tokens=len(_WORD.findall(text)),
+        chars=full_chars,
+        tokens=round(len(_WORD.findall(text)) * full_chars / max(len(text), 1)),
         code_blocks=fences + code_lines // 5,
         math=_math_count(text),
         numbers=len(_NUMBER.findall(text)),
