@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe before any litellm import
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gateway.api import chat, dashboard, errors, models, ops
 from gateway.state import GatewayState, Settings
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, with the chat completions hot path handed straight to its handler."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == chat.CHAT_PATH:
+            scope["app"] = self  # what Starlette sets for `request.app`
+            await chat.serve_chat(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI:
@@ -27,7 +39,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
         finally:
             await gateway_state.stop()
 
-    app = FastAPI(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
+    app = GatewayApp(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway_state
     errors.install(app)
     for router in (chat.router, models.router, ops.router, dashboard.router):

@@ -11,6 +11,7 @@ httpx's async client (same upstream, same run), and the gateway adds little else
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from gateway.backends.errors import status_error
 
 # Transport failures: the target could not be reached, or dropped the connection mid-answer.
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
+_TRAILER_WAIT_S = 0.05
 
 
 class OpenAIHTTPBackend:
@@ -130,6 +132,13 @@ class OpenAIHTTPBackend:
                 yield chunk
             if not finished:
                 raise BackendError("protocol", f"{self.name}: stream ended without [DONE]")
+            # The body's chunked terminator may trail [DONE]: read it, or aiohttp drops the
+            # connection instead of pooling it (a new connection, and TLS handshake, per stream).
+            try:
+                async with asyncio.timeout(_TRAILER_WAIT_S):
+                    await resp.content.read()
+            except (TimeoutError, *_CONNECT_ERRORS):
+                finished = False  # no clean end: close rather than reuse
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: stream timeout") from None
         except _CONNECT_ERRORS as exc:

@@ -217,3 +217,35 @@ def test_raw_httpx_keepalive_many_requests(gw: RunningGateway):
         for i in range(30):
             r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": str(i)}]})
             assert r.status_code == 200
+
+
+def test_unexpected_error_is_an_openai_500_without_details(gw: RunningGateway, monkeypatch: pytest.MonkeyPatch):
+    from gateway import pipeline
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("secret prompt text must not leak")
+
+    monkeypatch.setattr(pipeline, "prepare", broken)
+    with gw.client() as c:
+        r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 500
+        assert r.json() == {"error": {"message": "Internal error in the gateway.", "type": "server_error",
+                                      "param": None, "code": "internal_error"}}
+        assert "secret" not in r.text
+        # the next request is served normally
+        monkeypatch.undo()
+        assert c.post("/v1/chat/completions",
+                      json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+
+
+def test_streams_reuse_the_upstream_connection(gw: RunningGateway, cloud: FakeUpstream):
+    assert cloud._server is not None
+    with gw.client() as c:
+        ask = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        c.post("/v1/chat/completions", headers={"x-route": "cloud"}, json=ask).read()
+        before = cloud._server.accepted
+        for _ in range(20):
+            r = c.post("/v1/chat/completions", headers={"x-route": "cloud"}, json=ask)
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    # the stream's body is read to its end, so the pooled connection is reused, not dropped
+    assert cloud._server.accepted - before <= 1

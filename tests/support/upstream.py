@@ -185,10 +185,12 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.open_sockets: set[socket.socket] = set()
+        self.accepted = 0  # connections accepted since start: keep-alive reuse shows here
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
         self.open_sockets.add(sock)
+        self.accepted += 1
         return sock, addr
 
     def shutdown_request(self, request: Any) -> None:
