@@ -73,6 +73,10 @@ _IGNORED_LABELS = [
 ]
 
 
+# What spaCy NER contributes (DATE_TIME too, but it is not sensitive by default).
+_NER_ENTITIES = ("PERSON", "LOCATION", "NRP")
+
+
 class PrivacyStartupError(RuntimeError):
     """The privacy configuration cannot be turned into a working analyzer (e.g. model missing)."""
 
@@ -179,15 +183,19 @@ class FastContextEnhancer(LemmaContextAwareEnhancer):
         return list(words)
 
 
-def load_spacy(name: str) -> spacy.Language:
-    """The NER-only pipeline of an installed model, or a blank English tokenizer for `none`."""
-    if name == "none":
-        return spacy.blank("en")
-    if not (spacy.util.is_package(name) or Path(name).is_dir()):
+def _check_installed(name: str) -> None:
+    if name != "none" and not (spacy.util.is_package(name) or Path(name).is_dir()):
         raise PrivacyStartupError(
             f"privacy.nlp_model: spaCy model {name!r} is not installed. Install its package "
             "(nothing is downloaded at run time), or set `nlp_model: none` for pattern recognizers only."
         )
+
+
+def load_spacy(name: str) -> spacy.Language:
+    """The NER-only pipeline of an installed model, or a blank English tokenizer for `none`."""
+    if name == "none":
+        return spacy.blank("en")
+    _check_installed(name)
     try:
         nlp = spacy.load(name, exclude=list(_NON_NER_PIPES))
     except Exception as exc:  # a broken package is a configuration problem, report it as one
@@ -237,16 +245,19 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
         *custom_recognizers(cfg.recognizers),
     ]
     if with_ner:
-        recs.append(SpacyRecognizer(supported_entities=["PERSON", "LOCATION", "NRP", "DATE_TIME"]))
+        recs.append(SpacyRecognizer(supported_entities=[*_NER_ENTITIES, "DATE_TIME"]))
     return recs
 
 
 def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
     """The engine and the entities worth asking it for (those whose level is above `none`)."""
-    nlp = load_spacy(cfg.nlp_model)
+    levels = cfg.effective_levels()
+    # NER is most of the analysis time; a policy that grades none of its entities does not pay it.
+    ner_wanted = any(levels.get(e, cfg.default_level) != "none" for e in _NER_ENTITIES)
+    _check_installed(cfg.nlp_model)
+    nlp = load_spacy(cfg.nlp_model if ner_wanted else "none")
     with_ner = "ner" in nlp.pipe_names
     registry = RecognizerRegistry(supported_languages=["en"])
-    levels = cfg.effective_levels()
     for rec in _recognizers(cfg, with_ner):
         registry.add_recognizer(rec)
     supported = {e for r in registry.recognizers for e in r.supported_entities}

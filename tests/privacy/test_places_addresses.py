@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.classify.sensitivity import PresidioSensitivityClassifier
+from gateway.classify.sensitivity import PresidioSensitivityClassifier, build_sensitivity_classifier
 from gateway.features import SensitivityFinding
+from gateway.privacy.config import PrivacyConfig
 from tests.privacy.bodies import user
 
 
@@ -126,3 +127,17 @@ def test_possessive_and_company_suffix_are_trimmed(classifier: PresidioSensitivi
     got = found(classifier.classify(user("They were singing verses from Maite Lemmens's Cautionary Tales.")))
     assert ("PERSON", "Maite Lemmens") in got
     assert not {t for t, v in got if v.endswith("'s")}
+
+
+def test_no_ner_when_the_policy_grades_none_of_its_entities() -> None:
+    cfg = PrivacyConfig(levels={"PERSON": "none", "LOCATION": "none", "NRP": "none"})
+    c = build_sensitivity_classifier(cfg)
+    assert isinstance(c, PresidioSensitivityClassifier)
+    assert c.ner_pipeline().pipe_names == []  # a blank tokenizer: NER is never run
+    f = c.classify(user("Jane Doe from Paris wrote from jane@example.com"))
+    assert {e.type for e in f.entities} == {"EMAIL_ADDRESS"}
+
+
+def test_default_pipeline_runs_ner_alone(classifier: PresidioSensitivityClassifier) -> None:
+    # The shared tok2vec only feeds the tagger/parser we exclude; NER carries its own.
+    assert classifier.ner_pipeline().pipe_names == ["ner"]
