@@ -362,6 +362,7 @@ def replay_all(trace: list[tuple[int, tuple[int, ...]]], capacity: int,
             "lfu-da": replay(steps, capacity, "lfu-da").hit_rate,
             "tinylfu": replay(steps, capacity, "tinylfu").hit_rate,
             "layer-lfu": replay(steps, capacity, "layer-lfu", uses=uses).hit_rate,
+            "adaptive": replay(steps, capacity, "adaptive", uses=uses).hit_rate,
             "fixed": best_fixed_set(steps, capacity),
             "belady": belady_hits(steps, capacity).hit_rate}
 
@@ -387,6 +388,7 @@ def main() -> None:
     ap.add_argument("--peer-timeout", type=float, default=420)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--fractions", default="0.05,0.15,0.5")
+    ap.add_argument("--replay-only", action="store_true", help="only the synthetic skewed-trace replay table")
     a = ap.parse_args()
     if a.worker == "ours":
         return worker_ours(a)
@@ -408,6 +410,8 @@ def main() -> None:
           f"(setup {time.perf_counter() - t_setup:.0f}s)")
     print(f"# machine: {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at start (shared box); "
           f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}")
+    if a.replay_only:
+        return skewed_tables(L, E, k)
 
     def ceiling_now() -> float:
         return measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0)
@@ -542,19 +546,23 @@ def main() -> None:
                   f"max_memory=resident+budget | 15% | {peer['limit'] / 2**30:.2f} GiB | {peer['load_s']:.0f} "
                   f"| {peer['decode_tok_s']:.3f} ({a.peer_tokens} tokens) | {peer['peak_rss_bytes'] / 2**20:.0f} MiB | 1.0x |")
 
-    print()
-    print("## Cache policy on a synthetic SKEWED trace (Zipf s=1.1 popularity per layer, 30% token-to-token "
-          "reuse), replay only, no I/O")
-    tr = skewed_trace(400, L, E, k, s=1.1, reuse=0.3)
-    print("| budget (% bank) | LRU | LFU-DA | TinyLFU | layer-LFU | best fixed set | Belady | layer-LFU / Belady "
-          "| best online / Belady |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for frac in (0.05, 0.15, 0.24, 0.5):
-        rep = replay_all(tr, int(L * E * frac))
-        best = max(rep["lru"], rep["lfu-da"], rep["tinylfu"], rep["layer-lfu"])
-        print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['tinylfu']:.3f} | {rep['layer-lfu']:.3f} "
-              f"| {rep['fixed']:.3f} | {rep['belady']:.3f} | {rep['layer-lfu'] / rep['belady']:.2f} "
-              f"| {best / rep['belady']:.2f} |")
+    skewed_tables(L, E, k)
+
+
+def skewed_tables(L: int, E: int, k: int) -> None:
+    for zipf_s, reuse, seed in ((1.1, 0.3, 0), (0.8, 0.5, 3)):
+        print()
+        print(f"## Cache policy on a synthetic SKEWED trace (Zipf s={zipf_s} popularity per layer, {reuse:.0%} "
+              "token-to-token reuse, 400 tokens), replay only, no I/O")
+        tr = skewed_trace(400, L, E, k, s=zipf_s, reuse=reuse, seed=seed)
+        print("| budget (% bank) | LRU | LFU-DA | TinyLFU | layer-LFU | adaptive | best fixed set | Belady "
+              "| layer-LFU / Belady | adaptive / Belady |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for frac in (0.05, 0.15, 0.24, 0.5):
+            rep = replay_all(tr, int(L * E * frac))
+            print(f"| {frac:.0%} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} | {rep['tinylfu']:.3f} "
+                  f"| {rep['layer-lfu']:.3f} | {rep['adaptive']:.3f} | {rep['fixed']:.3f} | {rep['belady']:.3f} "
+                  f"| {rep['layer-lfu'] / rep['belady']:.2f} | {rep['adaptive'] / rep['belady']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Key = Hashable
-POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu")
+POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive")
 DEFAULT_POLICY = "layer-lfu"
 
 
@@ -263,6 +263,71 @@ class _LayerLFU(_Policy):
         return best
 
 
+class _AdaptiveLayerLFU(_Policy):
+    """layer-LFU whose decay follows whichever of a few candidates has been hitting most lately.
+
+    How fast popularity should be forgotten depends on the routing: a router with stable
+    favourites wants a long memory (decay near 1), one with token-to-token reuse wants a short one.
+    Each candidate decay runs a shadow cache (keys only, same capacity in bundles) fed the same
+    requests; the real cache takes its eviction and admission decisions from the candidate whose
+    shadow has the most hits, counted with exponential forgetting over a few tokens' requests.
+    Cost: a few dict/heap operations per candidate per request, negligible next to a bundle read.
+    """
+
+    def __init__(self, capacity: int, decays: Sequence[float] = (0.5, 0.8, 0.95), window: int = 1000) -> None:
+        self._cap = max(int(capacity), 0)
+        self._real = [_LayerLFU(d) for d in decays]  # scores + heaps over the real cache's keys
+        self._shadow = [_LayerLFU(d) for d in decays]  # scores + heaps over each shadow's keys
+        self._sets: list[set[Key]] = [set() for _ in decays]
+        self._hits = [0.0] * len(decays)
+        self._fade = 1.0 - 1.0 / max(window, 1)
+        self.leader = len(decays) - 1
+        self._pinned: set[Key] = set()
+
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        for p in (*self._real, *self._shadow):
+            p.step(group, n_tokens)
+        self._pinned = set()
+
+    def access(self, key: Key, uses: int = 1) -> None:
+        self._pinned.add(key)  # a step's keys arrive together: pin the ones seen so far
+        for p in self._real:
+            p.access(key, uses)
+        for i, (p, keys) in enumerate(zip(self._shadow, self._sets, strict=True)):
+            p.access(key, uses)
+            self._hits[i] *= self._fade
+            if key in keys:
+                self._hits[i] += 1.0
+                continue
+            if self._cap <= 0:
+                continue
+            if len(keys) >= self._cap:
+                v = p.victim(self._pinned)
+                if v is None or not p.admit(key, v):
+                    continue
+                keys.discard(v)
+                p.remove(v)
+            keys.add(key)
+            p.insert(key)
+        best = max(range(len(self._hits)), key=self._hits.__getitem__)
+        if self._hits[best] > self._hits[self.leader]:
+            self.leader = best
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self._real[self.leader].admit(key, victim)
+
+    def insert(self, key: Key) -> None:
+        for p in self._real:
+            p.insert(key)
+
+    def remove(self, key: Key) -> None:
+        for p in self._real:
+            p.remove(key)
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return self._real[self.leader].victim(pinned)
+
+
 def make_policy(name: str, **opts: Any) -> _Policy:
     if name == "lru":
         return _LRU()
@@ -272,6 +337,8 @@ def make_policy(name: str, **opts: Any) -> _Policy:
         return _LFUDA()
     if name == "layer-lfu":
         return _LayerLFU(**opts)
+    if name == "adaptive":
+        return _AdaptiveLayerLFU(**opts)
     raise ValueError(f"unknown cache policy {name!r} (choose from {', '.join(POLICIES)})")
 
 
@@ -290,7 +357,10 @@ class ExpertCache:
     def __post_init__(self) -> None:
         if self.budget_bytes < 0:
             raise ValueError("cache budget must be >= 0")
-        self._pol = make_policy(self.policy, **self.policy_opts)
+        opts = dict(self.policy_opts)
+        if self.policy == "adaptive":
+            opts.setdefault("capacity", self.budget_bytes // max(self.item_bytes, 1))
+        self._pol = make_policy(self.policy, **opts)
         if isinstance(self._pol, _TinyLFU):
             self._pol.sample = max(10 * (self.budget_bytes // max(self.item_bytes, 1)), 100)
         self._items: dict[Key, tuple[Any, int]] = {}

@@ -23,7 +23,7 @@ def test_byte_budget_is_never_exceeded_and_pinned_items_stay() -> None:
     assert "a" in c2 and "b" in c2 and c2.stats.rejected == 1
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu", "layer-lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive"])
 def test_zero_budget_caches_nothing(policy: str) -> None:
     c = ExpertCache(0, policy)
     assert not c.insert("x", 1, 1)
@@ -71,6 +71,7 @@ def test_belady_bounds_online_policies_on_random_step_traces() -> None:
         assert opt >= replay(trace, cap, "lfu-da").hits
         assert opt >= replay(trace, cap, "tinylfu").hits
         assert opt >= replay(trace, cap, "layer-lfu").hits
+        assert opt >= replay(trace, cap, "adaptive").hits
 
 
 def test_tinylfu_keeps_hot_experts_when_the_cache_is_smaller_than_one_sweep() -> None:
@@ -146,3 +147,44 @@ def test_layer_lfu_judges_each_layer_on_its_own_clock() -> None:
 def test_layer_lfu_rejects_a_bad_decay() -> None:
     with pytest.raises(ValueError, match="decay"):
         ExpertCache(10, "layer-lfu", policy_opts={"decay": 0.0})
+
+
+def _sticky_trace(tokens: int = 120, layers: int = 4, experts: int = 32, k: int = 4, keep: float = 0.8,
+                  seed: int = 1) -> list[list[tuple[int, int]]]:
+    """No favourite experts (uniform popularity), but a token mostly reuses the previous token's."""
+    rng = random.Random(seed)
+    prev = [rng.sample(range(experts), k) for _ in range(layers)]
+    trace = []
+    for _ in range(tokens):
+        for layer in range(layers):
+            chosen = [e for e in prev[layer] if rng.random() < keep]
+            while len(chosen) < k:
+                e = rng.randrange(experts)
+                if e not in chosen:
+                    chosen.append(e)
+            prev[layer] = chosen
+            trace.append([(layer, e) for e in sorted(chosen)])
+    return trace
+
+
+def test_adaptive_picks_a_short_memory_when_routing_is_sticky() -> None:
+    trace = _sticky_trace()
+    cap = 16  # one token's worth of experts over all layers
+    long_memory = replay(trace, cap, "layer-lfu", decay=0.95)
+    adaptive = replay(trace, cap, "adaptive")
+    opt = belady_hits(trace, cap)
+    assert adaptive.hits > long_memory.hits
+    assert adaptive.hits <= opt.hits
+    # the runtime cache learns the same thing through the same interface
+    c = ExpertCache(cap, "adaptive")
+    for step in trace:
+        c.step(step[0][0])
+        for key in step:
+            if c.lookup(key) is None:
+                c.insert(key, key, 1, pinned=step)
+    assert c.stats.hits == adaptive.hits and c._pol.leader == 0  # decay 0.5, the shortest memory
+
+
+def test_adaptive_matches_layer_lfu_on_stable_favourites() -> None:
+    trace = _hot_and_one_off_trace()
+    assert replay(trace, 8, "adaptive").hits >= replay(trace, 8, "layer-lfu").hits - 4
