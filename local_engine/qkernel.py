@@ -193,6 +193,51 @@ int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N,
     if (xq != stackbuf) free(xq);
     return 0;
 }
+
+/* One decode step of attention for one layer, after the q|k|v matmul:
+   r [hq + 2 hk, hd]: q heads, k heads, v heads (fp32, rotated here in place);
+   cos/sin [hd]: the RoPE row of position p (HF rotate_half layout: cos[i] == cos[i + hd/2]);
+   kv [2 hk, max_seq, hd]: this layer's cache (K heads then V heads); k and v are written at p;
+   out [hq, hd]: softmax(q K^T * scale) V over positions 0..p, q head h reading kv head h / (hq / hk). */
+void attn_step(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
+               int hd, float scale, float *out, float *scores) {
+    int half = hd / 2;
+    for (int h = 0; h < hq + hk; h++) {
+        float *x = r + (size_t)h * hd;
+        for (int i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+    for (int h = 0; h < 2 * hk; h++)
+        memcpy(kv + ((size_t)h * max_seq + p) * hd, r + (size_t)(hq + h) * hd, sizeof(float) * hd);
+    int g = hq / hk, n = p + 1;
+    for (int h = 0; h < hq; h++) {
+        const float *q = r + (size_t)h * hd;
+        const float *K = kv + (size_t)(h / g) * max_seq * hd;
+        const float *V = kv + (size_t)(hk + h / g) * max_seq * hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            const float *k = K + (size_t)t * hd;
+            float dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+            dot *= scale;
+            scores[t] = dot;
+            if (dot > mx) mx = dot;
+        }
+        float sum = 0.0f;
+        for (int t = 0; t < n; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
+        float inv = 1.0f / sum;
+        float *o = out + (size_t)h * hd;
+        for (int i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int t = 0; t < n; t++) {
+            const float *v = V + (size_t)t * hd;
+            float a = scores[t] * inv;
+            for (int i = 0; i < hd; i++) o[i] += a * v[i];
+        }
+    }
+}
 """
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
@@ -253,6 +298,10 @@ def _build() -> ctypes.CDLL:
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    a = lib.attn_step
+    a.restype = None
+    a.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 

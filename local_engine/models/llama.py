@@ -381,7 +381,7 @@ class LlamaModel:
             L.attn_norm, L.ffn_norm = L.attn_norm.contiguous(), L.ffn_norm.contiguous()
         self.norm = self.norm.contiguous()
         hq, hk = c.n_heads, c.n_kv_heads
-        scale = 1.0 / math.sqrt(c.head_dim)
+        scale = self._scale = 1.0 / math.sqrt(c.head_dim)
         self._rope_a = torch.cat([torch.full((hq,), scale), torch.ones(hk), torch.zeros(hk)])[:, None]
         self._rope_b = torch.cat([torch.zeros(hq + hk), torch.ones(hk)])[:, None]
 
@@ -394,6 +394,17 @@ class LlamaModel:
             cache._step_views = views  # type: ignore[attr-defined]
         return views
 
+    def _cache_ptrs(self, cache: KVCache) -> tuple[list[int], int]:
+        """Addresses of each layer's K|V block and of a scores buffer, for qkernel.attn_step."""
+        got = getattr(cache, "_step_ptrs", None)
+        if got is None:
+            if cache.kv.dtype != torch.float32 or not cache.kv.is_contiguous():
+                raise ValueError("the fused decode step needs a contiguous fp32 KV cache")
+            scores = torch.empty(cache.max_seq)
+            got = ([cache.kv[i].data_ptr() for i in range(self.cfg.n_layers)], scores.data_ptr(), scores)
+            cache._step_ptrs = got  # type: ignore[attr-defined]
+        return got[0], got[1]
+
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c = self.cfg
         p = cache.length
@@ -402,28 +413,30 @@ class LlamaModel:
         n = p + 1
         d, hq, hk, hd, ffn, eps = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, self._ffn, c.eps
         heads, half = hq + 2 * hk, hd // 2
-        cos = torch.addcmul(self._rope_b, self._rope_a, self.rope.cos[p])
-        sin = self._rope_a * self.rope._sin_signed[p]
         rms = F.rms_norm
         x = self.embed(ids)
         if self._fused:
-            # GGUF blocks behind qkernel: RMSNorm is folded into the kernel's activation pass and the
-            # residual adds are done by the kernel writing into x (3 fewer ops + 2 fewer tensors per layer)
-            for L, (kv, kt, v) in zip(self.layers, self._cache_views(cache), strict=True):
+            # GGUF blocks behind qkernel: RMSNorm is folded into the kernel's activation pass, the
+            # residual adds are the kernel writing into x, and RoPE + KV write + attention over the
+            # cache is one C call (qkernel.attn_step): ~6 calls per layer instead of ~25 ops
+            lib = self._qlib
+            ptrs, scores = self._cache_ptrs(cache)
+            o = torch.empty(1, hq * hd)
+            cp, sp, op = self.rope.cos[p].data_ptr(), self.rope.sin[p].data_ptr(), o.data_ptr()
+            for L, kvp in zip(self.layers, ptrs, strict=True):
                 r = L.qkv.fused(x, L.attn_norm, eps)
                 if L.qkv.bias is not None:
                     r = r + L.qkv.bias
-                r = r.view(heads, hd)
-                r = torch.addcmul(r * cos, r.roll(half, -1), sin)
-                kv[:, p] = r[hq:]
-                att = torch.bmm(r[:hq].view(hk, -1, hd), kt[:, :, :n]).softmax(-1)
-                L.o.fused(torch.bmm(att, v[:, :n]).view(1, hq * hd), out=x)
+                lib.attn_step(r.data_ptr(), cp, sp, kvp, p, cache.max_seq, hq, hk, hd, self._scale, op, scores)
+                L.o.fused(o, out=x)
                 gu = L.gate_up.fused(x, L.ffn_norm, eps)
                 L.down.fused(F.silu(gu[:, :ffn]) * gu[:, ffn:], out=x)
             cache.advance(1)
             if isinstance(self.head, GGUFBlockLinear):
                 return self.head.fused(x, self.norm, eps)
             return self.head(rms(x, (d,), self.norm, eps)).float()
+        cos = torch.addcmul(self._rope_b, self._rope_a, self.rope.cos[p])
+        sin = self._rope_a * self.rope._sin_signed[p]
         for L, (kv, kt, v) in zip(self.layers, self._cache_views(cache), strict=True):
             r = L.qkv(rms(x, (d,), L.attn_norm, eps)).view(heads, hd)
             r = torch.addcmul(r * cos, r.roll(half, -1), sin)
