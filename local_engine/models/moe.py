@@ -47,6 +47,9 @@ from local_engine.models.layers import (
     swiglu,
 )
 
+# next-layer prefetch turns itself on from this cache budget (fraction of the expert bank) up
+PREFETCH_AUTO_MIN = 0.10
+
 # --------------------------------------------------------------------------- routing (pure)
 
 
@@ -150,7 +153,12 @@ class MoEModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
-             direct: bool = True, verify: str = "first", prefetch: bool = False) -> MoEModel:
+             direct: bool = True, verify: str = "first", prefetch: bool | str = "auto") -> MoEModel:
+        """``prefetch``: True, False, or "auto" = on when the cache holds at least
+        ``PREFETCH_AUTO_MIN`` of the expert bank but not all of it: decode is then compute-bound and
+        the disk has idle time to hide reads in. Below, the disk is the bottleneck and the
+        benchmark gave mixed results; with the whole bank cached there is nothing left to hide,
+        and a wrong guess would only read an expert nobody asked for."""
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
         k = int(m.config["num_experts_per_tok"])
@@ -161,7 +169,13 @@ class MoEModel:
         except BaseException:
             store.close()
             raise
-        model.prefetch = prefetch
+        if prefetch == "auto":
+            bank = m.expert_bank_bytes
+            prefetch = bank > 0 and PREFETCH_AUTO_MIN * bank <= budget < bank
+        elif not isinstance(prefetch, bool):
+            store.close()
+            raise ValueError(f"prefetch must be true, false or 'auto', not {prefetch!r}")
+        model.prefetch = bool(prefetch)
         return model
 
     def close(self) -> None:
@@ -376,7 +390,7 @@ def _load_packed(path: Path, **opts: Any) -> Any:
     try:
         model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
-                              verify=opts.get("verify", "first"), prefetch=bool(opts.get("prefetch", False)))
+                              verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"))
     except (PackError, ValueError) as e:  # BudgetError is a ValueError
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):

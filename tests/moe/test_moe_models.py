@@ -214,3 +214,24 @@ def test_bf16_checkpoint_packs_losslessly(tiny_models: dict[str, Tiny], tmp_path
         m.close()
     print(f"bf16 pack: max |logit diff| vs transformers (bf16 weights, fp32 compute) = {diff:.2e}")
     assert diff < TOL
+
+
+def test_prefetch_auto_follows_the_budget(tiny_models: dict[str, Tiny]) -> None:
+    import pytest
+
+    from local_engine.formats.pack import read_manifest
+    from local_engine.models.moe import PREFETCH_AUTO_MIN
+
+    packed = tiny_models["qwen3_moe"].packed["none"]
+    m = read_manifest(packed)
+    small = 2 * m.stride  # 2 of 24 bundles: below the threshold
+    big = 3 * m.stride  # 3 of 24
+    assert small < PREFETCH_AUTO_MIN * m.expert_bank_bytes <= big
+    for budget, want in ((0, False), (small, False), (big, True), ("unlimited", False)):
+        model = MoEModel.open(packed, memory_budget=budget)
+        try:
+            assert model.prefetch is want and model.describe()["prefetch"] is want
+        finally:
+            model.close()
+    with pytest.raises(ValueError, match="prefetch must be"):
+        MoEModel.open(packed, prefetch="sometimes")
