@@ -35,7 +35,7 @@ async def explain_with(
         client=client,
         request_id=uuid.uuid4().hex,
     )
-    prepared = await pipeline.prepare(rt, call, Metrics())
+    prepared = await pipeline.prepare(rt, call, Metrics(), score_all=True)
     return prepared, pipeline.explain(rt, prepared)
 
 

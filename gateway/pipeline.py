@@ -105,11 +105,21 @@ def _difficulty_failed(call: Call, exc: BaseException | None) -> DifficultyFindi
     return DifficultyFinding(level="easy", method="error", evidence={"error": type(exc).__name__})
 
 
-async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics) -> tuple[SensitivityFinding, DifficultyFinding]:
+# Difficulty is only a routing signal: when no rule reads it, scoring it is pure cost (the
+# heuristic alone is most of what the gateway adds to a request). Sensitivity is always analysed:
+# redaction and fail-closed depend on it whatever the rules say.
+UNSCORED = DifficultyFinding(level="unscored", method="skipped",
+                             evidence={"reason": "no rule of the policy reads difficulty"})
+
+
+async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
+                           score_all: bool = False) -> tuple[SensitivityFinding, DifficultyFinding]:
     """Both classifiers under one time budget: cheap ones inline, model-backed ones in threads."""
     jobs = {"sensitivity": rt.sensitivity.classify, "difficulty": rt.difficulty.classify}
+    if not (score_all or rt.policy.reads_difficulty):
+        del jobs["difficulty"]
     inline = {n for n, c in (("sensitivity", rt.sensitivity), ("difficulty", rt.difficulty))
-              if getattr(c, "runs_inline", False)}
+              if n in jobs and getattr(c, "runs_inline", False)}
     results: dict[str, Any] = {}
     errors: dict[str, BaseException | None] = {}
     tasks = {n: asyncio.ensure_future(_timed(metrics, n, fn, call.body)) for n, fn in jobs.items() if n not in inline}
@@ -129,12 +139,14 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics) -> tuple[S
             else:
                 results[name] = task.result()
     sensitivity = results.get("sensitivity") or _sensitivity_failed(call, errors.get("sensitivity"))
+    if "difficulty" not in jobs:
+        return sensitivity, UNSCORED
     difficulty = results.get("difficulty") or _difficulty_failed(call, errors.get("difficulty"))
     return sensitivity, difficulty
 
 
-async def classify(rt: Runtime, call: Call, metrics: Metrics) -> Features:
-    sensitivity, difficulty = await _run_classifiers(rt, call, metrics)
+async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Features:
+    sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
     return Features(
         model=str(call.body.get("model", "")),
         client=call.client,
@@ -194,9 +206,10 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
     )
 
 
-async def prepare(rt: Runtime, call: Call, metrics: Metrics) -> Prepared:
+async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Prepared:
+    """`score_all`: run every classifier even if no rule reads its finding (explain shows them)."""
     pinned = pinned_target(rt, str(call.body.get("model", "")))
-    features = await classify(rt, call, metrics)
+    features = await classify(rt, call, metrics, score_all)
     decision = fail_closed(rt, features, decide(features, rt.policy, pinned))
     prepared = Prepared(call=call, features=features, decision=decision)
     if decision.action == "route" and decision.redact and any(rt.policy.is_cloud(t) for t in decision.chain):

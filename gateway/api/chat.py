@@ -270,5 +270,5 @@ async def route_explain(
 ) -> Response:
     body = await read_body(request, state)
     rt = state.runtime
-    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
     return JSON(pipeline.explain(rt, prepared))

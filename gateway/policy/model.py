@@ -219,6 +219,11 @@ class Policy(_Strict):
                 out.append(n)
         return tuple(out)
 
+    @property
+    def reads_difficulty(self) -> bool:
+        """Whether any rule looks at difficulty: if none does, requests are not scored."""
+        return any(r.when.difficulty is not None for r in self.rules)
+
     def is_cloud(self, target: str) -> bool:
         return isinstance(self.targets[target], CloudTarget)
 

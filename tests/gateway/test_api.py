@@ -28,7 +28,7 @@ def test_sdk_non_streaming_default_rule_goes_local(gw: RunningGateway, cloud: Fa
     assert raw.headers["x-hybrid-rule"] == "default"
     assert raw.headers["x-hybrid-connectivity"] == "online"
     assert raw.headers["x-hybrid-sensitivity"] in ("none", "low", "medium", "high")
-    assert raw.headers["x-hybrid-difficulty"] in ("easy", "medium", "hard")
+    assert raw.headers["x-hybrid-difficulty"] == "unscored"  # no rule of this policy reads difficulty
     assert raw.headers["x-hybrid-redactions"] == "0"
     assert "x-hybrid-fallback" not in raw.headers
     assert completion.usage is not None and completion.usage.total_tokens == 12
@@ -119,6 +119,9 @@ def test_explain_returns_decision_without_calling_models(gw: RunningGateway, clo
     assert body["decision"]["target"] == "cloud"
     assert body["decision"]["fallbacks"] == ["local"]
     assert body["features"]["has_tools"] is True
+    # explain scores difficulty even though no rule reads it (to help write one)
+    assert body["features"]["difficulty"]["level"] in ("easy", "medium", "hard")
+    assert body["features"]["difficulty"]["method"] != "skipped"
     assert cloud.received == [] and local.received == []
 
 
