@@ -84,11 +84,20 @@ limits:
   classify_budget_ms: 5000
 {classification}
 rules:
-  - name: all
+{rules}  - name: all
     route: cloud
+    redact: {redact}
 """
+# Off: no PII analysis, and no rule reads difficulty, so it is not scored either.
 CLASSIFY_OFF = "privacy:\n  enabled: false\ndifficulty:\n  method: heuristic\n"
-CLASSIFY_ON = ""  # the shipped defaults: presidio + secrets, placeholder redaction, kNN difficulty
+# On: the shipped defaults (presidio + secrets, placeholder redaction, kNN difficulty), a rule
+# that reads difficulty so it is scored on every request, and redaction + restoration of the PII.
+CLASSIFY_ON = ""
+RULES_ON = """  - name: hard
+    when: { difficulty: hard }
+    route: cloud
+    redact: true
+"""
 
 LITELLM_CONFIG = """
 model_list:
@@ -172,7 +181,9 @@ def start_upstream(port: int) -> subprocess.Popen:
 
 def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path) -> Server:
     policy = tmp / f"{name}.yaml"
-    policy.write_text(textwrap.dedent(HG_POLICY).format(port=upstream_port, classification=classification))
+    rules = RULES_ON if classification == CLASSIFY_ON else ""
+    policy.write_text(textwrap.dedent(HG_POLICY).format(port=upstream_port, classification=classification,
+                                                        rules=rules, redact=str(bool(rules)).lower()))
     port = free_port()
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
                              "--port", str(port), "--log-level", "ERROR", "--no-watch"],
