@@ -375,7 +375,7 @@ def main() -> None:
     ap.add_argument("--cgroup")
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--max-memory", type=int, default=0)
-    ap.add_argument("--policy", default="layer-lfu")
+    ap.add_argument("--policy", default="adaptive")
     ap.add_argument("--prefetch", action="store_true", help="(worker) next-layer prefetch on")
     ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
                     help="budgets also decoded with prefetch on ('' to skip)")

@@ -14,10 +14,10 @@ Policies
   misses and are halved every ``10 x capacity`` accesses so popularity can drift). When the
   cache holds less than one sweep of all layers (small budgets), admit-everything policies
   thrash to ~0 hits; admission keeps a stable popular set, which is what Belady does.
-- ``layer-lfu`` (default): the bundles most likely to be routed at their layer's next step, by
+- ``layer-lfu``: the bundles most likely to be routed at their layer's next step, by
   an exponentially decayed count of uses per expert on its own layer's clock (prefill token
   counts included), with admission. See ``_LayerLFU``.
-- ``adaptive``: ``layer-lfu`` with the decay chosen online among a few candidates by shadow
+- ``adaptive`` (default): ``layer-lfu`` with the decay chosen online among a few candidates by shadow
   caches (short memory for sticky routing, long memory for stable favourites).
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 
 Key = Hashable
 POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive")
-DEFAULT_POLICY = "layer-lfu"
+DEFAULT_POLICY = "adaptive"
 
 
 @dataclass
