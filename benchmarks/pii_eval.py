@@ -16,6 +16,7 @@ recognizers and the full en_core_web_sm pipeline. Ours: build_sensitivity_classi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -74,8 +75,9 @@ def generate(n: int, seed: int) -> list[tuple[str, list[Span]]]:
             "benchmarks/.work/pii-deps -r benchmarks/requirements-pii.txt"
         )
     random.seed(seed)
-    faker = PresidioSentenceFaker("en_US", lower_case_ratio=0.05, random_seed=seed)
-    samples = faker.generate_new_fake_sentences(num_samples=n)
+    with contextlib.redirect_stdout(sys.stderr):  # the generator prints its settings on stdout
+        faker = PresidioSentenceFaker("en_US", lower_case_ratio=0.05, random_seed=seed)
+        samples = faker.generate_new_fake_sentences(num_samples=n)
     out = []
     for s in samples:
         # Templates carry escaped newlines ("\\n"); make them real, shifting spans accordingly.
