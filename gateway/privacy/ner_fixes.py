@@ -10,6 +10,7 @@ by shape and context, never by a list of names.
 from __future__ import annotations
 
 import regex
+from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.tokens import Doc, Span
 
 from gateway.privacy.places import PLACE_CUE_BEFORE, is_known_place
@@ -70,7 +71,7 @@ _ORG_SUFFIX = regex.compile(r"(?i)(?<![\p{L}])(?:ltd|inc|llc|corp|plc|gmbh|co\.l
 
 
 def _looks_like_person(text: str, before: str, after: str) -> bool:
-    if not _PERSON_SHAPE.match(text) or _ORG_WORDS.search(text):
+    if not _PERSON_SHAPE.match(text) or _ORG_WORDS.search(text) or text.lower() in STOP_WORDS:
         return False
     return " " in text or bool(_PERSON_CUE_BEFORE.search(before) or _PERSON_CUE_AFTER.match(after))
 

@@ -279,7 +279,14 @@ class PlaceRecognizer(LocalRecognizer):
 _NAME = r"[A-Z\u00C0-\u017F][\w'\u00C0-\u017F-]+"
 _NAME_CUES: tuple[tuple[re.Pattern[str], float], ...] = (
     # Mr. John Smith, ms. Tomasz, Dr Ada Lovelace
-    (re.compile(rf"\b(?i:mr|mrs|ms|miss|mx|dr|prof)\.?\s+({_NAME}(?:\s+(?:[A-Z]\.?\s+)?{_NAME})?)"), 0.6),
+    # (lower-case titles only with their dot: "40 ms CPU" is milliseconds, not Ms. Cpu)
+    (
+        re.compile(
+            rf"\b(?:(?:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|MR|MRS|MS|DR)\.?|(?i:mr|mrs|ms|mx|dr|prof)\.)"
+            rf"\s+({_NAME}(?:\s+(?:[A-Z]\.?\s+)?{_NAME})?)"
+        ),
+        0.6,
+    ),
     # my name is Klaudia, I'm called Riku Andou, her maiden name is Vinklárková, last name? Møller
     (
         re.compile(

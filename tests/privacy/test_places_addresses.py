@@ -62,6 +62,7 @@ def test_address_ends_before_the_next_sentence_and_the_phone_line(
         "Open the file at line 42 Column 7",
         "Logged at 2010-12-14 20:49:32.845598 by cron",
         "turkey and china plates are on sale",
+        "Analysis took 40 ms CPU and 12 ms Wall time",  # milliseconds, not Ms. Cpu
     ],
 )
 def test_ordinary_text_is_not_flagged(custom_classifier: PresidioSensitivityClassifier, text: str) -> None:
