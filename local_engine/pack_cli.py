@@ -17,14 +17,14 @@ from local_engine.formats.pack import pack as pack_dir
 
 
 @click.command("pack")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--quant", type=click.Choice(QUANT_METHODS), default="none", show_default=True,
               help="Expert weights: lossless copy, or per-group int8 / int4 with fp16 scales.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Columns per quantisation group.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> None:
-    """Convert an HF safetensors MoE checkpoint SRC into the flash layout in DST."""
+    """Convert an MoE checkpoint SRC (HF safetensors dir, or a qwen3moe .gguf file) into the flash layout in DST."""
     try:
         m = pack_dir(src, dst, quant=quant, group_size=group_size, progress=not no_progress)
     except PackError as e:

@@ -390,13 +390,22 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = "none",
          group_size: int = 64, progress: bool = True,
          on_progress: Callable[[int], None] | None = None) -> Manifest:
-    """Convert an HF safetensors MoE directory into the flash layout (see module docstring)."""
+    """Convert an HF safetensors MoE directory (or a GGUF MoE file, see ``gguf_moe``) into the
+    flash layout (see module docstring)."""
     if quant not in QUANT_METHODS:
         raise PackError(f"unknown quantisation {quant!r} (choose from {', '.join(QUANT_METHODS)})")
     src, dst = Path(src), Path(dst)
-    srcv = _Source(src)
+    srcv: Any
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        from local_engine.formats.gguf_moe import GGUFSource
+
+        srcv = GGUFSource(src)
+        where = str(src)
+    else:
+        srcv = _Source(src)
+        where = str(src / "config.json")
     cfg = srcv.config
-    spec = arch_spec(cfg, str(src / "config.json"))
+    spec = arch_spec(cfg, where)
     hidden, inter = expert_dims(cfg)
     n_exp = num_experts(cfg)
     layers = [i for i, is_moe in enumerate(moe_layers(cfg)) if is_moe]
