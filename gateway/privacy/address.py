@@ -80,13 +80,15 @@ _CUE = (
 
 _MONTHS = (
     r"(?:Jan|January|Feb|February|Mar|March|Apr|April|May|Jun|June|Jul|July|Aug|August|Sep|Sept|September|"
-    r"Oct|October|Nov|November|Dec|December)\b"
+    r"Oct|October|Nov|November|Dec|December|Mon|Monday|Tue|Tuesday|Wed|Wednesday|Thu|Thursday|Fri|Friday|"
+    r"Sat|Saturday|Sun|Sunday)\b"
 )
 # Capitalised counters in running text ("300 Units 2021", "100 Points 3").
 _COMMON_NOUNS = (
     r"(?:Units?|Points?|Pages?|Items?|Rows?|Columns?|Lines?|Chapters?|Sections?|Tables?|Figures?|Versions?|"
     r"Steps?|Levels?|Players?|Users?|People|Days?|Years?|Hours?|Minutes?|Dollars?|Euros?|Million|Billion|"
-    r"Thousand|Hundred|Percent|Times?|Miles?|Km|Kg|GB|MB|TB)\b"
+    r"Thousand|Hundred|Percent|Times?|Miles?|Km|Kg|GB|MB|TB|Channel|Floor|Gate|Platform|Track|Stage|Phase|"
+    r"Round|Episode|Season|Volume|Vol|Part|Page|No|Number|Room|Level)\b"
 )
 
 _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
@@ -132,10 +134,11 @@ _ANCHORS: tuple[tuple[regex.Pattern[str], float], ...] = (
     # lives on Amelia Center Street (no number)
     (regex.compile(rf"(?<={_CUE}[ \t]+){_NAME}[ \t]+(?:{_STREET_TYPES})\b"), 0.6),
     # on Midhraun 10, address: Helmstok 174
-    (regex.compile(rf"(?<={_CUE}[ \t]+){_NAME}[ \t]+{_NUM}\b(?![.,:]\d)"), 0.6),
+    (regex.compile(rf"(?<={_CUE}[ \t]+)(?!{_MONTHS}|{_COMMON_NOUNS}){_NAME}[ \t]+{_NUM}\b(?![.,:]\d)"), 0.6),
     (regex.compile(rf"\b{_PO_BOX}\b"), 0.85),
     (regex.compile(rf"\b(?:{_MILITARY})\b"), 0.9),
-    (regex.compile(rf"\b(?:{_UNIT})\b"), 0.5),
+    # Apt. 559, Suite 026 alone; "Block 5", "Room 101", "issue #42" only inside an address
+    (regex.compile(r"\b(?:Apt|Apartment|Suite|Ste|Unit|Flat)\.?[ \t]*#?[ \t]*\d{1,5}[A-Za-z]?\b"), 0.5),
     # a postcode closing a letter's address ("Finland 45622" on its own line)
     (regex.compile(rf"(?m)(?<=^[^\n\d]{{0,8}}{_NAME}[ \t]+){_POSTCODE}(?=[ \t]*$)"), 0.5),
     # the corner of Main Street and 5th Avenue

@@ -60,6 +60,8 @@ def test_address_ends_before_the_next_sentence_and_the_phone_line(
         "Version 2 Release 3 ships on 12 March 2024.",
         "We sold 300 Units in 2021 and 20 Million phones.",
         "Open the file at line 42 Column 7",
+        "Fixed in issue #42; see Block 5 of the model and Room 101",
+        "The meeting is on Monday 12 and the show is on Channel 4",
         "Logged at 2010-12-14 20:49:32.845598 by cron",
         "turkey and china plates are on sale",
         "Analysis took 40 ms CPU and 12 ms Wall time",  # milliseconds, not Ms. Cpu
