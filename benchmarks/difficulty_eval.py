@@ -103,6 +103,18 @@ def main() -> None:
         out(f"| {m} | {auc(1 - weak, s):.3f} | {per[0]:.3f} | {per[1]:.3f} |")
     out("| random | 0.500 | 0.500 | 0.500 |")
     out()
+    sources = np.asarray([e.source for e in test])
+    out("Paired bootstrap of the AUC difference on the test part (1,000 resamples, seed 0), 95% interval:")
+    out("| difference | estimate | resampling prompts | resampling sources (subjects) |")
+    out("|---|---|---|---|")
+    for a, b in (("knn", "heuristic"), ("knn", "knn-minilm")):
+        est = auc(1 - weak, scores[a]) - auc(1 - weak, scores[b])
+        by_prompt = bootstrap_diff(1 - weak, scores[a], scores[b], np.arange(len(test)).astype(str))
+        by_source = bootstrap_diff(1 - weak, scores[a], scores[b], sources)
+        out(f"| {a} − {b} | {est:+.3f} | [{by_prompt[0]:+.3f}, {by_prompt[1]:+.3f}] "
+            f"| [{by_source[0]:+.3f}, {by_source[1]:+.3f}] |")
+    out("Resampling sources asks how much the gap depends on which 11 subjects happened to be held out.")
+    out()
 
     out(f"## Routing curve (weak acc {weak.mean():.3f}, GPT-4 acc {strong.mean():.3f}): % of GPT-4 accuracy reached")
     curves = {m: routing_curve(s, weak, strong, SHARES) for m, s in scores.items()}
@@ -143,6 +155,21 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")
+
+
+def bootstrap_diff(y: np.ndarray, a: np.ndarray, b: np.ndarray, units: np.ndarray,
+                   n: int = 1000) -> tuple[float, float]:
+    """95% interval of AUC(a) - AUC(b), resampling whole units (prompts or sources) with replacement."""
+    rng = np.random.default_rng(0)
+    names = np.unique(units)
+    rows = {u: np.flatnonzero(units == u) for u in names}
+    diffs = []
+    for _ in range(n):
+        idx = np.concatenate([rows[u] for u in rng.choice(names, len(names), replace=True)])
+        if 0 < y[idx].sum() < len(idx):
+            diffs.append(auc(y[idx], a[idx]) - auc(y[idx], b[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 class SpacyLoad:

@@ -62,3 +62,15 @@ def test_bad_data_file_is_a_clear_error(tmp_path):
                                           "--method", "heuristic", "--out", str(tmp_path / "o.json")])
     assert res.exit_code == 2
     assert "bad.jsonl:2" in res.output
+
+
+def test_knn_eval_and_calibrate_run_on_the_shipped_artefact(sample, tmp_path):
+    res = CliRunner().invoke(difficulty, ["eval", "--data", str(sample), "--method", "knn"])
+    assert res.exit_code == 0, res.output
+    assert "method knn: 120 prompts" in res.output and "ROC AUC" in res.output
+    out = tmp_path / "difficulty.json"
+    res = CliRunner().invoke(difficulty, ["calibrate", "--data", str(sample), "--cloud-share", "0.2",
+                                          "--method", "knn", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    cal = json.loads(out.read_text())
+    assert cal["method"] == "knn" and abs(cal["hard_share_observed"] - 0.2) <= 0.02
