@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,13 +228,13 @@ class ExpertStore:
         if self.record_trace and slots:
             self.io.read_batches.append(tuple(slots))
 
-    def _drop_prefetched(self, which: Any) -> None:
+    def _drop_prefetched(self, which: Callable[[tuple[int, int]], bool]) -> None:
         for key in [k for k in self._prefetched if which(k)]:
             f = self._prefetched.pop(key)
-            # a read under way: release its buffer once it lands
             if f.cancel():  # never started: no read, no buffer
                 self.io.prefetch_reads -= 1
                 continue
+            # a read under way: its buffer goes back to the pool once it lands
             f.add_done_callback(lambda fut: None if fut.exception() else self._release(fut.result()))
 
     # ------------------------------------------------------------------ helpers

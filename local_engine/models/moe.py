@@ -153,17 +153,19 @@ class MoEModel:
     # ------------------------------------------------------------------ construction
     @classmethod
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
-             direct: bool = True, verify: str = "first", prefetch: bool | str = "auto") -> MoEModel:
+             direct: bool = True, verify: str = "first", prefetch: bool | str = "auto",
+             record_trace: bool = True) -> MoEModel:
         """``prefetch``: True, False, or "auto" = on when the cache holds at least
         ``PREFETCH_AUTO_MIN`` of the expert bank but not all of it: decode is then compute-bound and
         the disk has idle time to hide reads in. Below, the disk is the bottleneck and the
         benchmark gave mixed results; with the whole bank cached there is nothing left to hide,
-        and a wrong guess would only read an expert nobody asked for."""
+        and a wrong guess would only read an expert nobody asked for. ``record_trace`` keeps the
+        expert trace for replays (grows with every token: off in long-running servers)."""
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
         k = int(m.config["num_experts_per_tok"])
         store = ExpertStore(m, budget, policy=policy, threads=threads, direct=direct, verify=verify,
-                            min_resident_experts=k)
+                            min_resident_experts=k, record_trace=record_trace)
         try:
             model = cls(m, store, load_resident(m))
         except BaseException:
@@ -390,7 +392,8 @@ def _load_packed(path: Path, **opts: Any) -> Any:
     try:
         model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
-                              verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"))
+                              verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"),
+                              record_trace=bool(opts.get("record_trace", False)))  # a server runs for days
     except (PackError, ValueError) as e:  # BudgetError is a ValueError
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):
