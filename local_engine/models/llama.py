@@ -3,9 +3,11 @@
 One sequence at a time; x is [T, d]. Weights are read from the store once at load and kept in the
 representation chosen by ``weights``:
 
-    "auto"  GGUF quantised matrices -> fp16 (fbgemm packed fp16 GEMM), the fastest accurate
-            kernel on this AVX2 CPU, and the vocab head int8 per row; float tensors keep their
-            stored dtype (fp32/bf16)
+    "auto"  GGUF Q4_0/Q4_1/Q8_0 matrices (and the vocab head) stay as the file's blocks behind
+            local_engine.qkernel (AVX2, int16 activations per block of 32); other GGUF quant
+            types -> fp16 (fbgemm packed fp16 GEMM); if qkernel cannot be built here, GGUF
+            matrices -> fp16 and the vocab head int8 per row; float tensors keep their stored
+            dtype (fp32/bf16)
     "int4"  GGUF Q4_0/Q4_1 -> PyTorch int4 groups (exact, no re-quantisation; smallest memory),
             other GGUF quant types -> int8 per row
     "f32"   everything dequantised to fp32 (the reference path the tests compare with HF)
