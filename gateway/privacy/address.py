@@ -20,7 +20,10 @@ from gateway.privacy.places import COUNTRY_PATTERN
 # A capitalised word in any script (Ø, Ποσειδώνος, São), possibly hyphenated or abbreviated.
 _W = r"\p{Lu}[\p{L}\p{M}'’.\-]*"
 # Lower-case particles inside street and place names (Rue de Bouillon, Treinta y Tres).
-_LINK = r"(?:de|del|della|da|do|dos|das|di|du|des|la|le|las|los|van|von|der|den|y|e|i|am|an|auf|im|al|el|sur|lès|lez|t)"
+_LINK = (
+    r"(?:de|del|della|da|do|dos|das|di|du|des|la|le|las|los|van|von|der|den|y|e|i|am|an|auf|im|al|el|sur|lès|"
+    r"lez|t|u|nad|pod)"
+)
 _NAME = rf"{_W}(?:[ \t]+(?:{_LINK}[ \t]+)?{_W}){{0,4}}"
 _NUM = r"\d{1,6}[A-Za-rt-z]?(?:[/-]\d{1,4}[A-Za-z]?)?"  # not "70s": a decade
 

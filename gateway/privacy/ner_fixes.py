@@ -104,8 +104,8 @@ def corrected_entities(doc: Doc, score: float = NER_SCORE) -> tuple[list[Span], 
                 scores.append(s)
                 continue
             label, s = "PERSON", ORG_AS_PERSON_SCORE
-        elif label == "PERSON" and PLACE_CUE_BEFORE.search(text, max(0, start - 40), start):
-            label = "GPE"
+        if label == "PERSON" and PLACE_CUE_BEFORE.search(text, max(0, start - 40), start):
+            label, s = "GPE", score  # "moved here from Gibraleón", whether NER said PERSON or ORG
         elif (
             label == "GPE"
             and _PERSON_SHAPE.match(text[start:end])

@@ -144,3 +144,9 @@ def test_no_ner_when_the_policy_grades_none_of_its_entities() -> None:
 def test_default_pipeline_runs_ner_alone(classifier: PresidioSensitivityClassifier) -> None:
     # The shared tok2vec only feeds the tagger/parser we exclude; NER carries its own.
     assert classifier.ner_pipeline().pipe_names == ["ner"]
+
+
+def test_place_cue_wins_over_a_person_reading(classifier: PresidioSensitivityClassifier) -> None:
+    # spaCy-small tags the town ORG or PERSON; "moved here from" says it is a place.
+    got = found(classifier.classify(user("We moved here from Gibraleón")))
+    assert got == {("LOCATION", "Gibraleón")}
