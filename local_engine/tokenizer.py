@@ -1,4 +1,5 @@
-"""Tokenizer from the model itself: GGUF metadata (byte-level BPE) or an HF ``tokenizer.json``.
+"""Tokenizer from the model itself: GGUF metadata (byte-level BPE, or SentencePiece BPE for
+``tokenizer.ggml.model = llama``) or an HF ``tokenizer.json``.
 
 The GGUF path mirrors what ``transformers`` builds for the same file (GPT-2 style byte-level BPE,
 the pre-tokenizer split named by ``tokenizer.ggml.pre``, control tokens as special tokens), so
@@ -86,15 +87,72 @@ class Tokenizer:
         return self
 
 
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a piece into two pieces,
+    best piece score first (transformers' ``generate_merges``, so ids match HF's)."""
+    merges: list[tuple[str, str, float]] = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _sentencepiece_from_gguf(store: Any, tokens: list[str], types: list[int]) -> HFTokenizer:
+    """``tokenizer.ggml.model = llama`` (Llama 1/2, Mistral, TinyLlama...): SentencePiece BPE with
+    byte fallback, built the way transformers' ``LlamaTokenizer`` is for the same GGUF."""
+    m = store.info.metadata
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # (large arrays are left out of info.metadata: ask the store)
+    merges = store.array("tokenizer.ggml.merges")
+    if merges:
+        pairs = [tuple(mg.split(" ", 1)) for mg in merges]
+    else:
+        scores = store.array("tokenizer.ggml.scores")
+        if not scores:
+            raise ModelFileError(store.path, "SentencePiece tokenizer with neither merges nor scores")
+        pairs = _merges_from_scores(vocab, dict(zip(tokens, (float(x) for x in scores), strict=False)))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True))
+    prefix = bool(m.get("tokenizer.ggml.add_space_prefix", True))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types, strict=False) if ty == 3]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types, strict=False) if ty == 4]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
 def from_gguf(store: Any) -> Tokenizer:
     m = store.info.metadata
     kind = m.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedModel(store.path, f"tokenizer type {kind!r} (only byte-level BPE 'gpt2' is supported)")
+    if kind not in ("gpt2", "llama"):
+        raise UnsupportedModel(store.path, f"tokenizer type {kind!r} (supported: byte-level BPE 'gpt2', "
+                                           "SentencePiece BPE 'llama')")
     tokens: list[str] = store.array("tokenizer.ggml.tokens")
-    merges: list[str] = store.array("tokenizer.ggml.merges")
     types: list[int] = store.array("tokenizer.ggml.token_type")
-    if not tokens or not merges:
+    if not tokens:
+        raise ModelFileError(store.path, "GGUF has no tokenizer vocabulary")
+    if kind == "llama":
+        bos, eos = m.get("tokenizer.ggml.bos_token_id"), m.get("tokenizer.ggml.eos_token_id")
+        # llama.cpp (and transformers) add BOS to a SentencePiece vocabulary unless the file says not to
+        t = Tokenizer(_sentencepiece_from_gguf(store, tokens, types), None if bos is None else int(bos),
+                      None if eos is None else int(eos), bool(m.get("tokenizer.ggml.add_bos_token", True)),
+                      chat_template=m.get("tokenizer.chat_template"))
+        eot = m.get("tokenizer.ggml.eot_token_id")
+        if eot is not None:
+            t.stop_ids.add(int(eot))
+        return t._finish()
+    merges: list[str] = store.array("tokenizer.ggml.merges")
+    if not merges:
         raise ModelFileError(store.path, "GGUF has no tokenizer vocabulary/merges")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
