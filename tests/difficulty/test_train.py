@@ -56,3 +56,11 @@ def test_grouped_cv_does_not_reward_memorising_subjects():
     sig = noise.copy()
     sig[:, 0] += 2.0 * transferable  # one heuristic signal that separates hard from easy everywhere
     assert grouped_cv_auc(emb, sig, transferable, groups, h, folds=6)[0] > 0.8
+
+
+def test_prototype_topic_ties_do_not_depend_on_hash_order():
+    from gateway.classify.difficulty.train import prototype_labels
+
+    labels = np.asarray([0, 0, 0, 0, 1])
+    sources = ["mmlu:virology", "mmlu:anatomy", "mmlu:virology", "mmlu:anatomy", "gsm8k"]
+    assert prototype_labels(labels, sources, 3) == ["mmlu:anatomy", "gsm8k", ""]

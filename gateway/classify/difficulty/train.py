@@ -149,18 +149,22 @@ def prototype_labels(labels: np.ndarray, sources: list[str], n: int) -> list[str
     out = []
     for p in range(n):
         members = [sources[i] for i in np.flatnonzero(labels == p)]
-        out.append(max(set(members), key=members.count) if members else "")
+        # sorted: ties go to the first name, not to set order (which varies with PYTHONHASHSEED)
+        out.append(max(sorted(set(members)), key=members.count) if members else "")
     return out
 
 
-def grouped_cv_heuristic(heur: np.ndarray, hard: np.ndarray, groups: np.ndarray, folds: int = CV_FOLDS) -> float:
-    """The heuristic's mean AUC over the same held-out folds: the baseline the CV score is read against."""
+def grouped_cv_heuristic(heur: np.ndarray, hard: np.ndarray, groups: np.ndarray,
+                         folds: int = CV_FOLDS) -> list[float]:
+    """The heuristic's AUC on the same held-out folds: the baseline the CV scores are read against."""
     from sklearn.model_selection import GroupKFold
 
     n = min(folds, len(np.unique(groups)))
-    per = [auc(hard[te], heur[te]) for _, te in GroupKFold(n_splits=n).split(heur, hard, groups)
-           if 0 < hard[te].sum() < len(te)]
-    return float(np.mean(per)) if per else float("nan")
+    out = []
+    for tr, te in GroupKFold(n_splits=n).split(heur, hard, groups):
+        if 0 < hard[te].sum() < len(te) and 0 < hard[tr].sum() < len(tr):  # the folds the model used
+            out.append(auc(hard[te], heur[te]))
+    return out
 
 
 def auc(y: np.ndarray, s: np.ndarray) -> float:
@@ -171,8 +175,15 @@ def auc(y: np.ndarray, s: np.ndarray) -> float:
 
 def grouped_cv_auc(emb: np.ndarray, sig: np.ndarray, hard: np.ndarray, groups: np.ndarray,
                    grid: list[Hyper], folds: int = CV_FOLDS, progress: bool = False) -> list[float]:
-    """Mean AUC of each setting over folds that each hold out whole groups (subjects); folds with
-    one class are skipped. One k-means per fold and prototype count, shared by the settings."""
+    """Mean AUC of each setting over folds that each hold out whole groups (subjects)."""
+    return [float(np.mean(p)) if p else float("nan")
+            for p in grouped_cv_fold_aucs(emb, sig, hard, groups, grid, folds, progress)]
+
+
+def grouped_cv_fold_aucs(emb: np.ndarray, sig: np.ndarray, hard: np.ndarray, groups: np.ndarray,
+                         grid: list[Hyper], folds: int = CV_FOLDS, progress: bool = False) -> list[list[float]]:
+    """Per setting, the AUC on each fold; a fold holds out whole groups (subjects), folds with one
+    class are skipped. One k-means per fold and prototype count, shared by the settings."""
     from sklearn.model_selection import GroupKFold
 
     n = min(folds, len(np.unique(groups)))
@@ -191,7 +202,7 @@ def grouped_cv_auc(emb: np.ndarray, sig: np.ndarray, hard: np.ndarray, groups: n
                 clusterings[h.prototypes] = fit_prototypes(emb[tr], hard[tr], h.prototypes)
             model, _, _ = fit(emb[tr], sig[tr], hard[tr], groups[tr], h, prototypes=clusterings[h.prototypes])
             per[i].append(auc(hard[te], model.logits(emb[te], sig[te])))
-    return [float(np.mean(p)) if p else float("nan") for p in per]
+    return per
 
 
 def train(examples: list[Example], data_path: Path, out: Path, embedder: Embedder,
@@ -210,13 +221,19 @@ def train(examples: list[Example], data_path: Path, out: Path, embedder: Embedde
     echo(f"split: train {len(tr)}, validation {len(va)}, test {len(te)} (grouped by subject); "
          f"model selection: {CV_FOLDS}-fold grouped CV over train + validation ({len(final)} prompts)")
 
-    cv = grouped_cv_auc(emb[final], sig[final], hard[final], groups[final], GRID, progress=True)
+    per_fold = grouped_cv_fold_aucs(emb[final], sig[final], hard[final], groups[final], GRID, progress=True)
+    cv = [float(np.mean(p)) if p else float("nan") for p in per_fold]
     results = list(zip(cv, GRID, strict=True))
     best_auc, best = max(results, key=lambda r: r[0])
     for a, h in sorted(results, key=lambda r: -r[0]):
         echo(f"  grouped-CV AUC {a:.4f}  {h}")
     heur = heuristic_scores(examples)
-    heur_cv = grouped_cv_heuristic(heur[final], hard[final], groups[final])
+    heur_folds = grouped_cv_heuristic(heur[final], hard[final], groups[final])
+    heur_cv = float(np.mean(heur_folds)) if heur_folds else float("nan")
+    best_folds = per_fold[GRID.index(best)]
+    won = sum(a > h for a, h in zip(best_folds, heur_folds, strict=True))
+    echo("  chosen vs heuristic per fold: " + ", ".join(
+        f"{a:.3f}/{h:.3f}" for a, h in zip(best_folds, heur_folds, strict=True)) + f" ({won} of {len(best_folds)} won)")
     model, arrays, labels = fit(emb[final], sig[final], hard[final], groups[final], best)
     test_auc = auc(hard[te], model.logits(emb[te], sig[te])) if 0 < hard[te].sum() < len(te) else float("nan")
     heur_test = auc(hard[te], heur[te]) if 0 < hard[te].sum() < len(te) else float("nan")
@@ -241,6 +258,7 @@ def train(examples: list[Example], data_path: Path, out: Path, embedder: Embedde
             "fitted_on": "train+validation", "n_fit": len(final), "n_test": len(te),
             "selection": f"{CV_FOLDS}-fold grouped CV (by subject) over train+validation",
             "cv_auc": round(best_auc, 4), "cv_auc_heuristic": round(heur_cv, 4),
+            "cv_folds_won_vs_heuristic": f"{won} of {len(best_folds)}",
             "test_auc": round(test_auc, 4), "test_auc_heuristic": round(heur_test, 4),
             "label": "hard = weak model (Mixtral-8x7B) answered wrongly",
         },
