@@ -47,7 +47,8 @@ class DifficultyConfig(BaseModel):
     )
     torch_threads: int | None = Field(
         None, ge=1, le=64,
-        description="torch intra-op threads (a process-wide setting). Absent: torch's default.",
+        description="torch intra-op threads (a process-wide setting), applied only with a transformer "
+        "(minilm, v1) artefact: the default static one runs no torch. Absent: torch's default.",
     )
     budget_ms: float = Field(
         50.0, gt=0, description="Expected time per request; slower classifications are logged."
