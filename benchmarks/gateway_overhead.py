@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import subprocess
@@ -240,17 +241,18 @@ async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: 
         return None if b'"choices"' in data else "not a completion"
 
 
+_PROMPT_IDS = itertools.count(1)
+
+
 async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
                   requests: int | None, seconds: float | None) -> Sample:
     url = (server_url if server_url.endswith("/v1") else server_url + "/v1") + "/chat/completions"
     sample = Sample()
-    counter = [0]
 
     def payload() -> dict:
-        # A different prompt every time (same length), so no classifier result cache can hit:
-        # real traffic does not repeat itself byte for byte.
-        counter[0] += 1
-        text = f"{PROMPT[:-12]} ref {os.getpid() % 1000:03d}{counter[0]:05d}"
+        # A different prompt every time (same length), across every cell and round of the run, so
+        # no classifier result cache can hit: real traffic does not repeat itself byte for byte.
+        text = f"{PROMPT[:-12]} ref {next(_PROMPT_IDS):08d}"
         return {"model": model, "stream": stream, "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
 
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
