@@ -24,7 +24,7 @@ from gateway.backends.errors import status_error
 
 # Transport failures: the target could not be reached, or dropped the connection mid-answer.
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
-_TRAILER_WAIT_S = 0.05
+_TRAILER_WAIT_S = 1.0  # in the background: generous
 
 
 class OpenAIHTTPBackend:
@@ -47,6 +47,7 @@ class OpenAIHTTPBackend:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._session: aiohttp.ClientSession | None = None
+        self._draining: set[asyncio.Task[None]] = set()  # strong refs: tasks must not be collected
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use: a session belongs to the event loop that serves the requests.
@@ -132,13 +133,6 @@ class OpenAIHTTPBackend:
                 yield chunk
             if not finished:
                 raise BackendError("protocol", f"{self.name}: stream ended without [DONE]")
-            # The body's chunked terminator may trail [DONE]: read it, or aiohttp drops the
-            # connection instead of pooling it (a new connection, and TLS handshake, per stream).
-            try:
-                async with asyncio.timeout(_TRAILER_WAIT_S):
-                    await resp.content.read()
-            except (TimeoutError, *_CONNECT_ERRORS):
-                finished = False  # no clean end: close rather than reuse
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: stream timeout") from None
         except _CONNECT_ERRORS as exc:
@@ -147,10 +141,27 @@ class OpenAIHTTPBackend:
             raise BackendError("protocol", f"{self.name}: stream line too long") from None
         finally:
             if finished:
-                resp.release()  # fully read: the connection goes back to the pool
+                # The body's chunked terminator may still trail [DONE]: drain it off the answer's
+                # critical path, or aiohttp drops the connection instead of pooling it (a new
+                # connection, and TLS handshake, per stream).
+                task = asyncio.get_running_loop().create_task(_drain_and_release(resp))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
             else:
                 resp.close()  # abandoned mid-answer: never reuse a half-read connection
 
     async def aclose(self) -> None:
+        for task in list(self._draining):
+            task.cancel()
         if self._session is not None:
             await self._session.close()
+
+
+async def _drain_and_release(resp: aiohttp.ClientResponse) -> None:
+    try:
+        async with asyncio.timeout(_TRAILER_WAIT_S):
+            await resp.content.read()
+    except (TimeoutError, asyncio.CancelledError, *_CONNECT_ERRORS):
+        resp.close()  # no clean end: close rather than reuse
+        return
+    resp.release()
