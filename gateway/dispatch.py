@@ -223,14 +223,15 @@ class Dispatcher:
                     if _meaningful(chunk):
                         break
             except BaseException:
-                await _aclose(it)
+                await aclose_quietly(it)
                 raise
             return Outcome(target=target, head=head, rest=it)
 
         return await self._walk(chain, opts, one)
 
 
-async def _aclose(it: AsyncIterator[Any]) -> None:
+async def aclose_quietly(it: AsyncIterator[Any] | None) -> None:
+    """Close an async iterator (a stream we stop reading), ignoring what closing it raises."""
     close = getattr(it, "aclose", None)
     if close is not None:
         try:

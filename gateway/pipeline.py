@@ -20,7 +20,7 @@ import structlog
 from gateway import resume
 from gateway.backends.base import BackendError, CallOptions
 from gateway.classify.text import all_text
-from gateway.dispatch import AllTargetsFailed, Fallback, Outcome
+from gateway.dispatch import AllTargetsFailed, Fallback, Outcome, aclose_quietly
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
@@ -381,10 +381,10 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                         usage["error"] = exc.reason
                         break
                     served.fallbacks.append(Fallback(current.target, nxt.target, "resumed_mid_stream"))
-                    await _aclose(current.rest)
+                    await aclose_quietly(current.rest)
                     current = nxt
         finally:
-            await _aclose(current.rest)
+            await aclose_quietly(current.rest)
         yield SSE_DONE
 
     return body(), served, usage
@@ -419,15 +419,6 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: Partial
     except AllTargetsFailed as exc:
         log.warning("stream_resume_failed", reason=str(exc)[:200], request_id=prepared.call.request_id)
         return None
-
-
-async def _aclose(it: AsyncIterator[Any] | None) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:
-            pass
 
 
 def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
