@@ -27,7 +27,6 @@ from gateway.policy.evaluate import Decision, decide, resolve_model
 from gateway.privacy.redact import redact_body
 from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
-from gateway.resume import Partial, seamless
 from gateway.runtime import Runtime
 from gateway.schema import APIError
 
@@ -241,6 +240,13 @@ def _restoring(rt: Runtime, prepared: Prepared, target: str) -> bool:
     return prepared.vault is not None and prepared.redacted is not None and rt.policy.is_cloud(target)
 
 
+def _stream_restorer(rt: Runtime, prepared: Prepared, target: str) -> StreamRestorer | None:
+    if not _restoring(rt, prepared, target):
+        return None
+    assert prepared.vault is not None
+    return prepared.vault.stream_restorer()
+
+
 def _all_failed_error(exc: AllTargetsFailed) -> APIError:
     invalid = exc.invalid
     if invalid is not None:
@@ -348,16 +354,15 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
         return restorer.feed(chunk) if restorer is not None else [chunk]
 
     async def body() -> AsyncIterator[bytes]:
-        current, partial = outcome, Partial()
+        current, partial = outcome, resume.Partial()
         try:
             while True:
-                restorer = prepared.vault.stream_restorer() if _restoring(rt, prepared, current.target) and \
-                    prepared.vault is not None else None
+                restorer = _stream_restorer(rt, prepared, current.target)
                 partial.raw_seen |= restorer is None
                 resumed = current is not outcome
                 try:
                     async for chunk in chunks(current):
-                        if resumed and (chunk := seamless(chunk, partial)) is None:
+                        if resumed and (chunk := resume.seamless(chunk, partial)) is None:
                             continue
                         for c in out(chunk, restorer):
                             partial.seen(c)
@@ -401,7 +406,8 @@ def _stream_error(target: str, exc: BackendError) -> dict[str, Any]:
     }
 
 
-async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: Partial, opts: CallOptions) -> Outcome | None:
+async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.Partial,
+                  opts: CallOptions) -> Outcome | None:
     """The rest of the answer from the next target that can continue it, or None."""
     redacting = prepared.redacted is not None
     chain = resume.candidates(prepared.decision.chain, failed, partial, policy=rt.policy, redacting=redacting,

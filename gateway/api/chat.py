@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
 from gateway.api.deps import authenticate, get_state, state_of
-from gateway.api.errors import error_response, log, validation_error
+from gateway.api.errors import error_response, unexpected_error, validation_error
 from gateway.api.responses import JSON
 from gateway.privacy.redact import redact_body
 from gateway.privacy.vault import Vault
@@ -257,8 +257,7 @@ async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
     except APIError as exc:
         response = error_response(exc)
     except Exception as exc:
-        log.error("unhandled_error", error=type(exc).__name__, path=CHAT_PATH)  # the type only: no content
-        response = error_response(APIError(500, "Internal error in the gateway.", code="internal_error"))
+        response = unexpected_error(exc, CHAT_PATH)
     await response(scope, receive, send)
 
 

@@ -42,6 +42,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSON:
-        # Log the type only: an exception's text may quote request content.
-        log.error("unhandled_error", error=type(exc).__name__, path=request.url.path)
-        return error_response(APIError(500, "Internal error in the gateway.", code="internal_error"))
+        return unexpected_error(exc, request.url.path)
+
+
+def unexpected_error(exc: Exception, path: str) -> JSON:
+    # Log the type only: an exception's text may quote request content.
+    log.error("unhandled_error", error=type(exc).__name__, path=path)
+    return error_response(APIError(500, "Internal error in the gateway.", code="internal_error"))
