@@ -500,6 +500,8 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     for name in TOKENIZER_FILES:  # small: lets Engine.open(dst) tokenise and chat
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+    if hasattr(srcv, "write_tokenizer"):  # a GGUF's tokenizer is metadata: GGUFSource writes it as HF files
+        srcv.write_tokenizer(dst)
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, dst / MANIFEST)  # the manifest appears only once the data is complete

@@ -99,6 +99,22 @@ def test_quantised_gguf_experts_are_dequantised(tiny_models: dict[str, Tiny], tm
 
 def test_unsupported_gguf_architecture_is_refused(tiny_models: dict[str, Tiny], tmp_path: Path) -> None:
     src = tmp_path / "tiny.gguf"
-    _write_gguf(tiny_models["qwen3_moe"], src, arch="llama")
-    with pytest.raises(UnsupportedArchitecture, match=r"tiny\.gguf: GGUF architecture 'llama'"):
+    _write_gguf(tiny_models["qwen3_moe"], src, arch="dbrx")
+    with pytest.raises(UnsupportedArchitecture, match=r"tiny\.gguf: GGUF architecture 'dbrx' cannot be packed"):
+        pack(src, tmp_path / "packed", progress=False)
+
+
+def test_dense_llama_gguf_is_refused_by_name(tmp_path: Path) -> None:
+    """arch ``llama`` is Mixtral only with experts; a dense one gets pointed at Engine.open."""
+    import gguf
+
+    src = tmp_path / "dense.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitecture, match=r"dense\.gguf: GGUF architecture 'llama' without experts"):
         pack(src, tmp_path / "packed", progress=False)
