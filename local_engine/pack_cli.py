@@ -24,7 +24,7 @@ from local_engine.formats.pack import pack as pack_dir
 @click.option("--group-size", type=int, default=64, show_default=True, help="Columns per quantisation group.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> None:
-    """Convert an MoE checkpoint SRC (HF safetensors dir, or a Mixtral/Qwen2-MoE/Qwen3-MoE GGUF) into a flash layout in DST."""
+    """Convert an MoE checkpoint SRC (HF safetensors dir, or an MoE GGUF file) into the flash layout in DST."""
     try:
         m = pack_dir(src, dst, quant=quant, group_size=group_size, progress=not no_progress)
     except PackError as e:

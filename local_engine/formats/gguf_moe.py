@@ -181,6 +181,7 @@ class GGUFSource:
                     if need not in self._t:
                         raise PackError(f"{path}: tensor {need} missing (its layer has {g})")
         self.config = self._config(n_exp)
+        self.tokenizer = self._tokenizer()
 
     # ------------------------------------------------------------------ config
     def _config(self, n_exp: int) -> dict[str, Any]:
@@ -292,23 +293,28 @@ class GGUFSource:
         return _decode(raw, t.type_name, tuple(t.shape[1:]), f"{self.src}: tensor {g}")
 
     # ------------------------------------------------------------------ tokenizer
-    def write_tokenizer(self, dst: Path) -> bool:
-        """Save the GGUF's tokenizer in HF form into ``dst`` (see module docstring).
-
-        False when the file has no tokenizer (the pack then works on token ids only); a tokenizer
-        the dense engine cannot build either is an error, not a silently missing chat."""
+    def _tokenizer(self) -> Any:
+        """The dense engine's tokenizer for this GGUF (None without one); built at open so that a
+        tokenizer we cannot convert fails the pack before any data is written."""
         from local_engine.tokenizer import from_gguf
 
-        if "tokenizer.ggml.model" not in self._meta:
-            return False
         meta = self._meta
-        # what from_gguf reads of a GGUFStore; large arrays stay in one place (no copies)
+        if "tokenizer.ggml.model" not in meta:
+            return None
+        # what from_gguf reads of a GGUFStore
         store = SimpleNamespace(path=self.src, info=SimpleNamespace(metadata=meta),
                                 array=lambda key: list(meta.get(key) or []))
         try:
-            tok = from_gguf(store)
+            return from_gguf(store)
         except EngineError as e:
             raise PackError(f"{self.src}: tokenizer cannot be converted: {e}") from None
+
+    def write_tokenizer(self, dst: Path) -> bool:
+        """Save the GGUF's tokenizer in HF form into ``dst`` (see module docstring); False when the
+        file has none (the pack then works on token ids only, through ``MoEModel``)."""
+        tok = self.tokenizer
+        if tok is None:
+            return False
         tok.tok.save(str(dst / "tokenizer.json"))
         config = {"bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None,
                   "add_bos_token": tok.add_bos, "chat_template": tok.chat_template,

@@ -85,7 +85,17 @@ def _llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> 
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_gguf(hf: Any, path: Path, arch: str, tokenizer: Any, legacy_experts: bool = False) -> None:
+def _add(w: gguf.GGUFWriter, name: str, arr: np.ndarray, qtype: str = "F32") -> None:
+    arr = np.ascontiguousarray(arr)
+    if qtype == "F32":
+        w.add_tensor(name, arr)
+    else:  # as llama-quantize would store it
+        qt = gguf.GGMLQuantizationType[qtype]
+        w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+
+
+def _write_gguf(hf: Any, path: Path, arch: str, tokenizer: Any, legacy_experts: bool = False,
+                attn_type: str = "F32", expert_type: str = "F32", fuse_gate_up: bool = False) -> None:
     cfg = hf.config
     sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -128,21 +138,23 @@ def _write_gguf(hf: Any, path: Path, arch: str, tokenizer: Any, legacy_experts: 
         q, k = sd[p + "self_attn.q_proj.weight"], sd[p + "self_attn.k_proj.weight"]
         if arch == "llama":  # llama.cpp permutes q/k rows of llama-arch models (not qwen2moe)
             q, k = _llama_permute(q, n_head, n_head), _llama_permute(k, n_head, n_kv)
-        w.add_tensor(f"blk.{i}.attn_q.weight", np.ascontiguousarray(q))
-        w.add_tensor(f"blk.{i}.attn_k.weight", np.ascontiguousarray(k))
+        _add(w, f"blk.{i}.attn_q.weight", q, attn_type)
+        _add(w, f"blk.{i}.attn_k.weight", k, attn_type)
         for hf_name, gg in names.items():
             if p + hf_name in sd:
-                w.add_tensor(f"blk.{i}.{gg}", sd[p + hf_name])
+                _add(w, f"blk.{i}.{gg}", sd[p + hf_name], attn_type if gg.startswith("attn_output") else "F32")
         if p + "mlp.experts.gate_up_proj" not in sd:
             continue  # a dense (mlp_only) layer
         gate_up, down = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.down_proj"]
         parts = {"gate": gate_up[:, :inter], "up": gate_up[:, inter:], "down": down}
+        if fuse_gate_up:  # convert_hf_to_gguf --fuse-gate-up-exps: [E, 2I, H], gate rows first
+            parts = {"gate_up": gate_up, "down": down}
         for part, arr in parts.items():
             if legacy_experts:  # pre-2024 llama.cpp: one 2-D tensor per expert
                 for e in range(arr.shape[0]):
-                    w.add_tensor(f"blk.{i}.ffn_{part}.{e}.weight", np.ascontiguousarray(arr[e]))
+                    _add(w, f"blk.{i}.ffn_{part}.{e}.weight", arr[e], expert_type)
             else:
-                w.add_tensor(f"blk.{i}.ffn_{part}_exps.weight", np.ascontiguousarray(arr))
+                _add(w, f"blk.{i}.ffn_{part}_exps.weight", arr, expert_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -233,6 +245,34 @@ def test_mixtral_legacy_per_expert_gguf(built: dict[str, Built], tmp_path: Path)
     _check_against_transformers(b.hf, tmp_path / "packed", "Mixtral legacy per-expert")
 
 
+def test_quantised_mixtral_gguf(built: dict[str, Built], tmp_path: Path) -> None:
+    """Q8_0 attention (q/k un-permuted after dequantisation) and BF16 experts (kept BF16)."""
+    from local_engine.formats.pack import read_manifest
+
+    b = built["mixtral"]
+    src = tmp_path / "tiny-q8.gguf"
+    _write_gguf(b.hf, src, "llama", _spm_tokenizer, attn_type="Q8_0", expert_type="BF16")
+    pack(src, tmp_path / "packed", progress=False)
+    assert {p.dtype for p in read_manifest(tmp_path / "packed").parts} == {"BF16"}
+    with torch.no_grad():
+        ref = b.hf(torch.tensor([PROMPT])).logits[0]
+    model = MoEModel.open(tmp_path / "packed", memory_budget=0)
+    try:
+        diff = (model.logits(PROMPT) - ref).abs().max().item()
+    finally:
+        model.close()
+    print(f"Mixtral GGUF, Q8_0 attention + BF16 experts: max |logit diff| vs transformers fp32 = {diff:.2e}")
+    assert 0 < diff < 0.05 * ref.abs().max().item()  # rounding, not a wrong (or still permuted) row
+
+
+def test_qwen2moe_fused_gate_up_gguf(built: dict[str, Built], tmp_path: Path) -> None:
+    b = built["qwen2_moe"]
+    src = tmp_path / "tiny-fused.gguf"
+    _write_gguf(b.hf, src, "qwen2moe", _bpe_tokenizer, fuse_gate_up=True)
+    pack(src, tmp_path / "packed", progress=False)
+    assert (tmp_path / "packed" / "experts.bin").read_bytes() == (b.packed / "experts.bin").read_bytes()
+
+
 def test_qwen2moe_gguf_matches_transformers(built: dict[str, Built]) -> None:
     b = built["qwen2_moe"]
     model = MoEModel.open(b.packed, memory_budget=0)
@@ -277,3 +317,17 @@ def test_packed_gguf_chats_with_its_own_tokenizer(built: dict[str, Built], name:
         assert text == dense.decode(want)
     finally:
         eng.close()
+
+
+def test_unconvertible_tokenizer_fails_before_writing(built: dict[str, Built], tmp_path: Path) -> None:
+    from local_engine.formats.pack import PackError
+
+    def wordpiece(w: gguf.GGUFWriter) -> None:
+        w.add_tokenizer_model("bert")
+        w.add_token_list([f"w{i}" for i in range(ARCHS["mixtral"][2])])
+
+    src = tmp_path / "tiny-bert-vocab.gguf"
+    _write_gguf(built["mixtral"].hf, src, "llama", wordpiece)
+    with pytest.raises(PackError, match=r"tiny-bert-vocab\.gguf: tokenizer cannot be converted: .*'bert'"):
+        pack(src, tmp_path / "packed", progress=False)
+    assert not (tmp_path / "packed").exists()
