@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Key = Hashable
-POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive")
+POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive", "router-lfu", "router")
 DEFAULT_POLICY = "adaptive"
 
 
@@ -56,6 +56,9 @@ class CacheStats:
 class _Policy:
     def step(self, group: Hashable, n_tokens: int = 1) -> None:
         """A new step of ``group`` (a layer) over ``n_tokens`` tokens: its keys come next."""
+
+    def observe(self, group: Hashable, probs: Sequence[float]) -> None:
+        """The router's probabilities over all of ``group``'s experts at this step (after ``step``)."""
 
     def access(self, key: Key, uses: int = 1) -> None:
         """Every request (hit or miss), before touch/insert; ``uses``: tokens routed to it."""
@@ -279,23 +282,49 @@ class _AdaptiveLayerLFU(_Policy):
     Cost: a few dict/heap operations per candidate per request, negligible next to a bundle read.
     """
 
-    def __init__(self, capacity: int, decays: Sequence[float] = (0.5, 0.8, 0.95), window: int = 1000) -> None:
+    def __init__(self, capacity: int, decays: Sequence[float] = (0.5, 0.8, 0.95), window: int = 1000,
+                 candidates: Sequence[Callable[[], _Policy]] | None = None) -> None:
         self._cap = max(int(capacity), 0)
-        self._real = [_LayerLFU(d) for d in decays]  # scores + heaps over the real cache's keys
-        self._shadow = [_LayerLFU(d) for d in decays]  # scores + heaps over each shadow's keys
-        self._sets: list[set[Key]] = [set() for _ in decays]
-        self._hits = [0.0] * len(decays)
+        make = list(candidates) if candidates is not None else [lambda d=d: _LayerLFU(d) for d in decays]
+        self._real = [m() for m in make]  # scores (+ heaps) over the real cache's keys
+        self._shadow = [m() for m in make]  # scores (+ heaps) over each shadow's keys
+        self._sets: list[set[Key]] = [set() for _ in make]
+        self._hits = [0.0] * len(make)
         self._fade = 1.0 - 1.0 / max(window, 1)
-        self.leader = len(decays) - 1
+        self.leader = len(make) - 1
         self._pinned: set[Key] = set()
+        # each shadow's misses of the current step, inserted when the step ends, as the runtime does
+        # (all of a step's lookups first, then its inserts with every key of the step pinned); without
+        # it a shadow could evict a key of the step it has not seen yet, which the real cache never does
+        self._missed: list[list[Key]] = [[] for _ in make]
+        self._stepped = False
 
     def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        self._flush()
+        self._stepped = True
         for p in (*self._real, *self._shadow):
             p.step(group, n_tokens)
         self._pinned = set()
 
+    def observe(self, group: Hashable, probs: Sequence[float]) -> None:
+        for p in (*self._real, *self._shadow):
+            p.observe(group, probs)
+
+    def _flush(self) -> None:
+        for p, keys, missed in zip(self._shadow, self._sets, self._missed, strict=True):
+            for key in missed:
+                if len(keys) >= self._cap:
+                    v = p.victim(self._pinned)
+                    if v is None or not p.admit(key, v):
+                        continue
+                    keys.discard(v)
+                    p.remove(v)
+                keys.add(key)
+                p.insert(key)
+            missed.clear()
+
     def access(self, key: Key, uses: int = 1) -> None:
-        self._pinned.add(key)  # a step's keys arrive together: pin the ones seen so far
+        self._pinned.add(key)
         for p in self._real:
             p.access(key, uses)
         for i, (p, keys) in enumerate(zip(self._shadow, self._sets, strict=True)):
@@ -303,17 +332,11 @@ class _AdaptiveLayerLFU(_Policy):
             self._hits[i] *= self._fade
             if key in keys:
                 self._hits[i] += 1.0
-                continue
-            if self._cap <= 0:
-                continue
-            if len(keys) >= self._cap:
-                v = p.victim(self._pinned)
-                if v is None or not p.admit(key, v):
-                    continue
-                keys.discard(v)
-                p.remove(v)
-            keys.add(key)
-            p.insert(key)
+            elif self._cap > 0:
+                self._missed[i].append(key)
+        if not self._stepped:  # used without steps: every request is its own step
+            self._flush()
+            self._pinned = set()
         best = max(range(len(self._hits)), key=self._hits.__getitem__)
         if self._hits[best] > self._hits[self.leader]:
             self.leader = best
@@ -333,6 +356,165 @@ class _AdaptiveLayerLFU(_Policy):
         return self._real[self.leader].victim(pinned)
 
 
+class _RouterLFU(_Policy):
+    """Keep the experts with the highest predicted use at their layer's next steps, from the router.
+
+    The MoE layer computes the router's softmax over ALL its experts for every token; only the
+    top-k are used, but an expert that scored high and just missed the cut is a likely pick of the
+    next tokens when hidden states drift slowly, and the probabilities of all E experts estimate
+    each expert's popularity from E numbers per token instead of k selections. The score, per
+    expert, on its own layer's clock (see ``_LayerLFU`` for why per layer):
+
+        score = used * EMA(selected) + k * (mean_prob * EMA(p) + now_prob * p_now)
+
+    EMA: decayed sum with ``decay`` per step of the layer (a micro-batch of n tokens counts as n
+    steps), p: the router's probability (mean over the step's tokens), scaled by k (experts per
+    token, learned from the steps: uses / tokens) so it counts like a selection (both sum to k
+    over a layer's experts). ``used`` alone is ``_LayerLFU``'s score. Victim: the lowest score over
+    all layers; admission: a miss enters only if it out-scores the victim.
+
+    Scores live in per-layer lists indexed by expert and only move at their layer's steps, so each
+    layer's minimum is cached until that layer changes. Cost: O(E) per layer step, O(layers) per
+    victim plus a scan of the current layer's cached experts: microseconds next to a bundle read.
+    Keys that are not ``(layer, int)`` (tests, other users) share one group and get no router term.
+    """
+
+    def __init__(self, decay: float = 0.8, used: float = 1.0, mean_prob: float = 0.0, now_prob: float = 0.0) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError("decay must be in (0, 1]")
+        self._d, self._a, self._b, self._c = decay, used, mean_prob, now_prob
+        self._ids: dict[Key, int] = {}  # index of a key that is not (layer, int)
+        self._used: dict[Hashable, list[float]] = {}  # group -> decayed selections per expert
+        self._mp: dict[Hashable, list[float]] = {}  # group -> decayed probabilities per expert
+        self._now: dict[Hashable, list[float]] = {}  # group -> this step's probabilities
+        self._tot: dict[Hashable, list[float]] = {}  # group -> score per expert
+        self._w: dict[Hashable, float] = {}  # weight of the group's current step (see _geo)
+        self._n: dict[Hashable, int] = {}
+        self._k = 1.0  # experts per token, learned: sum of uses / tokens over the last step
+        self._step_uses = 0
+        self._step_tokens = 0
+        self._in: dict[Hashable, dict[int, Key]] = {}  # cached keys per group, by expert index
+        self._min: dict[Hashable, tuple[float, int] | None] = {}  # cached minimum per group (None: stale)
+
+    def _split(self, key: Key) -> tuple[Hashable, int]:
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int) and key[1] >= 0:
+            return key[0], key[1]
+        return None, self._ids.setdefault(key, len(self._ids))
+
+    @staticmethod
+    def _grow(lst: list[float], n: int) -> list[float]:
+        if len(lst) < n:
+            lst.extend([0.0] * (n - len(lst)))
+        return lst
+
+    def _retotal(self, g: Hashable) -> None:
+        u = self._used.get(g, [])
+        mp, now = self._mp.get(g), self._now.get(g)
+        a, kb, kc = self._a, self._k * self._b, self._k * self._c
+        n = max(len(u), len(mp or ()), len(now or ()))
+        u = self._grow(u, n)
+        self._used[g] = u
+        if mp is None or kb == 0.0:
+            mp = [0.0] * n
+        if now is None or kc == 0.0:
+            now = [0.0] * n
+        self._tot[g] = [a * x + kb * y + kc * z for x, y, z in zip(u, self._grow(mp, n), self._grow(now, n), strict=True)]
+        self._min[g] = None
+
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        k_changed = False
+        if self._step_tokens and self._step_uses and self._step_uses / self._step_tokens != self._k:
+            self._k = self._step_uses / self._step_tokens
+            k_changed = True
+        n = max(n_tokens, 1)
+        d = self._d
+        self._n[group] = n
+        self._w[group] = float(n) if d == 1.0 else (1.0 - d**n) / (1.0 - d)
+        self._step_uses, self._step_tokens = 0, n
+        f = d**n
+        if group in self._used:
+            self._used[group] = [x * f for x in self._used[group]]
+        if group in self._mp:
+            self._mp[group] = [x * f for x in self._mp[group]]
+        self._now.pop(group, None)
+        if k_changed:  # every score has a k term: recompute all
+            for g in list(self._tot):
+                if g != group:
+                    self._retotal(g)
+        self._retotal(group)
+
+    def observe(self, group: Hashable, probs: Sequence[float]) -> None:
+        w = self._w.get(group, 1.0)
+        mp = self._grow(self._mp.get(group, []), len(probs))
+        self._mp[group] = [x + w * p for x, p in zip(mp, probs, strict=False)] + mp[len(probs):]
+        self._now[group] = list(probs)
+        self._retotal(group)
+
+    def score(self, key: Key) -> float:
+        g, e = self._split(key)
+        t = self._tot.get(g)
+        return t[e] if t is not None and e < len(t) else 0.0
+
+    def access(self, key: Key, uses: int = 1) -> None:
+        g, e = self._split(key)
+        self._step_uses += uses
+        add = uses / self._n.get(g, 1) * self._w.get(g, 1.0)
+        u = self._grow(self._used.setdefault(g, []), e + 1)
+        u[e] += add
+        t = self._grow(self._tot.setdefault(g, []), e + 1)
+        t[e] += self._a * add
+        if e in self._in.get(g, ()):
+            self._min[g] = None
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self.score(key) > self.score(victim)
+
+    def insert(self, key: Key) -> None:
+        g, e = self._split(key)
+        self._in.setdefault(g, {})[e] = key
+        m = self._min.get(g)
+        if m is not None:
+            s = self.score(key)
+            if s < m[0]:
+                self._min[g] = (s, e)
+
+    def remove(self, key: Key) -> None:
+        g, e = self._split(key)
+        self._in.get(g, {}).pop(e, None)
+        m = self._min.get(g)
+        if m is not None and m[1] == e:
+            self._min[g] = None
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        pinned_groups = {self._split(k)[0] for k in pinned} if pinned else set()
+        best: tuple[float, int] | None = None
+        best_g: Hashable = None
+        for g, cached in self._in.items():
+            if not cached:
+                continue
+            t = self._tot.get(g) or []
+            if g in pinned_groups:  # scan, skipping this step's keys (rare: only the current layer)
+                m = min(((t[e] if e < len(t) else 0.0, e) for e, k in cached.items() if k not in pinned),
+                        default=None)
+            else:
+                m = self._min.get(g)
+                if m is None:
+                    m = self._min[g] = min((t[e] if e < len(t) else 0.0, e) for e in cached)
+            if m is not None and (best is None or m[0] < best[0]):
+                best, best_g = m, g
+        return None if best is None else self._in[best_g][best[1]]
+
+
+# router-aware candidates for ``router``: selections only (short, mid, long memory, i.e. ``adaptive``'s),
+# popularity from the router's probabilities, and the current token's probabilities (sticky routing)
+ROUTER_CANDIDATES: tuple[dict[str, float], ...] = (
+    {"decay": 0.5},
+    {"decay": 0.95},
+    {"decay": 0.8, "used": 0.0, "mean_prob": 1.0, "now_prob": 1.0},
+    {"decay": 0.95, "used": 1.0, "now_prob": 3.0},
+)
+
+
 def make_policy(name: str, **opts: Any) -> _Policy:
     if name == "lru":
         return _LRU()
@@ -344,6 +526,11 @@ def make_policy(name: str, **opts: Any) -> _Policy:
         return _LayerLFU(**opts)
     if name == "adaptive":
         return _AdaptiveLayerLFU(**opts)
+    if name == "router-lfu":
+        return _RouterLFU(**opts)
+    if name == "router":
+        cands = opts.pop("candidates", ROUTER_CANDIDATES)
+        return _AdaptiveLayerLFU(candidates=[lambda c=c: _RouterLFU(**c) for c in cands], **opts)
     raise ValueError(f"unknown cache policy {name!r} (choose from {', '.join(POLICIES)})")
 
 
@@ -363,7 +550,7 @@ class ExpertCache:
         if self.budget_bytes < 0:
             raise ValueError("cache budget must be >= 0")
         opts = dict(self.policy_opts)
-        if self.policy == "adaptive":
+        if self.policy in ("adaptive", "router"):
             opts.setdefault("capacity", self.budget_bytes // max(self.item_bytes, 1))
         self._pol = make_policy(self.policy, **opts)
         if isinstance(self._pol, _TinyLFU):
@@ -371,9 +558,12 @@ class ExpertCache:
         self._items: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
 
-    def step(self, group: Hashable, n_tokens: int = 1) -> None:
-        """Announce a new step of ``group`` (a layer) over ``n_tokens`` tokens before its lookups."""
+    def step(self, group: Hashable, n_tokens: int = 1, probs: Sequence[float] | None = None) -> None:
+        """Announce a new step of ``group`` (a layer) over ``n_tokens`` tokens before its lookups;
+        ``probs``: the router's probability for each of the layer's experts (mean over the tokens)."""
         self._pol.step(group, n_tokens)
+        if probs is not None:
+            self._pol.observe(group, probs)
 
     def __contains__(self, key: Key) -> bool:
         return key in self._items
@@ -436,19 +626,21 @@ class ExpertCache:
 # --------------------------------------------------------------------------- offline replay
 
 def replay(trace: Sequence[Sequence[Key]], capacity: int, policy: str,
-           uses: Sequence[tuple[int, Sequence[int]]] | None = None, **policy_opts: Any) -> CacheStats:
+           uses: Sequence[tuple[int, Sequence[int]]] | None = None,
+           probs: Sequence[Sequence[float] | None] | None = None, **policy_opts: Any) -> CacheStats:
     """Replay a trace of steps (each: the keys one layer needs at once) on an item-bounded cache.
 
     Keys of one step are pinned together, mirroring the runtime (a layer's experts are all in
     use during its step). A step's group (its layer) is its first key's ``[0]`` for tuple keys.
     ``uses`` (optional, parallel to ``trace``): per step, (tokens in the step, tokens per key).
+    ``probs`` (optional, parallel): per step, the router's probability for each of the layer's experts.
     """
     c = ExpertCache(budget_bytes=capacity, policy=policy, policy_opts=policy_opts)
     for i, step in enumerate(trace):
         n, per_key = uses[i] if uses is not None else (1, [1] * len(step))
         if step:
             k0 = step[0]
-            c.step(k0[0] if isinstance(k0, tuple) else None, n)
+            c.step(k0[0] if isinstance(k0, tuple) else None, n, probs[i] if probs is not None else None)
         for k, u in zip(step, per_key, strict=True):
             if c.lookup(k, u) is None:
                 c.insert(k, None, 1, pinned=step)

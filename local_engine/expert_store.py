@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +60,8 @@ class IOStats:
     prefetch_used: int = 0  # ... that a later request consumed
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
     trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
+    # router probabilities over all experts per step (mean over its tokens), None where not given
+    trace_probs: list[tuple[float, ...] | None] = field(default_factory=list)
     # file slots read together, per request (misses) or prefetch call: lets a benchmark replay the pattern
     read_batches: list[tuple[int, ...]] = field(default_factory=list)
 
@@ -158,11 +160,12 @@ class ExpertStore:
                     self.io.io_busy_s += time.perf_counter() - self._busy_since
 
     def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
-                n_tokens: int = 1) -> Iterator[tuple[int, Any]]:
+                n_tokens: int = 1, probs: Sequence[float] | None = None) -> Iterator[tuple[int, Any]]:
         """Yield ``(expert, buffer)`` for every expert in ``experts`` (each once): hits first.
 
         ``uses[i]``: how many of the step's ``n_tokens`` tokens go to ``experts[i]`` (default 1
-        each): evidence of popularity for the cache policy.
+        each): evidence of popularity for the cache policy. ``probs``: the router's probability
+        for every expert of the layer (mean over the step's tokens), evidence for router-aware policies.
         """
         keys = [(layer, e) for e in experts]
         uses = uses if uses is not None else [1] * len(experts)
@@ -170,9 +173,10 @@ class ExpertStore:
         if self.record_trace:
             self.io.trace.append((layer, tuple(experts)))
             self.io.trace_uses.append((n_tokens, tuple(uses)))
+            self.io.trace_probs.append(tuple(probs) if probs is not None else None)
         hits: list[tuple[int, Any]] = []
         todo: deque[int] = deque()
-        self.cache.step(layer, n_tokens)
+        self.cache.step(layer, n_tokens, probs)
         for e, u in zip(experts, uses, strict=True):
             b = self.cache.lookup((layer, e), u)
             if b is None:

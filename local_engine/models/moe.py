@@ -212,12 +212,16 @@ class MoEModel:
 
     def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{i}.{self._moe_prefix}."
-        weights, idx = self.route(F.linear(h, self.w[p + "gate.weight"]))
+        logits = F.linear(h, self.w[p + "gate.weight"])
+        weights, idx = self.route(logits)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
+        # the router's view of ALL experts (mean over the step's tokens): experts that score high but
+        # miss the top-k now are the likely picks of the next tokens, evidence for the cache policy
+        probs = F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
         results: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
-        for e, buf in self.store.request(i, experts, counts.tolist(), h.shape[0]):
+        for e, buf in self.store.request(i, experts, counts.tolist(), h.shape[0], probs=probs):
             t0 = time.perf_counter()
             tok, slot = torch.where(idx == e)
             gate_up, down = self.store.weights(buf)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -23,7 +24,7 @@ def test_byte_budget_is_never_exceeded_and_pinned_items_stay() -> None:
     assert "a" in c2 and "b" in c2 and c2.stats.rejected == 1
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive"])
+@pytest.mark.parametrize("policy", ["lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive", "router-lfu", "router"])
 def test_zero_budget_caches_nothing(policy: str) -> None:
     c = ExpertCache(0, policy)
     assert not c.insert("x", 1, 1)
@@ -72,6 +73,7 @@ def test_belady_bounds_online_policies_on_random_step_traces() -> None:
         assert opt >= replay(trace, cap, "tinylfu").hits
         assert opt >= replay(trace, cap, "layer-lfu").hits
         assert opt >= replay(trace, cap, "adaptive").hits
+        assert opt >= replay(trace, cap, "router").hits
 
 
 def test_tinylfu_keeps_hot_experts_when_the_cache_is_smaller_than_one_sweep() -> None:
@@ -188,3 +190,112 @@ def test_adaptive_picks_a_short_memory_when_routing_is_sticky() -> None:
 def test_adaptive_matches_layer_lfu_on_stable_favourites() -> None:
     trace = _hot_and_one_off_trace()
     assert replay(trace, 8, "adaptive").hits >= replay(trace, 8, "layer-lfu").hits - 4
+
+
+# --------------------------------------------------------------------------- router-aware policy
+
+@pytest.mark.parametrize("favoured", [1, 2])
+def test_router_policy_evicts_the_expert_the_router_has_turned_away_from(favoured: int) -> None:
+    # experts 1 and 2 of layer 0 have the same history (one use each); at the next step the router
+    # scores one of them high without picking it. Room for two: the new expert 3 must displace the
+    # OTHER one. Swapping which is favoured swaps the victim, so the choice comes from the router.
+    c = ExpertCache(2, "router-lfu", policy_opts={"decay": 0.8, "now_prob": 1.0})
+    c.step(0, probs=[0.1, 0.4, 0.4, 0.1])
+    for e in (1, 2):
+        assert c.lookup((0, e)) is None
+        assert c.insert((0, e), e, 1, pinned=[(0, 1), (0, 2)])
+    p = [0.05, 0.05, 0.05, 0.05]
+    p[favoured], p[3] = 0.45, 0.45
+    c.step(0, probs=p)
+    assert c.lookup((0, 3)) is None
+    assert c.insert((0, 3), 3, 1, pinned=[(0, 3)])
+    other = 3 - favoured
+    assert (0, favoured) in c and (0, other) not in c
+
+
+def _drifting_router_trace(tokens: int = 150, layers: int = 4, experts: int = 32, k: int = 4, rho: float = 0.7,
+                           seed: int = 3) -> tuple[list[list[tuple[int, int]]], list[list[float]]]:
+    """Uniform popularity, logits = AR(1) noise (hidden states drift slowly), chosen = top-k."""
+    rng = random.Random(seed)
+    z = [[rng.gauss(0, 1) for _ in range(experts)] for _ in range(layers)]
+    trace, probs = [], []
+    for _ in range(tokens):
+        for layer in range(layers):
+            z[layer] = [rho * x + (1 - rho * rho) ** 0.5 * rng.gauss(0, 1) for x in z[layer]]
+            top = sorted(range(experts), key=z[layer].__getitem__, reverse=True)[:k]
+            ex = [math.exp(x) for x in z[layer]]
+            trace.append([(layer, e) for e in sorted(top)])
+            probs.append([x / sum(ex) for x in ex])
+    return trace, probs
+
+
+def test_router_beats_lru_and_frequency_on_drifting_routing() -> None:
+    trace, probs = _drifting_router_trace()
+    cap = 4  # one of each layer's 32 experts, top-4 per token: only foresight pays
+    lru = replay(trace, cap, "lru").hits
+    adaptive = replay(trace, cap, "adaptive").hits
+    router = replay(trace, cap, "router", probs=probs).hits
+    # probabilities of another trace (same generator, other seed): no information about this one
+    _, other = _drifting_router_trace(seed=4)
+    blind = replay(trace, cap, "router", probs=other).hits
+    opt = belady_hits(trace, cap).hits
+    print(f"drifting routing, cap {cap}: LRU {lru}, adaptive {adaptive}, router {router} "
+          f"(other trace's probabilities: {blind}), Belady {opt}")
+    assert router > 1.1 * max(lru, adaptive, blind)
+    assert router <= opt
+
+
+def test_router_policy_is_byte_bounded_and_keeps_pinned_keys() -> None:
+    rng = random.Random(5)
+    c = ExpertCache(budget_bytes=100, policy="router")
+    for _ in range(200):
+        layer = rng.randrange(3)
+        p = [rng.random() for _ in range(8)]
+        c.step(layer, probs=[x / sum(p) for x in p])
+        step = [(layer, e) for e in rng.sample(range(8), 2)]
+        for key in step:
+            if c.lookup(key) is None:
+                c.insert(key, object(), rng.choice((20, 30, 45)), pinned=step)
+            assert c.used_bytes <= 100
+        assert step[0] in c or c.stats.rejected > 0
+    assert c.stats.hits > 0 and c.stats.evictions > 0
+    # a step's keys are never evicted to make room for each other
+    c2 = ExpertCache(budget_bytes=2, policy="router-lfu")
+    c2.step(0, probs=[0.9, 0.05, 0.05])
+    step = [(0, 0), (0, 1), (0, 2)]
+    for key in step[:2]:
+        c2.lookup(key)
+        assert c2.insert(key, key, 1, pinned=step)
+    c2.lookup((0, 2))
+    assert not c2.insert((0, 2), "x", 1, pinned=step)
+    assert (0, 0) in c2 and (0, 1) in c2
+
+
+def test_the_model_feeds_router_probabilities_to_the_cache(tiny_models) -> None:
+    """The real model feeds the router's probabilities through the store: recorded per step, they
+    sum to 1, the requested experts are their top-k, and tokens match the LRU run (policy never
+    changes results)."""
+    from local_engine.formats.pack import read_manifest
+    from local_engine.models.moe import MoEModel
+    from tests.moe.conftest import GEN_STEPS, PROMPT
+
+    packed = tiny_models["qwen3_moe"].packed["none"]
+    stride = read_manifest(packed).stride
+    toks = {}
+    for policy in ("lru", "router"):
+        m = MoEModel.open(packed, memory_budget=3 * stride, policy=policy, prefetch=False)
+        try:
+            toks[policy] = list(m.generate_ids(PROMPT, GEN_STEPS))
+            io = m.store.io
+            assert len(io.trace_probs) == len(io.trace) > 0
+            for (layer, experts), (n, _), p in zip(io.trace, io.trace_uses, io.trace_probs, strict=True):
+                assert p is not None and len(p) == m.m.num_experts and abs(sum(p) - 1.0) < 1e-5
+                if n == 1:  # a decode step: the router's top-k are exactly the experts requested
+                    top = sorted(range(len(p)), key=p.__getitem__, reverse=True)[: m.top_k]
+                    assert sorted(top) == list(experts), (layer, p)
+            assert m.store.cache.used_bytes <= 3 * stride
+            if policy == "router":  # LRU thrashes at this budget; admission keeps a few hot experts
+                assert m.store.cache.stats.hits > 0
+        finally:
+            m.close()
+    assert toks["router"] == toks["lru"]
