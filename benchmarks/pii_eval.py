@@ -277,7 +277,7 @@ def timings(corpus: list[tuple[str, list[Span]]], baseline: object, ours: Presid
     print("\n## Analysis latency per prompt (ms, wall clock, analyzer cache off)")
     print(f"{'chars':>6} | {'baseline p50':>12} {'p99':>8} {'cpu p50':>8} | {'gateway p50':>12} {'p99':>8} "
           f"{'cpu p50':>8} | {'speed-up p50':>12}")
-    ner = ours.ner_pipeline()
+    ner = ours.parse
     ner_only: dict[int, tuple[float, float, float]] = {}
     for size in (200, 1000, 4000):
         texts = prompts(corpus, size, 20, args.seed)

@@ -1,9 +1,12 @@
 """Builds the presidio AnalyzerEngine once, tuned for latency, never touching the network.
 
 Measured on this 2-core machine for a 1 KB prompt (benchmarks/pii_eval.py has the figures):
-presidio's defaults spend most of their time in three places we replace here:
+presidio's defaults spend most of their time in places we replace here:
 - the full spaCy pipeline (tagger, parser, lemmatizer, and the shared tok2vec that only feeds
   them): we keep only ner, which carries its own tok2vec;
+- spaCy's NER decoding loop: fast_ner.FastNer decodes the same entities vectorised;
+- thinc's matrix products through the `blis` wheel, 3-5x slower here than numpy's OpenBLAS for
+  NER's small matrices: the pipeline is loaded with numpy's, single-threaded (see load_spacy);
 - PhoneRecognizer, which runs phonenumbers' matcher once per region: FastPhoneRecognizer;
 - the lemma context enhancer, which re-iterates the spaCy Doc for every finding: FastContextEnhancer.
 """
@@ -36,8 +39,12 @@ from presidio_analyzer.predefined_recognizers import (
     UuidRecognizer,
 )
 from spacy.attrs import IDX, IS_PUNCT, IS_STOP, LEMMA, LENGTH, LOWER
+from spacy.tokens import Doc
+from thinc.api import use_ops
+from threadpoolctl import threadpool_limits
 
 from gateway.privacy.config import PrivacyConfig
+from gateway.privacy.fast_ner import FastNer
 from gateway.privacy.ner_fixes import corrected_entities
 from gateway.privacy.recognizers import (
     CardNumberRecognizer,
@@ -87,6 +94,7 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
     presidio's `load()` downloads a missing model; ours is handed an already-loaded pipeline.
     Without a lemmatizer, lemmas are the lower-cased tokens, which is what context words need.
     Artifacts carry precomputed token ends and a keyword set for FastContextEnhancer.
+    A NER-only pipeline of the usual shape is decoded by FastNer; any other runs as spaCy runs it.
     """
 
     def __init__(self, nlp: spacy.Language, name: str) -> None:
@@ -95,10 +103,20 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
             ner_model_configuration=NerModelConfiguration(labels_to_ignore=_IGNORED_LABELS),
         )
         self._loaded = nlp
+        self._fast_ner = FastNer.for_pipe(nlp) if nlp.pipe_names == ["ner"] else None
         self.context_words: frozenset[str] = frozenset()  # set by build_analyzer from the recognizers
 
     def load(self) -> None:
         self.nlp = {"en": self._loaded}
+
+    def parse(self, text: str) -> Doc:
+        """The Doc presidio reads: tokens, and entities where the pipeline has NER."""
+        if self._fast_ner is None:
+            return self._loaded(text)
+        return self._fast_ner(self._loaded.make_doc(text))
+
+    def process_text(self, text: str, language: str) -> NlpArtifacts:
+        return self._doc_to_nlp_artifact(self.parse(text), language)
 
     def _doc_to_nlp_artifact(self, doc: spacy.tokens.Doc, language: str) -> NlpArtifacts:
         # presidio walks the Doc token by token several times (lemmas, offsets, keywords); on a
@@ -196,8 +214,13 @@ def load_spacy(name: str) -> spacy.Language:
     if name == "none":
         return spacy.blank("en")
     _check_installed(name)
+    # NER multiplies small matrices (a few hundred rows by 64-384 columns). OpenBLAS does that
+    # 3-5x faster than blis here, but only single-threaded: its worker threads spin on the cores
+    # the event loop needs, and under load a 1 KB analysis took 4x longer with them.
+    threadpool_limits(1, user_api="blas")
     try:
-        nlp = spacy.load(name, exclude=list(_NON_NER_PIPES))
+        with use_ops("numpy", use_blis=False):
+            nlp = spacy.load(name, exclude=list(_NON_NER_PIPES))
     except Exception as exc:  # a broken package is a configuration problem, report it as one
         raise PrivacyStartupError(f"privacy.nlp_model: cannot load spaCy model {name!r}: {exc}") from exc
     _drop_unheard_embedders(nlp)

@@ -1,0 +1,123 @@
+"""spaCy's greedy NER decoding, vectorised: the same entities in a fraction of the time.
+
+spaCy's transition-based NER scores one state at a time in a C loop that, measured on this
+machine with en_core_web_sm, costs about 50 us per token (half of NER's time on a 1 KB prompt;
+most of it in checking which of the 74 moves are valid). The network itself is small: per token
+a sum of three precomputed feature vectors, a maxout and a 64 x 74 layer. Outside an entity the
+features do not depend on earlier decisions (the "entity start" and "previous token" slots hold
+padding), so those scores are computed for every token in one matrix product; only tokens inside
+an open entity need a step of their own. The decisions, including spaCy's validity rules and its
+tie-breaking (first best move wins), are spaCy's own, so the result is identical; the test suite
+checks that on a corpus against spaCy's decoder.
+
+Only the architecture this was written against is accepted (`spacy.TransitionBasedParser.v2`,
+state type `ner`, three features, maxout lower layer, no unseen classes, no preset entities);
+anything else is left to spaCy, see `FastNer.for_pipe`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from spacy.language import Language
+from spacy.pipeline import EntityRecognizer
+from spacy.tokens import Doc, Span
+
+_ARCHITECTURE = "spacy.TransitionBasedParser.v2"
+
+
+class FastNer:
+    """Decodes a Doc's entities with the weights of a spaCy `ner` pipe."""
+
+    def __init__(self, pipe: EntityRecognizer) -> None:
+        model = pipe.model
+        self._tok2vec = model.get_ref("tok2vec")
+        lower, upper = model.get_ref("lower"), model.get_ref("upper")
+        w = lower.get_param("W")  # (nF, nO, nP, nI)
+        self._nf, self._no, self._np, ni = w.shape
+        # (nI, nF * nO * nP): one product gives every token's contribution to every feature slot.
+        self._lower_w = np.ascontiguousarray(w.reshape(-1, ni).T)
+        self._lower_b = lower.get_param("b").reshape(-1)
+        self._pad = lower.get_param("pad").reshape(self._nf, -1)
+        self._upper_w = np.ascontiguousarray(upper.get_param("W").T)  # (nO, n_moves)
+        self._upper_b = upper.get_param("b")
+        names = [pipe.moves.get_class_name(i) for i in range(pipe.moves.n_moves)]
+        acts = [n.split("-", 1)[0] for n in names]
+        labels = [n.split("-", 1)[1] if "-" in n else "" for n in names]
+        n_moves = len(names)
+        self._labels = labels
+        self._acts = acts
+
+        def mask(pred: object) -> np.ndarray:
+            return np.array([bool(pred(a, lab)) for a, lab in zip(acts, labels, strict=True)])  # type: ignore[operator]
+
+        # Validity masks when no entity is open, by position kind (Out/Begin/Unit rules of
+        # spacy/pipeline/_parser_internals/ner.pyx; no preset entities, no sentence starts set).
+        self._closed_ok = mask(lambda a, lab: a == "O" or (a in ("B", "U") and lab))
+        self._closed_last = mask(lambda a, lab: a == "O" or (a == "U" and lab))
+        self._closed_space = mask(lambda a, lab: a == "O")
+        # Inside an entity of label L: In (not on the last token) or Last, same label only.
+        self._open_ok = {lab: mask(lambda a, l2, lab=lab: a in ("I", "L") and l2 == lab) for lab in set(labels) if lab}
+        self._open_last = {lab: mask(lambda a, l2, lab=lab: a == "L" and l2 == lab) for lab in set(labels) if lab}
+        self._neg = np.full(n_moves, -np.inf, dtype="f")
+
+    @classmethod
+    def for_pipe(cls, nlp: Language, name: str = "ner") -> FastNer | None:
+        """A FastNer for the pipeline's NER, or None when its shape is not the one handled here."""
+        if name not in nlp.pipe_names:
+            return None
+        pipe = nlp.get_pipe(name)
+        cfg = nlp.config["components"][name].get("model", {})
+        if not isinstance(pipe, EntityRecognizer) or cfg.get("@architectures") != _ARCHITECTURE:
+            return None
+        if cfg.get("state_type") != "ner" or pipe.cfg.get("beam_width", 1) != 1:
+            return None
+        model = pipe.model
+        if model.attrs.get("unseen_classes") or not model.attrs.get("has_upper", False):
+            return None
+        if tuple(model.get_ref("lower").get_param("W").shape[:1]) != (3,) or cfg.get("maxout_pieces", 2) < 1:
+            return None
+        return cls(pipe)
+
+    def _scores(self, pre: np.ndarray) -> np.ndarray:
+        hidden = pre.reshape(*pre.shape[:-1], self._no, self._np).max(axis=-1)
+        return hidden @ self._upper_w + self._upper_b
+
+    def __call__(self, doc: Doc) -> Doc:
+        n = len(doc)
+        if n == 0:
+            doc.ents = []
+            return doc
+        tokvecs = self._tok2vec.predict([doc])
+        feats = (tokvecs @ self._lower_w).reshape(n, self._nf, -1)  # (n, nF, nO*nP)
+        # Scores when no entity is open: features (token, pad, pad); the best valid move of every
+        # token in that state comes out of one masked argmax.
+        closed = self._scores(feats[:, 0] + self._pad[1] + self._pad[2] + self._lower_b)
+        ok = np.broadcast_to(self._closed_ok, closed.shape).copy()
+        ok[n - 1] = self._closed_last
+        spaces = [t.i for t in doc if t.is_space]
+        ok[spaces] = self._closed_space
+        best_closed = np.argmax(np.where(ok, closed, self._neg), axis=1).tolist()
+        acts, labels = self._acts, self._labels
+        ents: list[Span] = []
+        i = 0
+        while i < n:
+            move = best_closed[i]
+            act, label = acts[move], labels[move]
+            if act == "U":
+                ents.append(Span(doc, i, i + 1, label=label))
+            if act != "B":
+                i += 1
+                continue
+            start = i
+            i += 1
+            # Inside the entity: features (token, entity start, previous token), one step each.
+            while i < n:
+                pre = feats[i, 0] + feats[start, 1] + feats[i - 1, 2] + self._lower_b
+                masks = self._open_last if i == n - 1 else self._open_ok
+                move = int(np.argmax(np.where(masks[label], self._scores(pre), self._neg)))
+                i += 1
+                if acts[move] == "L":
+                    break
+            ents.append(Span(doc, start, i, label=label))
+        doc.ents = ents
+        return doc

@@ -1,0 +1,74 @@
+"""FastNer must find exactly the entities spaCy's own decoder finds, on real prompts and edge cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import spacy
+
+from gateway.classify.sensitivity import PresidioSensitivityClassifier
+from gateway.privacy.fast_ner import FastNer
+
+ROUTING = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing" / "labelled_prompts.jsonl"
+
+
+def _ents(doc: spacy.tokens.Doc) -> list[tuple[int, int, str]]:
+    return [(e.start, e.end, e.label_) for e in doc.ents]
+
+
+@pytest.fixture(scope="module")
+def nlp(classifier: PresidioSensitivityClassifier) -> spacy.Language:
+    return classifier.ner_pipeline()
+
+
+@pytest.fixture(scope="module")
+def fast(nlp: spacy.Language) -> FastNer:
+    f = FastNer.for_pipe(nlp)
+    assert f is not None, "the default model's NER should have the shape FastNer decodes"
+    return f
+
+
+def _prompts(n: int) -> list[str]:
+    # MMLU history/law/geography questions and GSM8K word problems: many names, places, dates.
+    lines = ROUTING.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"][:1500] for line in lines[:: max(1, len(lines) // n)][:n]]
+
+
+def test_same_entities_as_spacy_on_real_prompts(nlp: spacy.Language, fast: FastNer) -> None:
+    texts = _prompts(250)
+    found = 0
+    for text in texts:
+        expected = _ents(nlp(text))
+        assert _ents(fast(nlp.make_doc(text))) == expected, text[:200]
+        found += len(expected)
+    assert found > 300  # the comparison means something only if spaCy found plenty
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        " ",
+        "Paris",
+        "John Smith",  # an entity ending on the last token (Last is the only valid move there)
+        "Hello  \n\n John Smith\n",  # whitespace tokens: no entity may begin on them
+        "Flights from New York City to the United States of America\n\nMaria Garcia",
+        "Call Dr. Ana María López-Ortega at the Hôpital Saint-Louis in Paris on 3 May 2024.",
+        "EU US UK NASA IBM, Germans and Norwegians met in Tromsø on Monday.",
+    ],
+)
+def test_same_entities_as_spacy_on_edge_cases(nlp: spacy.Language, fast: FastNer, text: str) -> None:
+    assert _ents(fast(nlp.make_doc(text))) == _ents(nlp(text))
+
+
+def test_other_pipelines_are_left_to_spacy() -> None:
+    assert FastNer.for_pipe(spacy.blank("en")) is None
+
+
+def test_the_analyzer_parses_with_it(classifier: PresidioSensitivityClassifier, nlp: spacy.Language) -> None:
+    text = "Maria Garcia flew from Lisbon to Boston with two Canadians."
+    doc = classifier.parse(text)
+    assert _ents(doc) == _ents(nlp(text))
+    assert {e.label_ for e in doc.ents} >= {"PERSON", "GPE", "NORP"}
