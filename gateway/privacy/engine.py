@@ -46,6 +46,7 @@ from threadpoolctl import threadpool_limits
 from gateway.privacy.config import PrivacyConfig
 from gateway.privacy.fast_ner import FastNer
 from gateway.privacy.ner_fixes import corrected_entities
+from gateway.privacy.ner_windows import candidate_windows
 from gateway.privacy.recognizers import (
     CardNumberRecognizer,
     FastPhoneRecognizer,
@@ -97,13 +98,14 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
     A NER-only pipeline of the usual shape is decoded by FastNer; any other runs as spaCy runs it.
     """
 
-    def __init__(self, nlp: spacy.Language, name: str) -> None:
+    def __init__(self, nlp: spacy.Language, name: str, windowed: bool = False) -> None:
         super().__init__(
             models=[{"lang_code": "en", "model_name": name}],
             ner_model_configuration=NerModelConfiguration(labels_to_ignore=_IGNORED_LABELS),
         )
         self._loaded = nlp
         self._fast_ner = FastNer.for_pipe(nlp) if nlp.pipe_names == ["ner"] else None
+        self._windowed = windowed
         self.context_words: frozenset[str] = frozenset()  # set by build_analyzer from the recognizers
 
     def load(self) -> None:
@@ -113,7 +115,8 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
         """The Doc presidio reads: tokens, and entities where the pipeline has NER."""
         if self._fast_ner is None:
             return self._loaded(text)
-        return self._fast_ner(self._loaded.make_doc(text))
+        doc = self._loaded.make_doc(text)
+        return self._fast_ner(doc, candidate_windows(doc) if self._windowed else None)
 
     def process_text(self, text: str, language: str) -> NlpArtifacts:
         return self._doc_to_nlp_artifact(self.parse(text), language)
@@ -285,7 +288,10 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
         registry.add_recognizer(rec)
     supported = {e for r in registry.recognizers for e in r.supported_entities}
     wanted = sorted(e for e in supported if levels.get(e, cfg.default_level) != "none")
-    engine = _LoadedSpacyEngine(nlp, cfg.nlp_model)
+    # NER may read only the stretches around capitalised words (ner_windows) when what it finds
+    # there is all the policy grades: names, places, nationalities, but not dates ("last week").
+    windowed = levels.get("DATE_TIME", cfg.default_level) == "none"
+    engine = _LoadedSpacyEngine(nlp, cfg.nlp_model, windowed=windowed)
     engine.context_words = frozenset(w.lower() for r in registry.recognizers for w in (r.context or ()))
     analyzer = AnalyzerEngine(
         registry=registry,
@@ -294,7 +300,9 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
         default_score_threshold=cfg.score_threshold,
         context_aware_enhancer=FastContextEnhancer(),
     )
+    decoder = "none" if not with_ner else "spacy" if engine._fast_ner is None else "fast-windowed" if windowed else "fast"
     log.info(
-        "privacy analyzer ready: model=%s pipes=%s entities=%d", cfg.nlp_model, ",".join(nlp.pipe_names), len(wanted)
+        "privacy analyzer ready: model=%s pipes=%s ner=%s entities=%d",
+        cfg.nlp_model, ",".join(nlp.pipe_names), decoder, len(wanted),
     )
     return analyzer, wanted

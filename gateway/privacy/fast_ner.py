@@ -82,29 +82,46 @@ class FastNer:
         hidden = pre.reshape(*pre.shape[:-1], self._no, self._np).max(axis=-1)
         return hidden @ self._upper_w + self._upper_b
 
-    def __call__(self, doc: Doc) -> Doc:
+    def __call__(self, doc: Doc, windows: list[tuple[int, int]] | None = None) -> Doc:
+        """Sets doc.ents. With `windows` (token ranges), NER reads only those (see ner_windows)."""
         n = len(doc)
-        if n == 0:
+        if windows is None:
+            windows = [(0, n)] if n else []
+        if not windows:
             doc.ents = []
             return doc
-        tokvecs = self._tok2vec.predict([doc])
-        feats = (tokvecs @ self._lower_w).reshape(n, self._nf, -1)  # (n, nF, nO*nP)
+        # Copies: spaCy's feature extractor reads Docs (Span.to_array refuses its attribute names).
+        parts = [doc if (start, end) == (0, n) else doc[start:end].as_doc() for start, end in windows]
+        tokvecs = self._tok2vec.predict(parts)  # the windows' rows, one after the other
+        feats_all = (tokvecs @ self._lower_w).reshape(len(tokvecs), self._nf, -1)  # (tokens, nF, nO*nP)
+        spaces = {t.i for t in doc if t.is_space}
+        ents: list[Span] = []
+        row = 0
+        for start, end in windows:
+            feats = feats_all[row : row + end - start]
+            row += end - start
+            for a, b, label in self._decode(feats, [i - start for i in spaces if start <= i < end]):
+                ents.append(Span(doc, start + a, start + b, label=label))
+        doc.ents = ents
+        return doc
+
+    def _decode(self, feats: np.ndarray, spaces: list[int]) -> list[tuple[int, int, str]]:
+        n = len(feats)
         # Scores when no entity is open: features (token, pad, pad); the best valid move of every
         # token in that state comes out of one masked argmax.
         closed = self._scores(feats[:, 0] + self._pad[1] + self._pad[2] + self._lower_b)
         ok = np.broadcast_to(self._closed_ok, closed.shape).copy()
         ok[n - 1] = self._closed_last
-        spaces = [t.i for t in doc if t.is_space]
         ok[spaces] = self._closed_space
         best_closed = np.argmax(np.where(ok, closed, self._neg), axis=1).tolist()
         acts, labels = self._acts, self._labels
-        ents: list[Span] = []
+        ents: list[tuple[int, int, str]] = []
         i = 0
         while i < n:
             move = best_closed[i]
             act, label = acts[move], labels[move]
             if act == "U":
-                ents.append(Span(doc, i, i + 1, label=label))
+                ents.append((i, i + 1, label))
             if act != "B":
                 i += 1
                 continue
@@ -118,6 +135,5 @@ class FastNer:
                 i += 1
                 if acts[move] == "L":
                     break
-            ents.append(Span(doc, start, i, label=label))
-        doc.ents = ents
-        return doc
+            ents.append((start, i, label))
+        return ents

@@ -10,6 +10,7 @@ import spacy
 
 from gateway.classify.sensitivity import PresidioSensitivityClassifier
 from gateway.privacy.fast_ner import FastNer
+from gateway.privacy.ner_windows import MARGIN, candidate_windows
 
 ROUTING = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing" / "labelled_prompts.jsonl"
 
@@ -72,3 +73,29 @@ def test_the_analyzer_parses_with_it(classifier: PresidioSensitivityClassifier, 
     doc = classifier.parse(text)
     assert _ents(doc) == _ents(nlp(text))
     assert {e.label_ for e in doc.ents} >= {"PERSON", "GPE", "NORP"}
+
+
+def test_windows_cover_only_the_stretches_around_capitalised_words(nlp: spacy.Language) -> None:
+    plain = nlp.make_doc("please summarise the report and list the follow-up actions for the team. " * 4)
+    assert candidate_windows(plain) == []  # nothing NER could call a name: NER does not run
+    doc = nlp.make_doc("Hi, I am Maria Gonzalez. " + "please summarise the report and list the actions. " * 6)
+    (start, end), = candidate_windows(doc)
+    maria = next(t.i for t in doc if t.text == "Maria")
+    assert start == 0 and end == next(t.i for t in doc if t.text == "Gonzalez") + 1 + MARGIN
+    assert maria < end < len(doc) // 2
+    dense = nlp.make_doc("Maria met Ahmed in Lisbon, then Olga in Kyiv and Tomás in Quito.")
+    assert candidate_windows(dense) == [(0, len(dense))]  # nearly all of it: one exact whole pass
+
+
+def test_windowed_decoding_finds_the_same_names_and_places(nlp: spacy.Language, fast: FastNer) -> None:
+    keep = {"PERSON", "GPE", "LOC", "FAC", "NORP"}
+    same = total = 0
+    for text in _prompts(250):
+        doc = nlp.make_doc(text)
+        whole = {(e.start, e.end, e.label_) for e in fast(nlp.make_doc(text)).ents if e.label_ in keep}
+        windowed = {(e.start, e.end, e.label_) for e in fast(doc, candidate_windows(doc)).ents if e.label_ in keep}
+        same += len(whole & windowed)
+        total += len(whole | windowed)
+    # Measured 0.988 on a 1,020-prompt sample; the differences are lower-case words spaCy calls
+    # places or people in maths and code ("pqr", "f(x)$"), which windows skip.
+    assert total > 200 and same / total >= 0.97
