@@ -92,12 +92,20 @@ class PhraseIndex:
     def __init__(self, phrases: set[str]) -> None:
         self._phrases = frozenset(phrases)
         self._max_words = max(p.count(" ") + 1 for p in phrases)
+        # Phrases are only tried where a word could start one: a set probe per word instead of
+        # four slices per word (half of this function's time on a 1 KB prompt).
+        self._firsts = frozenset(p.split(" ", 1)[0] for p in phrases)
 
     def find(self, text: str) -> list[tuple[int, int]]:
         words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        firsts = self._firsts
         out: list[tuple[int, int]] = []
         i = 0
         while i < len(words):
+            first = text[words[i][0] : words[i][1]]
+            if first not in firsts and not (first.endswith(".") and first[:-1] in firsts):
+                i += 1
+                continue
             for n in range(min(self._max_words, len(words) - i), 0, -1):
                 start, end = words[i][0], words[i + n - 1][1]
                 phrase = text[start:end]
