@@ -483,6 +483,7 @@ def main() -> None:
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--fractions", default="0.05,0.15,0.5")
     ap.add_argument("--replay-only", action="store_true", help="only the synthetic skewed-trace replay table")
+    ap.add_argument("--skip-skewed", action="store_true", help="leave out the synthetic skewed-trace tables")
     ap.add_argument("--record", action="store_true",
                     help="only record a --tokens expert trace (with router probabilities) to "
                          "benchmarks/.work/moe/traces/ (whole bank cached, no cgroup: routing does not depend on it)")
@@ -591,8 +592,8 @@ def main() -> None:
     hdr = ("| budget (% bank) | cgroup limit | load avg | tok/s | MB read/token | miss-read GB/s | ceiling GB/s "
            "| / ceiling | I/O bound tok/s | tok/s / I/O bound | compute s/token | tok/s / max(I/O, compute) bound "
            "| hit rate decode | hit rate all "
-           "| LRU | LFU-DA | TinyLFU | layer-LFU | router | best fixed set | Belady | Belady, tokens shuffled "
-           "| ours / Belady | router / Belady | best fixed set / Belady "
+           "| LRU | LFU-DA | TinyLFU | layer-LFU | adaptive | router | best fixed set | Belady "
+           "| Belady, tokens shuffled | ours / Belady | adaptive / Belady | router / Belady | best fixed set / Belady "
            "| I/O wait | peak RSS | RSS - resident - budget | 8-lane GB/s |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
@@ -607,9 +608,10 @@ def main() -> None:
               f"| {d['bw'] / r['ceiling']:.2f} | {d['bound']:.2f} "
               f"| {d['tps'] / d['bound']:.2f} | {d['compute_pt']:.2f} | {d['tps'] / d['both']:.2f} "
               f"| {r['decode_hit_rate']:.3f} | {r['hit_rate']:.3f} | {rep['lru']:.3f} | {rep['lfu-da']:.3f} "
-              f"| {rep['tinylfu']:.3f} | {rep['layer-lfu']:.3f} | {rep['router']:.3f} | {rep['fixed']:.3f} "
-              f"| {rep['belady']:.3f} | {rep['belady_shuffled']:.3f} "
+              f"| {rep['tinylfu']:.3f} | {rep['layer-lfu']:.3f} | {rep['adaptive']:.3f} | {rep['router']:.3f} "
+              f"| {rep['fixed']:.3f} | {rep['belady']:.3f} | {rep['belady_shuffled']:.3f} "
               f"| {r['hit_rate'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
+              f"| {rep['adaptive'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {rep['router'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {rep['fixed'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {r['decode_io_wait_s'] / d['decode_s']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
@@ -622,8 +624,8 @@ def main() -> None:
           "I/O bound = ceiling / bytes read per token; "
           "compute s/token = decode time not blocked on reads; max(I/O, compute) bound = 1 / max(bytes/ceiling, "
           "compute s/token), i.e. perfect overlap. Hit rates ('all' = prefill + decode of the recorded expert "
-          "trace): ours online, then replays of the same trace: LRU, LFU-DA, TinyLFU, layer-LFU, router (router-"
-          "probability-aware, online), best fixed set and Belady (offline, know the future), and Belady on the same "
+          "trace): ours online, then replays of the same trace: LRU, LFU-DA, TinyLFU, layer-LFU, adaptive, router "
+          "(router-probability-aware; all online), best fixed set and Belady (offline, know the future), and Belady on the same "
           "tokens in random order (same popularity, no temporal locality: when it equals Belady, Belady's margin is "
           "foresight of near-independent draws, not locality an online policy could learn). 8-lane GB/s: saturating random reads (8 in flight "
           "all the time, 2 s) just before the run, for reference.")
@@ -669,7 +671,8 @@ def main() -> None:
                   f"max_memory=resident+budget | 15% | {peer['limit'] / 2**30:.2f} GiB | {peer['load_s']:.0f} "
                   f"| {peer['decode_tok_s']:.3f} ({a.peer_tokens} tokens) | {peer['peak_rss_bytes'] / 2**20:.0f} MiB | 1.0x |")
 
-    skewed_tables(L, E, k)
+    if not a.skip_skewed:
+        skewed_tables(L, E, k)
 
 
 def skewed_tables(L: int, E: int, k: int) -> None:
