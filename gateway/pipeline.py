@@ -29,6 +29,7 @@ from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
 from gateway.runtime import Runtime
 from gateway.schema import APIError
+from gateway.stream_deadline import StreamDeadline
 
 log = structlog.get_logger("gateway.pipeline")
 audit = structlog.get_logger("gateway.audit")
@@ -327,22 +328,22 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
         rest = current.rest
         if rest is None:
             return
-        while True:
-            left = opts.deadline - time.monotonic()
-            if left <= 0:
-                raise BackendError("timeout", "request deadline passed mid-stream")
-            try:
-                async with asyncio.timeout(left):
-                    chunk = await anext(rest)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise BackendError("timeout", "request deadline passed mid-stream") from None
-            except BackendError:
-                raise
-            except Exception as exc:  # end the stream cleanly whatever the backend raised
-                raise BackendError("protocol", f"unexpected {type(exc).__name__} mid-stream") from None
-            yield chunk
+        guard = StreamDeadline(opts.deadline)
+        try:
+            while True:
+                try:
+                    chunk = await guard.next(rest)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise BackendError("timeout", "request deadline passed mid-stream") from None
+                except BackendError:
+                    raise
+                except Exception as exc:  # end the stream cleanly whatever the backend raised
+                    raise BackendError("protocol", f"unexpected {type(exc).__name__} mid-stream") from None
+                yield chunk
+        finally:
+            guard.close()
 
     def out(chunk: dict[str, Any], restorer: StreamRestorer | None) -> list[dict[str, Any]]:
         if chunk.get("usage"):

@@ -10,13 +10,14 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
 from gateway.api.deps import authenticate, get_state, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
+from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
 from gateway.privacy.redact import redact_body
 from gateway.privacy.vault import Vault
@@ -208,7 +209,7 @@ CHAT_PATH = "/v1/chat/completions"
     responses=_ERRORS,
     response_model=None,
 )
-async def chat_completions(request: Request) -> Response:
+async def chat_completions(request: Request) -> Response | EventStreamResponse:
     # Served by `serve_chat` (see gateway/app.py); the route stays registered for the OpenAPI
     # document. It calls its two dependencies itself for the same reason.
     state = state_of(request)
@@ -244,7 +245,7 @@ async def chat_completions(request: Request) -> Response:
 
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
-    return StreamingResponse(observed(), media_type="text/event-stream", headers=headers)
+    return EventStreamResponse(observed(), headers=headers)
 
 
 async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -252,3 +253,30 @@ def test_streams_reuse_the_upstream_connection(gw: RunningGateway, cloud: FakeUp
             assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
     # the stream's body is read to its end, so the pooled connection is reused, not dropped
     assert cloud._server.accepted - before <= 1
+
+
+def _served_by_default_rule(c: httpx.Client) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith('hybrid_requests_total{route="local",rule="default",status="200"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_leaves_mid_stream_ends_the_request_at_once(gw: RunningGateway, local: FakeUpstream):
+    # The upstream stalls for 6 s after two chunks; the client reads one and hangs up. The gateway
+    # must notice the hang-up while it waits on the stalled upstream (not when the stall ends or
+    # the target's 5 s timeout fires): the request is closed and recorded right away.
+    local.fault = Fault("stall_mid", seconds=6, after_chunks=2)
+    with gw.client() as c:
+        before = _served_by_default_rule(c)
+        with httpx.Client(base_url=gw.base_url, timeout=10, trust_env=False) as s, s.stream(
+            "POST", "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": "a long answer"}], "stream": True},
+        ) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())
+        left = time.monotonic()
+        while _served_by_default_rule(c) == before and time.monotonic() - left < 4:
+            time.sleep(0.05)
+        assert _served_by_default_rule(c) == before + 1
+        assert time.monotonic() - left < 2
