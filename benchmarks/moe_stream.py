@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -336,12 +337,13 @@ Probs = list[list[float] | None]  # the router's probabilities over all experts 
 
 
 def router_trace(n_tokens: int, layers: int, experts: int, k: int, s: float, rho: float, sigma: float = 1.0,
-                 seed: int = 0) -> tuple[Trace, Probs]:
+                 seed: int = 0, hidden: list[Any] | None = None) -> tuple[Trace, Probs]:
     """A skewed routing trace generated the way a router makes one, so the router's probabilities
     are consistent with the choices: per layer, logits = s * log(Zipf popularity) (ranks permuted
     per layer) + sigma * z, with z a per-expert AR(1) process of lag-1 correlation ``rho`` (hidden
     states drift slowly from token to token); the chosen experts are the top-k of the logits and
-    the recorded probabilities their softmax."""
+    the recorded probabilities their softmax. ``hidden``, if given, receives the generator's state
+    (popularity logits, then each step's noise) for ``model_oracle``."""
     rng = random.Random(seed)
     base = []
     for _ in range(layers):
@@ -349,11 +351,15 @@ def router_trace(n_tokens: int, layers: int, experts: int, k: int, s: float, rho
         base.append([-s * math.log(ranks[e] + 1) for e in range(experts)])
     z = [[rng.gauss(0.0, 1.0) for _ in range(experts)] for _ in range(layers)]
     keep, fresh = rho, math.sqrt(1.0 - rho * rho)
+    if hidden is not None:
+        hidden.append(base)
     trace: Trace = []
     probs: Probs = []
     for _ in range(n_tokens):
         for layer in range(layers):
             zl = z[layer] = [keep * x + fresh * rng.gauss(0.0, 1.0) for x in z[layer]]
+            if hidden is not None:
+                hidden.append(zl)
             lg = [b + sigma * x for b, x in zip(base[layer], zl, strict=True)]
             top = sorted(range(experts), key=lg.__getitem__, reverse=True)[:k]
             m = max(lg)
@@ -362,6 +368,48 @@ def router_trace(n_tokens: int, layers: int, experts: int, k: int, s: float, rho
             trace.append((layer, tuple(sorted(top))))
             probs.append([x / tot for x in ex])
     return trace, probs
+
+
+def model_oracle(trace: Trace, hidden: list[Any], capacity: int, k: int, rho: float, sigma: float = 1.0,
+                 samples: int = 256) -> float:
+    """An online policy that KNOWS the generator of ``router_trace`` (each expert's popularity, the
+    noise's current value and its correlation): after each step it scores the layer's experts by
+    their exact chance of being in the layer's next top-k (Monte Carlo over the next noise) and
+    keeps the highest (same pinning, victim and admission rule as the cache). An online policy
+    that sees only the trace and the router's probabilities should not beat it by more than noise
+    at small budgets (at large ones its one-token horizon is myopic): an empirical ceiling."""
+    import numpy as np
+
+    base = np.asarray(hidden[0])
+    layers, experts = base.shape
+    rng = np.random.default_rng(7)
+    score = np.zeros((layers, experts))
+    cached = np.zeros((layers, experts), dtype=bool)
+    n = hits = total = 0
+    fresh = math.sqrt(1.0 - rho * rho)
+    for (layer, es), z in zip(trace, hidden[1:], strict=True):
+        lg = base[layer] + sigma * rho * np.asarray(z) + sigma * fresh * rng.standard_normal((samples, experts))
+        kth = -np.partition(-lg, k - 1, axis=1)[:, k - 1:k]
+        score[layer] = (lg >= kth).mean(0)
+        pinned = np.zeros_like(cached)
+        pinned[layer, list(es)] = True
+        for e in es:
+            total += 1
+            if cached[layer, e]:
+                hits += 1
+                continue
+            if capacity <= 0:
+                continue
+            if n >= capacity:
+                cand = np.where(cached & ~pinned, score, np.inf)
+                v = np.unravel_index(int(np.argmin(cand)), cand.shape)
+                if not np.isfinite(cand[v]) or not score[layer, e] > cand[v]:
+                    continue
+                cached[v] = False
+                n -= 1
+            cached[layer, e] = True
+            n += 1
+    return hits / max(total, 1)
 
 
 def reuse_stats(trace: Trace) -> tuple[float, float]:
@@ -444,21 +492,24 @@ def load_trace(path: Path, tokens: int | None = None) -> tuple[Trace, list[tuple
 
 
 def replay_table(trace: Trace, uses: list[tuple[int, list[int]]] | None, probs: Probs | None, layers: int,
-                 capacities: list[tuple[str, int]]) -> None:
+                 capacities: list[tuple[str, int]], oracle: Callable[[int], float] | None = None) -> None:
     """Hit rates of every policy replayed on one trace, against Belady (offline optimum), the best
     fixed set and Belady on the same tokens shuffled (see ``shuffled_belady``)."""
     again, indep = reuse_stats(trace)
     print(f"reuse: P(used again at the next token) {again:.3f} vs {indep:.3f} if tokens were independent draws "
           f"of the same popularity")
+    orc = " | model oracle (online) | model oracle / Belady" if oracle else ""
     print("| budget | " + " | ".join(REPLAY_POLICIES) + " | best fixed set | Belady | Belady, tokens shuffled "
-          "| adaptive / Belady | router / Belady | fixed set / Belady |")
-    print("|" + "---|" * (len(REPLAY_POLICIES) + 7))
+          f"| adaptive / Belady | router / Belady | fixed set / Belady{orc} |")
+    print("|" + "---|" * (len(REPLAY_POLICIES) + 7 + (2 if oracle else 0)))
     for label, cap in capacities:
         rep = replay_all(trace, cap, uses, probs, layers)
         b = rep["belady"] or float("nan")
+        o = oracle(cap) if oracle else 0.0
         print(f"| {label} | " + " | ".join(f"{rep[p]:.3f}" for p in REPLAY_POLICIES)
               + f" | {rep['fixed']:.3f} | {b:.3f} | {rep['belady_shuffled']:.3f} | {rep['adaptive'] / b:.2f} "
-              f"| {rep['router'] / b:.2f} | {rep['fixed'] / b:.2f} |", flush=True)
+              f"| {rep['router'] / b:.2f} | {rep['fixed'] / b:.2f}"
+              + (f" | {o:.3f} | {o / b:.2f}" if oracle else "") + " |", flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -681,9 +732,14 @@ def skewed_tables(L: int, E: int, k: int) -> None:
         print(f"## Cache policy on a synthetic SKEWED router trace ({label}), 400 tokens, replay only, no I/O")
         print(f"Generated as a router makes one: per layer, logits = {zipf_s} x log(Zipf popularity) + AR(1) noise "
               f"(sd 1, lag-1 correlation {rho}: hidden states drift slowly); the chosen experts are the top-{k} of "
-              "the logits and the recorded router probabilities their softmax (what `router` sees).")
-        tr, probs = router_trace(400, L, E, k, s=zipf_s, rho=rho, seed=0)
-        replay_table(tr, None, probs, L, [(f"{f:.0%}", int(L * E * f)) for f in (0.05, 0.15, 0.24, 0.5)])
+              "the logits and the recorded router probabilities their softmax (what `router` sees). Model oracle: "
+              "an online policy that knows the generator (popularity, current noise, its correlation) and keeps "
+              "the experts most likely to be in their layer's next top-k: an empirical ceiling for online policies "
+              "at small budgets (its one-token horizon is myopic at large ones).")
+        hidden: list[Any] = []
+        tr, probs = router_trace(400, L, E, k, s=zipf_s, rho=rho, seed=0, hidden=hidden)
+        replay_table(tr, None, probs, L, [(f"{f:.0%}", int(L * E * f)) for f in (0.05, 0.15, 0.24, 0.5)],
+                     oracle=lambda cap, tr=tr, hidden=hidden, rho=rho: model_oracle(tr, hidden, cap, k, rho))
 
 
 if __name__ == "__main__":
