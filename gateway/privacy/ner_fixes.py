@@ -13,6 +13,7 @@ import regex
 from spacy.lang.en.stop_words import STOP_WORDS
 from spacy.tokens import Doc, Span
 
+from gateway.privacy.not_personal import not_personal
 from gateway.privacy.places import PLACE_CUE_BEFORE, is_known_place
 
 NER_SCORE = 0.85  # presidio's default score for a spaCy entity
@@ -115,6 +116,8 @@ def corrected_entities(doc: Doc, score: float = NER_SCORE) -> tuple[list[Span], 
             )
         ):
             label = "PERSON"  # "my kid Kateřina", "Claudia: ...": a first name NER took for a town
+        if label in ("PERSON", "GPE", "LOC", "FAC", "NORP") and not_personal(text, start, end):
+            continue  # "Docker Swarm", "Convert this ...", "into English": not personal data
         if (start, end, label) == (ent.start_char, ent.end_char, ent.label_):
             spans.append(ent)
         else:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import regex
 
+from gateway.privacy.not_personal import is_language_use
+
 COUNTRIES = (
     "Afghanistan", "Albania", "Algeria", "Andorra", "Angola", "Antigua and Barbuda", "Argentina", "Armenia",
     "Australia", "Austria", "Azerbaijan", "Bahamas", "Bahrain", "Bangladesh", "Barbados", "Belarus", "Belgium",
@@ -210,5 +212,5 @@ _NATIONALITY = PhraseIndex(
 
 
 def find_nationalities(text: str) -> list[tuple[int, int, float]]:
-    """(start, end, score) of nationality and people names."""
-    return [(a, b, 0.85) for a, b in _NATIONALITY.find(text)]
+    """(start, end, score) of nationality and people names, not languages named as such."""
+    return [(a, b, 0.85) for a, b in _NATIONALITY.find(text) if not is_language_use(text, a, b)]
