@@ -287,7 +287,7 @@ def timings(corpus: list[tuple[str, list[Span]]], baseline: object, ours: Presid
         )
         print(f"{size:>6} | {b50:12.1f} {b99:8.1f} {bc:8.1f} | {o50:12.1f} {o99:8.1f} {oc:8.1f} | {b50 / o50:11.2f}x")
         ner_only[size] = latency(ner, texts, args.repeat)
-    print("spaCy NER alone inside the gateway's analysis (same prompts; the floor for any pipeline using it): "
+    print("NER alone inside the gateway's analysis (tokenizer + FastNer over the spaCy model's weights; same prompts): "
           + ", ".join(f"{size} chars p50 {w:.1f} ms (cpu {c:.1f})" for size, (w, _, c) in ner_only.items()))
 
     print("\n## Streaming restoration (4-char chunks, 10% of words are placeholders)")
