@@ -435,6 +435,29 @@ def reuse_stats(trace: Trace) -> tuple[float, float]:
     return again / max(used, 1), indep_num / max(indep_den, 1e-12)
 
 
+def runner_up_stats(trace: Trace, probs: Probs, k: int) -> tuple[float, float]:
+    """Lever (a)'s premise, measured: of the experts the router ranked just below the cut at a token
+    (ranks k+1 .. 2k by probability, not chosen), the share chosen at that layer's next token, vs
+    the share expected from those experts' overall frequency alone."""
+    from collections import Counter
+
+    per_layer: dict[int, list[tuple[set[int], list[float]]]] = {}
+    for (layer, es), p in zip(trace, probs, strict=True):
+        if p is not None:
+            per_layer.setdefault(layer, []).append((set(es), p))
+    got = base = 0.0
+    n = 0
+    for steps in per_layer.values():
+        steps = steps[1:]  # skip the prompt's prefill batch
+        freq = Counter(e for es, _ in steps for e in es)
+        for (_, p), (nxt, _) in itertools.pairwise(steps):
+            ranked = sorted(range(len(p)), key=p.__getitem__, reverse=True)[k:2 * k]
+            got += sum(e in nxt for e in ranked)
+            base += sum(freq[e] / len(steps) for e in ranked)
+            n += len(ranked)
+    return got / max(n, 1), base / max(n, 1)
+
+
 def best_fixed_set(steps: list[list[tuple[int, int]]], capacity: int) -> float:
     """Offline: hold the ``capacity`` most-used keys of the whole trace from the start (their
     first use still a miss). The ceiling of any policy that predicts by popularity alone."""
@@ -498,6 +521,11 @@ def replay_table(trace: Trace, uses: list[tuple[int, list[int]]] | None, probs: 
     again, indep = reuse_stats(trace)
     print(f"reuse: P(used again at the next token) {again:.3f} vs {indep:.3f} if tokens were independent draws "
           f"of the same popularity")
+    if probs and any(p is not None for p in probs):
+        k = max(len(es) for _, es in trace[layers:]) if len(trace) > layers else 1
+        got, base = runner_up_stats(trace, probs, k)
+        print(f"router runner-ups (ranks {k + 1}-{2 * k} by probability, not chosen): chosen at the next token "
+              f"{got:.3f} vs {base:.3f} from their overall frequency alone")
     orc = " | model oracle (online) | model oracle / Belady" if oracle else ""
     print("| budget | " + " | ".join(REPLAY_POLICIES) + " | best fixed set | Belady | Belady, tokens shuffled "
           f"| adaptive / Belady | router / Belady | fixed set / Belady{orc} |")
