@@ -19,6 +19,13 @@ Policies
   counts included), with admission. See ``_LayerLFU``.
 - ``adaptive`` (default): ``layer-lfu`` with the decay chosen online among a few candidates by shadow
   caches (short memory for sticky routing, long memory for stable favourites).
+- ``router-lfu``: scores from the router's softmax over ALL of a layer's experts (passed with
+  ``ExpertCache.step(..., probs=...)``, one vector per layer step), e.g. the calibrated chance of
+  being in the layer's next top-k. See ``_RouterLFU``.
+- ``router``: ``adaptive``'s choice by shadow caches over ``adaptive``'s three candidates plus two
+  router-driven ones (``ROUTER_CANDIDATES``). Better than ``adaptive`` where routing drifts slowly
+  (synthetic router traces: +0.01 to +0.06 of Belady), equal on the random-router checkpoint (no
+  temporal signal to exploit); about twice its bookkeeping (~10-15 ms per token of 24 x 64 experts).
 """
 
 from __future__ import annotations
