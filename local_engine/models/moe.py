@@ -216,8 +216,8 @@ class MoEModel:
         weights, idx = self.route(logits)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
-        # the router's view of ALL experts (mean over the step's tokens): experts that score high but
-        # miss the top-k now are the likely picks of the next tokens, evidence for the cache policy
+        # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
+        # where hidden states drift slowly, it predicts the next tokens' picks (see cache._RouterLFU)
         probs = F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
         results: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
