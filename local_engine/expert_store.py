@@ -128,20 +128,10 @@ class ExpertStore:
     # ------------------------------------------------------------------ reads
     def _read(self, layer: int, expert: int) -> mmap.mmap:
         off = self.m.expert_offset(layer, expert)
-        with self._lock:
-            if self._inflight == 0:
-                self._busy_since = time.perf_counter()
-            self._inflight += 1
+        buf = self._alloc()
+        view = memoryview(buf)
         try:
-            buf = self._alloc()
-            view = memoryview(buf)
-            got = 0
-            while got < self.stride:
-                n = os.preadv(self.fd, [view[got:]], off + got)
-                if n <= 0:
-                    raise PackError(f"{self.path}: truncated: short read for layer {layer} expert {expert} "
-                                    f"at offset {off + got}")
-                got += n
+            self._pread(view, off, layer, expert)
             slot = self.m.slot(layer, expert)
             if self.verify == "always" or (self.verify == "first" and not self._verified[slot]):
                 crc = zlib.crc32(view[: self.m.bundle_nbytes])
@@ -149,8 +139,25 @@ class ExpertStore:
                     raise PackError(f"{self.path}: checksum mismatch for layer {layer} expert {expert} "
                                     f"(offset {off}): file is corrupt, re-pack it")
                 self._verified[slot] = 1
+        finally:
             view.release()
-            return buf
+        return buf
+
+    def _pread(self, view: memoryview, off: int, layer: int, expert: int) -> None:
+        """Fill `view` from the file. Only this counts as read time: the checksum after it is CPU
+        work (~0.3 ms/MiB) and, counted in, made the achieved bandwidth look lower than the disk's."""
+        with self._lock:
+            if self._inflight == 0:
+                self._busy_since = time.perf_counter()
+            self._inflight += 1
+        try:
+            got = 0
+            while got < self.stride:
+                n = os.preadv(self.fd, [view[got:]], off + got)
+                if n <= 0:
+                    raise PackError(f"{self.path}: truncated: short read for layer {layer} expert {expert} "
+                                    f"at offset {off + got}")
+                got += n
         finally:
             with self._lock:
                 self._inflight -= 1
