@@ -77,6 +77,18 @@ def test_unlimited_budget_second_run_reads_nothing(tiny_models: dict[str, Tiny])
     assert s["store_bytes_read"] == 0 and s["hit_rate"] == 1.0
 
 
+def test_a_budget_holding_the_whole_bank_skips_policy_bookkeeping(tiny_models: dict[str, Tiny]) -> None:
+    # Nothing can be evicted then, so the requested policy's bookkeeping would be pure cost.
+    packed = tiny_models["qwen3_moe"].packed["none"]
+    for budget, expected in (("unlimited", "lru"), (0, "adaptive")):
+        m = MoEModel.open(packed, memory_budget=budget, policy="adaptive")
+        try:
+            list(m.generate_ids(PROMPT, 2))
+            assert m.stats()["store_cache_policy"] == expected
+        finally:
+            m.close()
+
+
 def test_buffered_reads_equal_o_direct(tiny_models: dict[str, Tiny]) -> None:
     p = tiny_models["mixtral"].packed["none"]
     outs = []
