@@ -11,11 +11,13 @@ tie-breaking (first best move wins), are spaCy's own, so the result is identical
 checks that on a corpus against spaCy's decoder.
 
 Only the architecture this was written against is accepted (`spacy.TransitionBasedParser.v2`,
-state type `ner`, three features, maxout lower layer, no unseen classes, no preset entities);
+state type `ner`, three features, a maxout of 2+ pieces, no unseen classes, no preset entities);
 anything else is left to spaCy, see `FastNer.for_pipe`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from spacy.language import Language
@@ -47,8 +49,8 @@ class FastNer:
         self._labels = labels
         self._acts = acts
 
-        def mask(pred: object) -> np.ndarray:
-            return np.array([bool(pred(a, lab)) for a, lab in zip(acts, labels, strict=True)])  # type: ignore[operator]
+        def mask(pred: Callable[[str, str], object]) -> np.ndarray:
+            return np.array([bool(pred(a, lab)) for a, lab in zip(acts, labels, strict=True)], dtype=bool)
 
         # Validity masks when no entity is open, by position kind (Out/Begin/Unit rules of
         # spacy/pipeline/_parser_internals/ner.pyx; no preset entities, no sentence starts set).
@@ -74,7 +76,8 @@ class FastNer:
         model = pipe.model
         if model.attrs.get("unseen_classes") or not model.attrs.get("has_upper", False):
             return None
-        if tuple(model.get_ref("lower").get_param("W").shape[:1]) != (3,) or cfg.get("maxout_pieces", 2) < 1:
+        n_features, _, n_pieces, _ = model.get_ref("lower").get_param("W").shape
+        if n_features != 3 or n_pieces < 2:  # the NER feature set, and a real maxout (as tested)
             return None
         return cls(pipe)
 
