@@ -82,15 +82,35 @@ SECRET_PATTERNS: tuple[SecretPattern, ...] = (
 )
 
 
-class SecretRecognizer(LocalRecognizer):
+class _InProcess(LocalRecognizer):
+    """A recognizer whose patterns and tables are built at import: nothing to load."""
+
+    def load(self) -> None:
+        pass
+
+
+class _SpanFinder(_InProcess):
+    """One entity type, found by a function of the text returning (start, end, score) spans."""
+
+    entity: str
+
+    @staticmethod
+    def find(text: str) -> list[tuple[int, int, float]]:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        super().__init__(supported_entities=[self.entity], name=type(self).__name__)
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        return [_result(self, self.entity, a, b, score) for a, b, score in self.find(text)]
+
+
+class SecretRecognizer(_InProcess):
     """Credentials by their known formats. Reported span = the secret only, not its label."""
 
     def __init__(self, patterns: tuple[SecretPattern, ...] = SECRET_PATTERNS) -> None:
         self._patterns = patterns
         super().__init__(supported_entities=sorted({p.entity for p in patterns}), name="SecretRecognizer")
-
-    def load(self) -> None:
-        pass
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         out: list[RecognizerResult] = []
@@ -135,7 +155,7 @@ _IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 _SHORT_LOCAL = re.compile(r"^\d{2}([ .-])\d{2}\1\d{2}$")
 
 
-class FastPhoneRecognizer(LocalRecognizer):
+class FastPhoneRecognizer(_InProcess):
     """Phone numbers: a regex finds candidates, python-phonenumbers validates them.
 
     Presidio's PhoneRecognizer runs phonenumbers' matcher over the whole text once per region
@@ -152,9 +172,6 @@ class FastPhoneRecognizer(LocalRecognizer):
 
     def __init__(self) -> None:
         super().__init__(supported_entities=["PHONE_NUMBER"], context=self.CONTEXT, name="FastPhoneRecognizer")
-
-    def load(self) -> None:
-        pass
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         out: list[RecognizerResult] = []
@@ -209,7 +226,7 @@ _CARD_CANDIDATE = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
 _IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6|2131|1800)")
 
 
-class CardNumberRecognizer(LocalRecognizer):
+class CardNumberRecognizer(_InProcess):
     """Card numbers of 12-19 digits with a known issuer prefix and a valid Luhn checksum.
 
     Complements presidio's CreditCardRecognizer, whose patterns miss 19-digit Visa and the
@@ -221,9 +238,6 @@ class CardNumberRecognizer(LocalRecognizer):
     def __init__(self) -> None:
         super().__init__(supported_entities=["CREDIT_CARD"], context=self.CONTEXT, name="CardNumberRecognizer")
 
-    def load(self) -> None:
-        pass
-
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         out = []
         for m in _CARD_CANDIDATE.finditer(text):
@@ -233,47 +247,29 @@ class CardNumberRecognizer(LocalRecognizer):
         return out
 
 
-class StreetAddressRecognizer(LocalRecognizer):
+class StreetAddressRecognizer(_SpanFinder):
     """Street addresses as whole blocks (street, unit, town, region, postcode, country).
 
     spaCy's small model tags cities and countries (LOCATION) but not street addresses;
     gateway/privacy/address.py has the shapes.
     """
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=["STREET_ADDRESS"], name="StreetAddressRecognizer")
-
-    def load(self) -> None:
-        pass
-
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        return [_result(self, "STREET_ADDRESS", a, b, score) for a, b, score in find_addresses(text)]
+    entity = "STREET_ADDRESS"
+    find = staticmethod(find_addresses)
 
 
-class NationalityRecognizer(LocalRecognizer):
+class NationalityRecognizer(_SpanFinder):
     """Nationalities and peoples (NRP) by name: the small NER model misses most of them."""
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=["NRP"], name="NationalityRecognizer")
-
-    def load(self) -> None:
-        pass
-
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        return [_result(self, "NRP", a, b, score) for a, b, score in find_nationalities(text)]
+    entity = "NRP"
+    find = staticmethod(find_nationalities)
 
 
-class PlaceRecognizer(LocalRecognizer):
+class PlaceRecognizer(_SpanFinder):
     """Countries and regions from a small gazetteer, and towns announced by a cue ("I'm in X")."""
 
-    def __init__(self) -> None:
-        super().__init__(supported_entities=["LOCATION"], name="PlaceRecognizer")
-
-    def load(self) -> None:
-        pass
-
-    def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        return [_result(self, "LOCATION", a, b, score) for a, b, score in find_places(text)]
+    entity = "LOCATION"
+    find = staticmethod(find_places)
 
 
 _NAME = r"[A-Z\u00C0-\u017F][\w'\u00C0-\u017F-]+"
@@ -298,14 +294,11 @@ _NAME_CUES: tuple[tuple[re.Pattern[str], float], ...] = (
 )
 
 
-class PersonCueRecognizer(LocalRecognizer):
+class PersonCueRecognizer(_InProcess):
     """Names announced by a cue the small NER model often misses: titles and "my name is"."""
 
     def __init__(self) -> None:
         super().__init__(supported_entities=["PERSON"], name="PersonCueRecognizer")
-
-    def load(self) -> None:
-        pass
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
         return [
