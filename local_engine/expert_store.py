@@ -88,8 +88,7 @@ class ExpertStore:
         # When the whole expert bank fits nothing is ever evicted, and a policy's bookkeeping is
         # pure cost (adaptive: ~3.5 ms a token over 24 layers x top-8 here, router ~7): plain LRU,
         # the cheapest, serves then. `cache_policy` in the stats says which one runs.
-        bank_bytes = len(manifest.raw["experts"]["crc32"]) * self.stride
-        effective = "lru" if budget_bytes >= bank_bytes else policy
+        effective = "lru" if budget_bytes >= manifest.expert_bank_bytes else policy
         self.cache = ExpertCache(budget_bytes, effective, on_evict=lambda _k, buf: self._release(buf),
                                  item_bytes=self.stride)
         self._free: deque[mmap.mmap] = deque()  # append/pop are atomic: safe across reader threads
