@@ -40,6 +40,7 @@ from typing import Any
 
 Key = Hashable
 POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive", "router-lfu", "router")
+ROUTER_AWARE_POLICIES = ("router-lfu", "router")  # the ones whose `observe` reads router probabilities
 DEFAULT_POLICY = "adaptive"
 
 

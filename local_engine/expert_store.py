@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from local_engine.cache import DEFAULT_POLICY, ExpertCache
+from local_engine.cache import DEFAULT_POLICY, ROUTER_AWARE_POLICIES, ExpertCache
 from local_engine.formats.pack import (
     EXPERTS_FILE,
     RESIDENT_FILE,
@@ -169,6 +169,11 @@ class ExpertStore:
                 self.io.bytes_read += self.stride
                 if self._inflight == 0:
                     self.io.io_busy_s += time.perf_counter() - self._busy_since
+
+    @property
+    def wants_router_probs(self) -> bool:
+        """Whether `request` has a use for the router's probabilities (policy or trace)."""
+        return self.record_trace or self.cache.policy in ROUTER_AWARE_POLICIES
 
     def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
                 n_tokens: int = 1, probs: Sequence[float] | None = None) -> Iterator[tuple[int, Any]]:
