@@ -64,8 +64,9 @@ def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str 
     except Exception as exc:  # e.g. a missing NLP model: one clear line, no traceback
         _fail(f"{policy_path}: cannot start: {type(exc).__name__}: {exc}")
     app = create_app(settings, state)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            loop="auto", http="auto", timeout_graceful_shutdown=10)
+    from gateway.http_protocol import uvicorn_config
+
+    config = uvicorn_config(app, host=host, port=port, loop="auto", timeout_graceful_shutdown=10)
     uvicorn.Server(config).run()
 
 

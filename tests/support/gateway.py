@@ -14,6 +14,7 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
+from gateway.http_protocol import uvicorn_config
 from gateway.state import GatewayState, Settings
 
 
@@ -46,8 +47,7 @@ def run_gateway(policy_path: str | Path, *, admin_key: str | None = "admin-secre
     state = GatewayState(settings)
     app = create_app(settings, state)
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=2)
+    config = uvicorn_config(app, host="127.0.0.1", port=port, lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     running = RunningGateway(state, port)
 
