@@ -21,7 +21,7 @@ LiteLLM proxy is installed only for this benchmark, in its own venv:
 
 Skipped with a note if `.venv-bench/bin/litellm` is missing. Each measurement cycles through the
 paths in rotating order, so load from other processes on the machine hits every path alike.
-Prints the table and writes it to benchmarks/results/gateway_overhead.txt.
+Prints the table and appends it to benchmarks/results/gateway_overhead.txt.
 """
 
 from __future__ import annotations
@@ -393,8 +393,10 @@ def main() -> None:
     text = run(args)
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(text)
-        print(f"saved to {RESULTS.relative_to(ROOT)}")
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        with RESULTS.open("a") as f:  # runs accumulate: this machine's speed drifts between them
+            f.write(f"\n$ {' '.join(['benchmarks/gateway_overhead.py', *sys.argv[1:]])}   # {stamp}\n{text}")
+        print(f"appended to {RESULTS.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -23,26 +23,10 @@ import numpy as np
 from spacy.language import Language
 from spacy.pipeline import EntityRecognizer
 from spacy.tokens import Doc, Span
-from thinc.api import Model, chain
+
+from gateway.privacy.fast_tok2vec import FastTok2Vec
 
 _ARCHITECTURE = "spacy.TransitionBasedParser.v2"
-
-
-def _split_feature_extractor(tok2vec: Model) -> tuple[list[str], Model | None]:
-    """The tok2vec's feature columns and the network after its feature extractor.
-
-    spaCy's Tok2Vec.v2 is chain(chain(embed, encode), list2array, linear), its embed starting with
-    `extract_features`. Any other shape gives None: the caller then feeds Docs to the whole model.
-    """
-    try:
-        embed_encode, *tail = tok2vec.layers
-        embed, encode = embed_encode.layers
-        extract, *embed_rest = embed.layers
-    except ValueError:
-        return [], None
-    if extract.name != "extract_features" or not embed_rest:
-        return [], None
-    return list(extract.attrs["columns"]), chain(*embed_rest, encode, *tail)
 
 
 class FastNer:
@@ -51,7 +35,7 @@ class FastNer:
     def __init__(self, pipe: EntityRecognizer) -> None:
         model = pipe.model
         self._tok2vec = model.get_ref("tok2vec")
-        self._columns, self._from_features = _split_feature_extractor(self._tok2vec)
+        self._fast_tok2vec = FastTok2Vec.for_model(self._tok2vec)
         lower, upper = model.get_ref("lower"), model.get_ref("upper")
         w = lower.get_param("W")  # (nF, nO, nP, nI)
         self._nf, self._no, self._np, ni = w.shape
@@ -126,14 +110,14 @@ class FastNer:
         return doc
 
     def _tokvecs(self, doc: Doc, windows: list[tuple[int, int]]) -> np.ndarray:
-        if self._from_features is None:
+        if self._fast_tok2vec is None:
             # Copies: spaCy's feature extractor reads Docs (Span.to_array refuses its attribute names).
             n = len(doc)
             return self._tok2vec.predict([doc if w == (0, n) else doc[w[0] : w[1]].as_doc() for w in windows])
-        # The window's rows of the Doc's feature array are what its copy would give (the columns
+        # A window's rows of the Doc's feature array are what its copy would give (the columns
         # are lexical attributes), without building a Doc per window (~2 ms per KB of prompt).
-        features = doc.to_array(self._columns).astype("uint64", copy=False)
-        return self._from_features.predict([features[start:end] for start, end in windows])
+        features = doc.to_array(self._fast_tok2vec.columns).astype("uint64", copy=False)
+        return self._fast_tok2vec([features[start:end] for start, end in windows])
 
     def _decode(self, feats: np.ndarray, spaces: list[int]) -> list[tuple[int, int, str]]:
         n = len(feats)

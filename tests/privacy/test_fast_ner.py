@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import spacy
+from thinc.api import Linear, chain
 
 from gateway.classify.sensitivity import PresidioSensitivityClassifier
 from gateway.privacy.fast_ner import FastNer
+from gateway.privacy.fast_tok2vec import FastTok2Vec
 from gateway.privacy.ner_windows import MARGIN, candidate_windows
 
 ROUTING = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing" / "labelled_prompts.jsonl"
@@ -99,3 +102,23 @@ def test_windowed_decoding_finds_the_same_names_and_places(nlp: spacy.Language, 
     # Measured 0.988 on a 1,020-prompt sample; the differences are lower-case words spaCy calls
     # places or people in maths and code ("pqr", "f(x)$"), which windows skip.
     assert total > 200 and same / total >= 0.97
+
+
+def test_token_vectors_are_bitwise_thincs(nlp: spacy.Language) -> None:
+    tok2vec = nlp.get_pipe("ner").model.get_ref("tok2vec")
+    fast_tok2vec = FastTok2Vec.for_model(tok2vec)
+    assert fast_tok2vec is not None, "the default model's tok2vec should have the shape FastTok2Vec runs"
+    for text in [*_prompts(120), "Paris", "Hi, I am Maria Gonzalez. " + "please list the actions. " * 6]:
+        doc = nlp.make_doc(text)
+        for windows in ([(0, len(doc))], candidate_windows(doc)):
+            if not windows:
+                continue
+            expected = tok2vec.predict([doc[a:b].as_doc() for a, b in windows])  # thinc, one Doc per window
+            features = doc.to_array(fast_tok2vec.columns).astype("uint64")
+            got = fast_tok2vec([features[a:b] for a, b in windows])
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), text[:100]
+
+
+def test_other_tok2vec_shapes_are_left_to_thinc() -> None:
+    assert FastTok2Vec.for_model(chain(Linear(4, 4), Linear(4, 4), Linear(4, 4))) is None
+    assert FastTok2Vec.for_model(Linear(4, 4)) is None
