@@ -8,6 +8,7 @@ in and out.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
 from collections.abc import AsyncIterator
@@ -74,12 +75,13 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     return max(1, len(all_text(body)) // 4)
 
 
-async def _timed(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> Any:
+def _in_thread(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> asyncio.Future[Any]:
+    """Starts `fn(body)` on a worker thread now (not at the loop's next turn, as a task would), so
+    it runs while the inline classifiers work."""
     t0 = time.perf_counter()
-    try:
-        return await asyncio.to_thread(fn, body)
-    finally:
-        metrics.classify_seconds.labels(name).observe(time.perf_counter() - t0)
+    future = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, fn, body)
+    future.add_done_callback(lambda _: metrics.classify_seconds.labels(name).observe(time.perf_counter() - t0))
+    return future
 
 
 def _inline(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> Any:
@@ -122,7 +124,7 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
               if n in jobs and getattr(c, "runs_inline", False)}
     results: dict[str, Any] = {}
     errors: dict[str, BaseException | None] = {}
-    tasks = {n: asyncio.ensure_future(_timed(metrics, n, fn, call.body)) for n, fn in jobs.items() if n not in inline}
+    tasks = {n: _in_thread(metrics, n, fn, call.body) for n, fn in jobs.items() if n not in inline}
     for name in inline:
         try:
             results[name] = _inline(metrics, name, jobs[name], call.body)
