@@ -8,7 +8,6 @@ error event, or not at all.
 from __future__ import annotations
 
 import os
-import textwrap
 import threading
 import time
 from collections import Counter
@@ -19,27 +18,13 @@ from pathlib import Path
 import httpx
 import orjson
 
+from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream, Fault
 
-# Small timeouts so every fault resolves in about a second; hysteresis as shipped (3 down, 2 up).
+# Small timeouts (these and the targets' in write_chaos_policy) so every fault resolves in about a
+# second; hysteresis as shipped (3 down, 2 up).
 # Classification is switched off (heuristic difficulty, no presidio): this suite is about transport.
 CHAOS_POLICY = """
-version: 1
-targets:
-  cloud:
-    kind: cloud
-    model: openai/cloud-model
-    api_base: {cloud}
-    api_key: sk-test-cloud
-    timeout_s: 1
-    retries: 1
-    max_retry_after_s: 0.5
-  local:
-    kind: local
-    model: openai/local-model
-    api_base: {local}
-    timeout_s: 3
-    continues_answers: true  # a cloud stream broken after its first tokens is finished here
 connectivity:
   probe_interval_s: {probe}
   probe_timeout_s: 0.3
@@ -68,8 +53,13 @@ DEADLINE_S = 4.0
 
 
 def write_chaos_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream) -> Path:
-    path.write_text(textwrap.dedent(CHAOS_POLICY).format(
-        cloud=cloud.base_url, local=local.base_url, probe=PROBE_INTERVAL_S, deadline=DEADLINE_S))
+    path.write_text(policy_yaml(
+        cloud.base_url, local.base_url,
+        cloud={"timeout_s": 1, "retries": 1, "max_retry_after_s": 0.5},
+        # continues_answers: a cloud stream broken after its first tokens is finished here.
+        local={"timeout_s": 3, "continues_answers": True},
+        rest=CHAOS_POLICY.format(probe=PROBE_INTERVAL_S, deadline=DEADLINE_S),
+    ))
     return path
 
 

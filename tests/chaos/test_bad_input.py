@@ -10,11 +10,11 @@ from __future__ import annotations
 import gzip
 import json
 import socket
-import textwrap
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,24 +23,12 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream
 
 # A real privacy pipeline (presidio) sees the fuzzed bodies: it walks every message part, so it is
 # where odd shapes would crash. Difficulty uses the cheap heuristic to keep the budget.
 POLICY = """
-version: 1
-targets:
-  cloud:
-    kind: cloud
-    model: openai/cloud-model
-    api_base: {cloud}
-    api_key: sk-test-cloud
-    timeout_s: 5
-  local:
-    kind: local
-    model: openai/local-model
-    api_base: {local}
-    timeout_s: 5
 connectivity:
   probe_interval_s: 1
 limits:
@@ -54,14 +42,20 @@ defaults:
   fallback: [local]
 rules:
   - name: offline
-    when: {{ connectivity: offline }}
+    when: { connectivity: offline }
     route: local
   - name: to-cloud
-    when: {{ header: {{ x-route: cloud }} }}
+    when: { header: { x-route: cloud } }
     route: cloud
   - name: default
     route: local
 """
+
+
+def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream) -> Path:
+    path.write_text(policy_yaml(cloud.base_url, local.base_url,
+                                cloud={"timeout_s": 5}, local={"timeout_s": 5}, rest=POLICY))
+    return path
 
 
 class TolerantUpstream(FakeUpstream):
@@ -86,9 +80,7 @@ def upstreams() -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, upstreams: tuple[FakeUpstream, FakeUpstream]) -> Iterator[RunningGateway]:
     cloud, local = upstreams
-    path = tmp_path_factory.mktemp("bad") / "policy.yaml"
-    path.write_text(textwrap.dedent(POLICY).format(cloud=cloud.base_url, local=local.base_url))
-    with run_gateway(path) as running:
+    with run_gateway(write_policy(tmp_path_factory.mktemp("bad") / "policy.yaml", cloud, local)) as running:
         yield running
 
 

@@ -1,30 +1,17 @@
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream
 
+# The policy of the gateway tests less its targets (write_policy adds them). Other tests edit
+# its text (tests/ops/test_dashboard.py, test_reload_auth.py): mind them when changing a line.
 POLICY = """
-version: 1
-targets:
-  cloud:
-    kind: cloud
-    model: openai/cloud-model
-    api_base: {cloud}
-    api_key: sk-test-cloud
-    timeout_s: 5
-    retries: 1
-    max_retry_after_s: 1
-  local:
-    kind: local
-    model: openai/local-model
-    api_base: {local}
-    timeout_s: 5
 aliases:
   smart: cloud
   gpt-4o: auto
@@ -42,19 +29,19 @@ defaults:
   fallback: [local]
 rules:
   - name: offline
-    when: {{ connectivity: offline }}
+    when: { connectivity: offline }
     route: local
   - name: forbidden
-    when: {{ header: {{ x-team: blocked-* }} }}
-    block: {{ status: 403, message: "Team is not allowed." }}
+    when: { header: { x-team: blocked-* } }
+    block: { status: 403, message: "Team is not allowed." }
   - name: to-cloud
-    when: {{ header: {{ x-route: cloud }} }}
+    when: { header: { x-route: cloud } }
     route: cloud
   - name: tools-cloud
-    when: {{ has_tools: true }}
+    when: { has_tools: true }
     route: cloud
   - name: long-cloud
-    when: {{ prompt_tokens: {{ gt: 200 }} }}
+    when: { prompt_tokens: { gt: 200 } }
     route: cloud
     fallback: []
   - name: default
@@ -63,7 +50,12 @@ rules:
 
 
 def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, text: str = POLICY) -> Path:
-    path.write_text(textwrap.dedent(text).format(cloud=cloud.base_url, local=local.base_url))
+    path.write_text(policy_yaml(
+        cloud.base_url, local.base_url,
+        cloud={"timeout_s": 5, "retries": 1, "max_retry_after_s": 1},
+        local={"timeout_s": 5},
+        rest=text,
+    ))
     return path
 
 

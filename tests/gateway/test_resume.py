@@ -8,7 +8,6 @@ upstream received, PII included.
 
 from __future__ import annotations
 
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,35 +18,13 @@ import openai
 import pytest
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream, Fault
 
 EMAIL = "maria.gonzalez@example.com"
 TAIL = " and that is the rest of the answer."
 
 POLICY = """
-version: 1
-targets:
-  cloud:
-    kind: cloud
-    model: openai/cloud-model
-    api_base: {cloud}
-    api_key: sk-test-cloud
-    timeout_s: 2
-    retries: 0
-  cloud2:
-    kind: cloud
-    model: openai/cloud2-model
-    api_base: {cloud2}
-    api_key: sk-test-cloud2
-    timeout_s: 2
-    retries: 0
-    continues_answers: true
-  local:
-    kind: local
-    model: openai/local-model
-    api_base: {local}
-    timeout_s: 5
-    continues_answers: {local_continues}
 connectivity:
   probe_interval_s: 30
 privacy:
@@ -56,12 +33,12 @@ difficulty:
   method: heuristic
 rules:
   - name: private-then-cloud2
-    when: {{ header: {{ x-route: cloud2 }} }}
+    when: { header: { x-route: cloud2 } }
     route: cloud
     redact: true
     fallback: [cloud2, local]
   - name: private
-    when: {{ header: {{ x-route: private }} }}
+    when: { header: { x-route: private } }
     route: cloud
     redact: true
     fallback: [local]
@@ -69,6 +46,20 @@ rules:
     route: cloud
     fallback: [local]
 """
+
+
+def write_policy(path: Path, servers: dict[str, FakeUpstream], local_continues: bool) -> Path:
+    path.write_text(policy_yaml(
+        servers["cloud"].base_url, servers["local"].base_url,
+        cloud={"timeout_s": 2, "retries": 0},
+        local={"timeout_s": 5, "continues_answers": local_continues},
+        more_targets={"cloud2": {
+            "kind": "cloud", "model": "openai/cloud2-model", "api_base": servers["cloud2"].base_url,
+            "api_key": "sk-test-cloud2", "timeout_s": 2, "retries": 0, "continues_answers": True,
+        }},
+        rest=POLICY,
+    ))
+    return path
 
 
 def _continuation(body: dict[str, Any]) -> str:
@@ -85,11 +76,7 @@ def servers() -> Iterator[dict[str, FakeUpstream]]:
 
 
 def _gateway(tmp_path: Path, servers: dict[str, FakeUpstream], local_continues: bool) -> Iterator[RunningGateway]:
-    path = tmp_path / "p.yaml"
-    path.write_text(textwrap.dedent(POLICY).format(
-        cloud=servers["cloud"].base_url, cloud2=servers["cloud2"].base_url, local=servers["local"].base_url,
-        local_continues=str(local_continues).lower()))
-    with run_gateway(path) as gw:
+    with run_gateway(write_policy(tmp_path / "p.yaml", servers, local_continues)) as gw:
         yield gw
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,23 +18,10 @@ import pytest
 
 from tests.privacy.bodies import PLANTED, every_shape, leaked
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream
 
 POLICY = """
-version: 1
-targets:
-  cloud:
-    kind: cloud
-    model: openai/cloud-model
-    api_base: {cloud}
-    api_key: sk-test-cloud
-    timeout_s: 5
-    retries: 0
-  local:
-    kind: local
-    model: openai/local-model
-    api_base: {local}
-    timeout_s: 5
 connectivity:
   probe_interval_s: 30
 limits:
@@ -53,11 +39,12 @@ rules:
 
 
 def _policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, on_error: str, nlp_model: str) -> Path:
-    path.write_text(
-        textwrap.dedent(POLICY).format(
-            cloud=cloud.base_url, local=local.base_url, on_error=on_error, nlp_model=nlp_model
-        )
-    )
+    path.write_text(policy_yaml(
+        cloud.base_url, local.base_url,
+        cloud={"timeout_s": 5, "retries": 0},
+        local={"timeout_s": 5},
+        rest=POLICY.format(on_error=on_error, nlp_model=nlp_model),
+    ))
     return path
 
 
