@@ -3,8 +3,9 @@
     flock /tmp/bench.lock .venv/bin/python benchmarks/proxy_floor.py     # ~2 minutes
 
 The bare proxy (this file, `--serve`) reads the request, forwards it to the same loopback fake
-upstream with aiohttp and relays the answer (one write per SSE event, as the gateway does), with
-no policy, classification, retries, metrics or audit. Paths alternate, c=1. Printed per path and
+upstream with aiohttp and relays the answer (one write per SSE event, as uvicorn does by default;
+the gateway joins the writes of one loop turn, see gateway/http_protocol.py), with no policy,
+classification, retries, metrics or audit. Paths alternate, c=1. Printed per path and
 mode: added p50 latency versus direct, and CPU per request of the proxy process (/proc): the
 latter is what our own pipeline costs above the floor, and is steadier than latency on a shared
 machine.
