@@ -44,6 +44,8 @@ class TurnCoalescingTransport:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
+        if self._transport.is_closing():
+            return  # the client left within this turn: uvloop raises on writes to a closed transport
         self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
