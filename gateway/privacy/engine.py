@@ -19,8 +19,15 @@ import copy
 import logging
 from pathlib import Path
 
+import regex
 import spacy
-from presidio_analyzer import AnalyzerEngine, EntityRecognizer, RecognizerRegistry, RecognizerResult
+from presidio_analyzer import (
+    AnalyzerEngine,
+    EntityRecognizer,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer, LemmaContextAwareEnhancer
 from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
@@ -60,6 +67,7 @@ from gateway.privacy.recognizers import (
     StreetAddressRecognizer,
     custom_recognizers,
 )
+from gateway.privacy.regex_gate import gate
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +136,7 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
         # 1 KB prompt that costs as much as NER itself. One vectorised to_array pass instead.
         cols = doc.to_array([IDX, LENGTH, LOWER, LEMMA, IS_STOP, IS_PUNCT])
         strings = doc.vocab.strings
-        has_lemma = doc.has_annotation("LEMMA")
+        has_lemma = bool(cols[:, 3].any())  # doc.has_annotation("LEMMA"), without a Token object per word
         lemmas = [strings[int(h)].lower() for h in (cols[:, 3] if has_lemma else cols[:, 2])]
         starts = cols[:, 0].tolist()
         ends = (cols[:, 0] + cols[:, 1]).tolist()
@@ -298,6 +306,14 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
     return recs
 
 
+def _gate_patterns(rec: PatternRecognizer) -> None:
+    """Compile the recognizer's patterns as presidio would, each behind its regex gate (the same
+    matches, found only where a match is possible: gateway/privacy/regex_gate.py)."""
+    for pattern in rec.patterns:
+        pattern.compiled_regex = gate(regex.compile(pattern.regex, flags=rec.global_regex_flags))
+        pattern.compiled_with_flags = rec.global_regex_flags
+
+
 def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
     """The engine and the entities worth asking it for (those whose level is above `none`)."""
     levels = cfg.effective_levels()
@@ -308,6 +324,8 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
     with_ner = "ner" in nlp.pipe_names
     registry = RecognizerRegistry(supported_languages=["en"])
     for rec in _recognizers(cfg, with_ner):
+        if isinstance(rec, PatternRecognizer):
+            _gate_patterns(rec)
         registry.add_recognizer(rec)
     supported = {e for r in registry.recognizers for e in r.supported_entities}
     wanted = sorted(e for e in supported if levels.get(e, cfg.default_level) != "none")

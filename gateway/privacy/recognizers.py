@@ -26,6 +26,7 @@ from presidio_analyzer.predefined_recognizers import EmailRecognizer
 from gateway.privacy.address import find_addresses
 from gateway.privacy.config import CustomRecognizer
 from gateway.privacy.places import find_nationalities, find_places
+from gateway.privacy.regex_gate import gate
 
 
 @dataclass(frozen=True)
@@ -157,9 +158,9 @@ def _looks_like_placeholder(value: str) -> bool:
 
 
 # Candidate phone numbers: an optional +country code, optional (area), then 2-4 digit groups.
-_PHONE_CANDIDATE = re.compile(
+_PHONE_CANDIDATE = gate(re.compile(
     r"(?<![\w+/.:-])(?:\+\d{1,3}[ \t.-]?)?(?:\(\d{1,5}\)[ \t.-]?)?\d{1,4}(?:[ \t.-]?\d{2,5}){1,4}(?:[ \t]?(?:x|ext\.?)[ \t]?\d{1,5})?(?![\w/:]|[-.]\d)"
-)
+))
 _SSN_SHAPE = re.compile(r"^\d{3}-\d{2}-\d{4}$")
 _DATE_SHAPE = re.compile(r"^\d{1,4}[-./]\d{1,2}[-./]\d{1,4}$")
 _IPV4_SHAPE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
@@ -231,7 +232,7 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-_CARD_CANDIDATE = re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])")
+_CARD_CANDIDATE = gate(re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])"))
 # Issuer prefixes (IIN ranges): Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38,
 # Discover/UnionPay 6, JCB 35 (and its 15-digit 2131/1800), Maestro 50/56-69.
 _IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6|2131|1800)")
