@@ -106,7 +106,9 @@ class StaticEmbedder:
         return text[: self.max_tokens * CHARS_PER_PIECE_MAX]
 
     def embed(self, text: str) -> np.ndarray:
-        return self._pool(self._tok.encode(self._clip(text), add_special_tokens=False).ids)
+        # encode_batch_fast: the same ids without offsets (~20 % less work), and it lets go of the
+        # GIL, so the presidio thread analysing the same request runs meanwhile.
+        return self._pool(self._tok.encode_batch_fast([self._clip(text)], add_special_tokens=False)[0].ids)
 
     def embed_many(self, texts: list[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         """Row i belongs to texts[i]; each row is computed exactly as `embed` would (no batching effects)."""
