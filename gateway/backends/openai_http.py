@@ -25,6 +25,7 @@ from gateway.backends.errors import status_error
 # Transport failures: the target could not be reached, or dropped the connection mid-answer.
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, ConnectionError)
 _TRAILER_WAIT_S = 1.0  # in the background: generous
+_MAX_LINE = 1 << 20  # one SSE line (a big tool-call chunk fits); longer is a broken upstream
 
 
 class OpenAIHTTPBackend:
@@ -55,7 +56,7 @@ class OpenAIHTTPBackend:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300),
-                read_bufsize=1 << 20,  # long SSE lines (big tool-call chunks) fit
+                read_bufsize=1 << 20,
                 trust_env=False,  # never route device or loopback traffic through a proxy env
                 auto_decompress=True,
             )
@@ -116,29 +117,40 @@ class OpenAIHTTPBackend:
             ctype = resp.headers.get("content-type", "")
             if "text/event-stream" not in ctype and "application/json" not in ctype:
                 raise BackendError("protocol", f"{self.name}: unexpected content-type {ctype[:40]!r}")
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    finished = True
+            # Lines are split here from whatever each read brings, not with aiohttp's readline:
+            # one await per read instead of two per event (the data line and the blank line).
+            buf = bytearray()
+            async for data in resp.content.iter_any():
+                buf += data
+                start = 0
+                while (end := buf.find(b"\n", start)) >= 0:
+                    line = bytes(buf[start:end]).strip()
+                    start = end + 1
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        finished = True
+                        break
+                    yield self._event(payload)
+                if finished:
                     break
-                try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
-                    raise BackendError("protocol", f"{self.name}: invalid JSON in stream") from None
-                if isinstance(chunk, dict) and "error" in chunk:
-                    raise BackendError("protocol", f"{self.name}: error event in stream")
-                yield chunk
+                del buf[:start]
+                if len(buf) > _MAX_LINE:
+                    raise BackendError("protocol", f"{self.name}: stream line too long")
+            if not finished:
+                line = bytes(buf).strip()  # a last line without its newline
+                if line.startswith(b"data:"):
+                    payload = line[5:].strip()
+                    finished = payload == b"[DONE]"
+                    if not finished:
+                        yield self._event(payload)
             if not finished:
                 raise BackendError("protocol", f"{self.name}: stream ended without [DONE]")
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: stream timeout") from None
         except _CONNECT_ERRORS as exc:
             raise BackendError("connect", f"{self.name}: stream {type(exc).__name__}") from None
-        except ValueError:  # aiohttp: a line longer than read_bufsize
-            raise BackendError("protocol", f"{self.name}: stream line too long") from None
         finally:
             if finished:
                 # The body's chunked terminator may still trail [DONE]: drain it off the answer's
@@ -149,6 +161,15 @@ class OpenAIHTTPBackend:
                 task.add_done_callback(self._draining.discard)
             else:
                 resp.close()  # abandoned mid-answer: never reuse a half-read connection
+
+    def _event(self, payload: bytes) -> dict[str, Any]:
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise BackendError("protocol", f"{self.name}: invalid JSON in stream") from None
+        if isinstance(chunk, dict) and "error" in chunk:
+            raise BackendError("protocol", f"{self.name}: error event in stream")
+        return chunk
 
     async def aclose(self) -> None:
         for task in list(self._draining):
