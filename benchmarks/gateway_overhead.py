@@ -1,6 +1,6 @@
 """Gateway overhead and throughput against LiteLLM proxy, in one run, paths in alternation.
 
-    .venv/bin/python benchmarks/gateway_overhead.py            # ~4 minutes
+    .venv/bin/python benchmarks/gateway_overhead.py            # ~8 minutes
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
 
 Every request carries a distinct ~1 KB prompt (a counter at its end), so classifier caches miss.
@@ -21,6 +21,10 @@ LiteLLM proxy is installed only for this benchmark, in its own venv:
 
 Skipped with a note if `.venv-bench/bin/litellm` is missing. Each measurement cycles through the
 paths in rotating order, so load from other processes on the machine hits every path alike.
+Each sequential slice first sends a few requests that are not counted: right after another path
+ran (LiteLLM above all, whose footprint is the largest), the first requests of any path are slow
+while caches refill; a slice of 150 counted requests read ~0.1-0.3 ms higher p50 than one of 800
+for direct and gateway alike. Since session 5, 500 counted requests per slice.
 Prints the table and appends it to benchmarks/results/gateway_overhead.txt.
 """
 
@@ -322,13 +326,16 @@ def run(args: argparse.Namespace) -> str:
                     # Classification on at high concurrency only measures presidio's CPU: keep it to c<=16.
                     if p.name == "hg-on" and conc > 16:
                         continue
+                    if reqs is not None:  # a sequential slice: settle first, not counted
+                        asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream,
+                                            requests=args.settle, seconds=None))
                     s = asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream, requests=reqs, seconds=secs))
                     results.setdefault((label, p.name), Sample()).add(s)
 
         load = os.getloadavg()
         out(f"Gateway overhead vs direct, loopback fake upstream ({len(PROMPT)} B prompt, fixed small answer)")
         out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f} (other work shares the cores); "
-            f"{args.rounds} alternating rounds per cell")
+            f"{args.rounds} alternating rounds per cell; c=1 slices of {args.seq} requests after {args.settle} uncounted")
         out()
         out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
         for label, *_ in plan:
@@ -381,7 +388,8 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     args.rounds = 2 if args.quick else 4
-    args.seq = 50 if args.quick else 150  # sequential requests per path per round
+    args.seq = 50 if args.quick else 500  # sequential requests per path per round
+    args.settle = 5 if args.quick else 20  # sent before each sequential slice, not counted
     args.slice_s = 1.5 if args.quick else 3.0
     args.warmup = 20 if args.quick else 60
     try:
