@@ -56,7 +56,7 @@ class OpenAIHTTPBackend:
             self._session = aiohttp.ClientSession(
                 headers=self._headers,
                 connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300),
-                read_bufsize=1 << 20,
+                read_bufsize=1 << 20,  # what one read may buffer; a line's own bound is _MAX_LINE
                 trust_env=False,  # never route device or loopback traffic through a proxy env
                 auto_decompress=True,
             )

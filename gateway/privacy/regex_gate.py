@@ -2,7 +2,7 @@
 
 Most PII patterns cannot match without a digit (phone numbers, licences, dates, SSNs) or a
 particular punctuation mark (the dot of a URL, the colon of an IPv6 address), yet `finditer`
-tries them at every position of the text: presidio's URL patterns alone cost ~0.6 ms per KB of
+tries them at every position of the text: presidio's URL patterns alone cost ~0.45 ms per KB of
 plain prose. `gate(compiled)` reads the pattern's syntax tree and, when it can *prove* that
 
 1. every match contains a character of a gate class (a digit, or one punctuation mark), and
@@ -73,16 +73,21 @@ def _member_in_gate(op: Any, av: Any, gate: str) -> bool:
     return op is C.RANGE and av[0] == av[1] == ord(gate)
 
 
+def _single(op: Any, av: Any, gate: str) -> bool:
+    """One character, always of the gate."""
+    return (op is C.LITERAL and _member_in_gate(op, av, gate)) or (
+        op is C.IN and bool(av) and all(m_op is not C.NEGATE and _member_in_gate(m_op, m_av, gate) for m_op, m_av in av)
+    )
+
+
 def _requires(seq: Any, gate: str) -> bool:
     """Every match of `seq` consumes at least one character of the gate."""
     return any(_item_requires(op, av, gate) for op, av in seq)
 
 
 def _item_requires(op: Any, av: Any, gate: str) -> bool:
-    if op is C.LITERAL:
-        return _member_in_gate(op, av, gate)
-    if op is C.IN:
-        return bool(av) and all(m_op is not C.NEGATE and _member_in_gate(m_op, m_av, gate) for m_op, m_av in av)
+    if op in (C.LITERAL, C.IN):
+        return _single(op, av, gate)
     if op is C.SUBPATTERN:
         return _requires(av[3], gate)
     if op is C.ATOMIC_GROUP:
@@ -92,13 +97,6 @@ def _item_requires(op: Any, av: Any, gate: str) -> bool:
     if op in _REPEATS:
         return av[0] >= 1 and _requires(av[2], gate)
     return False  # anchors, look-arounds, back-references, conditionals, ANY, NOT_LITERAL
-
-
-def _single(op: Any, av: Any, gate: str) -> bool:
-    """One character, always of the gate."""
-    return (op is C.LITERAL and _member_in_gate(op, av, gate)) or (
-        op is C.IN and bool(av) and all(m_op is not C.NEGATE and _member_in_gate(m_op, m_av, gate) for m_op, m_av in av)
-    )
 
 
 def _requires_followed(seq: Any, gate: str) -> bool:
@@ -200,10 +198,8 @@ def find_gate(source: str, flags: int, engine: Any = regex) -> Gate | None:
         return None
     width = tree.getwidth()[1]
     context = _context(tree)
-    if width >= _UNBOUNDED or context >= _UNBOUNDED:
-        width = _UNBOUNDED if width >= _UNBOUNDED else width
-        if context >= _UNBOUNDED:
-            return None
+    if context >= _UNBOUNDED:
+        return None
     chunked = not _can_consume_space(tree, engine)
     if not chunked and width >= _UNBOUNDED:
         return None
