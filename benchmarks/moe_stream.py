@@ -626,7 +626,7 @@ def main() -> None:
             r["ceiling"] = r["pattern_ceiling_Bps"]
             TRACES.mkdir(parents=True, exist_ok=True)
             saved = TRACES / f"run-{a.prompt}+{a.tokens}-{frac:.2f}{'p' if prefetch else ''}.json"
-            saved.write_text(json.dumps({x: r[x] for x in ("trace", "trace_uses", "trace_probs")}))
+            saved.write_text(json.dumps({x: r[x] for x in ("trace", "trace_uses", "trace_probs", "tokens")}))
             trace, uses, probs, layers = load_trace(saved)
             r["replay_all"] = replay_all(trace, budget // stride, uses, probs, layers)
         print(f"  ran budget {frac:.0%} prefetch={prefetch}: saturating {sat / 1e9:.2f} GB/s "
