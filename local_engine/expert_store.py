@@ -43,6 +43,7 @@ from local_engine.formats.pack import (
 )
 
 VERIFY_MODES = ("always", "first", "never")
+_ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux-only flag
 
 
 class BudgetError(ValueError):
@@ -123,7 +124,10 @@ class ExpertStore:
         try:
             return self._free.pop()
         except IndexError:
-            return mmap.mmap(-1, self.stride)  # page-aligned: a valid O_DIRECT target
+            # page-aligned (a valid O_DIRECT target) and populated now: otherwise the read itself
+            # faults in and zeroes every page of a fresh buffer, which at large budgets (every
+            # admitted bundle is a new buffer) halved the achieved read bandwidth and tripled I/O wait
+            return mmap.mmap(-1, self.stride, flags=_ANON_FLAGS)
 
     def _release(self, buf: mmap.mmap) -> None:
         if len(self._free) < self.max_inflight:
