@@ -218,8 +218,10 @@ def main() -> None:
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     t0 = time.perf_counter()
     toks, trace, states = replay_run(model, tap, prompt, a.tokens)
+    saved = json.loads(a.load.read_text()) if a.load else None
+    n_cand = saved["candidates"] if saved else a.candidates
     print(f"# online bound: {a.tokens} decode steps after a {a.prompt}-token prompt, "
-          f"{'all ' + str(CFG['vocab_size']) if a.candidates >= CFG['vocab_size'] else str(a.candidates) + ' sampled'} "
+          f"{'all ' + str(CFG['vocab_size']) if n_cand >= CFG['vocab_size'] else str(n_cand) + ' sampled'} "
           f"next-token candidates per step (replayed in {time.perf_counter() - t0:.0f} s)", flush=True)
 
     fracs = [float(x) for x in a.budgets.split(",")]
@@ -238,13 +240,12 @@ def main() -> None:
     rng = torch.Generator().manual_seed(7)
     per_step = []
     loose = []
-    if a.load:
-        saved = json.loads(a.load.read_text())
+    if saved:
         if saved["tokens"] != toks:
             sys.exit(f"{a.load}: saved for other tokens than this run's")
         per_step = [torch.tensor(P, dtype=torch.float64) for P in saved["marginals"]]
         states = []
-        print(f"# marginals from {a.load} ({saved['candidates']} candidates per step)")
+        print(f"# marginals from {a.load}")
     for j, (cache, p) in enumerate(states):
         t = time.perf_counter()
         P = marginals(model, tap, cache, p, a.candidates, a.batch, rng)
