@@ -47,8 +47,10 @@ from local_engine.models.layers import (
     swiglu,
 )
 
-# next-layer prefetch turns itself on from this cache budget (fraction of the expert bank) up
+# next-layer prefetch turns itself on for cache budgets in [MIN, MAX) of the expert bank: where
+# the benchmark showed it paying (docs/moe.md, "Next-layer prefetch")
 PREFETCH_AUTO_MIN = 0.10
+PREFETCH_AUTO_MAX = 0.25
 
 # --------------------------------------------------------------------------- routing (pure)
 
@@ -155,11 +157,11 @@ class MoEModel:
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
              direct: bool = True, verify: str = "first", prefetch: bool | str = "auto",
              record_trace: bool = True) -> MoEModel:
-        """``prefetch``: True, False, or "auto" = on when the cache holds at least
-        ``PREFETCH_AUTO_MIN`` of the expert bank but not all of it: decode is then compute-bound and
-        the disk has idle time to hide reads in. Below, the disk is the bottleneck and the
-        benchmark gave mixed results; with the whole bank cached there is nothing left to hide,
-        and a wrong guess would only read an expert nobody asked for. ``record_trace`` keeps the
+        """``prefetch``: True, False, or "auto" = on when the cache holds between
+        ``PREFETCH_AUTO_MIN`` and ``PREFETCH_AUTO_MAX`` of the expert bank: there the decode waits
+        on a good share of reads the disk has idle time for. Below, the disk is the bottleneck and
+        every wrong guess costs disk time; above, the few misses left are read fast enough that the
+        wrong guesses (a third or more) cost more than the hidden latency saves. ``record_trace`` keeps the
         expert trace for replays (grows with every token: off in long-running servers)."""
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
@@ -173,7 +175,7 @@ class MoEModel:
             raise
         if prefetch == "auto":
             bank = m.expert_bank_bytes
-            prefetch = bank > 0 and PREFETCH_AUTO_MIN * bank <= budget < bank
+            prefetch = bank > 0 and PREFETCH_AUTO_MIN * bank <= budget < PREFETCH_AUTO_MAX * bank
         elif not isinstance(prefetch, bool):
             store.close()
             raise ValueError(f"prefetch must be true, false or 'auto', not {prefetch!r}")

@@ -232,14 +232,16 @@ def test_prefetch_auto_follows_the_budget(tiny_models: dict[str, Tiny]) -> None:
     import pytest
 
     from local_engine.formats.pack import read_manifest
-    from local_engine.models.moe import PREFETCH_AUTO_MIN
+    from local_engine.models.moe import PREFETCH_AUTO_MAX, PREFETCH_AUTO_MIN
 
     packed = tiny_models["qwen3_moe"].packed["none"]
     m = read_manifest(packed)
-    small = 2 * m.stride  # 2 of 24 bundles: below the threshold
-    big = 3 * m.stride  # 3 of 24
-    assert small < PREFETCH_AUTO_MIN * m.expert_bank_bytes <= big
-    for budget, want in ((0, False), (small, False), (big, True), ("unlimited", False)):
+    small = 2 * m.stride  # 2 of 24 bundles: below the window
+    mid = 3 * m.stride  # 3 of 24: in it
+    big = 6 * m.stride  # 6 of 24: past it
+    bank = m.expert_bank_bytes
+    assert small < PREFETCH_AUTO_MIN * bank <= mid < PREFETCH_AUTO_MAX * bank <= big < bank
+    for budget, want in ((0, False), (small, False), (mid, True), (big, False), ("unlimited", False)):
         model = MoEModel.open(packed, memory_budget=budget)
         try:
             assert model.prefetch is want and model.describe()["prefetch"] is want
