@@ -257,7 +257,7 @@ def worker_ours(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
-                          verify=a.verify, prefetch=a.prefetch)
+                          verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     io = model.store.io
     pattern = PatternCeiling(model.store.fd, model.m.stride, a.readers)
@@ -550,6 +550,8 @@ def main() -> None:
     ap.add_argument("--max-memory", type=int, default=0)
     ap.add_argument("--policy", default="adaptive")
     ap.add_argument("--prefetch", action="store_true", help="(worker) next-layer prefetch on")
+    ap.add_argument("--prefetch-auto", action="store_true",
+                    help="(worker) prefetch chosen per token by the engine's PrefetchSwitch (its default)")
     ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
                     help="budgets also decoded with prefetch on ('' to skip)")
     ap.add_argument("--verify", default="first")

@@ -46,11 +46,7 @@ from local_engine.models.layers import (
     rope_inv_freq,
     swiglu,
 )
-
-# next-layer prefetch turns itself on for cache budgets in [MIN, MAX) of the expert bank: where
-# the benchmark showed it paying (docs/moe.md, "Next-layer prefetch")
-PREFETCH_AUTO_MIN = 0.10
-PREFETCH_AUTO_MAX = 0.25
+from local_engine.prefetch_switch import PrefetchSwitch
 
 # --------------------------------------------------------------------------- routing (pure)
 
@@ -147,8 +143,9 @@ class MoEModel:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.run = RunStats()
         self.max_seq = 4096
-        # next-layer prefetch (off by default: see docs/moe.md for when it pays)
-        self.prefetch = False
+        # next-layer prefetch: forced on/off, or chosen per token by a PrefetchSwitch ("auto")
+        self.prefetch: bool | str = False
+        self._switch: PrefetchSwitch | None = None
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
 
@@ -157,11 +154,10 @@ class MoEModel:
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
              direct: bool = True, verify: str = "first", prefetch: bool | str = "auto",
              record_trace: bool = True) -> MoEModel:
-        """``prefetch``: True, False, or "auto" = on when the cache holds between
-        ``PREFETCH_AUTO_MIN`` and ``PREFETCH_AUTO_MAX`` of the expert bank: there the decode waits
-        on a good share of reads the disk has idle time for. Below, the disk is the bottleneck and
-        every wrong guess costs disk time; above, the few misses left are read fast enough that the
-        wrong guesses (a third or more) cost more than the hidden latency saves. ``record_trace`` keeps the
+        """``prefetch``: True, False, or "auto" = the decode tries both in interleaved blocks of
+        tokens and keeps the faster, re-checking every 64 tokens (``PrefetchSwitch``): whether it
+        pays depends on the disk and CPU more than on the budget. Off when the whole bank is
+        cached (nothing left to read). ``record_trace`` keeps the
         expert trace for replays (grows with every token: off in long-running servers)."""
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
@@ -174,12 +170,13 @@ class MoEModel:
             store.close()
             raise
         if prefetch == "auto":
-            bank = m.expert_bank_bytes
-            prefetch = bank > 0 and PREFETCH_AUTO_MIN * bank <= budget < PREFETCH_AUTO_MAX * bank
-        elif not isinstance(prefetch, bool):
+            if budget < m.expert_bank_bytes:
+                model.prefetch, model._switch = "auto", PrefetchSwitch()
+        elif isinstance(prefetch, bool):
+            model.prefetch = prefetch
+        else:
             store.close()
             raise ValueError(f"prefetch must be true, false or 'auto', not {prefetch!r}")
-        model.prefetch = bool(prefetch)
         return model
 
     def close(self) -> None:
@@ -264,11 +261,16 @@ class MoEModel:
         """
         io, cs, r = self.store.io, self.store.cache.stats, self.run
         before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        decode = ids.shape[0] == 1  # a prefill batch would guess most experts: never prefetch there
+        sw = self._switch if decode else None
+        prefetch = decode and (sw.choose() if sw is not None else self.prefetch is True)
         t0 = time.perf_counter()
-        out = self._forward(ids, cache, last_only)
+        out = self._forward(ids, cache, last_only, prefetch)
         dt = time.perf_counter() - t0
+        if sw is not None:
+            sw.record(prefetch, dt)
         r.io_wait_s += io.io_wait_s - before[2]
-        if ids.shape[0] == 1:
+        if decode:
             r.decode_s += dt
             r.decode_tokens += 1
             r.decode_bytes_read += io.bytes_read - before[0]
@@ -282,7 +284,7 @@ class MoEModel:
         return out
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool, prefetch: bool) -> torch.Tensor:
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
@@ -290,7 +292,7 @@ class MoEModel:
             x = x + self._attn(i, rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps), cache, pos0)
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
             x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
-            if self.prefetch and ids.shape[0] == 1:
+            if prefetch:
                 self._prefetch_after(i, x)
         cache.advance(ids.shape[0])
         self.run.tokens_processed += ids.shape[0]
@@ -358,6 +360,7 @@ class MoEModel:
             "resident_bytes": self.m.resident_bytes,
             "expert_bank_bytes": self.m.expert_bank_bytes,
             **{f"store_{k}": v for k, v in s.items()},
+            **(self._switch.stats() if self._switch is not None else {}),
         }
 
 

@@ -82,8 +82,8 @@ rules:
     assert hits > 0 and misses > 0
     assert one("hybrid_moe_cache_hit_ratio") == hits / (hits + misses)
     assert hits == store.cache.stats.hits and misses == store.cache.stats.misses
-    # one read per miss not covered by a speculative read, plus every speculative read (12.5% of
-    # the bank turns prefetch on by default)
+    # one read per miss not covered by a speculative read, plus every speculative read (the default
+    # prefetch="auto" starts its first trial with a block of prefetching decode tokens)
     assert store.io.prefetch_reads == one("hybrid_moe_prefetch_reads_total")
     reads = misses - one("hybrid_moe_prefetch_used_total") + one("hybrid_moe_prefetch_reads_total")
     assert one("hybrid_moe_read_bytes_total") == reads * stride

@@ -31,7 +31,7 @@ def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[
     tokens: dict[str, list[int]] = {}
     runs = {"zero": [("layer-lfu", False), ("layer-lfu", True)],
             "middle": [("lru", False), ("lfu-da", False), ("tinylfu", False), ("layer-lfu", False),
-                       ("layer-lfu", True)],
+                       ("layer-lfu", True), ("adaptive", "auto")],
             "unlimited": [("layer-lfu", False)]}
     for label, budget in _budgets(t).items():
         for policy, prefetch in runs[label]:
@@ -51,8 +51,10 @@ def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[
                 assert s["store_reads"] == s["store_cache_misses"] - s["store_prefetch_used"] + s["store_prefetch_reads"]
                 if prefetch and label == "zero":
                     assert s["store_prefetch_reads"] > 0 and s["store_prefetch_used"] > 0
-                if not prefetch:
+                if prefetch is False:
                     assert s["store_prefetch_reads"] == 0
+                if prefetch == "auto":  # the switch's first trial starts with a block of prefetching tokens
+                    assert s["prefetch_auto_on_tokens"] > 0 and s["store_prefetch_reads"] > 0
             finally:
                 m.close()
             tokens[f"{label}/{policy}/prefetch={prefetch}"] = toks
@@ -228,23 +230,18 @@ def test_bf16_checkpoint_packs_losslessly(tiny_models: dict[str, Tiny], tmp_path
     assert diff < TOL
 
 
-def test_prefetch_auto_follows_the_budget(tiny_models: dict[str, Tiny]) -> None:
+def test_prefetch_auto_is_on_trial_unless_the_bank_fits(tiny_models: dict[str, Tiny]) -> None:
     import pytest
 
     from local_engine.formats.pack import read_manifest
-    from local_engine.models.moe import PREFETCH_AUTO_MAX, PREFETCH_AUTO_MIN
 
     packed = tiny_models["qwen3_moe"].packed["none"]
     m = read_manifest(packed)
-    small = 2 * m.stride  # 2 of 24 bundles: below the window
-    mid = 3 * m.stride  # 3 of 24: in it
-    big = 6 * m.stride  # 6 of 24: past it
-    bank = m.expert_bank_bytes
-    assert small < PREFETCH_AUTO_MIN * bank <= mid < PREFETCH_AUTO_MAX * bank <= big < bank
-    for budget, want in ((0, False), (small, False), (mid, True), (big, False), ("unlimited", False)):
+    for budget, want in ((0, "auto"), (3 * m.stride, "auto"), ("unlimited", False), (m.expert_bank_bytes, False)):
         model = MoEModel.open(packed, memory_budget=budget)
         try:
-            assert model.prefetch is want and model.describe()["prefetch"] is want
+            assert model.prefetch == want and model.describe()["prefetch"] == want
+            assert ("prefetch_auto_trials" in model.stats()) is (want == "auto")
         finally:
             model.close()
     with pytest.raises(ValueError, match="prefetch must be"):
