@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from local_engine.cache import DEFAULT_POLICY, POLICIES
 from local_engine.errors import EngineError
 
 
@@ -66,18 +67,27 @@ def info(model: str, weights: str) -> None:
 @click.option("--memory-budget", default=None,
               help="packed MoE dirs: expert cache size, e.g. 2GiB or 0 to stream every expert "
                    "(default: $LOCAL_ENGINE_MOE_BUDGET, else 2GiB)")
+@click.option("--cache-policy", type=click.Choice(POLICIES), default=None,
+              help=f"packed MoE dirs: expert cache eviction policy (default: {DEFAULT_POLICY})")
+@click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="packed MoE dirs: next-layer expert prefetch; auto (default) tries both while decoding "
+                   "and keeps the faster")
 @click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
 @_clean_errors
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
-             stats: bool) -> None:
+             cache_policy: str | None, prefetch: str | None, stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
     from local_engine.engine import Engine
 
-    opts = {"memory_budget": memory_budget} if memory_budget is not None else {}
+    opts: dict[str, Any] = {"memory_budget": memory_budget} if memory_budget is not None else {}
+    if cache_policy is not None:
+        opts["policy"] = cache_policy
+    if prefetch is not None:
+        opts["prefetch"] = {"auto": "auto", "on": True, "off": False}[prefetch]
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))

@@ -182,6 +182,31 @@ def test_local_engine_generate_stats_on_a_packed_dir(tiny_models: dict[str, Tiny
     assert len(r.stdout.split()) == 5
 
 
+@pytest.mark.parametrize("flags, prefetch_reads, auto", [
+    ([], True, True),  # auto: its first trial block prefetches
+    (["--prefetch", "on", "--cache-policy", "lru"], True, False),
+    (["--prefetch", "off", "--cache-policy", "lru"], False, False),
+])
+def test_local_engine_generate_prefetch_and_policy_flags(tiny_models: dict[str, Tiny], flags: list[str],
+                                                         prefetch_reads: bool, auto: bool) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from local_engine.cli import main
+    from local_engine.formats.pack import read_manifest
+
+    t = tiny_models["qwen3_moe"]
+    budget = str(3 * read_manifest(t.packed["none"]).stride)  # 3 of 24 bundles: something to read
+    r = CliRunner().invoke(main, ["generate", str(t.packed["none"]), "--prompt", " ".join(f"w{i}" for i in PROMPT),
+                                  "--max-tokens", "6", "--stats", "--memory-budget", budget, *flags])
+    assert r.exit_code == 0, r.output
+    extra = json.loads(r.stderr.strip().splitlines()[-1])
+    assert (extra["store_prefetch_reads"] > 0) is prefetch_reads
+    assert ("prefetch_auto_trials" in extra) is auto
+    assert extra["store_cache_policy"] == ("lru" if "lru" in flags else "adaptive")
+
+
 def test_prefill_reads_each_touched_expert_once_per_layer(tiny_models: dict[str, Tiny]) -> None:
     m = MoEModel.open(tiny_models["qwen2_moe"].packed["none"], memory_budget=0)
     try:
