@@ -28,6 +28,13 @@ _TRAILER_WAIT_S = 1.0  # in the background: generous
 _MAX_LINE = 1 << 20  # one SSE line (a big tool-call chunk fits); longer is a broken upstream
 
 
+async def _then_newline(reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The body's reads, then one newline: a last line sent without its own is still a line."""
+    async for data in reads:
+        yield data
+    yield b"\n"
+
+
 class OpenAIHTTPBackend:
     def __init__(
         self,
@@ -120,7 +127,7 @@ class OpenAIHTTPBackend:
             # Lines are split here from whatever each read brings, not with aiohttp's readline:
             # one await per read instead of two per event (the data line and the blank line).
             buf = bytearray()
-            async for data in resp.content.iter_any():
+            async for data in _then_newline(resp.content.iter_any()):
                 buf += data
                 start = 0
                 while (end := buf.find(b"\n", start)) >= 0:
@@ -138,13 +145,6 @@ class OpenAIHTTPBackend:
                 del buf[:start]
                 if len(buf) > _MAX_LINE:
                     raise BackendError("protocol", f"{self.name}: stream line too long")
-            if not finished:
-                line = bytes(buf).strip()  # a last line without its newline
-                if line.startswith(b"data:"):
-                    payload = line[5:].strip()
-                    finished = payload == b"[DONE]"
-                    if not finished:
-                        yield self._event(payload)
             if not finished:
                 raise BackendError("protocol", f"{self.name}: stream ended without [DONE]")
         except TimeoutError:
