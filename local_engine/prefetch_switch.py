@@ -60,10 +60,10 @@ class PrefetchSwitch:
             if self._left <= 0:
                 self._schedule = self._abba(self.recheck_rounds)
             return
-        arm = self._schedule.pop(0)
+        self._schedule.pop(0)
         self._cur.append(seconds)
-        if len(self._cur) == self.block:
-            self._blocks[arm].append(statistics.fmean(self._cur))
+        if len(self._cur) == self.block:  # a block is one arm throughout: the schedule says so
+            self._blocks[on].append(statistics.fmean(self._cur))
             self._cur = []
         if not self._schedule:
             self._decide()
