@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from moe_stream import CFG, SRC, TRACES, best_fixed_set  # noqa: E402
+from moe_stream import CFG, SRC, TRACES, best_fixed_set, scored_cache_hits  # noqa: E402
 
 from local_engine.cache import belady_hits, replay  # noqa: E402
 
@@ -168,28 +168,9 @@ def marginal_oracle(trace: Trace, per_step: list[Any], capacity: int, layers: in
     chance of being routed at forward f + 1 (from the logits forward f is still computing, so it
     even peeks slightly ahead), same pinning / victim / admission rule as ours. What perfect
     knowledge of the next token's distribution buys a real (demand-filled) cache."""
-    cached: set[tuple[int, int]] = set()
-    hits = total = 0
-    for i, st in enumerate(trace):
-        score = per_step[min(i // layers, len(per_step) - 1)]
-        pinned = set(st)
-        for layer, e in st:
-            total += 1
-            if (layer, e) in cached:
-                hits += 1
-                continue
-            if capacity <= 0:
-                continue
-            if len(cached) >= capacity:
-                free = [x for x in cached if x not in pinned]
-                if not free:
-                    continue
-                v = min(free, key=lambda x: float(score[x]))
-                if not float(score[layer, e]) > float(score[v]):
-                    continue
-                cached.discard(v)
-            cached.add((layer, e))
-    return hits / max(total, 1)
+    steps = [(st[0][0], [e for _, e in st]) for st in trace]
+    scores = (per_step[min(i // layers, len(per_step) - 1)].numpy() for i in range(len(steps)))
+    return scored_cache_hits(steps, scores, capacity)
 
 
 def main() -> None:

@@ -383,14 +383,32 @@ def model_oracle(trace: Trace, hidden: list[Any], capacity: int, k: int, rho: fl
     base = np.asarray(hidden[0])
     layers, experts = base.shape
     rng = np.random.default_rng(7)
-    score = np.zeros((layers, experts))
-    cached = np.zeros((layers, experts), dtype=bool)
-    n = hits = total = 0
     fresh = math.sqrt(1.0 - rho * rho)
-    for (layer, es), z in zip(trace, hidden[1:], strict=True):
-        lg = base[layer] + sigma * rho * np.asarray(z) + sigma * fresh * rng.standard_normal((samples, experts))
-        kth = -np.partition(-lg, k - 1, axis=1)[:, k - 1:k]
-        score[layer] = (lg >= kth).mean(0)
+
+    def scores() -> Any:
+        score = np.zeros((layers, experts))
+        for (layer, _), z in zip(trace, hidden[1:], strict=True):
+            lg = base[layer] + sigma * rho * np.asarray(z) + sigma * fresh * rng.standard_normal((samples, experts))
+            kth = -np.partition(-lg, k - 1, axis=1)[:, k - 1:k]
+            score[layer] = (lg >= kth).mean(0)
+            yield score
+
+    return scored_cache_hits(trace, scores(), capacity)
+
+
+def scored_cache_hits(trace: Trace, scores: Any, capacity: int) -> float:
+    """Hit rate of a cache that ranks bundles by given scores: ``scores`` yields, for each step of
+    ``trace``, an array [layers, experts] (the chance of each bundle being needed next). Same
+    pinning, victim and admission rule as ours: evict the lowest-scored unpinned bundle, and only
+    for a bundle that scores higher. The oracles' shared replay."""
+    import numpy as np
+
+    cached = pinned = None
+    n = hits = total = 0
+    for (layer, es), score in zip(trace, scores, strict=True):
+        score = np.asarray(score)
+        if cached is None:
+            cached = np.zeros(score.shape, dtype=bool)
         pinned = np.zeros_like(cached)
         pinned[layer, list(es)] = True
         for e in es:
