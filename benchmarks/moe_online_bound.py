@@ -84,15 +84,16 @@ class RoutingTap:
         return got
 
 
-def replay_run(model: Any, tap: RoutingTap, prompt: list[int], n_tokens: int) -> tuple[list[int], Trace, list[Any]]:
-    """Re-run the benchmark's seeded sampling; return tokens, the routing trace, and the prefix
-    cache + logits before each decode step (what the next token is drawn from)."""
+def replay_run(model: Any, tap: RoutingTap, prompt: list[int], n_tokens: int) -> tuple[list[int], Trace, Any, list[Any]]:
+    """Re-run the benchmark's seeded sampling; return tokens, the routing trace, the final KV cache
+    and the next-token distribution before each decode step (what its token is drawn from). The
+    cache before step j is the final one cropped to the prompt + j tokens (see ``prefix_cache``)."""
     import torch
 
     g = torch.Generator().manual_seed(1)
     cache = None
     trace: Trace = []
-    states = []
+    dists = []
     ids = torch.tensor([prompt])
     toks: list[int] = []
     with torch.no_grad():
@@ -104,11 +105,21 @@ def replay_run(model: Any, tap: RoutingTap, prompt: list[int], n_tokens: int) ->
             lg = out.logits[0, -1]
             if len(toks) == n_tokens:
                 break
-            states.append((copy.deepcopy(cache), torch.softmax(lg, -1)))
-            tok = int(torch.multinomial(torch.softmax(lg, -1), 1, generator=g))
+            dists.append(torch.softmax(lg, -1))
+            tok = int(torch.multinomial(dists[-1], 1, generator=g))
             toks.append(tok)
             ids = torch.tensor([[tok]])
-    return toks, trace, states
+    return toks, trace, cache, dists
+
+
+def prefix_cache(final: Any, length: int) -> Any:
+    """A copy of ``final`` holding only its first ``length`` positions: a causal model's keys and
+    values for a position never depend on later ones, so this is the cache that prefix built."""
+    c = copy.deepcopy(final)
+    extra = c.get_seq_length() - length
+    if extra > 0:
+        c.crop(-extra)
+    return c
 
 
 def marginals(model: Any, tap: RoutingTap, cache: Any, p: Any, candidates: int, batch: int,
@@ -198,7 +209,7 @@ def main() -> None:
     tap = RoutingTap(model)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     t0 = time.perf_counter()
-    toks, trace, states = replay_run(model, tap, prompt, a.tokens)
+    toks, trace, final_cache, dists = replay_run(model, tap, prompt, a.tokens)
     saved = json.loads(a.load.read_text()) if a.load else None
     n_cand = saved["candidates"] if saved else a.candidates
     print(f"# online bound: {a.tokens} decode steps after a {a.prompt}-token prompt, "
@@ -225,16 +236,17 @@ def main() -> None:
         if saved["tokens"] != toks:
             sys.exit(f"{a.load}: saved for other tokens than this run's")
         per_step = [torch.tensor(P, dtype=torch.float64) for P in saved["marginals"]]
-        states = []
+        dists = []
         print(f"# marginals from {a.load}")
-    for j, (cache, p) in enumerate(states):
+    for j, p in enumerate(dists):
         t = time.perf_counter()
+        cache = prefix_cache(final_cache, a.prompt + j)
         P = marginals(model, tap, cache, p, a.candidates, a.batch, rng)
         per_step.append(P)
         if j < a.check_sampled and a.candidates >= CFG["vocab_size"]:
             Ps = marginals(model, tap, cache, p, a.sample_size, a.batch, rng)
             loose.append([(topc_sum(Ps, int(bank * f)), topc_sum(P, int(bank * f))) for f in fracs])
-        print(f"  step {j + 1}/{len(states)}: {time.perf_counter() - t:.0f} s; expected experts/step "
+        print(f"  step {j + 1}/{len(dists)}: {time.perf_counter() - t:.0f} s; expected experts/step "
               f"{float(P.sum()):.1f} (= {L} x top-k)", file=sys.stderr, flush=True)
 
     print("\n| budget | bundles | Belady | online bound | bound / Belady | exact-marginals cache | / Belady "
