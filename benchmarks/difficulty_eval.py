@@ -38,7 +38,7 @@ from gateway.classify.difficulty.data import load_examples, split_indices  # noq
 from gateway.classify.difficulty.train import auc  # noqa: E402
 from gateway.classify.difficulty_cli import SHARES, score_bodies  # noqa: E402
 
-DATA = ROOT / ".." / "shared" / "data" / "routing"
+DATA = ROOT / "benchmarks" / "data" / "routing"
 # RouteLLM (Ong et al. 2024, blog + paper): at 95% of GPT-4 quality, strong-model calls cut by
 # ~45% on MMLU and ~35% on GSM8K with their best routers (trained on arena + augmented data,
 # OpenAI embeddings), i.e. a strong-model share of ~55% and ~65%.

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.routing_data import ROUTING_DATA
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROUTING_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing"
+
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +31,7 @@ def knn_classifier():
 @pytest.fixture(scope="session")
 def labelled_path() -> Path:
     path = ROUTING_DATA / "labelled_prompts.jsonl"
-    assert path.is_file(), f"shared routing data missing: {path}"
+    assert path.is_file(), f"routing data missing from the repository: {path}"
     return path
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ from gateway.classify.sensitivity import PresidioSensitivityClassifier
 from gateway.privacy.fast_ner import FastNer
 from gateway.privacy.fast_tok2vec import FastTok2Vec
 from gateway.privacy.ner_windows import MARGIN, candidate_windows
+from tests.routing_data import LABELLED_PROMPTS
 
-ROUTING = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing" / "labelled_prompts.jsonl"
+ROUTING = LABELLED_PROMPTS
 
 
 def _ents(doc: spacy.tokens.Doc) -> list[tuple[int, int, str]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,8 +16,9 @@ from presidio_analyzer import PatternRecognizer
 from gateway.classify.sensitivity import PresidioSensitivityClassifier
 from gateway.privacy import recognizers
 from gateway.privacy.regex_gate import GatedRegex, find_gate, gate, windows
+from tests.routing_data import LABELLED_PROMPTS
 
-ROUTING = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "routing" / "labelled_prompts.jsonl"
+ROUTING = LABELLED_PROMPTS
 FLAGS = regex.DOTALL | regex.MULTILINE | regex.IGNORECASE  # presidio's
 
 # One or more of each shape the gated patterns look for, and near misses.
