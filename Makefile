@@ -41,7 +41,7 @@ system-tools:
 	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 	   echo "system-tools: not root with apt-get, skipping (tests needing them skip; to install: sudo apt-get install$$missing)"; \
 	else \
-	   echo "system-tools: apt-get install$$missing"; \
+	   echo "system-tools: installing system-wide with apt-get:$$missing (the dashboard's browser test, the compose file check); to opt out: SYSTEM_TOOLS=skip make test"; \
 	   export DEBIAN_FRONTEND=noninteractive; \
 	   apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
 	   || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
