@@ -111,18 +111,28 @@ def policy() -> None:
 
 @policy.command("check")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-def policy_check(paths: tuple[str, ...]) -> None:
-    """Validate policy files; errors as file:line:col: message."""
-    bad = 0
+@click.option("--strict", is_flag=True, help="Exit non-zero on warnings too.")
+def policy_check(paths: tuple[str, ...], strict: bool) -> None:
+    """Validate policy files; errors as file:line:col: message, then warnings (policy lint) as
+    file:line: warning: message."""
+    from gateway.policy.lint import lint
+    from gateway.policy.load import load_policy_source
+
+    bad = warned = 0
     for path in paths:
         try:
-            p = load_policy(path)
+            p, source = load_policy_source(path)
         except PolicyError as exc:
             bad += 1
             click.echo(str(exc), err=True)
             continue
-        click.echo(f"{path}: ok ({len(p.targets)} targets, {len(p.rules)} rules)")
-    sys.exit(1 if bad else 0)
+        warnings = lint(p, source)
+        for w in warnings:
+            click.echo(str(w), err=True)
+        warned += bool(warnings)
+        note = f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""
+        click.echo(f"{path}: ok ({len(p.targets)} targets, {len(p.rules)} rules{note})")
+    sys.exit(1 if bad or (strict and warned) else 0)
 
 
 def policy_json_schema() -> dict[str, Any]:

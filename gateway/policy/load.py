@@ -46,17 +46,59 @@ class _Positions:
     def __init__(self) -> None:
         self.at: dict[Path_, tuple[int, int]] = {}
 
-    def locate(self, loc: Path_) -> tuple[int, int]:
-        """Position of the deepest existing node along `loc` (pydantic locs may add union tags)."""
-        best = self.at.get((), (1, 1))
+    def node(self, loc: Path_) -> Path_:
+        """The deepest existing node along `loc` (pydantic locs may add union tags)."""
         path: Path_ = ()
         for part in loc:
             for candidate in (part, str(part)):
                 if (*path, candidate) in self.at:
                     path = (*path, candidate)
-                    best = self.at[path]
                     break
-        return best
+        return path
+
+    def locate(self, loc: Path_) -> tuple[int, int]:
+        """Position of the deepest existing node along `loc`."""
+        return self.at.get(self.node(loc), (1, 1))
+
+
+@dataclass(frozen=True)
+class Retyped:
+    """A plain (unquoted) YAML scalar that YAML 1.1 read as something other than the text written:
+    `no` -> False, `012` -> 10, `1.10` -> 1.1, `~` -> None."""
+
+    path: Path_
+    text: str
+    value: Any
+    is_key: bool
+
+    @property
+    def changed(self) -> bool:
+        """Whether turning the value back into a string loses what was written (`on` -> 'True')."""
+        return str(self.value) != self.text
+
+    def hint(self) -> str:
+        if isinstance(self.value, bool):
+            read = "a boolean"
+        elif self.value is None:
+            read = "null"
+        elif isinstance(self.value, int):
+            read = "an integer" if str(self.value) == self.text else f"an integer ({self.value})"
+        else:
+            read = "a number" if str(self.value) == self.text else f"a number ({self.value})"
+        return f'YAML read `{self.text}` as {read}; quote it: "{self.text}"'
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """Where the parts of a loaded policy sit in its file, for messages about them (the lint's)."""
+
+    file: str
+    positions: _Positions
+    retyped: tuple[Retyped, ...]
+
+    def locate(self, loc: str | Path_) -> tuple[int, int]:
+        """(line, col) of a dotted location (`rules.2.route`) or a path tuple."""
+        return self.positions.locate(_dotted(loc) if isinstance(loc, str) else loc)
 
 
 def _interpolate(value: str, env: Mapping[str, str], where: Path_, missing: list[tuple[Path_, str]]) -> str:
@@ -74,6 +116,12 @@ def _interpolate(value: str, env: Mapping[str, str], where: Path_, missing: list
     return _ENV.sub(sub, value)
 
 
+def _retyped(node: yaml.Node, value: Any, path: Path_, is_key: bool, retyped: list[Retyped]) -> None:
+    # Only plain scalars: a quoted `"no"` or an explicit `!!bool` tag says what the author meant.
+    if isinstance(node, yaml.ScalarNode) and node.style is None and not isinstance(value, str):
+        retyped.append(Retyped(path, node.value, value, is_key))
+
+
 def _build(
     node: yaml.Node,
     path: Path_,
@@ -81,6 +129,7 @@ def _build(
     loader: yaml.SafeLoader,
     env: Mapping[str, str],
     problems: list[tuple[Path_, str]],
+    retyped: list[Retyped],
 ) -> Any:
     pos.at[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
@@ -91,21 +140,32 @@ def _build(
                 pos.at[(*path, "?")] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 problems.append(((*path, "?"), "mapping keys must be plain scalars"))
                 continue
+            _retyped(key_node, key, (*path, str(key)), True, retyped)
             key = str(key)
             if key in out:
                 pos.at[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 problems.append(((*path, key), f"duplicate key {key!r}"))
                 continue
-            out[key] = _build(value_node, (*path, key), pos, loader, env, problems)
+            out[key] = _build(value_node, (*path, key), pos, loader, env, problems, retyped)
             # Point errors about a key at the key itself, not at its value.
             pos.at[(*path, key)] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(n, (*path, i), pos, loader, env, problems) for i, n in enumerate(node.value)]
+        return [_build(n, (*path, i), pos, loader, env, problems, retyped) for i, n in enumerate(node.value)]
     value = loader.construct_object(node, deep=True)
+    _retyped(node, value, path, False, retyped)
     if isinstance(value, str):
         value = _interpolate(value, env, path, problems)
     return value
+
+
+def _wanted_string(err: Any) -> bool:
+    """Whether a validation error says a string was expected (so quoting the scalar fixes it)."""
+    kind = err["type"]
+    if kind == "literal_error":
+        return "'" in str(err.get("ctx", {}).get("expected", ""))
+    # value_error: the level checks (`sensitivity: no`), which expect a level name.
+    return kind in ("string_type", "enum", "value_error")
 
 
 def _dotted(loc: str) -> Path_:
@@ -114,6 +174,13 @@ def _dotted(loc: str) -> Path_:
 
 def parse_policy(text: str, file: str = "<policy>", env: Mapping[str, str] | None = None) -> Policy:
     """Parse and validate policy text. Raises PolicyError with every located problem."""
+    return parse_policy_source(text, file, env)[0]
+
+
+def parse_policy_source(
+    text: str, file: str = "<policy>", env: Mapping[str, str] | None = None
+) -> tuple[Policy, PolicySource]:
+    """`parse_policy`, also returning where each part sits in the text (for the lint)."""
     env = os.environ if env is None else env
     try:
         loader = yaml.SafeLoader(text)
@@ -132,7 +199,9 @@ def parse_policy(text: str, file: str = "<policy>", env: Mapping[str, str] | Non
 
     pos = _Positions()
     found: list[tuple[Path_, str]] = []
-    data = _build(root, (), pos, yaml.SafeLoader(""), env, found)
+    retyped: list[Retyped] = []
+    data = _build(root, (), pos, yaml.SafeLoader(""), env, found, retyped)
+    scalar_at = {r.path: r for r in retyped if not r.is_key}
     problems = [Problem(file, *pos.locate(p), msg) for p, msg in found]
     if problems:
         raise PolicyError(problems)
@@ -152,6 +221,9 @@ def parse_policy(text: str, file: str = "<policy>", env: Mapping[str, str] | Non
             # Drop pydantic's union tags (targets.local.local.x -> targets.local.x).
             parts = [str(p) for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "targets" and p in ("cloud", "local"))]
             field = ".".join(parts)
+            scalar = scalar_at.get(pos.node(loc))
+            if scalar is not None and not isinstance(err["input"], str) and _wanted_string(err):
+                msg = f"{msg} ({scalar.hint()})"
             problems.append(Problem(file, *pos.locate(loc), f"{field}: {msg}" if field else msg))
         raise PolicyError(_dedupe(problems)) from None
 
@@ -159,10 +231,17 @@ def parse_policy(text: str, file: str = "<policy>", env: Mapping[str, str] | Non
         problems.append(Problem(file, *pos.locate(_dotted(loc)), msg))
     if problems:
         raise PolicyError(problems)
-    return policy
+    return policy, PolicySource(file, pos, tuple(retyped))
 
 
 def load_policy(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Policy:
+    return load_policy_source(path, env)[0]
+
+
+def load_policy_source(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> tuple[Policy, PolicySource]:
+    """`load_policy`, also returning where each part sits in the file (for the lint)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -170,7 +249,7 @@ def load_policy(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         raise PolicyError([Problem(str(p), 1, 1, "policy file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError([Problem(str(p), 1, 1, f"cannot read policy: {exc}")]) from None
-    return parse_policy(text, str(p), env)
+    return parse_policy_source(text, str(p), env)
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:
