@@ -7,6 +7,7 @@ presidio's defaults spend most of their time in places we replace here:
 - spaCy's NER decoding loop: fast_ner.FastNer decodes the same entities vectorised;
 - thinc's matrix products through the `blis` wheel, 3-5x slower here than numpy's OpenBLAS for
   NER's small matrices: the pipeline is loaded with numpy's, single-threaded (see load_spacy);
+- CreditCardRecognizer, whose prefixes are a subset of cards.py's issuer table: CardNumberRecognizer;
 - PhoneRecognizer, which runs phonenumbers' matcher once per region: FastPhoneRecognizer;
 - the lemma context enhancer, which re-iterates the spaCy Doc for every finding and deep-copies
   every result: FastContextEnhancer;
@@ -18,6 +19,7 @@ import bisect
 import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import regex
 import spacy
@@ -31,7 +33,6 @@ from presidio_analyzer import (
 from presidio_analyzer.context_aware_enhancers import ContextAwareEnhancer, LemmaContextAwareEnhancer
 from presidio_analyzer.nlp_engine import NerModelConfiguration, NlpArtifacts, SpacyNlpEngine
 from presidio_analyzer.predefined_recognizers import (
-    CreditCardRecognizer,
     CryptoRecognizer,
     DateRecognizer,
     IbanRecognizer,
@@ -53,9 +54,11 @@ from thinc.api import use_ops
 from threadpoolctl import threadpool_limits
 
 from gateway.privacy.config import PrivacyConfig
+from gateway.privacy.credentials import CREDENTIAL_FORMATS
 from gateway.privacy.fast_ner import FastNer
 from gateway.privacy.ner_fixes import corrected_entities
 from gateway.privacy.ner_windows import candidate_windows
+from gateway.privacy.overlaps import by_priority
 from gateway.privacy.recognizers import (
     CardNumberRecognizer,
     FastPhoneRecognizer,
@@ -235,6 +238,16 @@ class FastContextEnhancer(LemmaContextAwareEnhancer):
         return list(words)
 
 
+class PrivacyAnalyzer(AnalyzerEngine):
+    """presidio's engine, with overlaps resolved by type first: a secret, then a card number,
+    keeps its whole span against any other finding (gateway/privacy/overlaps.py)."""
+
+    SECRET_ENTITIES = frozenset(f.entity for f in CREDENTIAL_FORMATS)
+
+    def analyze(self, text: str, language: str, *args: Any, **kwargs: Any) -> list[RecognizerResult]:
+        return by_priority(text, super().analyze(text, language, *args, **kwargs), self.SECRET_ENTITIES)
+
+
 def _check_installed(name: str) -> None:
     if name != "none" and not (spacy.util.is_package(name) or Path(name).is_dir()):
         raise PrivacyStartupError(
@@ -277,7 +290,6 @@ def _drop_unheard_embedders(nlp: spacy.Language) -> None:
 
 def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
     recs: list[EntityRecognizer] = [
-        CreditCardRecognizer(),
         UsBankRecognizer(),
         UsLicenseRecognizer(),
         UsItinRecognizer(),
@@ -334,7 +346,7 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
     windowed = levels.get("DATE_TIME", cfg.default_level) == "none"
     engine = _LoadedSpacyEngine(nlp, cfg.nlp_model, windowed=windowed)
     engine.context_words = frozenset(w.lower() for r in registry.recognizers for w in (r.context or ()))
-    analyzer = AnalyzerEngine(
+    analyzer = PrivacyAnalyzer(
         registry=registry,
         nlp_engine=engine,
         supported_languages=["en"],

@@ -1,14 +1,14 @@
 """Recognizers we add to presidio's: secrets, a fast phone recognizer, an offline e-mail
 recognizer, and the custom recognizers a policy declares.
 
-Secrets are matched by their documented formats (prefixes, lengths, PEM armour, JWT structure)
-with scores high enough to pass any sane threshold without context words.
+Secrets are matched by their documented formats (the table in credentials.py) with scores high
+enough to pass any sane threshold without context words; card numbers by issuer range and Luhn
+(cards.py).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import phonenumbers
 import tldextract
@@ -24,74 +24,11 @@ from presidio_analyzer.nlp_engine import NlpArtifacts
 from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
 from gateway.privacy.address import find_addresses
+from gateway.privacy.cards import find_cards
 from gateway.privacy.config import CustomRecognizer
+from gateway.privacy.credentials import CREDENTIAL_FORMATS, CredentialFormat, checksum_ok
 from gateway.privacy.places import find_nationalities, find_places
 from gateway.privacy.regex_gate import gate
-
-
-@dataclass(frozen=True)
-class SecretPattern:
-    entity: str
-    name: str
-    regex: re.Pattern[str]
-    group: int = 0  # the capture group holding the secret itself (0: the whole match)
-    score: float = 0.95
-    # Substrings one of which every match contains. A pattern that opens with a look-behind
-    # makes `re` try it at every position of the text (~30 us per KB each); a substring search
-    # first skips the pattern on the texts it cannot match, which is nearly all of them.
-    needles: tuple[str, ...] = ()
-
-
-_B = r"(?<![A-Za-z0-9_-])"  # start of a token: secrets are never the tail of a longer word
-_E = r"(?![A-Za-z0-9_-])"
-
-SECRET_PATTERNS: tuple[SecretPattern, ...] = (
-    # OpenAI (sk-, sk-proj-), Anthropic (sk-ant-), and other sk- keys: long random tails.
-    SecretPattern("API_KEY", "openai_like", re.compile(_B + r"sk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_-]{20,}" + _E),
-                  needles=("sk-",)),
-    SecretPattern("API_KEY", "stripe", re.compile(_B + r"(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}" + _E),
-                  needles=("_live_", "_test_")),
-    SecretPattern("API_KEY", "github", re.compile(_B + r"(?:gh[pousr]_[A-Za-z0-9]{36,}|github_pat_[A-Za-z0-9_]{40,})" + _E),
-                  needles=("gh",)),
-    SecretPattern("API_KEY", "slack", re.compile(_B + r"xox[abposr]-(?:[A-Za-z0-9]+-){1,4}[A-Za-z0-9]{8,}" + _E),
-                  needles=("xox",)),
-    SecretPattern(
-        "API_KEY", "slack_webhook", re.compile(r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")
-    ),
-    SecretPattern("API_KEY", "google", re.compile(_B + r"AIza[0-9A-Za-z_-]{35}" + _E), needles=("AIza",)),
-    SecretPattern("API_KEY", "huggingface", re.compile(_B + r"hf_[A-Za-z0-9]{30,}" + _E), needles=("hf_",)),
-    SecretPattern("AWS_ACCESS_KEY", "aws_key_id", re.compile(_B + r"(?:AKIA|ASIA|AGPA|AIDA|AROA)[0-9A-Z]{16}" + _E),
-                  needles=("AKIA", "ASIA", "AGPA", "AIDA", "AROA")),
-    SecretPattern(
-        "PRIVATE_KEY",
-        "pem",
-        re.compile(
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
-            re.DOTALL,
-        ),
-        score=1.0,
-    ),
-    # header.payload.signature, the first two being base64url JSON objects ("eyJ" = '{"').
-    SecretPattern("JWT", "jwt", re.compile(_B + r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}" + _E),
-                  needles=("eyJ",)),
-    # scheme://user:password@host: only the password is the secret.
-    SecretPattern(
-        "PASSWORD", "url_password", re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@]+:([^\s/@]{1,256})@[^\s/]"), group=1,
-        needles=("://",),
-    ),
-    # password = "...", api_key: ..., token=... in configs, env files and logs.
-    SecretPattern(
-        "SECRET",
-        "assignment",
-        re.compile(
-            r"(?i)\b(?:password|passwd|pwd|pass|secret|client_secret|token|access_token|auth_token|api[_-]?key|"
-            r"secret[_-]?key|access[_-]?key|aws_secret_access_key|private[_-]?key)\b[\"']?\s*[:=]\s*[\"']?"
-            r"([^\s\"',;]{6,})"
-        ),
-        group=1,
-        score=0.85,
-    ),
-)
 
 
 class _InProcess(LocalRecognizer):
@@ -118,23 +55,42 @@ class _SpanFinder(_InProcess):
 
 
 class SecretRecognizer(_InProcess):
-    """Credentials by their known formats. Reported span = the secret only, not its label."""
+    """Credentials by their known formats (gateway/privacy/credentials.py): the reported span
+    is the secret only, never its label.
 
-    def __init__(self, patterns: tuple[SecretPattern, ...] = SECRET_PATTERNS) -> None:
-        self._patterns = patterns
-        super().__init__(supported_entities=sorted({p.entity for p in patterns}), name="SecretRecognizer")
+    Each format's regex runs only when one of its needles (its prefixes, usually) is in the
+    text. When two formats match overlapping text, a format with a known shape beats a generic
+    label-based one, then the longer span wins, then the earlier row: one finding per secret,
+    never two halves.
+    """
+
+    def __init__(self, formats: tuple[CredentialFormat, ...] = CREDENTIAL_FORMATS) -> None:
+        self._formats = [(f, re.compile(f.pattern(), f.flags), f.needles or f.prefixes) for f in formats]
+        super().__init__(supported_entities=sorted({f.entity for f in formats}), name="SecretRecognizer")
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        out: list[RecognizerResult] = []
-        for p in self._patterns:
-            if p.entity not in entities or (p.needles and not any(n in text for n in p.needles)):
+        lowered: str | None = None
+        found: list[tuple[bool, int, int, int, int, CredentialFormat, float]] = []
+        for index, (fmt, regex, needles) in enumerate(self._formats):
+            if fmt.entity not in entities:
                 continue
-            for m in p.regex.finditer(text):
-                start, end = m.span(p.group)
-                if p.entity == "SECRET" and _looks_like_placeholder(text[start:end]):
+            if fmt.any_case:
+                lowered = text.lower() if lowered is None else lowered
+                if not any(n in lowered for n in needles):
                     continue
-                out.append(_result(self, p.entity, start, end, p.score))
-        return out
+            elif not any(n in text for n in needles):
+                continue
+            for m in regex.finditer(text):
+                if fmt.check is not None and not fmt.check(m):
+                    continue
+                start, end = m.span(fmt.group)
+                score = 1.0 if checksum_ok(fmt, m.group(fmt.group)) else fmt.score
+                found.append((fmt.generic, -(end - start), index, start, end, fmt, score))
+        kept: list[tuple[int, int, CredentialFormat, float]] = []
+        for _, _, _, start, end, fmt, score in sorted(found, key=lambda f: f[:3]):
+            if all(end <= a or start >= b for a, b, _, _ in kept):
+                kept.append((start, end, fmt, score))
+        return [_result(self, fmt.entity, a, b, score) for a, b, fmt, score in sorted(kept, key=lambda k: k[0])]
 
 
 def _result(rec: EntityRecognizer, entity: str, start: int, end: int, score: float) -> RecognizerResult:
@@ -150,11 +106,6 @@ def _result(rec: EntityRecognizer, entity: str, start: int, end: int, score: flo
             RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: rec.id,
         },
     )
-
-
-def _looks_like_placeholder(value: str) -> bool:
-    # `password: <PASSWORD_1>` or `token=${TOKEN}` is not a secret to redact again.
-    return value.startswith(("<", "${", "{{", "$"))
 
 
 # Candidate phone numbers: an optional +country code, optional (area), then 2-4 digit groups.
@@ -222,28 +173,10 @@ class FastPhoneRecognizer(_InProcess):
         return 0.3 if possible else 0.0
 
 
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, c in enumerate(reversed(digits)):
-        d = int(c)
-        if i % 2 == 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-_CARD_CANDIDATE = gate(re.compile(r"(?<![\d-])(?:\d[ -]?){11,18}\d(?![\d-])"))
-# Issuer prefixes (IIN ranges): Visa 4, Mastercard 51-55 and 2221-2720, Amex 34/37, Diners 30/36/38,
-# Discover/UnionPay 6, JCB 35 (and its 15-digit 2131/1800), Maestro 50/56-69.
-_IIN = re.compile(r"^(?:4|5[0-9]|2(?:2[2-9][1-9]|[3-6]\d\d|7[01]\d|720)|3[0-8]|6|2131|1800)")
-
-
 class CardNumberRecognizer(_InProcess):
-    """Card numbers of 12-19 digits with a known issuer prefix and a valid Luhn checksum.
-
-    Complements presidio's CreditCardRecognizer, whose patterns miss 19-digit Visa and the
-    Mastercard 2-series (2221-2720).
-    """
+    """Card numbers of 12-19 digits in a scheme's IIN range with a valid Luhn checksum
+    (gateway/privacy/cards.py). Replaces presidio's CreditCardRecognizer, whose patterns miss
+    19-digit Visa and the Mastercard 2-series (2221-2720)."""
 
     CONTEXT = ["credit", "card", "visa", "mastercard", "cc", "amex", "debit", "payment"]
 
@@ -251,12 +184,9 @@ class CardNumberRecognizer(_InProcess):
         super().__init__(supported_entities=["CREDIT_CARD"], context=self.CONTEXT, name="CardNumberRecognizer")
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
-        out = []
-        for m in _CARD_CANDIDATE.finditer(text):
-            digits = re.sub(r"\D", "", m.group(0))
-            if 12 <= len(digits) <= 19 and _IIN.match(digits) and luhn_ok(digits) and len(set(digits)) > 2:
-                out.append(_result(self, "CREDIT_CARD", m.start(), m.end(), 0.9 if len(digits) >= 15 else 0.6))
-        return out
+        return [
+            _result(self, "CREDIT_CARD", a, b, 0.9 if digits >= 15 else 0.6) for a, b, digits in find_cards(text)
+        ]
 
 
 class StreetAddressRecognizer(_SpanFinder):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 import string
 
+from gateway.privacy.cards import luhn_complete
+
 _FIRST = ("Avery", "Jordan", "Morgan", "Riley", "Quinn", "Rowan", "Emerson", "Harper", "Sawyer", "Finley",
           "Marlowe", "Ellis", "Hollis", "Linden", "Sutton", "Tatum", "Wren", "Arden", "Blair", "Carys")
 _LAST = ("Ashdown", "Birchwood", "Calloway", "Dunmore", "Everly", "Fairholt", "Greaves", "Hartwell",
@@ -18,17 +20,6 @@ _LAST = ("Ashdown", "Birchwood", "Calloway", "Dunmore", "Everly", "Fairholt", "G
          "Pemberton", "Quenby", "Rushworth", "Stanbridge", "Thistlewood")
 _PLACES = ("Eastbrook", "Millbridge", "Northwick", "Oakvale", "Pinehurst", "Redford Falls", "Stonemere",
            "Westhaven", "Ashby Cross", "Larkspur Bay")
-
-
-def _luhn_complete(prefix: str) -> str:
-    digits = [int(c) for c in prefix]
-    total = 0
-    for i, d in enumerate(reversed(digits)):
-        if i % 2 == 0:
-            d *= 2
-            d = d - 9 if d > 9 else d
-        total += d
-    return prefix + str((10 - total % 10) % 10)
 
 
 def _token(rng: random.Random, n: int, alphabet: str = string.ascii_letters + string.digits) -> str:
@@ -45,7 +36,7 @@ def make_surrogate(entity_type: str, n: int, rng: random.Random) -> str:
     if entity_type == "PHONE_NUMBER":
         return f"+1 202-555-01{n % 100:02d}"
     if entity_type == "CREDIT_CARD":
-        return _luhn_complete(f"400000{rng.randrange(10**9):09d}")
+        return luhn_complete(f"400000{rng.randrange(10**9):09d}")
     if entity_type == "US_SSN":
         return f"900-{rng.randrange(70, 99):02d}-{rng.randrange(10**4):04d}"  # 9xx: never issued as an SSN
     if entity_type == "IP_ADDRESS":

@@ -7,6 +7,7 @@ only in memory and die with the vault (the request, or the conversation's TTL).
 
 from __future__ import annotations
 
+import bisect
 import random
 import re
 import secrets
@@ -87,17 +88,51 @@ class Vault:
             return re.sub(r"[^A-Za-z0-9_-]+", "_", rep)
         return rep.strip("<>")
 
-    def redact_text(self, text: str) -> str:
-        """Every occurrence (whole words) of every value in the vault replaced."""
+    def _matcher(self) -> tuple[re.Pattern[str], dict[str, str]] | None:
+        """One pattern for all the vault's values (longest first), and value -> replacement."""
         with self._lock:
             if not self._replacement:
-                return text
+                return None
             if self._pattern is None:
                 self._pattern = re.compile(
                     "|".join(_bounded(v) for v in sorted(self._replacement, key=len, reverse=True))
                 )
-            pattern, table = self._pattern, dict(self._replacement)
+            return self._pattern, dict(self._replacement)
+
+    def redact_text(self, text: str) -> str:
+        """Every occurrence (whole words) of every value in the vault replaced."""
+        matcher = self._matcher()
+        if matcher is None:
+            return text
+        pattern, table = matcher
         return pattern.sub(lambda m: table[m.group(0)], text)
+
+    def redact_parts(self, texts: list[str]) -> list[str]:
+        """A message's text parts redacted as `redact_text` does, and a value that runs across
+        a boundary between parts replaced too: its placeholder goes where it starts, and the
+        rest of it is cut from the parts that follow (neither half leaves)."""
+        matcher = self._matcher()
+        out = list(texts)
+        if matcher is not None:
+            pattern, table = matcher
+            starts = [0]
+            for t in texts:
+                starts.append(starts[-1] + len(t))
+            head_cut = [0] * len(texts)  # characters removed from a part's start
+            tail: list[tuple[int, str] | None] = [None] * len(texts)  # (where, placeholder) ending a part
+            for m in pattern.finditer("".join(texts)):
+                first = bisect.bisect_right(starts, m.start()) - 1
+                last = bisect.bisect_left(starts, m.end()) - 1
+                if first == last:
+                    continue  # inside one part: the per-part pass below replaces it
+                tail[first] = (m.start() - starts[first], table[m.group(0)])
+                for k in range(first + 1, last + 1):
+                    head_cut[k] = min(len(texts[k]), m.end() - starts[k])
+            for k, t in enumerate(texts):
+                end, rep = tail[k] if tail[k] is not None else (len(t), "")
+                out[k] = t[head_cut[k] : max(end, head_cut[k])] + rep
+        # Per part: a part's edge is a word boundary there ("Ann" ending one part is a name).
+        return [self.redact_text(t) for t in out]
 
     def __len__(self) -> int:
         with self._lock:

@@ -5,6 +5,11 @@ Everything that would leave the device is visited: message content (strings and 
 `role: tool` results, refusals, tool definitions' descriptions (parameters' descriptions too),
 and the top-level `user` and `metadata` values.
 
+A message whose content is a list of text parts is also read across each boundary between two
+parts: a *seam* segment (`/messages/4/content/0+1`) holds the last few words of one part and the
+first few of the next, joined as the model reads them, so a token split across two parts is still
+found whole. Redaction then replaces a value wherever it runs across parts (map_text's `parts_fn`).
+
 Tool-call arguments are JSON text. When they parse, each string value is its own segment, at
 `.../function/arguments/<pointer inside the arguments>`, so redaction can re-serialise valid JSON;
 when they don't, the raw text is one segment.
@@ -13,6 +18,7 @@ when they don't, the raw text is one segment.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +31,78 @@ _TEXT_PART_KEYS = {"text": "text", "refusal": "refusal"}
 class Segment:
     location: str
     text: str
+
+
+@dataclass(frozen=True)
+class Seam:
+    """Where two neighbouring text parts of one message meet."""
+
+    location: str  # "/messages/4/content/0+1"
+    left: str  # the two parts' own segment locations
+    right: str
+    offset: int  # where the seam's text starts in the left part
+    split: int  # where the right part's text starts in the seam's text
+    text: str
+
+
+# A seam holds this many words either side: enough for a card number in groups or a label
+# ("password:") before a value, bounded for one huge word (a base64 blob).
+_SEAM_WORDS = 6
+_SEAM_MAX_CHARS = 4096
+
+
+def _tail_start(text: str) -> int:
+    i, lo = len(text), max(0, len(text) - _SEAM_MAX_CHARS)
+    for _ in range(_SEAM_WORDS):
+        while i > lo and text[i - 1].isspace():
+            i -= 1
+        while i > lo and not text[i - 1].isspace():
+            i -= 1
+    return i
+
+
+def _head_end(text: str) -> int:
+    i, hi = 0, min(len(text), _SEAM_MAX_CHARS)
+    for _ in range(_SEAM_WORDS):
+        while i < hi and text[i].isspace():
+            i += 1
+        while i < hi and not text[i].isspace():
+            i += 1
+    return i
+
+
+def _text_parts(content: list[Any]) -> list[tuple[int, str | None, str]]:
+    """(index, key or None for a bare string, text) of a content list's text parts, in order."""
+    out: list[tuple[int, str | None, str]] = []
+    for j, part in enumerate(content):
+        if isinstance(part, str):
+            out.append((j, None, part))
+        elif isinstance(part, dict):
+            key = _TEXT_PART_KEYS.get(part.get("type", ""))
+            if key is not None and isinstance(part.get(key), str):
+                out.append((j, key, part[key]))
+    return out
+
+
+def _part_location(base: str, j: int, key: str | None) -> str:
+    return f"{base}/content/{j}" if key is None else f"{base}/content/{j}/{key}"
+
+
+def seams(body: dict[str, Any]) -> list[Seam]:
+    """The boundaries between neighbouring non-empty text parts of every message."""
+    out: list[Seam] = []
+    for i, msg in enumerate(body.get("messages") or []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if not isinstance(content, list):
+            continue
+        base = f"/messages/{i}"
+        parts = [p for p in _text_parts(content) if p[2]]
+        for (j, jkey, a), (k, kkey, b) in itertools.pairwise(parts):
+            start = _tail_start(a)
+            tail, head = a[start:], b[: _head_end(b)]
+            out.append(Seam(f"{base}/content/{j}+{k}", _part_location(base, j, jkey), _part_location(base, k, kkey),
+                            start, len(tail), tail + head))
+    return out
 
 
 def _esc(key: str) -> str:
@@ -142,16 +220,22 @@ def walk(body: dict[str, Any]) -> tuple[list[Segment], list[str]]:
     if isinstance(metadata, dict):
         for k, v in metadata.items():
             add(f"/metadata/{_esc(str(k))}", v)
+    for seam in seams(body):
+        add(seam.location, seam.text)
     return segments, unscanned
 
 
 def map_text(
-    body: dict[str, Any], fn: Callable[[str], str], name_fn: Callable[[str], str] | None = None
+    body: dict[str, Any],
+    fn: Callable[[str], str],
+    name_fn: Callable[[str], str] | None = None,
+    parts_fn: Callable[[list[str]], list[str]] | None = None,
 ) -> dict[str, Any]:
     """A deep copy of `body` with `fn` applied to every text that `walk` visits.
 
     Message `name` fields go through `name_fn` instead when given: they must stay identifiers
-    (OpenAI accepts only [A-Za-z0-9_-] there).
+    (OpenAI accepts only [A-Za-z0-9_-] there). A message's text parts go through `parts_fn`
+    together when given (a value may run across two of them), else through `fn` one by one.
 
     Tool-call arguments that are JSON are re-serialised after mapping their string values, so
     they stay valid JSON whatever the replacements contain.
@@ -186,13 +270,14 @@ def map_text(
         if isinstance(content, str):
             msg["content"] = fn(content)
         elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if isinstance(part, str):
-                    content[j] = fn(part)
-                elif isinstance(part, dict):
-                    key = _TEXT_PART_KEYS.get(part.get("type", ""))
-                    if key is not None and isinstance(part.get(key), str):
-                        part[key] = fn(part[key])
+            parts = _text_parts(content)
+            texts = [t for _, _, t in parts]
+            new = parts_fn(texts) if parts_fn is not None and len(texts) > 1 else [fn(t) for t in texts]
+            for (j, key, _), text in zip(parts, new, strict=True):
+                if key is None:
+                    content[j] = text
+                else:
+                    content[j][key] = text
         for call in msg.get("tool_calls") or []:
             f = call.get("function") if isinstance(call, dict) else None
             if isinstance(f, dict) and "arguments" in f:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from presidio_analyzer import PatternRecognizer
 
 from gateway.classify.sensitivity import PresidioSensitivityClassifier
-from gateway.privacy import recognizers
+from gateway.privacy import cards, recognizers
 from gateway.privacy.regex_gate import GatedRegex, find_gate, gate, windows
 from tests.routing_data import LABELLED_PROMPTS
 
@@ -64,8 +64,7 @@ def _gated_patterns(classifier: PresidioSensitivityClassifier) -> list[tuple[str
             for p in rec.patterns:
                 if isinstance(p.compiled_regex, GatedRegex):
                     out.append((f"{rec.name}/{p.name}", p.compiled_regex))
-    for name in ("_PHONE_CANDIDATE", "_CARD_CANDIDATE"):
-        rx = getattr(recognizers, name)
+    for name, rx in (("_PHONE_CANDIDATE", recognizers._PHONE_CANDIDATE), ("CARD_RUN", cards.CARD_RUN)):
         assert isinstance(rx, GatedRegex), name
         out.append((name, rx))
     return out
