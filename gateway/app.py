@@ -13,17 +13,22 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe be
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gateway.api import chat, dashboard, errors, models, ops
+from gateway.api import chat, dashboard, errors, messages, models, ops, responses_api
 from gateway.state import GatewayState, Settings
+
+# The generation endpoints, served as bare ASGI apps: the hot paths skip FastAPI's router, and
+# their streams (EventStreamResponse) are no FastAPI response type.
+_DIRECT = {chat.CHAT_PATH: chat.serve_chat, messages.PATH: messages.serve_messages,
+           responses_api.PATH: responses_api.serve_responses}
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, with the chat completions hot path handed straight to its handler."""
+    """FastAPI, with the generation hot paths handed straight to their handlers."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == chat.CHAT_PATH:
+        if scope["type"] == "http" and scope["method"] == "POST" and (direct := _DIRECT.get(scope["path"])):
             scope["app"] = self  # what Starlette sets for `request.app`
-            await chat.serve_chat(scope, receive, send)
+            await direct(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -42,6 +47,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app = GatewayApp(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway_state
     errors.install(app)
-    for router in (chat.router, models.router, ops.router, dashboard.router):
+    for router in (chat.router, messages.router, responses_api.router, models.router, ops.router,
+                   dashboard.router):
         app.include_router(router)
     return app

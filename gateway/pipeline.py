@@ -310,8 +310,16 @@ def sse(data: dict[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes], Served, dict[str, Any]]:
-    """Returns the SSE byte stream, what served it, and a dict filled with usage as it streams."""
+def _as_is(data: dict[str, Any]) -> dict[str, Any]:
+    return data
+
+
+async def stream(rt: Runtime, prepared: Prepared,
+                 encoded: bool = True) -> tuple[AsyncIterator[Any], Served, dict[str, Any]]:
+    """Returns the SSE byte stream, what served it, and a dict filled with usage as it streams.
+
+    `encoded=False`: the restored chunk dicts instead (no `[DONE]`), for a wire adapter that
+    translates them into another API's events; an interruption arrives as an `{"error": ...}` dict."""
     decision = prepared.decision
     if decision.action == "block":
         raise _blocked(decision)
@@ -356,7 +364,9 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                 chunk = {k: v for k, v in chunk.items() if k != "usage"}
         return restorer.feed(chunk) if restorer is not None else [chunk]
 
-    async def body() -> AsyncIterator[bytes]:
+    emit = sse if encoded else _as_is
+
+    async def body() -> AsyncIterator[Any]:
         current, partial = outcome, resume.Partial()
         try:
             while True:
@@ -369,10 +379,10 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                             continue
                         for c in out(chunk, restorer):
                             partial.seen(c)
-                            yield sse(c)
+                            yield emit(c)
                     for c in restorer.flush() if restorer is not None else ():
                         partial.seen(c)
-                        yield sse(c)
+                        yield emit(c)
                     break
                 except BackendError as exc:
                     log.warning("stream_interrupted", target=current.target, reason=exc.reason,
@@ -382,10 +392,10 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                     nxt = await _resume(rt, prepared, current.target, partial, opts)
                     if nxt is None:
                         for c in restorer.flush() if restorer is not None else ():
-                            yield sse(c)
+                            yield emit(c)
                         # Tokens were already sent and no target can write the rest: end the stream
                         # with an error event the OpenAI SDK raises on, never a hung connection.
-                        yield sse(_stream_error(current.target, exc))
+                        yield emit(_stream_error(current.target, exc))
                         usage["error"] = exc.reason
                         break
                     served.fallbacks.append(Fallback(current.target, nxt.target, "resumed_mid_stream"))
@@ -393,7 +403,8 @@ async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[bytes],
                     current = nxt
         finally:
             await aclose_quietly(current.rest)
-        yield SSE_DONE
+        if encoded:
+            yield SSE_DONE
 
     return body(), served, usage
 

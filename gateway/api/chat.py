@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
@@ -70,8 +70,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
-    """Read and validate a JSON body under the size limit and a read deadline (slow clients)."""
+async def read_body(request: Request, state: GatewayState,
+                    schema: type[BaseModel] | None = ChatCompletionRequest) -> dict[str, Any]:
+    """Read and validate a JSON body under the size limit and a read deadline (slow clients).
+    `schema`: the wire format's request model (another API's route passes its own)."""
     limits = state.runtime.policy.limits
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
@@ -108,14 +110,18 @@ async def read_body(request: Request, state: GatewayState) -> dict[str, Any]:
         raise APIError(400, f"Too many messages (limit {limits.max_messages}).", param="messages",
                        code="too_many_messages")
     try:
-        ChatCompletionRequest.model_validate(data)
+        if schema is not None:
+            schema.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc) from None
     return data
 
 
+_KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})  # credentials never reach rules or logs
+
+
 def _call(request: Request, body: dict[str, Any], client: str | None) -> pipeline.Call:
-    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() != "authorization"}
+    headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _KEY_HEADERS}
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id)
 

@@ -25,7 +25,8 @@ def _bearer(request: Request) -> str | None:
     scheme, _, token = auth.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
-    return request.headers.get("api-key") or None
+    # `x-api-key`: what the anthropic SDK sends.
+    return request.headers.get("api-key") or request.headers.get("x-api-key") or None
 
 
 async def authenticate(request: Request) -> str | None:

@@ -1,0 +1,93 @@
+"""One handler for every wire format other than chat completions: read, convert in, run the
+pipeline exactly as the chat route does, convert out, and answer errors in the format's shape."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from gateway import pipeline
+from gateway.api.chat import _call, _record, read_body, route_headers
+from gateway.api.deps import authenticate, state_of
+from gateway.api.errors import validation_error
+from gateway.api.event_stream import EventStreamResponse
+from gateway.api.responses import JSON
+from gateway.dispatch import aclose_quietly
+from gateway.schema import APIError, ChatCompletionRequest
+from gateway.state import GatewayState
+from gateway.wire.base import WireAdapter, sse_event
+
+log = structlog.get_logger("gateway.api")
+
+
+async def serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
+    try:
+        return await _serve(request, adapter)
+    except APIError as exc:
+        return JSON(adapter.error_body(exc), status_code=exc.status, headers=exc.headers)
+    except Exception as exc:
+        log.error("unhandled_error", error=type(exc).__name__, path=adapter.endpoint)  # the type only
+        err = APIError(500, "Internal error in the gateway.", code="internal_error")
+        return JSON(adapter.error_body(err), status_code=err.status)
+
+
+def _checked(state: GatewayState, body: dict[str, Any]) -> None:
+    """The converted body holds to the chat route's own limits and model."""
+    limit = state.runtime.policy.limits.max_messages
+    if len(body["messages"]) > limit:
+        raise APIError(400, f"Too many messages (limit {limit}).", param="messages", code="too_many_messages")
+    try:
+        ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
+    state = state_of(request)
+    client = await authenticate(request)
+    req = adapter.parse(await read_body(request, state, schema=None))
+    body = adapter.to_chat(req)
+    _checked(state, body)
+    rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
+    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    streaming = bool(body.get("stream"))
+    try:
+        if streaming:
+            chunks, served, usage = await pipeline.stream(rt, prepared, encoded=False)
+        else:
+            response, served = await pipeline.complete(rt, prepared)
+    except APIError as exc:
+        _record(state, prepared, None, exc.status, {}, streaming)
+        exc.headers.setdefault("x-request-id", prepared.call.request_id)
+        exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+        raise
+    headers = route_headers(prepared, served)
+    if not streaming:
+        _record(state, prepared, served, 200, response.get("usage") or {}, False)
+        return JSON(adapter.from_chat(response, req), headers=headers)
+    translator = adapter.translator(req)
+
+    async def events() -> AsyncIterator[bytes]:
+        first = True
+        try:
+            async for chunk in chunks:
+                if first:
+                    state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
+                    first = False
+                for event in translator.feed(chunk):
+                    yield sse_event(event)
+            for event in translator.finish():
+                yield sse_event(event)
+        finally:
+            await aclose_quietly(chunks)  # closes the upstream when the client left mid-stream
+            _record(state, prepared, served, 200, usage, True)
+
+    headers["cache-control"] = "no-cache"
+    headers["x-accel-buffering"] = "no"
+    return EventStreamResponse(events(), headers=headers)

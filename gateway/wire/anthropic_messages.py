@@ -1,0 +1,386 @@
+"""Anthropic Messages (POST /v1/messages) <-> the chat-completions body the pipeline runs on.
+
+In: top-level `system` -> a system message; content blocks -> chat parts (`image` -> an
+`image_url` data URL); `tool_use` blocks -> assistant `tool_calls`; `tool_result` blocks -> `role:
+tool` messages (placed before the rest of their user turn, as chat requires); `tools`
+(`input_schema`) -> function tools; `tool_choice` auto/any/tool/none; `stop_sequences` -> `stop`;
+`metadata.user_id` -> `user`. Thinking blocks of earlier assistant turns have no chat equivalent and
+are dropped. Out: a `Message` (text and `tool_use` blocks, `stop_reason`, usage in Anthropic's
+names) or its stream events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gateway.classify.text import content_text
+from gateway.schema import APIError
+from gateway.wire.base import (
+    Event,
+    StreamTranslator,
+    WireAdapter,
+    arguments_object,
+    chat_usage,
+    check,
+    new_id,
+    tool_calls_of,
+)
+
+PATH = "/v1/messages"
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")  # fields we do not use (cache_control, citations...) are fine
+
+
+class TextBlock(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class ImageSource(_Open):
+    type: Literal["base64", "url"]
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
+class ImageBlock(_Open):
+    type: Literal["image"]
+    source: ImageSource
+
+
+class ToolUseBlock(_Open):
+    type: Literal["tool_use"]
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Open):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[TextBlock | ImageBlock] | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(_Open):
+    type: Literal["thinking", "redacted_thinking"]
+
+
+Block = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock,
+                  Field(discriminator="type")]
+_BLOCK: TypeAdapter[Any] = TypeAdapter(Block)
+
+
+class MessageParam(_Open):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class ToolParam(_Open):
+    type: Literal["custom"] | None = None
+    name: str = Field(min_length=1, max_length=128)
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+_TOOL: TypeAdapter[ToolParam] = TypeAdapter(ToolParam)
+
+
+class ToolChoice(_Open):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
+
+class MessagesRequest(_Open):
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int = Field(ge=1)
+    messages: list[MessageParam] = Field(min_length=1)
+    system: str | list[TextBlock] | None = None
+    stop_sequences: list[str] | None = None
+    stream: bool | None = False
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: ToolChoice | None = None
+    metadata: dict[str, Any] | None = None
+
+
+# -- in -----------------------------------------------------------------------------------------
+
+
+def _bad(message: str, param: str) -> APIError:
+    return APIError(400, f"Invalid request: {param}: {message}", param=param, code="invalid_value")
+
+
+def _image_part(block: ImageBlock) -> dict[str, Any]:
+    src = block.source
+    url = src.url if src.type == "url" else f"data:{src.media_type or 'image/png'};base64,{src.data or ''}"
+    return {"type": "image_url", "image_url": {"url": url or ""}}
+
+
+def _tool_result(block: ToolResultBlock, where: str) -> dict[str, Any]:
+    content: str | list[dict[str, Any]]
+    if isinstance(block.content, list):
+        if any(isinstance(b, ImageBlock) for b in block.content):
+            raise _bad("images inside a tool_result are not supported (chat tool results carry text only)", where)
+        content = [{"type": "text", "text": b.text} for b in block.content if isinstance(b, TextBlock)]
+    else:
+        content = block.content or ""
+    return {"role": "tool", "tool_call_id": block.tool_use_id, "content": content}
+
+
+def _user(content: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]] = []
+    parts: list[dict[str, Any]] = []
+    for j, raw in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        block = check(_BLOCK, raw, where)
+        if isinstance(block, TextBlock):
+            parts.append({"type": "text", "text": block.text})
+        elif isinstance(block, ImageBlock):
+            parts.append(_image_part(block))
+        elif isinstance(block, ToolResultBlock):
+            results.append(_tool_result(block, where))
+        else:
+            raise _bad(f"a user message cannot hold a `{block.type}` block", where)
+    return results + ([{"role": "user", "content": parts}] if parts else [])
+
+
+def _assistant(content: list[dict[str, Any]], i: int) -> dict[str, Any]:
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for j, raw in enumerate(content):
+        where = f"messages.{i}.content.{j}"
+        block = check(_BLOCK, raw, where)
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            calls.append({"id": block.id, "type": "function",
+                          "function": {"name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
+        elif not isinstance(block, ThinkingBlock):  # thinking: no chat equivalent, dropped
+            raise _bad(f"an assistant message cannot hold a `{block.type}` block", where)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for k, raw in enumerate(tools):
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        if kind not in (None, "custom"):
+            raise _bad(f"server tools (`{str(kind)[:60]}`) are not supported; declare client tools with "
+                       "name and input_schema", f"tools.{k}")
+        tool = check(_TOOL, raw, f"tools.{k}")
+        fn: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+        if tool.description is not None:
+            fn["description"] = tool.description
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(choice: ToolChoice, body: dict[str, Any]) -> None:
+    if choice.type == "tool":
+        if not choice.name:
+            raise _bad("`name` is required when type is `tool`", "tool_choice.name")
+        body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+    else:
+        body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    if choice.disable_parallel_tool_use and choice.type != "none":
+        body["parallel_tool_calls"] = False
+
+
+def to_chat(req: MessagesRequest) -> dict[str, Any]:
+    messages: list[dict[str, Any]] = []
+    if isinstance(req.system, str) and req.system:
+        messages.append({"role": "system", "content": req.system})
+    elif isinstance(req.system, list) and req.system:
+        messages.append({"role": "system", "content": "\n".join(b.text for b in req.system)})
+    for i, m in enumerate(req.messages):
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+        elif m.role == "user":
+            messages.extend(_user(m.content, i))
+        else:
+            messages.append(_assistant(m.content, i))
+    body: dict[str, Any] = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens}
+    for name in ("temperature", "top_p"):
+        if getattr(req, name) is not None:
+            body[name] = getattr(req, name)
+    if req.stop_sequences:
+        body["stop"] = req.stop_sequences
+    if req.tools:
+        body["tools"] = _tools(req.tools)
+    if req.tool_choice is not None and req.tools:
+        _tool_choice(req.tool_choice, body)
+    user_id = (req.metadata or {}).get("user_id")
+    if isinstance(user_id, str) and user_id:
+        body["user"] = user_id
+    if req.stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}  # message_delta reports the usage
+    return body
+
+
+# -- out ----------------------------------------------------------------------------------------
+
+_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+         "content_filter": "refusal"}
+
+
+def stop_reason(finish_reason: str | None) -> str:
+    return _STOP.get(finish_reason or "stop", "end_turn")
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": None, "cache_read_input_tokens": None}
+
+
+def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
+    choice = (response.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    text = content_text(message.get("content"))
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in tool_calls_of(message):
+        fn = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": fn.get("name") or "",
+                        "input": arguments_object(fn.get("arguments"))})
+    return {
+        "id": new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": response.get("model") or req.model,
+        "content": content,
+        "stop_reason": stop_reason(choice.get("finish_reason")),
+        "stop_sequence": None,  # chat's finish_reason does not say which sequence stopped it
+        "usage": _usage(*chat_usage(response)),
+    }
+
+
+class MessagesStream(StreamTranslator):
+    """Chat chunks -> message_start, content_block_start/delta/stop, message_delta, message_stop
+    (or one `error` event when the stream broke and no target could finish it)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.id = new_id("msg_")
+        self.started = False
+        self.done = False
+        self.index = -1
+        self.open: tuple[str, int] | None = None  # ("text", 0) or ("tool", chat tool index)
+        self.tools: dict[int, int] = {}  # chat tool-call index -> content block index
+        self.stop: str | None = None
+        self.usage = (0, 0)
+
+    def _start(self, events: list[Event], chunk: dict[str, Any]) -> None:
+        if self.started:
+            return
+        self.started = True
+        events.append({"type": "message_start", "message": {
+            "id": self.id, "type": "message", "role": "assistant", "model": chunk.get("model") or self.model,
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(0, 0)}})
+
+    def _close(self, events: list[Event]) -> None:
+        if self.open is not None:
+            events.append({"type": "content_block_stop", "index": self.index})
+            self.open = None
+
+    def _open(self, events: list[Event], key: tuple[str, int], block: dict[str, Any]) -> None:
+        self._close(events)
+        self.index += 1
+        self.open = key
+        events.append({"type": "content_block_start", "index": self.index, "content_block": block})
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        if self.done:
+            return []
+        events: list[Event] = []
+        self._start(events, chunk)
+        if isinstance(chunk.get("error"), dict) and not chunk.get("choices"):
+            self._close(events)
+            self.done = True
+            events.append({"type": "error", "error": {"type": "api_error",
+                                                      "message": str(chunk["error"].get("message") or "")}})
+            return events
+        if chunk.get("usage"):
+            self.usage = chat_usage(chunk)
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                if self.open != ("text", 0):
+                    self._open(events, ("text", 0), {"type": "text", "text": ""})
+                events.append({"type": "content_block_delta", "index": self.index,
+                               "delta": {"type": "text_delta", "text": delta["content"]}})
+            for call in delta.get("tool_calls") or []:
+                self._tool_delta(events, call)
+            if choice.get("finish_reason"):
+                self.stop = stop_reason(choice["finish_reason"])
+        return events
+
+    def _tool_delta(self, events: list[Event], call: dict[str, Any]) -> None:
+        k = int(call.get("index") or 0)
+        fn = call.get("function") or {}
+        if k not in self.tools:
+            self._open(events, ("tool", k), {"type": "tool_use", "id": call.get("id") or new_id("toolu_"),
+                                             "name": fn.get("name") or "", "input": {}})
+            self.tools[k] = self.index
+        if fn.get("arguments"):
+            events.append({"type": "content_block_delta", "index": self.tools[k],
+                           "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+
+    def finish(self) -> list[Event]:
+        if self.done:
+            return []
+        events: list[Event] = []
+        self._start(events, {})
+        self._close(events)
+        self.done = True
+        inp, out = self.usage
+        events.append({"type": "message_delta", "delta": {"stop_reason": self.stop or "end_turn", "stop_sequence": None},
+                       "usage": {"input_tokens": inp, "output_tokens": out}})
+        events.append({"type": "message_stop"})
+        return events
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+# The types of the SDK's ErrorResponse (it has none for 413: the status itself says it).
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error",
+                422: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error",
+                504: "timeout_error", 529: "overloaded_error"}
+
+
+def error_body(err: APIError) -> dict[str, Any]:
+    kind = _ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+class AnthropicMessages(WireAdapter):
+    endpoint = PATH
+    request_model = MessagesRequest
+
+    def to_chat(self, request: MessagesRequest) -> dict[str, Any]:
+        return to_chat(request)
+
+    def from_chat(self, response: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
+        return from_chat(response, request)
+
+    def translator(self, request: MessagesRequest) -> MessagesStream:
+        return MessagesStream(request.model)
+
+    def error_body(self, err: APIError) -> dict[str, Any]:
+        return error_body(err)
