@@ -43,11 +43,18 @@ def main() -> None:
 @click.option("--weights", default="auto", show_default=True, help="auto | f32 | bf16 | int8")
 @_clean_errors
 def info(model: str, weights: str) -> None:
-    """Print what MODEL is (architecture, sizes, weight representation) as JSON."""
-    from local_engine.engine import Engine
+    """Print what MODEL is (architecture, sizes, weight representation) as JSON.
 
-    eng = Engine.open(model, weights=weights)
-    click.echo(json.dumps(eng.info(), indent=2, default=str))
+    A packed MoE dir is described from its manifest: no weights loaded, no tokenizer needed."""
+    from local_engine.engine import Engine, resolve
+    from local_engine.formats.pack import MANIFEST, read_manifest
+
+    path = resolve(model)
+    if (path / MANIFEST).is_file():
+        info = read_manifest(path).describe()
+    else:
+        info = Engine.open(model, weights=weights).info()
+    click.echo(json.dumps(info, indent=2, default=str))
 
 
 @main.command()
@@ -115,6 +122,10 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
 from local_engine.pack_cli import pack as _pack  # noqa: E402  (MoE flash-layout packer, docs/moe.md)
 
 main.add_command(_pack)
+
+from local_engine.demo_moe import demo_moe as _demo_moe  # noqa: E402  (a small random MoE to try pack on)
+
+main.add_command(_demo_moe)
 
 if __name__ == "__main__":
     main()

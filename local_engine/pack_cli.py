@@ -21,7 +21,8 @@ from local_engine.formats.pack import pack as pack_dir
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--quant", type=click.Choice(QUANT_METHODS), default="none", show_default=True,
               help="Expert weights: lossless copy, or per-group int8 / int4 with fp16 scales.")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Columns per quantisation group.")
+@click.option("--group-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Columns per quantisation group: must divide the hidden and expert widths (even for int4).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> None:
     """Convert an MoE checkpoint SRC (HF safetensors dir, or an MoE GGUF file) into the flash layout in DST."""

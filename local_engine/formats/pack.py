@@ -22,10 +22,11 @@ columns, one fp16 scale per (row, group); ``int4`` packs two values per byte (lo
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,30 @@ def quantize(w: torch.Tensor, method: str, group: int) -> tuple[torch.Tensor, to
     return q, scale
 
 
+def valid_group_size(quant: str, dims: Iterable[int], at_most: int) -> int | None:
+    """The largest group size <= ``at_most`` that divides every dim (even for int4), or None."""
+    g = math.gcd(*dims)
+    for size in range(min(at_most, g), 0, -1):
+        if g % size == 0 and not (quant == "int4" and size % 2):
+            return size
+    return None
+
+
+def _check_group_size(quant: str, group_size: int, dims: dict[str, int]) -> None:
+    """Refuse a group size the expert matrices cannot be cut into, naming the option and a value that works."""
+    bad = [f"{name} {d}" for name, d in dims.items() if group_size < 1 or d % group_size]
+    if quant == "int4" and group_size % 2:
+        bad.append("int4 (two values per byte: the group size must be even)")
+    if not bad:
+        return
+    at_most = group_size if group_size >= 1 else 64
+    fix = valid_group_size(quant, dims.values(), at_most)
+    hint = (f"use --group-size {fix} (group_size={fix}): the largest size up to {at_most} that divides "
+            f"{' and '.join(str(d) for d in dims.values())}" if fix else
+            "no group size fits; use --quant int8 or --quant none")
+    raise PackError(f"--quant {quant} --group-size {group_size}: does not fit {', '.join(bad)}: {hint}")
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, method: str, shape: tuple[int, int]) -> torch.Tensor:
     out_f, in_f = shape
     if method == "int4":
@@ -257,6 +282,20 @@ class Manifest:
     @property
     def resident_bytes(self) -> int:
         return sum(int(t["nbytes"]) for t in self.raw["resident"]["tensors"].values())
+
+    def describe(self) -> dict[str, Any]:
+        """What the directory holds, from the manifest alone (``local-engine info``): no weights are
+        read and no tokenizer is needed (``tokenizer`` says whether one was packed, to chat)."""
+        c = self.config
+        tok = self.root / "tokenizer.json"
+        return {"source": str(self.root), "format": "flash-moe-pack", "arch": self.arch,
+                "quant": self.quant, "group_size": self.group_size if self.quant != "none" else None,
+                "layers": int(c["num_hidden_layers"]), "moe_layers": len(self.moe_layers),
+                "experts": self.num_experts, "top_k": int(c["num_experts_per_tok"]),
+                "hidden_size": int(c["hidden_size"]), "vocab_size": c.get("vocab_size"),
+                "bundle_bytes": self.stride, "expert_bank_bytes": self.expert_bank_bytes,
+                "resident_bytes": self.resident_bytes,
+                "tokenizer": str(tok) if tok.is_file() else None}
 
 
 def read_manifest(root: str | os.PathLike[str]) -> Manifest:
@@ -410,9 +449,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     n_exp = num_experts(cfg)
     layers = [i for i, is_moe in enumerate(moe_layers(cfg)) if is_moe]
     if quant != "none":
-        for d in (hidden, inter):
-            if d % group_size or (quant == "int4" and group_size % 2):
-                raise PackError(f"dimension {d} is not divisible by group size {group_size}")
+        _check_group_size(quant, group_size, {"hidden size": hidden, "expert intermediate size": inter})
     dst.mkdir(parents=True, exist_ok=True)
 
     resident_names = [k for k in srcv.where if not _is_expert_tensor(k, spec)]
