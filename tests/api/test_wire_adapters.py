@@ -1,0 +1,186 @@
+"""The wire adapters as pure functions: conversions in, answers and stream events out (validated
+against the SDKs' own types), with no server involved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from gateway.schema import APIError
+from gateway.wire import anthropic_messages as am
+from gateway.wire import openai_responses as orr
+
+A_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+R_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"id": "c", "model": "m", "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}],
+            **extra}
+
+
+def tool_delta(index: int, call_id: str | None = None, name: str | None = None, args: str = "") -> dict[str, Any]:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": args}}
+    if call_id:
+        call.update(id=call_id, type="function")
+        call["function"]["name"] = name
+    return chunk({"tool_calls": [call]})
+
+
+USAGE = {"id": "c", "model": "m", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}
+MIXED = [chunk({"role": "assistant", "content": "Let me "}), chunk({"content": "check."}),
+         tool_delta(0, "call_a", "f", '{"x": '), tool_delta(0, args="1}"), tool_delta(1, "call_b", "g", "{}"),
+         chunk(finish="tool_calls"), USAGE]
+
+
+def anthropic_events(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    t = am.MessagesStream("auto")
+    events = [e for c in chunks for e in t.feed(c)] + t.finish()
+    assert t.finish() == [] and t.feed(chunk({"content": "late"})) == []  # one terminal event, then nothing
+    return events
+
+
+def test_anthropic_in_covers_every_position() -> None:
+    req = am.MessagesRequest.model_validate({
+        "model": "auto", "max_tokens": 9, "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+        "tools": [{"name": "f", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
+                                              {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": "é"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "r1"}]},
+                {"type": "tool_result", "tool_use_id": "t2", "is_error": True}]},
+        ]})
+    body = am.to_chat(req)
+    assert body["messages"][1] == {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a": "é"}'}}]}
+    assert body["messages"][2:] == [{"role": "tool", "tool_call_id": "t1", "content": [{"type": "text", "text": "r1"}]},
+                                    {"role": "tool", "tool_call_id": "t2", "content": ""}]
+    assert body["tool_choice"] == "required" and body["parallel_tool_calls"] is False
+    assert "stream" not in body
+
+
+def test_anthropic_image_in_a_tool_result_is_refused_clearly() -> None:
+    req = am.MessagesRequest.model_validate({"model": "auto", "max_tokens": 9, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}]})
+    with pytest.raises(APIError) as exc:
+        am.to_chat(req)
+    assert exc.value.status == 400 and exc.value.param == "messages.0.content.0"
+
+
+def test_anthropic_out_maps_stop_reasons_and_keeps_broken_arguments() -> None:
+    req = am.MessagesRequest.model_validate({"model": "auto", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "q"}]})
+    response = {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 9}, "choices": [{
+        "finish_reason": "length", "message": {"role": "assistant", "content": "partial", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": '}}]}}]}
+    msg = Message.model_validate(am.from_chat(response, req))
+    assert msg.stop_reason == "max_tokens" and msg.content[0].text == "partial"
+    assert msg.content[1].input == {"arguments": '{"a": '}
+
+
+def test_anthropic_stream_opens_and_closes_one_block_at_a_time() -> None:
+    events = anthropic_events(MIXED)
+    for e in events:
+        A_EVENT.validate_python(e)
+    starts = [(e["index"], e["content_block"]["type"]) for e in events if e["type"] == "content_block_start"]
+    assert starts == [(0, "text"), (1, "tool_use"), (2, "tool_use")]
+    opened: list[int] = []
+    for e in events:  # every start is stopped before the next one opens
+        if e["type"] == "content_block_start":
+            assert not opened
+            opened.append(e["index"])
+        elif e["type"] == "content_block_stop":
+            assert opened == [e["index"]]
+            opened.clear()
+        elif e["type"] == "content_block_delta":
+            assert opened == [e["index"]]
+    delta = events[-2]
+    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"] == {"input_tokens": 3, "output_tokens": 4}
+
+
+def test_anthropic_stream_error_closes_the_open_block_and_ends_the_stream() -> None:
+    events = anthropic_events([chunk({"content": "par"}), {"error": {"message": "gone (timeout)"}}])
+    assert [e["type"] for e in events] == ["message_start", "content_block_start", "content_block_delta",
+                                           "content_block_stop", "error"]
+    assert ErrorResponse.model_validate(events[-1]).error.type == "api_error"
+
+
+def test_anthropic_error_types_follow_the_status() -> None:
+    kinds = {s: am.error_body(APIError(s, "m"))["error"]["type"] for s in (400, 401, 403, 404, 413, 429, 500, 503)}
+    assert kinds == {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                     404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
+                     500: "api_error", 503: "overloaded_error"}
+    for s in kinds:
+        ErrorResponse.model_validate(am.error_body(APIError(s, "m")))
+
+
+def _responses_req(**fields: Any) -> orr.ResponsesRequest:
+    return orr.ResponsesRequest.model_validate({"model": "auto", "input": "q", **fields})
+
+
+def test_responses_in_merges_one_assistant_turn_and_drops_reasoning() -> None:
+    body = orr.to_chat(_responses_req(input=[
+        {"role": "user", "content": "q"},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me see."}]},
+        {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+        {"type": "function_call", "call_id": "b", "name": "g", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"},
+        {"type": "function_call_output", "call_id": "b", "output": [{"type": "input_text", "text": "2"}]},
+    ]))
+    msgs = body["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "tool"]
+    assert msgs[1]["content"] == "Let me see." and [c["id"] for c in msgs[1]["tool_calls"]] == ["a", "b"]
+    assert msgs[3]["content"] == [{"type": "text", "text": "2"}]
+
+
+def test_responses_out_is_incomplete_when_cut_by_the_token_limit() -> None:
+    response = {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 9},
+                "choices": [{"finish_reason": "length", "message": {"role": "assistant", "content": "partial"}}]}
+    resp = Response.model_validate(orr.from_chat(response, _responses_req(max_output_tokens=9)))
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.output_text == "partial" and resp.max_output_tokens == 9
+
+
+def responses_events(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    t = orr.ResponsesStream(_responses_req(stream=True))
+    events = [e for c in chunks for e in t.feed(c)] + t.finish()
+    assert t.finish() == []
+    for e in events:
+        R_EVENT.validate_python(e)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def test_responses_stream_closes_the_message_before_the_function_calls() -> None:
+    events = responses_events(MIXED)
+    items = [(e["type"], e["output_index"], e["item"]["type"]) for e in events if "item" in e]
+    assert items == [("response.output_item.added", 0, "message"), ("response.output_item.done", 0, "message"),
+                     ("response.output_item.added", 1, "function_call"), ("response.output_item.done", 1, "function_call"),
+                     ("response.output_item.added", 2, "function_call"), ("response.output_item.done", 2, "function_call")]
+    done = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert [(e["name"], e["arguments"]) for e in done] == [("f", '{"x": 1}'), ("g", "{}")]
+    final = Response.model_validate(events[-1]["response"])
+    assert events[-1]["type"] == "response.completed" and final.output_text == "Let me check."
+    assert [o.type for o in final.output] == ["message", "function_call", "function_call"]
+    assert final.usage is not None and final.usage.total_tokens == 7
+
+
+def test_responses_stream_failure_is_the_only_terminal_event() -> None:
+    events = responses_events([chunk({"content": "par"}), {"error": {"message": "gone (timeout)"}}])
+    assert [e["type"] for e in events][-1] == "response.failed"
+    failed = Response.model_validate(events[-1]["response"])
+    assert failed.status == "failed" and failed.error is not None and failed.output[0].status == "incomplete"
+
+
+def test_responses_stream_cut_by_the_token_limit_is_incomplete() -> None:
+    events = responses_events([chunk({"content": "par"}), chunk(finish="length")])
+    assert events[-1]["type"] == "response.incomplete"
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}

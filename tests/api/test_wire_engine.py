@@ -1,0 +1,76 @@
+"""Both SDKs against the gateway with the built-in local model (the in-process engine) answering."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from anthropic.types import Message, RawMessageStreamEvent
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from tests.support.gateway import RunningGateway, run_gateway
+
+QUESTION = "What is the capital of France?"
+POLICY = """
+version: 1
+targets:
+  local: {kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 24}
+connectivity: {probe_interval_s: 30}
+privacy: {enabled: false}
+difficulty: {method: heuristic}
+rules:
+  - {name: all, route: local}
+"""
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    path: Path = tmp_path_factory.mktemp("engine") / "p.yaml"
+    path.write_text(POLICY)
+    with run_gateway(path) as running:
+        yield running
+
+
+def test_anthropic_messages_on_the_engine(gw: RunningGateway) -> None:
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0, timeout=120)
+    raw = client.messages.with_raw_response.create(model="auto", max_tokens=24, system="You are a helpful AI assistant.",
+                                                   messages=[{"role": "user", "content": QUESTION}])
+    msg = Message.model_validate(json.loads(raw.http_response.text))
+    assert raw.headers["x-hybrid-route"] == "local"
+    assert "Paris" in msg.content[0].text, msg.content
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+    assert msg.usage.input_tokens > 0 and 0 < msg.usage.output_tokens <= 24
+    events: list[Any] = []
+    adapter: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+    with client.messages.stream(model="auto", max_tokens=24, system="You are a helpful AI assistant.",
+                                messages=[{"role": "user", "content": QUESTION}]) as stream:
+        for event in stream:
+            events.append(event)
+        final = stream.get_final_message()
+    raw_events = [e for e in events if e.type in ("message_start", "content_block_start", "content_block_delta",
+                                                  "content_block_stop", "message_delta", "message_stop")]
+    for e in raw_events:
+        adapter.validate_python(e.model_dump())
+    assert [e.type for e in raw_events][-2:] == ["message_delta", "message_stop"]
+    assert final.content[0].text == msg.content[0].text  # greedy: the same answer both ways
+    assert final.usage.output_tokens == msg.usage.output_tokens
+
+
+def test_openai_responses_on_the_engine(gw: RunningGateway) -> None:
+    client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    raw = client.responses.with_raw_response.create(model="auto", input=QUESTION, max_output_tokens=24)
+    resp = Response.model_validate(json.loads(raw.http_response.text))
+    assert "Paris" in resp.output_text and resp.status in ("completed", "incomplete")
+    adapter: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+    events = [adapter.validate_python(e.model_dump()) for e in
+              client.responses.create(model="auto", input=QUESTION, max_output_tokens=24, stream=True)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    last = events[-1]
+    assert last.type in ("response.completed", "response.incomplete")
+    assert last.response.output_text == resp.output_text and last.response.usage.output_tokens > 0
