@@ -38,8 +38,12 @@ RUN make setup PY=python3.11 \
 
 USER gateway
 EXPOSE 8080
+# /readyz, not /healthz: the same check docs/operations.md tells load balancers to use. The
+# container is healthy only when it can answer (policy loaded, local model loaded; 503 before),
+# so compose's `service_healthy` and health-routing orchestrators wait for that, not for a process
+# that is still loading its model or failed to. A non-200 raises in urlopen: exit 1, unhealthy.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["/app/.venv/bin/python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+    CMD ["/app/.venv/bin/python", "-c", "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=2).status != 200)"]
 # Same command as `make run`, listening on every interface. Logs are JSON lines on stderr; the
 # audit log goes to stdout ('-') so the container runtime collects both.
 CMD ["/app/.venv/bin/hybrid-gateway", "serve", "--policy", "policies/default.yaml", "--host", "0.0.0.0", "--port", "8080", "--audit-log", "-"]

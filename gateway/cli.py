@@ -87,21 +87,55 @@ def _messages(prompt: str | None, messages_json: str | None) -> list[dict[str, A
 @main.command()
 @click.argument("prompt", required=False)
 @click.option("--policy", "policy_path", default=DEFAULT_POLICY, show_default=True, type=click.Path())
-@click.option("--offline", is_flag=True, help="Assume every cloud target is offline.")
+@click.option("--offline", is_flag=True, help="Every cloud target offline, as `serve --offline`.")
 @click.option("--model", default="auto", show_default=True)
 @click.option("--messages", "messages_json", default=None, help="A JSON list of messages instead of PROMPT.")
 @click.option("--header", "headers", multiple=True, help="NAME=VALUE, repeatable.")
 @click.option("--client", default=None, help="Client name to assume.")
+@click.option("--score-all", is_flag=True, help="Run every classifier, even those the decision does not need.")
+@click.option("--server", default=None, metavar="URL",
+              help="Ask a running gateway (POST URL/v1/route/explain): its live connectivity, its policy.")
+@click.option("--api-key", default=None, envvar="HYBRID_API_KEY", help="Client key for --server.")
 def explain(prompt: str | None, policy_path: str, offline: bool, model: str, messages_json: str | None,
-            headers: tuple[str, ...], client: str | None) -> None:
-    """Print the routing decision for a prompt as JSON. Calls no model."""
-    from gateway.explain import explain_offline
+            headers: tuple[str, ...], client: str | None, score_all: bool, server: str | None,
+            api_key: str | None) -> None:
+    """Print the routing decision for a prompt as JSON. Calls no model.
 
-    policy = _load(policy_path)
+    Without --server, connectivity is what `serve` would see at start-up with this policy and
+    environment: a cloud target without an API key is disabled, one with a key online."""
     body = {"model": model, "messages": _messages(prompt, messages_json)}
     hdrs = dict(h.split("=", 1) for h in headers if "=" in h)
-    result = asyncio.run(explain_offline(policy, policy_path, body, offline=offline, headers=hdrs, client=client))
+    if server:
+        if offline or client:
+            _fail("--offline and --client describe a local simulation; with --server the server decides")
+        result = _explain_remote(server, body, hdrs, api_key)
+    else:
+        from gateway.explain import explain_local
+
+        policy = _load(policy_path)
+        result = asyncio.run(explain_local(policy, policy_path, body, offline=offline, headers=hdrs, client=client,
+                                           score_all=score_all))
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+
+
+def _explain_remote(server: str, body: dict[str, Any], headers: dict[str, str], api_key: str | None) -> Any:
+    import httpx
+
+    url = server.rstrip("/") + "/v1/route/explain"
+    if api_key:
+        headers = {**headers, "authorization": f"Bearer {api_key}"}
+    try:
+        resp = httpx.post(url, json=body, headers=headers, timeout=30, trust_env=False)
+    except httpx.HTTPError as exc:
+        _fail(f"{url}: {type(exc).__name__}: {exc}")
+    try:
+        data = resp.json()
+    except ValueError:
+        _fail(f"{url}: HTTP {resp.status_code}, not a JSON answer")
+    if resp.status_code != 200:
+        message = data.get("error", {}).get("message") if isinstance(data, dict) else None
+        _fail(f"{url}: HTTP {resp.status_code}: {message or data}")
+    return data
 
 
 @main.group()

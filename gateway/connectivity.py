@@ -6,6 +6,10 @@ request never has to discover an outage by timing out. A target flips offline af
 consecutive successes, so a single blip does not flap the route. After a failure the probe runs
 sooner, so a dead cloud is marked offline within about one probe interval even with no traffic;
 once offline, a target stays so for at least one probe interval (hold-down against flapping).
+
+A cloud target without an API key is `disabled`: never contacted, and reported as such, distinct
+from `offline` (configured but unreachable). A target forced `offline` (`serve --offline`, the
+admin switch) is not probed either: offline means no traffic to it at all.
 """
 
 from __future__ import annotations
@@ -24,26 +28,34 @@ from gateway.policy.model import CloudTarget, ConnectivityConfig
 
 log = structlog.get_logger("gateway.connectivity")
 
-State = Literal["online", "offline"]
+State = Literal["online", "offline", "disabled"]
 Force = Literal["online", "offline", "auto"]
 
 
 @dataclass
 class TargetHealth:
-    state: State = "online"  # optimistic at start: the first probe runs immediately anyway
+    state: Literal["online", "offline"] = "online"  # measured; optimistic at start: the first probe runs at once
     force: Force = "auto"
     failures: int = 0
     successes: int = 0
     last_change: float = field(default_factory=time.time)
     last_error: str | None = None
     probes: int = 0
-    disabled: bool = False  # no API key configured: never contacted, always offline
+    disabled: bool = False  # no API key configured: never contacted
 
     @property
     def effective(self) -> State:
-        if self.disabled:
+        # Forcing offline is a test of offline mode: it reads offline even without a key.
+        if self.force == "offline":
             return "offline"
+        if self.disabled:
+            return "disabled"
         return self.state if self.force == "auto" else self.force
+
+    @property
+    def probed(self) -> bool:
+        """Whether the monitor may send this target anything."""
+        return not self.disabled and self.force != "offline"
 
 
 def _probe_url(target: CloudTarget) -> str | None:
@@ -116,6 +128,10 @@ class ConnectivityMonitor:
         h = self.health.get(target)
         return bool(h and h.disabled)
 
+    def forced_offline(self, target: str) -> bool:
+        h = self.health.get(target)
+        return bool(h and h.force == "offline")
+
     def snapshot(self) -> dict[str, State]:
         return {name: h.effective for name, h in self.health.items()}
 
@@ -161,9 +177,7 @@ class ConnectivityMonitor:
             if _probe_url(target) is not None:
                 self.record(name, reason is None, reason)
 
-        await asyncio.gather(
-            *(one(n, t) for n, t in self.targets.items() if not self.health[n].disabled)
-        )
+        await asyncio.gather(*(one(n, t) for n, t in self.targets.items() if self.health[n].probed))
 
     def _next_delay(self) -> float:
         # While a target is failing but not yet offline (or offline and recovering), probe more

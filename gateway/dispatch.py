@@ -192,8 +192,11 @@ class Dispatcher:
                 if nxt:
                     fallbacks.append(Fallback(target, nxt, "not_configured"))
                 continue
-            if nxt and self.monitor.state(target) == "offline":
-                fallbacks.append(Fallback(target, nxt, "offline"))
+            # A known-offline target is skipped when something is left to try; one forced offline
+            # is never called at all (offline on purpose means no traffic to it).
+            if self.monitor.state(target) == "offline" and (nxt or self.monitor.forced_offline(target)):
+                if nxt:
+                    fallbacks.append(Fallback(target, nxt, "offline"))
                 errors.append((target, BackendError("connect", f"{target} is offline")))
                 continue
             try:

@@ -1,19 +1,54 @@
-"""Explain a decision without a server and without calling any model (CLI `explain`, `policy test`)."""
+"""Explain a decision without a server and without calling any model (CLI `explain`, `policy test`).
+
+Two views of connectivity:
+
+* `explain_local` (the CLI) sees it as a freshly started server would: a cloud target without an
+  API key is `disabled`, one with a key `online` (the server's optimistic start; nothing is
+  probed), every one `offline` with `--offline`. Ask a running server (`--server`) for the live view.
+* `explain_with` (`policy test`) simulates: every cloud target online, or every one offline, so
+  the cases hold with or without a key on the machine that runs them.
+
+`explain_local` loads only what the decision needs: the decision is a pure function of the
+features, so it is first evaluated for every sensitivity and difficulty level; a classifier runs
+only when the decision depends on its finding (or redaction needs the entities). The presidio
+analyser alone takes seconds to load.
+"""
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar
 
 from gateway import pipeline
+from gateway.connectivity import ConnectivityMonitor
+from gateway.dispatch import Dispatcher
+from gateway.features import (
+    DIFFICULTY_LEVELS,
+    SENSITIVITY_LEVELS,
+    DifficultyFinding,
+    Features,
+    SensitivityFinding,
+)
 from gateway.metrics import Metrics
-from gateway.policy.model import Policy
-from gateway.runtime import Runtime, build_runtime
+from gateway.policy.evaluate import decide
+from gateway.policy.model import CloudTarget, Policy
+from gateway.privacy.vault import VaultStore
+from gateway.runtime import Runtime, build_runtime, shared_difficulty, shared_sensitivity
 
 
 def offline_runtime(policy: Policy, source: str) -> Runtime:
     """A runtime whose connectivity is only what we force: nothing is probed or called."""
     return build_runtime(policy, source, force="online")
+
+
+def _call(body: dict[str, Any], headers: dict[str, str] | None, client: str | None) -> pipeline.Call:
+    return pipeline.Call(
+        body=body,
+        headers={k.lower(): v for k, v in (headers or {}).items()},
+        client=client,
+        request_id=uuid.uuid4().hex,
+    )
 
 
 async def explain_with(
@@ -25,21 +60,57 @@ async def explain_with(
     client: str | None = None,
 ) -> tuple[pipeline.Prepared, dict[str, Any]]:
     for name, health in rt.monitor.health.items():
-        # Explaining calls nothing, so a cloud target without a key is simulated like any other:
-        # the question is what the policy would do, online or offline.
+        # A simulation: a cloud target without a key is treated like any other, online or offline.
         health.disabled = False
         rt.monitor.force(name, "offline" if offline else "online")
-    call = pipeline.Call(
-        body=body,
-        headers={k.lower(): v for k, v in (headers or {}).items()},
-        client=client,
-        request_id=uuid.uuid4().hex,
-    )
-    prepared = await pipeline.prepare(rt, call, Metrics(), score_all=True)
+    prepared = await pipeline.prepare(rt, _call(body, headers, client), Metrics(), score_all=True)
     return prepared, pipeline.explain(rt, prepared)
 
 
-async def explain_offline(
+F = TypeVar("F", SensitivityFinding, DifficultyFinding)
+
+
+@dataclass(frozen=True)
+class _Unneeded(Generic[F]):
+    """Stands in for a classifier whose finding cannot change the decision: answers a fixed
+    (valid) level at once; the explanation then reports the finding as `unscored`."""
+
+    finding: F
+    runs_inline = True
+
+    def classify(self, body: dict[str, Any]) -> F:
+        return self.finding
+
+
+_NO_SENSITIVITY = _Unneeded(SensitivityFinding(level="none"))
+_NO_DIFFICULTY = _Unneeded(DifficultyFinding(level="easy"))
+_SKIPPED = "the decision does not depend on it (--score-all to compute it)"
+
+
+def _light_runtime(policy: Policy, source: str, monitor: ConnectivityMonitor,
+                   sensitivity: Any, difficulty: Any) -> Runtime:
+    # No backends: explaining calls no model, so none is built (nor litellm imported).
+    return Runtime(policy=policy, backends={}, monitor=monitor, dispatcher=Dispatcher(policy, {}, monitor),
+                   sensitivity=sensitivity, difficulty=difficulty, vaults=VaultStore(ttl_s=60.0), source=source)
+
+
+def depends_on(policy: Policy, features: Features, pinned: str | None) -> tuple[bool, bool]:
+    """(sensitivity, difficulty): whether the decision for these features can change with that
+    finding. Sensitivity also counts as needed when the decision may redact for a cloud target."""
+    def outcome(s: str, d: str) -> tuple[Any, ...]:
+        f = replace(features, sensitivity=SensitivityFinding(level=s), difficulty=DifficultyFinding(level=d))
+        dec = decide(f, policy, pinned)
+        redacts = dec.redact and any(policy.is_cloud(t) for t in dec.chain)
+        return dec.rule, dec.action, dec.chain, redacts
+
+    grid = {(s, d): outcome(s, d) for s in SENSITIVITY_LEVELS for d in DIFFICULTY_LEVELS}
+    by_sensitivity = any(len({grid[s, d] for s in SENSITIVITY_LEVELS}) > 1 for d in DIFFICULTY_LEVELS)
+    by_difficulty = any(len({grid[s, d] for d in DIFFICULTY_LEVELS}) > 1 for s in SENSITIVITY_LEVELS)
+    redacts = any(o[3] for o in grid.values())
+    return by_sensitivity or redacts, by_difficulty
+
+
+async def explain_local(
     policy: Policy,
     source: str,
     body: dict[str, Any],
@@ -47,10 +118,27 @@ async def explain_offline(
     offline: bool = False,
     headers: dict[str, str] | None = None,
     client: str | None = None,
+    score_all: bool = False,
 ) -> dict[str, Any]:
-    rt = offline_runtime(policy, source)
+    clouds = {n: t for n, t in policy.targets.items() if isinstance(t, CloudTarget)}
+    # The server's own monitor, never started: its view at start-up, and not a packet sent.
+    monitor = ConnectivityMonitor(clouds, policy.connectivity, force_all="offline" if offline else "auto")
+    call = _call(body, headers, client)
     try:
-        _, result = await explain_with(rt, body, offline=offline, headers=headers, client=client)
+        first = await pipeline.prepare(_light_runtime(policy, source, monitor, _NO_SENSITIVITY, _NO_DIFFICULTY),
+                                       call, Metrics())
+        need_s, need_d = (True, True) if score_all else depends_on(policy, first.features, first.decision.pinned)
+        rt = _light_runtime(policy, source, monitor,
+                            shared_sensitivity(policy.privacy) if need_s else _NO_SENSITIVITY,
+                            shared_difficulty(policy.difficulty) if need_d else _NO_DIFFICULTY)
+        prepared = await pipeline.prepare(rt, call, Metrics(), score_all=need_d)
+        result = pipeline.explain(rt, prepared)
     finally:
-        await rt.monitor.aclose()
+        await monitor.aclose()
+    if not need_s:
+        result["features"]["sensitivity"] = {"level": "unscored", "entities": {}, "unscanned": [],
+                                             "error": None, "skipped": _SKIPPED}
+    if not need_d:
+        result["features"]["difficulty"] = {"level": "unscored", "score": 0.0, "method": "skipped",
+                                            "evidence": {"reason": _SKIPPED}}
     return result

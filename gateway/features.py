@@ -13,7 +13,9 @@ from typing import Any, Literal
 SENSITIVITY_LEVELS: tuple[str, ...] = ("none", "low", "medium", "high")
 DIFFICULTY_LEVELS: tuple[str, ...] = ("easy", "medium", "hard")
 
-Connectivity = Literal["online", "offline"]
+# disabled: a cloud target with no API key (never contacted); offline: configured but unreachable.
+Connectivity = Literal["online", "offline", "disabled"]
+CONNECTIVITY_STATES: tuple[str, ...] = ("online", "offline", "disabled")
 
 
 def level_rank(levels: tuple[str, ...], level: str) -> int:
@@ -70,8 +72,11 @@ class Features:
     prompt_tokens: int
     has_tools: bool
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
+    has_images: bool = False  # an `image_url` content part in some message
 
     @property
     def overall_connectivity(self) -> Connectivity:
-        """Online when at least one cloud target is reachable (no cloud targets: offline)."""
-        return "online" if any(s == "online" for s in self.connectivity.values()) else "offline"
+        """`online` if any cloud target is online, else `offline` if any is offline, else `disabled`
+        (every cloud target lacks a key, or the policy has none: nothing is meant to leave)."""
+        states = set(self.connectivity.values())
+        return "online" if "online" in states else "offline" if "offline" in states else "disabled"

@@ -75,6 +75,28 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     return max(1, len(all_text(body)) // 4)
 
 
+def _is_image(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image_url"
+
+
+def has_images(body: dict[str, Any]) -> bool:
+    return any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(map(_is_image, m["content"]))
+               for m in body.get("messages") or ())
+
+
+def without_images(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """The body with its image_url parts removed, and how many there were."""
+    dropped = 0
+    messages = []
+    for m in body.get("messages") or ():
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            kept = [p for p in m["content"] if not _is_image(p)]
+            dropped += len(m["content"]) - len(kept)
+            m = {**m, "content": kept}
+        messages.append(m)
+    return {**body, "messages": messages}, dropped
+
+
 def _in_thread(metrics: Metrics, name: str, fn: Any, body: dict[str, Any]) -> asyncio.Future[Any]:
     """Starts `fn(body)` on a worker thread now (not at the loop's next turn, as a task would), so
     it runs while the inline classifiers work."""
@@ -158,6 +180,7 @@ async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = 
         prompt_tokens=estimate_tokens(call.body),
         has_tools=bool(call.body.get("tools")),
         headers=call.headers,
+        has_images=has_images(call.body),
     )
 
 
@@ -225,17 +248,28 @@ async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = F
     return prepared
 
 
+def _warn(prepared: Prepared, warning: str) -> None:
+    if warning not in prepared.warnings:
+        prepared.warnings.append(warning)
+
+
 def body_for(rt: Runtime, prepared: Prepared, target: str) -> dict[str, Any]:
-    """The body a target receives: redacted for the cloud when the rule says so."""
+    """The body a target receives: redacted for the cloud when the rule says so, without what the
+    target cannot take (said in x-hybrid-warning), and for the engine under the engine's model name
+    (which it answers with)."""
     if prepared.redacted is not None and rt.policy.is_cloud(target):
-        return prepared.redacted
-    body = prepared.call.body
-    if rt.is_engine(target) and any(k in body for k in _ENGINE_UNSUPPORTED):
+        body = prepared.redacted
+    else:
+        body = prepared.call.body
+    if prepared.features.has_images and not rt.policy.takes_images(target):
+        body, n = without_images(body)
+        _warn(prepared, f"{target} cannot take images: {n} image part{'s' if n != 1 else ''} dropped")
+    if rt.is_engine(target):
         dropped = [k for k in _ENGINE_UNSUPPORTED if k in body]
-        warning = f"{target} ignores {', '.join(dropped)}"
-        if warning not in prepared.warnings:
-            prepared.warnings.append(warning)
-        return {k: v for k, v in body.items() if k not in _ENGINE_UNSUPPORTED}
+        if dropped:
+            _warn(prepared, f"{target} ignores {', '.join(dropped)}")
+        body = {k: v for k, v in body.items() if k not in _ENGINE_UNSUPPORTED}
+        body["model"] = rt.engine_model(target)
     return body
 
 
@@ -273,7 +307,7 @@ def _blocked(decision: Decision) -> APIError:
     return APIError(
         decision.block_status or 403,
         decision.block_message or "Blocked by policy.",
-        code="blocked_by_policy",
+        code=decision.block_code or "blocked_by_policy",
         type_="permission_error" if (decision.block_status or 403) == 403 else None,
     )
 
@@ -467,6 +501,7 @@ def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
             },
             "prompt_tokens": f.prompt_tokens,
             "has_tools": f.has_tools,
+            "has_images": f.has_images,
         },
         "redactions_planned": planned,
     }

@@ -72,6 +72,14 @@ def _shared(kind: str, cfg: Any, build: Any) -> Any:
     return _CLASSIFIERS[key]
 
 
+def shared_sensitivity(cfg: Any) -> SensitivityClassifier:
+    return _shared("sensitivity", cfg, build_sensitivity_classifier)  # type: ignore[no-any-return]
+
+
+def shared_difficulty(cfg: Any) -> DifficultyClassifier:
+    return _shared("difficulty", cfg, build_difficulty_classifier)  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Runtime:
     policy: Policy
@@ -86,6 +94,13 @@ class Runtime:
     def is_engine(self, target: str) -> bool:
         cfg = self.policy.targets[target]
         return isinstance(cfg, LocalTarget) and cfg.engine == "local_engine"
+
+    def engine_model(self, target: str) -> str:
+        """The model name an engine target answers with: its model, not the name the client asked
+        for (`builtin:smollm2-135m` -> `smollm2-135m`, a directory -> its name)."""
+        cfg = self.policy.targets[target]
+        path = (cfg.model_path if isinstance(cfg, LocalTarget) else None) or target
+        return path.removeprefix("builtin:").rstrip("/").rsplit("/", 1)[-1] or target
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """Ready when the policy is loaded and at least one local target can answer."""
@@ -134,8 +149,8 @@ def build_runtime(
                 if name in monitor.health:
                     monitor.health[name] = h
 
-    sensitivity = _shared("sensitivity", policy.privacy, build_sensitivity_classifier)
-    difficulty = _shared("difficulty", policy.difficulty, build_difficulty_classifier)
+    sensitivity = shared_sensitivity(policy.privacy)
+    difficulty = shared_difficulty(policy.difficulty)
     vaults = previous.vaults if previous else VaultStore(ttl_s=_vault_ttl(policy))
     return Runtime(
         policy=policy,

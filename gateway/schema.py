@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Message(BaseModel):
@@ -19,6 +19,16 @@ class Message(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_required(self) -> Message:
+        # As OpenAI: only an assistant turn that calls tools (or a function) may carry no content.
+        if self.content is None and not (
+            self.role == "assistant" and (self.tool_calls or (self.model_extra or {}).get("function_call"))
+        ):
+            raise ValueError(f"`content` is required for role {self.role!r}: only an assistant message with "
+                             "`tool_calls` may have null content")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
-from gateway.api.deps import authenticate, get_state, state_of
+from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
@@ -122,8 +121,7 @@ _KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})  # credentia
 
 def _call(request: Request, body: dict[str, Any], client: str | None) -> pipeline.Call:
     headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _KEY_HEADERS}
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id)
+    return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id_of(request))
 
 
 def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[str, str]:
@@ -141,6 +139,8 @@ def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[
         h["x-hybrid-fallback"] = ", ".join(str(fb) for fb in served.fallbacks)
     if prepared.warnings:
         h["x-hybrid-warning"] = "; ".join(prepared.warnings)
+    if prepared.decision.pin_refused:
+        h["x-hybrid-pin-refused"] = prepared.decision.pin_refused
     return h
 
 
@@ -192,6 +192,23 @@ def _record(
     )
 
 
+def record_rejected(state: GatewayState, request_id: str, started: float, error: APIError,
+                    client: str | None = None, model: str | None = None, stream: bool = False) -> None:
+    """Count and audit a request refused before any decision (bad JSON, auth, unknown model):
+    route and rule are "-". Nothing of the body is written: it may not even be JSON."""
+    elapsed = time.monotonic() - started
+    state.metrics.requests.labels("-", "-", str(error.status)).inc()
+    state.metrics.latency.labels("-", str(stream).lower()).observe(elapsed)
+    if not state.audit.enabled:
+        return
+    state.audit.write({
+        "time": time.time(), "request_id": request_id, "client": client,
+        "model": model[:256] if isinstance(model, str) else None, "rule": "-", "target": "-",
+        "fallbacks": [], "status": error.status, "stream": stream, "latency_ms": round(elapsed * 1000, 2),
+        "error": error.code,
+    })
+
+
 def _audit_messages(state: GatewayState, prepared: pipeline.Prepared) -> dict[str, Any]:
     mode = state.settings.audit_prompts
     if mode == "off":
@@ -219,17 +236,27 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
     # Served by `serve_chat` (see gateway/app.py); the route stays registered for the OpenAPI
     # document. It calls its two dependencies itself for the same reason.
     state = state_of(request)
-    client = await authenticate(request)
-    body = await read_body(request, state)
-    rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
-    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    started = time.monotonic()
+    request_id = request_id_of(request)
+    client: str | None = None
+    body: dict[str, Any] = {}
+    try:
+        client = await authenticate(request)
+        body = await read_body(request, state)
+        rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
+        call = _call(request, body, client)
+        prepared = await pipeline.prepare(rt, call, state.metrics)
+    except APIError as exc:
+        record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
+        exc.headers.setdefault("x-request-id", request_id)
+        raise
     try:
         if body.get("stream"):
             stream, served, usage = await pipeline.stream(rt, prepared)
         else:
             response, served = await pipeline.complete(rt, prepared)
     except APIError as exc:
-        _record(state, prepared, None, exc.status, {}, bool(body.get("stream")))
+        _record(state, prepared, None, exc.status, {"error": exc.code}, bool(body.get("stream")))
         exc.headers.setdefault("x-request-id", prepared.call.request_id)
         exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
         raise
@@ -259,12 +286,15 @@ async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
     dependency solver and middleware layers (~0.1 ms a request here, a tenth of what the gateway
     adds), with the same error shapes as the app's exception handlers."""
     request = Request(scope, receive)
+    started = time.monotonic()
     try:
         response = await chat_completions(request)
     except APIError as exc:
         response = error_response(exc)
     except Exception as exc:
         response = unexpected_error(exc, CHAT_PATH)
+        record_rejected(state_of(request), request_id_of(request), started, APIError(500, "", code="internal_error"))
+        response.headers["x-request-id"] = request_id_of(request)
     await response(scope, receive, send)
 
 
@@ -277,4 +307,4 @@ async def route_explain(
     body = await read_body(request, state)
     rt = state.runtime
     prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
-    return JSON(pipeline.explain(rt, prepared))
+    return JSON(pipeline.explain(rt, prepared), headers={"x-request-id": prepared.call.request_id})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import uuid
 
 from fastapi import Request
 
@@ -12,6 +13,18 @@ from gateway.state import GatewayState
 
 def state_of(request: Request) -> GatewayState:
     return request.app.state.gateway
+
+
+def request_id_of(request: Request) -> str:
+    """The client's `x-request-id`, or a new one; the same for the whole request (it is kept in
+    the ASGI scope, so an error raised before the pipeline starts still carries it)."""
+    rid = request.scope.get("hybrid.request_id")
+    if rid is None:
+        sent = request.headers.get("x-request-id", "")
+        # Echoed in a header and written to logs: keep it short and printable.
+        rid = sent[:128] if sent and sent.isprintable() else uuid.uuid4().hex
+        request.scope["hybrid.request_id"] = rid
+    return rid
 
 
 # Dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in its thread

@@ -7,6 +7,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.api.deps import request_id_of
 from gateway.api.responses import JSON
 from gateway.schema import APIError
 
@@ -22,27 +23,34 @@ def validation_error(exc: RequestValidationError | Exception) -> APIError:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
-    msg = first.get("msg", "Invalid request")
+    msg = str(first.get("msg", "Invalid request")).removeprefix("Value error, ")
     return APIError(400, f"Invalid request: {param + ': ' if param else ''}{msg}", param=param, code="invalid_value")
+
+
+def _with_id(request: Request, response: JSON) -> JSON:
+    # Every error answer carries the request id, so a client can quote it and find the log line.
+    response.headers.setdefault("x-request-id", request_id_of(request))
+    return response
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSON:
-        return error_response(exc)
+        return _with_id(request, error_response(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSON:
-        return error_response(validation_error(exc))
+        return _with_id(request, error_response(validation_error(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSON:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {})))
+        return _with_id(request, error_response(
+            APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSON:
-        return unexpected_error(exc, request.url.path)
+        return _with_id(request, unexpected_error(exc, request.url.path))
 
 
 def unexpected_error(exc: Exception, path: str) -> JSON:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
-from fastapi import APIRouter, Depends
+import orjson
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.api.deps import get_state, require_admin
+from gateway.api.errors import validation_error
 from gateway.api.responses import JSON
 from gateway.schema import APIError
 from gateway.state import GatewayState
@@ -41,8 +43,35 @@ class ConnectivityForce(BaseModel):
     force: Literal["online", "offline", "auto"]
 
 
-@router.post("/admin/connectivity", dependencies=[Depends(require_admin)])
-async def force_connectivity(req: ConnectivityForce, state: GatewayState = Depends(get_state)) -> JSON:
+_MAX_ADMIN_BODY = 4096
+M = TypeVar("M", bound=BaseModel)
+
+
+async def json_body(request: Request, model: type[M]) -> M:
+    """The body as JSON whatever its content type: curl's `-d` sends
+    application/x-www-form-urlencoded, and the chat route takes that as JSON too."""
+    raw = await request.body()
+    if len(raw) > _MAX_ADMIN_BODY:
+        raise APIError(413, f"Request body exceeds {_MAX_ADMIN_BODY} bytes.", code="body_too_large")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+_FORCE_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ConnectivityForce.model_json_schema()}}}}
+
+
+@router.post("/admin/connectivity", dependencies=[Depends(require_admin)], openapi_extra=_FORCE_BODY)
+async def force_connectivity(request: Request, state: GatewayState = Depends(get_state)) -> JSON:
+    req = await json_body(request, ConnectivityForce)
     monitor = state.runtime.monitor
     names = [req.target] if req.target else list(monitor.health)
     for name in names:

@@ -21,6 +21,7 @@ class Decision:
     redact: bool = False
     block_status: int | None = None
     block_message: str | None = None
+    block_code: str | None = None  # the error code a block answers with; None: blocked_by_policy
     matched: tuple[str, ...] = ()  # human-readable reasons the rule matched
     pinned: str | None = None  # the target the request named, if any
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -32,6 +33,13 @@ class Decision:
     @property
     def fallbacks(self) -> tuple[str, ...]:
         return self.chain[1:]
+
+    @property
+    def pin_refused(self) -> str | None:
+        """The target the request named when the decision does not go there (a guard rule, fail closed)."""
+        if self.pinned is not None and self.action == "route" and self.pinned not in self.chain:
+            return self.pinned
+        return None
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -45,6 +53,7 @@ class Decision:
             else None,
             "matched": list(self.matched),
             "pinned": self.pinned,
+            "pin_refused": self.pin_refused,
             "notes": list(self.notes),
         }
 
@@ -67,10 +76,10 @@ def match(when: When, f: Features) -> tuple[str, ...] | None:
         reasons.append(reason)
         return True
 
-    if when.connectivity is not None and not need(
-        f"connectivity == {when.connectivity}" if f.overall_connectivity == when.connectivity else None
-    ):
-        return None
+    if when.connectivity is not None:
+        wanted = when.connectivity if isinstance(when.connectivity, list) else [when.connectivity]
+        if not need(f"connectivity == {f.overall_connectivity}" if f.overall_connectivity in wanted else None):
+            return None
     if when.sensitivity is not None and not need(
         _level(SENSITIVITY_LEVELS, when.sensitivity, f.sensitivity.level, "sensitivity")
     ):
@@ -96,6 +105,10 @@ def match(when: When, f: Features) -> tuple[str, ...] | None:
         reasons.append(f"prompt_tokens {n} within (gt={b.gt}, lt={b.lt})")
     if when.has_tools is not None and not need(
         f"has_tools == {f.has_tools}" if f.has_tools == when.has_tools else None
+    ):
+        return None
+    if when.has_images is not None and not need(
+        f"has_images == {f.has_images}" if f.has_images == when.has_images else None
     ):
         return None
     for name, pattern in (when.header or {}).items():
@@ -152,6 +165,20 @@ def decide(features: Features, policy: Policy, pinned: str | None = None) -> Dec
         if pinned is not None:
             chain, note = _apply_pin(policy, rule, chain, pinned)
             notes = (note,)
+        if features.has_images and not any(policy.takes_images(t) for t in chain):
+            if policy.defaults.images == "reject":
+                return Decision(
+                    rule=rule.name,
+                    action="block",
+                    block_status=400,
+                    block_message=f"This request has images, and no target rule {rule.name!r} may use "
+                    f"({', '.join(chain)}) takes images (policy: defaults.images = reject).",
+                    block_code="images_not_supported",
+                    matched=reasons,
+                    pinned=pinned,
+                    notes=notes,
+                )
+            notes = (*notes, "images dropped: no target of the chain takes images")
         return Decision(
             rule=rule.name,
             action="route",

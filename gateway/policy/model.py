@@ -14,6 +14,7 @@ from gateway.classify.difficulty import DifficultyConfig
 from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS
 from gateway.privacy.config import PrivacyConfig
 
+ConnectivityState = Literal["online", "offline", "disabled"]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", max_length=64)]
 
 
@@ -46,6 +47,11 @@ class CloudTarget(_Strict):
         "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
         "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
     )
+    vision: bool | None = Field(
+        None,
+        description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
+        "body is forwarded as sent), false for `engine: local_engine` (text only).",
+    )
 
 
 class LocalTarget(_Strict):
@@ -71,6 +77,11 @@ class LocalTarget(_Strict):
         description="Can go on writing an unfinished assistant answer, so a stream another target broke "
         "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
         "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
+    )
+    vision: bool | None = Field(
+        None,
+        description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
+        "body is forwarded as sent), false for `engine: local_engine` (text only).",
     )
 
     @model_validator(mode="after")
@@ -134,13 +145,18 @@ class Bound(_Strict):
 class When(_Strict):
     """All keys are ANDed. An empty `when` (or none) matches every request."""
 
-    connectivity: Literal["online", "offline"] | None = None
+    connectivity: ConnectivityState | list[ConnectivityState] | None = Field(
+        None,
+        description="online: a cloud target is reachable; offline: none is, and one is configured but "
+        "unreachable (or forced offline); disabled: no cloud target has an API key. A list matches any of them.",
+    )
     sensitivity: str | AtLeast | None = None
     difficulty: str | AtLeast | None = None
     model: str | None = Field(None, description="Glob on the requested model name.")
     client: str | None = Field(None, description="Glob on the authenticated client name.")
     prompt_tokens: Bound | None = None
     has_tools: bool | None = None
+    has_images: bool | None = Field(None, description="Some message has an image_url content part.")
     header: dict[str, str] | None = Field(None, description="Header name -> glob on its value.")
 
     @field_validator("sensitivity", mode="before")
@@ -194,6 +210,11 @@ class Rule(_Strict):
 
 class Defaults(_Strict):
     fallback: list[str] = Field(default_factory=list)
+    images: Literal["drop", "reject"] = Field(
+        "drop",
+        description="A request with images whose chain has no target that takes them (`vision`): drop the "
+        "image parts and say so in x-hybrid-warning, or reject it with a 400.",
+    )
 
 
 class Policy(_Strict):
@@ -226,6 +247,12 @@ class Policy(_Strict):
 
     def is_cloud(self, target: str) -> bool:
         return isinstance(self.targets[target], CloudTarget)
+
+    def takes_images(self, target: str) -> bool:
+        cfg = self.targets[target]
+        if cfg.vision is not None:
+            return cfg.vision
+        return not (isinstance(cfg, LocalTarget) and cfg.engine == "local_engine")
 
     @property
     def cloud_targets(self) -> list[str]:

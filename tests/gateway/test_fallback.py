@@ -192,5 +192,6 @@ def test_cloud_without_key_is_never_contacted(tmp_path: Path, cloud: FakeUpstrea
         time.sleep(0.5)  # several probe intervals
         r = ask(gw)
         assert r.status_code == 200 and r.headers["x-hybrid-route"] == "local"
-        assert r.headers["x-hybrid-connectivity"] == "offline"
+        # No key: `disabled` (never contacted), not `offline` (configured but unreachable).
+        assert r.headers["x-hybrid-connectivity"] == "disabled"
     assert cloud.received == [] and cloud.probes == 0
