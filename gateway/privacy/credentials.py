@@ -269,6 +269,9 @@ def _bearer(rng: random.Random) -> Specimen:
 # Order matters only between rows matching the very same span: the earlier row names it
 # (Anthropic's sk-ant- before the generic sk- row).
 
+# A line of a PEM body: base64, long, or short with a digit or +/= (a last line; not a word).
+_PEM_LINE = r"(?:[A-Za-z0-9+/=]{16,}|[A-Za-z]*[0-9+/=][A-Za-z0-9+/=]*)"
+
 _ASSIGNMENT_LABELS = (
     r"password|passwd|passphrase|pwd|pass|secret|client_secret|secret[_-]?key|token|access_token|"
     r"auth_token|refresh_token|api[_-]?token|api[_-]?key|apikey|access[_-]?key|aws_secret_access_key|"
@@ -296,7 +299,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     ),
     CredentialFormat(
         "slack_bot", "API_KEY", ("xoxb-",), (Run(DIGITS, 10, 13), "-", Run(DIGITS, 10, 13), "-", Run(BASE62, 24, 34)),
-        "Slack bot tokens (xoxb-) are issued when the app is installed to a workspace.",
+        "Slack issues a bot token, prefixed xoxb-, at install time.",
         regex=_B + r"xoxb-\d{8,13}-\d{8,13}-[A-Za-z0-9-]{20,40}" + _E,
     ),
     CredentialFormat(
@@ -309,7 +312,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     CredentialFormat(
         "slack_app", "API_KEY", ("xapp-",),
         (Run(DIGITS, 1), "-", Run(UPPER_ALNUM, 9, 12), "-", Run(DIGITS, 10, 13), "-", Run(HEX, 64)),
-        "App-level Slack tokens begin with xapp- and enable Socket Mode.",
+        "App-level Slack tokens begin with xapp- and are used for websockets.",
         regex=_B + r"xapp-\d-[A-Z0-9]+-\d+-[A-Za-z0-9]{16,}" + _E,
     ),
     CredentialFormat(
@@ -358,7 +361,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     CredentialFormat(
         "aws_access_key_id", "AWS_ACCESS_KEY", ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AROA"),
         (Run(UPPER_ALNUM, 16),),
-        "AWS access key ids begin with AKIA (long-term) or ASIA (temporary credentials).",
+        "AWS access key ids begin with AKIA for long-term keys.",
     ),
     CredentialFormat(
         "aws_secret_access_key", "SECRET", (), (Run(BASE64, 40),),
@@ -380,7 +383,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     ),
     CredentialFormat(
         "sendgrid", "API_KEY", ("SG.",), (Run(BASE64URL, 22), ".", Run(BASE64URL, 43)),
-        "SendGrid API keys start with SG. and are shown once when created.",
+        "sendgrid keys start with SG. followed by two base64 parts.",
     ),
     CredentialFormat(
         "npm", "API_KEY", ("npm_",), (Run(BASE62, 36, 36, 30),),
@@ -412,8 +415,8 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
         regex=(
             r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
             r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-            r"|(?:[ \t]*\r?\n(?:[A-Za-z-]+: [^\n]*|[A-Za-z0-9+/=]+))*)"
-            r"|(?:^[A-Za-z0-9+/=]{16,}[ \t]*\r?\n)+-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+            rf"|(?:[ \t]*\r?\n(?:[A-Za-z-]+: [^\n]*|{_PEM_LINE}))*)"
+            rf"|(?:^{_PEM_LINE}[ \t]*\r?\n)+-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
         ),
         flags=re.DOTALL | re.MULTILINE, needles=("PRIVATE KEY",), build=_pem, score=1.0,
     ),
@@ -426,7 +429,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     ),
     CredentialFormat(
         "db_connection_keyvalue", "PASSWORD", (), (),
-        "The connection string needs Server, Database and User Id; set the password from the vault.",
+        "A SQL connection string lists the server, database and user id; keep the password in a vault.",
         regex=r"(?i)\b(?:server|data source|host|user id|uid)=[^;\n]*;(?:[^;\n]*;){0,8}?\s*(?:password|pwd)="
         r"(?P<value>[^;\s]{1,128})",
         group="value", needles=("password=", "pwd="), any_case=True, build=_db_keyvalue, check=_password_ok,
@@ -453,7 +456,10 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
     CredentialFormat(
         "generic_assignment", "SECRET", (), (),
         "The token = the smallest unit a tokenizer emits; set api_key from the environment.",
-        regex=rf"(?i)\b(?P<label>{_ASSIGNMENT_LABELS})\b[\"']?\s*[:=]\s*[\"']?(?P<value>[^\s\"',;]{{6,}})",
+        # The label may close a longer name (GITHUB_TOKEN, db.password); quotes may be escaped
+        # (a JSON string inside a tool result).
+        regex=rf"(?i)(?<![A-Za-z0-9])(?:[A-Za-z0-9]+[_.-]){{0,6}}(?P<label>{_ASSIGNMENT_LABELS})\b\\?[\"']?\s*[:=]\s*"
+        r"\\?[\"']?(?P<value>[^\s\"',;\\]{6,})",
         group="value", needles=("pass", "pwd", "secret", "token", "key"), any_case=True,
         build=_assignment, check=_assignment_ok, generic=True, score=0.85,
     ),

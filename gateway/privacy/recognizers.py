@@ -148,6 +148,10 @@ class FastPhoneRecognizer(_InProcess):
             if not 7 <= digits <= 15 or _SSN_SHAPE.match(cand) or _DATE_SHAPE.match(cand) or _IPV4_SHAPE.match(cand):
                 continue
             score = self._score(cand)
+            if digits >= 13 and cand.isdigit():
+                # 13-15 digits in one run, no + and no grouping: an order or account number far
+                # more often than a phone number; a context word ("call", "phone") lifts it.
+                score = min(score, 0.3)
             if score > 0:
                 out.append(_result(self, "PHONE_NUMBER", m.start(), m.end(), score))
         return out

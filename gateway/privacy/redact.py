@@ -16,6 +16,7 @@ from gateway.privacy.vault import Vault
 from gateway.privacy.walk import Seam, map_text, seams
 
 _MIN_VALUE_CHARS = 2  # a one-character "value" would shred the text
+_GLUED_CHARS = 4  # see _glued
 
 
 def redact_body(
@@ -56,7 +57,10 @@ def _across_parts_only(body: dict[str, Any], entities: tuple[Entity, ...]) -> li
 
 
 def _glued(seam: Seam, e: Entity, ends: set[tuple[str, str, int, int]]) -> bool:
+    # Glued: one part yields the value whole up to the boundary, and the seam adds at most a
+    # short word of the other part. Were it really a token cut there, those few characters of
+    # it would be all that stays in clear; anything longer is taken as the token's other half.
     left_len = seam.offset + seam.split
     whole_left = (seam.left, e.type, seam.offset + e.start, left_len) in ends
     whole_right = (seam.right, e.type, 0, e.end - seam.split) in ends
-    return whole_left or whole_right
+    return (whole_left and e.end - seam.split <= _GLUED_CHARS) or (whole_right and seam.split - e.start <= _GLUED_CHARS)
