@@ -151,6 +151,7 @@ def policy_check(paths: tuple[str, ...], strict: bool) -> None:
     file:line: warning: message."""
     from gateway.policy.lint import lint
     from gateway.policy.load import load_policy_source
+    from gateway.policy.pace import deadlines_in_force
 
     bad = warned = 0
     for path in paths:
@@ -166,6 +167,8 @@ def policy_check(paths: tuple[str, ...], strict: bool) -> None:
         warned += bool(warnings)
         note = f", {len(warnings)} warning{'s' * (len(warnings) != 1)}" if warnings else ""
         click.echo(f"{path}: ok ({len(p.targets)} targets, {len(p.rules)} rules{note})")
+        for line in deadlines_in_force(p):
+            click.echo(f"  {line}")
     sys.exit(1 if bad or (strict and warned) else 0)
 
 

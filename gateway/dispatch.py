@@ -4,7 +4,9 @@ Retries use tenacity (exponential backoff with jitter, Retry-After honoured when
 bounded by the request deadline. A target the connectivity monitor already knows is offline is
 skipped at once when something is left to try, instead of being discovered by a timeout. For a
 stream, the first meaningful chunk is pulled before we commit to a target, so a failure before
-the first token falls back transparently.
+the first token falls back transparently; so does slowness: no first token within the target's
+first-token deadline (see gateway/policy/pace.py) fails the attempt as `slow_first_token`, and a
+rule's `hedge_after_s` starts the next target in parallel (gateway/hedge.py).
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ from tenacity import (
 
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.connectivity import ConnectivityMonitor
+from gateway.hedge import Hedge, race
 from gateway.policy.model import Policy
+from gateway.policy.pace import NO_PACE, Pace
+from gateway.stream_deadline import SlowError
 
 log = structlog.get_logger("gateway.dispatch")
 
 BodyFor = Callable[[str], dict[str, Any]]  # target name -> the body to send it (redacted for cloud)
+PaceFor = Callable[[str], Pace]  # target name -> its slowness limits under the request's rule
+
+
+def _no_pace(target: str) -> Pace:
+    return NO_PACE
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,7 @@ class Outcome:
     response: dict[str, Any] | None = None
     head: list[dict[str, Any]] = field(default_factory=list)  # stream chunks already pulled
     rest: AsyncIterator[dict[str, Any]] | None = None  # the remaining stream
+    hedge: Hedge | None = None  # a second target was started because the first was slow
 
 
 class AllTargetsFailed(Exception):
@@ -213,32 +224,134 @@ class Dispatcher:
                     fallbacks.append(Fallback(target, nxt, e.reason))
         raise AllTargetsFailed(errors, fallbacks)
 
-    async def complete(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions) -> Outcome:
+    def _usable(self, target: str) -> bool:
+        return not self.monitor.disabled(target) and self.monitor.state(target) != "offline"
+
+    def _first_token_limits(self, chain: tuple[str, ...], pace: PaceFor) -> dict[str, float | None]:
+        """Each target's first-token deadline, where a later target could still answer: with
+        nowhere left to go, waiting beats failing."""
+        limits: dict[str, float | None] = {}
+        for i, target in enumerate(chain):
+            limit = pace(target).first_token_s
+            later = chain[i + 1:]
+            if limit is not None and not any(self._usable(t) or (t == chain[-1] and not self.monitor.disabled(t))
+                                             for t in later):
+                limit = None
+            limits[target] = limit
+        return limits
+
+    async def _go(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: Any,
+                  hedge_after_s: float | None) -> Outcome:
+        if hedge_after_s is None or len(chain) < 2 or not self._usable(chain[0]):
+            return await self._walk(chain, opts, attempt_one)
+        route, rest = chain[0], chain[1:]
+        r = await race(lambda: self._walk((route,), opts, attempt_one),
+                       lambda: self._walk(rest, opts, attempt_one),
+                       hedge_after_s, lambda o: aclose_quietly(o.rest))
+        first = r.first_error if isinstance(r.first_error, AllTargetsFailed) else None
+        if r.first_error is not None and first is None:
+            raise r.first_error
+        if not r.hedged:
+            if r.value is not None:
+                return r.value
+            assert first is not None
+            try:  # the route failed before the hedge was due: down the chain as usual
+                outcome = await self._walk(rest, opts, attempt_one)
+            except AllTargetsFailed as exc:
+                raise _joined(route, rest, first, exc) from None
+            return _after(route, rest[0], first, outcome)
+        if r.value is None:
+            second = r.second_error
+            if not isinstance(second, AllTargetsFailed):
+                raise second or AssertionError("hedge race ended without a result")
+            raise _joined(route, rest, first, second) if first else second
+        outcome = r.value
+        hedge = Hedge(route, rest[0], outcome.target)
+        if r.from_hedge:
+            outcome = _after(route, outcome.target if not first else rest[0], first, outcome,
+                             reason=None if first else "hedge_won")
+        outcome.hedge = hedge
+        return outcome
+
+    async def complete(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions,
+                       pace: PaceFor = _no_pace, hedge_after_s: float | None = None) -> Outcome:
+        limits = self._first_token_limits(chain, pace)
+
         async def one(target: str) -> Outcome:
-            resp = await self.backends[target].complete(body_for(target), opts)
+            call = self.backends[target].complete(body_for(target), opts)
+            limit = limits.get(target)
+            if limit is None:
+                return Outcome(target=target, response=await call)
+            timer = asyncio.timeout(limit)
+            try:
+                async with timer:
+                    resp = await call
+            except (TimeoutError, BackendError):
+                if timer.expired():
+                    raise SlowError("slow_first_token", f"{target}: no answer within {limit:g} s") from None
+                raise
             return Outcome(target=target, response=resp)
 
-        return await self._walk(chain, opts, one)
+        return await self._go(chain, opts, one, hedge_after_s)
 
-    async def stream(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions) -> Outcome:
+    async def stream(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions,
+                     pace: PaceFor = _no_pace, hedge_after_s: float | None = None) -> Outcome:
+        limits = self._first_token_limits(chain, pace)
+
         async def one(target: str) -> Outcome:
             it = aiter(self.backends[target].stream(body_for(target), opts))
             head: list[dict[str, Any]] = []
-            try:
+
+            async def first_token() -> None:
                 while True:
                     try:
                         chunk = await anext(it)
                     except StopAsyncIteration:
-                        break
+                        return
                     head.append(chunk)
                     if _meaningful(chunk):
-                        break
+                        return
+
+            limit = limits.get(target)
+            try:
+                if limit is None:
+                    await first_token()
+                else:
+                    # One timer per attempt, not per chunk; on expiry the pending read is cancelled,
+                    # which closes the upstream connection (the backend's stream ends there).
+                    timer = asyncio.timeout(limit)
+                    try:
+                        async with timer:
+                            await first_token()
+                    except (TimeoutError, BackendError):
+                        if timer.expired():
+                            raise SlowError("slow_first_token",
+                                            f"{target}: no first token within {limit:g} s") from None
+                        raise
             except BaseException:
                 await aclose_quietly(it)
                 raise
             return Outcome(target=target, head=head, rest=it)
 
-        return await self._walk(chain, opts, one)
+        return await self._go(chain, opts, one, hedge_after_s)
+
+
+def _after(route: str, to: str, failed: AllTargetsFailed | None, outcome: Outcome,
+           reason: str | None = None) -> Outcome:
+    """`outcome` of the rest of the chain (which starts at `to`), as reached from `route`."""
+    why = reason or (failed.errors[-1][1].reason if failed and failed.errors else "failed")
+    outcome.fallbacks = [*(failed.fallbacks if failed else []), Fallback(route, to, why),
+                         *outcome.fallbacks]
+    return outcome
+
+
+def _joined(route: str, rest: tuple[str, ...], first: AllTargetsFailed | None,
+            second: AllTargetsFailed) -> AllTargetsFailed:
+    if first is None:
+        return second
+    why = first.errors[-1][1].reason if first.errors else "failed"
+    return AllTargetsFailed([*first.errors, *second.errors],
+                            [*first.fallbacks, Fallback(route, rest[0], why), *second.fallbacks])
 
 
 async def aclose_quietly(it: AsyncIterator[Any] | None) -> None:

@@ -94,6 +94,12 @@ class Metrics:
         self.fallbacks = Counter(
             "hybrid_fallbacks", "Fallbacks taken", ["source", "to", "reason"], registry=r
         )
+        self.hedges = Counter(
+            "hybrid_hedges", "Hedges started: a second target raced a route slow to its first token",
+            ["source", "started"], registry=r,
+        )
+        self.hedge_wins = Counter("hybrid_hedge_wins", "Hedged requests, by the target that answered first",
+                                  ["target"], registry=r)
         self.redactions = Counter(
             "hybrid_redactions", "Values redacted before a cloud call", ["entity_type"], registry=r
         )

@@ -23,6 +23,7 @@ from gateway.backends.base import BackendError, CallOptions
 from gateway.classify.text import all_text
 from gateway.dispatch import AllTargetsFailed, Fallback, Outcome, aclose_quietly
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
+from gateway.hedge import Hedge
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
 from gateway.privacy.redact import redact_body
@@ -65,6 +66,7 @@ class Served:
     target: str
     fallbacks: list[Fallback]
     redactions: int
+    hedge: Hedge | None = None
 
 
 # -- classify ---------------------------------------------------------------------------------
@@ -228,6 +230,8 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
         matched=decision.matched,
         pinned=decision.pinned,
         notes=(*decision.notes, note),
+        paces=decision.paces,
+        hedge_after_s=decision.hedge_after_s if len(local) > 1 else None,
     )
 
 
@@ -321,7 +325,8 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
         raise _blocked(decision)
     try:
         outcome = await rt.dispatcher.complete(
-            decision.chain, lambda t: body_for(rt, prepared, t), _options(rt, prepared.call)
+            decision.chain, lambda t: body_for(rt, prepared, t), _options(rt, prepared.call),
+            pace=decision.pace, hedge_after_s=decision.hedge_after_s,
         )
     except AllTargetsFailed as exc:
         raise _all_failed_error(exc) from None
@@ -334,7 +339,7 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
 
 def _served(prepared: Prepared, outcome: Outcome) -> Served:
     redactions = len(prepared.vault) if prepared.vault is not None and prepared.redacted is not None else 0
-    return Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=redactions)
+    return Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=redactions, hedge=outcome.hedge)
 
 
 def sse(data: dict[str, Any]) -> bytes:
@@ -359,20 +364,23 @@ async def stream(rt: Runtime, prepared: Prepared,
         raise _blocked(decision)
     opts = _options(rt, prepared.call)
     try:
-        outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts)
+        outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts,
+                                             pace=decision.pace, hedge_after_s=decision.hedge_after_s)
     except AllTargetsFailed as exc:
         raise _all_failed_error(exc) from None
     want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
     usage: dict[str, Any] = {}
     served = _served(prepared, outcome)
 
-    async def chunks(current: Outcome) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(current: Outcome, partial: resume.Partial) -> AsyncIterator[dict[str, Any]]:
         for chunk in current.head:
             yield chunk
         rest = current.rest
         if rest is None:
             return
-        guard = StreamDeadline(opts.deadline)
+        # Stalls and slow drips end the stream here only where another target can resume it.
+        guard = StreamDeadline(opts.deadline, decision.pace(current.target),
+                               may_move=lambda: _can_resume(rt, prepared, current.target, partial))
         try:
             while True:
                 try:
@@ -408,7 +416,7 @@ async def stream(rt: Runtime, prepared: Prepared,
                 partial.raw_seen |= restorer is None
                 resumed = current is not outcome
                 try:
-                    async for chunk in chunks(current):
+                    async for chunk in chunks(current, partial):
                         if resumed and (chunk := resume.seamless(chunk, partial)) is None:
                             continue
                         for c in out(chunk, restorer):
@@ -454,6 +462,11 @@ def _stream_error(target: str, exc: BackendError) -> dict[str, Any]:
     }
 
 
+def _can_resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.Partial) -> bool:
+    return bool(resume.candidates(prepared.decision.chain, failed, partial, policy=rt.policy,
+                                  redacting=prepared.redacted is not None, is_engine=rt.is_engine))
+
+
 async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.Partial,
                   opts: CallOptions) -> Outcome | None:
     """The rest of the answer from the next target that can continue it, or None."""
@@ -469,7 +482,7 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.
                                         vault=prepared.vault if sees_redacted else None)
 
     try:
-        return await rt.dispatcher.stream(chain, body, opts)
+        return await rt.dispatcher.stream(chain, body, opts, pace=prepared.decision.pace)
     except AllTargetsFailed as exc:
         log.warning("stream_resume_failed", reason=str(exc)[:200], request_id=prepared.call.request_id)
         return None

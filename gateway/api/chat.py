@@ -161,6 +161,9 @@ def _record(
     if served:
         for fb in served.fallbacks:
             m.fallbacks.labels(fb.source, fb.to, fb.reason).inc()
+        if served.hedge:
+            m.hedges.labels(served.hedge.source, served.hedge.started).inc()
+            m.hedge_wins.labels(served.hedge.winner or "-").inc()
         for entity, n in counts.items():
             m.redactions.labels(entity).inc(n)
         for kind in ("prompt_tokens", "completion_tokens"):
@@ -177,6 +180,8 @@ def _record(
             "rule": prepared.decision.rule,
             "target": route,
             "fallbacks": [str(fb) for fb in served.fallbacks] if served else [],
+            "hedge": {"source": served.hedge.source, "started": served.hedge.started, "won": served.hedge.winner}
+            if served and served.hedge else None,
             "status": status,
             "stream": stream,
             "sensitivity": prepared.features.sensitivity.level,

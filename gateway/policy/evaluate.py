@@ -11,6 +11,7 @@ from fnmatch import fnmatchcase
 
 from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS, Features, level_rank
 from gateway.policy.model import AtLeast, Policy, Rule, When
+from gateway.policy.pace import NO_PACE, Pace, resolve
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,15 @@ class Decision:
     matched: tuple[str, ...] = ()  # human-readable reasons the rule matched
     pinned: str | None = None  # the target the request named, if any
     notes: tuple[str, ...] = field(default_factory=tuple)
+    paces: tuple[tuple[str, Pace], ...] = ()  # the slowness limits in force, per target of the chain
+    hedge_after_s: float | None = None
 
     @property
     def target(self) -> str | None:
         return self.chain[0] if self.chain else None
+
+    def pace(self, target: str) -> Pace:
+        return next((p for t, p in self.paces if t == target), NO_PACE)
 
     @property
     def fallbacks(self) -> tuple[str, ...]:
@@ -55,6 +61,8 @@ class Decision:
             "pinned": self.pinned,
             "pin_refused": self.pin_refused,
             "notes": list(self.notes),
+            "deadlines": {t: p.as_dict() for t, p in self.paces if t in self.chain},
+            "hedge_after_s": self.hedge_after_s,
         }
 
 
@@ -187,6 +195,8 @@ def decide(features: Features, policy: Policy, pinned: str | None = None) -> Dec
             matched=reasons,
             pinned=pinned,
             notes=notes,
+            paces=resolve(policy, rule, chain),
+            hedge_after_s=rule.hedge_after_s if len(chain) > 1 else None,
         )
     return Decision(
         rule="(none)",

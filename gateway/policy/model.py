@@ -34,6 +34,17 @@ class CloudTarget(_Strict):
     max_retry_after_s: float = Field(
         5.0, ge=0, description="Honour a Retry-After up to this long; longer goes to the fallback."
     )
+    first_token_timeout_s: float | None = Field(
+        None, gt=0, description="No first token (streamed) or no answer (not streamed) within this: the "
+        "attempt fails as `slow_first_token` and the chain moves on. Absent: wait up to timeout_s.",
+    )
+    stall_timeout_s: float | None = Field(
+        None, gt=0, description="A stream silent this long after its first token is resumed on the next target."
+    )
+    min_tokens_per_s: float | None = Field(
+        None, gt=0, description="A stream slower than this over min_rate_window_s is resumed on the next target."
+    )
+    min_rate_window_s: float = Field(2.0, gt=0, description="The window min_tokens_per_s is measured over.")
     probe_url: str | None = Field(None, description="Default: GET {api_base}/models.")
     client: Literal["auto", "litellm", "openai"] = Field(
         "auto",
@@ -66,6 +77,12 @@ class LocalTarget(_Strict):
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(0, ge=0, le=10)
     max_retry_after_s: float = Field(5.0, ge=0)
+    first_token_timeout_s: float | None = Field(
+        None, gt=0, description="As for a cloud target; absent by default: the device is the last resort."
+    )
+    stall_timeout_s: float | None = Field(None, gt=0)
+    min_tokens_per_s: float | None = Field(None, gt=0)
+    min_rate_window_s: float = Field(2.0, gt=0)
     client: Literal["auto", "litellm", "openai"] = "auto"
     threads: int | None = Field(None, ge=1)
     max_queue: int = Field(8, ge=1)
@@ -187,6 +204,16 @@ class Rule(_Strict):
     redact: bool = False
     fallback: list[str] | None = Field(
         None, description="Ordered targets tried when the route fails. Absent: defaults.fallback."
+    )
+    first_token_timeout_s: float | None = Field(
+        None, gt=0, description="Overrides the targets' first_token_timeout_s for this rule's chain."
+    )
+    stall_timeout_s: float | None = Field(None, gt=0, description="Overrides the targets' stall_timeout_s.")
+    min_tokens_per_s: float | None = Field(None, gt=0, description="Overrides the targets' min_tokens_per_s.")
+    min_rate_window_s: float | None = Field(None, gt=0, description="Overrides the targets' min_rate_window_s.")
+    hedge_after_s: float | None = Field(
+        None, gt=0, description="No first token from the route after this: start the next target of the chain "
+        "in parallel; the first to answer wins, the other is cancelled.",
     )
     block: Block | None = None
     allow_pin: bool | None = Field(

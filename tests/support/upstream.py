@@ -11,12 +11,19 @@ Kinds: status, latency, reset (close mid-body), stall_first (sleep before any by
 stall_mid (a few chunks then sleep), truncated (SSE without [DONE]), invalid_json,
 captive (200 text/html, for the probe too).
 
+Slowness kinds, which answer normally once their wait is over and watch the client meanwhile (a
+client that hangs up is counted in `disconnects`): first_byte (nothing for `seconds`),
+silent_after_headers (stream headers and the role chunk, then nothing for `seconds`),
+silent_mid (`after_chunks` content chunks, then nothing for `seconds`), drip (content chunks at
+`tokens_per_s`).
+
 Answers echo the last user message (`echo: <text>`), so placeholders come back to be restored.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 import time
@@ -34,6 +41,7 @@ class Fault:
     seconds: float = 0.0
     after_chunks: int = 2
     paths: tuple[str, ...] = ("/chat/completions",)
+    tokens_per_s: float = 0.0  # drip
 
 
 def _last_user_text(body: dict[str, Any]) -> str:
@@ -62,6 +70,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
+
+    def _client_gone(self) -> bool:
+        """The client closed the connection (EOF or reset), checked without consuming anything."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep `seconds` watching the client; False (and counted) if it hung up meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self._client_gone():
+                self._hung_up()
+                return False
+            time.sleep(min(0.01, left))
+        return True
+
+    def _hung_up(self) -> None:
+        owner = self.server.owner
+        with owner.lock:
+            owner.disconnects += 1
+        self.close_connection = True
 
     def _fault_for(self, path: str) -> Fault | None:
         owner = self.server.owner
@@ -103,6 +135,8 @@ class _Handler(BaseHTTPRequestHandler):
         if fault.kind == "invalid_json":
             self._send(200, b"{not json")
             return True
+        if fault.kind == "first_byte":
+            return not self._wait(fault.seconds)
         return False
 
     def do_GET(self) -> None:
@@ -139,7 +173,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(owner.completion(body, reply)).encode())
 
     def _stream(self, body: dict[str, Any], reply: str, fault: Fault | None) -> None:
-        owner = self.server.owner
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
@@ -152,11 +185,25 @@ class _Handler(BaseHTTPRequestHandler):
         def event(obj: Any) -> None:
             write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
+        try:
+            self._stream_events(body, reply, fault, write, event)
+        except (BrokenPipeError, ConnectionResetError):
+            self._hung_up()
+
+    def _stream_events(self, body: dict[str, Any], reply: str, fault: Fault | None,
+                       write: Callable[[bytes], None], event: Callable[[Any], None]) -> None:
+        owner = self.server.owner
         base = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": owner.model}
         pieces = [reply[i : i + owner.chunk_chars] for i in range(0, len(reply), owner.chunk_chars)] or [""]
         event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+        if fault and fault.kind == "silent_after_headers" and not self._wait(fault.seconds):
+            return
         for i, piece in enumerate(pieces):
+            if fault and fault.kind == "drip" and i > 0 and not self._wait(1 / fault.tokens_per_s):
+                return
+            if fault and fault.kind == "silent_mid" and i == fault.after_chunks and not self._wait(fault.seconds):
+                return
             if fault and i == fault.after_chunks:
                 if fault.kind == "stall_mid":
                     time.sleep(fault.seconds)
@@ -221,6 +268,7 @@ class FakeUpstream:
         self.chunk_chars = 4
         self.chunk_delay = 0.0
         self.probes = 0
+        self.disconnects = 0  # clients that hung up while a slowness fault was waiting or writing
         self.port = port
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
