@@ -151,6 +151,7 @@ def _record(
     status: int,
     usage: dict[str, Any],
     stream: bool,
+    endpoint: str = "/v1/chat/completions",
 ) -> None:
     elapsed = time.monotonic() - prepared.call.started
     route = served.target if served else "-"
@@ -184,6 +185,7 @@ def _record(
             if served and served.hedge else None,
             "status": status,
             "stream": stream,
+            "endpoint": endpoint,
             "sensitivity": prepared.features.sensitivity.level,
             "entities": prepared.features.sensitivity.counts,
             "redacted": bool(counts),
@@ -198,7 +200,8 @@ def _record(
 
 
 def record_rejected(state: GatewayState, request_id: str, started: float, error: APIError,
-                    client: str | None = None, model: str | None = None, stream: bool = False) -> None:
+                    client: str | None = None, model: str | None = None, stream: bool = False,
+                    endpoint: str = "/v1/chat/completions") -> None:
     """Count and audit a request refused before any decision (bad JSON, auth, unknown model):
     route and rule are "-". Nothing of the body is written: it may not even be JSON."""
     elapsed = time.monotonic() - started
@@ -210,7 +213,7 @@ def record_rejected(state: GatewayState, request_id: str, started: float, error:
         "time": time.time(), "request_id": request_id, "client": client,
         "model": model[:256] if isinstance(model, str) else None, "rule": "-", "target": "-",
         "fallbacks": [], "status": error.status, "stream": stream, "latency_ms": round(elapsed * 1000, 2),
-        "error": error.code,
+        "error": error.code, "endpoint": endpoint,
     })
 
 

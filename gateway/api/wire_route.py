@@ -13,8 +13,8 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from gateway import pipeline
-from gateway.api.chat import _call, _record, read_body, route_headers
-from gateway.api.deps import authenticate, state_of
+from gateway.api.chat import _call, _record, read_body, record_rejected, route_headers
+from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
@@ -50,12 +50,23 @@ def _checked(state: GatewayState, body: dict[str, Any]) -> None:
 
 async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
     state = state_of(request)
-    client = await authenticate(request)
-    req = adapter.parse(await read_body(request, state, schema=None))
-    body = adapter.to_chat(req)
-    _checked(state, body)
-    rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
-    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    started = time.monotonic()
+    request_id = request_id_of(request)
+    client: str | None = None
+    data: dict[str, Any] = {}
+    try:
+        client = await authenticate(request)
+        data = await read_body(request, state, schema=None)
+        req = adapter.parse(data)
+        body = adapter.to_chat(req)
+        _checked(state, body)
+        rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
+        prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+    except APIError as exc:
+        record_rejected(state, request_id, started, exc, client, data.get("model"), data.get("stream") is True,
+                        endpoint=adapter.endpoint)
+        exc.headers.setdefault("x-request-id", request_id)
+        raise
     streaming = bool(body.get("stream"))
     try:
         if streaming:
@@ -63,13 +74,13 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         else:
             response, served = await pipeline.complete(rt, prepared)
     except APIError as exc:
-        _record(state, prepared, None, exc.status, {}, streaming)
+        _record(state, prepared, None, exc.status, {"error": exc.code}, streaming, endpoint=adapter.endpoint)
         exc.headers.setdefault("x-request-id", prepared.call.request_id)
         exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
         raise
     headers = route_headers(prepared, served)
     if not streaming:
-        _record(state, prepared, served, 200, response.get("usage") or {}, False)
+        _record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
         return JSON(adapter.from_chat(response, req), headers=headers)
     translator = adapter.translator(req)
 
@@ -86,7 +97,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
                 yield sse_event(event)
         finally:
             await aclose_quietly(chunks)  # closes the upstream when the client left mid-stream
-            _record(state, prepared, served, 200, usage, True)
+            _record(state, prepared, served, 200, usage, True, endpoint=adapter.endpoint)
 
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"

@@ -8,7 +8,9 @@ broken answer (`continue_final_message`) with TAIL, or answers "local answer".
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -80,8 +82,20 @@ def gw(tmp_path_factory: pytest.TempPathFactory, cloud: ToolStreamingUpstream,
     path = tmp_path_factory.mktemp("wire") / "policy.yaml"
     path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 2, "retries": 0},
                                 local={"timeout_s": 5, "continues_answers": True}, rest=POLICY))
-    with run_gateway(path) as running:
+    with run_gateway(path, audit_path=str(path.parent / "audit.jsonl")) as running:
         yield running
+
+
+def audit_line(gw: RunningGateway, request_id: str) -> dict[str, Any]:
+    """The audit record of one request (written when its response has been sent)."""
+    audit = Path(gw.state.settings.audit_path or "")
+    for _ in range(100):
+        for line in audit.read_text().splitlines() if audit.exists() else ():
+            record = json.loads(line)
+            if record.get("request_id") == request_id:
+                return record
+        time.sleep(0.02)
+    raise AssertionError(f"no audit line for {request_id}")
 
 
 @pytest.fixture(autouse=True)

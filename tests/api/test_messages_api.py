@@ -14,7 +14,7 @@ import pytest
 from anthropic.types import ErrorResponse, Message, RawMessageStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from tests.api.conftest import CARD, EMAIL, KEY, TAIL, post, sse
+from tests.api.conftest import CARD, EMAIL, KEY, TAIL, audit_line, post, sse
 from tests.support.gateway import RunningGateway
 from tests.support.tool_upstream import ToolStreamingUpstream
 from tests.support.upstream import Fault
@@ -229,3 +229,15 @@ def test_sdk_raises_its_typed_exceptions(gw: RunningGateway) -> None:
     assert blocked.value.body["error"] == {"type": "permission_error", "message": "Team is not allowed."}
     with pytest.raises(anthropic.BadRequestError):
         sdk(gw).messages.create(model="auto", max_tokens=0, messages=[{"role": "user", "content": "hi"}])
+
+
+def test_audit_lines_name_the_endpoint_and_early_errors_carry_a_request_id(gw: RunningGateway) -> None:
+    ok = post(gw, "/v1/messages", {"model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+              headers={"x-request-id": "req-msg-ok"})
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "req-msg-ok"
+    record = audit_line(gw, "req-msg-ok")
+    assert record["endpoint"] == "/v1/messages" and record["target"] == "local" and record["status"] == 200
+    bad = post(gw, "/v1/messages", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert bad.status_code == 400 and bad.headers["x-request-id"]
+    record = audit_line(gw, bad.headers["x-request-id"])
+    assert record["endpoint"] == "/v1/messages" and record["status"] == 400 and record["error"] == "invalid_value"

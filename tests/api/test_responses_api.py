@@ -14,7 +14,7 @@ import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter, ValidationError
 
-from tests.api.conftest import CARD, EMAIL, KEY, TAIL, post, sse
+from tests.api.conftest import CARD, EMAIL, KEY, TAIL, audit_line, post, sse
 from tests.support.gateway import RunningGateway
 from tests.support.tool_upstream import ToolStreamingUpstream
 from tests.support.upstream import Fault
@@ -214,3 +214,11 @@ def test_sdk_raises_its_typed_exceptions(gw: RunningGateway) -> None:
     assert missing.value.body["code"] == "model_not_found"
     with pytest.raises(openai.PermissionDeniedError):
         sdk(gw).responses.create(model="auto", input="hi", extra_headers={"x-team": "blocked"})
+
+
+def test_audit_lines_name_the_endpoint(gw: RunningGateway) -> None:
+    ok = post(gw, "/v1/responses", {"model": "auto", "input": "hi", "stream": True},
+              headers={"x-request-id": "req-resp-ok"})
+    assert ok.status_code == 200
+    record = audit_line(gw, "req-resp-ok")
+    assert record["endpoint"] == "/v1/responses" and record["stream"] is True and record["completion_tokens"] > 0
