@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -215,6 +216,54 @@ def test_last_resort_gets_no_first_token_deadline(gw: RunningGateway, cloud: Fak
     assert seconds > FIRST_TOKEN_S + 0.4
 
 
+def test_flapping_between_fast_and_slow(gw: RunningGateway, cloud: FakeUpstream, local: FakeUpstream) -> None:
+    """Each request is judged on its own: fast ones stay on the cloud, slow ones move."""
+    for slow in (True, False, True, False):
+        cloud.fault = Fault("first_byte", seconds=LATE_S) if slow else None
+        text, headers, _ = ask(gw, True)
+        assert headers["x-hybrid-route"] == ("local" if slow else "cloud")
+        assert text == ("local answer" if slow else "echo: tell me a short story")
+    wait_for(lambda: cloud.disconnects == 2)
+    assert len(local.received) == 2
+
+
+def test_messages_and_responses_apis_fall_back_on_a_silent_cloud(gw: RunningGateway, cloud: FakeUpstream,
+                                                                   local: FakeUpstream) -> None:
+    cloud.fault = Fault("first_byte", seconds=LATE_S)
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=15)
+    t0 = time.monotonic()
+    with client.messages.stream(model="auto", max_tokens=64, messages=MESSAGES) as stream:  # type: ignore[arg-type]
+        assert stream.response.headers["x-hybrid-fallback"] == "cloud->local: slow_first_token"
+        assert "".join(stream.text_stream) == "local answer"
+    assert time.monotonic() - t0 < FIRST_TOKEN_S + 0.7
+    resp = sdk(gw).responses.with_raw_response.create(model="auto", input="tell me a short story")
+    assert resp.headers["x-hybrid-fallback"] == "cloud->local: slow_first_token"
+    assert resp.parse().output_text == "local answer"
+    assert len(cloud.received) == 2 and len(local.received) == 2
+    wait_for(lambda: cloud.disconnects == 2)
+
+
+def test_monitor_marks_a_persistently_slow_cloud_offline(tmp_path: Path, cloud: FakeUpstream,
+                                                         local: FakeUpstream, local2: FakeUpstream) -> None:
+    """Slow first tokens count like other failures, with the policy's hysteresis: two in a row
+    here, then the cloud is skipped at once instead of being waited on again."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(
+        cloud.base_url, local.base_url, cloud={"timeout_s": 5, "first_token_timeout_s": 0.3}, local={"timeout_s": 5},
+        more_targets={"local2": {"kind": "local", "model": "openai/local2-model", "api_base": local2.base_url}},
+        rest=RULES.replace("failures_to_offline: 1000", "failures_to_offline: 2"),
+    ))
+    cloud.fault = Fault("first_byte", seconds=LATE_S)
+    with run_gateway(path) as g:
+        for _ in range(2):
+            _, headers, _ = ask(g, True)
+            assert headers["x-hybrid-fallback"] == "cloud->local: slow_first_token"
+        assert g.state.runtime.monitor.state("cloud") == "offline"
+        _, headers, seconds = ask(g, True)
+        assert headers["x-hybrid-fallback"] == "cloud->local: offline" and seconds < 0.3
+    assert len(cloud.received) == 2
+
+
 # -- stalled and slow-drip streams -------------------------------------------------------------
 
 
@@ -357,6 +406,37 @@ def test_hedge_stays_inside_the_chain(gw: RunningGateway, cloud: FakeUpstream, l
     wait_for(lambda: local.disconnects == 1)
     time.sleep(0.1)
     assert cloud.received == []
+
+
+def test_hedge_to_the_cloud_sends_the_redacted_body(tmp_path: Path, cloud: FakeUpstream,
+                                                    local: FakeUpstream) -> None:
+    """A redacting rule whose route is local: the hedge to the cloud carries placeholders, exactly
+    what the cloud would get as a fallback, and the answer comes back restored."""
+    email = "maria.gonzalez@example.com"
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5}, local={"timeout_s": 5}, rest=f"""
+        connectivity: {{ probe_interval_s: 30, failures_to_offline: 1000 }}
+        limits: {{ classify_budget_ms: 20000 }}
+        privacy: {{ nlp_model: none }}
+        difficulty: {{ method: heuristic }}
+        rules:
+          - name: home-first
+            route: local
+            fallback: [cloud]
+            redact: true
+            hedge_after_s: {HEDGE_AFTER_S}
+        """))
+    local.fault = Fault("first_byte", seconds=LATE_S)
+    with run_gateway(path) as g:
+        raw = sdk(g).chat.completions.with_raw_response.create(
+            model="auto", stream=True, messages=[{"role": "user", "content": f"write to {email} today"}])
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert raw.headers["x-hybrid-route"] == "cloud"
+    assert raw.headers["x-hybrid-fallback"] == "local->cloud: hedge_won"
+    sent = json.dumps(cloud.received[0])
+    assert email not in sent and "example.com" not in sent
+    assert text == f"echo: write to {email} today"  # the placeholder restored for the client
+    assert local.received[0]["messages"][0]["content"] == f"write to {email} today"  # home saw it raw
 
 
 # -- explain, policy check, the default policy --------------------------------------------------
