@@ -10,10 +10,10 @@ from typing import Any
 import structlog
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gateway import pipeline
-from gateway.api.chat import _call, _record, read_body, record_rejected, route_headers
+from gateway.api.chat import _call, _inline_defs, _record, read_body, record_rejected, route_headers
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
 from gateway.api.event_stream import EventStreamResponse
@@ -24,6 +24,13 @@ from gateway.state import GatewayState
 from gateway.wire.base import WireAdapter, sse_event
 
 log = structlog.get_logger("gateway.api")
+
+
+def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's `openapi_extra`: its request model as the JSON body (the handlers read the body
+    themselves, so FastAPI does not know it)."""
+    schema = _inline_defs(model.model_json_schema())
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 async def serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:

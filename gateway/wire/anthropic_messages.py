@@ -364,6 +364,18 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
                 504: "timeout_error", 529: "overloaded_error"}
 
 
+class ErrorObject(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Anthropic's error shape (for the OpenAPI document)."""
+
+    type: Literal["error"]
+    error: ErrorObject
+
+
 def error_body(err: APIError) -> dict[str, Any]:
     kind = _ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": err.message}}

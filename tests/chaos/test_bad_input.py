@@ -84,11 +84,15 @@ def gw(tmp_path_factory: pytest.TempPathFactory, upstreams: tuple[FakeUpstream, 
         yield running
 
 
-def assert_clean(resp: httpx.Response | object, status: int, text: str) -> None:
-    """No 5xx, no trace; an error has exactly OpenAI's shape."""
+def assert_clean(resp: httpx.Response | object, status: int, text: str, anthropic: bool = False) -> None:
+    """No 5xx, no trace; an error has exactly OpenAI's shape (Anthropic's on its own API)."""
     assert status < 500, (status, text[:300])
     assert "Traceback" not in text and 'File "' not in text, text[:300]
-    if status >= 400:
+    if status >= 400 and anthropic:
+        body = json.loads(text)
+        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+    elif status >= 400:
         err = json.loads(text)["error"]
         assert set(err) == {"message", "type", "param", "code"}, err
         assert isinstance(err["message"], str) and err["message"]
@@ -99,7 +103,8 @@ def assert_clean(resp: httpx.Response | object, status: int, text: str) -> None:
 # The operations the schema must expose: a new endpoint makes this test fail until it is added
 # here, so nothing escapes the fuzzer unnoticed.
 OPERATIONS = {
-    "POST /v1/chat/completions", "POST /v1/route/explain", "GET /v1/models", "GET /healthz", "GET /readyz",
+    "POST /v1/chat/completions", "POST /v1/route/explain", "POST /v1/messages", "POST /v1/responses",
+    "GET /v1/models", "GET /healthz", "GET /readyz",
     "GET /metrics", "GET /admin/connectivity", "POST /admin/connectivity", "GET /dashboard/data",
 }
 EXAMPLES_PER_MODE = 15
@@ -139,7 +144,7 @@ def test_openapi_fuzz_no_5xx_openai_errors(gw: RunningGateway) -> None:
         spec = c.get("/openapi.json").json()
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
     # Valid data means a model we serve: otherwise every positive case stops at 404.
-    for path in ("/v1/chat/completions", "/v1/route/explain"):
+    for path in ("/v1/chat/completions", "/v1/route/explain", "/v1/messages", "/v1/responses"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["model"] = {"type": "string", "enum": models}
     schema = schemathesis.openapi.from_dict(spec)
@@ -164,7 +169,7 @@ def test_openapi_fuzz_no_5xx_openai_errors(gw: RunningGateway) -> None:
                     resp = case.call(base_url=gw.base_url, session=session, timeout=30, headers=ADMIN)
                     statuses[resp.status_code] += 1
                     per_op[f"{case.method} {case.path} {resp.status_code}"] += 1
-                    assert_clean(resp, resp.status_code, resp.text)
+                    assert_clean(resp, resp.status_code, resp.text, anthropic=case.path == "/v1/messages")
 
                 fuzz()
         with gw.client() as c:  # the fuzzer may have forced the cloud offline
