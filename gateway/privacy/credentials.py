@@ -173,9 +173,11 @@ def entropy(value: str) -> float:
 
 
 def looks_random(value: str) -> bool:
-    """A machine-made value: long, mixed character classes, high entropy (not a word)."""
-    classes = sum(bool(re.search(rx, value)) for rx in (r"[a-z]", r"[A-Z]", r"\d", r"[^A-Za-z0-9]"))
-    return len(value) >= 16 and classes >= 2 and entropy(value) >= 3.0
+    """A machine-made value: long, letters mixed with digits or both cases, high entropy
+    ("unused-without-clients" is words joined, not a key)."""
+    lower, upper, digit = (bool(re.search(rx, value)) for rx in (r"[a-z]", r"[A-Z]", r"\d"))
+    mixed = (digit and (lower or upper)) or (lower and upper)
+    return len(value) >= 16 and mixed and entropy(value) >= 3.0
 
 
 def _password_ok(m: re.Match[str]) -> bool:
