@@ -90,8 +90,11 @@ class StreamDeadline:
                 self._cancelled_by_us = True
                 self._task.cancel()
             return  # past the deadline, next() refuses to wait: no more checks needed
-        if self._stall is not None and now - self._last >= self._stall and self._waiting:
-            why = "stalled"
+        if self._stall is not None and now - self._last >= self._stall:
+            if self._waiting:
+                why = "stalled"
+            else:  # the client has not taken the last chunk yet: the upstream is not the one late
+                self._last = now
         elif self._rate is not None and now - self._window_start >= self._window:
             rate = (self._chunks - self._window_chunks) / (now - self._window_start)
             # Not waiting means the client is the slow one (it has not taken the last chunk yet):

@@ -339,6 +339,32 @@ def test_guard_waits_on_when_nothing_could_take_over() -> None:
     assert asyncio.run(run()) == [0, 1, 2]
 
 
+def test_guard_does_not_blame_the_upstream_for_a_slow_client() -> None:
+    """The client busy for longer than the stall limit: no stall, and the timer does not spin."""
+    async def run() -> tuple[list[int], int]:
+        guard = StreamDeadline(time.monotonic() + 10, Pace(stall_s=0.05))
+        fires = 0
+        fire = guard._fire
+
+        def counted() -> None:
+            nonlocal fires
+            fires += 1
+            fire()
+
+        guard._fire = counted  # type: ignore[method-assign]
+        it = _dripping([0.0, 0.0, 0.0])
+        try:
+            got = [await guard.next(it)]
+            await asyncio.sleep(0.3)  # the client, not the upstream, is slow
+            got += [await guard.next(it), await guard.next(it)]
+            return got, fires
+        finally:
+            guard.close()
+
+    got, fires = asyncio.run(run())
+    assert got == [0, 1, 2] and fires < 20
+
+
 async def _guarded(guard: StreamDeadline, it: AsyncIterator[int]) -> AsyncIterator[int]:
     while True:
         try:
