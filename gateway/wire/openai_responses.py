@@ -11,7 +11,6 @@ earlier turns have no chat equivalent and are dropped. Stateless: `previous_resp
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Annotated, Any, Literal
 
@@ -361,8 +360,9 @@ class ResponsesStream(StreamTranslator):
     def _start(self, events: list[Event], chunk: dict[str, Any]) -> dict[str, Any]:
         if self.response is None:
             self.response = _skeleton(self.req, chunk.get("model") or self.req.model)
-            self._ev(events, "response.created", response=copy.deepcopy(self.response))
-            self._ev(events, "response.in_progress", response=copy.deepcopy(self.response))
+            # Snapshots are shallow copies: the translator replaces nested values, never mutates them.
+            self._ev(events, "response.created", response={**self.response, "output": []})
+            self._ev(events, "response.in_progress", response={**self.response, "output": []})
         return self.response
 
     def _add(self, events: list[Event], item: dict[str, Any]) -> int:
@@ -371,7 +371,7 @@ class ResponsesStream(StreamTranslator):
         self.response["output"].append(item)
         self.open = item
         index = len(self.response["output"]) - 1
-        self._ev(events, "response.output_item.added", output_index=index, item=copy.deepcopy(item))
+        self._ev(events, "response.output_item.added", output_index=index, item=dict(item))
         return index
 
     def _close(self, events: list[Event]) -> None:
@@ -390,7 +390,7 @@ class ResponsesStream(StreamTranslator):
             self._ev(events, "response.function_call_arguments.done", item_id=item["id"], output_index=index,
                      name=item["name"], arguments=item["arguments"])
         item["status"] = "completed"
-        self._ev(events, "response.output_item.done", output_index=index, item=copy.deepcopy(item))
+        self._ev(events, "response.output_item.done", output_index=index, item=dict(item))
 
     def feed(self, chunk: dict[str, Any]) -> list[Event]:
         if self.done:
