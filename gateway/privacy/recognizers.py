@@ -9,6 +9,7 @@ enough to pass any sane threshold without context words; card numbers by issuer 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import phonenumbers
 import tldextract
@@ -80,7 +81,12 @@ class SecretRecognizer(_InProcess):
                     continue
             elif not any(n in text for n in needles):
                 continue
-            for m in regex.finditer(text):
+            matches = regex.finditer(text)
+            if fmt.anchors:
+                lowered = text.lower() if lowered is None else lowered
+                if len(lowered) == len(text):  # else a case mapping moved offsets: scan it all
+                    matches = _anchored(regex, text, lowered, fmt.anchors)
+            for m in matches:
                 if fmt.check is not None and not fmt.check(m):
                     continue
                 start, end = m.span(fmt.group)
@@ -91,6 +97,33 @@ class SecretRecognizer(_InProcess):
             if all(end <= a or start >= b for a, b, _, _ in kept):
                 kept.append((start, end, fmt, score))
         return [_result(self, fmt.entity, a, b, score) for a, b, fmt, score in sorted(kept, key=lambda k: k[0])]
+
+
+_IDENTIFIER_REACH = 80  # how far before its label an identifier may start (GITHUB_ACTIONS_DEPLOY_TOKEN)
+
+
+def _anchored(regex: re.Pattern[str], text: str, lowered: str, anchors: tuple[str, ...]) -> Iterator[re.Match[str]]:
+    """The matches of `regex` starting at a word start (a letter or digit not preceded by one)
+    of the identifier that runs into an anchor, in order and not overlapping: what finditer
+    gives for a pattern whose every match is such an identifier up to its anchored label."""
+    starts: set[int] = set()
+    for anchor in anchors:
+        i = lowered.find(anchor)
+        while i >= 0:
+            # Back over the identifier the label may close: GITHUB_TOKEN, db.password.
+            p = i
+            while p > 0 and i - p < _IDENTIFIER_REACH and (text[p - 1].isalnum() or text[p - 1] in "_.-"):
+                p -= 1
+            starts.update(q for q in range(p, i + 1) if text[q].isalnum() and (q == 0 or not text[q - 1].isalnum()))
+            i = lowered.find(anchor, i + 1)
+    end = 0
+    for p in sorted(starts):
+        if p < end:
+            continue
+        m = regex.match(text, p)
+        if m is not None:
+            end = max(m.end(), p + 1)
+            yield m
 
 
 def _result(rec: EntityRecognizer, entity: str, start: int, end: int, score: float) -> RecognizerResult:

@@ -193,3 +193,24 @@ def test_custom_recognizer_inside_a_token_leaves_the_token_whole() -> None:
     token = "sk_live_" + "QZ1234567" + Run("A-Za-z0-9", 16).draw(random.Random(9))
     f = c.classify(user(f"use {token} and ticket AB7654321"))
     assert {(e.type, e.text) for e in f.entities} == {("API_KEY", token), ("TICKET", "AB7654321")}
+
+
+def test_label_rows_tried_at_identifier_starts_find_what_a_full_scan_finds() -> None:
+    from gateway.privacy.recognizers import _anchored
+
+    fmt = FORMATS["generic_assignment"]
+    rx = re.compile(fmt.pattern(), fmt.flags)
+    rng = random.Random(11)
+    pieces = ["API_TOKEN", "db.password", "key", "my-secret_key", "Token", "passwd", "keys", "monkey", "x_pwd",
+              "=", ": ", " = ", '"', "'", '\\"', " ", "\n", ",", "the", "value", "hunter22", "Ab3dE6gH9jK2mN5pQ8",
+              "${X}", "a.b.c.d.e.f.g.h_token", "İstanbul"]
+    hits = 0
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        lowered = text.lower()
+        if len(lowered) != len(text):
+            continue  # the recognizer scans such texts in full
+        want = [m.span() for m in rx.finditer(text)]
+        assert [m.span() for m in _anchored(rx, text, lowered, fmt.anchors)] == want, text
+        hits += len(want)
+    assert hits > 100
