@@ -15,24 +15,33 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.upstream import FakeUpstream, Fault
 
 QUESTION = "What is the capital of France?"
 POLICY = """
 version: 1
 targets:
-  local: {kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 24}
-connectivity: {probe_interval_s: 30}
-privacy: {enabled: false}
-difficulty: {method: heuristic}
+  cloud: {{kind: cloud, model: openai/cloud-model, api_base: "{cloud}", api_key: sk-x, retries: 0}}
+  local: {{kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 24}}
+connectivity: {{probe_interval_s: 30, failures_to_offline: 1000}}
+privacy: {{enabled: false}}
+difficulty: {{method: heuristic}}
 rules:
-  - {name: all, route: local}
+  - {{name: cloud, when: {{header: {{x-route: cloud}}}}, route: cloud, fallback: [local]}}
+  - {{name: all, route: local}}
 """
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+def cloud() -> Iterator[FakeUpstream]:
+    with FakeUpstream(model="cloud-model", reply=lambda b: "The capital of France is Paris, of course.") as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream) -> Iterator[RunningGateway]:
     path: Path = tmp_path_factory.mktemp("engine") / "p.yaml"
-    path.write_text(POLICY)
+    path.write_text(POLICY.format(cloud=cloud.base_url))
     with run_gateway(path) as running:
         yield running
 
@@ -74,3 +83,20 @@ def test_openai_responses_on_the_engine(gw: RunningGateway) -> None:
     last = events[-1]
     assert last.type in ("response.completed", "response.incomplete")
     assert last.response.output_text == resp.output_text and last.response.usage.output_tokens > 0
+
+
+def test_a_broken_cloud_stream_is_finished_by_the_engine(gw: RunningGateway, cloud: FakeUpstream) -> None:
+    """Messages stream: the cloud breaks after "The capital of F"; the engine writes the rest of
+    the same sentence and the client sees one message with one message_stop."""
+    cloud.fault = Fault("truncated", after_chunks=4)
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0, timeout=120)
+    try:
+        with client.messages.stream(model="auto", max_tokens=24, messages=[{"role": "user", "content": QUESTION}],
+                                    extra_headers={"x-route": "cloud"}) as stream:
+            kinds = [event.type for event in stream]
+            final = stream.get_final_message()
+    finally:
+        cloud.fault = None
+    text = final.content[0].text
+    assert text.startswith("The capital of F") and len(text) > len("The capital of F") and "Paris" in text
+    assert kinds.count("message_stop") == 1 and stream.response.headers["x-hybrid-route"] == "cloud"
