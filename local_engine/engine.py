@@ -44,6 +44,8 @@ from typing import Any, Protocol
 import torch
 
 from local_engine import chat_template
+from local_engine import grammar as grammar_mod
+from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
 from local_engine.sampling import Sampler, SamplingParams
 from local_engine.tokenizer import StreamDecoder, Tokenizer
@@ -131,9 +133,12 @@ class Generation:
     """Iterator of text deltas; ``finish_reason``, ``usage`` and ``stats`` once exhausted."""
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
-                 should_stop: Callable[[], bool] | None) -> None:
+                 should_stop: Callable[[], bool] | None,
+                 grammar: grammar_mod.GrammarProcessor | None = None) -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
         self.should_stop = should_stop
+        self.grammar = grammar
+        self.tool_spec: tools_mod.ToolSpec | None = None
         self.finish_reason: str | None = None
         self.stats = RunStats(prompt_tokens=len(prompt_ids))
         self.text = ""
@@ -146,6 +151,12 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         return self._it
+
+    def parsed(self) -> tuple[str | None, list[tools_mod.Call]]:
+        """(content, tool calls) of the finished answer (no calls unless tools allowed them)."""
+        if self.tool_spec is None or not self.tool_spec.calls_allowed:
+            return self.text, []
+        return tools_mod.parse(self.text)
 
     def __next__(self) -> str:
         return next(self._it)
@@ -162,6 +173,7 @@ class Generation:
             self.finish_reason = "length"
             return
         sampler = Sampler(p)
+        gram = self.grammar
         history = list(self.prompt_ids)
         dec = StreamDecoder(tok)
         stops = [s for s in p.stop if s]
@@ -179,14 +191,16 @@ class Generation:
                 if self.should_stop is not None and self.should_stop():
                     reason = "cancelled"
                     break
-                nxt = sampler(logits, history)
+                nxt = sampler(gram.mask(logits) if gram is not None else logits, history)
                 if nxt in tok.stop_ids:
                     reason = "stop"
                     break
+                if gram is not None:
+                    gram.advance(nxt)
                 history.append(nxt)
                 self.stats.completion_tokens += 1
                 pending += dec.push(nxt)
-                if stops:
+                if stops and (gram is None or gram.grammar.stops_apply(self.text + pending)):
                     cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                     if cut >= 0:
                         pending, reason, cut_by_stop_string = pending[:cut], "stop", True
@@ -196,6 +210,9 @@ class Generation:
                     pending = pending[len(emit):]
                     self.text += emit
                     yield emit
+                if gram is not None and gram.finished:  # the grammar is complete: nothing may follow
+                    reason = "stop"
+                    break
                 if step + 1 < max_new:
                     logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
             self.stats.decode_s = time.perf_counter() - t1
@@ -252,19 +269,41 @@ class Engine:
                                     bos_token=tok.bos_token, eos_token=tok.eos_token)
 
     def chat(self, messages: list[dict[str, Any]], *, should_stop: Callable[[], bool] | None = None,
-             continue_final_message: bool = False, **sampling: Any) -> Generation:
+             continue_final_message: bool = False, response_format: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, **sampling: Any) -> Generation:
         """Answer the conversation; with ``continue_final_message`` go on writing its last,
-        unfinished assistant message (only the new text is generated and returned)."""
-        text = self.render_chat(messages, continue_final_message=continue_final_message)
+        unfinished assistant message (only the new text is generated and returned).
+
+        ``response_format`` / ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (OpenAI's
+        shapes) constrain the answer with a grammar (local_engine/grammar.py, tools.py);
+        ``Generation.parsed()`` splits it into content and tool calls. Bad ones: GrammarError /
+        ToolError (EngineError), raised here, before any decoding."""
+        spec = tools_mod.parse_spec(tools, tool_choice, parallel_tool_calls)
+        schema = grammar_mod.response_schema(response_format)
+        if spec is not None and spec.calls_allowed:
+            grammar: grammar_mod.Grammar | None = tools_mod.calls_grammar(spec, text_schema=schema)
+        else:
+            grammar = grammar_mod.for_response_format(response_format)
+        tok = self.tokenizer
+        msgs, tpl_tools = tools_mod.prompt_messages(messages, spec, tools_mod.template_renders_tools(tok.chat_template))
+        text = self.render_chat(msgs, tools=tpl_tools, continue_final_message=continue_final_message)
+        proc = None
+        if grammar is not None:
+            proc = grammar_mod.GrammarProcessor(grammar, grammar_mod.grammar_tokenizer(tok))
+            if continue_final_message:
+                proc.prime(tok.encode(chat_template.normalise_messages(msgs[-1:])[0]["content"]))
         # the template already writes BOS where the model wants it (as HF's tokenize=True does)
-        return self._generation(self.tokenizer.encode(text), sampling, should_stop)
+        gen = self._generation(tok.encode(text), sampling, should_stop, proc)
+        gen.tool_spec = spec
+        return gen
 
     def generate(self, prompt: str, *, should_stop: Callable[[], bool] | None = None,
                  **sampling: Any) -> Generation:
         return self._generation(self.tokenizer.encode(prompt, add_special=True), sampling, should_stop)
 
-    def _generation(self, ids: list[int], sampling: dict[str, Any],
-                    should_stop: Callable[[], bool] | None) -> Generation:
+    def _generation(self, ids: list[int], sampling: dict[str, Any], should_stop: Callable[[], bool] | None,
+                    grammar: grammar_mod.GrammarProcessor | None = None) -> Generation:
         stop = sampling.pop("stop", None)
         stop_list = [stop] if isinstance(stop, str) else list(stop or [])
         known = {k: v for k, v in sampling.items() if v is not None}
@@ -274,7 +313,7 @@ class Engine:
             raise EngineError(f"bad sampling option: {e}") from None
         except ValueError as e:
             raise EngineError(f"bad sampling option: {e}") from None
-        return Generation(self, ids, params, should_stop)
+        return Generation(self, ids, params, should_stop, grammar)
 
     # ------------------------------------------------------------------------------ verification
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
