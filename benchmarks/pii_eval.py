@@ -405,7 +405,13 @@ def credentials_table(ours: PresidioSensitivityClassifier, args: argparse.Namesp
     w, wo = statistics.median(walls["with"]), statistics.median(walls["without"])
     cw, cwo = statistics.median(cpus["with"]), statistics.median(cpus["without"])
     print(f"1 KB technical prompt, p50: {w:.2f} ms with the credential + card recognizers, {wo:.2f} ms without "
-          f"(+{w - wo:.2f} ms; CPU {cw:.2f} vs {cwo:.2f}, +{cw - cwo:.2f} ms; target <= +0.5 ms)")
+          f"({w - wo:+.2f} ms; CPU {cw:.2f} vs {cwo:.2f}, {cw - cwo:+.2f} ms; target <= +0.5 ms)")
+    # The same cost read directly: the two recognizers alone on the same prompts.
+    secrets, cards = (r for r in full if isinstance(r, SecretRecognizer | CardNumberRecognizer))
+    for rec in (secrets, cards):
+        ents = list(rec.supported_entities)
+        _, _, c50 = latency(lambda t, rec=rec, ents=ents: rec.analyze(t, ents), texts, args.repeat * 4)
+        print(f"  {rec.name} alone: CPU p50 {c50 * 1000:.0f} us per 1 KB prompt")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ IIN_RANGES: tuple[IinRange, ...] = (
     _r("Discover", "65", None, range(16, 20)),
     _r("Discover", "622126", "622925", range(16, 20)),
     _r("JCB", "3528", "3589", range(16, 20)),
+    # JCB's pre-3528 blocks, still issued in some card generators and old stock.
+    _r("JCB", "3088", "3094", (16,)),
+    _r("JCB", "3096", "3102", (16,)),
+    _r("JCB", "3112", "3120", (16,)),
+    _r("JCB", "3158", "3159", (16,)),
+    _r("JCB", "3337", "3349", (16,)),
     _r("JCB", "2131", None, (15,)),
     _r("JCB", "1800", None, (15,)),
     _r("UnionPay", "62", None, range(16, 20)),
@@ -50,7 +56,7 @@ IIN_RANGES: tuple[IinRange, ...] = (
     _r("Diners Club", "300", "305", range(14, 20)),
     _r("Diners Club", "3095", None, range(14, 20)),
     _r("Diners Club", "36", None, range(14, 20)),
-    _r("Diners Club", "38", "39", range(16, 20)),
+    _r("Diners Club", "38", "39", range(14, 20)),
     # Maestro's published prefixes (5018, 5020, 5038, 5893, 6304, 6759, 6761-6763) lie inside
     # the older 50 and 56-69 blocks still on cards in circulation.
     _r("Maestro", "50", None, range(12, 20)),

@@ -164,7 +164,8 @@ _CODE = re.compile(r"^[A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)+(?:\(|\[|$)|^[A-Za-z_]\w*
 
 
 def _is_reference(value: str) -> bool:
-    return bool(_PLACEHOLDER.match(value) or _CODE.match(value))
+    # No letter or digit at all ("…", "***", "--"): an elision, not a value.
+    return bool(_PLACEHOLDER.match(value) or _CODE.match(value)) or not any(c.isalnum() for c in value)
 
 
 def entropy(value: str) -> float:

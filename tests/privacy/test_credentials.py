@@ -116,6 +116,7 @@ def test_a_valid_checksum_scores_higher(classifier: PresidioSensitivityClassifie
         "Use git commit -m and then the secret = keeping commits small.",
         "sk-learn-compatible-estimators wrap any model",
         "Authorization: Bearer <token>",
+        "connection strings of the `Server=…;Password=…` form",
     ],
 )
 def test_references_and_prose_are_not_secrets(classifier: PresidioSensitivityClassifier, text: str) -> None:
