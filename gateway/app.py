@@ -13,13 +13,13 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe be
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gateway.api import chat, dashboard, errors, messages, models, ops, responses_api
+from gateway.api import chat, dashboard, embeddings, errors, messages, models, ops, responses_api
 from gateway.state import GatewayState, Settings
 
 # The generation endpoints, served as bare ASGI apps: the hot paths skip FastAPI's router, and
 # their streams (EventStreamResponse) are no FastAPI response type.
 _DIRECT = {chat.CHAT_PATH: chat.serve_chat, messages.PATH: messages.serve_messages,
-           responses_api.PATH: responses_api.serve_responses}
+           responses_api.PATH: responses_api.serve_responses, embeddings.PATH: embeddings.serve_embeddings}
 
 
 class GatewayApp(FastAPI):
@@ -47,7 +47,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app = GatewayApp(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway_state
     errors.install(app)
-    for router in (chat.router, messages.router, responses_api.router, models.router, ops.router,
+    for router in (chat.router, messages.router, responses_api.router, embeddings.router, models.router, ops.router,
                    dashboard.router):
         app.include_router(router)
     return app

@@ -11,7 +11,7 @@ import asyncio
 import contextvars
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import structlog
 from gateway import resume
 from gateway.backends.base import BackendError, CallOptions
 from gateway.classify.text import all_text
-from gateway.dispatch import AllTargetsFailed, Fallback, Outcome, aclose_quietly
+from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, aclose_quietly
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
 from gateway.hedge import Hedge
 from gateway.metrics import Metrics
@@ -490,6 +490,48 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.
 
 def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
     f, d = prepared.features, prepared.decision
+# -- embeddings -------------------------------------------------------------------------------
+
+EmbedCall = Callable[[str, CallOptions], Awaitable[dict[str, Any]]]  # (target, options) -> its answer
+
+
+class _EmbeddingTarget:
+    """One target's embeddings call as the dispatcher calls a backend (`complete`), so embeddings
+    get chat's retries, fallbacks and connectivity bookkeeping unchanged."""
+
+    def __init__(self, name: str, call: EmbedCall) -> None:
+        self.name = name
+        self._call = call
+
+    async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        return await self._call(self.name, opts)
+
+    def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
+        raise BackendError("invalid", "embeddings do not stream")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def refuse_blocked(prepared: Prepared) -> None:
+    if prepared.decision.action == "block":
+        raise _blocked(prepared.decision)
+
+
+async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...],
+                call: EmbedCall) -> tuple[dict[str, Any], Served]:
+    """An embeddings request along `chain`: the decision's chain as gateway/policy/embeddings.py
+    narrowed it. Nothing is redacted or restored: an embedding input is never redacted (the plan
+    keeps such inputs on the device instead)."""
+    refuse_blocked(prepared)
+    dispatcher = Dispatcher(rt.policy, {t: _EmbeddingTarget(t, call) for t in chain}, rt.monitor)
+    try:
+        outcome = await dispatcher.complete(chain, lambda t: {}, _options(rt, prepared.call))
+    except AllTargetsFailed as exc:
+        raise _all_failed_error(exc) from None
+    return outcome.response or {}, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0)
+
+
     planned: dict[str, int] = {}
     if prepared.redacted is not None:
         planned = dict(f.sensitivity.counts)

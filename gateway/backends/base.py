@@ -74,3 +74,16 @@ class Backend(Protocol):
     def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]: ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class EmbeddingBackend(Protocol):
+    """A target that also answers POST /v1/embeddings (the policy says which do: `embeddings`).
+
+    `body` is an OpenAI embeddings request: `input` a list of strings, `model` the target's
+    embedding model, `encoding_format` float, maybe `dimensions`. Returns the OpenAI response dict
+    (`data[].embedding` float lists, `usage`); raises `BackendError` only."""
+
+    name: str
+
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]: ...

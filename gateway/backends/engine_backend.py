@@ -281,6 +281,12 @@ class EngineBackend:
         finally:
             job.cancel.set()  # no-op when finished; stops the worker if we were cancelled
         cid, created = self._ids_now()
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        # Embeddings are the MiniLM's, not the chat model's: they need no engine slot or load.
+        from gateway.backends.local_embeddings import embed_locally
+
+        return await embed_locally(body)
+
         end = val or {"finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "total_tokens": 0}}
         return {

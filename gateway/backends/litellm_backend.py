@@ -80,5 +80,23 @@ class LitellmBackend:
         except Exception as exc:
             raise from_litellm(self.name, exc) from None
 
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        """`litellm.aembedding`; `body["model"]` is the target's embedding model (a litellm string)."""
+        left = opts.deadline - time.monotonic()
+        if left <= 0:
+            raise BackendError("timeout", f"deadline passed before calling {self.name}")
+        kwargs: dict[str, Any] = {k: v for k, v in body.items() if k in ("input", "dimensions", "user")}
+        kwargs.update(model=body["model"], timeout=min(self.timeout_s, left), num_retries=0,
+                      encoding_format="float")
+        if self.api_base:
+            kwargs["api_base"] = self.api_base
+        if self.api_key:
+            kwargs["api_key"] = self.api_key
+        try:
+            resp = await self._litellm.aembedding(**kwargs)
+        except Exception as exc:
+            raise from_litellm(self.name, exc) from None
+        return _to_dict(resp)
+
     async def aclose(self) -> None:
         return None

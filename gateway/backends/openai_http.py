@@ -49,6 +49,7 @@ class OpenAIHTTPBackend:
         self.name = name
         self.model = model.removeprefix("openai/")
         self.url = api_base.rstrip("/") + "/chat/completions"
+        self.embeddings_url = api_base.rstrip("/") + "/embeddings"
         self.timeout_s = timeout_s
         self.extra_body = extra_body or {}
         self._headers = {"Content-Type": "application/json"}
@@ -161,6 +162,28 @@ class OpenAIHTTPBackend:
                 task.add_done_callback(self._draining.discard)
             else:
                 resp.close()  # abandoned mid-answer: never reuse a half-read connection
+
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        """POST {api_base}/embeddings; `body["model"]` is the target's embedding model."""
+        payload = orjson.dumps({**body, "model": str(body["model"]).removeprefix("openai/")})
+        try:
+            async with self._client().post(
+                self.embeddings_url, data=payload, timeout=self._timeout(opts, False)
+            ) as resp:
+                content = await resp.read()
+                if resp.status >= 400:
+                    raise status_error(self.name, resp.status, resp.headers.get("retry-after"), content)
+        except TimeoutError:
+            raise BackendError("timeout", f"{self.name}: timeout") from None
+        except _CONNECT_ERRORS as exc:
+            raise BackendError("connect", f"{self.name}: {type(exc).__name__}") from None
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            raise BackendError("protocol", f"{self.name}: answer is not JSON") from None
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            raise BackendError("protocol", f"{self.name}: answer is not an embeddings list")
+        return data
 
     def _event(self, payload: bytes) -> dict[str, Any]:
         try:

