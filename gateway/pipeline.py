@@ -488,8 +488,6 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.
         return None
 
 
-def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
-    f, d = prepared.features, prepared.decision
 # -- embeddings -------------------------------------------------------------------------------
 
 EmbedCall = Callable[[str, CallOptions], Awaitable[dict[str, Any]]]  # (target, options) -> its answer
@@ -532,6 +530,8 @@ async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...],
     return outcome.response or {}, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0)
 
 
+def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
+    f, d = prepared.features, prepared.decision
     planned: dict[str, int] = {}
     if prepared.redacted is not None:
         planned = dict(f.sensitivity.counts)

@@ -266,6 +266,12 @@ class EngineBackend:
     def _model(self, body: dict[str, Any]) -> str:
         return str(body.get("model") or self.name)
 
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        # Embeddings are the MiniLM's, not the chat model's: they need no engine slot or load.
+        from gateway.backends.local_embeddings import embed_locally
+
+        return await embed_locally(body)
+
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         job, events = self._submit(body, opts)
         parts: list[str] = []
@@ -281,12 +287,6 @@ class EngineBackend:
         finally:
             job.cancel.set()  # no-op when finished; stops the worker if we were cancelled
         cid, created = self._ids_now()
-    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
-        # Embeddings are the MiniLM's, not the chat model's: they need no engine slot or load.
-        from gateway.backends.local_embeddings import embed_locally
-
-        return await embed_locally(body)
-
         end = val or {"finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "total_tokens": 0}}
         return {
