@@ -277,7 +277,9 @@ def _bearer(rng: random.Random) -> Specimen:
 # (Anthropic's sk-ant- before the generic sk- row).
 
 # A line of a PEM body: base64, long, or short with a digit or +/= (a last line; not a word).
-_PEM_LINE = r"(?:[A-Za-z0-9+/=]{16,}|[A-Za-z]*[0-9+/=][A-Za-z0-9+/=]*)"
+# Atomic: a full line matches both branches, and backtracking over that choice line by line
+# would be exponential in the number of lines.
+_PEM_LINE = r"(?>[A-Za-z0-9+/=]{16,}|[A-Za-z]*[0-9+/=][A-Za-z0-9+/=]*)"
 
 _ASSIGNMENT_LABELS = (
     r"password|passwd|passphrase|pwd|pass|secret|client_secret|secret[_-]?key|token|access_token|"
@@ -423,7 +425,9 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
             r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
             r"(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
             rf"|(?:[ \t]*\r?\n(?:[A-Za-z-]+: [^\n]*|{_PEM_LINE}))*)"
-            rf"|(?:^{_PEM_LINE}[ \t]*\r?\n)+-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+            # (at most 120 lines before END: an 8192-bit key has ~100; unbounded, every line start
+            # of a long base64 blob would rescan the rest)
+            rf"|(?:^{_PEM_LINE}[ \t]*\r?\n){{1,120}}-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
         ),
         flags=re.DOTALL | re.MULTILINE, needles=("PRIVATE KEY",), build=_pem, score=1.0,
     ),

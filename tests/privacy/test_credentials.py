@@ -215,3 +215,18 @@ def test_label_rows_tried_at_identifier_starts_find_what_a_full_scan_finds() -> 
         assert [m.span() for m in _anchored(rx, text, lowered, fmt.anchors)] == want, text
         hits += len(want)
     assert hits > 100
+
+
+def test_a_long_base64_blob_near_a_pem_mention_is_scanned_in_linear_time() -> None:
+    import base64
+    import time
+
+    from gateway.privacy.recognizers import SecretRecognizer
+
+    blob = base64.b64encode(random.Random(2).randbytes(48 * 400)).decode()
+    text = "my PRIVATE KEY question\n" + "\n".join(blob[i : i + 64] for i in range(0, len(blob), 64))
+    rec = SecretRecognizer()
+    start = time.perf_counter()
+    assert rec.analyze(text, list(rec.supported_entities)) == []
+    # Backtracking over the two ways a line can match was exponential in the lines (hung).
+    assert time.perf_counter() - start < 2.0
