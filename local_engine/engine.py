@@ -210,8 +210,9 @@ class Generation:
                     pending = pending[len(emit):]
                     self.text += emit
                     yield emit
-                if gram is not None and gram.finished:  # the grammar is complete: nothing may follow
-                    reason = "stop"
+                if gram is not None and (gram.finished or gram.no_room_for_more(
+                        self.text + pending, self.stats.completion_tokens, max_new - step - 1)):
+                    reason = "stop"  # the grammar is complete, or another call would not fit
                     break
                 if step + 1 < max_new:
                     logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]

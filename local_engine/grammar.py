@@ -83,7 +83,7 @@ def _reason(err: str) -> str:
 # schema as written). Measured on the built-in model: unbounded, greedy decoding repeated array
 # items ("black", "black", ...) or string text until max_tokens, and a cut answer is not JSON.
 MAX_ITEMS = 8
-MAX_STRING = 100
+MAX_STRING = 64
 
 
 # json_object: any JSON object, written as a recursive schema so that the bounds above reach the
@@ -153,6 +153,8 @@ class GrammarProcessor:
         if self.matcher.is_error():
             raise GrammarError(_reason(self.matcher.get_error()))
         self.n_vocab = tokenizer.vocab_size
+        self.units = 0  # times the text became a complete match (one per finished tool call)
+        self._accepting = bool(self.matcher.is_accepting())
         self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
 
     @property
@@ -182,6 +184,17 @@ class GrammarProcessor:
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise GrammarError(f"grammar matcher refused token {token}: {self.matcher.get_error()[:200]}")
+        now = bool(self.matcher.is_accepting())
+        if now and not self._accepting:
+            self.units += 1
+        self._accepting = now
+
+    def no_room_for_more(self, text: str, used: int, left: int) -> bool:
+        """At the end of a complete structured unit (a tool call), whether another one of the
+        average size so far would not fit in the tokens left: better to end with the complete
+        calls than to start one that max_tokens cuts (a cut call is no call)."""
+        return (self._accepting and self.units > 0 and not self.grammar.stops_apply(text)
+                and left * self.units < used)
 
 
 def for_response_format(rf: Any) -> Grammar | None:

@@ -32,10 +32,9 @@ OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 MAX_PARALLEL = 8  # calls in one answer with parallel_tool_calls: a bound keeps a loop finite
 
 FALLBACK_PROMPT = (
-    "You can call functions to help answer. The functions, as JSON Schema:\n<tools>\n{tools}\n</tools>\n"
-    "To call a function, answer with a <tool_call></tool_call> block holding a JSON object with the "
-    "function's name and arguments:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>\nThe results come back in <tool_response></tool_response> blocks."
+    "You may call these functions (JSON Schema):\n<tools>\n{tools}\n</tools>\n"
+    "To call one, answer with <tool_call>\n{{\"name\": <name>, \"arguments\": <object>}}\n</tool_call>. "
+    "Results come back in <tool_response></tool_response>."
 )
 
 
@@ -197,7 +196,7 @@ def prompt_messages(messages: list[dict[str, Any]], spec: ToolSpec | None,
     for m in out:
         m.pop("_tool_results", None)
     if tools:
-        listing = FALLBACK_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        listing = FALLBACK_PROMPT.format(tools="\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools))
         if out and out[0].get("role") in ("system", "developer"):
             out[0] = {**out[0], "role": "system", "content": _plain(out[0].get("content")) + "\n\n" + listing}
         else:

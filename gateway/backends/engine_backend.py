@@ -13,8 +13,11 @@ answer with ``finish_reason="length"``; with nothing produced it is a ``timeout`
 Request fields used: messages, max_tokens / max_completion_tokens, temperature (absent -> greedy:
 a small local model answers best greedy), top_p, seed, stop, and the non-OpenAI extras top_k,
 repetition_penalty and continue_final_message (vLLM's name: go on writing the last, unfinished
-assistant message; the gateway uses it to resume a broken stream). Others (tools, response_format, n, penalties) are ignored here; the gateway
-adds the warning header.
+assistant message; the gateway uses it to resume a broken stream), and response_format, tools,
+tool_choice, parallel_tool_calls: honoured by grammar-constrained decoding (local_engine/grammar.py,
+local_engine/tools.py); calls come back as ``tool_calls`` (streamed as argument deltas) with
+``finish_reason: "tool_calls"``, and a format that cannot be enforced is a 400 ("invalid"), never
+unconstrained text. Others (n, penalties) are ignored here.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from typing import Any
 from gateway.backends.base import BackendError, CallOptions
 
 _SENTINEL = object()
+_STRUCTURE = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # passed to Engine.chat
+
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass
@@ -41,6 +49,7 @@ class _Job:
     deadline: float
     emit: Callable[[tuple[str, Any]], None]  # thread-safe: puts an event on the caller's loop
     continue_final: bool = False  # go on writing the unfinished last assistant message
+    structure: dict[str, Any] = field(default_factory=dict)  # response_format / tools / tool_choice / ...
     cancel: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -179,7 +188,7 @@ class EngineBackend:
 
         try:
             gen = self.engine.chat(job.messages, should_stop=should_stop, continue_final_message=job.continue_final,
-                                   **job.sampling)
+                                   **job.structure, **job.sampling)
             for delta in gen:
                 job.emit(("delta", delta))
         except EngineError as e:
@@ -208,7 +217,12 @@ class EngineBackend:
                     job.emit(("error", BackendError("timeout", f"{self.name}: no output before the deadline")))
                     return
             reason = "length"
-        job.emit(("end", {"finish_reason": reason, "usage": gen.usage}))
+        content, calls = gen.parsed()
+        if calls and reason == "stop":
+            reason = "tool_calls"
+        job.emit(("end", {"finish_reason": reason, "usage": gen.usage, "content": content,
+                          "calls": [(c.name, c.arguments) for c in calls], "tools": gen.tool_spec is not None
+                          and gen.tool_spec.calls_allowed}))
 
     # ---------------------------------------------------------------------------- requests
     def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -245,8 +259,9 @@ class EngineBackend:
             except RuntimeError:  # the caller's loop is gone: nobody is listening
                 job.cancel.set()
 
+        structure = {k: body[k] for k in _STRUCTURE if body.get(k) is not None}
         job = _Job(msgs, self._sampling(body), opts.deadline, emit,
-                   continue_final=bool(body.get("continue_final_message")))
+                   continue_final=bool(body.get("continue_final_message")), structure=structure)
         self._ensure_worker()
         self._jobs.put(job)
         return job, events
@@ -289,10 +304,14 @@ class EngineBackend:
         cid, created = self._ids_now()
         end = val or {"finish_reason": "stop", "usage": {"prompt_tokens": 0, "completion_tokens": 0,
                                                            "total_tokens": 0}}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(parts)}
+        if end.get("calls"):
+            message["content"] = end["content"]
+            message["tool_calls"] = [{"id": _call_id(), "type": "function",
+                                      "function": {"name": name, "arguments": args}} for name, args in end["calls"]]
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self._model(body),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                         "finish_reason": end["finish_reason"], "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": end["finish_reason"], "logprobs": None}],
             "usage": end["usage"],
         }
 
@@ -305,20 +324,44 @@ class EngineBackend:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
+        from local_engine.tools import CallStream  # lazy, like the engine itself: torch is heavy
+
+        # with tools allowed, text is held back until it is clearly content or a call
+        calls = CallStream() if job.structure.get("tools") and job.structure.get("tool_choice") != "none" else None
+
+        def deltas(events_: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for ev in events_:
+                if ev[0] == "content":
+                    out.append({"content": ev[1]})
+                elif ev[0] == "call":
+                    out.append({"tool_calls": [{"index": ev[1], "id": _call_id(), "type": "function",
+                                                "function": {"name": ev[2], "arguments": ""}}]})
+                else:
+                    out.append({"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]})
+            return out
+
         try:
             first = True
             while True:
                 kind, val = await self._next(job, events)
                 if kind == "error":
                     raise val
+                if kind == "delta":
+                    pieces = deltas(list(calls.feed(val))) if calls is not None else [{"content": val}]
+                elif val is None:  # cancelled before it started
+                    return
+                else:
+                    pieces = deltas(list(calls.close())) if calls is not None else []
+                for d in pieces:
+                    if first:
+                        yield chunk({"role": "assistant", "content": "" if "content" in d else None})
+                        first = False
+                    yield chunk(d)
+                if kind == "delta":
+                    continue
                 if first:
                     yield chunk({"role": "assistant", "content": ""})
-                    first = False
-                if kind == "delta":
-                    yield chunk({"content": val})
-                    continue
-                if val is None:  # cancelled before it started
-                    return
                 yield chunk({}, val["finish_reason"])
                 yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [], "usage": val["usage"]}
