@@ -57,11 +57,9 @@ def score_bodies(clf: Any, bodies: list[dict[str, Any]]) -> np.ndarray:
     from tqdm import tqdm
 
     from gateway.classify.difficulty import KnnDifficultyClassifier
-    from gateway.classify.difficulty.signals import extract_signals, request_text, vector
 
     if isinstance(clf, KnnDifficultyClassifier):
-        sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
-        return clf.score_many([request_text(b) or " " for b in bodies], sigs, progress=True)
+        return clf.score_bodies(bodies, progress=True)
     return np.asarray([clf.score(b)[0] for b in tqdm(bodies, desc="scoring", unit="prompt")])
 
 
@@ -126,6 +124,36 @@ def calibrate_cmd(data: str, cloud_share: float, medium_share: float, method: st
     click.echo(f"wrote {out}: {result['hard_share_observed']:.1%} of {result['n']} prompts hard")
     click.echo("policy snippet:\n"
                f"difficulty:\n  method: {clf.method}\n  thresholds: {{medium: {result['medium']}, hard: {result['hard']}}}")
+
+
+@difficulty.command("recalibrate")
+@click.option("--data", required=True, type=click.Path(), help="The labelled JSONL the artefact was fitted on.")
+@click.option("--artefact", default=None, type=click.Path(), help="Artefact metadata to update [default: shipped].")
+@click.option("--cloud-share", default=0.3, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--medium-share", default=0.3, show_default=True, type=click.FloatRange(0, 1))
+def recalibrate_cmd(data: str, artefact: str | None, cloud_share: float, medium_share: float) -> None:
+    """Re-derive the artefact's shipped thresholds from what serving scores now (the fitted score
+    and the everyday cues) on the part it was fitted on (train + validation), without refitting."""
+    from gateway.classify.difficulty.artefact import SHIPPED, update_thresholds
+    from gateway.classify.difficulty.calibrate import calibrate
+    from gateway.classify.difficulty.data import DataError, load_examples, split_indices
+
+    try:
+        examples = load_examples(data)
+    except DataError as exc:
+        _fail(str(exc))
+    parts = split_indices(examples)
+    fitted = [examples[i] for i in np.concatenate([parts["train"], parts["val"]])]
+    bodies = [{"messages": [{"role": "user", "content": e.prompt}]} for e in fitted]
+    target = Path(artefact) if artefact else SHIPPED
+    for method in ("knn", "heuristic"):
+        clf = _build(method, str(target))
+        if clf.method != method:
+            _fail(f"{method} unavailable: cannot calibrate it")
+        result = {**calibrate(score_bodies(clf, bodies), cloud_share, medium_share),
+                  "scores": "fitted score + everyday cues, train+validation"}
+        update_thresholds(target, method, result)
+        click.echo(f"{method}: medium {result['medium']}, hard {result['hard']} ({result['n']} prompts)")
 
 
 @difficulty.command("eval")

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from gateway.classify.difficulty.data import load_examples, split_indices
-from gateway.classify.difficulty.signals import extract_signals, vector
+from gateway.classify.difficulty.signals import embedding_text, extract_signals, vector
 from gateway.classify.difficulty.train import auc
 from tests.difficulty.conftest import body
 
@@ -42,11 +42,19 @@ def test_deterministic_across_calls_and_threads(knn_classifier):
 
 
 def test_batched_scores_match_single_requests(knn_classifier):
-    bodies = [body(p) for p in PROMPTS]
+    # what eval and calibrate score (score_bodies) is what serving scores (classify), cues included
+    bodies = [body(p) for p in PROMPTS] + [
+        {"messages": [{"role": "user", "content": "Plan a trip."}, {"role": "assistant", "content": "Where to?"},
+                      {"role": "user", "content": "Rome, keeping the budget I gave you earlier."}]},
+        body("Call me back at +1 415-555-0199 tomorrow."),
+    ]
+    batched = knn_classifier.score_bodies(bodies)
+    findings = [knn_classifier.classify(b) for b in bodies]
+    assert np.allclose(batched, [f.score for f in findings], atol=1e-4)
+    # the fitted part alone (score_many) is the artefact's number, shown as evidence
     sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
-    batched = knn_classifier.score_many(PROMPTS, sigs)
-    single = [knn_classifier.classify(b).score for b in bodies]
-    assert np.allclose(batched, single, atol=1e-4)
+    fitted = knn_classifier.score_many([embedding_text(b) for b in bodies], sigs)
+    assert np.allclose(fitted, [f.evidence["fitted_score"] for f in findings], atol=1e-4)
 
 
 def test_serving_path_reproduces_the_fit(knn_classifier, labelled_path):
@@ -96,5 +104,4 @@ def test_v1_minilm_artefact_serves_through_the_transformer():
     f = clf.classify(body(PROMPTS[1]))
     assert f.method == "knn" and f.evidence["artefact"] == "difficulty-v1" and 0.0 <= f.score <= 1.0
     bodies = [body(p) for p in PROMPTS]
-    sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
-    assert np.allclose(clf.score_many(PROMPTS, sigs), [clf.classify(b).score for b in bodies], atol=1e-4)
+    assert np.allclose(clf.score_bodies(bodies), [clf.classify(b).score for b in bodies], atol=1e-4)

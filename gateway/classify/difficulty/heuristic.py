@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from gateway.classify.difficulty.signals import SIGNAL_NAMES, Signals, extract_signals, vector
+from gateway.classify.difficulty.cues import detect, reasons
+from gateway.classify.difficulty.signals import SIGNAL_NAMES, Signals, extract_signals, judged_text, vector
 from gateway.features import DifficultyFinding
 
 # Weight per signal (on the log1p scale of `signals.vector`, non_english as a 0..1 share).
@@ -69,13 +70,17 @@ class HeuristicDifficultyClassifier:
     def score(self, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
         s = extract_signals(body)
         logit, contrib = heuristic_logit(s)
+        cues = detect(judged_text(body), turns=s.turns)  # everyday cues, as for knn (cues.py)
         evidence: dict[str, Any] = {
+            "reasons": reasons(cues) or ["no everyday cue: length and wording alone"],
+            "cues": {c.name: c.weight for c in cues},
+            "fitted_score": round(sigmoid(logit), 6),
             "signals": {k: v for k, v in s.as_dict().items() if v},
             "contributions": contrib,
         }
         if self.note:
             evidence["fallback"] = self.note
-        return sigmoid(logit), evidence
+        return sigmoid(logit + sum(c.weight for c in cues)), evidence
 
     def classify(self, body: dict[str, Any]) -> DifficultyFinding:
         score, evidence = self.score(body)

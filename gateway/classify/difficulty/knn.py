@@ -1,4 +1,5 @@
-"""The `knn` method: MiniLM embedding + fitted artefact, blended with the heuristic signals."""
+"""The `knn` method: MiniLM embedding + fitted artefact, blended with the heuristic signals, then
+moved by the everyday cues a user would cite (cues.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,17 @@ from typing import Any
 import numpy as np
 
 from gateway.classify.difficulty.artefact import Artefact
+from gateway.classify.difficulty.cues import detect, reasons
 from gateway.classify.difficulty.embed import Embedder
 from gateway.classify.difficulty.heuristic import level_for
 from gateway.classify.difficulty.model import KnnModel, sigmoid
-from gateway.classify.difficulty.signals import SIGNAL_NAMES, extract_signals, request_text, vector
+from gateway.classify.difficulty.signals import (
+    SIGNAL_NAMES,
+    embedding_text,
+    extract_signals,
+    judged_text,
+    vector,
+)
 from gateway.features import DifficultyFinding
 
 log = logging.getLogger("gateway.classify.difficulty")
@@ -53,18 +61,28 @@ class KnnDifficultyClassifier:
                     "with the minilm artefact, consider difficulty.torch_threads: 1 on a busy machine", elapsed_ms, self.budget_ms, count)
 
     def score_many(self, texts: list[str], sigs: np.ndarray, progress: bool = False) -> np.ndarray:
-        """Scores for many prompts at once (evaluation and calibration)."""
+        """Fitted scores (no cues) for many prompts at once: the artefact's own numbers."""
         return self.model.scores(self.embedder.embed_many(texts, progress=progress), sigs)
+
+    def score_bodies(self, bodies: list[dict[str, Any]], progress: bool = False) -> np.ndarray:
+        """What `classify` scores, for many requests at once (evaluation and calibration)."""
+        found = [extract_signals(b) for b in bodies]
+        sigs = np.asarray([vector(s) for s in found], dtype=np.float32)
+        emb = self.embedder.embed_many([embedding_text(b) for b in bodies], progress=progress)
+        shift = np.asarray([sum(c.weight for c in detect(judged_text(b), turns=s.turns))
+                            for b, s in zip(bodies, found, strict=True)])
+        return 1.0 / (1.0 + np.exp(-(self.model.logits(emb, sigs) + shift)))
 
     def classify(self, body: dict[str, Any]) -> DifficultyFinding:
         t0 = time.perf_counter()
         s = extract_signals(body)
-        emb = self.embedder.embed(request_text(body) or " ")[None, :]
+        cues = detect(judged_text(body), turns=s.turns)
+        emb = self.embedder.embed(embedding_text(body))[None, :]
         sig = np.asarray([vector(s)], dtype=np.float32)
         p = self.model.parts(emb, sig)
-        logit = (self.model.intercept + float(p["embedding"][0]) + float(p["signals"][0].sum())
-                 + float(p["neighbours"][0]))
-        score = sigmoid(logit)
+        fitted = (self.model.intercept + float(p["embedding"][0]) + float(p["signals"][0].sum())
+                  + float(p["neighbours"][0]))
+        score = sigmoid(fitted + sum(c.weight for c in cues))
         elapsed_ms = (time.perf_counter() - t0) * 1000
         if elapsed_ms > self.budget_ms:
             self._over_budget(elapsed_ms)
@@ -77,6 +95,9 @@ class KnnDifficultyClassifier:
             for i, sim in zip(p["top"][0][:3], p["sims"][0][:3], strict=True)
         ]
         evidence: dict[str, Any] = {
+            "reasons": reasons(cues) or [self._fitted_reason(neighbours)],
+            "cues": {c.name: c.weight for c in cues},
+            "fitted_score": round(sigmoid(fitted), 6),
             "signals": {k: v for k, v in s.as_dict().items() if v},
             "contributions": {
                 "intercept": round(self.model.intercept, 4),
@@ -93,3 +114,12 @@ class KnnDifficultyClassifier:
             level=level_for(score, self.medium, self.hard), score=round(score, 6), method=self.method,
             evidence=evidence,
         )
+
+    @staticmethod
+    def _fitted_reason(neighbours: list[dict[str, Any]]) -> str:
+        """No everyday cue: say what the fitted score rests on, in words."""
+        top = neighbours[0] if neighbours else None
+        if top is None or not top["topic"]:
+            return "no everyday cue: the fitted score alone"
+        topic = str(top["topic"]).removeprefix("mmlu:").replace("_", " ")
+        return f"resembles {topic} questions, which the local model gets wrong {top['hard_rate']:.0%} of the time"

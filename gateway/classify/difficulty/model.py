@@ -14,7 +14,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gateway.classify.difficulty.signals import SIGNAL_NAMES
+
 EPS = 1e-3
+# A signal whose spread in the training data is below this (no code, tools, second turns or
+# non-English text in MMLU + GSM8K) taught the logistic layer nothing: its fitted weight is noise,
+# and standardising by a near-zero spread turned one extra user turn into a logit of ~40,000
+# (every multi-turn chat scored 1.0). Such signals contribute nothing here; the cue layer
+# (cues.py) speaks for them.
+MIN_SIGNAL_SCALE = 0.05
+# The signal vector of a single-turn English prompt with no code or tools (see signals.vector).
+BASELINE_SIGNALS = np.asarray([math.log1p(1.0) if n == "turns" else 0.0 for n in SIGNAL_NAMES], np.float32)
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
@@ -52,11 +62,18 @@ class KnnModel:
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray], k: int, temp: float) -> KnnModel:
         f32 = np.float32
+        scale = a["sig_scale"].astype(f32)
+        usable = scale >= MIN_SIGNAL_SCALE
+        # What an unusable signal added for the request nearly every training row was (one turn, no
+        # tools, code or non-English text) stays in the intercept: v2 gave every single-turn prompt
+        # -0.109 through `turns`, and dropping it would move every score past its calibration.
+        z0 = (BASELINE_SIGNALS - a["sig_mean"].astype(f32)) / scale
+        offset = float(np.where(usable, 0.0, z0 * a["w_sig"]).sum())
         return cls(
-            sig_mean=a["sig_mean"].astype(f32), sig_scale=a["sig_scale"].astype(f32),
-            w_emb=a["w_emb"].astype(f32), w_sig=a["w_sig"].astype(f32),
+            sig_mean=a["sig_mean"].astype(f32), sig_scale=np.where(usable, scale, 1.0).astype(f32),
+            w_emb=a["w_emb"].astype(f32), w_sig=np.where(usable, a["w_sig"], 0.0).astype(f32),
             w_knn=float(np.asarray(a["w_knn"]).reshape(-1)[0]),
-            intercept=float(np.asarray(a["intercept"]).reshape(-1)[0]),
+            intercept=float(np.asarray(a["intercept"]).reshape(-1)[0]) + offset,
             protos=a["protos"].astype(f32), proto_hard=a["proto_hard"].astype(f32),
             proto_n=a["proto_n"].astype(np.int32), k=k, temp=temp,
         )

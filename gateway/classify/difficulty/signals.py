@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.classify.difficulty.identifiers import mask_identifiers
 from gateway.classify.text import content_text, last_user_text
 
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -118,14 +119,16 @@ def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signal
         non_ascii = sum(1 for ch in letters if ord(ch) > 127)
     lower = text.lower()
     words = _LOWER_WORD.findall(lower)
+    # Phone numbers, ids, dates and postcodes are not maths (issue #21: "+1 415-555-0199" scored hard)
+    numeric, _ = mask_identifiers(text)
     fences = len(_FENCE.findall(text)) // 2
     code_lines = len(_CODE_LINE.findall(text))
     return Signals(
         chars=full_chars,
         tokens=round(len(_WORD.findall(text)) * full_chars / max(len(text), 1)),
         code_blocks=fences + code_lines // 5,
-        math=_math_count(text),
-        numbers=len(_NUMBER.findall(text)),
+        math=_math_count(numeric),
+        numbers=len(_NUMBER.findall(numeric)),
         reasoning_cues=_count(words, lower, _REASONING_WORDS, _REASONING_PHRASES),
         step_cues=_count(words, lower, _STEP_WORDS, _STEP_PHRASES) + len(_LIST_ITEM.findall(text)),
         constraints=_count(words, lower, _CONSTRAINT_WORDS, _CONSTRAINT_PHRASES),
@@ -141,14 +144,25 @@ def request_text(body: dict[str, Any]) -> str:
     return last_user_text(body)
 
 
+def judged_text(body: dict[str, Any]) -> str:
+    """The last user message, or (e.g. the last turn is a tool result) whatever text there is."""
+    text = request_text(body)
+    if not text:
+        text = "\n".join(content_text(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
+    return text
+
+
+def embedding_text(body: dict[str, Any]) -> str:
+    """What the embedding sees: the last user message with phone numbers, ids and dates blanked
+    (their digit word pieces sit next to GSM8K's arithmetic in the embedding space)."""
+    return mask_identifiers(request_text(body))[0] or " "
+
+
 def extract_signals(body: dict[str, Any]) -> Signals:
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     turns = sum(1 for m in messages if m.get("role") == "user")
     tools = len(body.get("tools") or []) + len(body.get("functions") or [])
-    text = request_text(body)
-    if not text:  # e.g. the last turn is a tool result: judge on whatever text there is
-        text = "\n".join(content_text(m.get("content")) for m in messages)
-    return extract_text_signals(text, turns=max(turns, 1), tools=tools)
+    return extract_text_signals(judged_text(body), turns=max(turns, 1), tools=tools)
 
 
 def vector(s: Signals) -> list[float]:

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from gateway.classify.difficulty.calibrate import calibrate
+from gateway.classify.difficulty.cues import cue_shift
 from gateway.classify.difficulty.data import SPLIT_SALT, Example, group_of, sha256_file, split_indices
 from gateway.classify.difficulty.embed import Embedder
 from gateway.classify.difficulty.heuristic import heuristic_logit, sigmoid
-from gateway.classify.difficulty.model import KnnModel, logit
+from gateway.classify.difficulty.model import MIN_SIGNAL_SCALE, KnnModel, logit
 from gateway.classify.difficulty.signals import extract_text_signals, vector
 
 ARTEFACT_VERSION = 2
@@ -125,7 +126,8 @@ def fit(emb: np.ndarray, sig: np.ndarray, hard: np.ndarray, groups: np.ndarray, 
 
     protos, ph, pn, labels = prototypes or fit_prototypes(emb, hard, h.prototypes, seed)
     mean, scale = sig.mean(0), sig.std(0) + 1e-6
-    x = np.hstack([emb, (sig - mean) / scale])
+    # a signal without spread here gets no weight (model.MIN_SIGNAL_SCALE: serving ignores it too)
+    x = np.hstack([emb, np.where(scale >= MIN_SIGNAL_SCALE, (sig - mean) / scale, 0.0)])
     if h.neighbours:
         lgo = leave_group_out_rates(protos, labels, emb, hard, groups, h)
         x = np.hstack([x, logit(lgo)[:, None]])
@@ -240,7 +242,10 @@ def train(examples: list[Example], data_path: Path, out: Path, embedder: Embedde
     echo(f"chosen {best}: grouped-CV AUC {best_auc:.4f} (heuristic, same folds: {heur_cv:.4f}); "
          f"test AUC {test_auc:.4f} (heuristic {heur_test:.4f})")
 
-    scores = model.scores(emb[final], sig[final])
+    # Thresholds calibrate what serving scores: the fitted logit moved by the everyday cues
+    shift = np.asarray([cue_shift(examples[i].prompt) for i in final])
+    scores = 1.0 / (1.0 + np.exp(-(model.logits(emb[final], sig[final]) + shift)))
+    heur_served = 1.0 / (1.0 + np.exp(-(logit(heur[final]) + shift)))
     meta = {
         "name": "difficulty", "version": ARTEFACT_VERSION,
         "embedding": {"kind": embedder.kind, "package": embedder.package,
@@ -251,7 +256,7 @@ def train(examples: list[Example], data_path: Path, out: Path, embedder: Embedde
         "prototype_labels": prototype_labels(labels, [examples[i].source for i in final], best.prototypes),
         "thresholds": {
             "knn": calibrate(scores, cloud_share, medium_share),
-            "heuristic": calibrate(heur[final], cloud_share, medium_share),
+            "heuristic": calibrate(heur_served, cloud_share, medium_share),
         },
         "training": {
             "data": data_path.name, "data_sha256": data_sha, "split_salt": SPLIT_SALT,
