@@ -33,7 +33,6 @@ BASE62 = "A-Za-z0-9"
 BASE64URL = "A-Za-z0-9_-"
 BASE64 = "A-Za-z0-9+/"
 HEX = "0-9a-f"
-HEX_ANY = "0-9a-fA-F"
 UPPER_ALNUM = "A-Z0-9"
 DIGITS = "0-9"
 
@@ -87,7 +86,7 @@ class CredentialFormat:
     anchors: tuple[str, ...] = ()
     # A further test of a match (the generic rows: no placeholders, random-looking values).
     check: Callable[[re.Match[str]], bool] | None = None
-    # Label-based: lower priority than any format with a known shape, placeholders skipped.
+    # Label-based (a value named by its label, not by its shape): loses to any shaped format.
     generic: bool = False
     score: float = 0.95
     notes: str = field(default="", compare=False)
