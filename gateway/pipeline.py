@@ -554,6 +554,7 @@ def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
                 "level": f.difficulty.level,
                 "score": round(f.difficulty.score, 4),
                 "method": f.difficulty.method,
+                "reasons": f.difficulty.evidence.get("reasons", []),  # in words, strongest first
                 "evidence": f.difficulty.evidence,
             },
             "prompt_tokens": f.prompt_tokens,
