@@ -10,6 +10,11 @@ Evaluates the shipped artefacts on the *test* part of the grouped split of the s
 Latency: sequential classify() calls, alone and with a spaCy pipeline running in a parallel thread
 (the gateway's PII analysis runs beside the difficulty classifier). Writes the printed report to
 benchmarks/results/difficulty_eval.txt.
+
+The everyday set (benchmarks/data/difficulty/everyday.jsonl, issue #21): per-category share on the
+expected level / within one level, and the confusion matrix of the held-out test half, for knn and
+heuristic, with the p50 of one classify() on 1 KB prompts. `--everyday` runs only that section (a
+few seconds) and writes benchmarks/results/difficulty_everyday.txt.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from gateway.classify.difficulty.train import auc  # noqa: E402
 from gateway.classify.difficulty_cli import SHARES, score_bodies  # noqa: E402
 
 DATA = ROOT / "benchmarks" / "data" / "routing"
+EVERYDAY = ROOT / "benchmarks" / "data" / "difficulty" / "everyday.jsonl"
+LEVELS = ("easy", "medium", "hard")
 # RouteLLM (Ong et al. 2024, blog + paper): at 95% of GPT-4 quality, strong-model calls cut by
 # ~45% on MMLU and ~35% on GSM8K with their best routers (trained on arena + augmented data,
 # OpenAI embeddings), i.e. a strong-model share of ~55% and ~65%.
@@ -54,13 +61,28 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="Embed the test prompts with the transformer now instead of reading the embedding "
                          "cache `difficulty train --embedding minilm` wrote (knn-minilm only; v2 always embeds now).")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "difficulty_eval.txt"))
+    ap.add_argument("--everyday", action="store_true",
+                    help="Only the everyday-set section (knn v2 and heuristic), to difficulty_everyday.txt.")
+    ap.add_argument("--out", default=None, help="Report file [default: benchmarks/results/difficulty_eval.txt, "
+                                               "or difficulty_everyday.txt with --everyday].")
     args = ap.parse_args()
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or str(results / ("difficulty_everyday.txt" if args.everyday else "difficulty_eval.txt"))
     lines: list[str] = []
 
     def out(s: str = "") -> None:
         print(s, flush=True)
         lines.append(s)
+
+    if args.everyday:
+        clfs = {m: build_difficulty_classifier(DifficultyConfig(method=m, artefact=args.artefact))
+                for m in ("knn", "heuristic")}
+        out("# Difficulty classifier: the everyday set")
+        out(f"host: {platform.machine()}, {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}")
+        everyday(clfs, out)
+        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+        return
 
     examples = load_examples(DATA / "labelled_prompts.jsonl")
     test_idx = split_indices(examples)["test"]
@@ -140,6 +162,7 @@ def main() -> None:
     out()
 
     latency(clfs, bodies, args.latency_n, out)
+    everyday({m: clfs[m] for m in ("knn", "heuristic")}, out)
 
     mt = [json.loads(line) for line in (DATA / "mt_bench_questions.jsonl").read_text().splitlines() if line.strip()]
     mt_bodies = [{"messages": [{"role": "user", "content": q["turns"][0]}]} for q in mt]
@@ -155,6 +178,52 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")
+
+
+def everyday(clfs: dict, out) -> None:
+    """Issue #21's view: does each everyday prompt land on the level a user expects?"""
+    rows = [json.loads(line) for line in EVERYDAY.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bodies = [{"messages": r.get("messages") or [{"role": "user", "content": r["prompt"]}]} for r in rows]
+    rank = {lv: i for i, lv in enumerate(LEVELS)}
+    got = {m: [c.classify(b).level for b in bodies] for m, c in clfs.items()}
+    cats = sorted({r["category"] for r in rows})
+    out(f"## Everyday set ({len(rows)} hand-written prompts; tuned on dev, test held out): "
+        "on the expected level / within one level")
+    out("| category | n dev | n test | " + " | ".join(f"{m} dev | {m} test" for m in clfs) + " |")
+    out("|---|---|---|" + "---|---|" * len(clfs))
+    for cat in [*cats, "all"]:
+        cells = []
+        for m in clfs:
+            for split in ("dev", "test"):
+                idx = [i for i, r in enumerate(rows) if r["split"] == split and cat in ("all", r["category"])]
+                exact = np.mean([got[m][i] == rows[i]["expected"] for i in idx])
+                near = np.mean([abs(rank[got[m][i]] - rank[rows[i]["expected"]]) <= 1 for i in idx])
+                cells.append(f"{exact:.0%} / {near:.0%}")
+        n = [sum(1 for r in rows if r["split"] == sp and cat in ("all", r["category"])) for sp in ("dev", "test")]
+        out(f"| {cat} | {n[0]} | {n[1]} | " + " | ".join(cells) + " |")
+    out()
+    for m in clfs:
+        test = [i for i, r in enumerate(rows) if r["split"] == "test"]
+        out(f"Confusion matrix, {m}, test split (rows: expected, columns: scored)")
+        out("| expected \\ scored | easy | medium | hard |")
+        out("|---|---|---|---|")
+        for lv in LEVELS:
+            counts = [sum(1 for i in test if rows[i]["expected"] == lv and got[m][i] == g) for g in LEVELS]
+            out(f"| {lv} | " + " | ".join(str(c) for c in counts) + " |")
+        extremes = sum(1 for i in test if abs(rank[got[m][i]] - rank[rows[i]["expected"]]) == 2)
+        out(f"hard scored easy or easy scored hard: {extremes}")
+        out()
+    # the hot path for a 1 KB prompt: everyday prompts run together and cut to 1,024 characters
+    text = " ".join(r["prompt"] for r in rows if "prompt" in r)
+    kb = [{"messages": [{"role": "user", "content": text[i * 997:i * 997 + 1024]}]} for i in range(40)]
+    out("Latency of one classify() on a 1 KB prompt (40 prompts x 5, in-process, sequential):")
+    for m, c in clfs.items():
+        for b in kb[:5]:
+            c.classify(b)
+        p, cpu = measure(c, kb * 5)
+        out(f"- {m}: wall p50 {p[0]:.2f} ms, p90 {p[1]:.2f} ms, p99 {p[2]:.2f} ms; CPU p50 {cpu:.2f} ms")
+    out(f"load average at end {os.getloadavg()[0]:.1f}")
+    out()
 
 
 def bootstrap_diff(y: np.ndarray, a: np.ndarray, b: np.ndarray, units: np.ndarray,
@@ -264,8 +333,9 @@ def minilm_scores(clf, examples, test_idx, bodies, fresh: bool) -> np.ndarray:
     minutes on 2 busy cores, so by default the embeddings come from the cache `difficulty train`
     wrote (same embedder code, keyed by data hash, package and token cap); the scoring itself is
     the v1 artefact's."""
+    from gateway.classify.difficulty.cues import cue_shift
     from gateway.classify.difficulty.data import sha256_file
-    from gateway.classify.difficulty.signals import extract_signals, vector
+    from gateway.classify.difficulty.signals import extract_signals, judged_text, vector
     from gateway.classify.difficulty.train import embeddings
 
     if fresh:
@@ -273,7 +343,8 @@ def minilm_scores(clf, examples, test_idx, bodies, fresh: bool) -> np.ndarray:
     cache = ROOT / "benchmarks" / ".work"
     emb = embeddings(examples, clf.embedder, cache, sha256_file(DATA / "labelled_prompts.jsonl"))[test_idx]
     sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
-    return clf.model.scores(emb, sigs)
+    shift = np.asarray([cue_shift(judged_text(b)) for b in bodies])  # what classify() adds: cues.py
+    return 1.0 / (1.0 + np.exp(-(clf.model.logits(emb, sigs) + shift)))
 
 
 def torch_threads() -> int:
