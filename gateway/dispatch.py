@@ -6,7 +6,9 @@ skipped at once when something is left to try, instead of being discovered by a 
 stream, the first meaningful chunk is pulled before we commit to a target, so a failure before
 the first token falls back transparently; so does slowness: no first token within the target's
 first-token deadline (see gateway/policy/pace.py) fails the attempt as `slow_first_token`, and a
-rule's `hedge_after_s` starts the next target in parallel (gateway/hedge.py).
+rule's `hedge_after_s` starts the next target in parallel (gateway/hedge.py). A non-streamed
+request to a target with such limits is streamed from it and assembled (gateway/assemble.py), so
+the same guards apply and a long answer that is arriving is not mistaken for a silent target.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from gateway.assemble import Assembler, streaming_body
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.connectivity import ConnectivityMonitor
 from gateway.hedge import Hedge, race
 from gateway.policy.model import Policy
 from gateway.policy.pace import NO_PACE, Pace
-from gateway.stream_deadline import SlowError
+from gateway.stream_deadline import SlowError, StreamDeadline
 
 log = structlog.get_logger("gateway.dispatch")
 
@@ -42,6 +45,10 @@ PaceFor = Callable[[str], Pace]  # target name -> its slowness limits under the 
 
 def _no_pace(target: str) -> Pace:
     return NO_PACE
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,22 @@ class Fallback:
 
 
 @dataclass
+class Part:
+    """One target's share of an answer (a resumed stream has several): for the audit line, the
+    token metrics and the x-hybrid-model header. `model` is the one the answer names; `usage` is
+    None when the target's part ended before it said (a stream cut mid-answer)."""
+
+    target: str
+    model: str | None = None
+    usage: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        usage = self.usage or {}
+        return {"target": self.target, "model": self.model, "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens")}
+
+
+@dataclass
 class Outcome:
     target: str
     fallbacks: list[Fallback] = field(default_factory=list)
@@ -63,6 +86,16 @@ class Outcome:
     head: list[dict[str, Any]] = field(default_factory=list)  # stream chunks already pulled
     rest: AsyncIterator[dict[str, Any]] | None = None  # the remaining stream
     hedge: Hedge | None = None  # a second target was started because the first was slow
+
+    def part(self) -> Part:
+        """This target's share as known now: the model its answer (or first chunk) names."""
+        said = [self.response] if self.response is not None else self.head
+        model = next((str(c["model"]) for c in said if c.get("model")), None)
+        return Part(self.target, model, self.response.get("usage") if self.response is not None else None)
+
+
+# One attempt on a target: (target, called at its first token) -> its outcome
+AttemptOne = Callable[[str, Callable[[], None]], Awaitable[Outcome]]
 
 
 class AllTargetsFailed(Exception):
@@ -172,7 +205,8 @@ class Dispatcher:
         else:
             self.monitor.record(target, False, error.reason)
 
-    async def _walk(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: Any) -> Outcome:
+    async def _walk(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: AttemptOne,
+                    on_first_token: Callable[[], None] = _nothing) -> Outcome:
         errors: list[tuple[str, BackendError]] = []
         fallbacks: list[Fallback] = []
         attempts = 0  # over the whole chain
@@ -181,7 +215,7 @@ class Dispatcher:
             nonlocal attempts
             attempts += 1
             try:
-                return await attempt_one(target)
+                return await attempt_one(target, on_first_token)
             except BackendError as e:
                 self._record(target, e)
                 raise
@@ -227,27 +261,30 @@ class Dispatcher:
     def _usable(self, target: str) -> bool:
         return not self.monitor.disabled(target) and self.monitor.state(target) != "offline"
 
+    def _can_move_on(self, chain: tuple[str, ...]) -> dict[str, bool]:
+        """Whether a later target of the chain could still answer after each one: from the last
+        resort (or before targets all switched off or offline) there is nowhere to move to."""
+        return {target: any(self._usable(t) or (t == chain[-1] and not self.monitor.disabled(t))
+                            for t in chain[i + 1:])
+                for i, target in enumerate(chain)}
+
     def _first_token_limits(self, chain: tuple[str, ...], pace: PaceFor) -> dict[str, float | None]:
         """Each target's first-token deadline, where a later target could still answer: with
         nowhere left to go, waiting beats failing."""
-        limits: dict[str, float | None] = {}
-        for i, target in enumerate(chain):
-            limit = pace(target).first_token_s
-            later = chain[i + 1:]
-            if limit is not None and not any(self._usable(t) or (t == chain[-1] and not self.monitor.disabled(t))
-                                             for t in later):
-                limit = None
-            limits[target] = limit
-        return limits
+        movable = self._can_move_on(chain)
+        return {t: pace(t).first_token_s if movable[t] else None for t in chain}
 
-    async def _go(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: Any,
+    async def _go(self, chain: tuple[str, ...], opts: CallOptions, attempt_one: AttemptOne,
                   hedge_after_s: float | None) -> Outcome:
         if hedge_after_s is None or len(chain) < 2 or not self._usable(chain[0]):
             return await self._walk(chain, opts, attempt_one)
         route, rest = chain[0], chain[1:]
-        r = await race(lambda: self._walk((route,), opts, attempt_one),
+        # The hedge is for a route that has not started answering; a route already writing its
+        # (non-streamed, so not yet returned) answer is left to finish it.
+        progressed = asyncio.Event()
+        r = await race(lambda: self._walk((route,), opts, attempt_one, progressed.set),
                        lambda: self._walk(rest, opts, attempt_one),
-                       hedge_after_s, lambda o: aclose_quietly(o.rest))
+                       hedge_after_s, lambda o: aclose_quietly(o.rest), progressed)
         first = r.first_error if isinstance(r.first_error, AllTargetsFailed) else None
         if r.first_error is not None and first is None:
             raise r.first_error
@@ -273,24 +310,58 @@ class Dispatcher:
         outcome.hedge = hedge
         return outcome
 
+    async def _open(self, target: str, body: dict[str, Any], opts: CallOptions, limit: float | None,
+                    on_first_token: Callable[[], None]) -> Outcome:
+        """Start a stream and pull it up to its first meaningful chunk, within `limit` if given."""
+        it = aiter(self.backends[target].stream(body, opts))
+        head: list[dict[str, Any]] = []
+
+        async def first_token() -> None:
+            while True:
+                try:
+                    chunk = await anext(it)
+                except StopAsyncIteration:
+                    return
+                head.append(chunk)
+                if _meaningful(chunk):
+                    on_first_token()
+                    return
+
+        try:
+            if limit is None:
+                await first_token()
+            else:
+                # One timer per attempt, not per chunk; on expiry the pending read is cancelled,
+                # which closes the upstream connection (the backend's stream ends there).
+                timer = asyncio.timeout(limit)
+                try:
+                    async with timer:
+                        await first_token()
+                except (TimeoutError, BackendError):
+                    if timer.expired():
+                        raise SlowError("slow_first_token",
+                                        f"{target}: no first token within {limit:g} s") from None
+                    raise
+        except BaseException:
+            await aclose_quietly(it)
+            raise
+        return Outcome(target=target, head=head, rest=it)
+
     async def complete(self, chain: tuple[str, ...], body_for: BodyFor, opts: CallOptions,
                        pace: PaceFor = _no_pace, hedge_after_s: float | None = None) -> Outcome:
+        """One whole answer. A target with slowness limits is asked for a stream, read under the
+        same guards as a streamed request's, and its chunks assembled (gateway/assemble.py): a
+        long answer that is arriving is waited for, a silent or stalled one is left."""
+        movable = self._can_move_on(chain)
         limits = self._first_token_limits(chain, pace)
 
-        async def one(target: str) -> Outcome:
-            call = self.backends[target].complete(body_for(target), opts)
+        async def one(target: str, on_first_token: Callable[[], None]) -> Outcome:
             limit = limits.get(target)
-            if limit is None:
-                return Outcome(target=target, response=await call)
-            timer = asyncio.timeout(limit)
-            try:
-                async with timer:
-                    resp = await call
-            except (TimeoutError, BackendError):
-                if timer.expired():
-                    raise SlowError("slow_first_token", f"{target}: no answer within {limit:g} s") from None
-                raise
-            return Outcome(target=target, response=resp)
+            watch = pace(target) if movable[target] and pace(target).watches_stream else None
+            if limit is None and watch is None:
+                return Outcome(target=target, response=await self.backends[target].complete(body_for(target), opts))
+            opened = await self._open(target, streaming_body(body_for(target)), opts, limit, on_first_token)
+            return Outcome(target=target, response=await _assembled(opened, opts, watch))
 
         return await self._go(chain, opts, one, hedge_after_s)
 
@@ -298,42 +369,36 @@ class Dispatcher:
                      pace: PaceFor = _no_pace, hedge_after_s: float | None = None) -> Outcome:
         limits = self._first_token_limits(chain, pace)
 
-        async def one(target: str) -> Outcome:
-            it = aiter(self.backends[target].stream(body_for(target), opts))
-            head: list[dict[str, Any]] = []
-
-            async def first_token() -> None:
-                while True:
-                    try:
-                        chunk = await anext(it)
-                    except StopAsyncIteration:
-                        return
-                    head.append(chunk)
-                    if _meaningful(chunk):
-                        return
-
-            limit = limits.get(target)
-            try:
-                if limit is None:
-                    await first_token()
-                else:
-                    # One timer per attempt, not per chunk; on expiry the pending read is cancelled,
-                    # which closes the upstream connection (the backend's stream ends there).
-                    timer = asyncio.timeout(limit)
-                    try:
-                        async with timer:
-                            await first_token()
-                    except (TimeoutError, BackendError):
-                        if timer.expired():
-                            raise SlowError("slow_first_token",
-                                            f"{target}: no first token within {limit:g} s") from None
-                        raise
-            except BaseException:
-                await aclose_quietly(it)
-                raise
-            return Outcome(target=target, head=head, rest=it)
+        async def one(target: str, on_first_token: Callable[[], None]) -> Outcome:
+            return await self._open(target, body_for(target), opts, limits.get(target), on_first_token)
 
         return await self._go(chain, opts, one, hedge_after_s)
+
+
+async def _assembled(opened: Outcome, opts: CallOptions, pace: Pace | None) -> dict[str, Any]:
+    """The rest of an opened stream read to its end under the request deadline (and `pace`'s stall
+    and rate limits, which end it with SlowError), as one chat completion."""
+    asm = Assembler()
+    for chunk in opened.head:
+        asm.feed(chunk)
+    it = opened.rest
+    assert it is not None
+    guard = StreamDeadline(opts.deadline, pace)
+    try:
+        while True:
+            try:
+                asm.feed(await guard.next(it))
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise BackendError("timeout", f"{opened.target}: request deadline passed mid-answer") from None
+    finally:
+        guard.close()
+        await aclose_quietly(it)
+    completion = asm.completion()
+    if not completion["choices"]:
+        raise BackendError("protocol", f"{opened.target}: the stream ended without an answer")
+    return completion
 
 
 def _after(route: str, to: str, failed: AllTargetsFailed | None, outcome: Outcome,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -36,16 +36,23 @@ class Race(Generic[T]):
 
 
 async def race(first: Callable[[], Awaitable[T]], second: Callable[[], Awaitable[T]], after_s: float,
-               discard: Callable[[T], Awaitable[None]]) -> Race[T]:
+               discard: Callable[[T], Awaitable[None]], progressed: asyncio.Event | None = None) -> Race[T]:
     """Run `first`; if it has not finished after `after_s`, run `second` alongside it.
 
     Returns early, unhedged, when `first` fails before the delay: the caller then goes on as for
-    any failure. `discard` releases a result that lost (both finished in the same loop turn).
+    any failure. `progressed`, set by `first` when it starts answering (its first token), means
+    it is not the silent one: it is then awaited to its end, unhedged, however long its answer
+    takes. `discard` releases a result that lost (both finished in the same loop turn).
     """
     one: asyncio.Future[T] = asyncio.ensure_future(first())
     two: asyncio.Future[T] | None = None
+    started: asyncio.Future[Any] | None = asyncio.ensure_future(progressed.wait()) if progressed else None
     try:
-        done, _ = await asyncio.wait({one}, timeout=after_s)
+        watched: set[asyncio.Future[Any]] = {one} if started is None else {one, started}
+        done, _ = await asyncio.wait(watched, timeout=after_s, return_when=asyncio.FIRST_COMPLETED)
+        if one not in done and started in done:
+            await asyncio.wait({one})
+            done = {one}
         if done:
             exc = one.exception()
             return Race(value=None if exc else one.result(), first_error=exc)
@@ -70,10 +77,10 @@ async def race(first: Callable[[], Awaitable[T]], second: Callable[[], Awaitable
                 return result
         return result
     finally:
-        await _cancel(one, two)
+        await _cancel(one, two, started)
 
 
-async def _cancel(*tasks: asyncio.Future[T] | None) -> None:
+async def _cancel(*tasks: asyncio.Future[Any] | None) -> None:
     """Cancel the tries still running and wait for them to close their connections."""
     running = [t for t in tasks if t is not None and not t.done()]
     for t in running:

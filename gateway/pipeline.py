@@ -21,7 +21,7 @@ import structlog
 from gateway import resume
 from gateway.backends.base import BackendError, CallOptions
 from gateway.classify.text import all_text
-from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, aclose_quietly
+from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, Part, aclose_quietly
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
 from gateway.hedge import Hedge
 from gateway.metrics import Metrics
@@ -69,6 +69,12 @@ class Served:
     fallbacks: list[Fallback]
     redactions: int
     hedge: Hedge | None = None
+    parts: list[Part] = field(default_factory=list)  # who wrote the answer: several for a resumed stream
+
+    @property
+    def model(self) -> str | None:
+        """The model that produced the answer (its first part, for a resumed stream)."""
+        return self.parts[0].model if self.parts else None
 
 
 # -- classify ---------------------------------------------------------------------------------
@@ -341,7 +347,8 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
 
 def _served(prepared: Prepared, outcome: Outcome) -> Served:
     redactions = len(prepared.vault) if prepared.vault is not None and prepared.redacted is not None else 0
-    return Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=redactions, hedge=outcome.hedge)
+    return Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=redactions, hedge=outcome.hedge,
+                  parts=[outcome.part()])
 
 
 def sse(data: dict[str, Any]) -> bytes:
@@ -402,6 +409,7 @@ async def stream(rt: Runtime, prepared: Prepared,
     def out(chunk: dict[str, Any], restorer: StreamRestorer | None) -> list[dict[str, Any]]:
         if chunk.get("usage"):
             usage.update(chunk["usage"])
+            served.parts[-1].usage = chunk["usage"]  # the part being streamed now
             if not chunk.get("choices"):
                 return [chunk] if want_usage else []
             if not want_usage:
@@ -442,7 +450,8 @@ async def stream(rt: Runtime, prepared: Prepared,
                         yield emit(_stream_error(current.target, exc))
                         usage["error"] = exc.reason
                         break
-                    served.fallbacks.append(Fallback(current.target, nxt.target, "resumed_mid_stream"))
+                    served.fallbacks.append(Fallback(current.target, nxt.target, f"resumed_mid_stream:{exc.reason}"))
+                    served.parts.append(nxt.part())
                     await aclose_quietly(current.rest)
                     current = nxt
         finally:

@@ -135,6 +135,8 @@ def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[
         "x-hybrid-redactions": str(served.redactions),
         "x-request-id": prepared.call.request_id,
     }
+    if served.model:  # as the answer names it (a stream: its first part's; the audit line has every part)
+        h["x-hybrid-model"] = _header_safe(served.model)
     if served.fallbacks:
         h["x-hybrid-fallback"] = ", ".join(str(fb) for fb in served.fallbacks)
     if prepared.warnings:
@@ -142,6 +144,11 @@ def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[
     if prepared.decision.pin_refused:
         h["x-hybrid-pin-refused"] = prepared.decision.pin_refused
     return h
+
+
+def _header_safe(value: str) -> str:
+    """An upstream's model name as a header value: printable ASCII, bounded."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in value[:200])
 
 
 def _record(
@@ -167,9 +174,11 @@ def _record(
             m.hedge_wins.labels(served.hedge.winner or "-").inc()
         for entity, n in counts.items():
             m.redactions.labels(entity).inc(n)
-        for kind in ("prompt_tokens", "completion_tokens"):
-            if isinstance(usage.get(kind), int):
-                m.tokens.labels(route, kind.removesuffix("_tokens")).inc(usage[kind])
+        # Tokens per target that wrote them (a resumed stream has several parts), where reported.
+        for target, used in [(p.target, p.usage or {}) for p in served.parts] or [(route, usage)]:
+            for kind in ("prompt_tokens", "completion_tokens"):
+                if isinstance(used.get(kind), int):
+                    m.tokens.labels(target, kind.removesuffix("_tokens")).inc(used[kind])
     if not state.audit.enabled:  # the record is built per request: skip it when nobody reads it
         return
     state.audit.write(
@@ -180,6 +189,8 @@ def _record(
             "model": prepared.features.model,
             "rule": prepared.decision.rule,
             "target": route,
+            "served_model": served.model if served else None,
+            "parts": [p.as_dict() for p in served.parts] if served else [],
             "fallbacks": [str(fb) for fb in served.fallbacks] if served else [],
             "hedge": {"source": served.hedge.source, "started": served.hedge.started, "won": served.hedge.winner}
             if served and served.hedge else None,

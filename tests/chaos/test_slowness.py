@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 from click.testing import CliRunner
+from openai.types.chat import ChatCompletion
 
 from gateway.cli import main as cli
 from gateway.policy.load import load_policy
@@ -33,6 +34,8 @@ from tests.support.upstream import FakeUpstream, Fault
 FIRST_TOKEN_S = 1.0  # the cloud target's own deadline
 HEDGE_AFTER_S = 0.2
 LATE_S = 3.0  # "never" at these deadlines: the upstream waits this long before its first byte
+QUICK_S = 0.3  # the `quick` rule's first-token deadline
+ECHO = "echo: tell me a short story"  # the cloud's whole answer (27 characters)
 
 RULES = f"""
 connectivity:
@@ -68,6 +71,11 @@ rules:
     stall_timeout_s: 0.8
     min_tokens_per_s: 8
     min_rate_window_s: 0.5
+  - name: quick
+    description: a short first-token deadline, for answers that take several times longer than it
+    when: {{ header: {{ x-test: quick }} }}
+    route: cloud
+    first_token_timeout_s: {QUICK_S}
   - name: default
     route: cloud
 """
@@ -129,8 +137,10 @@ def ask(gw: RunningGateway, stream: bool, test: str | None = None) -> tuple[str,
     return text, dict(raw.headers), time.monotonic() - t0
 
 
-def raw_stream(gw: RunningGateway, test: str | None = None) -> tuple[str, int, list[dict[str, Any]]]:
-    """(text, number of [DONE] lines, every event) of a streamed answer, read as raw SSE."""
+def raw_stream(gw: RunningGateway, test: str | None = None,
+               headers_out: dict[str, str] | None = None) -> tuple[str, int, list[dict[str, Any]]]:
+    """(text, number of [DONE] lines, every event) of a streamed answer, read as raw SSE; the
+    response headers into `headers_out` if given."""
     text, done, events = [], 0, []
     headers = {"x-test": test} if test else {}
     with httpx.Client(base_url=gw.base_url, timeout=15, trust_env=False) as client, client.stream(
@@ -138,6 +148,8 @@ def raw_stream(gw: RunningGateway, test: str | None = None) -> tuple[str, int, l
         json={"model": "auto", "stream": True, "messages": MESSAGES},
     ) as resp:
         assert resp.status_code == 200
+        if headers_out is not None:
+            headers_out.update(resp.headers)
         for line in resp.iter_lines():
             if not line.startswith("data:"):
                 continue
@@ -157,6 +169,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
     while not predicate():
         assert time.monotonic() - t0 < timeout, "condition not reached in time"
         time.sleep(0.01)
+
+
+def audit_record(gw: RunningGateway, request_id: str) -> dict[str, Any]:
+    """The request's audit line (written once the response has been sent: waited for)."""
+    def lines() -> list[dict[str, Any]]:
+        return [r for r in map(json.loads, gw.audit.read_text().splitlines())  # type: ignore[attr-defined]
+                if r["request_id"] == request_id]
+    wait_for(lambda: bool(lines()))
+    return lines()[0]
 
 
 def metric(gw: RunningGateway, line_start: str) -> float:
@@ -269,8 +290,10 @@ def test_monitor_marks_a_persistently_slow_cloud_offline(tmp_path: Path, cloud: 
 
 def test_stall_after_first_tokens_is_resumed(gw: RunningGateway, cloud: FakeUpstream, local: FakeUpstream) -> None:
     cloud.fault = Fault("silent_mid", seconds=LATE_S, after_chunks=2)
+    local_tokens = metric(gw, 'hybrid_tokens_total{kind="completion",route="local"}')
     t0 = time.monotonic()
-    text, done, _ = raw_stream(gw)
+    headers: dict[str, str] = {}
+    text, done, _ = raw_stream(gw, headers_out=headers)
     assert time.monotonic() - t0 < 0.4 + 1.0
     assert done == 1
     assert text == "echo: te" + "local answer"  # two cloud chunks, then the local target goes on
@@ -278,17 +301,30 @@ def test_stall_after_first_tokens_is_resumed(gw: RunningGateway, cloud: FakeUpst
     assert cont["messages"][-1] == {"role": "assistant", "content": "echo: te"}
     assert cont["continue_final_message"] is True
     wait_for(lambda: cloud.disconnects == 1)
+    # Honest accounting: the headers (sent before the break) name the part that started; the
+    # audit line names both, the true cause, and the tokens of the part that reported them.
+    assert headers["x-hybrid-route"] == "cloud" and headers["x-hybrid-model"] == "cloud-model"
+    record = audit_record(gw, headers["x-request-id"])
+    assert record["fallbacks"] == ["cloud->local: resumed_mid_stream:stalled"]
+    assert record["served_model"] == "cloud-model"
+    assert record["parts"] == [
+        {"target": "cloud", "model": "cloud-model", "prompt_tokens": None, "completion_tokens": None},
+        {"target": "local", "model": "local-model", "prompt_tokens": 5, "completion_tokens": 3},
+    ]
+    assert metric(gw, 'hybrid_tokens_total{kind="completion",route="local"}') == local_tokens + 3
 
 
 def test_one_token_a_second_drip_is_resumed(gw: RunningGateway, cloud: FakeUpstream, local: FakeUpstream) -> None:
     cloud.fault = Fault("drip", tokens_per_s=1)
-    text, done, events = raw_stream(gw, "drip")
+    headers: dict[str, str] = {}
+    text, done, events = raw_stream(gw, "drip", headers)
     assert done == 1 and not any("error" in e for e in events)
     assert text.startswith("echo") and text.endswith("local answer")
     assert text.count("local answer") == 1
     assert local.received[0]["messages"][-1]["content"] == text.removesuffix("local answer")
     assert len({e["id"] for e in events}) == 1  # one answer, as the client sees it
     wait_for(lambda: cloud.disconnects == 1)
+    assert audit_record(gw, headers["x-request-id"])["fallbacks"] == ["cloud->local: resumed_mid_stream:slow_stream"]
 
 
 def test_healthy_drip_above_the_floor_is_kept(gw: RunningGateway, cloud: FakeUpstream,
@@ -371,6 +407,108 @@ async def _guarded(guard: StreamDeadline, it: AsyncIterator[int]) -> AsyncIterat
             yield await guard.next(it)
         except StopAsyncIteration:
             return
+
+
+# -- non-streamed requests: streamed upstream, assembled ----------------------------------------
+
+
+def plain(gw: RunningGateway, test: str | None = None) -> tuple[httpx.Response, float]:
+    t0 = time.monotonic()
+    with httpx.Client(base_url=gw.base_url, timeout=15, trust_env=False) as client:
+        resp = client.post("/v1/chat/completions", headers={"x-test": test} if test else {},
+                           json={"model": "auto", "messages": MESSAGES})
+    return resp, time.monotonic() - t0
+
+
+def test_long_plain_answer_arriving_healthily_is_served_whole(gw: RunningGateway, cloud: FakeUpstream,
+                                                              local: FakeUpstream) -> None:
+    """A non-streamed request whose answer takes 4x the first-token deadline: the cloud is asked
+    for a stream, its first token comes at once, and the answer is waited for and returned as the
+    one JSON completion the client asked for (it used to be thrown away as slow_first_token)."""
+    cloud.chunk_chars = 1  # 27 chunks, 26 gaps over 4x the deadline
+    cloud.fault = Fault("drip", tokens_per_s=26 / (4 * QUICK_S))
+    resp, seconds = plain(gw, "quick")
+    assert resp.status_code == 200
+    assert seconds >= 4 * QUICK_S * 0.9
+    completion = ChatCompletion.model_validate(resp.json())
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == ECHO and completion.choices[0].finish_reason == "stop"
+    assert (completion.id, completion.model) == ("chatcmpl-test", "cloud-model")
+    assert completion.usage is not None and completion.usage.completion_tokens == len(ECHO)
+    assert resp.headers["x-hybrid-route"] == "cloud" and "x-hybrid-fallback" not in resp.headers
+    assert resp.headers["x-hybrid-model"] == "cloud-model"
+    assert len(cloud.received) == 1 and local.received == []
+    assert cloud.received[0]["stream"] is True and cloud.received[0]["stream_options"] == {"include_usage": True}
+    record = audit_record(gw, resp.headers["x-request-id"])
+    assert record["stream"] is False and record["completion_tokens"] == len(ECHO)
+    assert record["parts"] == [{"target": "cloud", "model": "cloud-model", "prompt_tokens": 5,
+                                "completion_tokens": len(ECHO)}]
+
+
+def test_plain_request_to_a_cloud_silent_after_headers_falls_back(gw: RunningGateway, cloud: FakeUpstream,
+                                                                   local: FakeUpstream) -> None:
+    cloud.fault = Fault("silent_after_headers", seconds=LATE_S)
+    resp, seconds = plain(gw)
+    assert ChatCompletion.model_validate(resp.json()).choices[0].message.content == "local answer"
+    assert resp.headers["x-hybrid-fallback"] == "cloud->local: slow_first_token"
+    assert resp.headers["x-hybrid-model"] == "local-model"
+    assert FIRST_TOKEN_S * 0.9 < seconds < FIRST_TOKEN_S + 0.7
+    assert local.received[0]["stream"] is False  # the last resort has no limit: asked plainly
+    wait_for(lambda: cloud.disconnects == 1)
+
+
+def test_plain_request_stalled_mid_answer_gets_the_next_targets_whole_answer(
+        gw: RunningGateway, cloud: FakeUpstream, local: FakeUpstream) -> None:
+    """Nothing of the cloud's half answer reached the client, so the next target starts afresh
+    (no continuation) and the client gets its whole answer as one completion."""
+    cloud.fault = Fault("silent_mid", seconds=LATE_S, after_chunks=2)
+    resp, seconds = plain(gw)
+    assert ChatCompletion.model_validate(resp.json()).choices[0].message.content == "local answer"
+    assert resp.headers["x-hybrid-route"] == "local"
+    assert resp.headers["x-hybrid-fallback"] == "cloud->local: stalled"
+    assert seconds < 0.4 + 1.0  # the cloud's stall limit, not its 3 s silence
+    assert len(cloud.received) == 1, "a stalled target is left, not retried"
+    assert local.received[0]["messages"] == MESSAGES and "continue_final_message" not in local.received[0]
+    wait_for(lambda: cloud.disconnects == 1)
+    assert gw.state.runtime.monitor.health["cloud"].last_error == "stalled"
+
+
+def test_plain_route_already_answering_is_not_hedged(gw: RunningGateway, cloud: FakeUpstream,
+                                                      local: FakeUpstream) -> None:
+    """Not streamed, the hedge is for a silent route, not for a long answer on its way."""
+    cloud.chunk_chars = 1
+    cloud.fault = Fault("drip", tokens_per_s=40)  # first token at once, the whole answer in ~0.65 s
+    text, headers, seconds = ask(gw, False, "hedge")
+    assert text == ECHO and headers["x-hybrid-route"] == "cloud" and "x-hybrid-fallback" not in headers
+    assert seconds > HEDGE_AFTER_S + 0.2
+    assert local.received == []
+
+
+def test_plain_answer_through_the_stream_is_restored(tmp_path: Path, cloud: FakeUpstream,
+                                                     local: FakeUpstream) -> None:
+    """A redacting rule: the cloud's stream carries placeholders (cut across chunks), the
+    assembled answer comes back with the real value."""
+    email = "maria.gonzalez@example.com"
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5, "first_token_timeout_s": 1},
+                                local={"timeout_s": 5}, rest="""
+        connectivity: { probe_interval_s: 30, failures_to_offline: 1000 }
+        limits: { classify_budget_ms: 20000 }
+        privacy: { nlp_model: none }
+        difficulty: { method: heuristic }
+        rules:
+          - name: out
+            route: cloud
+            fallback: [local]
+            redact: true
+        """))
+    with run_gateway(path) as g:
+        resp = sdk(g).chat.completions.with_raw_response.create(
+            model="auto", messages=[{"role": "user", "content": f"write to {email} today"}])
+    assert resp.parse().choices[0].message.content == f"echo: write to {email} today"
+    assert resp.headers["x-hybrid-route"] == "cloud"
+    sent = cloud.received[0]
+    assert sent["stream"] is True and email not in json.dumps(sent) and "example.com" not in json.dumps(sent)
 
 
 # -- hedging ------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ def test_broken_stream_is_finished_by_the_next_target(gw: RunningGateway, server
     # the resumed part looks like the same stream to the client
     assert {c["id"] for c in chunks} == {"chatcmpl-test"} and {c["model"] for c in chunks} == {"cloud-model"}
     assert sum(1 for c in chunks for ch in c["choices"] if ch["finish_reason"] == "stop") == 1
-    wanted = 'hybrid_fallbacks_total{reason="resumed_mid_stream",source="cloud",to="local"} 1.0'
+    # the reason names the cause: the cut stream (no [DONE]) is a protocol error
+    wanted = 'hybrid_fallbacks_total{reason="resumed_mid_stream:protocol",source="cloud",to="local"} 1.0'
     with httpx.Client(base_url=gw.base_url) as c:
         for _ in range(50):  # recorded when the response has been sent, a moment after the client's [DONE]
             metrics = c.get("/metrics").text
