@@ -26,6 +26,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS
 from gateway.policy.load import PolicySource
 from gateway.policy.model import AtLeast, Bound, LocalTarget, Policy, When
+from gateway.policy.pace import resolve
 
 # The one connectivity state in which a cloud target can answer; every other value the model
 # allows (offline, disabled, ...) means no cloud call can succeed.
@@ -224,6 +225,23 @@ def _no_catch_all(policy: Policy, source: PolicySource, domains: Mapping[str, tu
             return
 
 
+def _hedge_never_fires(policy: Policy, source: PolicySource) -> Iterator[LintWarning]:
+    """A hedge due no sooner than the route's first-token deadline never starts: by then the route
+    has already been abandoned, and the next target is called as a plain fallback."""
+    for i, rule in enumerate(policy.rules):
+        chain = policy.chain(rule) if rule.route is not None else ()
+        if rule.hedge_after_s is None or len(chain) < 2:
+            continue
+        route, pace = resolve(policy, rule, chain)[0]
+        if pace.first_token_s is not None and rule.hedge_after_s >= pace.first_token_s:
+            where = "the rule's" if rule.first_token_timeout_s is not None else "the target's"
+            yield _warn(source, f"rules.{i}.hedge_after_s",
+                        f"rule {rule.name!r}: hedge_after_s {rule.hedge_after_s:g}s is not below the first-token "
+                        f"deadline of its route {route!r} ({pace.first_token_s:g}s, {where} "
+                        f"first_token_timeout_s): the route is given up before the hedge is due, so the hedge "
+                        f"never fires; lower hedge_after_s")
+
+
 def _models(policy: Policy, source: PolicySource, probe: Probe) -> Iterator[LintWarning]:
     for name, target in policy.targets.items():
         if isinstance(target, LocalTarget) and target.engine and target.model_path:
@@ -253,6 +271,7 @@ def lint(policy: Policy, source: PolicySource, probe: Probe | None = None) -> li
         *_high_to_cloud(policy, source, domains),
         *_offline_to_cloud(policy, source, domains),
         *_no_catch_all(policy, source, domains),
+        *_hedge_never_fires(policy, source),
         *_models(policy, source, probe or probe_model_path),
     ]
     return sorted(found, key=lambda w: (w.line, w.col))

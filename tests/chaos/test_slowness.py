@@ -628,3 +628,40 @@ def test_default_policy_leaves_a_silent_cloud_within_two_seconds(monkeypatch: py
     result = CliRunner().invoke(cli, ["policy", "check", str(Path(__file__).parents[2] / "policies" / "default.yaml")])
     assert result.exit_code == 0, result.output
     assert "hard-redacted-to-cloud: cloud first token 2s" in result.output
+
+
+def test_policy_check_warns_when_the_hedge_can_never_fire(tmp_path: Path) -> None:
+    """A hedge due no sooner than the route's first-token deadline (the target's, or the rule's
+    override) never starts: the route is given up first. Warned at the rule's hedge_after_s line."""
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_yaml("http://127.0.0.1:9/v1", "http://127.0.0.1:9/v1",
+                                cloud={"first_token_timeout_s": 1.5}, local={}, rest="""
+        defaults: { fallback: [local] }
+        rules:
+          - name: late-hedge
+            when: { header: { x-a: "1" } }
+            route: cloud
+            hedge_after_s: 1.5
+          - name: rule-deadline
+            when: { header: { x-b: "1" } }
+            route: cloud
+            first_token_timeout_s: 0.5
+            hedge_after_s: 1
+          - name: home-first
+            when: { header: { x-c: "1" } }
+            route: local
+            fallback: [cloud]
+            hedge_after_s: 5
+          - name: fine
+            route: cloud
+            hedge_after_s: 0.5
+        """))
+    lines = path.read_text().splitlines()
+    result = CliRunner().invoke(cli, ["policy", "check", "--strict", str(path)])
+    assert result.exit_code == 1, result.output
+    warned = [w for w in result.output.splitlines() if "never fires" in w]
+    assert [int(w.split(":")[1]) for w in warned] == [
+        lines.index("    hedge_after_s: 1.5") + 1, lines.index("    hedge_after_s: 1") + 1]
+    assert ("rule 'late-hedge': hedge_after_s 1.5s is not below the first-token deadline of its route 'cloud' "
+            "(1.5s, the target's first_token_timeout_s)") in warned[0]
+    assert "'rule-deadline'" in warned[1] and "(0.5s, the rule's first_token_timeout_s)" in warned[1]
