@@ -77,13 +77,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # `endpoint`: the API path (/v1/chat/completions, /v1/messages, /v1/responses, /v1/embeddings),
+        # a constant of the route's code, never the request's path: four values at most.
         self.requests = Counter(
-            "hybrid_requests", "Chat completion requests", ["route", "rule", "status"], registry=r
+            "hybrid_requests", "Requests, every endpoint", ["route", "rule", "status", "endpoint"], registry=r
         )
         self.latency = Histogram(
             "hybrid_request_duration_seconds",
             "Request latency (streams: until the last chunk)",
-            ["route", "stream"],
+            ["route", "stream", "endpoint"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

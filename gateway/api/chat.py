@@ -18,10 +18,12 @@ from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
+from gateway.dispatch import aclose_quietly
 from gateway.privacy.redact import redact_body
 from gateway.privacy.vault import Vault
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
 from gateway.state import GatewayState
+from gateway.wire import openai_chat
 
 router = APIRouter()
 
@@ -163,8 +165,8 @@ def _record(
     elapsed = time.monotonic() - prepared.call.started
     route = served.target if served else "-"
     m = state.metrics
-    m.requests.labels(route, prepared.decision.rule, str(status)).inc()
-    m.latency.labels(route, str(stream).lower()).observe(elapsed)
+    m.requests.labels(route, prepared.decision.rule, str(status), endpoint).inc()
+    m.latency.labels(route, str(stream).lower(), endpoint).observe(elapsed)
     counts = prepared.features.sensitivity.counts if prepared.redacted is not None else {}
     if served:
         for fb in served.fallbacks:
@@ -216,8 +218,8 @@ def record_rejected(state: GatewayState, request_id: str, started: float, error:
     """Count and audit a request refused before any decision (bad JSON, auth, unknown model):
     route and rule are "-". Nothing of the body is written: it may not even be JSON."""
     elapsed = time.monotonic() - started
-    state.metrics.requests.labels("-", "-", str(error.status)).inc()
-    state.metrics.latency.labels("-", str(stream).lower()).observe(elapsed)
+    state.metrics.requests.labels("-", "-", str(error.status), endpoint).inc()
+    state.metrics.latency.labels("-", str(stream).lower(), endpoint).observe(elapsed)
     if not state.audit.enabled:
         return
     state.audit.write({
@@ -271,7 +273,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         raise
     try:
         if body.get("stream"):
-            stream, served, usage = await pipeline.stream(rt, prepared)
+            stream, served, usage = await pipeline.stream(rt, prepared, encoded=False)
         else:
             response, served = await pipeline.complete(rt, prepared)
     except APIError as exc:
@@ -282,17 +284,25 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
     headers = route_headers(prepared, served)
     if not body.get("stream"):
         _record(state, prepared, served, 200, response.get("usage") or {}, False)
-        return JSON(response, headers=headers)
+        answer, headers["x-hybrid-usage"] = openai_chat.completion(
+            response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
+        return JSON(answer, headers=headers)
+    chunks = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
+                                         want_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
     async def observed() -> AsyncIterator[bytes]:
         first = True
         try:
-            async for piece in stream:
+            async for chunk in stream:
                 if first:
                     state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
                     first = False
-                yield piece
+                yield pipeline.sse(chunks.chunk(chunk))
+            if (owed := chunks.finish()) is not None:  # the client asked for usage; no target sent it
+                yield b": x-hybrid-usage: estimated\n\n" + pipeline.sse(owed)
+            yield pipeline.SSE_DONE
         finally:
+            await aclose_quietly(stream)  # closes the upstream when the client left mid-stream
             _record(state, prepared, served, 200, usage, True)
 
     headers["cache-control"] = "no-cache"

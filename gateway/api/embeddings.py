@@ -83,7 +83,7 @@ async def _serve(request: Request) -> Response:
         raise
     headers = route_headers(prepared, served)
     headers["x-hybrid-embedding-space"] = _space(rt, served.target)
-    headers["x-hybrid-usage"] = "estimated" if result["usage_estimated"] else "counted"
+    headers["x-hybrid-usage"] = "estimated" if result["usage_estimated"] else "reported"
     body = response(result, req.encoding_format)
     _record(state, prepared, served, 200, body["usage"], False, endpoint=PATH)
     return JSON(body, headers=headers)

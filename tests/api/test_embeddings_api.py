@@ -100,7 +100,7 @@ def test_local_minilm_answers_the_sdk_with_the_real_model(gw: RunningGateway, cl
     res = raw.parse()
     assert raw.headers["x-hybrid-route"] == "engine"
     assert raw.headers["x-hybrid-embedding-space"] == "all-minilm-l6-v2"
-    assert raw.headers["x-hybrid-usage"] == "counted"
+    assert raw.headers["x-hybrid-usage"] == "reported"
     assert res.model == "all-minilm-l6-v2" and [d.index for d in res.data] == [0, 1, 2]
     vectors = [d.embedding for d in res.data]
     assert all(len(v) == 384 and math.isclose(float(np.linalg.norm(v)), 1.0, abs_tol=1e-4) for v in vectors)
@@ -111,6 +111,9 @@ def test_local_minilm_answers_the_sdk_with_the_real_model(gw: RunningGateway, cl
     assert cloud.received == []
     record = audit_line(gw, raw.headers["x-request-id"])
     assert record["endpoint"] == "/v1/embeddings" and record["target"] == "engine" and record["status"] == 200
+    with gw.client() as c:
+        metrics = c.get("/metrics").text
+    assert 'hybrid_requests_total{endpoint="/v1/embeddings",route="engine",rule="default",status="200"}' in metrics
 
 
 def test_base64_decodes_to_the_float_vector(gw: RunningGateway) -> None:
@@ -135,7 +138,7 @@ def test_cloud_target_gets_the_raw_text_and_dimensions(gw: RunningGateway, cloud
     assert [d.embedding for d in res.data] == [vector_for("hello world", 4), vector_for("second input", 4)]
     assert cloud.received[-1] == {"model": CLOUD_SPACE, "input": ["hello world", "second input"],
                                   "encoding_format": "float", "dimensions": 4}
-    assert res.usage.prompt_tokens == 4 and raw.headers["x-hybrid-usage"] == "counted"
+    assert res.usage.prompt_tokens == 4 and raw.headers["x-hybrid-usage"] == "reported"
     cloud.send_usage = False  # no usage upstream: estimated, and the header says so
     raw = sdk(gw, **{"x-route": "cloud"}).embeddings.with_raw_response.create(model=CLOUD_SPACE, input="x" * 40)
     assert raw.headers["x-hybrid-usage"] == "estimated" and raw.parse().usage.prompt_tokens == 10

@@ -179,7 +179,7 @@ def test_health_ready_metrics(gw: RunningGateway):
         assert ready.status_code == 200 and ready.json()["targets"]["local"] == "ready"
         c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "m"}]})
         text = c.get("/metrics").text
-    assert 'hybrid_requests_total{route="local",rule="default",status="200"}' in text
+    assert 'hybrid_requests_total{endpoint="/v1/chat/completions",route="local",rule="default",status="200"}' in text
     assert "hybrid_request_duration_seconds_bucket" in text
     assert 'hybrid_target_online{target="cloud"} 1.0' in text
 
@@ -257,7 +257,7 @@ def test_streams_reuse_the_upstream_connection(gw: RunningGateway, cloud: FakeUp
 
 def _served_by_default_rule(c: httpx.Client) -> float:
     for line in c.get("/metrics").text.splitlines():
-        if line.startswith('hybrid_requests_total{route="local",rule="default",status="200"}'):
+        if line.startswith('hybrid_requests_total{endpoint="/v1/chat/completions",route="local",rule="default",status="200"}'):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 

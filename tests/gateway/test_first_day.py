@@ -124,7 +124,7 @@ def test_early_errors_carry_request_id_and_are_counted_and_audited(
     def count() -> float:
         with gw.client() as c:
             text = c.get("/metrics").text
-        m = re.search(rf'^hybrid_requests_total{{route="-",rule="-",status="{status}"}} (\S+)$', text, re.M)
+        m = re.search(rf'^hybrid_requests_total{{endpoint="/v1/chat/completions",route="-",rule="-",status="{status}"}} (\S+)$', text, re.M)
         return float(m.group(1)) if m else 0.0
 
     before = count()
