@@ -227,6 +227,8 @@ class Generation:
         extra = getattr(model, "stats", None)
         if callable(extra):
             self.stats.extra = dict(extra())
+        if gram is not None:
+            self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
 
 
 class Engine:

@@ -221,8 +221,7 @@ class EngineBackend:
         if calls and reason == "stop":
             reason = "tool_calls"
         job.emit(("end", {"finish_reason": reason, "usage": gen.usage, "content": content,
-                          "calls": [(c.name, c.arguments) for c in calls], "tools": gen.tool_spec is not None
-                          and gen.tool_spec.calls_allowed}))
+                          "calls": [(c.name, c.arguments) for c in calls]}))
 
     # ---------------------------------------------------------------------------- requests
     def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:

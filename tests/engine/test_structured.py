@@ -180,3 +180,16 @@ def test_call_stream_matches_whole_parse() -> None:
     cs = tools.CallStream()
     plain = [e for ch in "<tool is not a call" for e in cs.feed(ch)] + list(cs.close())
     assert "".join(e[1] for e in plain) == "<tool is not a call" and {e[0] for e in plain} == {"content"}
+
+
+def test_a_call_that_would_not_fit_is_not_started(smol) -> None:
+    msgs = _ask("What's the weather in Paris and the time in Tokyo?")
+    whole = smol.chat(msgs, tools=[WEATHER, TIME], tool_choice="required", max_tokens=160)
+    "".join(whole)
+    first = whole.parsed()[1][0]
+    one_call = len(smol.tokenizer.encode(tools.call_text(first.name, json.loads(first.arguments))))
+    assert len(whole.parsed()[1]) == 2  # with room, the model makes a second call ...
+    gen = smol.chat(msgs, tools=[WEATHER, TIME], tool_choice="required", max_tokens=one_call + 10)
+    text = "".join(gen)
+    assert gen.finish_reason == "stop" and text.endswith("</tool_call>")  # ... without, it ends after the first
+    assert [c.name for c in gen.parsed()[1]] == [first.name]
