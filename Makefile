@@ -27,7 +27,7 @@ $(STAMP): requirements.lock requirements-models.txt pyproject.toml
 	@touch $(STAMP)
 
 # Optional system tools some tests use (headless Chromium for the dashboard test, docker-compose v1
-# for `docker-compose config`). Installed with apt-get only where that needs no sudo (root, Debian or
+# for `docker-compose config`, redis-server for tests/fleet). Installed with apt-get only where that needs no sudo (root, Debian or
 # Ubuntu: CI and containers); anywhere else one line is printed and those tests skip themselves.
 # SYSTEM_TOOLS=skip turns the install off. A failed install fails the target (no silent skips in CI).
 system-tools:
@@ -36,12 +36,13 @@ system-tools:
 	   && [ -z "$$(ls /usr/lib/chromium*/*headless?shell 2>/dev/null)" ]; then missing=" chromium-headless-shell"; fi; \
 	if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then \
 	   missing="$$missing docker-compose"; fi; \
-	if [ -z "$$missing" ]; then echo "system-tools: headless Chromium and docker compose present"; \
+	if ! command -v redis-server >/dev/null; then missing="$$missing redis-server"; fi; \
+	if [ -z "$$missing" ]; then echo "system-tools: headless Chromium, docker compose and redis-server present"; \
 	elif [ "$(SYSTEM_TOOLS)" = skip ]; then echo "system-tools: SYSTEM_TOOLS=skip, not installing:$$missing"; \
 	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
 	   echo "system-tools: not root with apt-get, skipping (tests needing them skip; to install: sudo apt-get install$$missing)"; \
 	else \
-	   echo "system-tools: installing system-wide with apt-get:$$missing (the dashboard's browser test, the compose file check); to opt out: SYSTEM_TOOLS=skip make test"; \
+	   echo "system-tools: installing system-wide with apt-get:$$missing (the dashboard's browser test, the compose file check, the fleet tests' Redis); to opt out: SYSTEM_TOOLS=skip make test"; \
 	   export DEBIAN_FRONTEND=noninteractive; \
 	   apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
 	   || { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \

@@ -31,6 +31,7 @@ from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
 from gateway.runtime import Runtime
 from gateway.schema import APIError
+from gateway.store.base import StoreUnavailable
 from gateway.stream_deadline import StreamDeadline
 
 log = structlog.get_logger("gateway.pipeline")
@@ -220,12 +221,19 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
     if not local and on_error == "local":
         local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
     note = "sensitivity analysis unavailable: cloud targets removed (fail closed)"
-    if not local or on_error == "block":
+    return _local_only(decision, local, on_error == "block", note,
+                       "Sensitivity analysis is unavailable and policy forbids sending this request out.")
+
+
+def _local_only(decision: Decision, local: tuple[str, ...], block: bool, note: str,
+                message: str) -> Decision:
+    """The decision with only `local` targets left, or a 503 block when none (or `block`)."""
+    if not local or block:
         return Decision(
             rule=decision.rule,
             action="block",
             block_status=503,
-            block_message="Sensitivity analysis is unavailable and policy forbids sending this request out.",
+            block_message=message,
             matched=decision.matched,
             pinned=decision.pinned,
             notes=(*decision.notes, note),
@@ -243,9 +251,28 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
     )
 
 
+def requested_tokens(body: dict[str, Any]) -> int:
+    """What a request may cost against a tokens/min limit: its prompt (estimated) and the answer
+    it asks room for."""
+    asked = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return estimate_tokens(body) + (asked if isinstance(asked, int) and asked > 0 else 0)
+
+
+def vault_unavailable(rt: Runtime, decision: Decision, reason: str) -> Decision:
+    """A conversation vault the shared store cannot read or write: this turn's redacted data must
+    not reach the cloud (the next turn could not be restored consistently), so serve it locally."""
+    local = tuple(t for t in decision.chain if not rt.policy.is_cloud(t))
+    if not local:
+        local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
+    return _local_only(decision, local, False, f"{reason}: cloud targets removed (fail closed)",
+                       "The conversation's vault is unavailable and no local target can answer.")
+
+
 async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Prepared:
     """`score_all`: run every classifier even if no rule reads its finding (explain shows them)."""
     pinned = pinned_target(rt, str(call.body.get("model", "")))
+    if rt.limits is not None:  # before the classifiers: a refused request costs next to nothing
+        await rt.limits.admit(call.client, requested_tokens(call.body))
     features = await classify(rt, call, metrics, score_all)
     decision = fail_closed(rt, features, decide(features, rt.policy, pinned))
     prepared = Prepared(call=call, features=features, decision=decision)
@@ -255,8 +282,15 @@ async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = F
             if isinstance(call.body.get("metadata"), dict)
             else None
         )
-        prepared.vault = rt.vaults.get(str(conversation) if conversation else None)
-        prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
+        cid = str(conversation) if conversation else None
+        try:
+            prepared.vault = await rt.vaults.load(cid)
+            prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
+            await rt.vaults.save(cid, prepared.vault)
+        except StoreUnavailable:
+            log.warning("conversation_vault_unavailable", request_id=call.request_id)
+            prepared.vault, prepared.redacted = None, None
+            prepared.decision = vault_unavailable(rt, decision, "conversation vault unavailable")
     return prepared
 
 

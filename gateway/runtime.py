@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -22,6 +22,11 @@ from gateway.connectivity import ConnectivityMonitor, Force
 from gateway.dispatch import Dispatcher
 from gateway.policy.model import CloudTarget, LocalTarget, Policy
 from gateway.privacy.vault import VaultStore
+from gateway.store.base import StateStore
+from gateway.store.build import build_store
+from gateway.store.embedded import EmbeddedStore
+from gateway.store.limits import RateLimiter
+from gateway.store.vaults import build_vaults
 
 log = structlog.get_logger("gateway.runtime")
 
@@ -90,6 +95,8 @@ class Runtime:
     difficulty: DifficultyClassifier
     vaults: VaultStore
     source: str  # the policy file, for messages
+    store: StateStore = field(default_factory=EmbeddedStore)  # policy `state:`: shared with other replicas or not
+    limits: RateLimiter | None = None  # per-client rate limits; None: no client has one
 
     def is_engine(self, target: str) -> bool:
         cfg = self.policy.targets[target]
@@ -127,6 +134,10 @@ def build_runtime(
     on_connectivity_change: Any = None,
 ) -> Runtime:
     prev_policy = previous.policy if previous else None
+    # The state store first: a missing vault key is a startup error before any model loads.
+    same_store = previous is not None and prev_policy is not None and prev_policy.state == policy.state
+    store = previous.store if previous is not None and same_store else build_store(policy.state)
+    vaults = previous.vaults if previous is not None and same_store else build_vaults(store, _vault_ttl(policy))
     backends: dict[str, Backend] = {}
     for name, cfg in policy.targets.items():
         if previous and prev_policy and prev_policy.targets.get(name) == cfg and name in previous.backends:
@@ -151,7 +162,7 @@ def build_runtime(
 
     sensitivity = shared_sensitivity(policy.privacy)
     difficulty = shared_difficulty(policy.difficulty)
-    vaults = previous.vaults if previous else VaultStore(ttl_s=_vault_ttl(policy))
+    limits = RateLimiter(policy.clients, store)
     return Runtime(
         policy=policy,
         backends=backends,
@@ -161,6 +172,8 @@ def build_runtime(
         difficulty=difficulty,
         vaults=vaults,
         source=source,
+        store=store,
+        limits=limits if limits else None,
     )
 
 
@@ -174,10 +187,13 @@ async def retire(old: Runtime, new: Runtime, grace_s: float) -> None:
     old_monitor = old.monitor if old.monitor is not new.monitor else None
     if old_monitor:
         await old_monitor.aclose()
-    if not stale:
+    old_store = old.store if old.store is not new.store else None
+    if not stale and old_store is None:
         return
     await asyncio.sleep(grace_s)
     for backend in stale:
         with contextlib.suppress(Exception):
             await backend.aclose()
+    if old_store is not None:
+        await old_store.aclose()
 

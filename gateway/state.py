@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 import structlog
 
 from gateway.connectivity import Force
@@ -17,8 +19,12 @@ from gateway.metrics import Metrics
 from gateway.policy.load import PolicyError, load_policy
 from gateway.policy.model import Policy
 from gateway.runtime import Runtime, build_runtime, retire
+from gateway.store.base import StoreUnavailable
 
 log = structlog.get_logger("gateway.state")
+
+# Fleet-wide admin switches travel on this channel of the state store (pub/sub on Redis).
+CONNECTIVITY_CHANNEL = "fleet:connectivity"
 
 
 AuditPrompts = Literal["off", "redacted", "raw"]
@@ -48,6 +54,7 @@ class GatewayState:
         self.metrics.watch_engines(self._engine_stats)
         self.policy_error: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self.replica_id = uuid.uuid4().hex  # tells this replica's own broadcasts from others'
 
     def _on_change(self, target: str, state: str) -> None:
         self.metrics.set_connectivity(target, state)
@@ -64,9 +71,31 @@ class GatewayState:
         for name, state in self.runtime.monitor.snapshot().items():
             self.metrics.set_connectivity(name, state)
         self.runtime.monitor.start()
+        self.runtime.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
         await self._load_engines(self.runtime)
         if self.settings.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="policy-watch"))
+
+    async def broadcast_force(self, target: str | None, force: Force) -> bool:
+        """Tell every other replica to force `target` (None: every cloud target); False when the
+        store could not carry it (Redis down: this replica alone has switched)."""
+        message = orjson.dumps({"origin": self.replica_id, "target": target, "force": force})
+        try:
+            await self.runtime.store.publish(CONNECTIVITY_CHANNEL, message)
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def _on_fleet_force(self, raw: bytes) -> None:
+        msg = orjson.loads(raw)
+        if msg.get("origin") == self.replica_id or msg.get("force") not in ("online", "offline", "auto"):
+            return
+        monitor = self.runtime.monitor
+        # Every replica probes on its own; a switch only sets the forced state, as it does locally.
+        for name in [msg["target"]] if msg.get("target") else list(monitor.health):
+            if name in monitor.health:
+                monitor.force(name, msg["force"])
+        log.info("fleet_connectivity_forced", target=msg.get("target") or "*", force=msg["force"])
 
     async def _load_engines(self, rt: Runtime) -> None:
         """Load in-process models before serving. A model that cannot load is logged and reported
@@ -103,6 +132,8 @@ class GatewayState:
         self.policy_error = None
         if new.monitor is not old.monitor:
             new.monitor.start()
+        if new.store is not old.store:
+            new.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy_reloaded", file=path, rules=len(policy.rules))
         self._tasks.append(asyncio.create_task(retire(old, new, self.settings.reload_grace_s)))
@@ -124,6 +155,7 @@ class GatewayState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.runtime.monitor.aclose()
+        await self.runtime.store.aclose()
         for backend in self.runtime.backends.values():
             with contextlib.suppress(Exception):
                 await backend.aclose()

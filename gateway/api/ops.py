@@ -1,4 +1,5 @@
-"""Operations: health, readiness, metrics, and the admin connectivity switch."""
+"""Operations: health, readiness, metrics, and the admin connectivity switch (fleet-wide on a
+shared state store)."""
 
 from __future__ import annotations
 
@@ -77,8 +78,11 @@ async def force_connectivity(request: Request, state: GatewayState = Depends(get
     for name in names:
         if name not in monitor.health:
             raise APIError(404, f"No cloud target named {name!r}.", param="target", code="unknown_target")
+    for name in names:
         monitor.force(name, req.force)
-    return JSON({"targets": monitor.snapshot()})
+    # Every replica sharing the state store follows (pub/sub); `fleet` false: this one only.
+    fleet = await state.broadcast_force(req.target, req.force) if state.runtime.store.shared else False
+    return JSON({"targets": monitor.snapshot(), "fleet": fleet})
 
 
 @router.get("/admin/connectivity", dependencies=[Depends(require_admin)])

@@ -151,6 +151,26 @@ class ConnectivityConfig(_Strict):
 class Client(_Strict):
     name: Name
     api_key: str = Field(min_length=1)
+    requests_per_min: int | None = Field(
+        None, ge=1, description="Requests a minute this client may send (token bucket; fleet-wide on redis state)."
+    )
+    tokens_per_min: int | None = Field(
+        None, ge=1, description="Prompt tokens (estimated) plus max_tokens a minute this client may send."
+    )
+
+
+class StateConfig(_Strict):
+    backend: Literal["embedded", "redis"] = Field(
+        "embedded", description="embedded: this process's memory (one replica); redis: shared by every replica."
+    )
+    url: str | None = Field(None, description="redis://host:port/db, for backend redis.")
+    timeout_ms: float = Field(500.0, gt=0, description="Socket timeout of each store call; over it, degrade.")
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StateConfig:
+        if self.backend == "redis" and not self.url:
+            raise ValueError("state.backend redis needs state.url (redis://host:port/db)")
+        return self
 
 
 class Limits(_Strict):
@@ -283,6 +303,7 @@ class Policy(_Strict):
     connectivity: ConnectivityConfig = Field(default_factory=ConnectivityConfig)
     clients: list[Client] | None = Field(None, description="Absent: no authentication.")
     limits: Limits = Field(default_factory=Limits)
+    state: StateConfig = Field(default_factory=StateConfig)
     defaults: Defaults = Field(default_factory=Defaults)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)

@@ -2,7 +2,8 @@
 
 One vault per request (or per conversation, when the client sends a conversation id), never
 shared otherwise, guarded by a lock, and never printed: `repr()` shows counts only. Values live
-only in memory and die with the vault (the request, or the conversation's TTL).
+in memory and die with the vault (the request, or the conversation's TTL); a conversation's vault
+on a shared store (gateway/store/vaults.py) leaves the process only encrypted.
 """
 
 from __future__ import annotations
@@ -153,6 +154,21 @@ class Vault:
     def __reduce__(self) -> Any:
         raise TypeError("a Vault holds sensitive values and cannot be pickled or copied out of process")
 
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to rebuild the vault: for the encrypting shared store only."""
+        with self._lock:
+            return {"mode": self._mode, "replacement": dict(self._replacement), "original": dict(self._original),
+                    "type": dict(self._type), "next": dict(self._next)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Vault:
+        vault = cls(state["mode"])
+        vault._replacement = dict(state["replacement"])
+        vault._original = dict(state["original"])
+        vault._type = dict(state["type"])
+        vault._next = {k: int(v) for k, v in state["next"].items()}
+        return vault
+
     # -- restoration side -----------------------------------------------------------------
     def _restorer(self, json_escape: bool) -> TextRestorer:
         with self._lock:
@@ -246,6 +262,15 @@ class VaultStore:
             while len(self._vaults) > self._max:
                 self._vaults.popitem(last=False)
             return vault
+
+    async def load(self, conversation_id: str | None) -> Vault:
+        """The conversation's vault from wherever this store keeps it (raises
+        gateway.store.StoreUnavailable when a shared store cannot answer)."""
+        return self.get(conversation_id)
+
+    async def save(self, conversation_id: str | None, vault: Vault) -> None:
+        """Write back what this turn added; in memory the vault object is the stored one."""
+        return None
 
     def _expire(self, now: float) -> None:
         # Entries are in last-use order: stop at the first one still alive.

@@ -1,0 +1,100 @@
+"""The default store: this process's memory. One replica needs nothing else; nothing survives a
+restart (vaults and rate-limit buckets are short-lived by design)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+
+from gateway.store.base import Bucket, Handler, StateStore
+
+log = structlog.get_logger("gateway.store")
+
+
+class EmbeddedStore(StateStore):
+    name = "embedded"
+    shared = False
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000) -> None:
+        self._clock = clock
+        self._max = max_keys
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires at)
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self._handlers: dict[str, list[Handler]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: str) -> bytes | None:
+        with self._lock:
+            entry = self._values.get(key)
+            if entry is None:
+                return None
+            if entry[1] <= self._clock():
+                del self._values[key]
+                return None
+            return entry[0]
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        now = self._clock()
+        with self._lock:
+            self._values.pop(key, None)
+            self._values[key] = (value, now + ttl_s)
+            if len(self._values) > self._max:
+                self._evict(now)
+
+    def _evict(self, now: float) -> None:
+        # Expired first, then the oldest written (dicts keep insertion order; set() re-inserts).
+        for k in [k for k, (_, exp) in self._values.items() if exp <= now]:
+            del self._values[k]
+        while len(self._values) > self._max:
+            del self._values[next(iter(self._values))]
+
+    async def delete(self, key: str) -> None:
+        with self._lock:
+            self._values.pop(key, None)
+
+    async def take(self, buckets: list[Bucket]) -> float:
+        return self.take_now(buckets)
+
+    def take_now(self, buckets: list[Bucket]) -> float:
+        now = self._clock()
+        with self._lock:
+            levels = []
+            wait = 0.0
+            for b in buckets:
+                tokens, last = self._buckets.get(b.key, (b.capacity, now))
+                tokens = min(b.capacity, tokens + max(0.0, now - last) * b.rate)
+                cost = min(b.cost, b.capacity)  # a request larger than the bucket empties it
+                levels.append(tokens)
+                if tokens < cost:
+                    wait = max(wait, (cost - tokens) / b.rate)
+            for b, tokens in zip(buckets, levels, strict=True):
+                self._buckets[b.key] = (tokens - min(b.cost, b.capacity) if wait == 0.0 else tokens, now)
+            return wait
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for handler in list(self._handlers.get(channel, ())):
+            task = asyncio.create_task(self._deliver(handler, message))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _deliver(handler: Handler, message: bytes) -> None:
+        try:
+            await handler(message)
+        except Exception as exc:  # a bad handler must not break publishing
+            log.error("store_handler_failed", error=type(exc).__name__)
+
+    def subscribe(self, channel: str, handler: Handler) -> None:
+        self._handlers.setdefault(channel, []).append(handler)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

@@ -1,0 +1,115 @@
+"""The state backend seam: both implementations keep the same promises (TTL, atomic buckets,
+pub/sub), and the shared vault store never holds a value in clear."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.policy.model import StateConfig
+from gateway.privacy.vault import Vault
+from gateway.store.base import Bucket, StateStore, StoreUnavailable
+from gateway.store.build import StateConfigError, build_store, vault_key
+from gateway.store.vaults import SharedVaultStore
+from tests.fleet.redis_server import RedisServer
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
+    if request.param == "embedded":
+        s = build_store(StateConfig())
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        s = build_store(StateConfig(backend="redis", url=server.url))
+    yield s
+    await s.aclose()
+
+
+async def test_values_expire_after_their_ttl(store: StateStore) -> None:
+    await store.set("k1", b"v", ttl_s=0.2)
+    assert await store.get("k1") == b"v"
+    await asyncio.sleep(0.35)
+    assert await store.get("k1") is None
+
+
+async def test_buckets_are_taken_all_or_nothing(store: StateStore) -> None:
+    key = os.urandom(4).hex()
+    requests = Bucket(f"{key}:r", capacity=3, period_s=60, cost=1)
+    tokens = Bucket(f"{key}:t", capacity=100, period_s=60, cost=40)
+    waits = [await store.take([requests, tokens]) for _ in range(3)]
+    assert waits[:2] == [0.0, 0.0] and waits[2] > 0  # the tokens bucket ran out first
+    # The refused take took nothing: the requests bucket still has its third request.
+    assert await store.take([requests]) == 0.0
+    assert await store.take([requests]) > 0
+
+
+async def test_concurrent_takes_never_overshoot(store: StateStore) -> None:
+    bucket = Bucket(os.urandom(4).hex(), capacity=5, period_s=600, cost=1)
+    waits = await asyncio.gather(*(store.take([bucket]) for _ in range(40)))
+    assert sum(w == 0.0 for w in waits) == 5
+
+
+async def test_published_messages_reach_subscribers(store: StateStore) -> None:
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def handler(message: bytes) -> None:
+        await got.put(message)
+
+    store.subscribe("chan", handler)
+    for _ in range(50):  # a Redis subscription is live once its listener has subscribed
+        await store.publish("chan", b"ping")
+        try:
+            assert await asyncio.wait_for(got.get(), 0.1) == b"ping"
+            break
+        except TimeoutError:
+            continue
+    else:
+        pytest.fail("no message arrived")
+
+
+async def test_shared_vault_is_encrypted_and_needs_the_right_key(redis_server: RedisServer) -> None:
+    store = build_store(StateConfig(backend="redis", url=redis_server.url))
+    try:
+        vaults = SharedVaultStore(store, os.urandom(32), ttl_s=60)
+        vault = await vaults.load("conv-enc")
+        rep = vault.replacement_for("EMAIL_ADDRESS", "ada.lovelace@example.org")
+        await vaults.save("conv-enc", vault)
+        everything = b" ".join(redis_server.dump())
+        assert b"ada.lovelace" not in everything and b"conv-enc" not in everything
+        again = await vaults.load("conv-enc")
+        assert again.restore_text(f"mail {rep}") == "mail ada.lovelace@example.org"
+        assert isinstance(again, Vault) and len(again) == 1
+        other = SharedVaultStore(store, os.urandom(32), ttl_s=60)
+        other._key = vaults._key  # same slot, another key: a replica misconfigured
+        with pytest.raises(StoreUnavailable):
+            await other.load("conv-enc")
+    finally:
+        await store.aclose()
+
+
+async def test_a_dead_redis_answers_unavailable_at_once() -> None:
+    from tests.support.gateway import free_port
+
+    store = build_store(StateConfig(backend="redis", url=f"redis://127.0.0.1:{free_port()}/0"))
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await store.get("x")
+        assert loop.time() - t0 < 1.5
+    finally:
+        await store.aclose()
+
+
+def test_vault_key_must_be_set_and_32_bytes() -> None:
+    with pytest.raises(StateConfigError, match="GATEWAY_VAULT_KEY is not set"):
+        vault_key({})
+    with pytest.raises(StateConfigError, match="32 bytes"):
+        vault_key({"GATEWAY_VAULT_KEY": base64.b64encode(b"short").decode()})
+    assert vault_key({"GATEWAY_VAULT_KEY": base64.b64encode(bytes(32)).decode()}) == bytes(32)
+    assert vault_key({"GATEWAY_VAULT_KEY": "ab" * 32}) == b"\xab" * 32
