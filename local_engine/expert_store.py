@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from local_engine import qkernel
 from local_engine.cache import DEFAULT_POLICY, ROUTER_AWARE_POLICIES, ExpertCache
 from local_engine.formats.pack import (
     EXPERTS_FILE,
@@ -41,6 +42,8 @@ from local_engine.formats.pack import (
     bundle_views,
     dequantize,
 )
+from local_engine.models.layers import Linear
+from local_engine.quant import Int2Linear
 
 VERIFY_MODES = ("always", "first", "never")
 _ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux-only flag
@@ -118,6 +121,8 @@ class ExpertStore:
         self._t0 = time.perf_counter()
         # speculative reads for the next layer (see prefetch()); keys -> read in flight or done
         self._prefetched: dict[tuple[int, int], Future[mmap.mmap]] = {}
+        # int2 experts are multiplied packed (qkernel.q2matmul); None: dequantised, F.linear
+        self._qlib = qkernel.load() if manifest.quant == "int2" else None
 
     # ------------------------------------------------------------------ buffers
     def _alloc(self) -> mmap.mmap:
@@ -262,14 +267,19 @@ class ExpertStore:
             f.add_done_callback(lambda fut: None if fut.exception() else self._release(fut.result()))
 
     # ------------------------------------------------------------------ helpers
-    def weights(self, buf: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (gate_up [2I, H], down [H, I]) from a bundle buffer; zero-copy when stored fp32."""
+    def weights(self, buf: Any) -> tuple[Linear, Linear]:
+        """(gate_up [2I, H], down [H, I]) from a bundle buffer, as ``Linear``s: fp32 tensors
+        (zero-copy when stored fp32; int8/int4 dequantised), or for int2 ``Int2Linear``s over the
+        buffer's bytes (the packed kernel, no dequantised copy). Valid while the buffer is."""
         views = {p.name: (p, t) for p, t in bundle_views(self.m, buf)}
         q = self.m.quant
-        out = []
+        out: list[Linear] = []
         for name in ("gate_up", "down"):
             p, t = views[name]
-            if q == "none":
+            if q == "int2":
+                out.append(Int2Linear(self._qlib, t, views[name + ".scale"][1], views[name + ".min"][1],
+                                      self.m.group_size))
+            elif q == "none":
                 out.append(t if t.dtype == torch.float32 else t.float())
             else:
                 out.append(dequantize(t, views[name + ".scale"][1], q, (p.shape[0], p.shape[1] * (2 if q == "int4" else 1))))

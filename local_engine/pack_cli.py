@@ -20,9 +20,11 @@ from local_engine.formats.pack import pack as pack_dir
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--quant", type=click.Choice(QUANT_METHODS), default="none", show_default=True,
-              help="Expert weights: lossless copy, or per-group int8 / int4 with fp16 scales.")
+              help="Expert weights: lossless copy, per-group int8 / int4 with fp16 scales, or int2 "
+                   "(asymmetric: fp16 scale and min per group).")
 @click.option("--group-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Columns per quantisation group: must divide the hidden and expert widths (even for int4).")
+              help="Columns per quantisation group: must divide the hidden and expert widths "
+                   "(even for int4, a multiple of 32 for int2).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> None:
     """Convert an MoE checkpoint SRC (HF safetensors dir, or an MoE GGUF file) into the flash layout in DST."""

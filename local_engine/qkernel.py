@@ -1,4 +1,5 @@
-"""A small AVX2 kernel for GGUF Q4_0 / Q4_1 / Q8_0 matrices, built with the system C compiler.
+"""A small AVX2 kernel for GGUF Q4_0 / Q4_1 / Q8_0 matrices (and the MoE pack's int2 experts),
+built with the system C compiler.
 
 Why: decoding one token of a small model reads every weight once, so its speed is set by the
 bytes per weight and by how cheaply each byte is turned into arithmetic. PyTorch's CPU kernels
@@ -12,7 +13,9 @@ integer multiply-add (``maddubs``) plus one FMA per 32 weights.
 
     y[m, r] = sum_b  dw[r,b] * dx[m,b] * sum_i qw[r,b,i] * qx[m,b,i]  +  mw[r,b] * dx[m,b] * sum_i qx[m,b,i]
 
-(Q4_0 is stored as Q4_1 with m = -8 d at load; Q8_0 has no m term.)
+(Q4_0 is stored as Q4_1 with m = -8 d at load; Q8_0 has no m term.) ``q2matmul`` is the same sum
+over 2-bit codes with an fp16 scale and min per group of G columns (G a multiple of 32): the
+streamed MoE experts of ``pack --quant int2``, multiplied straight from the read buffer.
 
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
@@ -267,6 +270,104 @@ int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N,
     return 0;
 }
 
+/* ---- 2-bit asymmetric groups (the MoE pack's int2 experts, formats/pack.py quantize_int2) ----
+   W [N, K]: q [N, K/4] bytes (per block of 32 columns, byte j holds columns j, j+8, j+16, j+24 in
+   bits 0-1, 2-3, 4-5, 6-7), fp16 scale and min [N, K/G] (G a multiple of 32): w = q * scale + min.
+   The same sum as the Q4_1 path, block by block against the int16-quantised activations:
+     y[m, r] = sum_b  s[r,g(b)] * dx[m,b] * sum_i q[r,b,i] * qx[m,b,i]  +  mn[r,g(b)] * dx[m,b] * sum_i qx[m,b,i]
+   Unpacking a block is one 8-byte load, three shifts and four masks into two int16 vectors. */
+static inline __attribute__((always_inline)) void q2_unpack(const uint8_t *blk, __m256i *w0, __m256i *w1) {
+    const __m128i three = _mm_set1_epi8(0x03);
+    __m128i v = _mm_loadl_epi64((const __m128i *)blk);
+    __m128i a0 = _mm_and_si128(v, three);
+    __m128i a1 = _mm_and_si128(_mm_srli_epi16(v, 2), three);
+    __m128i a2 = _mm_and_si128(_mm_srli_epi16(v, 4), three);
+    __m128i a3 = _mm_and_si128(_mm_srli_epi16(v, 6), three);
+    *w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(a0, a1));  /* columns 0..15 */
+    *w1 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(a2, a3));  /* columns 16..31 */
+}
+
+/* R weight rows x MM activation rows; R, MM compile-time constants at every call site. */
+static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, const uint16_t *sc, const uint16_t *mn,
+                                                          const int R, const int MM, int bpg, int r, int m, int nb,
+                                                          const xblock *xq, int N, float *y) {
+    const int ng = nb / bpg;
+    const size_t rb = (size_t)nb * 8;
+    const uint8_t *qr[4];
+    const uint16_t *sr[4], *mr[4];
+    __m256 acc[4][4];
+    float summs[4][4];
+    for (int i = 0; i < R; i++) {
+        qr[i] = q + (size_t)(r + i) * rb;
+        sr[i] = sc + (size_t)(r + i) * ng;
+        mr[i] = mn + (size_t)(r + i) * ng;
+        for (int j = 0; j < MM; j++) { acc[i][j] = _mm256_setzero_ps(); summs[i][j] = 0.0f; }
+    }
+    for (int g = 0; g < ng; g++) {
+        float dw[4], mw[4];
+        for (int i = 0; i < R; i++) { dw[i] = _cvtsh_ss(sr[i][g]); mw[i] = _cvtsh_ss(mr[i][g]); }
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i w0[4], w1[4];
+            for (int i = 0; i < R; i++) q2_unpack(qr[i] + (size_t)b * 8, &w0[i], &w1[i]);
+            if (MM == 1 && R == 4) _mm_prefetch((const char *)(qr[3] + rb) + (size_t)b * 8 * 4, _MM_HINT_T0);
+            for (int j = 0; j < MM; j++) {
+                const xblock *xb = xq + (size_t)(m + j) * nb + b;
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+                __m256 xd = _mm256_set1_ps(xb->d);
+                for (int i = 0; i < R; i++) {
+                    __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(dw[i]), xd),
+                                                acc[i][j]);
+                    summs[i][j] += mw[i] * xb->s;
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
+}
+
+static void q2_rows(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int bpg, int r0, int r1, int nb,
+                    const xblock *xq, int M, int N, float *y) {
+    int r = r0;
+    if (M == 1) {
+        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, 4, 1, bpg, r, 0, nb, xq, N, y);
+        for (; r < r1; r++) q2_tile(q, sc, mn, 1, 1, bpg, r, 0, nb, xq, N, y);
+        return;
+    }
+    for (; r + 2 <= r1; r += 2) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, 2, 4, bpg, r, m, nb, xq, N, y);
+        for (; m < M; m++) q2_tile(q, sc, mn, 2, 1, bpg, r, m, nb, xq, N, y);
+    }
+    for (; r < r1; r++) {
+        int m = 0;
+        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, 1, 4, bpg, r, m, nb, xq, N, y);
+        for (; m < M; m++) q2_tile(q, sc, mn, 1, 1, bpg, r, m, nb, xq, N, y);
+    }
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for an int2 matrix (layout above); group G columns per scale/min. */
+int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x, float *y,
+             int M, int N, int K, int nthreads) {
+    if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
+    int nb = K / 32;
+    xblock stackbuf[128];
+    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
+    if (!xq) return -2;
+    quantize_x(x, M, K, NULL, 0.0f, xq);
+    int chunks = (N + 15) / 16;
+    if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int c = 0; c < chunks; c++) {
+        int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
+        q2_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
+    }
+    if (xq != stackbuf) free(xq);
+    return 0;
+}
+
 /* One decode step of attention for one layer, after the q|k|v matmul:
    r [hq + 2 hk, hd]: q heads, k heads, v heads (fp32, rotated here in place);
    cos/sin [hd]: the RoPE row of position p (HF rotate_half layout: cos[i] == cos[i + hd/2]);
@@ -371,6 +472,10 @@ def _build() -> ctypes.CDLL:
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                   ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    q2 = lib.q2matmul
+    q2.restype = ctypes.c_int
+    q2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     a = lib.attn_step
     a.restype = None
     a.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,

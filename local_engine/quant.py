@@ -7,6 +7,7 @@ Each is a callable ``[.., in] fp32 -> [.., out] fp32`` (the ``Linear`` of models
                   (``_weight_int4pack_mm_for_cpu``, as gpt-fast): GGUF Q4_0 / Q4_1 map onto it
                   exactly (w = (q - 8)·scale + zero), so nothing is re-quantised
     Int8Linear    int8 per output channel (``_weight_int8pack_mm``, bf16 activations)
+    Int2Linear    2-bit asymmetric groups (MoE int2 experts), local_engine.qkernel's q2matmul
     F16Linear     fp16 weights, fp32 activations, fbgemm's packed fp16 GEMM: on this AVX2-only
                   CPU it beats the int4 kernel (which is compute-bound here) for decode and is
                   ~5x faster for prefill. fbgemm's dynamic *int8* linear was faster still but
@@ -217,6 +218,46 @@ class GGUFBlockLinear:
                       torch.get_num_threads(), None if norm is None else norm.data_ptr(), eps, add)
         if rc != 0:
             raise RuntimeError(f"qkernel failed with code {rc} for a {self.out_features}x{self.in_features} matrix")
+
+
+class Int2Linear:
+    """2-bit asymmetric groups (``pack --quant int2`` experts) multiplied by ``qkernel.q2matmul``.
+
+    ``q`` uint8 [out, in/4], ``scale`` / ``mins`` fp16 [out, in/group] (layout:
+    ``formats.pack.quantize_int2``). The tensors may be zero-copy views over a read buffer (a
+    streamed expert): nothing is converted or copied, the kernel reads the bytes as they landed.
+    Without the compiled kernel (``lib`` None) the matrix is dequantised to fp32 per call.
+    """
+
+    def __init__(self, lib: object | None, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                 group: int) -> None:
+        self.out_features, self.in_features = q.shape[0], q.shape[1] * 4
+        if scale.dtype != torch.float16 or mins.dtype != torch.float16 or q.dtype != torch.uint8:
+            raise ValueError("Int2Linear: q must be uint8 and scale/mins fp16")
+        self.q, self.scale, self.mins, self.group = q, scale, mins, group
+        self._fn = None if lib is None else lib.q2matmul  # type: ignore[attr-defined]
+        self.nbytes = q.numel() + 2 * scale.numel() * 2
+
+    def dequantize(self) -> torch.Tensor:
+        from local_engine.formats.pack import dequantize
+
+        return dequantize(self.q, self.scale, "int2", (self.out_features, self.in_features), self.mins)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fn is None:
+            return F.linear(x.float(), self.dequantize())
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        m = x2.shape[0]
+        y = torch.empty(m, self.out_features)
+        rc = self._fn(self.q.data_ptr(), self.scale.data_ptr(), self.mins.data_ptr(), self.group, x2.data_ptr(),
+                      y.data_ptr(), m, self.out_features, self.in_features, torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"qkernel q2matmul failed with code {rc} for a {self.out_features}x"
+                               f"{self.in_features} matrix, group {self.group}")
+        return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
 
 
 def _q4_0_as_q4_1(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -79,7 +79,8 @@ def router_for(config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.T
 # --------------------------------------------------------------------------- small ops
 
 
-def _expert_swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+def _expert_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
+    """One expert: fp32 matrices (none/int8/int4, dequantised) or packed int2 ``Int2Linear``s."""
     return swiglu(x, None, None, down, w_gate_up=gate_up)
 
 

@@ -103,3 +103,60 @@ def test_model_falls_back_to_torch_kernels(monkeypatch, smol_path, smol) -> None
     ids = list(range(400, 416))
     a, b = eng.logits(ids), smol.logits(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.75
+
+
+# --------------------------------------------------------------------------- int2 (MoE experts)
+
+def _int2(rows: int, cols: int, group: int, seed: int):
+    from local_engine.formats.pack import dequantize, quantize_int2
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    q, s, m = quantize_int2(w, group)
+    return q, s, m, dequantize(q, s, "int2", (rows, cols), m)
+
+
+# odd group counts (3, 5, 7 groups), a group as wide as the row, rows that fill no 16-row chunk
+# nor 4-row tile, M from a decode step to a prefill batch (the 2x4 tiles and their remainders)
+@pytest.mark.parametrize("rows,cols,group", [(301, 96, 32), (37, 480, 96), (640, 224, 32), (5, 64, 64),
+                                             (768, 320, 64)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int2_matches_dequantised_matmul(lib, rows: int, cols: int, group: int, m: int) -> None:
+    from local_engine.quant import Int2Linear
+
+    q, s, mn, deq = _int2(rows, cols, group, seed=rows + m)
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(2))
+    x[:, 5] *= 60.0  # an outlier channel: only its own activation block gets coarser
+    ref = x @ deq.T
+    y = Int2Linear(lib, q, s, mn, group)(x)
+    assert y.shape == (m, rows)
+    rel = ((y - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 5e-4, f"{rows}x{cols} g{group} M={m}: relative error {rel:.2e}"
+    # the fallback (no compiled kernel) is the reference itself
+    assert torch.allclose(Int2Linear(None, q, s, mn, group)(x), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_int2_two_threads_same_result_and_3d_input(lib) -> None:
+    from local_engine.quant import Int2Linear
+
+    q, s, mn, _ = _int2(4000, 1024, 64, seed=9)  # 2 x 4000 x 1024 MACs: above the threading threshold
+    lin = Int2Linear(lib, q, s, mn, 64)
+    x = torch.randn(2, 1024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x)
+        torch.set_num_threads(2)
+        two = lin(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    y3 = lin(x.reshape(2, 1, 1024))
+    assert y3.shape == (2, 1, 4000) and torch.equal(y3.reshape(2, 4000), one)
+
+
+def test_int2_kernel_refuses_a_group_it_cannot_block(lib) -> None:
+    from local_engine.quant import Int2Linear
+
+    q, s, mn, _ = _int2(8, 64, 32, seed=1)
+    with pytest.raises(RuntimeError, match="q2matmul failed with code -1"):
+        Int2Linear(lib, q, s, mn, 48)(torch.randn(1, 64))  # 48: not a multiple of the 32-column block
