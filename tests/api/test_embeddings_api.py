@@ -32,6 +32,15 @@ targets:
     retries: 0
     timeout_s: 5
     embeddings: {{model: openai/{CLOUD_SPACE}, dimensions: 8, shortens: true}}
+  cloud-lite:  # the same upstream and space, through litellm's aembedding
+    kind: cloud
+    model: openai/cloud-model
+    api_base: "CLOUD_URL"
+    api_key: sk-test-cloud
+    client: litellm
+    retries: 0
+    timeout_s: 5
+    embeddings: {{model: openai/{CLOUD_SPACE}, dimensions: 8, shortens: true}}
   engine: {{kind: local, engine: local_engine, model_path: "builtin:smollm2-135m"}}
 clients:
   - {{name: app, api_key: {KEY}}}
@@ -58,6 +67,10 @@ rules:
     when: {{header: {{x-route: cloud}}}}
     route: cloud
     fallback: [engine]
+  - name: same-space
+    when: {{header: {{x-route: same-space}}}}
+    route: cloud
+    fallback: [cloud-lite, engine]
   - name: cloud-any-space
     when: {{header: {{x-route: cloud-any-space}}}}
     route: cloud
@@ -215,3 +228,14 @@ def test_sdk_raises_on_token_arrays_and_blocked_rules(gw: RunningGateway) -> Non
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=gw.base_url + "/v1", api_key="wrong", max_retries=0).embeddings.create(
             model="auto", input="x")
+
+
+def test_fallback_within_the_space_and_litellm_embeddings(gw: RunningGateway, cloud: EmbeddingsUpstream) -> None:
+    cloud.once(Fault("status", status=503, paths=("/embeddings",)))  # the direct call fails once
+    raw = sdk(gw, **{"x-route": "same-space"}).embeddings.with_raw_response.create(
+        model=CLOUD_SPACE, input=["one", "two"], dimensions=4, encoding_format="float")
+    CreateEmbeddingResponse.model_validate_json(raw.http_response.text, strict=True)
+    assert raw.headers["x-hybrid-route"] == "cloud-lite"  # same space: no rule permission needed
+    assert raw.headers["x-hybrid-fallback"] == "cloud->cloud-lite: status:503"
+    assert [d.embedding for d in raw.parse().data] == [vector_for("one", 4), vector_for("two", 4)]
+    assert [b.get("dimensions") for b in cloud.received] == [4, 4] and cloud.received[-1]["input"] == ["one", "two"]
