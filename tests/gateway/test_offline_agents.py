@@ -7,16 +7,19 @@ must parse and validate against its schema every time (the grammar guarantees it
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import jsonschema
 import openai
 import pytest
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.upstream import FakeUpstream, Fault
 
 POLICY = """
 version: 1
@@ -328,3 +331,28 @@ def test_responses_api_gets_a_function_call_and_json_offline(client: openai.Open
     resp = client.responses.create(model="auto", input="Invent a person.", max_output_tokens=60,
                                    text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
     jsonschema.validate(json.loads(resp.output_text), PERSON)
+
+
+def test_json_stream_broken_mid_answer_is_finished_under_the_schema(tmp_path: Path) -> None:
+    """Mid-stream resume (continue_final_message) with a response_format: the engine's grammar
+    starts from the cloud's partial JSON, so the joined answer still validates."""
+    whole = '{"name": "Ada Lovelace", "age": 36}'
+    with FakeUpstream(model="cloud-model", name="cloud", reply=lambda body: whole) as cloud:
+        cloud.fault = Fault("truncated", after_chunks=3)  # 3 chunks of 4 characters, then cut
+        path = tmp_path / "p.yaml"
+        path.write_text(POLICY.replace('"http://127.0.0.1:1/v1"', f'"{cloud.base_url}"').replace("timeout_s: 2", "timeout_s: 5"))
+        with run_gateway(path) as gw:
+            client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+            chunks = list(client.chat.completions.create(model="auto", messages=ask("Invent a person."), stream=True,
+                                                         response_format=rf("person", PERSON), max_tokens=60))
+            wanted = 'hybrid_fallbacks_total{reason="resumed_mid_stream:protocol",source="cloud",to="local"} 1.0'
+            with httpx.Client(base_url=gw.base_url) as c:
+                for _ in range(50):  # recorded a moment after the client's [DONE]
+                    if wanted in c.get("/metrics").text:
+                        break
+                    time.sleep(0.05)
+                else:
+                    raise AssertionError("no resumed_mid_stream fallback recorded")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith(whole[:12]) and cloud.received  # the cloud's part, then the engine's
+    jsonschema.validate(json.loads(text), PERSON)
