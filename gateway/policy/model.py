@@ -161,10 +161,19 @@ class Client(_Strict):
 
 class StateConfig(_Strict):
     backend: Literal["embedded", "redis"] = Field(
-        "embedded", description="embedded: this process's memory (one replica); redis: shared by every replica."
+        "embedded", description="embedded: this process's memory (one replica); redis: shared by every replica. "
+        "Unset: redis when `url` is set, else embedded."
     )
     url: str | None = Field(None, description="redis://host:port/db, for backend redis.")
     timeout_ms: float = Field(500.0, gt=0, description="Socket timeout of each store call; over it, degrade.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_from_url(cls, data: Any) -> Any:
+        # `url: ${STATE_URL:-}` alone switches a shipped policy to Redis from the environment.
+        if isinstance(data, dict) and "backend" not in data and data.get("url"):
+            return {**data, "backend": "redis"}
+        return data
 
     @model_validator(mode="after")
     def _url_for_redis(self) -> StateConfig:

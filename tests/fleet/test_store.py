@@ -113,3 +113,10 @@ def test_vault_key_must_be_set_and_32_bytes() -> None:
         vault_key({"GATEWAY_VAULT_KEY": base64.b64encode(b"short").decode()})
     assert vault_key({"GATEWAY_VAULT_KEY": base64.b64encode(bytes(32)).decode()}) == bytes(32)
     assert vault_key({"GATEWAY_VAULT_KEY": "ab" * 32}) == b"\xab" * 32
+
+
+def test_a_url_alone_selects_redis_and_redis_needs_a_url() -> None:
+    assert StateConfig.model_validate({"url": "redis://127.0.0.1:6379/0"}).backend == "redis"
+    assert StateConfig.model_validate({"url": ""}).backend == "embedded"  # `${STATE_URL:-}` unset
+    with pytest.raises(ValueError, match=r"needs state\.url"):
+        StateConfig.model_validate({"backend": "redis"})
