@@ -95,6 +95,21 @@ def test_multi_turn_state_needs_turns() -> None:
     assert "multi_turn_state" not in names("just saying hi :)", turns=2)
 
 
+def test_the_word_guards_never_hide_a_match() -> None:
+    # each guarded regex runs only when a trigger word is present: on every everyday prompt the
+    # guarded answer must be the plain regex's
+    from gateway.classify.difficulty import cues
+    from tests.difficulty.test_everyday import _body, _rows
+
+    guarded = [g for g in vars(cues).values() if isinstance(g, cues._Guarded)]
+    assert len(guarded) >= 6
+    for row in _rows():
+        text = cues.instruction_of(_body(row)["messages"][-1]["content"])
+        vocab = frozenset(cues._LOWER_WORD.findall(text.lower()))
+        for g in guarded:
+            assert g.search(text, vocab) == (g.regex.search(text) is not None), (row["id"], g.regex.pattern[:40])
+
+
 def test_reasons_are_words_strongest_first() -> None:
     cues = detect("Prove that √2 is irrational and derive a bound, step by step.")
     assert reasons(cues)[0] == "asks for a proof"

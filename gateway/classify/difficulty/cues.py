@@ -4,9 +4,10 @@ The fitted score (knn or heuristic) was learned on exam questions (MMLU, GSM8K):
 a greeting, a phone number, a request for a 300-line program or a proof asked in six words, and it
 makes the mistakes a user notices at once (issue #21). Each cue here is something a user would
 point at ("asks for a proof", "short factual question"); it moves the logit of the fitted score by a
-fixed amount, so a request with no cue keeps its fitted score, and the thresholds keep meaning
-what their calibration says. The weights are in logit units, set on the dev half of
-`benchmarks/data/difficulty/everyday.jsonl` (the test half is held out).
+fixed amount, so a request with no cue keeps its fitted score. The shipped thresholds are
+calibrated on the combined score (`difficulty recalibrate`, `difficulty train`), so a cloud share
+still means what its calibration says. The weights are in logit units, set on the dev half of
+`benchmarks/data/difficulty/everyday.jsonl` (its README tells how the test half was used).
 
 Pure functions of the request text and the turn count; no prompt text leaves this module, only
 cue names and reasons.
