@@ -318,6 +318,11 @@ def test_anthropic_sdk_gets_a_tool_use_block_offline(gw: RunningGateway) -> None
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and uses and uses[0].name == "get_weather"
     jsonschema.validate(uses[0].input, tool["input_schema"])
+    with client.messages.stream(model="auto", max_tokens=60, messages=ask("Weather in Paris?"), tools=[tool],
+                                tool_choice={"type": "any"}) as stream:  # input_json deltas, assembled by the SDK
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(u.name, u.input) for u in uses]
 
 
 def test_responses_api_gets_a_function_call_and_json_offline(client: openai.OpenAI) -> None:
@@ -328,6 +333,12 @@ def test_responses_api_gets_a_function_call_and_json_offline(client: openai.Open
     calls = [o for o in resp.output if o.type == "function_call"]
     assert calls and calls[0].name == "get_time"
     jsonschema.validate(json.loads(calls[0].arguments), tool["parameters"])
+    events = list(client.responses.create(model="auto", input="What time is it in Tokyo?", tools=[tool],
+                                          tool_choice="required", max_output_tokens=60, stream=True))
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    done = events[-1].response
+    s_calls = [o for o in done.output if o.type == "function_call"]
+    assert args == s_calls[0].arguments == calls[0].arguments  # streamed as argument deltas, same call
     resp = client.responses.create(model="auto", input="Invent a person.", max_output_tokens=60,
                                    text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
     jsonschema.validate(json.loads(resp.output_text), PERSON)
