@@ -47,10 +47,13 @@ def test_the_server_explains_in_words(tmp_path: Path, cloud: FakeUpstream, local
     assert cloud.received == [] and local.received == []
 
 
-def test_the_cli_explains_in_words() -> None:
+def test_the_cli_explains_in_words(tmp_path: Path, cloud: FakeUpstream, local: FakeUpstream) -> None:
     from gateway.cli import main
 
-    res = CliRunner().invoke(main, ["explain", "--offline", "--score-all", "What is the capital of France?"])
+    # privacy off and a rule that reads difficulty: only the difficulty classifier is loaded
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5}, local={"timeout_s": 5}, rest=RULES))
+    res = CliRunner().invoke(main, ["explain", "--policy", str(policy), "What is the capital of France?"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)["features"]["difficulty"]
     assert d["level"] == "easy" and d["reasons"] == ["short factual question"]
