@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gateway_overhead.py            # ~8 minutes
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
+    .venv/bin/python benchmarks/gateway_overhead.py --endpoints  # ~1 minute: chat vs the other endpoints only
 
 Every request carries a distinct ~1 KB prompt (a counter at its end), so classifier caches miss.
 
@@ -14,6 +15,18 @@ own process so it does not share a GIL with the load generator), fixed small ans
   hg-on         the same with presidio PII detection + redaction + kNN difficulty (1 KB prompt)
   litellm       client -> `litellm --config` (LiteLLM proxy, no database) -> upstream
 
+and, per endpoint, through the hg-off gateway (same process, same upstream, same run; c=1 only):
+
+  hg-msg        POST /v1/messages (Anthropic Messages), JSON and streamed
+  hg-resp       POST /v1/responses (OpenAI Responses), JSON and streamed
+  hg-emb        POST /v1/embeddings, against `direct-emb` (client -> upstream /v1/embeddings)
+
+Their added p50 is read against the same baseline as chat's (direct chat; direct-emb for
+embeddings), and the summary gives each endpoint's added p50 minus chat's. Read those from
+`--endpoints`: it sends one request per path in turn, so every path meets the same moment of the
+machine's load; per-path slices (the default mode) moved the difference by up to 1 ms between two
+runs on a loaded 2-core machine, the interleaved runs by a few hundredths.
+
 LiteLLM proxy is installed only for this benchmark, in its own venv:
 
     python3.11 -m venv .venv-bench
@@ -25,7 +38,8 @@ Each sequential slice first sends a few requests that are not counted: right aft
 ran (LiteLLM above all, whose footprint is the largest), the first requests of any path are slow
 while caches refill; a slice of 150 counted requests read ~0.1-0.3 ms higher p50 than one of 800
 for direct and gateway alike. Since session 5, 500 counted requests per slice.
-Prints the table and appends it to benchmarks/results/gateway_overhead.txt.
+Prints the table and appends it to benchmarks/results/gateway_overhead.txt (--endpoints:
+gateway_overhead_endpoints.txt).
 """
 
 from __future__ import annotations
@@ -61,9 +75,9 @@ UPSTREAM_CODE = """
 import sys, time
 sys.path.insert(0, {root!r})
 from tests.support import upstream
-from tests.support.upstream import FakeUpstream
+from tests.support.embeddings_upstream import EmbeddingsUpstream
 upstream._Server.request_queue_size = 1024  # socketserver's default backlog of 5 drops SYNs at c=64
-up = FakeUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
+up = EmbeddingsUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
 up.received = type("Sink", (), {{"append": lambda self, x: None, "clear": lambda self: None}})()  # no growth
 up.received_headers = up.received
 up.start()
@@ -82,6 +96,7 @@ targets:
     api_key: sk-bench
     timeout_s: 30
     retries: 0
+    embeddings: {{model: openai/fake-embed, dimensions: 8}}
 connectivity:
   probe_interval_s: 30
 limits:
@@ -149,6 +164,7 @@ class Server:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     model: str = "fake-model"
+    api: str = "chat"  # the endpoint this path is measured on (see API_PATHS)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -234,30 +250,50 @@ class Sample:
         return len(self.latencies) / self.seconds if self.seconds else 0.0
 
 
-async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict[str, str]) -> str | None:
+API_PATHS = {"chat": "/chat/completions", "messages": "/messages", "responses": "/responses",
+             "embeddings": "/embeddings"}
+# What a complete answer holds, per endpoint: (JSON, stream)
+_COMPLETE = {"chat": (b'"choices"', b"data: [DONE]"), "messages": (b'"content"', b"message_stop"),
+             "responses": (b'"output"', b"response.completed"), "embeddings": (b'"embedding"', b"")}
+
+
+def request_body(api: str, model: str, text: str, stream: bool) -> dict:
+    if api == "messages":
+        return {"model": model, "stream": stream, "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+    if api == "responses":
+        return {"model": model, "stream": stream, "max_output_tokens": 16, "input": text}
+    if api == "embeddings":
+        return {"model": model, "input": text, "encoding_format": "float"}
+    return {"model": model, "stream": stream, "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+
+
+async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: dict[str, str],
+              api: str = "chat") -> str | None:
     """None when the answer is complete and correct, else what was wrong."""
     async with session.post(url, json=payload, headers=headers) as resp:
         data = await resp.read()
         if resp.status != 200:
             return f"HTTP {resp.status}"
+        whole, streamed = _COMPLETE[api]
         if payload.get("stream"):
-            return None if b"data: [DONE]" in data and b'"content"' in data else "incomplete stream"
-        return None if b'"choices"' in data else "not a completion"
+            return None if streamed in data and b'"content"' in data else "incomplete stream"
+        return None if whole in data else "not a complete answer"
 
 
 _PROMPT_IDS = itertools.count(1)
+ENDPOINT_PATHS = ("hg-msg", "hg-resp", "hg-emb")
 
 
 async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
-                  requests: int | None, seconds: float | None) -> Sample:
-    url = (server_url if server_url.endswith("/v1") else server_url + "/v1") + "/chat/completions"
+                  requests: int | None, seconds: float | None, api: str = "chat") -> Sample:
+    url = (server_url if server_url.endswith("/v1") else server_url + "/v1") + API_PATHS[api]
     sample = Sample()
 
     def payload() -> dict:
         # A different prompt every time (same length), across every cell and round of the run, so
         # no classifier result cache can hit: real traffic does not repeat itself byte for byte.
         text = f"{PROMPT[:-12]} ref {next(_PROMPT_IDS):08d}"
-        return {"model": model, "stream": stream, "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
+        return request_body(api, model, text, stream)
 
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     timeout = aiohttp.ClientTimeout(total=60)
@@ -275,7 +311,7 @@ async def measure(server_url: str, model: str, headers: dict[str, str], concurre
                     return
                 t0 = time.perf_counter()
                 try:
-                    problem = await one(session, url, payload(), headers)
+                    problem = await one(session, url, payload(), headers, api)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     problem = type(exc).__name__
                 if problem is None:
@@ -288,6 +324,38 @@ async def measure(server_url: str, model: str, headers: dict[str, str], concurre
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         sample.seconds = time.perf_counter() - t0
     return sample
+
+
+async def measure_interleaved(paths: list[Server], *, stream: bool, requests: int) -> dict[str, Sample]:
+    """c=1, one request per path in turn (the order rotating), `requests` times: on a shared machine
+    the load of other work changes from second to second, and a slice per path (measure) lets a
+    burst land on one path only; here every path meets it alike. Embeddings are not streamed."""
+    paths = [p for p in paths if not (stream and p.api == "embeddings")]
+    samples = {p.name: Sample() for p in paths}
+    timeout = aiohttp.ClientTimeout(total=60)
+    sessions = {p.name: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), timeout=timeout,
+                                              trust_env=False) for p in paths}
+    try:
+        for i in range(requests):
+            for p in paths[i % len(paths):] + paths[: i % len(paths)]:
+                url = (p.url if p.url.endswith("/v1") else p.url + "/v1") + API_PATHS[p.api]
+                body = request_body(p.api, p.model, f"{PROMPT[:-12]} ref {next(_PROMPT_IDS):08d}", stream)
+                start = time.perf_counter()
+                try:
+                    problem = await one(sessions[p.name], url, body, p.headers, p.api)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    problem = type(exc).__name__
+                if problem is None:
+                    samples[p.name].latencies.append(time.perf_counter() - start)
+                else:
+                    samples[p.name].errors += 1
+                    samples[p.name].error_kinds[problem] = samples[p.name].error_kinds.get(problem, 0) + 1
+        for sample in samples.values():  # req/s: what the path serves one request after another
+            sample.seconds = sum(sample.latencies)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return samples
 
 
 def run(args: argparse.Namespace) -> str:
@@ -306,53 +374,89 @@ def run(args: argparse.Namespace) -> str:
         paths = [direct]
         print("starting hybrid-gateway (classification off, on) and litellm proxy ...", flush=True)
         procs.append(start_gateway("hg-off", up_port, CLASSIFY_OFF, tmp))
-        procs.append(start_gateway("hg-on", up_port, CLASSIFY_ON, tmp))
-        litellm = start_litellm(up_port, tmp)
+        if not args.endpoints:
+            procs.append(start_gateway("hg-on", up_port, CLASSIFY_ON, tmp))
+        litellm = None if args.endpoints else start_litellm(up_port, tmp)
         if litellm:
             procs.append(litellm)
         paths += procs
+        hg_off = procs[0]
+        # The other endpoints of the hg-off gateway: same process, same upstream (c=1 cells only).
+        paths += [Server("hg-msg", hg_off.proc, hg_off.url, model="auto", api="messages"),
+                  Server("hg-resp", hg_off.proc, hg_off.url, model="auto", api="responses"),
+                  Server("direct-emb", upstream, direct.url, model="fake-embed", api="embeddings"),
+                  Server("hg-emb", hg_off.proc, hg_off.url, model="auto", api="embeddings")]
         for p in paths:  # warm-up: imports, model loads, connection pools, JIT-ish caches
-            asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None))
-            asyncio.run(measure(p.url, p.model, p.headers, 2, stream=True, requests=args.warmup // 2, seconds=None))
+            asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None,
+                                api=p.api))
+            if p.api != "embeddings":
+                asyncio.run(measure(p.url, p.model, p.headers, 2, stream=True, requests=args.warmup // 2,
+                                    seconds=None, api=p.api))
 
         # (label, concurrency, stream, requests per slice, seconds per slice)
         plan = [("c=1", 1, False, args.seq, None), ("c=1 stream", 1, True, args.seq, None),
                 ("c=16", 16, False, None, args.slice_s), ("c=64", 64, False, None, args.slice_s)]
+        if args.endpoints:
+            plan = plan[:2]
         results: dict[tuple[str, str], Sample] = {}
-        for label, conc, stream, reqs, secs in plan:
+        if args.endpoints:  # request by request in turn: every path sees the same moment of load
+            for label, _, stream, reqs, _ in plan:
+                for name, sample in asyncio.run(measure_interleaved(paths, stream=stream,
+                                                                    requests=reqs * args.rounds)).items():
+                    results[(label, name)] = sample
+        for label, conc, stream, reqs, secs in [] if args.endpoints else plan:
             for r in range(args.rounds):
                 order = paths[r % len(paths):] + paths[: r % len(paths)]  # rotate who goes first
                 for p in order:
                     # Classification on at high concurrency only measures presidio's CPU: keep it to c<=16.
                     if p.name == "hg-on" and conc > 16:
                         continue
+                    if p.name in (*ENDPOINT_PATHS, "direct-emb") and (conc > 1 or (stream and p.api == "embeddings")):
+                        continue
                     if reqs is not None:  # a sequential slice: settle first, not counted
                         asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream,
-                                            requests=args.settle, seconds=None))
-                    s = asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream, requests=reqs, seconds=secs))
+                                            requests=args.settle, seconds=None, api=p.api))
+                    s = asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream, requests=reqs, seconds=secs,
+                                            api=p.api))
                     results.setdefault((label, p.name), Sample()).add(s)
 
         load = os.getloadavg()
         out(f"Gateway overhead vs direct, loopback fake upstream ({len(PROMPT)} B prompt, fixed small answer)")
-        out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f} (other work shares the cores); "
-            f"{args.rounds} alternating rounds per cell; c=1 slices of {args.seq} requests after {args.settle} uncounted")
+        method = ("" if args.endpoints else f"{args.rounds} alternating rounds per cell; c=1 slices of {args.seq} "
+                  f"requests after {args.settle} uncounted")
+        out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f} (other work shares the cores); {method}")
         out()
+        if args.endpoints:
+            out(f"--endpoints: c=1, paths in turn request by request, {args.seq * args.rounds} requests each per case")
         out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
         for label, *_ in plan:
-            base = results.get((label, "direct"))
             for p in paths:
                 s = results.get((label, p.name))
+                base = results.get((label, "direct-emb" if p.api == "embeddings" else "direct"))
                 if s is None or base is None:
                     continue
                 add50 = s.pct(0.5) - base.pct(0.5)
                 add99 = s.pct(0.99) - base.pct(0.99)
-                plus = f"{'-':>9}{'-':>9}" if p.name == "direct" else f"{add50:9.2f}{add99:9.2f}"
+                plus = f"{'-':>9}{'-':>9}" if p.name.startswith("direct") else f"{add50:9.2f}{add99:9.2f}"
                 kinds = f"  {s.error_kinds}" if s.errors else ""
                 out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}{kinds}")
+        out()
+        out("added p50 per endpoint minus chat's (hg-off gateway, same run; target: within 0.3 ms)"
+            + (":" if args.endpoints else ", per-path slices: noisy on a loaded machine, read --endpoints:"))
+        for label in ("c=1", "c=1 stream"):
+            chat = results[(label, "hg-off")].pct(0.5) - results[(label, "direct")].pct(0.5)
+            for name in ENDPOINT_PATHS:
+                if (label, name) not in results:
+                    continue
+                base = results[(label, "direct-emb" if name == "hg-emb" else "direct")].pct(0.5)
+                mine = results[(label, name)].pct(0.5) - base
+                out(f"  {label:<11} {name:<8} added p50 {mine:6.2f} ms vs chat {chat:6.2f} ms: {mine - chat:+6.2f} ms")
         out()
         out(f"{'path':<10}{'peak RSS MB':>12}{'max req/s (0 errors)':>22}")
         best: dict[str, float] = {}
         for p in paths:
+            if p.name in ENDPOINT_PATHS or p.name == "direct-emb":
+                continue
             rps = [results[(lbl, p.name)].rps for lbl, *_ in plan
                    if (lbl, p.name) in results and results[(lbl, p.name)].errors == 0]
             best[p.name] = max(rps, default=0.0)
@@ -370,6 +474,9 @@ def run(args: argparse.Namespace) -> str:
                 f"{best['hg-off'] / max(best['litellm'], 1e-9):.2f}x")
             out(f"  peak RSS hg-off: {peak_rss_mb(procs[0].proc.pid):.0f} MB vs "
                 f"{peak_rss_mb(litellm.proc.pid):.0f} MB")
+        elif args.endpoints:
+            out()
+            out("--endpoints: classification on, LiteLLM proxy and c>1 not measured in this run.")
         else:
             out()
             out(f"LiteLLM proxy not measured: {LITELLM_BIN} is missing (see the module docstring).")
@@ -385,6 +492,8 @@ def run(args: argparse.Namespace) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
+    ap.add_argument("--endpoints", action="store_true",
+                    help="only chat vs Messages, Responses and embeddings through the hg-off gateway (c=1, full samples)")
     ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     args.rounds = 2 if args.quick else 4
@@ -402,9 +511,10 @@ def main() -> None:
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with RESULTS.open("a") as f:  # runs accumulate: this machine's speed drifts between them
+        results = RESULTS.with_name("gateway_overhead_endpoints.txt") if args.endpoints else RESULTS
+        with results.open("a") as f:  # runs accumulate: this machine's speed drifts between them
             f.write(f"\n$ {' '.join(['benchmarks/gateway_overhead.py', *sys.argv[1:]])}   # {stamp}\n{text}")
-        print(f"appended to {RESULTS.relative_to(ROOT)}")
+        print(f"appended to {results.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
