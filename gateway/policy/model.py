@@ -135,6 +135,8 @@ class LocalTarget(_Strict):
             raise ValueError("a local target needs `engine: local_engine` or `model` + `api_base`")
         if self.engine and not self.model_path:
             raise ValueError("`engine: local_engine` needs `model_path` (a path or builtin:NAME)")
+        if self.engine and self.embeddings and self.embeddings.model != BUILTIN_EMBEDDINGS.model:
+            raise ValueError(f"`engine: local_engine` embeds with {BUILTIN_EMBEDDINGS.model} only")
         return self
 
 

@@ -239,3 +239,14 @@ def test_fallback_within_the_space_and_litellm_embeddings(gw: RunningGateway, cl
     assert raw.headers["x-hybrid-fallback"] == "cloud->cloud-lite: status:503"
     assert [d.embedding for d in raw.parse().data] == [vector_for("one", 4), vector_for("two", 4)]
     assert [b.get("dimensions") for b in cloud.received] == [4, 4] and cloud.received[-1]["input"] == ["one", "two"]
+
+
+def test_policy_refuses_an_engine_embedding_model_it_cannot_run() -> None:
+    from pydantic import ValidationError
+
+    from gateway.policy.model import LocalTarget
+
+    engine = {"kind": "local", "engine": "local_engine", "model_path": "builtin:smollm2-135m"}
+    assert LocalTarget.model_validate({**engine, "embeddings": {"model": "builtin:all-minilm-l6-v2"}})
+    with pytest.raises(ValidationError, match="embeds with builtin:all-minilm-l6-v2 only"):
+        LocalTarget.model_validate({**engine, "embeddings": {"model": "openai/text-embedding-3-small"}})
