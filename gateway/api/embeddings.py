@@ -85,7 +85,8 @@ async def _serve(request: Request) -> Response:
     headers["x-hybrid-embedding-space"] = _space(rt, served.target)
     headers["x-hybrid-usage"] = "estimated" if result["usage_estimated"] else "reported"
     body = response(result, req.encoding_format)
-    _record(state, prepared, served, 200, body["usage"], False, endpoint=PATH)
+    _record(state, prepared, served, 200, {} if result["usage_estimated"] else body["usage"], False,
+            endpoint=PATH)  # metrics count reported tokens only, as for chat
     return JSON(body, headers=headers)
 
 
