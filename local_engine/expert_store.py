@@ -71,6 +71,20 @@ class IOStats:
 
 
 def peak_rss_bytes() -> int:
+    """This process's own peak RSS: ``VmHWM`` of /proc/self/status (Linux), else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` first: Linux carries it across fork + exec, so a child started by a parent
+    that once held 5 GB reported 5 GB whatever it used itself (benchmarks/moe_stream.py's workers,
+    spawned by the process that had generated the checkpoint, all read 5165 MiB). ``VmHWM``
+    belongs to the address space that exec created.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
