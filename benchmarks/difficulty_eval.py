@@ -335,15 +335,16 @@ def minilm_scores(clf, examples, test_idx, bodies, fresh: bool) -> np.ndarray:
     the v1 artefact's."""
     from gateway.classify.difficulty.cues import cue_shift
     from gateway.classify.difficulty.data import sha256_file
-    from gateway.classify.difficulty.signals import extract_signals, judged_text, vector
+    from gateway.classify.difficulty.signals import read, vector
     from gateway.classify.difficulty.train import embeddings
 
     if fresh:
         return score_bodies(clf, bodies)
     cache = ROOT / "benchmarks" / ".work"
     emb = embeddings(examples, clf.embedder, cache, sha256_file(DATA / "labelled_prompts.jsonl"))[test_idx]
-    sigs = np.asarray([vector(extract_signals(b)) for b in bodies], dtype=np.float32)
-    shift = np.asarray([cue_shift(judged_text(b)) for b in bodies])  # what classify() adds: cues.py
+    reads = [read(b) for b in bodies]
+    sigs = np.asarray([vector(r.signals) for r in reads], dtype=np.float32)
+    shift = np.asarray([cue_shift(r.text) for r in reads])  # what classify() adds: cues.py
     return 1.0 / (1.0 + np.exp(-(clf.model.logits(emb, sigs) + shift)))
 
 

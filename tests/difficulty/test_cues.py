@@ -182,3 +182,17 @@ def test_recalibrate_sets_the_shares_of_what_serving_scores(tmp_path, labelled_p
     fit = [ex[i] for i in np.concatenate([parts["train"], parts["val"]])]
     hard = np.mean([clf.classify(body(e.prompt)).level == "hard" for e in fit])
     assert abs(hard - 0.2) <= 0.02
+
+
+def test_cues_and_masking_read_a_bounded_prefix(knn_classifier) -> None:
+    # a 1 MB prompt full of identifiers: the cues and the masking see only the prefix the signals
+    # read, so the finding equals the one for that prefix plus the same tail length
+    from gateway.classify.difficulty.signals import SIGNAL_CHARS_MAX, read
+
+    unit = "Call +1 415-555-0199 about order 8834-2219-AB, then prove it.\n\n"
+    huge = unit * (20 * SIGNAL_CHARS_MAX // len(unit))
+    r = read(body(huge))
+    assert len(r.text) == SIGNAL_CHARS_MAX and len(r.embedding_text) <= SIGNAL_CHARS_MAX
+    assert r.signals.chars == len(huge)
+    assert detect(r.text) == detect(huge[:SIGNAL_CHARS_MAX])
+    assert knn_classifier.classify(body(huge)).evidence["reasons"][0] == "asks for a proof"

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from gateway.classify.difficulty.cues import detect, reasons
-from gateway.classify.difficulty.signals import SIGNAL_NAMES, Signals, extract_signals, judged_text, vector
+from gateway.classify.difficulty.signals import SIGNAL_NAMES, Signals, read, vector
 from gateway.features import DifficultyFinding
 
 # Weight per signal (on the log1p scale of `signals.vector`, non_english as a 0..1 share).
@@ -68,9 +68,10 @@ class HeuristicDifficultyClassifier:
         self.note = note  # why we are running the heuristic (e.g. a fallback), shown in evidence
 
     def score(self, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
-        s = extract_signals(body)
+        r = read(body)
+        s = r.signals
         logit, contrib = heuristic_logit(s)
-        cues = detect(judged_text(body), turns=s.turns)  # everyday cues, as for knn (cues.py)
+        cues = detect(r.text, turns=s.turns)  # everyday cues, as for knn (cues.py)
         evidence: dict[str, Any] = {
             "reasons": reasons(cues) or ["no everyday cue: length and wording alone"],
             "cues": {c.name: c.weight for c in cues},

@@ -15,13 +15,7 @@ from gateway.classify.difficulty.cues import detect, reasons
 from gateway.classify.difficulty.embed import Embedder
 from gateway.classify.difficulty.heuristic import level_for
 from gateway.classify.difficulty.model import KnnModel, sigmoid
-from gateway.classify.difficulty.signals import (
-    SIGNAL_NAMES,
-    embedding_text,
-    extract_signals,
-    judged_text,
-    vector,
-)
+from gateway.classify.difficulty.signals import SIGNAL_NAMES, read, vector
 from gateway.features import DifficultyFinding
 
 log = logging.getLogger("gateway.classify.difficulty")
@@ -66,18 +60,18 @@ class KnnDifficultyClassifier:
 
     def score_bodies(self, bodies: list[dict[str, Any]], progress: bool = False) -> np.ndarray:
         """What `classify` scores, for many requests at once (evaluation and calibration)."""
-        found = [extract_signals(b) for b in bodies]
-        sigs = np.asarray([vector(s) for s in found], dtype=np.float32)
-        emb = self.embedder.embed_many([embedding_text(b) for b in bodies], progress=progress)
-        shift = np.asarray([sum(c.weight for c in detect(judged_text(b), turns=s.turns))
-                            for b, s in zip(bodies, found, strict=True)])
+        reads = [read(b) for b in bodies]
+        sigs = np.asarray([vector(r.signals) for r in reads], dtype=np.float32)
+        emb = self.embedder.embed_many([r.embedding_text for r in reads], progress=progress)
+        shift = np.asarray([sum(c.weight for c in detect(r.text, turns=r.signals.turns)) for r in reads])
         return 1.0 / (1.0 + np.exp(-(self.model.logits(emb, sigs) + shift)))
 
     def classify(self, body: dict[str, Any]) -> DifficultyFinding:
         t0 = time.perf_counter()
-        s = extract_signals(body)
-        cues = detect(judged_text(body), turns=s.turns)
-        emb = self.embedder.embed(embedding_text(body))[None, :]
+        r = read(body)
+        s = r.signals
+        cues = detect(r.text, turns=s.turns)
+        emb = self.embedder.embed(r.embedding_text)[None, :]
         sig = np.asarray([vector(s)], dtype=np.float32)
         p = self.model.parts(emb, sig)
         fitted = (self.model.intercept + float(p["embedding"][0]) + float(p["signals"][0].sum())

@@ -109,6 +109,11 @@ SIGNAL_CHARS_MAX = 32_768
 
 
 def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signals:
+    return _extract(text, turns=turns, tools=tools)[0]
+
+
+def _extract(text: str, *, turns: int, tools: int) -> tuple[Signals, str]:
+    """The signals, and the text they were read from with identifiers blanked (the embedding's)."""
     full_chars = len(text)
     if full_chars > SIGNAL_CHARS_MAX:
         text = text[:SIGNAL_CHARS_MAX]
@@ -123,7 +128,7 @@ def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signal
     numeric, _ = mask_identifiers(text)
     fences = len(_FENCE.findall(text)) // 2
     code_lines = len(_CODE_LINE.findall(text))
-    return Signals(
+    signals = Signals(
         chars=full_chars,
         tokens=round(len(_WORD.findall(text)) * full_chars / max(len(text), 1)),
         code_blocks=fences + code_lines // 5,
@@ -137,6 +142,7 @@ def extract_text_signals(text: str, *, turns: int = 1, tools: int = 0) -> Signal
         tools=tools,
         non_english=round(non_ascii / len(letters), 4) if letters else 0.0,
     )
+    return signals, numeric
 
 
 def request_text(body: dict[str, Any]) -> str:
@@ -146,23 +152,37 @@ def request_text(body: dict[str, Any]) -> str:
 
 def judged_text(body: dict[str, Any]) -> str:
     """The last user message, or (e.g. the last turn is a tool result) whatever text there is."""
-    text = request_text(body)
-    if not text:
-        text = "\n".join(content_text(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
-    return text
+    return request_text(body) or "\n".join(
+        content_text(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
 
 
-def embedding_text(body: dict[str, Any]) -> str:
-    """What the embedding sees: the last user message with phone numbers, ids and dates blanked
-    (their digit word pieces sit next to GSM8K's arithmetic in the embedding space)."""
-    return mask_identifiers(request_text(body))[0] or " "
+@dataclass(frozen=True)
+class Reading:
+    """One pass over a request: what every part of the difficulty classifier reads."""
+
+    signals: Signals
+    text: str  # the judged text, at most SIGNAL_CHARS_MAX characters: what the cues read
+    # The last user message so cut, with phone numbers, ids and dates blanked (their digit word
+    # pieces sit next to GSM8K's arithmetic in the embedding space): what the embedding reads.
+    embedding_text: str
 
 
-def extract_signals(body: dict[str, Any]) -> Signals:
+def read(body: dict[str, Any]) -> Reading:
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     turns = sum(1 for m in messages if m.get("role") == "user")
     tools = len(body.get("tools") or []) + len(body.get("functions") or [])
-    return extract_text_signals(judged_text(body), turns=max(turns, 1), tools=tools)
+    own = request_text(body)
+    text = own or judged_text(body)
+    signals, masked = _extract(text, turns=max(turns, 1), tools=tools)
+    return Reading(signals, text[:SIGNAL_CHARS_MAX], (masked if own else "") or " ")
+
+
+def extract_signals(body: dict[str, Any]) -> Signals:
+    return read(body).signals
+
+
+def embedding_text(body: dict[str, Any]) -> str:
+    return read(body).embedding_text
 
 
 def vector(s: Signals) -> list[float]:
