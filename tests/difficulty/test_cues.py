@@ -69,6 +69,19 @@ def test_cue_is_detected(text: str, cue: str) -> None:
     assert cue in names(text)
 
 
+@pytest.mark.parametrize("text", [
+    "To borrow the car, Wilson's report card needs to show that he received 80 or more in every subject.",
+    "The two basketball teams played on the same court for 48 minutes.",
+])
+def test_story_words_are_not_cues(text: str) -> None:
+    assert not {"asks_for_proof", "specialist_domain"} & names(text)
+
+
+@pytest.mark.parametrize("text", ["They order 2 meals at $5 each", "The table can seat 4 people"])
+def test_quantities_after_a_label_word_stay_maths(text: str) -> None:
+    assert mask_identifiers(text) == (text, 0)
+
+
 def test_constraints_are_counted_in_the_ask_not_in_a_story() -> None:
     ask = ("Plan the launch: give the phases, a rollback plan for each phase, the staffing, the risks, "
            "the budget split, and how we measure success at each milestone, keeping every deadline.")

@@ -81,7 +81,11 @@ def _guard(triggers: str, pattern: str) -> _Guarded:
     return _Guarded(_words(triggers), re.compile(pattern, _I))
 
 
-_PROOF = _guard("prove proof show demonstrate rigorous rigorously", r"\b(prove|proof|show that|demonstrate that|rigorous(?:ly)?)\b")
+# "show that" asks for a proof when it opens the ask ("Show that…", "Can you show that…"), not in a
+# story ("his report card needs to show that he received 80")
+_PROOF = _guard("prove proof show demonstrate rigorous rigorously",
+                r"\b(prove|proof|rigorous(?:ly)?)\b|(?:^|[.?!:;]\s+|\n|\b(?:please|you|and|then)\s+)"
+                r"(?:show|demonstrate) that\b")
 _DERIVE = _guard("derive derivation from show justify", r"\b(derive|derivation|from first principles|show (?:all |every |your |the )*"
                      r"(?:working|steps|substitutions?)|justify the bound)\b")
 _ADV_MATHS = _guard(
@@ -114,9 +118,11 @@ _ANALYSIS = _guard(
     "flag claims decide cite citing quote causal cluster urgent estimate",
     r"\b(critique|compare|evaluate|assess|rank|reconcile|justify|trade-?offs?|threats to validity|root cause|"
     r"flag|which claims|decide|cite|citing|quote|causal|cluster|most urgent|estimate)\b")
-_DOMAIN = _guard("gdpr icd-10 clause clauses court statute convention liability jurisdiction diagnosis "
-                  "diagnoses diagnosed diagnostic clinical medication medications dose discharge regulation article", r"\b(gdpr|icd-10|clauses?|court|statute|convention|liability|jurisdiction|"
-                     r"diagnos\w*|clinical|medication|dose|discharge|regulation|article \d+)\b")
+# "court" is left out: a basketball court is not law
+_DOMAIN = _guard("gdpr icd-10 clause clauses statute convention liability jurisdiction diagnosis diagnoses "
+                 "diagnosed diagnostic clinical medication medications dose discharge regulation article",
+                 r"\b(gdpr|icd-10|clauses?|statute|convention|liability|jurisdiction|"
+                 r"diagnos\w*|clinical|medication|dose|discharge|regulation|article \d+)\b")
 _EXPLAIN = _guard("explain why how cause causes caused difference makes", r"\b(explain|why|how does|how do|causes? of|caused|difference between|what makes)\b")
 _QUESTION_START = re.compile(r"^\s*(what|what's|whats|who|whom|when|where|which|how many|how much|how tall|"
                              r"how long|how old|how far|is|are|does|do|did|can|was|were)\b", _I)

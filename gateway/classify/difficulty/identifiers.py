@@ -46,8 +46,12 @@ _MIXED_ID = (
     r"(?<![\w-])(?=[A-Z0-9-]*[A-Z])(?=[A-Z0-9-]*\d)[A-Z0-9]+(?:-[A-Z0-9]+)+(?![\w-])",
     r"(?<![\w-])(?=[A-Z]*\d)(?=\d*[A-Z])[A-Z0-9]{5,}(?![\w-])",
 )
-# a number named by the word before it: "Flat 3", "room 305", "order #4412", "build 20240611", "v2.1.0"
-_LABELLED = r"\b(?:[Ff]lat|[Aa]pt|[Aa]partment|[Ss]uite|[Rr]oom|[Uu]nit|[Ss]eat|[Tt]icket|[Oo]rder|[Bb]uild)\s*#?\d+[A-Z]?\b|#\d+\b|\bv\d+\.\d+(?:\.\d+)*\b"
+# a number named by the word before it: "Flat 3", "room 305", "seat 14C", "order #4412", "build 20240611",
+# "v2.1.0"; "order 2 meals" and "seat 4 people" are quantities, so an order, ticket or seat number needs
+# a '#', three or more digits, or a seat letter
+_LABELLED = (r"\b(?:[Ff]lat|[Aa]pt|[Aa]partment|[Ss]uite|[Rr]oom)\s*#?\d+[A-Z]?\b"
+             r"|\b(?:[Tt]icket|[Oo]rder|[Bb]uild|[Ss]eat)\s*(?:#\s*\d+|\d{3,}|\d{1,2}[A-F])\b"
+             r"|#\d+\b|\bv\d+\.\d+(?:\.\d+)*\b")
 
 
 def _group(first: str, alternatives: tuple[str, ...]) -> str:
@@ -58,7 +62,7 @@ _IDENTIFIER = re.compile("|".join((
     _group(r"[\dA-Z]", _MIXED_ID),  # first: "1Z999AA…" is one id, not a number then letters
     _group(r"[\d+(]", _STARTS_WITH_DIGIT),
     _group("[A-Z]", _STARTS_WITH_CAPITAL),
-    _group("[#FfAaSsRrUuTtOoBbv]", (_LABELLED,)),
+    _group("[#FfAaSsRrTtOoBbv]", (_LABELLED,)),
 )))
 _DIGIT = re.compile(r"\d")
 
