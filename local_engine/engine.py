@@ -142,6 +142,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.stats = RunStats(prompt_tokens=len(prompt_ids))
         self.text = ""
+        self.start_step: int | None = None  # the engine's step counter when this one got the model
         self._it = self._run()
 
     @property
@@ -180,9 +181,11 @@ class Generation:
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
         with eng.lock, torch.inference_mode():
+            self.start_step = eng.steps
             cache = model.new_cache()
             t0 = time.perf_counter()
             logits = model.forward(torch.tensor(self.prompt_ids, dtype=torch.long), cache, last_only=True)[-1]
+            eng.steps += 1
             self.stats.prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
             reason = "length"
@@ -216,6 +219,7 @@ class Generation:
                     break
                 if step + 1 < max_new:
                     logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
+                    eng.steps += 1
             self.stats.decode_s = time.perf_counter() - t1
         if not cut_by_stop_string:
             pending += dec.flush()  # bytes of an unfinished character, if any
@@ -241,6 +245,9 @@ class Engine:
         self.max_seq = int(max_seq or getattr(model, "max_seq", 4096))
         self.threads = threads
         self.lock = threading.Lock()  # the model and its caches are not re-entrant
+        # forward passes run since load (a prefill counts as one): how a test tells "stopped within
+        # one step" without timing a busy box
+        self.steps = 0
 
     @classmethod
     def open(cls, model: str | Path, **opts: Any) -> Engine:

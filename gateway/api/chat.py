@@ -118,6 +118,34 @@ async def read_body(request: Request, state: GatewayState,
     return data
 
 
+async def _until_disconnect(receive: Receive) -> None:
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except OSError:  # a server that raises instead of sending http.disconnect: gone all the same
+        return
+
+
+async def complete_watched(request: Request, rt: pipeline.Runtime,
+                           prepared: pipeline.Prepared) -> tuple[dict[str, Any], pipeline.Served]:
+    """`pipeline.complete`, cancelled as soon as the client hangs up. Nothing is sent until the
+    answer is whole, so without watching the connection (the body is read; the next ASGI message
+    is `http.disconnect`) an abandoned request ran to its end: a local engine generated every
+    token for nobody. Cancelling the call reaches the backend (the engine stops within a step)."""
+    work = asyncio.ensure_future(pipeline.complete(rt, prepared))
+    gone = asyncio.ensure_future(_until_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client left (or this handler itself was cancelled)
+            work.cancel()
+            await asyncio.wait({work})  # let the backend's cleanup run before the request is recorded
+    if not work.cancelled():
+        return work.result()
+    raise APIError(499, "The client closed the connection before the answer was ready.", code="cancelled")
+
+
 _KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})  # credentials never reach rules or logs
 
 
@@ -275,7 +303,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         if body.get("stream"):
             stream, served, usage = await pipeline.stream(rt, prepared, encoded=False)
         else:
-            response, served = await pipeline.complete(rt, prepared)
+            response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
         _record(state, prepared, None, exc.status, {"error": exc.code}, bool(body.get("stream")))
         exc.headers.setdefault("x-request-id", prepared.call.request_id)

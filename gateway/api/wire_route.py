@@ -13,7 +13,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from gateway import pipeline
-from gateway.api.chat import _call, _inline_defs, _record, read_body, record_rejected, route_headers
+from gateway.api.chat import (
+    _call,
+    _inline_defs,
+    _record,
+    complete_watched,
+    read_body,
+    record_rejected,
+    route_headers,
+)
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
 from gateway.api.event_stream import EventStreamResponse
@@ -79,7 +87,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         if streaming:
             chunks, served, usage = await pipeline.stream(rt, prepared, encoded=False)
         else:
-            response, served = await pipeline.complete(rt, prepared)
+            response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
         _record(state, prepared, None, exc.status, {"error": exc.code}, streaming, endpoint=adapter.endpoint)
         exc.headers.setdefault("x-request-id", prepared.call.request_id)

@@ -74,7 +74,8 @@ class EngineBackend:
         self._stats: dict[str, Any] = {"requests": 0, "completed": 0, "rejected_overloaded": 0, "timeouts": 0,
                                        "cancelled": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0,
                                        "in_flight": 0, "load_s": None, "last_prefill_tok_s": None,
-                                       "last_decode_tok_s": None, "avg_job_s": None}
+                                       "last_decode_tok_s": None, "avg_job_s": None,
+                                       "last_start_step": None}
 
     # ---------------------------------------------------------------------------- lifecycle
     @property
@@ -127,6 +128,8 @@ class EngineBackend:
         s["queued"] = self._jobs.qsize()
         s["ready"] = self.ready
         s["max_queue"] = self.max_queue
+        if self.engine is not None:
+            s["engine_steps"] = self.engine.steps
         if self.load_error:
             s["load_error"] = self.load_error
         moe = self._moe_stats()
@@ -200,6 +203,7 @@ class EngineBackend:
             job.emit(("error", BackendError("protocol", f"{self.name}: engine failed: {type(e).__name__}: {e}")))
             return
         st = gen.stats
+        self._stats["last_start_step"] = gen.start_step
         self._stats["completed"] += 1
         self._stats["prompt_tokens"] += st.prompt_tokens
         self._stats["completion_tokens"] += st.completion_tokens
