@@ -173,7 +173,7 @@ class Dispatcher:
             return True
 
         def delay_after(attempt: int, exc: BaseException | None) -> float:
-            hinted = getattr(exc, "retry_after", None)
+            hinted = exc.retry_after if isinstance(exc, BackendError) else None
             delay = hinted if hinted is not None else _BACKOFF(_Attempt(attempt))
             return max(0.0, min(delay, deadline - time.monotonic() - 0.05))
 

@@ -19,7 +19,7 @@ import orjson
 import structlog
 
 from gateway import resume
-from gateway.backends.base import BackendError, CallOptions
+from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.classify.text import all_text
 from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, Part, aclose_quietly
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
@@ -154,7 +154,7 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
     if not (score_all or rt.policy.reads_difficulty):
         del jobs["difficulty"]
     inline = {n for n, c in (("sensitivity", rt.sensitivity), ("difficulty", rt.difficulty))
-              if n in jobs and getattr(c, "runs_inline", False)}
+              if n in jobs and c.runs_inline}
     results: dict[str, Any] = {}
     errors: dict[str, BaseException | None] = {}
     tasks = {n: _in_thread(metrics, n, fn, call.body) for n, fn in jobs.items() if n not in inline}
@@ -217,7 +217,7 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
     local = tuple(t for t in decision.chain if not rt.policy.is_cloud(t))
     if local == decision.chain:
         return decision
-    on_error = getattr(rt.policy.privacy, "on_error", "local")
+    on_error = rt.policy.privacy.on_error
     if not local and on_error == "local":
         local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
     note = "sensitivity analysis unavailable: cloud targets removed (fail closed)"
@@ -538,7 +538,7 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.
 EmbedCall = Callable[[str, CallOptions], Awaitable[dict[str, Any]]]  # (target, options) -> its answer
 
 
-class _EmbeddingTarget:
+class _EmbeddingTarget(Backend):
     """One target's embeddings call as the dispatcher calls a backend (`complete`), so embeddings
     get chat's retries, fallbacks and connectivity bookkeeping unchanged."""
 
@@ -551,9 +551,6 @@ class _EmbeddingTarget:
 
     def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
         raise BackendError("invalid", "embeddings do not stream")
-
-    async def aclose(self) -> None:
-        return None
 
 
 def refuse_blocked(prepared: Prepared) -> None:

@@ -26,7 +26,7 @@ BodyFor = Callable[[str], dict[str, Any]]
 
 
 def can_continue(policy: Policy, target: str, is_engine: bool) -> bool:
-    flag = getattr(policy.targets[target], "continues_answers", None)
+    flag = policy.targets[target].continues_answers
     return is_engine if flag is None else flag
 
 

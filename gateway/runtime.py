@@ -12,8 +12,6 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
 from gateway.backends.base import Backend
 from gateway.classify.base import DifficultyClassifier, SensitivityClassifier
 from gateway.classify.difficulty import build_difficulty_classifier
@@ -27,8 +25,6 @@ from gateway.store.build import build_store
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.limits import RateLimiter
 from gateway.store.vaults import build_vaults
-
-log = structlog.get_logger("gateway.runtime")
 
 
 def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
@@ -117,8 +113,8 @@ class Runtime:
             if self.policy.is_cloud(name):
                 detail[name] = self.monitor.state(name)
                 continue
-            ok = bool(getattr(backend, "ready", True))
-            error = getattr(backend, "load_error", None)
+            ok = backend.ready
+            error = backend.load_error
             detail[name] = "ready" if ok else (f"failed: {error}" if error else "loading")
             any_local = any_local or ok
         no_local = not any(not self.policy.is_cloud(n) for n in self.backends)
@@ -178,7 +174,7 @@ def build_runtime(
 
 
 def _vault_ttl(policy: Policy) -> float:
-    return float(getattr(policy.privacy, "vault_ttl_s", 3600.0))
+    return policy.privacy.vault_ttl_s
 
 
 async def retire(old: Runtime, new: Runtime, grace_s: float) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import orjson
 import structlog
 
+from gateway.backends.base import BackendError
 from gateway.connectivity import Force
 from gateway.logs import AuditLog
 from gateway.metrics import Metrics
@@ -62,9 +63,9 @@ class GatewayState:
     def _engine_stats(self) -> dict[str, dict[str, Any]]:
         out = {}
         for name, backend in self.runtime.backends.items():
-            stats = getattr(backend, "stats", None)
-            if callable(stats):
-                out[name] = stats()
+            stats = backend.stats()
+            if stats is not None:
+                out[name] = stats
         return out
 
     async def start(self) -> None:
@@ -101,12 +102,11 @@ class GatewayState:
         """Load in-process models before serving. A model that cannot load is logged and reported
         by /readyz; the gateway still serves whatever its other targets can."""
         for name, backend in rt.backends.items():
-            load = getattr(backend, "load", None)
-            if callable(load) and not getattr(backend, "ready", True):
+            if not backend.ready:
                 try:
-                    await asyncio.to_thread(load)
+                    await asyncio.to_thread(backend.load)
                 except Exception as exc:
-                    log.error("engine_load_failed", target=name, error=str(getattr(exc, "message", exc)))
+                    log.error("engine_load_failed", target=name, error=exc.message if isinstance(exc, BackendError) else str(exc))
 
     async def reload(self) -> bool:
         """Load the policy file again; on any error keep the last good policy."""

@@ -21,7 +21,7 @@ from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error
 from gateway.api.responses import JSON
 from gateway.api.wire_route import openapi_body
-from gateway.backends.base import BackendError, CallOptions, EmbeddingBackend
+from gateway.backends.base import BackendError, CallOptions
 from gateway.policy.embeddings import plan, requested
 from gateway.runtime import Runtime
 from gateway.schema import APIError, ErrorResponse
@@ -71,7 +71,7 @@ async def _serve(request: Request) -> Response:
         async def call(target: str, opts: CallOptions) -> dict[str, Any]:
             emb = rt.policy.embeddings_of(target)
             backend = rt.backends[target]
-            if emb is None or not isinstance(backend, EmbeddingBackend):
+            if emb is None or not backend.supports_embeddings:
                 raise BackendError("invalid", f"{target} does not embed")
             return normalise(await backend.embed(upstream_body(req, emb.model), opts), req, target)
 

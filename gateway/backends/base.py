@@ -1,6 +1,6 @@
 """The backend seam: one small protocol that every target implements.
 
-Like httpx's transports: `complete`, `stream`, `aclose`. Foreign errors (litellm, httpx, the
+Like httpx's transports: `complete`, `stream`, `aclose`, declared in one base class. Foreign errors (litellm, httpx, the
 engine) are translated to `BackendError` at the seam, once, so the pipeline reasons about a
 single error tree when it decides whether to retry or fall back.
 
@@ -15,9 +15,10 @@ single error tree when it decides whether to retry or fall back.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Self
 
 ErrorKind = Literal["connect", "timeout", "status", "protocol", "overloaded", "invalid"]
 
@@ -58,32 +59,56 @@ class CallOptions:
     request_id: str = ""
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """A target that answers OpenAI chat-completion bodies.
+class Backend(abc.ABC):
+    """A target that answers OpenAI chat-completion bodies; subclass it.
 
     `body` is the OpenAI request body (already redacted, `model` replaced by the target's model).
     `complete` returns an OpenAI `chat.completion` dict; `stream` yields `chat.completion.chunk`
     dicts (the last one may carry `usage`). Both raise `BackendError` only.
+
+    Everything else a caller may ask of a target is declared here with the answer of a remote
+    target (nothing to load, always ready, no statistics), so callers never probe for it: an
+    in-process engine overrides `ready`, `load_error`, `load` and `stats`.
     """
 
     name: str
+    # Also answers POST /v1/embeddings through `embed` (the policy says which targets are asked).
+    supports_embeddings: ClassVar[bool] = False
+    # Why the target cannot answer at all (its model failed to load); None while it can.
+    load_error: str | None = None
 
+    @abc.abstractmethod
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]: ...
 
+    @abc.abstractmethod
     def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]: ...
 
-    async def aclose(self) -> None: ...
+    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        """An OpenAI embeddings request: `input` a list of strings, `model` the target's embedding
+        model, `encoding_format` float, maybe `dimensions`. Returns the OpenAI response dict
+        (`data[].embedding` float lists, `usage`); raises `BackendError` only."""
+        raise BackendError("invalid", f"{self.name} does not embed")
 
+    @property
+    def ready(self) -> bool:
+        """Can answer now (an in-process model has loaded)."""
+        return True
 
-@runtime_checkable
-class EmbeddingBackend(Protocol):
-    """A target that also answers POST /v1/embeddings (the policy says which do: `embeddings`).
+    def load(self) -> None:
+        """Load what answering needs, blocking (the gateway calls it in a worker thread before it
+        serves). Raises `BackendError` when it cannot; then `load_error` says why."""
+        return None
 
-    `body` is an OpenAI embeddings request: `input` a list of strings, `model` the target's
-    embedding model, `encoding_format` float, maybe `dimensions`. Returns the OpenAI response dict
-    (`data[].embedding` float lists, `usage`); raises `BackendError` only."""
+    def stats(self) -> dict[str, Any] | None:
+        """Counters for /metrics and the dashboard; None: this target keeps none."""
+        return None
 
-    name: str
+    async def aclose(self) -> None:
+        """Release connections, threads and models; the backend is not called afterwards."""
+        return None
 
-    async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]: ...
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.backends.base import BackendError, CallOptions
+from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.backends.errors import from_litellm
 
 # The machine may be offline: litellm must not fetch its cost map at import (litellm #739).
@@ -20,7 +20,9 @@ def _to_dict(obj: Any) -> dict[str, Any]:
     return obj.model_dump(exclude_none=True)
 
 
-class LitellmBackend:
+class LitellmBackend(Backend):
+    supports_embeddings = True
+
     def __init__(
         self,
         name: str,

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.backends.base import BackendError, CallOptions
+from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.backends.errors import status_error
 
 # Transport failures: the target could not be reached, or dropped the connection mid-answer.
@@ -35,7 +35,9 @@ async def _then_newline(reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     yield b"\n"
 
 
-class OpenAIHTTPBackend:
+class OpenAIHTTPBackend(Backend):
+    supports_embeddings = True
+
     def __init__(
         self,
         name: str,

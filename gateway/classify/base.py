@@ -14,8 +14,12 @@ from gateway.features import DifficultyFinding, SensitivityFinding
 
 
 class SensitivityClassifier(Protocol):
+    runs_inline: bool  # cheap enough to run on the event loop (see above)
+
     def classify(self, body: dict[str, Any]) -> SensitivityFinding: ...
 
 
 class DifficultyClassifier(Protocol):
+    runs_inline: bool
+
     def classify(self, body: dict[str, Any]) -> DifficultyFinding: ...

@@ -67,6 +67,8 @@ def _max_level(levels: list[str]) -> str:
 
 
 class PresidioSensitivityClassifier:
+    runs_inline = False  # spaCy and presidio: milliseconds, in a worker thread
+
     def __init__(self, cfg: PrivacyConfig) -> None:
         self._cfg = cfg
         self._levels = cfg.effective_levels()
