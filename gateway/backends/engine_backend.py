@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends.base import BackendError, CallOptions
+from gateway.backends.base import Backend, BackendError, CallOptions
 
 _SENTINEL = object()
 _STRUCTURE = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # passed to Engine.chat
@@ -54,7 +54,9 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class EngineBackend:
+class EngineBackend(Backend):
+    supports_embeddings = True  # the device's own MiniLM (gateway/backends/local_embeddings.py)
+
     def __init__(self, name: str, model_path: str, *, threads: int | None = None, max_queue: int = 8,
                  default_max_tokens: int = 256, **engine_opts: Any) -> None:
         self.name = name
