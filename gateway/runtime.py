@@ -1,14 +1,17 @@
-"""Everything a loaded policy needs at run time: backends, classifiers, connectivity, vaults.
+"""Everything a loaded policy needs at run time: backends, classifiers, connectivity, the state
+store with its conversation vaults and rate limits.
 
 A `Runtime` is immutable once built. A policy reload builds a new one, reusing every part whose
-configuration did not change (the engine and the NLP models are expensive to load), and swaps it
-in atomically; in-flight requests finish on the runtime they started with.
+configuration did not change (the engine and the NLP models are expensive to load; the vaults
+keep their conversations and take a new `vault_ttl_s`), and swaps it in atomically; in-flight
+requests finish on the runtime they started with, and `retire` closes what the new one dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,14 +66,23 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
 
 # Classifiers load NLP and embedding models (seconds each) and are safe to share between threads,
 # so one instance serves every runtime with the same configuration: reloads and tests stay fast.
-_CLASSIFIERS: dict[tuple[str, str], Any] = {}
+# Per kind, only the configurations used last are kept (the current policy's and the one before,
+# which in-flight requests may still use): a gateway reloaded through many privacy settings
+# would otherwise hold a spaCy pipeline for each.
+_KEEP_CLASSIFIERS = 2
+_CLASSIFIERS: dict[str, OrderedDict[str, Any]] = {}
 
 
 def _shared(kind: str, cfg: Any, build: Any) -> Any:
-    key = (kind, cfg.model_dump_json())
-    if key not in _CLASSIFIERS:
-        _CLASSIFIERS[key] = build(cfg)
-    return _CLASSIFIERS[key]
+    built = _CLASSIFIERS.setdefault(kind, OrderedDict())
+    key = cfg.model_dump_json()
+    if key in built:
+        built.move_to_end(key)
+    else:
+        built[key] = build(cfg)
+        while len(built) > _KEEP_CLASSIFIERS:
+            built.popitem(last=False)
+    return built[key]
 
 
 def shared_sensitivity(cfg: Any) -> SensitivityClassifier:
@@ -133,7 +145,7 @@ def build_runtime(
     # The state store first: a missing vault key is a startup error before any model loads.
     same_store = previous is not None and prev_policy is not None and prev_policy.state == policy.state
     store = previous.store if previous is not None and same_store else build_store(policy.state)
-    vaults = previous.vaults if previous is not None and same_store else build_vaults(store, _vault_ttl(policy))
+    vaults = _vaults(policy, store, previous.vaults if previous is not None and same_store else None)
     backends: dict[str, Backend] = {}
     for name, cfg in policy.targets.items():
         if previous and prev_policy and prev_policy.targets.get(name) == cfg and name in previous.backends:
@@ -173,8 +185,13 @@ def build_runtime(
     )
 
 
-def _vault_ttl(policy: Policy) -> float:
-    return policy.privacy.vault_ttl_s
+def _vaults(policy: Policy, store: StateStore, previous: VaultStore | None) -> VaultStore:
+    """The conversation vaults: `previous` (on the same state store) keeps its conversations, and
+    takes a changed `vault_ttl_s`."""
+    ttl_s = policy.privacy.vault_ttl_s
+    if previous is None:
+        return build_vaults(store, ttl_s)
+    return previous if previous.ttl_s == ttl_s else previous.with_ttl(ttl_s)
 
 
 async def retire(old: Runtime, new: Runtime, grace_s: float) -> None:

@@ -136,6 +136,7 @@ class GatewayState:
             new.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy_reloaded", file=path, rules=len(policy.rules))
+        self._tasks = [t for t in self._tasks if not t.done()]  # earlier reloads' retired runtimes
         self._tasks.append(asyncio.create_task(retire(old, new, self.settings.reload_grace_s)))
         return True
 

@@ -9,6 +9,7 @@ on a shared store (gateway/store/vaults.py) leaves the process only encrypted.
 from __future__ import annotations
 
 import bisect
+import copy
 import random
 import re
 import secrets
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from gateway.privacy.restore import StreamRestorer, TextRestorer
 from gateway.privacy.surrogate import make_surrogate
@@ -271,6 +272,17 @@ class VaultStore:
     async def save(self, conversation_id: str | None, vault: Vault) -> None:
         """Write back what this turn added; in memory the vault object is the stored one."""
         return None
+
+    @property
+    def ttl_s(self) -> float:
+        return self._ttl
+
+    def with_ttl(self, ttl_s: float) -> Self:
+        """The same conversations (shared with this store, not copied) expiring `ttl_s` after last
+        use: what a policy reload that changes `vault_ttl_s` swaps in."""
+        other = copy.copy(self)
+        other._ttl = ttl_s
+        return other
 
     def _expire(self, now: float) -> None:
         # Entries are in last-use order: stop at the first one still alive.
