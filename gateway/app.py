@@ -1,4 +1,7 @@
-"""Builds the FastAPI app from Settings. No logic here: routes live in gateway/api."""
+"""Builds the FastAPI app from Settings; the routes live in gateway/api.
+
+The one piece of logic here: the generation endpoints (chat, Messages, Responses, embeddings)
+are handed straight to their ASGI handlers, past FastAPI's router."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Structured JSON logs (structlog) and the audit log: one line per request, never prompt text."""
+"""Structured JSON logs (structlog) and the audit log: one line per request.
+
+Log events are names with key-value fields (`log.info("policy_reloaded", file=...)`), never
+%-formatted strings. The audit line holds prompt text only when `--audit-prompts` asks for it
+(redacted or raw); the logs never do."""
 
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
 
 
 class AuditLog:
-    """One JSON line per request: who, which rule and target, fallbacks, entity counts, latency."""
+    """One JSON line per request: who, which rule and target, fallbacks, entity counts, latency
+    (and the messages, redacted or raw, when `audit_prompts` says so)."""
 
     def __init__(self, path: str | None) -> None:
         self._path = path

@@ -13,12 +13,13 @@ exception type is reported, and the finding says `error` so the pipeline fails c
 from __future__ import annotations
 
 import hashlib
-import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+import structlog
 
 from gateway.features import SENSITIVITY_LEVELS, Entity, SensitivityFinding, level_rank
 from gateway.privacy.config import PrivacyConfig
@@ -27,7 +28,7 @@ from gateway.privacy.walk import Segment, walk
 if TYPE_CHECKING:
     from presidio_analyzer import AnalyzerEngine
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("gateway.classify.sensitivity")
 
 _SEPARATOR = "\n\n"
 _MAX_BATCH_CHARS = 100_000  # keeps each spaCy call well under its max_length
@@ -103,7 +104,7 @@ class PresidioSensitivityClassifier:
             segments, unscanned = walk(body)
             entities, cached = self._find(segments)
         except Exception as exc:
-            log.error("sensitivity analysis failed: %s", type(exc).__name__)
+            log.error("sensitivity_analysis_failed", error=type(exc).__name__)
             return SensitivityFinding(level="high", error=f"sensitivity analysis failed ({type(exc).__name__})")
         elapsed_ms = (time.perf_counter() - t0) * 1000
         levels = [e.level for e in entities]

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import bisect
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
 import regex
 import spacy
+import structlog
 from presidio_analyzer import (
     AnalyzerEngine,
     EntityRecognizer,
@@ -72,7 +72,7 @@ from gateway.privacy.recognizers import (
 )
 from gateway.privacy.regex_gate import gate
 
-log = logging.getLogger(__name__)
+log = structlog.get_logger("gateway.privacy.engine")
 
 # Components that NER does not need; excluding them roughly halves spaCy's time per request.
 _NON_NER_PIPES = ("tagger", "morphologizer", "parser", "attribute_ruler", "lemmatizer", "senter", "trainable_lemmatizer")
@@ -354,8 +354,6 @@ def build_analyzer(cfg: PrivacyConfig) -> tuple[AnalyzerEngine, list[str]]:
         context_aware_enhancer=FastContextEnhancer(),
     )
     decoder = "none" if not with_ner else "spacy" if engine._fast_ner is None else "fast-windowed" if windowed else "fast"
-    log.info(
-        "privacy analyzer ready: model=%s pipes=%s ner=%s entities=%d",
-        cfg.nlp_model, ",".join(nlp.pipe_names), decoder, len(wanted),
-    )
+    log.info("privacy_analyzer_ready", model=cfg.nlp_model, pipes=",".join(nlp.pipe_names), ner=decoder,
+             entities=len(wanted))
     return analyzer, wanted
