@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import torch
 
-from local_engine import chat_template
+from local_engine import chat_template, prefix_cache
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
@@ -107,6 +107,7 @@ def _rss_peak_mb() -> float:
 class RunStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (not prefilled)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_rss_mb: float = 0.0
@@ -114,7 +115,8 @@ class RunStats:
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -124,6 +126,7 @@ class RunStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "cached_tokens": self.cached_tokens,
                 "prefill_s": round(self.prefill_s, 4), "decode_s": round(self.decode_s, 4),
                 "prefill_tok_s": round(self.prefill_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
                 "peak_rss_mb": round(self.peak_rss_mb, 1), **self.extra}
@@ -180,11 +183,15 @@ class Generation:
         stops = [s for s in p.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
-        with eng.lock, torch.inference_mode():
+        # the prefix cache lends the KV of the longest kept prefix of the prompt, and keeps this
+        # sequence's KV when the block exits, however it ends (a client gone included)
+        with eng.lock, torch.inference_mode(), \
+                eng.prefix_cache.lease(self.prompt_ids, model.new_cache, history) as (cache, cached):
             self.start_step = eng.steps
-            cache = model.new_cache()
+            self.stats.cached_tokens = cached
             t0 = time.perf_counter()
-            logits = model.forward(torch.tensor(self.prompt_ids, dtype=torch.long), cache, last_only=True)[-1]
+            logits = model.forward(torch.tensor(self.prompt_ids[cached:], dtype=torch.long), cache,
+                                   last_only=True)[-1]
             eng.steps += 1
             self.stats.prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -237,7 +244,8 @@ class Generation:
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Tokenizer, *, source: str = "", format: str = "",
-                 max_seq: int | None = None, threads: int | None = None) -> None:
+                 max_seq: int | None = None, threads: int | None = None,
+                 prefix_cache_mb: float | None = None) -> None:
         import threading
 
         self.model, self.tokenizer = model, tokenizer
@@ -248,14 +256,17 @@ class Engine:
         # forward passes run since load (a prefill counts as one): how a test tells "stopped within
         # one step" without timing a busy box
         self.steps = 0
+        mb = prefix_cache.DEFAULT_MB if prefix_cache_mb is None else prefix_cache_mb
+        self.prefix_cache = prefix_cache.PrefixCache(int(mb * 2**20))
 
     @classmethod
     def open(cls, model: str | Path, **opts: Any) -> Engine:
         """Open a model: ``builtin:NAME``, a GGUF file or an HF directory (or a registered format).
 
         Options: ``weights`` ("auto" | "int4" | "f32" | "bf16" | "int8"), ``threads`` (torch
-        intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length), plus
-        whatever a registered loader accepts.
+        intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length),
+        ``prefix_cache_mb`` (KV of earlier prompts kept for reuse, local_engine/prefix_cache.py;
+        0 turns it off), plus whatever a registered loader accepts.
         """
         path = resolve(model)
         # torch's default (all cores) is a trap inside a server: with another busy process on the
@@ -355,7 +366,8 @@ def _load_gguf(path: Path, **opts: Any) -> Engine:
     cfg = config_from_gguf(store)  # architecture first: the clearest error for a foreign model
     tok = from_gguf(store)
     model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
-    return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"))
+    return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"),
+                  prefix_cache_mb=opts.get("prefix_cache_mb"))
 
 
 def _load_hf(path: Path, **opts: Any) -> Engine:
@@ -367,7 +379,8 @@ def _load_hf(path: Path, **opts: Any) -> Engine:
     cfg = config_from_hf(store)
     tok = from_hf_dir(path)
     model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
-    return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"))
+    return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"),
+                  prefix_cache_mb=opts.get("prefix_cache_mb"))
 
 
 register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf, first=False)

@@ -174,6 +174,10 @@ class KVCache:
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
+    @property
+    def bytes_per_token(self) -> int:
+        return self.kv.shape[0] * self.kv.shape[1] * self.kv.shape[3] * self.kv.element_size()
+
     def advance(self, n: int) -> None:
         self.length += n
 

@@ -1,0 +1,136 @@
+"""KV of earlier sequences, reused by the longest common token prefix (``Engine``'s prefix cache).
+
+Agents resend the same system prompt and tool block every turn, and a conversation's next turn
+starts with the whole previous one: with this cache only the tokens after the longest prefix
+shared with a kept sequence are prefilled.
+
+Why whole sequences with token-granular matching, not vLLM's hashed paged blocks: the engine
+runs one sequence at a time over a contiguous preallocated ``KVCache``, so there is no block
+table to share pages through, and attention reads one contiguous stripe per head. Like
+llama.cpp's slot cache, an entry is the KV cache object of a finished sequence plus the token ids
+it holds. A new prompt that extends an entry *takes* that cache and prefills after it (no copy:
+the conversation case); one that shares only part of it (same system prompt, another
+conversation) gets a fresh cache with the shared positions copied in (a memcpy of
+``bytes_per_token`` per token, far cheaper than the forward pass it replaces), and the entry stays.
+Matching per token rather than per 16-token block reuses up to 15 more tokens and needs no hashing.
+The price: two conversations that share a system prompt hold it twice. An entry that another
+extends is dropped when the longer one is stored, so one conversation costs one entry.
+
+Bytes are counted as ``tokens x bytes_per_token`` (the KV cache is ``torch.empty``: positions past
+the sequence were never written, so they are not resident). Eviction is least recently used;
+an entry larger than the whole budget is not kept.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from local_engine.models.layers import KVCache
+
+DEFAULT_MB = 256  # ~5,600 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
+
+
+@dataclass
+class _Entry:
+    tokens: np.ndarray  # int64 ids whose K/V are positions 0..len-1 of `cache`
+    cache: KVCache
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.tokens) * self.cache.bytes_per_token
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = max(0, int(budget_bytes))
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # LRU order: oldest first
+        self._ids = 0
+        self.nbytes = 0  # kept up to date, not summed: stats() is read from other threads
+        self.lookups = self.hits = self.reused_tokens = self.evictions = 0
+
+    def take(self, prompt: list[int], new_cache: Any) -> tuple[Any, int]:
+        """A cache holding the longest kept prefix of ``prompt`` and that prefix's length.
+
+        At least the prompt's last token is left to run, since its logits start the answer.
+        ``new_cache()`` makes an empty cache (the model's)."""
+        self.lookups += 1
+        ids = np.asarray(prompt, dtype=np.int64)
+        best, best_n = None, 0
+        for key, e in self._entries.items():
+            n = common_prefix(e.tokens, ids)
+            if n > best_n:
+                best, best_n = key, n
+        n = min(best_n, len(ids) - 1)
+        if best is None or n <= 0:
+            return new_cache(), 0
+        e = self._entries[best]
+        if n >= len(e.tokens) - 1:  # the prompt extends (all but the last token of) the entry: continue in its cache
+            del self._entries[best]
+            self.nbytes -= e.nbytes
+            cache = e.cache
+        else:  # a part of it: copy that part, the entry stays for whoever shares all of it
+            self._entries.move_to_end(best)
+            cache = new_cache()
+            if not isinstance(cache, KVCache):
+                return cache, 0
+            cache.kv[:, :, :n].copy_(e.cache.kv[:, :, :n])
+        cache.length = n
+        self.hits += 1
+        self.reused_tokens += n
+        return cache, n
+
+    @contextmanager
+    def lease(self, prompt: list[int], new_cache: Any, history: list[int]) -> Iterator[tuple[Any, int]]:
+        """``take`` on entry; on exit ``put`` the cache with ``history`` (the prompt and the tokens
+        generated into it since, a list the caller appends to), however the block ends."""
+        cache, n = self.take(prompt, new_cache)
+        try:
+            yield cache, n
+        finally:
+            self.put(history, cache)
+
+    def put(self, tokens: list[int], cache: Any) -> None:
+        """Keep ``cache``, whose first ``len(tokens)`` positions hold these tokens' K/V."""
+        if not isinstance(cache, KVCache) or not tokens or self.budget_bytes <= 0:
+            return
+        ids = np.asarray(tokens[:cache.length], dtype=np.int64)
+        entry = _Entry(ids, cache)
+        if entry.nbytes > self.budget_bytes:
+            return
+        for key, e in list(self._entries.items()):
+            n = common_prefix(e.tokens, ids)
+            if n == len(e.tokens):  # covered by the new one
+                del self._entries[key]
+                self.nbytes -= e.nbytes
+            elif n == len(ids):  # the new one is covered by a kept one: refresh that instead
+                self._entries.move_to_end(key)
+                return
+        self._ids += 1
+        self._entries[self._ids] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.budget_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"prefix_cache_lookups": self.lookups, "prefix_cache_hits": self.hits,
+                "prefix_cache_reused_tokens": self.reused_tokens, "prefix_cache_evictions": self.evictions,
+                "prefix_cache_entries": len(self._entries), "prefix_cache_bytes": self.nbytes,
+                "prefix_cache_budget_bytes": self.budget_bytes}
