@@ -37,6 +37,8 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
         opts: dict[str, Any] = {}
         if cfg.memory_budget:
             opts["memory_budget"] = cfg.memory_budget
+        if cfg.prefix_cache_mb is not None:
+            opts["prefix_cache_mb"] = cfg.prefix_cache_mb
         return EngineBackend(
             name,
             cfg.model_path or "",

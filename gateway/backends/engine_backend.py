@@ -132,6 +132,7 @@ class EngineBackend(Backend):
         s["max_queue"] = self.max_queue
         if self.engine is not None:
             s["engine_steps"] = self.engine.steps
+            s.update(self.engine.prefix_cache.stats())  # numbers: /metrics exports them per target
         if self.load_error:
             s["load_error"] = self.load_error
         moe = self._moe_stats()

@@ -112,6 +112,10 @@ class LocalTarget(_Strict):
     threads: int | None = Field(None, ge=1)
     max_queue: int = Field(8, ge=1)
     memory_budget: str | None = None
+    prefix_cache_mb: float | None = Field(
+        None, ge=0, description="For engine: MB of KV from earlier prompts kept for reuse by longest common "
+        "prefix (a conversation's next turn, a repeated system prompt prefill only new tokens). Absent: 256; "
+        "0: off.")
     default_max_tokens: int = Field(256, ge=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     continues_answers: bool | None = Field(

@@ -125,3 +125,19 @@ def test_lru_eviction_under_a_tiny_budget(smol: Engine) -> None:
     big.length = 30
     pc.put(list(range(300, 330)), big)  # larger than the whole budget: not kept, nothing evicted
     assert pc.stats()["prefix_cache_evictions"] == 1
+
+
+def test_policy_budget_reaches_the_engine_and_stats_reach_metrics() -> None:
+    from gateway.metrics import Metrics
+    from gateway.policy.model import LocalTarget
+    from gateway.runtime import build_backend
+
+    cfg = LocalTarget(kind="local", engine="local_engine", model_path="builtin:smollm2-135m", prefix_cache_mb=1.5)
+    backend = build_backend("local", cfg)
+    backend.load()
+    assert backend.engine.prefix_cache.budget_bytes == int(1.5 * 2**20)
+    stats = backend.stats()
+    assert stats["prefix_cache_budget_bytes"] == int(1.5 * 2**20) and stats["prefix_cache_hits"] == 0
+    metrics = Metrics()
+    metrics.watch_engines(lambda: {"local": backend.stats()})
+    assert 'hybrid_engine_stat{stat="prefix_cache_reused_tokens",target="local"} 0.0' in metrics.render().decode()
