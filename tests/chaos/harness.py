@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import orjson
 
-from tests.support.policies import policy_yaml
+from tests.support.policies import write_policy
 from tests.support.upstream import FakeUpstream, Fault
 
 # Small timeouts (these and the targets' in write_chaos_policy) so every fault resolves in about a
@@ -53,14 +53,12 @@ DEADLINE_S = 4.0
 
 
 def write_chaos_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream) -> Path:
-    path.write_text(policy_yaml(
-        cloud.base_url, local.base_url,
-        cloud={"timeout_s": 1, "retries": 1, "max_retry_after_s": 0.5},
+    return write_policy(
+        path, cloud, local, rest=CHAOS_POLICY.format(probe=PROBE_INTERVAL_S, deadline=DEADLINE_S),
+        cloud_settings={"timeout_s": 1, "retries": 1, "max_retry_after_s": 0.5},
         # continues_answers: a cloud stream broken after its first tokens is finished here.
-        local={"timeout_s": 3, "continues_answers": True},
-        rest=CHAOS_POLICY.format(probe=PROBE_INTERVAL_S, deadline=DEADLINE_S),
-    ))
-    return path
+        local_settings={"timeout_s": 3, "continues_answers": True},
+    )
 
 
 def open_fds() -> int:

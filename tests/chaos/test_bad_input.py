@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -23,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
+from tests.support.policies import write_policy
 from tests.support.upstream import FakeUpstream
 
 # A real privacy pipeline (presidio) sees the fuzzed bodies: it walks every message part, so it is
@@ -52,12 +51,6 @@ rules:
 """
 
 
-def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream) -> Path:
-    path.write_text(policy_yaml(cloud.base_url, local.base_url,
-                                cloud={"timeout_s": 5}, local={"timeout_s": 5}, rest=POLICY))
-    return path
-
-
 class TolerantUpstream(FakeUpstream):
     """The fake upstream builds tool calls from `tools[0]`; a fuzzed but schema-valid `tools`
     would crash its handler (a dropped connection, so a 503 from us). Answer plainly instead:
@@ -80,7 +73,7 @@ def upstreams() -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory, upstreams: tuple[FakeUpstream, FakeUpstream]) -> Iterator[RunningGateway]:
     cloud, local = upstreams
-    with run_gateway(write_policy(tmp_path_factory.mktemp("bad") / "policy.yaml", cloud, local)) as running:
+    with run_gateway(write_policy(tmp_path_factory.mktemp("bad") / "policy.yaml", cloud, local, POLICY)) as running:
         yield running
 
 

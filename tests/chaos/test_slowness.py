@@ -28,7 +28,7 @@ from gateway.policy.load import load_policy
 from gateway.policy.pace import Pace
 from gateway.stream_deadline import SlowError, StreamDeadline
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
+from tests.support.policies import policy_yaml, write_policy
 from tests.support.upstream import FakeUpstream, Fault
 
 FIRST_TOKEN_S = 1.0  # the cloud target's own deadline
@@ -91,14 +91,13 @@ def local2() -> Iterator[FakeUpstream]:
 def gw(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream, local: FakeUpstream,
        local2: FakeUpstream) -> Iterator[RunningGateway]:
     path = tmp_path_factory.mktemp("slowness") / "policy.yaml"
-    path.write_text(policy_yaml(
-        cloud.base_url, local.base_url,
-        cloud={"timeout_s": 5, "retries": 1, "first_token_timeout_s": FIRST_TOKEN_S, "stall_timeout_s": 0.4},
-        local={"timeout_s": 5, "continues_answers": True},
+    write_policy(
+        path, cloud, local, rest=RULES,
+        cloud_settings={"timeout_s": 5, "retries": 1, "first_token_timeout_s": FIRST_TOKEN_S, "stall_timeout_s": 0.4},
+        local_settings={"timeout_s": 5, "continues_answers": True},
         more_targets={"local2": {"kind": "local", "model": "openai/local2-model", "api_base": local2.base_url,
                                  "timeout_s": 5}},
-        rest=RULES,
-    ))
+    )
     audit = path.parent / "audit.jsonl"
     with run_gateway(path, audit_path=str(audit)) as running:
         running.audit = audit  # type: ignore[attr-defined]
@@ -269,11 +268,11 @@ def test_monitor_marks_a_persistently_slow_cloud_offline(tmp_path: Path, cloud: 
     """Slow first tokens count like other failures, with the policy's hysteresis: two in a row
     here, then the cloud is skipped at once instead of being waited on again."""
     path = tmp_path / "policy.yaml"
-    path.write_text(policy_yaml(
-        cloud.base_url, local.base_url, cloud={"timeout_s": 5, "first_token_timeout_s": 0.3}, local={"timeout_s": 5},
+    write_policy(
+        path, cloud, local, rest=RULES.replace("failures_to_offline: 1000", "failures_to_offline: 2"),
+        cloud_settings={"timeout_s": 5, "first_token_timeout_s": 0.3},
         more_targets={"local2": {"kind": "local", "model": "openai/local2-model", "api_base": local2.base_url}},
-        rest=RULES.replace("failures_to_offline: 1000", "failures_to_offline: 2"),
-    ))
+    )
     cloud.fault = Fault("first_byte", seconds=LATE_S)
     with run_gateway(path) as g:
         for _ in range(2):
@@ -490,8 +489,7 @@ def test_plain_answer_through_the_stream_is_restored(tmp_path: Path, cloud: Fake
     assembled answer comes back with the real value."""
     email = "maria.gonzalez@example.com"
     path = tmp_path / "policy.yaml"
-    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5, "first_token_timeout_s": 1},
-                                local={"timeout_s": 5}, rest="""
+    write_policy(path, cloud, local, cloud_settings={"timeout_s": 5, "first_token_timeout_s": 1}, rest="""
         connectivity: { probe_interval_s: 30, failures_to_offline: 1000 }
         limits: { classify_budget_ms: 20000 }
         privacy: { nlp_model: none }
@@ -501,7 +499,7 @@ def test_plain_answer_through_the_stream_is_restored(tmp_path: Path, cloud: Fake
             route: cloud
             fallback: [local]
             redact: true
-        """))
+        """)
     with run_gateway(path) as g:
         resp = sdk(g).chat.completions.with_raw_response.create(
             model="auto", messages=[{"role": "user", "content": f"write to {email} today"}])
@@ -578,7 +576,7 @@ def test_hedge_to_the_cloud_sends_the_redacted_body(tmp_path: Path, cloud: FakeU
     what the cloud would get as a fallback, and the answer comes back restored."""
     email = "maria.gonzalez@example.com"
     path = tmp_path / "policy.yaml"
-    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5}, local={"timeout_s": 5}, rest=f"""
+    write_policy(path, cloud, local, rest=f"""
         connectivity: {{ probe_interval_s: 30, failures_to_offline: 1000 }}
         limits: {{ classify_budget_ms: 20000 }}
         privacy: {{ nlp_model: none }}
@@ -589,7 +587,7 @@ def test_hedge_to_the_cloud_sends_the_redacted_body(tmp_path: Path, cloud: FakeU
             fallback: [cloud]
             redact: true
             hedge_after_s: {HEDGE_AFTER_S}
-        """))
+        """)
     local.fault = Fault("first_byte", seconds=LATE_S)
     with run_gateway(path) as g:
         raw = sdk(g).chat.completions.with_raw_response.create(

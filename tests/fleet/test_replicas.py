@@ -16,9 +16,11 @@ import pytest
 
 from tests.fleet.redis_server import RedisServer
 from tests.privacy.bodies import PLANTED
+from tests.support import policies
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow  # a real redis-server and three gateway replicas
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 KEYS = {"app": "sk-app", "burst": "sk-burst", "tok": "sk-tok", "msgs": "sk-msgs"}
@@ -50,9 +52,8 @@ rules:
 
 
 def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, redis_url: str) -> Path:
-    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={"timeout_s": 5, "retries": 0},
-                                local={"timeout_s": 5}, rest=POLICY.format(url=redis_url)))
-    return path
+    return policies.write_policy(path, cloud, local, rest=POLICY.format(url=redis_url),
+                                 cloud_settings={"timeout_s": 5, "retries": 0})
 
 
 @pytest.fixture(scope="module")

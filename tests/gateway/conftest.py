@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import policies
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream
 
 # The policy of the gateway tests less its targets (write_policy adds them). Other tests edit
@@ -49,14 +49,14 @@ rules:
 """
 
 
-def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, text: str = POLICY) -> Path:
-    path.write_text(policy_yaml(
-        cloud.base_url, local.base_url,
-        cloud={"timeout_s": 5, "retries": 1, "max_retry_after_s": 1},
-        local={"timeout_s": 5},
-        rest=text,
-    ))
-    return path
+def write_policy(path: Path, cloud: FakeUpstream, local: FakeUpstream, text: str = POLICY,
+                 cloud_settings: policies.Settings | None = None) -> Path:
+    """The gateway tests' policy (or `text` in its place) with their cloud's retry settings, and
+    `cloud_settings` over them."""
+    return policies.write_policy(
+        path, cloud, local, rest=text,
+        cloud_settings={"timeout_s": 5, "retries": 1, "max_retry_after_s": 1, **(cloud_settings or {})},
+    )
 
 
 @pytest.fixture(scope="module")

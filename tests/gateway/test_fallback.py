@@ -185,8 +185,7 @@ def test_serve_offline_flag(tmp_path: Path, cloud: FakeUpstream, local: FakeUpst
 
 
 def test_cloud_without_key_is_never_contacted(tmp_path: Path, cloud: FakeUpstream, local: FakeUpstream):
-    path = write_policy(tmp_path / "p.yaml", cloud, local)
-    path.write_text(path.read_text().replace("api_key: sk-test-cloud", "api_key: ${NO_SUCH_KEY_VAR:-}"))
+    path = write_policy(tmp_path / "p.yaml", cloud, local, cloud_settings={"api_key": "${NO_SUCH_KEY_VAR:-}"})
     cloud.probes = 0
     with run_gateway(path) as gw:
         time.sleep(0.5)  # several probe intervals

@@ -22,7 +22,7 @@ from gateway.policy.evaluate import decide
 from gateway.policy.load import parse_policy
 from tests.gateway.conftest import POLICY
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
+from tests.support.policies import policy_yaml, write_policy
 from tests.support.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +175,7 @@ def test_images_rejected_when_the_policy_says_so(tmp_path: Path, cloud: FakeUpst
     text = POLICY.replace("defaults:\n  fallback: [local]", "defaults:\n  fallback: [local]\n  images: reject")
     assert "images: reject" in text
     path = tmp_path / "p.yaml"
-    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={}, local={"vision": False}, rest=text))
+    write_policy(path, cloud, local, rest=text, cloud_settings={}, local_settings={"vision": False})
     with run_gateway(path) as gw1, gw1.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [
             {"role": "user", "content": [{"type": "text", "text": "look"}, IMAGE]}]})
@@ -233,8 +233,7 @@ rules:
     route: cloud
 """
     path = tmp_path / "p.yaml"
-    path.write_text(policy_yaml(cloud.base_url, local.base_url, cloud={}, local={}, rest=rules)
-                    .replace("api_key: sk-test-cloud", "api_key: ${NO_SUCH_KEY_VAR:-}"))
+    write_policy(path, cloud, local, rest=rules, cloud_settings={"api_key": "${NO_SUCH_KEY_VAR:-}"}, local_settings={})
     with run_gateway(path) as gw1, gw1.client() as c:
         r = c.post("/v1/chat/completions", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
         assert r.headers["x-hybrid-connectivity"] == "disabled" and r.headers["x-hybrid-rule"] == "no-cloud-key"

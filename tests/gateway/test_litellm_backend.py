@@ -17,8 +17,7 @@ from tests.support.upstream import FakeUpstream, Fault
 
 @pytest.fixture(scope="module")
 def gw_litellm(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream, local: FakeUpstream) -> Iterator[RunningGateway]:
-    path = write_policy(tmp_path_factory.mktemp("lite") / "p.yaml", cloud, local)
-    path.write_text(path.read_text().replace("    retries: 1\n", "    retries: 1\n    client: litellm\n", 1))
+    path = write_policy(tmp_path_factory.mktemp("lite") / "p.yaml", cloud, local, cloud_settings={"client": "litellm"})
     with run_gateway(path) as gw:
         yield gw
 

@@ -17,8 +17,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support import policies
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml
 from tests.support.upstream import FakeUpstream, Fault
 
 EMAIL = "maria.gonzalez@example.com"
@@ -49,17 +49,15 @@ rules:
 
 
 def write_policy(path: Path, servers: dict[str, FakeUpstream], local_continues: bool) -> Path:
-    path.write_text(policy_yaml(
-        servers["cloud"].base_url, servers["local"].base_url,
-        cloud={"timeout_s": 2, "retries": 0},
-        local={"timeout_s": 5, "continues_answers": local_continues},
+    return policies.write_policy(
+        path, servers["cloud"], servers["local"], rest=POLICY,
+        cloud_settings={"timeout_s": 2, "retries": 0},
+        local_settings={"timeout_s": 5, "continues_answers": local_continues},
         more_targets={"cloud2": {
             "kind": "cloud", "model": "openai/cloud2-model", "api_base": servers["cloud2"].base_url,
             "api_key": "sk-test-cloud2", "timeout_s": 2, "retries": 0, "continues_answers": True,
         }},
-        rest=POLICY,
-    ))
-    return path
+    )
 
 
 def _continuation(body: dict[str, Any]) -> str:

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
 
 # One target's settings as YAML scalars (numbers, strings, booleans), in the order they are written.
 Settings = Mapping[str, str | int | float | bool]
+
+
+class Served(Protocol):
+    """A fake upstream (tests/support/upstream.py and its kin): where it listens."""
+
+    @property
+    def base_url(self) -> str: ...
 
 
 def policy_yaml(
@@ -46,3 +55,25 @@ def _scalar(value: str | int | float | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def write_policy(
+    path: Path,
+    cloud: Served,
+    local: Served,
+    rest: str,
+    *,
+    cloud_settings: Settings | None = None,
+    local_settings: Settings | None = None,
+    more_targets: Mapping[str, Settings] | None = None,
+) -> Path:
+    """Write the policy of `policy_yaml` for the upstreams `cloud` and `local` to `path` and return
+    it. Each target's settings default to a 5 s timeout; a test passes its own to change them
+    (`cloud_settings={"api_key": ...}` replaces the fixed key too)."""
+    path.write_text(policy_yaml(
+        cloud.base_url, local.base_url,
+        cloud={"timeout_s": 5} if cloud_settings is None else cloud_settings,
+        local={"timeout_s": 5} if local_settings is None else local_settings,
+        more_targets=more_targets, rest=rest,
+    ))
+    return path
