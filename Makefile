@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # torch worker threads sleep instead of spin-waiting: on a shared 2-core box spinning made generation ~10x slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup system-tools run test lint bench clean
+.PHONY: setup system-tools run test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ run: setup
 test: setup system-tools
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The edit-test loop: lint, then every test not marked slow (pyproject.toml's markers say which
+# are). `make test` still runs them all, as CI does.
+test-fast: setup
+	$(BIN)/ruff check gateway local_engine tests policies benchmarks
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.harness import (
     DEADLINE_S,
     PROBE_INTERVAL_S,
@@ -30,6 +32,8 @@ from tests.chaos.harness import (
 )
 from tests.support.gateway import run_gateway
 from tests.support.upstream import FakeUpstream, Fault
+
+pytestmark = pytest.mark.slow  # faults injected one after another against live gateways
 
 MIDSTREAM_PHASES = {"stall_mid", "truncated_mid"}
 

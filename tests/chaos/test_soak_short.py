@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.chaos.harness import DEADLINE_S, soak, write_chaos_policy
 from tests.support.gateway import run_gateway
 from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow  # a soak: sustained load for its own duration
 
 
 def test_short_soak_no_failures_flat_fds_bounded_rss(tmp_path: Path) -> None:

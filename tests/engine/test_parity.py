@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # reference logits from transformers
+
 PROMPT = "The three primary colours are red, blue and"
 
 

@@ -20,6 +20,8 @@ from tests.privacy.bodies import PLANTED
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.upstream import FakeUpstream
 
+pytestmark = pytest.mark.slow  # a real redis-server and gateway replicas
+
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

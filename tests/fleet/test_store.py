@@ -17,6 +17,8 @@ from gateway.store.build import StateConfigError, build_store, vault_key
 from gateway.store.vaults import SharedVaultStore
 from tests.fleet.redis_server import RedisServer
 
+pytestmark = pytest.mark.slow  # a real redis-server
+
 
 @pytest.fixture(params=["embedded", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:

@@ -21,6 +21,8 @@ import pytest
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.upstream import FakeUpstream, Fault
 
+pytestmark = pytest.mark.slow  # the built-in engine generates every answer under a grammar
+
 POLICY = """
 version: 1
 targets:

@@ -57,6 +57,7 @@ def test_demo_is_deterministic_and_its_tokenizer_round_trips(walk: dict[str, Pat
     assert tok.chat_template and tok.eos_id == tok.tok.token_to_id("<|im_end|>") and tok.eos_id in tok.stop_ids
 
 
+@pytest.mark.slow
 def test_transformers_reads_the_demo_as_the_packed_engine_computes_it(walk: dict[str, Path],
                                                                       tmp_path: Path) -> None:
     import transformers

@@ -225,6 +225,7 @@ def _check_against_transformers(hf: Any, packed: Path, label: str) -> None:
 
 # --------------------------------------------------------------------------- tests
 
+@pytest.mark.slow
 def test_mixtral_gguf_matches_transformers(built: dict[str, Built]) -> None:
     b = built["mixtral"]
     model = MoEModel.open(b.packed, memory_budget=0)
@@ -273,6 +274,7 @@ def test_qwen2moe_fused_gate_up_gguf(built: dict[str, Built], tmp_path: Path) ->
     assert (tmp_path / "packed" / "experts.bin").read_bytes() == (b.packed / "experts.bin").read_bytes()
 
 
+@pytest.mark.slow
 def test_qwen2moe_gguf_matches_transformers(built: dict[str, Built]) -> None:
     b = built["qwen2_moe"]
     model = MoEModel.open(b.packed, memory_budget=0)

@@ -59,6 +59,7 @@ def _write_gguf(t: Tiny, path: Path, expert_type: str = "F32", arch: str = "qwen
     w.close()
 
 
+@pytest.mark.slow
 def test_gguf_moe_packs_and_matches_transformers(tiny_models: dict[str, Tiny], tmp_path: Path) -> None:
     t = tiny_models["qwen3_moe"]
     src = tmp_path / "tiny-qwen3moe.gguf"

@@ -25,6 +25,7 @@ def _hf_logits(t: Tiny, ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.slow
 def test_logits_and_greedy_match_transformers_at_every_budget(tiny_models: dict[str, Tiny], arch: str) -> None:
     t = tiny_models[arch]
     ref = _hf_logits(t, PROMPT)

@@ -128,6 +128,7 @@ def js_top(counts: dict[str, float], n: int = 3) -> str:
     return ", ".join(f"{k} {js_fmt(v)}" for k, v in best) or "none"
 
 
+@pytest.mark.slow
 def test_page_rendered_in_headless_chromium_shows_the_served_numbers(
     gw: RunningGateway, upstreams: tuple[FakeUpstream, FakeUpstream], tmp_path: Path
 ) -> None:
