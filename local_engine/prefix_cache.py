@@ -33,7 +33,10 @@ import numpy as np
 
 from local_engine.models.layers import KVCache
 
-DEFAULT_MB = 256  # ~5,600 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
+DEFAULT_MB = 256  # ~5,800 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
+# Each entry is a whole preallocated KV cache (max_seq positions of address space, only the
+# written ones resident): a bound on their number keeps the address space and the lookup small.
+MAX_ENTRIES = 32
 
 
 @dataclass
@@ -120,7 +123,7 @@ class PrefixCache:
         self._ids += 1
         self._entries[self._ids] = entry
         self.nbytes += entry.nbytes
-        while self.nbytes > self.budget_bytes:
+        while self.nbytes > self.budget_bytes or len(self._entries) > MAX_ENTRIES:
             _, old = self._entries.popitem(last=False)
             self.nbytes -= old.nbytes
             self.evictions += 1
