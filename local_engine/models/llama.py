@@ -33,6 +33,11 @@ from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm,
 from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear
 from local_engine.store import GGUFStore, RawTensor, TensorStore
 
+# A long prompt runs in chunks: the attention scores, the [T, ffn] activations and the qkernel's
+# quantised copies of them stay chunk-sized (peak RSS grows with the KV cache only), and they stay
+# in cache. Measured on the built-in model, 1,536 tokens at 1 thread on the loaded box: one pass
+# 51 tok/s and 748 MB peak RSS, chunks of 256 70 tok/s and 547 MB, 128 76 tok/s.
+PREFILL_CHUNK = 256
 GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 WEIGHT_MODES = ("auto", "int4", "f32", "bf16", "int8")
@@ -344,6 +349,13 @@ class LlamaModel:
         """Run ``ids`` [T] after the ``cache.length`` tokens already cached; returns fp32 logits."""
         if ids.shape[0] == 1 and self._step_ok:
             return self._step(ids, cache)
+        if ids.shape[0] > PREFILL_CHUNK:
+            outs = [self._forward(ids[a:a + PREFILL_CHUNK], cache, last_only)
+                    for a in range(0, ids.shape[0], PREFILL_CHUNK)]
+            return outs[-1] if last_only else torch.cat(outs)
+        return self._forward(ids, cache, last_only)
+
+    def _forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         c = self.cfg
         start = cache.length
         x = self.embed(ids)

@@ -141,3 +141,23 @@ def test_policy_budget_reaches_the_engine_and_stats_reach_metrics() -> None:
     metrics = Metrics()
     metrics.watch_engines(lambda: {"local": backend.stats()})
     assert 'hybrid_engine_stat{stat="prefix_cache_reused_tokens",target="local"} 0.0' in metrics.render().decode()
+
+
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(smol: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    from local_engine.models import llama
+
+    model = smol.model
+    ids = torch.tensor(smol.tokenizer.encode(SYSTEM + "Where is Lima?"))
+    assert len(ids) == 100  # 3 chunks of 32 and a rest of 4
+    monkeypatch.setattr(llama, "PREFILL_CHUNK", 10**6)
+    want = model.forward(ids, model.new_cache())
+    monkeypatch.setattr(llama, "PREFILL_CHUNK", 32)
+    calls = []
+    inner = model._forward
+    monkeypatch.setattr(model, "_forward", lambda i, c, last: calls.append(len(i)) or inner(i, c, last))
+    cache = model.new_cache()
+    got = model.forward(ids, cache)
+    assert calls[:-1] == [32] * (len(calls) - 1) and sum(calls) == len(ids) and cache.length == len(ids)
+    assert (got - want).abs().max().item() < ATOL_PREFILLED
+    last = model.forward(ids, model.new_cache(), last_only=True)
+    assert last.shape[0] == 1 and (last[0] - want[-1]).abs().max().item() < ATOL_PREFILLED
