@@ -1,5 +1,9 @@
-"""The local engine serving an agent's conversation: time to first token of turn 5 of a 5-turn
-conversation with a ~1,500-token system prompt, prefix cache on vs off (issue #18, target >= 5x).
+"""The local engine serving an agent's conversation (issue #18).
+
+(a) time to first token of turn 5 of a 5-turn conversation with a ~1,500-token system prompt,
+prefix cache on vs off (target >= 5x); (b) prefill tok/s and peak RSS at 256 / 1k / 4k prompt
+tokens, chunked (the default, models/llama.py PREFILL_CHUNK) and in one pass, each size in its own
+process (peak RSS is the process's VmHWM).
 
 Turns 1-4 run once on the engine with the cache (greedy, so the conversation is the same for both
 runs); turn 5 is then timed on that engine (its prefix cache holds turn 4) and on the same model
@@ -13,11 +17,15 @@ to the first text delta (template, tokenising, cache lookup and copy, prefill, f
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
 from local_engine.engine import Engine
+from local_engine.expert_store import peak_rss_bytes
 
 QUESTIONS = ["Which tool finds a flight from Paris to Rome next Monday?",
              "And what would you pass as the date argument?",
@@ -49,6 +57,47 @@ def ttft(eng: Engine, messages: list[dict[str, Any]], max_tokens: int) -> tuple[
     return (first if first is not None else time.perf_counter() - t0), "".join(parts), gen.stats.cached_tokens
 
 
+def prefill_child(model: str, threads: int | None, n: int, chunked: bool) -> None:
+    """In a fresh process: prefill n tokens (warm-up on 32 first), print JSON."""
+    import torch
+
+    from local_engine.models import llama
+
+    eng = Engine.open(model, threads=threads)
+    if not chunked:
+        llama.PREFILL_CHUNK = 10**9
+    ids = eng.tokenizer.encode(system_prompt(eng, n + 50))[:n]
+    assert len(ids) == n
+    m = eng.model
+    m.forward(torch.tensor(ids[:32]), m.new_cache(), last_only=True)
+    base = peak_rss_bytes()
+    dt = float("inf")
+    for _ in range(2 if n <= 1024 else 1):  # best of 2 where it is cheap: the box is shared
+        t0 = time.perf_counter()
+        m.forward(torch.tensor(ids), m.new_cache(), last_only=True)
+        dt = min(dt, time.perf_counter() - t0)
+    kv = m.new_cache().bytes_per_token * n
+    print(json.dumps({"n": n, "chunked": chunked, "tok_s": n / dt, "rss_mb": peak_rss_bytes() / 2**20,
+                      "before_mb": base / 2**20, "kv_mb": kv / 2**20}))
+
+
+def prefill_table(a: argparse.Namespace) -> None:
+    print()
+    print(f"(b) prefill, load avg {os.getloadavg()[0]:.2f}")
+    print(f"{'tokens':>6} | {'mode':>8} | {'prefill tok/s':>13} | {'peak RSS MB':>11} | "
+          f"{'RSS before MB':>13} | {'KV cache MB':>11}")
+    for n in a.prefill:
+        for chunked in (True, False):
+            if not chunked and n > a.one_pass_max:
+                continue
+            cmd = [sys.executable, __file__, "--child", str(n), "--model", a.model, "--chunked", str(int(chunked))]
+            if a.threads:
+                cmd += ["--threads", str(a.threads)]
+            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            print(f"{n:>6} | {'chunked' if chunked else 'one pass':>8} | {r['tok_s']:>13.1f} | {r['rss_mb']:>11.0f} | "
+                  f"{r['before_mb']:>13.0f} | {r['kv_mb']:>11.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:smollm2-135m")
@@ -56,7 +105,22 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024, 4096])
+    ap.add_argument("--one-pass-max", type=int, default=1024, help="largest prompt also run in one pass")
+    ap.add_argument("--skip-conversation", action="store_true")
+    ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--chunked", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.child:
+        prefill_child(a.model, a.threads, a.child, bool(a.chunked))
+        return
+    if not a.skip_conversation:
+        conversation(a)
+    if a.prefill:
+        prefill_table(a)
+
+
+def conversation(a: argparse.Namespace) -> None:
 
     eng = Engine.open(a.model, threads=a.threads)
     off = Engine(eng.model, eng.tokenizer, prefix_cache_mb=0)
@@ -65,6 +129,7 @@ def main() -> None:
     print(f"model {a.model}, threads {eng.info()['threads']}, system prompt "
           f"{len(eng.tokenizer.encode(system))} tokens, max_tokens {a.max_tokens}, "
           f"load avg {os.getloadavg()[0]:.2f}")
+    print("(a) 5-turn conversation")
     print(f"{'turn':>4} | {'prompt tok':>10} | {'cached tok':>10} | {'TTFT s (cache on)':>17}")
     for turn, q in enumerate(QUESTIONS[:4], 1):
         msgs.append({"role": "user", "content": q})
