@@ -108,7 +108,8 @@ _LARGE_PROGRAM = re.compile(
     r"\b(complete|full|entire|production[- ]ready|end-to-end|interpreter|compiler|tokenizer|distributed|"
     r"concurrent|concurrency|thread-safe|lock-free|memory ordering|raft|paxos|consensus|unit tests|"
     r"tests covering|with tests|include everything|cuda|kernel|simulated network)\b|\b\d{3,}\s*lines\b", _I)
-_DEBUG = re.compile(r"\b(bug|bugs|deadlock\w*|race condition|crash\w*|wrong|broken|fix|leak)\b", _I)
+_DEBUG = _guard("bug bugs deadlock deadlocks deadlocked deadlocking race crash crashes crashed crashing wrong broken "
+                "fix leak", r"\b(bug|bugs|deadlock\w*|race condition|crash\w*|wrong|broken|fix|leak)\b")
 _CODE_LINE = re.compile(r"^\s*(def |class |func |function |import |return\b|for\b|if\b|while\b|\}|.*[;{]\s*$)",
                         re.MULTILINE)
 _PLAN = _words("plan planning schedule itinerary roadmap runbook checklist timeline milestone milestones "
@@ -192,7 +193,7 @@ def detect(text: str, *, turns: int = 1) -> list[Cue]:
         found.append("advanced_maths")
     if _CODE_ASK.search(instr, vocab):
         found.append("large_program" if _LARGE_PROGRAM.search(instr) else "asks_for_code")
-    if len(_CODE_LINE.findall(text)) >= 3 and _DEBUG.search(instr):
+    if _DEBUG.search(instr, vocab) and len(_CODE_LINE.findall(text)) >= 3:  # the code scan costs more
         found.append("debug_code")
     if not _PLAN.isdisjoint(vocab):
         found.append("asks_for_plan")
