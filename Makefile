@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # torch worker threads sleep instead of spin-waiting: on a shared 2-core box spinning made generation ~10x slower.
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup system-tools run test test-fast lint bench clean
+.PHONY: setup system-tools run test test-fast typecheck lint bench clean
 
 setup: $(STAMP)
 
@@ -61,6 +61,10 @@ test: setup system-tools
 test-fast: setup
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# mypy over the modules pyproject.toml's [tool.mypy] lists (not yet all of gateway/: not in `make test`).
+typecheck: setup
+	$(BIN)/mypy
 
 lint: setup
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks

@@ -18,7 +18,7 @@ import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from tenacity import (
@@ -28,6 +28,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from gateway.assemble import Assembler, streaming_body
 from gateway.backends.base import Backend, BackendError, CallOptions
@@ -137,6 +138,19 @@ class _Attempt:
     attempt_number: int
 
 
+class _OutOfTime(stop_base):
+    """Stop retrying once the request's deadline is all but reached."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def now(self) -> bool:
+        return time.monotonic() >= self.deadline - 0.05
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.now()
+
+
 def _counts_against_connectivity(e: BackendError) -> bool:
     return e.kind in ("connect", "timeout", "protocol") or (e.kind == "status" and (e.status or 0) >= 500)
 
@@ -174,13 +188,11 @@ class Dispatcher:
 
         def delay_after(attempt: int, exc: BaseException | None) -> float:
             hinted = exc.retry_after if isinstance(exc, BackendError) else None
-            delay = hinted if hinted is not None else _BACKOFF(_Attempt(attempt))
+            delay = hinted if hinted is not None else _BACKOFF(cast(RetryCallState, _Attempt(attempt)))
             return max(0.0, min(delay, deadline - time.monotonic() - 0.05))
 
-        def out_of_time(state: RetryCallState | None = None) -> bool:
-            return time.monotonic() >= deadline - 0.05
-
-        if cfg.retries < 1 or not should_retry(first) or out_of_time():
+        out_of_time = _OutOfTime(deadline)
+        if cfg.retries < 1 or not should_retry(first) or out_of_time.now():
             raise first
         await asyncio.sleep(delay_after(1, first))
 
@@ -223,9 +235,9 @@ class Dispatcher:
                 # A backend bug or a library raising outside its documented errors (seen:
                 # AttributeError from a socket torn down mid-call) must not lose the request:
                 # treat it as a failed attempt and fall back.
-                e = BackendError("protocol", f"{target}: unexpected {type(exc).__name__}")
-                self._record(target, e)
-                raise e from None
+                err = BackendError("protocol", f"{target}: unexpected {type(exc).__name__}")
+                self._record(target, err)
+                raise err from None
 
         for i, target in enumerate(chain):
             nxt = chain[i + 1] if i + 1 < len(chain) else None

@@ -33,3 +33,9 @@ def test_fast_skips_slow_tests_and_full_runs_everything() -> None:
 def test_the_slow_marker_is_registered() -> None:
     markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
     assert any(m.startswith("slow:") for m in markers)
+
+
+def test_typecheck_runs_mypy_on_the_listed_modules() -> None:
+    assert "bin/mypy" in dry_run("typecheck")
+    files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["files"]
+    assert files and all((ROOT / f).is_file() for f in files)
