@@ -66,7 +66,7 @@ class PrefixCache:
     def take(self, prompt: list[int], new_cache: Any) -> tuple[Any, int]:
         """A cache holding the longest kept prefix of ``prompt`` and that prefix's length.
 
-        At least the prompt's last token is left to run, since its logits start the answer.
+        At least the prompt's last two tokens are left to run (its logits start the answer).
         ``new_cache()`` makes an empty cache (the model's)."""
         self.lookups += 1
         ids = np.asarray(prompt, dtype=np.int64)
@@ -75,11 +75,14 @@ class PrefixCache:
             n = common_prefix(e.tokens, ids)
             if n > best_n:
                 best, best_n = key, n
-        n = min(best_n, len(ids) - 1)
+        # at least the last two tokens run: a single one would go through the fused decode step,
+        # whose logits are ~5e-3 from the prefill path's (docs/engine.md) and flipped a near-tie
+        # greedy answer between two identical requests; two take the prefill path, ~1e-5 from a fresh run
+        n = min(best_n, len(ids) - 2)
         if best is None or n <= 0:
             return new_cache(), 0
         e = self._entries[best]
-        if n >= len(e.tokens) - 1:  # the prompt extends (all but the last token of) the entry: continue in its cache
+        if n >= len(e.tokens) - 2:  # the prompt extends (all but the last tokens of) the entry: continue in its cache
             del self._entries[best]
             self.nbytes -= e.nbytes
             cache = e.cache
