@@ -28,6 +28,17 @@ What it does, in one run:
    case for any cache.
 Traces with router probabilities are saved under benchmarks/.work/moe/traces/ and can be replayed
 offline (``--replay-trace FILE --replay-tokens 16,64``); ``--record --tokens N`` records a long one.
+
+``--quants int4,int2`` decodes quantised packs of the same checkpoint (group 64, packed once into
+benchmarks/.work/moe/packed-<quant>/) at the same byte budgets (fractions of the first pack's bank)
+and cgroup limits, and adds a table of tok/s and MB read per token against the first. A short run
+(the setup alone packs ~1 GB of int4 + int2 from the 4.7 GB checkpoint):
+
+    .venv/bin/python benchmarks/moe_stream.py --quants int4,int2 --tokens 8 --fractions 0.05,0.15 \
+        --prefetch-fractions '' --skip-peer --skip-skewed
+
+Memory columns: each worker's own peak RSS (VmHWM, see ``expert_store.peak_rss_bytes``) and its
+cgroup's own peak usage (``memory.max_usage_in_bytes``, page cache included).
 """
 
 from __future__ import annotations
@@ -114,12 +125,18 @@ def make_checkpoint() -> None:
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
 
 
-def ensure_packed() -> None:
+def packed_dir(quant: str) -> Path:
+    """The fp32 pack is `packed/` (as before); quantised ones (group 64) sit beside it."""
+    return PACKED if quant == "none" else WORK / f"packed-{quant}"
+
+
+def ensure_packed(quants: tuple[str, ...] = ("none",)) -> None:
     from local_engine.formats.pack import MANIFEST, pack
 
     make_checkpoint()
-    if not (PACKED / MANIFEST).exists():
-        pack(SRC, PACKED, quant="none")
+    for q in quants:
+        if not (packed_dir(q) / MANIFEST).exists():
+            pack(SRC, packed_dir(q), quant=q)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -256,7 +273,7 @@ def worker_ours(a: argparse.Namespace) -> None:
     from local_engine.models.moe import MoEModel
 
     torch.set_num_threads(a.threads)
-    model = MoEModel.open(PACKED, memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
+    model = MoEModel.open(packed_dir(a.quant), memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
                           verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     io = model.store.io
@@ -302,10 +319,10 @@ def worker_ours(a: argparse.Namespace) -> None:
 
 def worker_peer(a: argparse.Namespace) -> None:
     join_cgroup(a.cgroup)
-    import resource
-
     import torch
     import transformers
+
+    from local_engine.expert_store import peak_rss_bytes
 
     torch.set_num_threads(a.threads)
     if OFFLOAD.exists():
@@ -327,7 +344,7 @@ def worker_peer(a: argparse.Namespace) -> None:
     decode_s = max(total - ttft, 1e-9)
     print(json.dumps({"load_s": load_s, "ttft_s": ttft, "decode_tok_s": a.tokens / decode_s,
                       "tokens": out[0, len(prompt):].tolist(),
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss_bytes": peak_rss_bytes()}))  # its own (VmHWM), not ru_maxrss: see peak_rss_bytes
 
 
 # ----------------------------------------------------------------------------- traces and replays
@@ -563,6 +580,10 @@ def replay_table(trace: Trace, uses: list[tuple[int, list[int]]] | None, probs: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", choices=["ours", "peer"])
+    ap.add_argument("--quant", default="none", help="(worker) which pack to decode")
+    ap.add_argument("--quants", default="none",
+                    help="packs to decode, e.g. int4,int2: each at the same byte budgets (fractions of the FIRST "
+                         "one's expert bank) and cgroup limits; prefetch rows, peer and replays use the first")
     ap.add_argument("--cgroup")
     ap.add_argument("--budget", type=int, default=0)
     ap.add_argument("--max-memory", type=int, default=0)
@@ -596,17 +617,20 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     t_setup = time.perf_counter()
-    ensure_packed()
+    quants = tuple(a.quants.split(","))
+    ensure_packed(quants)
     from local_engine.formats.pack import read_manifest
 
-    m = read_manifest(PACKED)
+    mans = {q: read_manifest(packed_dir(q)) for q in quants}
+    m = mans[quants[0]]
     bank, stride, resident = m.expert_bank_bytes, m.stride, m.resident_bytes
     L, E, k = len(m.moe_layers), m.num_experts, int(m.config["num_experts_per_tok"])
     ckpt = sum(f.stat().st_size for f in SRC.glob("*.safetensors"))
-    print(f"# moe_stream: synthetic Qwen3-MoE, {L} layers x {E} experts, top-{k}, fp32; "
-          f"checkpoint {ckpt / 1e9:.2f} GB, expert bank {bank / 1e9:.2f} GB "
-          f"({stride / 2**20:.2f} MiB/bundle), resident {resident / 2**20:.0f} MiB "
-          f"(setup {time.perf_counter() - t_setup:.0f}s)")
+    print(f"# moe_stream: synthetic Qwen3-MoE, {L} layers x {E} experts, top-{k}, fp32 checkpoint "
+          f"{ckpt / 1e9:.2f} GB; packs: " + ", ".join(
+              f"{q}: expert bank {x.expert_bank_bytes / 1e9:.3f} GB ({x.stride / 2**20:.3f} MiB/bundle)"
+              for q, x in mans.items()) + f"; resident {resident / 2**20:.0f} MiB; budgets are fractions of the "
+          f"{quants[0]} bank (setup {time.perf_counter() - t_setup:.0f}s)")
     print(f"# machine: {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at start (shared box); "
           f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}")
     if a.replay_only:
@@ -621,34 +645,37 @@ def main() -> None:
     if a.record:
         TRACES.mkdir(parents=True, exist_ok=True)
         out = TRACES / f"decode-{a.prompt}+{a.tokens}.json"
-        p = subprocess.run([sys.executable, __file__, "--worker", "ours", "--budget", str(bank), "--policy", "lru",
+        p = subprocess.run([sys.executable, __file__, "--worker", "ours", "--quant", quants[0], "--budget", str(bank),
+                            "--policy", "lru",
                             "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
                             "--readers", str(a.readers)], capture_output=True, text=True, check=True)
         out.write_text(p.stdout.splitlines()[-1])
         print(f"recorded {out}")
         return None
 
-    def ceiling_now() -> float:
-        return measure_ceiling(PACKED / "experts.bin", stride, threads=8, seconds=2.0)
+    def ceiling_now(quant: str) -> float:
+        return measure_ceiling(packed_dir(quant) / "experts.bin", mans[quant].stride, threads=8, seconds=2.0)
 
-    def decode(frac: float, prefetch: bool) -> dict[str, Any]:
-        budget = int(bank * frac) // stride * stride
+    def decode(frac: float, prefetch: bool, quant: str) -> dict[str, Any]:
+        qstride = mans[quant].stride
+        budget = int(bank * frac) // qstride * qstride  # the same bytes for every pack
         limit = resident + budget + GiB
-        evict(PACKED)
-        sat, load0 = ceiling_now(), os.getloadavg()[0]
-        evict(PACKED)
-        r = run_in_cgroup(["--worker", "ours", "--budget", str(budget), "--policy", a.policy,
+        evict(packed_dir(quant))
+        sat, load0 = ceiling_now(quant), os.getloadavg()[0]
+        evict(packed_dir(quant))
+        r = run_in_cgroup(["--worker", "ours", "--quant", quant, "--budget", str(budget), "--policy", a.policy,
                            "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
                            "--readers", str(a.readers), "--verify", a.verify, *(["--prefetch"] if prefetch else [])],
-                          limit, f"ours{int(frac * 100)}{'p' if prefetch else ''}", timeout=900)
-        r.update(frac=frac, budget=budget, limit=limit, saturating=sat, load=load0, prefetch=prefetch)
+                          limit, f"ours{quant}{int(frac * 100)}{'p' if prefetch else ''}", timeout=900)
+        r.update(frac=frac, budget=budget, limit=limit, saturating=sat, load=load0, prefetch=prefetch, quant=quant)
         if "error" not in r:
             r["ceiling"] = r["pattern_ceiling_Bps"]
             TRACES.mkdir(parents=True, exist_ok=True)
-            saved = TRACES / f"run-{a.prompt}+{a.tokens}-{frac:.2f}{'p' if prefetch else ''}.json"
+            tag = "" if quant == "none" else f"-{quant}"
+            saved = TRACES / f"run-{a.prompt}+{a.tokens}-{frac:.2f}{'p' if prefetch else ''}{tag}.json"
             saved.write_text(json.dumps({x: r[x] for x in ("trace", "trace_uses", "trace_probs", "tokens")}))
             trace, uses, probs, layers = load_trace(saved)
-            r["replay_all"] = replay_all(trace, budget // stride, uses, probs, layers)
+            r["replay_all"] = replay_all(trace, budget // qstride, uses, probs, layers)
         print(f"  ran budget {frac:.0%} prefetch={prefetch}: saturating {sat / 1e9:.2f} GB/s "
               f"{json.dumps({k: v for k, v in r.items() if k not in ('trace', 'trace_uses', 'trace_probs', 'tokens')})[:400]}",
               file=sys.stderr, flush=True)
@@ -657,8 +684,8 @@ def main() -> None:
     # The box is shared: CPU starvation lowers the disk's effective queue depth too. So each run
     # measures its own ceiling on its own read pattern, interleaved with its decode (see the
     # docstring), and its own compute time per token (decode time minus time blocked on reads).
-    rows = [decode(float(x), False) for x in a.fractions.split(",")]
-    prows = [decode(float(x), True) for x in a.prefetch_fractions.split(",") if x]
+    rows = [decode(float(x), False, q) for q in quants for x in a.fractions.split(",")]
+    prows = [decode(float(x), True, quants[0]) for x in a.prefetch_fractions.split(",") if x]
 
     peer = None
     if not a.skip_peer:
@@ -693,7 +720,8 @@ def main() -> None:
            "| hit rate decode | hit rate all "
            "| LRU | LFU-DA | TinyLFU | layer-LFU | adaptive | router | best fixed set | Belady "
            "| Belady, tokens shuffled | ours / Belady | adaptive / Belady | router / Belady | best fixed set / Belady "
-           "| I/O wait | peak RSS | RSS - resident - budget | 8-lane GB/s |")
+           "| I/O wait | peak RSS (worker's own) | RSS - resident - budget | cgroup peak (max_usage_in_bytes) "
+           "| 8-lane GB/s |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
@@ -702,7 +730,9 @@ def main() -> None:
             continue
         d = derived(r)
         rep = r["replay_all"]
-        print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB | {r['load']:.1f} "
+        qlabel = f"{r['quant']} " if len(quants) > 1 else ""
+        print(f"| {qlabel}{r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['limit'] / 2**30:.2f} GiB "
+              f"| {r['load']:.1f} "
               f"| {d['tps']:.2f} | {d['bpt'] / 1e6:.0f} | {d['bw'] / 1e9:.2f} | {r['ceiling'] / 1e9:.2f} "
               f"| {d['bw'] / r['ceiling']:.2f} | {d['bound']:.2f} "
               f"| {d['tps'] / d['bound']:.2f} | {d['compute_pt']:.2f} | {d['tps'] / d['both']:.2f} "
@@ -714,7 +744,8 @@ def main() -> None:
               f"| {rep['router'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {rep['fixed'] / rep['belady'] if rep['belady'] else float('nan'):.2f} "
               f"| {r['decode_io_wait_s'] / d['decode_s']:.0%} | {r['peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"| {(r['peak_rss_bytes'] - resident - r['budget']) / 2**20:.0f} MiB | {r['saturating'] / 1e9:.2f} |")
+              f"| {(r['peak_rss_bytes'] - resident - r['budget']) / 2**20:.0f} MiB "
+              f"| {r['cgroup_max_usage'] / 2**20:.0f} MiB | {r['saturating'] / 1e9:.2f} |")
     print("tok/s, MB/token, bandwidth, bounds, I/O wait: decode only (the prompt's batched prefill is "
           "excluded). miss-read GB/s = decode bytes read / wall time with >= 1 read in flight. "
           "ceiling: the same run's reads (same bundles, same batches started together, same "
@@ -727,7 +758,27 @@ def main() -> None:
           "(router-probability-aware; all online), best fixed set and Belady (offline, know the future), and Belady on the same "
           "tokens in random order (same popularity, no temporal locality: when it equals Belady, Belady's margin is "
           "foresight of near-independent draws, not locality an online policy could learn). 8-lane GB/s: saturating random reads (8 in flight "
-          "all the time, 2 s) just before the run, for reference.")
+          "all the time, 2 s) just before the run, for reference. peak RSS: the worker's own (VmHWM; until "
+          "session 7 ru_maxrss, which a child inherits from the process that forked it: every row read 5165 MiB, "
+          "the checkpoint generator's); cgroup peak: the cgroup's memory.max_usage_in_bytes, page cache included.")
+
+    if len(quants) > 1:
+        print()
+        print(f"## Packs at the same byte budgets (fractions of the {quants[0]} bank) and cgroup limits")
+        print(f"| budget | pack | bundle MiB | tok/s | MB read/token | hit rate decode | compute s/token | "
+              f"tok/s ÷ {quants[0]} | MB/token ÷ {quants[0]} |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        base_rows = {r["frac"]: r for r in rows if r["quant"] == quants[0] and "error" not in r}
+        for r in rows:
+            if "error" in r:
+                continue
+            d, b = derived(r), base_rows.get(r["frac"])
+            db = derived(b) if b else None
+            print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['quant']} | "
+                  f"{mans[r['quant']].stride / 2**20:.3f} | {d['tps']:.2f} | {d['bpt'] / 1e6:.1f} | "
+                  f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | "
+                  f"{d['tps'] / db['tps'] if db else float('nan'):.2f}x | "
+                  f"{d['bpt'] / db['bpt'] if db and db['bpt'] else float('nan'):.2f} |")
 
     if prows:
         print()
@@ -754,21 +805,25 @@ def main() -> None:
               "wasted disk time and bytes, counted in MB read/token).")
 
     if peer is not None:
-        ours15 = next((r for r in rows if abs(r["frac"] - 0.15) < 1e-9 and "error" not in r), None)
+        ours15 = next((r for r in rows if abs(r["frac"] - 0.15) < 1e-9 and r["quant"] == quants[0]
+                       and "error" not in r), None)
         print()
         print("## Peer: transformers + accelerate disk offload, same checkpoint, same cgroup limit")
         if "error" in peer:
             print(f"peer failed: {peer['error']}")
         else:
             sp = ours15["decode_tok_s"] / peer["decode_tok_s"] if ours15 else float("nan")
-            print("| engine | budget | cgroup limit | load s | decode tok/s | peak RSS | speed-up |")
-            print("|---|---|---|---|---|---|---|")
+            print("| engine | budget | cgroup limit | load s | decode tok/s | peak RSS (own) | cgroup peak "
+                  "| speed-up |")
+            print("|---|---|---|---|---|---|---|---|")
             if ours15:
-                print(f"| ours (packed, O_DIRECT, {a.policy}) | 15% | {peer['limit'] / 2**30:.2f} GiB | - "
-                      f"| {ours15['decode_tok_s']:.2f} | {ours15['peak_rss_bytes'] / 2**20:.0f} MiB | {sp:.1f}x |")
+                print(f"| ours ({quants[0]} pack, O_DIRECT, {a.policy}) | 15% | {peer['limit'] / 2**30:.2f} GiB | - "
+                      f"| {ours15['decode_tok_s']:.2f} | {ours15['peak_rss_bytes'] / 2**20:.0f} MiB "
+                      f"| {ours15['cgroup_max_usage'] / 2**20:.0f} MiB | {sp:.1f}x |")
             print(f"| transformers {__import__('transformers').__version__} + accelerate, "
                   f"max_memory=resident+budget | 15% | {peer['limit'] / 2**30:.2f} GiB | {peer['load_s']:.0f} "
-                  f"| {peer['decode_tok_s']:.3f} ({a.peer_tokens} tokens) | {peer['peak_rss_bytes'] / 2**20:.0f} MiB | 1.0x |")
+                  f"| {peer['decode_tok_s']:.3f} ({a.peer_tokens} tokens) | {peer['peak_rss_bytes'] / 2**20:.0f} MiB "
+                  f"| {peer['cgroup_max_usage'] / 2**20:.0f} MiB | 1.0x |")
 
     if not a.skip_skewed:
         skewed_tables(L, E, k)
