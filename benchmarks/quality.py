@@ -24,8 +24,9 @@ Tables, in one run:
    ``int4`` / ``int2``): KL of each quantised pack against the lossless one on the same text
    (the first ``--moe-tokens`` of the demo tokenizer's ids). Random weights make perplexity meaningless (printed anyway) and
    KL is a measure of distortion only; a trained MoE is not available offline.
-3. **Kernel time per expert matrix**, same run: f32 ``F.linear``, the pack's int4 path today
-   (dequantise per bundle, then fp32 GEMM), qkernel over GGUF Q4_1 blocks, and the int2 kernel, for
+3. **Kernel time per expert matrix**, same run: f32 ``F.linear``, the pack's int4 path before #24
+   (dequantise per bundle, then fp32 GEMM) and now (``q4smatmul``), qkernel over GGUF Q4_1 blocks,
+   and the int2 kernel, for
    the shapes of benchmarks/moe_stream.py's experts (gate|up 640x768, down 768x320) and of
    Qwen3-30B-A3B's (gate|up 1536x2048), one token and 8 tokens; best of 5, one thread.
 
@@ -209,7 +210,7 @@ def kernel_table(out: Callable[[str], None]) -> None:
 
     from local_engine import qkernel
     from local_engine.formats.pack import dequantize, quantize, quantize_int2
-    from local_engine.quant import GGUFBlockLinear, Int2Linear
+    from local_engine.quant import GGUFBlockLinear, GroupLinear, Int2Linear
     from local_engine.store import RawTensor
 
     lib = qkernel.load()
@@ -219,15 +220,16 @@ def kernel_table(out: Callable[[str], None]) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     out("\n## Time per expert matrix (µs, best of 5, 1 thread; weights group 64, Q4_1 blocks of 32)\n")
-    out("| matrix [out x in] | tokens | f32 F.linear | pack int4: dequantise + f32 | qkernel Q4_1 | "
-        "qkernel int2 | int2 ÷ Q4_1 | int2 ÷ f32 | int2 ÷ pack int4 |")
-    out("|---|---|---|---|---|---|---|---|---|")
+    out("| matrix [out x in] | tokens | f32 F.linear | pack int4: dequantise + f32 (until #24) | pack int4: "
+        "qkernel q4smatmul | qkernel Q4_1 | qkernel int2 | int2 ÷ pack int4 kernel | int2 ÷ Q4_1 | int2 ÷ f32 |")
+    out("|---|---|---|---|---|---|---|---|---|---|")
     try:
         for n, k in ((640, 768), (768, 320), (1536, 2048)):
             w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
             q2, s2, m2 = quantize_int2(w, GROUP)
             l2 = Int2Linear(lib, q2, s2, m2, GROUP)
             q4, s4 = quantize(w, "int4", GROUP)
+            l4 = GroupLinear(lib, "int4", q4, s4, None, GROUP)
             blocks = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q4_1).reshape(n, -1)
             l41 = GGUFBlockLinear.from_raw(lib, [RawTensor("w", "Q4_1", (n, k), blocks)])
             for m in (1, 8):
@@ -235,10 +237,11 @@ def kernel_table(out: Callable[[str], None]) -> None:
                 reps = max(20, int(4e7 / (n * k * m)))
                 t_f32 = _best_us(lambda: F.linear(x, w), reps)  # noqa: B023
                 t_deq = _best_us(lambda: F.linear(x, dequantize(q4, s4, "int4", (n, k))), max(5, reps // 10))  # noqa: B023
+                t_k4 = _best_us(lambda: l4(x), reps)  # noqa: B023
                 t_q41 = _best_us(lambda: l41(x), reps)  # noqa: B023
                 t_i2 = _best_us(lambda: l2(x), reps)  # noqa: B023
-                out(f"| {n} x {k} | {m} | {t_f32:.1f} | {t_deq:.1f} | {t_q41:.1f} | {t_i2:.1f} | "
-                    f"{t_i2 / t_q41:.2f} | {t_i2 / t_f32:.2f} | {t_i2 / t_deq:.3f} |")
+                out(f"| {n} x {k} | {m} | {t_f32:.1f} | {t_deq:.1f} | {t_k4:.1f} | {t_q41:.1f} | {t_i2:.1f} | "
+                    f"{t_i2 / t_k4:.2f} | {t_i2 / t_q41:.2f} | {t_i2 / t_f32:.2f} |")
     finally:
         torch.set_num_threads(before)
 

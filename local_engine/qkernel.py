@@ -15,7 +15,8 @@ integer multiply-add (``maddubs``) plus one FMA per 32 weights.
 
 (Q4_0 is stored as Q4_1 with m = -8 d at load; Q8_0 has no m term.) ``q2matmul`` is the same sum
 over 2-bit codes with an fp16 scale and min per group of G columns (G a multiple of 32): the
-streamed MoE experts of ``pack --quant int2``, multiplied straight from the read buffer.
+streamed MoE experts of ``pack --quant int2``, multiplied straight from the read buffer;
+``q4smatmul`` the same for ``pack --quant int4`` (symmetric nibbles, min = -8 scale).
 
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
@@ -287,12 +288,26 @@ static inline __attribute__((always_inline)) void q2_unpack(const uint8_t *blk, 
     *w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1));  /* columns 16..31 */
 }
 
-/* R weight rows x MM activation rows; R, MM compile-time constants at every call site. */
+/* The pack's symmetric int4 (formats/pack.py quantize): byte j of a row holds column 2j in its low
+   nibble and 2j+1 in its high one, w = (nibble - 8) * scale per group: the same sum with
+   min = -8 * scale. A block of 32 columns is 16 bytes: low and high nibbles interleaved back
+   into column order by unpacklo/hi_epi8. */
+static inline __attribute__((always_inline)) void q4s_unpack(const uint8_t *blk, __m256i *w0, __m256i *w1) {
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    __m128i v = _mm_loadu_si128((const __m128i *)blk);
+    __m128i lo = _mm_and_si128(v, lowmask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), lowmask);
+    *w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));  /* columns 0..15 */
+    *w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));  /* columns 16..31 */
+}
+
+/* R weight rows x MM activation rows; BITS (2: int2 with mins, 4: the pack's symmetric int4, mn
+   unused), R, MM compile-time constants at every call site. */
 static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, const uint16_t *sc, const uint16_t *mn,
-                                                          const int R, const int MM, int bpg, int r, int m, int nb,
-                                                          const xblock *xq, int N, float *y) {
+                                                          const int BITS, const int R, const int MM, int bpg, int r,
+                                                          int m, int nb, const xblock *xq, int N, float *y) {
     const int ng = nb / bpg;
-    const size_t rb = (size_t)nb * 8;
+    const int bb = BITS * 4;  /* bytes per block of 32 columns */
+    const size_t rb = (size_t)nb * bb;
     const uint8_t *qr[4];
     const uint16_t *sr[4], *mr[4];
     __m256 acc[4][4];
@@ -300,16 +315,22 @@ static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, cons
     for (int i = 0; i < R; i++) {
         qr[i] = q + (size_t)(r + i) * rb;
         sr[i] = sc + (size_t)(r + i) * ng;
-        mr[i] = mn + (size_t)(r + i) * ng;
+        mr[i] = BITS == 2 ? mn + (size_t)(r + i) * ng : sr[i];
         for (int j = 0; j < MM; j++) { acc[i][j] = _mm256_setzero_ps(); summs[i][j] = 0.0f; }
     }
     for (int g = 0; g < ng; g++) {
         float dw[4], mw[4];
-        for (int i = 0; i < R; i++) { dw[i] = _cvtsh_ss(sr[i][g]); mw[i] = _cvtsh_ss(mr[i][g]); }
+        for (int i = 0; i < R; i++) {
+            dw[i] = _cvtsh_ss(sr[i][g]);
+            mw[i] = BITS == 2 ? _cvtsh_ss(mr[i][g]) : -8.0f * dw[i];
+        }
         for (int b = g * bpg; b < (g + 1) * bpg; b++) {
             __m256i w0[4], w1[4];
-            for (int i = 0; i < R; i++) q2_unpack(qr[i] + (size_t)b * 8, &w0[i], &w1[i]);
-            if (MM == 1 && R == 4) _mm_prefetch((const char *)(qr[3] + rb) + (size_t)b * 8 * 4, _MM_HINT_T0);
+            for (int i = 0; i < R; i++) {
+                if (BITS == 2) q2_unpack(qr[i] + (size_t)b * bb, &w0[i], &w1[i]);
+                else q4s_unpack(qr[i] + (size_t)b * bb, &w0[i], &w1[i]);
+            }
+            if (MM == 1 && R == 4) _mm_prefetch((const char *)(qr[3] + rb) + (size_t)b * bb * 4, _MM_HINT_T0);
             for (int j = 0; j < MM; j++) {
                 const xblock *xb = xq + (size_t)(m + j) * nb + b;
                 __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
@@ -328,29 +349,33 @@ static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, cons
         for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
 }
 
-static void q2_rows(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int bpg, int r0, int r1, int nb,
-                    const xblock *xq, int M, int N, float *y) {
-    int r = r0;
-    if (M == 1) {
-        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, 4, 1, bpg, r, 0, nb, xq, N, y);
-        for (; r < r1; r++) q2_tile(q, sc, mn, 1, 1, bpg, r, 0, nb, xq, N, y);
-        return;
-    }
-    for (; r + 2 <= r1; r += 2) {
-        int m = 0;
-        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, 2, 4, bpg, r, m, nb, xq, N, y);
-        for (; m < M; m++) q2_tile(q, sc, mn, 2, 1, bpg, r, m, nb, xq, N, y);
-    }
-    for (; r < r1; r++) {
-        int m = 0;
-        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, 1, 4, bpg, r, m, nb, xq, N, y);
-        for (; m < M; m++) q2_tile(q, sc, mn, 1, 1, bpg, r, m, nb, xq, N, y);
-    }
+#define GQ_ROWS_IMPL(NAME, BITS)                                                                     \
+static void NAME(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int bpg, int r0, int r1, int nb,  \
+                 const xblock *xq, int M, int N, float *y) {                                                 \
+    int r = r0;                                                                                              \
+    if (M == 1) {                                                                                            \
+        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, BITS, 4, 1, bpg, r, 0, nb, xq, N, y);                 \
+        for (; r < r1; r++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, 0, nb, xq, N, y);                         \
+        return;                                                                                              \
+    }                                                                                                        \
+    for (; r + 2 <= r1; r += 2) {                                                                            \
+        int m = 0;                                                                                           \
+        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, BITS, 2, 4, bpg, r, m, nb, xq, N, y);                  \
+        for (; m < M; m++) q2_tile(q, sc, mn, BITS, 2, 1, bpg, r, m, nb, xq, N, y);                          \
+    }                                                                                                        \
+    for (; r < r1; r++) {                                                                                    \
+        int m = 0;                                                                                           \
+        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, BITS, 1, 4, bpg, r, m, nb, xq, N, y);                  \
+        for (; m < M; m++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, m, nb, xq, N, y);                          \
+    }                                                                                                        \
 }
+GQ_ROWS_IMPL(q2_rows, 2)
+GQ_ROWS_IMPL(q4s_rows, 4)
 
-/* y[M, N] = x[M, K] @ W[N, K]^T for an int2 matrix (layout above); group G columns per scale/min. */
-int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x, float *y,
-             int M, int N, int K, int nthreads) {
+/* y[M, N] = x[M, K] @ W[N, K]^T for a grouped matrix: bits 2 = int2 (scale and min), 4 = the pack's
+   symmetric int4 (mn ignored); group G columns per scale. */
+static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
+                    float *y, int M, int N, int K, int nthreads) {
     if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
     int nb = K / 32;
     xblock stackbuf[128];
@@ -362,10 +387,21 @@ int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, co
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int c = 0; c < chunks; c++) {
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        q2_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
+        if (bits == 2) q2_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
+        else q4s_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
     }
     if (xq != stackbuf) free(xq);
     return 0;
+}
+
+int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x, float *y,
+             int M, int N, int K, int nthreads) {
+    return gqmatmul(2, q, sc, mn, G, x, y, M, N, K, nthreads);
+}
+
+int q4smatmul(const uint8_t *q, const uint16_t *sc, int G, const float *x, float *y, int M, int N, int K,
+              int nthreads) {
+    return gqmatmul(4, q, sc, sc, G, x, y, M, N, K, nthreads);
 }
 
 /* One decode step of attention for one layer, after the q|k|v matmul:
@@ -475,6 +511,10 @@ def _build() -> ctypes.CDLL:
     q2 = lib.q2matmul
     q2.restype = ctypes.c_int
     q2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    q4 = lib.q4smatmul
+    q4.restype = ctypes.c_int
+    q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     a = lib.attn_step
     a.restype = None

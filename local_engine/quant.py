@@ -7,7 +7,8 @@ Each is a callable ``[.., in] fp32 -> [.., out] fp32`` (the ``Linear`` of models
                   (``_weight_int4pack_mm_for_cpu``, as gpt-fast): GGUF Q4_0 / Q4_1 map onto it
                   exactly (w = (q - 8)·scale + zero), so nothing is re-quantised
     Int8Linear    int8 per output channel (``_weight_int8pack_mm``, bf16 activations)
-    Int2Linear    2-bit asymmetric groups (MoE int2 experts), local_engine.qkernel's q2matmul
+    GroupLinear   the MoE pack's int2 (asymmetric) / int4 (symmetric) expert groups, multiplied
+                  by local_engine.qkernel's q2matmul / q4smatmul from the read buffer
     F16Linear     fp16 weights, fp32 activations, fbgemm's packed fp16 GEMM: on this AVX2-only
                   CPU it beats the int4 kernel (which is compute-bound here) for decode and is
                   ~5x faster for prefill. fbgemm's dynamic *int8* linear was faster still but
@@ -220,28 +221,36 @@ class GGUFBlockLinear:
             raise RuntimeError(f"qkernel failed with code {rc} for a {self.out_features}x{self.in_features} matrix")
 
 
-class Int2Linear:
-    """2-bit asymmetric groups (``pack --quant int2`` experts) multiplied by ``qkernel.q2matmul``.
+class GroupLinear:
+    """A pack's grouped expert matrix multiplied by ``qkernel`` straight from its bytes.
 
-    ``q`` uint8 [out, in/4], ``scale`` / ``mins`` fp16 [out, in/group] (layout:
-    ``formats.pack.quantize_int2``). The tensors may be zero-copy views over a read buffer (a
-    streamed expert): nothing is converted or copied, the kernel reads the bytes as they landed.
-    Without the compiled kernel (``lib`` None) the matrix is dequantised to fp32 per call.
+    ``method`` "int2": ``q`` uint8 [out, in/4], ``scale`` / ``mins`` fp16 [out, in/group]
+    (layout: ``formats.pack.quantize_int2``; ``qkernel.q2matmul``). "int4": the pack's symmetric
+    nibbles, ``q`` uint8 [out, in/2], ``scale`` fp16, no mins (``qkernel.q4smatmul``). The tensors
+    may be zero-copy views over a read buffer (a streamed expert): nothing is converted or
+    copied. Without the compiled kernel (``lib`` None), or with a group the kernel cannot block
+    (not a multiple of 32), the matrix is dequantised to fp32 per call.
     """
 
-    def __init__(self, lib: object | None, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
-                 group: int) -> None:
-        self.out_features, self.in_features = q.shape[0], q.shape[1] * 4
-        if scale.dtype != torch.float16 or mins.dtype != torch.float16 or q.dtype != torch.uint8:
-            raise ValueError("Int2Linear: q must be uint8 and scale/mins fp16")
-        self.q, self.scale, self.mins, self.group = q, scale, mins, group
-        self._fn = None if lib is None else lib.q2matmul  # type: ignore[attr-defined]
-        self.nbytes = q.numel() + 2 * scale.numel() * 2
+    def __init__(self, lib: object | None, method: str, q: torch.Tensor, scale: torch.Tensor,
+                 mins: torch.Tensor | None, group: int) -> None:
+        per_byte = {"int2": 4, "int4": 2}[method]
+        self.out_features, self.in_features = q.shape[0], q.shape[1] * per_byte
+        if scale.dtype != torch.float16 or q.dtype != torch.uint8 or (method == "int2") != (mins is not None):
+            raise ValueError(f"GroupLinear {method}: q must be uint8, scale fp16, and mins fp16 for int2 only")
+        if mins is not None and mins.dtype != torch.float16:
+            raise ValueError("GroupLinear: mins must be fp16")
+        self.method, self.q, self.scale, self.mins, self.group = method, q, scale, mins, group
+        fn = None
+        if lib is not None and (method == "int2" or group % 32 == 0):
+            fn = lib.q2matmul if method == "int2" else lib.q4smatmul  # type: ignore[attr-defined]
+        self._fn = fn
+        self.nbytes = q.numel() + scale.numel() * 2 * (2 if mins is not None else 1)
 
     def dequantize(self) -> torch.Tensor:
         from local_engine.formats.pack import dequantize
 
-        return dequantize(self.q, self.scale, "int2", (self.out_features, self.in_features), self.mins)
+        return dequantize(self.q, self.scale, self.method, (self.out_features, self.in_features), self.mins)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._fn is None:
@@ -252,12 +261,24 @@ class Int2Linear:
             x2 = x2.float().contiguous()
         m = x2.shape[0]
         y = torch.empty(m, self.out_features)
-        rc = self._fn(self.q.data_ptr(), self.scale.data_ptr(), self.mins.data_ptr(), self.group, x2.data_ptr(),
-                      y.data_ptr(), m, self.out_features, self.in_features, torch.get_num_threads())
+        head = (self.q.data_ptr(), self.scale.data_ptr())
+        if self.mins is not None:
+            head = (*head, self.mins.data_ptr())
+        rc = self._fn(*head, self.group, x2.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features,
+                      torch.get_num_threads())
         if rc != 0:
-            raise RuntimeError(f"qkernel q2matmul failed with code {rc} for a {self.out_features}x"
+            name = "q2matmul" if self.method == "int2" else "q4smatmul"
+            raise RuntimeError(f"qkernel {name} failed with code {rc} for a {self.out_features}x"
                                f"{self.in_features} matrix, group {self.group}")
         return y if len(shape) == 2 else y.reshape(*shape[:-1], self.out_features)
+
+
+class Int2Linear(GroupLinear):
+    """2-bit asymmetric groups (``pack --quant int2`` experts), ``qkernel.q2matmul``."""
+
+    def __init__(self, lib: object | None, q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                 group: int) -> None:
+        super().__init__(lib, "int2", q, scale, mins, group)
 
 
 def _q4_0_as_q4_1(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:

@@ -160,3 +160,26 @@ def test_int2_kernel_refuses_a_group_it_cannot_block(lib) -> None:
     q, s, mn, _ = _int2(8, 64, 32, seed=1)
     with pytest.raises(RuntimeError, match="q2matmul failed with code -1"):
         Int2Linear(lib, q, s, mn, 48)(torch.randn(1, 64))  # 48: not a multiple of the 32-column block
+
+
+@pytest.mark.parametrize("rows,cols,group", [(301, 96, 32), (37, 480, 96), (768, 320, 64)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_pack_int4_matches_dequantised_matmul(lib, rows: int, cols: int, group: int, m: int) -> None:
+    from local_engine.formats.pack import dequantize, quantize
+    from local_engine.quant import GroupLinear
+
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + m))
+    q, s = quantize(w, "int4", group)
+    ref_w = dequantize(q, s, "int4", (rows, cols))
+    x = torch.randn(m, cols, generator=torch.Generator().manual_seed(3))
+    x[:, 9] *= 60.0
+    ref = x @ ref_w.T
+    lin = GroupLinear(lib, "int4", q, s, None, group)
+    assert lin._fn is not None
+    rel = ((lin(x) - ref).abs().max() / ref.abs().max()).item()
+    assert rel < 5e-4, f"int4 {rows}x{cols} g{group} M={m}: relative error {rel:.2e}"
+    # a group the kernel cannot block (16): dequantised per call, same answer
+    q16, s16 = quantize(w, "int4", 16)
+    small = GroupLinear(lib, "int4", q16, s16, None, 16)
+    assert small._fn is None
+    assert torch.allclose(small(x), x @ dequantize(q16, s16, "int4", (rows, cols)).T, rtol=1e-5, atol=1e-3)
