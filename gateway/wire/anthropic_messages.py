@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, Field, TypeAdapter
 
 from gateway.classify.text import content_text
 from gateway.schema import APIError
 from gateway.wire.base import (
+    ChatChunkTranslator,
     Event,
-    StreamTranslator,
+    OpenModel,
     WireAdapter,
     arguments_object,
+    bad,
     chat_usage,
     check,
     new_id,
@@ -32,42 +34,38 @@ from gateway.wire.base import (
 PATH = "/v1/messages"
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")  # fields we do not use (cache_control, citations...) are fine
-
-
-class TextBlock(_Open):
+class TextBlock(OpenModel):
     type: Literal["text"]
     text: str
 
 
-class ImageSource(_Open):
+class ImageSource(OpenModel):
     type: Literal["base64", "url"]
     media_type: str | None = None
     data: str | None = None
     url: str | None = None
 
 
-class ImageBlock(_Open):
+class ImageBlock(OpenModel):
     type: Literal["image"]
     source: ImageSource
 
 
-class ToolUseBlock(_Open):
+class ToolUseBlock(OpenModel):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     input: dict[str, Any]
 
 
-class ToolResultBlock(_Open):
+class ToolResultBlock(OpenModel):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
     content: str | list[TextBlock | ImageBlock] | None = None
     is_error: bool | None = None
 
 
-class ThinkingBlock(_Open):
+class ThinkingBlock(OpenModel):
     type: Literal["thinking", "redacted_thinking"]
 
 
@@ -76,12 +74,12 @@ Block = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | Thin
 _BLOCK: TypeAdapter[Any] = TypeAdapter(Block)
 
 
-class MessageParam(_Open):
+class MessageParam(OpenModel):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
 
-class ToolParam(_Open):
+class ToolParam(OpenModel):
     type: Literal["custom"] | None = None
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
@@ -91,13 +89,13 @@ class ToolParam(_Open):
 _TOOL: TypeAdapter[ToolParam] = TypeAdapter(ToolParam)
 
 
-class ToolChoice(_Open):
+class ToolChoice(OpenModel):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
 
 
-class MessagesRequest(_Open):
+class MessagesRequest(OpenModel):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int = Field(ge=1)
     messages: list[MessageParam] = Field(min_length=1)
@@ -115,10 +113,6 @@ class MessagesRequest(_Open):
 # -- in -----------------------------------------------------------------------------------------
 
 
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, f"Invalid request: {param}: {message}", param=param, code="invalid_value")
-
-
 def _image_part(block: ImageBlock) -> dict[str, Any]:
     src = block.source
     url = src.url if src.type == "url" else f"data:{src.media_type or 'image/png'};base64,{src.data or ''}"
@@ -129,7 +123,7 @@ def _tool_result(block: ToolResultBlock, where: str) -> dict[str, Any]:
     content: str | list[dict[str, Any]]
     if isinstance(block.content, list):
         if any(isinstance(b, ImageBlock) for b in block.content):
-            raise _bad("images inside a tool_result are not supported (chat tool results carry text only)", where)
+            raise bad("images inside a tool_result are not supported (chat tool results carry text only)", where)
         content = [{"type": "text", "text": b.text} for b in block.content if isinstance(b, TextBlock)]
     else:
         content = block.content or ""
@@ -149,7 +143,7 @@ def _user(content: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
         elif isinstance(block, ToolResultBlock):
             results.append(_tool_result(block, where))
         else:
-            raise _bad(f"a user message cannot hold a `{block.type}` block", where)
+            raise bad(f"a user message cannot hold a `{block.type}` block", where)
     return results + ([{"role": "user", "content": parts}] if parts else [])
 
 
@@ -165,7 +159,7 @@ def _assistant(content: list[dict[str, Any]], i: int) -> dict[str, Any]:
             calls.append({"id": block.id, "type": "function",
                           "function": {"name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
         elif not isinstance(block, ThinkingBlock):  # thinking: no chat equivalent, dropped
-            raise _bad(f"an assistant message cannot hold a `{block.type}` block", where)
+            raise bad(f"an assistant message cannot hold a `{block.type}` block", where)
     message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
@@ -177,7 +171,7 @@ def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for k, raw in enumerate(tools):
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind not in (None, "custom"):
-            raise _bad(f"server tools (`{str(kind)[:60]}`) are not supported; declare client tools with "
+            raise bad(f"server tools (`{str(kind)[:60]}`) are not supported; declare client tools with "
                        "name and input_schema", f"tools.{k}")
         tool = check(_TOOL, raw, f"tools.{k}")
         fn: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
@@ -190,7 +184,7 @@ def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _tool_choice(choice: ToolChoice, body: dict[str, Any]) -> None:
     if choice.type == "tool":
         if not choice.name:
-            raise _bad("`name` is required when type is `tool`", "tool_choice.name")
+            raise bad("`name` is required when type is `tool`", "tool_choice.name")
         body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     else:
         body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
@@ -268,20 +262,18 @@ def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
     }
 
 
-class MessagesStream(StreamTranslator):
+class MessagesStream(ChatChunkTranslator):
     """Chat chunks -> message_start, content_block_start/delta/stop, message_delta, message_stop
     (or one `error` event when the stream broke and no target could finish it)."""
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.model = model
         self.id = new_id("msg_")
         self.started = False
-        self.done = False
         self.index = -1
         self.open: tuple[str, int] | None = None  # ("text", 0) or ("tool", chat tool index)
         self.tools: dict[int, int] = {}  # chat tool-call index -> content block index
-        self.stop: str | None = None
-        self.usage = (0, 0)
 
     def _start(self, events: list[Event], chunk: dict[str, Any]) -> None:
         if self.started:
@@ -302,35 +294,17 @@ class MessagesStream(StreamTranslator):
         self.open = key
         events.append({"type": "content_block_start", "index": self.index, "content_block": block})
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        if self.done:
-            return []
-        events: list[Event] = []
-        self._start(events, chunk)
-        if isinstance(chunk.get("error"), dict) and not chunk.get("choices"):
-            self._close(events)
-            self.done = True
-            events.append({"type": "error", "error": {"type": "api_error",
-                                                      "message": str(chunk["error"].get("message") or "")}})
-            return events
-        if chunk.get("usage"):
-            self.usage = chat_usage(chunk)
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if self.open != ("text", 0):
-                    self._open(events, ("text", 0), {"type": "text", "text": ""})
-                events.append({"type": "content_block_delta", "index": self.index,
-                               "delta": {"type": "text_delta", "text": delta["content"]}})
-            for call in delta.get("tool_calls") or []:
-                self._tool_delta(events, call)
-            if choice.get("finish_reason"):
-                self.stop = stop_reason(choice["finish_reason"])
-        return events
+    def _fail(self, events: list[Event], message: str) -> None:
+        self._close(events)
+        events.append({"type": "error", "error": {"type": "api_error", "message": message}})
 
-    def _tool_delta(self, events: list[Event], call: dict[str, Any]) -> None:
+    def _text(self, events: list[Event], text: str) -> None:
+        if self.open != ("text", 0):
+            self._open(events, ("text", 0), {"type": "text", "text": ""})
+        events.append({"type": "content_block_delta", "index": self.index,
+                       "delta": {"type": "text_delta", "text": text}})
+
+    def _tool(self, events: list[Event], call: dict[str, Any]) -> None:
         k = int(call.get("index") or 0)
         fn = call.get("function") or {}
         if k not in self.tools:
@@ -341,18 +315,12 @@ class MessagesStream(StreamTranslator):
             events.append({"type": "content_block_delta", "index": self.tools[k],
                            "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
 
-    def finish(self) -> list[Event]:
-        if self.done:
-            return []
-        events: list[Event] = []
-        self._start(events, {})
-        self._close(events)
-        self.done = True
+    def _end(self, events: list[Event]) -> None:
         inp, out = self.usage
-        events.append({"type": "message_delta", "delta": {"stop_reason": self.stop or "end_turn", "stop_sequence": None},
+        events.append({"type": "message_delta",
+                       "delta": {"stop_reason": stop_reason(self.finish_reason), "stop_sequence": None},
                        "usage": {"input_tokens": inp, "output_tokens": out}})
         events.append({"type": "message_stop"})
-        return events
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from gateway.schema import APIError
 
@@ -26,6 +26,78 @@ class StreamTranslator(ABC):
 
     @abstractmethod
     def finish(self) -> list[Event]: ...
+
+
+class ChatChunkTranslator(StreamTranslator):
+    """What every translator does with a chat chunk: take the first event from it, end on an
+    `{"error": ...}` chunk, keep the usage and finish reason, hand choice 0's text and tool-call
+    deltas on. Subclasses say what each of those becomes in their API's events."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.usage = (0, 0)
+        self.finish_reason: str | None = None
+
+    @abstractmethod
+    def _start(self, events: list[Event], chunk: dict[str, Any]) -> Any:
+        """The opening events, once (the chunk says the model)."""
+
+    @abstractmethod
+    def _text(self, events: list[Event], text: str) -> None: ...
+
+    @abstractmethod
+    def _tool(self, events: list[Event], call: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def _close(self, events: list[Event]) -> None:
+        """Ends the open content block or output item, if any."""
+
+    @abstractmethod
+    def _fail(self, events: list[Event], message: str) -> None:
+        """The terminal event of a stream that broke for good."""
+
+    @abstractmethod
+    def _end(self, events: list[Event]) -> None:
+        """The terminal event of a stream that finished, after `_close`."""
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        if self.done:
+            return []
+        events: list[Event] = []
+        self._start(events, chunk)
+        if isinstance(chunk.get("error"), dict) and not chunk.get("choices"):
+            self.done = True
+            self._fail(events, str(chunk["error"].get("message") or ""))
+            return events
+        if chunk.get("usage"):
+            self.usage = chat_usage(chunk)
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self._text(events, delta["content"])
+            for call in delta.get("tool_calls") or []:
+                self._tool(events, call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return events
+
+    def finish(self) -> list[Event]:
+        if self.done:
+            return []
+        events: list[Event] = []
+        self._start(events, {})
+        self._close(events)
+        self.done = True
+        self._end(events)
+        return events
+
+
+class OpenModel(BaseModel):
+    """A request model that accepts the fields it does not use (cache_control, citations...)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class WireAdapter(ABC):
@@ -72,6 +144,11 @@ def invalid(exc: ValidationError, prefix: str = "") -> APIError:
     msg = first.get("msg", "Invalid request")
     return APIError(400, f"Invalid request: {loc + ': ' if loc else ''}{msg}", param=loc or None,
                     code="invalid_value")
+
+
+def bad(message: str, param: str) -> APIError:
+    """A 400 for a value the conversion cannot express, naming where it is."""
+    return APIError(400, f"Invalid request: {param}: {message}", param=param, code="invalid_value")
 
 
 def check(adapter: TypeAdapter[Any], value: Any, where: str) -> Any:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 
 from gateway.classify.text import content_text
 from gateway.schema import APIError
 from gateway.wire.base import (
+    ChatChunkTranslator,
     Event,
-    StreamTranslator,
+    OpenModel,
     WireAdapter,
+    bad,
     chat_usage,
     check,
     new_id,
@@ -31,22 +33,18 @@ from gateway.wire.base import (
 PATH = "/v1/responses"
 
 
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class TextPart(_Open):
+class TextPart(OpenModel):
     type: Literal["input_text", "output_text"]
     text: str
 
 
-class ImagePart(_Open):
+class ImagePart(OpenModel):
     type: Literal["input_image"]
     image_url: str | None = None
     detail: str | None = None
 
 
-class RefusalPart(_Open):
+class RefusalPart(OpenModel):
     type: Literal["refusal"]
     refusal: str
 
@@ -55,26 +53,26 @@ Part = Annotated[TextPart | ImagePart | RefusalPart, Field(discriminator="type")
 _PARTS: TypeAdapter[Any] = TypeAdapter(list[Part])
 
 
-class MessageItem(_Open):
+class MessageItem(OpenModel):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[dict[str, Any]]
 
 
-class FunctionCallItem(_Open):
+class FunctionCallItem(OpenModel):
     type: Literal["function_call"]
     call_id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     arguments: str
 
 
-class FunctionCallOutputItem(_Open):
+class FunctionCallOutputItem(OpenModel):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1)
     output: str | list[dict[str, Any]]
 
 
-class ReasoningItem(_Open):
+class ReasoningItem(OpenModel):
     type: Literal["reasoning"]
 
 
@@ -82,7 +80,7 @@ Item = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem | Reaso
 _ITEM: TypeAdapter[Any] = TypeAdapter(Item)
 
 
-class FunctionTool(_Open):
+class FunctionTool(OpenModel):
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
@@ -93,7 +91,7 @@ class FunctionTool(_Open):
 _TOOL: TypeAdapter[FunctionTool] = TypeAdapter(FunctionTool)
 
 
-class TextFormat(_Open):
+class TextFormat(OpenModel):
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -101,11 +99,11 @@ class TextFormat(_Open):
     description: str | None = None
 
 
-class TextConfig(_Open):
+class TextConfig(OpenModel):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Open):
+class ResponsesRequest(OpenModel):
     model: str = Field(min_length=1, max_length=256)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -125,10 +123,6 @@ class ResponsesRequest(_Open):
 
 
 # -- in -----------------------------------------------------------------------------------------
-
-
-def _bad(message: str, param: str) -> APIError:
-    return APIError(400, f"Invalid request: {param}: {message}", param=param, code="invalid_value")
 
 
 def _stateless(req: ResponsesRequest) -> None:
@@ -154,7 +148,7 @@ def _parts(content: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
                 image["detail"] = part.detail
             out.append({"type": "image_url", "image_url": image})
         else:
-            raise _bad("input_image needs `image_url` (file ids are not supported)", where)
+            raise bad("input_image needs `image_url` (file ids are not supported)", where)
     return out
 
 
@@ -165,7 +159,7 @@ def _message(item: MessageItem, where: str) -> dict[str, Any]:
     if item.role == "user":
         return {"role": "user", "content": parts}
     if any(p["type"] != "text" for p in parts):
-        raise _bad(f"a {item.role} message holds text only", f"{where}.content")
+        raise bad(f"a {item.role} message holds text only", f"{where}.content")
     return {"role": item.role, "content": "".join(p["text"] for p in parts)}
 
 
@@ -189,7 +183,7 @@ def _items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif isinstance(item, FunctionCallOutputItem):
             output = item.output if isinstance(item.output, str) else _parts(item.output, f"{where}.output")
             if isinstance(output, list) and any(p["type"] != "text" for p in output):
-                raise _bad("function_call_output holds text only", f"{where}.output")
+                raise bad("function_call_output holds text only", f"{where}.output")
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
     return messages
 
@@ -199,7 +193,7 @@ def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for k, raw in enumerate(tools):
         kind = raw.get("type") if isinstance(raw, dict) else None
         if kind != "function":
-            raise _bad(f"only function tools are supported, not `{str(kind)[:60]}`", f"tools.{k}")
+            raise bad(f"only function tools are supported, not `{str(kind)[:60]}`", f"tools.{k}")
         tool = check(_TOOL, raw, f"tools.{k}")
         fn: dict[str, Any] = {"name": tool.name, "parameters": tool.parameters or {"type": "object", "properties": {}}}
         if tool.description is not None:
@@ -215,7 +209,7 @@ def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
         return choice
     if choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise _bad("expected auto, none, required or {\"type\": \"function\", \"name\": ...}", "tool_choice")
+    raise bad("expected auto, none, required or {\"type\": \"function\", \"name\": ...}", "tool_choice")
 
 
 def _response_format(fmt: TextFormat) -> dict[str, Any] | None:
@@ -224,7 +218,7 @@ def _response_format(fmt: TextFormat) -> dict[str, Any] | None:
     if fmt.type == "json_object":
         return {"type": "json_object"}
     if not fmt.name or fmt.schema_ is None:
-        raise _bad("json_schema needs `name` and `schema`", "text.format")
+        raise bad("json_schema needs `name` and `schema`", "text.format")
     schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema_}
     if fmt.strict is not None:
         schema["strict"] = fmt.strict
@@ -243,7 +237,7 @@ def to_chat(req: ResponsesRequest) -> dict[str, Any]:
     else:
         messages.extend(_items(req.input))
     if not messages:
-        raise _bad("needs at least one message", "input")
+        raise bad("needs at least one message", "input")
     body: dict[str, Any] = {"model": req.model, "messages": messages}
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
@@ -337,21 +331,19 @@ def from_chat(response: dict[str, Any], req: ResponsesRequest) -> dict[str, Any]
     return _finished(out, choice.get("finish_reason"), chat_usage(response))
 
 
-class ResponsesStream(StreamTranslator):
+class ResponsesStream(ChatChunkTranslator):
     """Chat chunks -> response.created, response.in_progress, output items and their parts and
     deltas, then response.completed (response.incomplete when cut by max_output_tokens), or
     response.failed when the stream broke and no target could finish it."""
 
     def __init__(self, req: ResponsesRequest) -> None:
+        super().__init__()
         self.req = req
         self.response: dict[str, Any] | None = None
         self.seq = 0
         self.open: dict[str, Any] | None = None  # the output item being written
         self.tools: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its function_call item
         self.text: list[str] = []
-        self.finish_reason: str | None = None
-        self.usage = (0, 0)
-        self.done = False
 
     def _ev(self, events: list[Event], kind: str, **fields: Any) -> None:
         events.append({"type": kind, **fields, "sequence_number": self.seq})
@@ -392,27 +384,6 @@ class ResponsesStream(StreamTranslator):
         item["status"] = "completed"
         self._ev(events, "response.output_item.done", output_index=index, item=dict(item))
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
-        if self.done:
-            return []
-        events: list[Event] = []
-        self._start(events, chunk)
-        if isinstance(chunk.get("error"), dict) and not chunk.get("choices"):
-            return self._fail(events, str(chunk["error"].get("message") or ""))
-        if chunk.get("usage"):
-            self.usage = chat_usage(chunk)
-        for choice in chunk.get("choices") or []:
-            if choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            if delta.get("content"):
-                self._text(events, delta["content"])
-            for call in delta.get("tool_calls") or []:
-                self._tool(events, call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
-        return events
-
     def _text(self, events: list[Event], text: str) -> None:
         if self.open is None or self.open["type"] != "message":
             item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress",
@@ -440,9 +411,8 @@ class ResponsesStream(StreamTranslator):
             self._ev(events, "response.function_call_arguments.delta", item_id=item["id"],
                      output_index=self.response["output"].index(item), delta=fn["arguments"])
 
-    def _fail(self, events: list[Event], message: str) -> list[Event]:
+    def _fail(self, events: list[Event], message: str) -> None:
         assert self.response is not None
-        self.done = True
         if self.open is not None:
             self.open["status"] = "incomplete"
             if self.open["type"] == "message":
@@ -451,19 +421,12 @@ class ResponsesStream(StreamTranslator):
         self.response["error"] = {"code": "server_error", "message": message}
         self.response["usage"] = _usage(*self.usage)
         self._ev(events, "response.failed", response=self.response)
-        return events
 
-    def finish(self) -> list[Event]:
-        if self.done:
-            return []
-        events: list[Event] = []
-        response = self._start(events, {})
-        self._close(events)
-        self.done = True
-        _finished(response, self.finish_reason, self.usage)
+    def _end(self, events: list[Event]) -> None:
+        assert self.response is not None
+        response = _finished(self.response, self.finish_reason, self.usage)
         kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         self._ev(events, kind, response=response)
-        return events
 
 
 def error_body(err: APIError) -> dict[str, Any]:
