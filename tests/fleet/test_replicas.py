@@ -102,7 +102,9 @@ def test_a_conversation_continues_on_another_replica(replicas: list[RunningGatew
     assert any(k.startswith(b"hg:vault:") for k in redis_server.dump())
     for value in (*PLANTED.values(), "conv-fleet-1"):
         assert value.encode() not in stored, value
-        assert value.split()[0].encode() not in stored, value
+        # A fragment as short as "+1" turns up in random ciphertext by chance (~1 run in 300).
+        if len(first := value.split()[0]) >= 4:
+            assert first.encode() not in stored, value
 
 
 def _burst(gw: RunningGateway) -> httpx.Response:
