@@ -9,7 +9,8 @@
     eng.info()                               # dict: arch, sizes, weight representation, ...
 
 Sampling keywords (see sampling.SamplingParams): max_tokens, temperature, top_k, top_p,
-repetition_penalty, seed, stop (str or list). ``should_stop`` (a callable) is polled between tokens
+repetition_penalty, seed, stop (str or list); ``speculative`` ("off" | "prompt-lookup" | "auto",
+default the engine's ``speculative``, itself off unless ``Engine.open(..., speculative=...)``). ``should_stop`` (a callable) is polled between tokens
 so a caller can cancel (client gone, deadline): finish_reason is then "cancelled".
 
 Loader registry (the extension hook)
@@ -36,14 +37,14 @@ import importlib.util
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from local_engine import chat_template, prefix_cache
+from local_engine import chat_template, prefix_cache, speculative
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
@@ -137,8 +138,12 @@ class Generation:
 
     def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams,
                  should_stop: Callable[[], bool] | None,
-                 grammar: grammar_mod.GrammarProcessor | None = None) -> None:
+                 grammar: grammar_mod.GrammarProcessor | None = None,
+                 spec_mode: speculative.Mode = "off") -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
+        # speculation is exact for greedy argmax only: sampling and the grammar mask turn it off
+        self.spec_mode: speculative.Mode = (spec_mode if params.temperature <= 0 and params.repetition_penalty == 1.0
+                                            and grammar is None else "off")
         self.should_stop = should_stop
         self.grammar = grammar
         self.tool_spec: tools_mod.ToolSpec | None = None
@@ -183,6 +188,10 @@ class Generation:
         stops = [s for s in p.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
+        lookup = speculative.PromptLookup(history) if self.spec_mode != "off" else None
+        switch = speculative.SpecSwitch() if self.spec_mode == "auto" else None
+        queue: list[int] = []  # drafted tokens a verify accepted: decided, their K/V already cached
+        spec = {"drafted": 0, "accepted": 0, "verifies": 0, "steps": 0}
         # the prefix cache lends the KV of the longest kept prefix of the prompt, and keeps this
         # sequence's KV when the block exits, however it ends (a client gone included)
         with eng.lock, torch.inference_mode(), \
@@ -197,36 +206,14 @@ class Generation:
             t1 = time.perf_counter()
             reason = "length"
             cut_by_stop_string = False
-            for step in range(max_new):
-                if self.should_stop is not None and self.should_stop():
-                    reason = "cancelled"
-                    break
-                nxt = sampler(gram.mask(logits) if gram is not None else logits, history)
-                if nxt in tok.stop_ids:
-                    reason = "stop"
-                    break
-                if gram is not None:
-                    gram.advance(nxt)
-                history.append(nxt)
-                self.stats.completion_tokens += 1
-                pending += dec.push(nxt)
-                if stops and (gram is None or gram.grammar.stops_apply(self.text + pending)):
-                    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        pending, reason, cut_by_stop_string = pending[:cut], "stop", True
-                        break
-                emit = pending[:len(pending) - hold] if hold else pending
-                if emit:
-                    pending = pending[len(emit):]
-                    self.text += emit
-                    yield emit
-                if gram is not None and (gram.finished or gram.no_room_for_more(
-                        self.text + pending, self.stats.completion_tokens, max_new - step - 1)):
-                    reason = "stop"  # the grammar is complete, or another call would not fit
-                    break
-                if step + 1 < max_new:
-                    logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
-                    eng.steps += 1
+            try:
+                reason, cut_by_stop_string, pending = yield from self._decode(
+                    model, cache, logits, sampler, history, dec, stops, hold, max_new, lookup, switch, queue, spec)
+            finally:
+                # a stop inside accepted drafts leaves their K/V past the answer: the prefix cache
+                # keeps only positions whose tokens it is told
+                if cache.length > len(history):
+                    cache.crop(len(history))
             self.stats.decode_s = time.perf_counter() - t1
         if not cut_by_stop_string:
             pending += dec.flush()  # bytes of an unfinished character, if any
@@ -240,6 +227,82 @@ class Generation:
             self.stats.extra = dict(extra())
         if gram is not None:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
+        self.stats.extra.update(self._spec_stats(spec, switch))
+
+    def _spec_stats(self, spec: dict[str, int], switch: speculative.SpecSwitch | None) -> dict[str, Any]:
+        forwards = spec["verifies"] + spec["steps"]
+        out: dict[str, Any] = {
+            "spec_mode": self.spec_mode, "spec_drafted": spec["drafted"], "spec_accepted": spec["accepted"],
+            "spec_acceptance": round(spec["accepted"] / spec["drafted"], 3) if spec["drafted"] else 0.0,
+            "spec_verifies": spec["verifies"],
+            # tokens decided per decode forward: a step decides one, a verify its accepted drafts + 1
+            "spec_tokens_per_forward": round((forwards + spec["accepted"]) / forwards, 3) if forwards else 0.0}
+        if switch is not None:
+            out["spec_auto_decision"] = switch.decision
+            out["spec_auto_off_switches"] = switch.off_switches
+        return out
+
+    def _decode(self, model: Any, cache: Any, logits: torch.Tensor, sampler: Sampler, history: list[int],
+                dec: StreamDecoder, stops: list[str], hold: int, max_new: int,
+                lookup: speculative.PromptLookup | None, switch: speculative.SpecSwitch | None,
+                queue: list[int], spec: dict[str, int]) -> Generator[str, None, tuple[str, bool, str]]:
+        """The token loop; returns (finish reason, cut by a stop string, text still held back)."""
+        eng, tok, gram = self.engine, self.engine.tokenizer, self.grammar
+        pending = ""
+        reason, cut_by_stop_string = "length", False
+        for step in range(max_new):
+            if self.should_stop is not None and self.should_stop():
+                reason = "cancelled"
+                break
+            drafted = bool(queue)
+            if drafted:
+                # verified: the argmax plain decoding would pick here; its K/V is cached and
+                # ``logits`` already hold the position after the last accepted one
+                nxt = queue.pop(0)
+            else:
+                nxt = sampler(gram.mask(logits) if gram is not None else logits, history)
+            if nxt in tok.stop_ids:
+                reason = "stop"
+                break
+            if gram is not None:
+                gram.advance(nxt)
+            history.append(nxt)
+            self.stats.completion_tokens += 1
+            pending += dec.push(nxt)
+            if stops and (gram is None or gram.grammar.stops_apply(self.text + pending)):
+                cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    pending, reason, cut_by_stop_string = pending[:cut], "stop", True
+                    break
+            emit = pending[:len(pending) - hold] if hold else pending
+            if emit:
+                pending = pending[len(emit):]
+                self.text += emit
+                yield emit
+            if gram is not None and (gram.finished or gram.no_room_for_more(
+                    self.text + pending, self.stats.completion_tokens, max_new - step - 1)):
+                reason = "stop"  # the grammar is complete, or another call would not fit
+                break
+            if step + 1 < max_new and not drafted:
+                # a verify yields at most len(draft) + 1 tokens: draft no more than fit max_new
+                draft = (lookup.propose(min(speculative.DRAFT_K, max_new - step - 2))
+                         if lookup is not None and (switch is None or switch.choose()) else [])
+                t = time.perf_counter()
+                if draft:
+                    logits, accepted = speculative.verify(model, cache, nxt, draft)
+                    queue.extend(accepted)
+                    spec["verifies"] += 1
+                    spec["drafted"] += len(draft)
+                    spec["accepted"] += len(accepted)
+                    if switch is not None:
+                        switch.record_verify(time.perf_counter() - t, len(accepted) + 1)
+                else:
+                    logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
+                    spec["steps"] += 1
+                    if switch is not None:
+                        switch.record_step(time.perf_counter() - t)
+                eng.steps += 1
+        return reason, cut_by_stop_string, pending
 
 
 class Engine:
@@ -258,6 +321,8 @@ class Engine:
         self.steps = 0
         mb = prefix_cache.DEFAULT_MB if prefix_cache_mb is None else prefix_cache_mb
         self.prefix_cache = prefix_cache.PrefixCache(int(mb * 2**20))
+        # speculative decoding when a call does not say (local_engine/speculative.py); off by default
+        self.speculative: speculative.Mode = "off"
 
     @classmethod
     def open(cls, model: str | Path, **opts: Any) -> Engine:
@@ -266,8 +331,13 @@ class Engine:
         Options: ``weights`` ("auto" | "int4" | "f32" | "bf16" | "int8"), ``threads`` (torch
         intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length),
         ``prefix_cache_mb`` (KV of earlier prompts kept for reuse, local_engine/prefix_cache.py;
-        0 turns it off), plus whatever a registered loader accepts.
+        0 turns it off), ``speculative`` ("off" | "prompt-lookup" | "auto": the calls' default,
+        local_engine/speculative.py), plus whatever a registered loader accepts.
         """
+        try:
+            spec_mode = speculative.check_mode(opts.pop("speculative", None) or "off")
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         path = resolve(model)
         # torch's default (all cores) is a trap inside a server: with another busy process on the
         # box, OpenMP workers spin-wait and 2 threads ran 10x slower than 1 here. Leave one core.
@@ -278,7 +348,9 @@ class Engine:
             raise ModelFileError(path, "no such file or directory")
         for ld in LOADERS:
             if ld.matches(path):
-                return ld.load(path, **opts)
+                eng = ld.load(path, **opts)
+                eng.speculative = spec_mode
+                return eng
         raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
 
     # ------------------------------------------------------------------------------ text
@@ -326,6 +398,10 @@ class Engine:
     def _generation(self, ids: list[int], sampling: dict[str, Any], should_stop: Callable[[], bool] | None,
                     grammar: grammar_mod.GrammarProcessor | None = None) -> Generation:
         stop = sampling.pop("stop", None)
+        try:
+            spec_mode = speculative.check_mode(sampling.pop("speculative", None) or self.speculative)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
         stop_list = [stop] if isinstance(stop, str) else list(stop or [])
         known = {k: v for k, v in sampling.items() if v is not None}
         try:
@@ -334,7 +410,7 @@ class Engine:
             raise EngineError(f"bad sampling option: {e}") from None
         except ValueError as e:
             raise EngineError(f"bad sampling option: {e}") from None
-        return Generation(self, ids, params, should_stop, grammar)
+        return Generation(self, ids, params, should_stop, grammar, spec_mode)
 
     # ------------------------------------------------------------------------------ verification
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,158 @@
+"""Prompt-lookup speculative decoding: drafts from the text itself, verified greedily in one forward.
+
+Drafts (``PromptLookup``): the last n tokens (n = 3, then 2, then 1) are looked up among the
+earlier positions of the prompt + the answer so far; the k tokens that followed their latest
+occurrence are the draft. Free (no second model) and strong when the answer quotes its prompt
+(edits, summaries, RAG answers).
+
+Verification (``verify``): one forward over [last token, draft...] (k+1 positions) gives the
+target's logits at every drafted position. Greedy: draft token i is accepted while it is the argmax
+at position i; the argmax at the first rejected (or the one past the last) position is the next
+token, as plain decoding would pick it from the same logits. The KV cache keeps only the accepted
+positions (``crop``): positions past it are rewritten before they are read.
+
+Exact greedy output, with one guard: the batched verify runs the prefill path, whose logits are
+~5e-3 from the fused single-token step's (docs/engine.md). Where the top two logits at a decided
+position are closer than ``TIE_MARGIN``, that position is re-run as a single step (the path plain
+decoding takes), so a near-tie is broken the way plain decoding breaks it.
+
+Only greedy (temperature 0, no repetition penalty) without a grammar mask: otherwise the engine
+does not speculate (the sampling rule and the mask are later slices of issue #20).
+
+``SpecSwitch`` (``speculative: auto``) turns drafting off when it does not pay: it keeps the
+measured seconds per produced token of verifies and of single steps, and drafts while a verify's
+tokens come cheaper than single steps'. Pure bookkeeping like ``prefetch_switch``: no clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+Mode = Literal["off", "prompt-lookup", "auto"]
+MODES: tuple[str, ...] = ("off", "prompt-lookup", "auto")
+DRAFT_K = 8  # tokens drafted per verify (llama.cpp's prompt lookup uses ~10)
+NGRAM_MAX, NGRAM_MIN = 3, 1
+# the batched and the single-step paths differ by ~5e-3 on logits (measured 0.0049-0.0054)
+TIE_MARGIN = 0.02
+
+
+def check_mode(mode: str) -> Mode:
+    if mode not in MODES:
+        raise ValueError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+class PromptLookup:
+    """Latest end position of every 1..3-gram of ``tokens`` that has a token after it."""
+
+    def __init__(self, tokens: list[int], n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> None:
+        self.tokens = tokens  # the caller's history list: it appends, ``sync`` indexes what is new
+        self.n_max, self.n_min = n_max, n_min
+        self._index: dict[tuple[int, ...], int] = {}
+        self._done = 0  # n-grams ending before this position are indexed
+
+    def sync(self) -> None:
+        t = self.tokens
+        # an n-gram ending at e is indexed once t[e + 1] exists (it has a continuation to propose)
+        for e in range(self._done, len(t) - 1):
+            for n in range(self.n_min, self.n_max + 1):
+                if e - n + 1 >= 0:
+                    self._index[tuple(t[e - n + 1:e + 1])] = e
+        self._done = max(self._done, len(t) - 1)
+
+    def propose(self, k: int) -> list[int]:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix."""
+        if k <= 0:
+            return []
+        self.sync()
+        t = self.tokens
+        for n in range(self.n_max, self.n_min - 1, -1):
+            if len(t) < n:
+                continue
+            e = self._index.get(tuple(t[-n:]))
+            if e is not None:
+                return t[e + 1:e + 1 + k]
+        return []
+
+
+def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """Run ``[last, *draft]`` after ``cache``; return (logits for the next position, accepted drafts).
+
+    The cache ends holding ``last`` and the accepted drafts; the next token is the argmax of the
+    returned logits (plain greedy decoding's choice there)."""
+    ids = [last, *draft]
+    base = cache.length
+    rows = model.forward(torch.tensor(ids, dtype=torch.long), cache)
+    top = torch.topk(rows, 2, dim=-1)
+    best = top.indices[:, 0].tolist()
+    margin = (top.values[:, 0] - top.values[:, 1]).tolist()
+    for i in range(len(ids)):
+        if margin[i] < TIE_MARGIN:
+            # a near-tie: decide it from the single-step path's logits, like plain decoding
+            cache.crop(base + i)
+            return model.forward(torch.tensor(ids[i:i + 1], dtype=torch.long), cache, last_only=True)[-1], draft[:i]
+        if i == len(draft) or best[i] != draft[i]:
+            cache.crop(base + i + 1)
+            return rows[i], draft[:i]
+    raise AssertionError("unreachable: the last position always decides")
+
+
+@dataclass
+class SpecSwitch:
+    """Draft or not, from measured seconds per produced token of verifies vs single steps."""
+
+    probe: int = 2  # single steps measured first (every later token may find a draft)
+    warmup: int = 4  # verifies measured before the first decision
+    exploit: int = 64  # single steps run on an "off" decision before drafting is tried again
+    retry: int = 2  # verifies per retry
+    margin: float = 0.05  # a verify's token must be this much cheaper: noise on a busy box
+    alpha: float = 0.25  # weight of a new measurement in the moving averages
+
+    step_s: float | None = None  # moving average: seconds of one single step (one token)
+    verify_tok_s: float | None = None  # moving average: seconds per token produced by a verify
+    decision: bool = True
+    off_switches: int = 0
+    _steps: int = 0
+    _verifies: int = 0
+    _left: int = 0
+    _trial: int = 0
+    history: list[bool] = field(default_factory=list)
+
+    def choose(self) -> bool:
+        """Draft (and verify) for the next token?"""
+        return self.decision and self._steps >= self.probe
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s = self._avg(self.step_s, seconds)
+        self._steps += 1
+        if not self.decision:
+            self._left -= 1
+            if self._left <= 0:  # try drafting again: the text may have turned to quoting, so
+                # the retry is judged on its own verifies, not on the ones that turned it off
+                self.decision, self._trial, self.verify_tok_s = True, self.retry, None
+
+    def record_verify(self, seconds: float, produced: int) -> None:
+        self.verify_tok_s = self._avg(self.verify_tok_s, seconds / max(1, produced))
+        self._verifies += 1
+        if self._trial > 0:
+            self._trial -= 1
+            if self._trial > 0:
+                return
+        elif self._verifies < self.warmup:
+            return
+        self._decide()
+
+    def _decide(self) -> None:
+        if self.step_s is None or self.verify_tok_s is None:
+            return
+        pays = self.verify_tok_s < self.step_s * (1.0 - self.margin)
+        if not pays:
+            self.decision, self._left = False, self.exploit
+            self.off_switches += 1
+        self.history.append(pays)
+
+    def _avg(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new

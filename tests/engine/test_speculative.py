@@ -1,0 +1,150 @@
+"""Prompt-lookup speculative decoding (issue #20): greedy output identical to plain decoding, the KV
+cache rolled back after rejections, drafts, the auto switch, and when it stays off."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from local_engine import speculative
+from local_engine.engine import Engine
+from local_engine.errors import EngineError
+from local_engine.speculative import PromptLookup, SpecSwitch
+
+TEXT = ("The committee met on Tuesday to review the budget. Maria Lopez presented the figures for the "
+        "third quarter, and the board approved the new hiring plan after a short discussion.")
+QUOTE = [{"role": "user", "content": "Repeat this text exactly, word for word:\n\n" + TEXT}]
+EDIT = [{"role": "user", "content": "Rewrite this text, replacing Tuesday with Friday:\n\n" + TEXT}]
+SUMMARY = [{"role": "user", "content": "Summarise in one sentence:\n\n" + TEXT}]
+CHAT = [{"role": "user", "content": "Give me three tips for sleeping better."}]
+# the K/V of a verify come from the prefill path, ~5e-3 from the fused step's (test_prefix_cache)
+ATOL = 1e-2
+
+
+@pytest.fixture()
+def eng(smol: Engine) -> Engine:
+    # the session's model with a prefix cache of its own: a run leaves its KV there for the next
+    return Engine(smol.model, smol.tokenizer, source=smol.source, format=smol.format)
+
+
+def _run(eng: Engine, msgs: list[dict[str, Any]], mode: str, **kw: Any) -> tuple[str, int, str | None, dict[str, Any]]:
+    gen = eng.chat(msgs, speculative=mode, **kw)
+    text = "".join(gen)
+    return text, gen.stats.completion_tokens, gen.finish_reason, gen.stats.extra
+
+
+@pytest.mark.parametrize("msgs", [QUOTE, EDIT, SUMMARY, CHAT], ids=["quote", "edit", "summary", "chat"])
+def test_greedy_output_is_identical_to_plain_decoding(eng: Engine, msgs: list[dict[str, Any]]) -> None:
+    plain = _run(Engine(eng.model, eng.tokenizer, prefix_cache_mb=0), msgs, "off", max_tokens=48)
+    assert plain[3]["spec_drafted"] == 0 and plain[3]["spec_tokens_per_forward"] == 1.0
+    for mode in ("prompt-lookup", "auto"):
+        got = _run(eng, msgs, mode, max_tokens=48)
+        assert got[:3] == plain[:3], mode
+        assert got[3]["spec_mode"] == mode
+    # the second run above reused the first's KV from the prefix cache: drafts did not leak into it
+
+
+def test_quoting_accepts_drafts_and_saves_forwards(eng: Engine) -> None:
+    st = _run(eng, QUOTE, "prompt-lookup", max_tokens=40)[3]
+    assert st["spec_verifies"] > 0 and st["spec_accepted"] > 0.5 * st["spec_drafted"]
+    assert st["spec_tokens_per_forward"] > 2.0
+    assert 0 < st["spec_acceptance"] <= 1.0
+
+
+def test_stop_strings_and_max_tokens_cut_the_same_place(eng: Engine) -> None:
+    plain_eng = Engine(eng.model, eng.tokenizer, prefix_cache_mb=0)
+    for kw in ({"stop": ["board"]}, {"stop": [" Lopez", "quarter"]}, {"max_tokens": 7}, {"max_tokens": 1}):
+        args = {"max_tokens": 48, **kw}
+        plain = _run(plain_eng, QUOTE, "off", **args)
+        got = _run(eng, QUOTE, "prompt-lookup", **args)
+        assert got[:3] == plain[:3], kw
+    assert _run(eng, QUOTE, "prompt-lookup", max_tokens=48, stop=["board"])[2] == "stop"
+
+
+def test_raw_generate_with_a_repeating_prompt(eng: Engine) -> None:
+    prompt = "1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2,"
+    plain = "".join(Engine(eng.model, eng.tokenizer, prefix_cache_mb=0).generate(prompt, max_tokens=24))
+    gen = eng.generate(prompt, max_tokens=24, speculative="prompt-lookup")
+    assert "".join(gen) == plain and gen.stats.extra["spec_accepted"] > 0
+
+
+def test_after_a_rejection_later_logits_equal_a_fresh_run(smol: Engine) -> None:
+    model = smol.model
+    ids = smol.tokenizer.encode(smol.render_chat(QUOTE))
+    cache = model.new_cache()
+    with torch.inference_mode():
+        first = int(model.forward(torch.tensor(ids), cache, last_only=True)[-1].argmax())
+        # the true continuation, then a wrong token: the verify must accept 2 and reject the third
+        truth = [first]
+        for _ in range(4):
+            truth.append(int(model.forward(torch.tensor([truth[-1]]), cache, last_only=True)[-1].argmax()))
+        cache.crop(len(ids))
+        wrong = (truth[3] + 1) % smol.tokenizer.vocab_size
+        logits, accepted = speculative.verify(model, cache, truth[0], [truth[1], truth[2], wrong, truth[4]])
+        assert accepted == truth[1:3]
+        assert cache.length == len(ids) + 3  # first + the two accepted: the rejected tail is gone
+        assert int(logits.argmax()) == truth[3]
+        # run on past the rollback: the rejected tokens' K/V must not be read
+        nxt = model.forward(torch.tensor([truth[3], truth[4]]), cache)
+        fresh = model.forward(torch.tensor([*ids, *truth]), model.new_cache())
+    torch.testing.assert_close(nxt, fresh[-2:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits, fresh[len(ids) + 2], atol=ATOL, rtol=0)
+
+
+def test_speculation_is_off_for_sampling_and_grammar(eng: Engine) -> None:
+    gen = eng.chat(QUOTE, max_tokens=8, temperature=0.8, seed=1, speculative="prompt-lookup")
+    "".join(gen)
+    assert gen.stats.extra["spec_mode"] == "off" and gen.stats.extra["spec_drafted"] == 0
+    gen = eng.chat(QUOTE, max_tokens=8, speculative="prompt-lookup",
+                   response_format={"type": "json_object"})
+    "".join(gen)
+    assert gen.stats.extra["spec_mode"] == "off"
+
+
+def test_default_is_off_and_bad_modes_are_clear_errors(eng: Engine, smol_path: Any) -> None:
+    gen = eng.chat(QUOTE, max_tokens=4)
+    "".join(gen)
+    assert gen.stats.extra["spec_mode"] == "off"
+    with pytest.raises(EngineError, match="speculative must be one of off, prompt-lookup, auto"):
+        eng.chat(QUOTE, max_tokens=4, speculative="draft")
+    with pytest.raises(EngineError, match="speculative must be one of"):
+        Engine.open(smol_path, speculative="yes")
+
+
+def test_prompt_lookup_proposes_the_latest_longest_match() -> None:
+    t = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 4, 2, 3]
+    d = PromptLookup(t)
+    # 3-gram (4, 2, 3) is new; 2-gram (2, 3) last seen ending at 7 -> what followed it
+    assert d.propose(3) == [7, 8, 4]
+    t.append(7)  # the caller's history grows; the index follows
+    assert d.propose(2) == [8, 4]  # 3-gram (2, 3, 7) matched
+    t.append(6)
+    assert d.propose(4) == []  # 6 never seen before
+    assert PromptLookup([5]).propose(3) == [] and d.propose(0) == []
+
+
+def test_switch_turns_off_when_verifies_do_not_pay_and_retries() -> None:
+    sw = SpecSwitch(probe=2, warmup=2, exploit=5, retry=1)
+    assert not sw.choose()  # single steps are measured first
+    sw.record_step(0.010)
+    sw.record_step(0.010)
+    assert sw.choose()
+    for _ in range(2):  # a verify costs 25 ms and yields 2 tokens: 12.5 ms a token > 10 ms
+        sw.record_verify(0.025, 2)
+    assert not sw.choose() and sw.off_switches == 1
+    for _ in range(5):
+        sw.record_step(0.010)
+    assert sw.choose()  # tried again
+    sw.record_verify(0.020, 5)  # 4 ms a token now (the text turned to quoting): stays on
+    assert sw.choose() and sw.off_switches == 1
+
+
+def test_switch_stays_on_when_verifies_pay() -> None:
+    sw = SpecSwitch(probe=1, warmup=3)
+    sw.record_step(0.010)
+    for _ in range(10):
+        sw.record_verify(0.015, 4)
+        assert sw.choose()
+    assert sw.off_switches == 0
