@@ -25,6 +25,34 @@ from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.policies import write_policy
 from tests.support.upstream import FakeUpstream
 
+
+def _load_schemathesis_now() -> None:
+    """Import the modules schemathesis loads lazily while this module is collected, before any test.
+
+    pytest rewrites the modules of a pytest plugin's distribution as they are imported. CPython
+    3.11.7 leaves the AST constructor's recursion counter off after a RecursionError somewhere in
+    the process, and a later rewrite then fails with "SystemError: AST constructor recursion depth
+    mismatch": which test ran before the fuzzer decided whether it failed.
+    """
+    import schemathesis.transport.requests  # what case.call uses
+
+    tiny = {"openapi": "3.0.0", "info": {"title": "warm-up", "version": "1"}, "paths": {"/x": {"post": {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"a": {"type": "string"}}}}}},
+        "responses": {"200": {"description": "ok"}}}}}}
+    op = next(iter(schemathesis.openapi.from_dict(tiny).get_all_operations())).ok()
+    for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+        @settings(max_examples=1, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+        @given(case=op.as_strategy(generation_mode=mode))
+        def draw(case: schemathesis.Case) -> None:
+            pass
+
+        draw()
+
+
+_load_schemathesis_now()
+
 # A real privacy pipeline (presidio) sees the fuzzed bodies: it walks every message part, so it is
 # where odd shapes would crash. Difficulty uses the cheap heuristic to keep the budget.
 POLICY = """
