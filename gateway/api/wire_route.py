@@ -8,9 +8,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import pipeline
 from gateway.api.chat import (
@@ -39,6 +40,24 @@ def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     themselves, so FastAPI does not know it)."""
     schema = _inline_defs(model.model_json_schema())
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def wire_route(router: APIRouter, adapter: WireAdapter, error_model: type[BaseModel], name: str) -> ASGIApp:
+    """Registers the adapter's POST route on `router` for the OpenAPI document, and returns the
+    ASGI handler gateway/app.py serves it with (past FastAPI's routing)."""
+    errors: dict[int | str, dict[str, Any]] = {s: {"model": error_model} for s in (400, 401, 403, 404, 413, 503)}
+
+    async def endpoint(request: Request) -> Response | EventStreamResponse:
+        return await serve(request, adapter)
+
+    router.add_api_route(adapter.endpoint, endpoint, methods=["POST"], name=name,
+                         openapi_extra=openapi_body(adapter.request_model), responses=errors, response_model=None)
+
+    async def direct(scope: Scope, receive: Receive, send: Send) -> None:
+        response = await serve(Request(scope, receive), adapter)
+        await response(scope, receive, send)
+
+    return direct
 
 
 async def serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
