@@ -39,6 +39,8 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             opts["memory_budget"] = cfg.memory_budget
         if cfg.prefix_cache_mb is not None:
             opts["prefix_cache_mb"] = cfg.prefix_cache_mb
+        if cfg.speculative is not None:
+            opts["speculative"] = cfg.speculative
         return EngineBackend(
             name,
             cfg.model_path or "",

@@ -79,12 +79,16 @@ def info(model: str, weights: str) -> None:
 @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default=None,
               help="packed MoE dirs: next-layer expert prefetch; auto (default) tries both while decoding "
                    "and keeps the faster")
+@click.option("--speculative", type=click.Choice(["off", "prompt-lookup", "auto"]), default="off",
+              show_default=True,
+              help="speculative decoding of greedy output (unchanged): drafts from the prompt and the text so "
+                   "far, verified in one forward; auto turns drafting off while it does not pay")
 @click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
 @_clean_errors
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
-             cache_policy: str | None, prefetch: str | None, stats: bool) -> None:
+             cache_policy: str | None, prefetch: str | None, speculative: str, stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
@@ -97,7 +101,7 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
         opts["prefetch"] = {"auto": "auto", "on": True, "off": False}[prefetch]
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop), speculative=speculative)
     if chat_text is not None:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat_text}]
         gen = eng.chat(msgs, **sampling)
@@ -112,6 +116,10 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
         click.echo(f"prompt {s.prompt_tokens} tok, prefill {s.prefill_tok_s:.1f} tok/s | "
                    f"completion {s.completion_tokens} tok, decode {s.decode_tok_s:.1f} tok/s | "
                    f"peak RSS {s.peak_rss_mb:.0f} MB | finish {gen.finish_reason}", err=True)
+        x = s.extra
+        if x.get("spec_mode", "off") != "off":
+            click.echo(f"speculative {x['spec_mode']}: drafted {x['spec_drafted']}, accepted {x['spec_accepted']} "
+                       f"({x['spec_acceptance']:.0%}), {x['spec_tokens_per_forward']:.2f} tokens per forward", err=True)
         extra = {k: v for k, v in s.as_dict().items() if k not in (
             "prompt_tokens", "completion_tokens", "prefill_s", "decode_s", "prefill_tok_s", "decode_tok_s",
             "peak_rss_mb")}

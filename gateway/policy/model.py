@@ -116,6 +116,10 @@ class LocalTarget(_Strict):
         None, ge=0, description="For engine: MB of KV from earlier prompts kept for reuse by longest common "
         "prefix (a conversation's next turn, a repeated system prompt prefill only new tokens). Absent: 256; "
         "0: off.")
+    speculative: Literal["off", "prompt-lookup", "auto"] | None = Field(
+        None, description="For engine: speculative decoding of greedy answers (output unchanged). prompt-lookup: "
+        "drafts from the prompt and the answer so far, verified in one forward; auto: the same, turned off "
+        "while it does not pay. Absent: off.")
     default_max_tokens: int = Field(256, ge=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     continues_answers: bool | None = Field(

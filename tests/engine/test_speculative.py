@@ -3,6 +3,8 @@ cache rolled back after rejections, drafts, the auto switch, and when it stays o
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import pytest
@@ -148,3 +150,34 @@ def test_switch_stays_on_when_verifies_pay() -> None:
         sw.record_verify(0.015, 4)
         assert sw.choose()
     assert sw.off_switches == 0
+
+
+def test_cli_generate_speculative_prints_its_stats(smol_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from local_engine.cli import main
+
+    args = ["generate", str(smol_path), "--chat", QUOTE[0]["content"], "--max-tokens", "24", "--threads", "1"]
+    plain = CliRunner().invoke(main, args)
+    r = CliRunner().invoke(main, [*args, "--speculative", "prompt-lookup", "--stats"])
+    assert r.exit_code == 0 and plain.exit_code == 0, r.output
+    assert r.stdout == plain.stdout
+    assert re.search(r"^speculative prompt-lookup: drafted \d+, accepted \d+ \(\d+%\), [\d.]+ tokens per forward$",
+                     r.stderr, re.M), r.stderr
+    assert json.loads(r.stderr.splitlines()[-1])["spec_accepted"] > 0
+    bad = CliRunner().invoke(main, [*args, "--speculative", "draft"])
+    assert bad.exit_code == 2 and "'draft' is not one of" in bad.output
+
+
+def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
+    from pydantic import ValidationError
+
+    from gateway.policy.model import LocalTarget
+    from gateway.runtime import build_backend
+
+    kw: dict[str, Any] = {"kind": "local", "engine": "local_engine", "model_path": "builtin:smollm2-135m"}
+    backend = build_backend("dev", LocalTarget(**kw, speculative="auto"))
+    assert backend.engine_opts["speculative"] == "auto"  # type: ignore[attr-defined]
+    assert "speculative" not in build_backend("dev", LocalTarget(**kw)).engine_opts  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="speculative"):
+        LocalTarget(**kw, speculative="draft")
