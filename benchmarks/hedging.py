@@ -28,13 +28,11 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,16 +42,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gateway_process import free_port, wait_ready  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "hedging.txt"
 TAIL_S, TAIL_SHARE = 10.0, 0.05
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def latencies(n: int, seed: int) -> list[float]:
@@ -70,21 +63,6 @@ def policy_text(mode: str, hedge_after_s: float) -> str:
                           rf"\1    hedge_after_s: {hedge_after_s}\n", text)
         assert n == 1, "the default rule of policies/default.yaml moved: update this benchmark"
     return text
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway exited with {proc.returncode} before it was ready")
-        try:
-            with opener.open(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} not ready after {timeout} s")
 
 
 def engine_counts(base: str) -> dict[str, float]:

@@ -15,46 +15,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gateway_process import free_port, wait_ready  # noqa: E402
 from tests.chaos.harness import DEADLINE_S, soak, write_chaos_policy  # noqa: E402
 from tests.support.upstream import FakeUpstream  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "soak.txt"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fmt_load(load: tuple[float, float, float]) -> str:
     return "/".join(f"{x:.1f}" for x in load)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"gateway exited with {proc.returncode} before it was ready")
-        try:
-            with opener.open(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} not ready after {timeout} s")
 
 
 def main() -> None:
