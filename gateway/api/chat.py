@@ -240,6 +240,15 @@ def _record(
     )
 
 
+def record_failed(state: GatewayState, prepared: pipeline.Prepared, error: APIError, stream: bool,
+                  endpoint: str = "/v1/chat/completions") -> None:
+    """Count and audit a decided request no target could answer, and name it and its rule in the
+    error's headers."""
+    _record(state, prepared, None, error.status, {"error": error.code}, stream, endpoint=endpoint)
+    error.headers.setdefault("x-request-id", prepared.call.request_id)
+    error.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+
+
 def record_rejected(state: GatewayState, request_id: str, started: float, error: APIError,
                     client: str | None = None, model: str | None = None, stream: bool = False,
                     endpoint: str = "/v1/chat/completions") -> None:
@@ -305,9 +314,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         else:
             response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
-        _record(state, prepared, None, exc.status, {"error": exc.code}, bool(body.get("stream")))
-        exc.headers.setdefault("x-request-id", prepared.call.request_id)
-        exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+        record_failed(state, prepared, exc, bool(body.get("stream")))
         raise
     headers = route_headers(prepared, served)
     if not body.get("stream"):

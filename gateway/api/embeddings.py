@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
-from gateway.api.chat import _call, _record, read_body, record_rejected, route_headers
+from gateway.api.chat import _call, _record, read_body, record_failed, record_rejected, route_headers
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error
 from gateway.api.responses import JSON
@@ -77,9 +77,7 @@ async def _serve(request: Request) -> Response:
 
         result, served = await pipeline.embed(rt, prepared, chosen.chain, call)
     except APIError as exc:
-        _record(state, prepared, None, exc.status, {"error": exc.code}, False, endpoint=PATH)
-        exc.headers.setdefault("x-request-id", prepared.call.request_id)
-        exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+        record_failed(state, prepared, exc, False, endpoint=PATH)
         raise
     headers = route_headers(prepared, served)
     headers["x-hybrid-embedding-space"] = _space(rt, served.target)

@@ -20,6 +20,7 @@ from gateway.api.chat import (
     _record,
     complete_watched,
     read_body,
+    record_failed,
     record_rejected,
     route_headers,
 )
@@ -108,9 +109,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         else:
             response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
-        _record(state, prepared, None, exc.status, {"error": exc.code}, streaming, endpoint=adapter.endpoint)
-        exc.headers.setdefault("x-request-id", prepared.call.request_id)
-        exc.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
+        record_failed(state, prepared, exc, streaming, endpoint=adapter.endpoint)
         raise
     headers = route_headers(prepared, served)
     if not streaming:
