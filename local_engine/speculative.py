@@ -11,8 +11,9 @@ at position i; the argmax at the first rejected (or the one past the last) posit
 token, as plain decoding would pick it from the same logits. The KV cache keeps only the accepted
 positions (``crop``): positions past it are rewritten before they are read.
 
-Exact greedy output, with one guard: the batched verify runs the prefill path, whose logits are
-~5e-3 from the fused single-token step's (docs/engine.md). Where the top two logits at a decided
+Exact greedy output, with one guard: the batched verify's logits are not bitwise the single-token
+step's (the prefill path is ~5e-3 from it, docs/engine.md; a model's ``verify_forward``, the
+step's fused kernels over several rows, is closer). Where the top two logits at a decided
 position are closer than ``TIE_MARGIN``, that position is re-run as a single step (the path plain
 decoding takes), so a near-tie is broken the way plain decoding breaks it.
 
@@ -27,7 +28,7 @@ tokens come cheaper than single steps'. Pure bookkeeping like ``prefetch_switch`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -78,6 +79,13 @@ class PromptLookup:
         return []
 
 
+@runtime_checkable
+class FastVerify(Protocol):
+    """A model with a forward made for a few tokens after a cached prefix (models/llama.py)."""
+
+    def verify_forward(self, ids: torch.Tensor, cache: Any) -> torch.Tensor: ...
+
+
 def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.Tensor, list[int]]:
     """Run ``[last, *draft]`` after ``cache``; return (logits for the next position, accepted drafts).
 
@@ -85,7 +93,8 @@ def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.T
     returned logits (plain greedy decoding's choice there)."""
     ids = [last, *draft]
     base = cache.length
-    rows = model.forward(torch.tensor(ids, dtype=torch.long), cache)
+    fwd = model.verify_forward if isinstance(model, FastVerify) else model.forward
+    rows = fwd(torch.tensor(ids, dtype=torch.long), cache)
     top = torch.topk(rows, 2, dim=-1)
     best = top.indices[:, 0].tolist()
     margin = (top.values[:, 0] - top.values[:, 1]).tolist()
