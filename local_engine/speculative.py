@@ -114,9 +114,10 @@ class SpecSwitch:
     """Draft or not, from measured seconds per produced token of verifies vs single steps."""
 
     probe: int = 2  # single steps measured first (every later token may find a draft)
-    warmup: int = 4  # verifies measured before the first decision
-    exploit: int = 64  # single steps run on an "off" decision before drafting is tried again
-    retry: int = 2  # verifies per retry
+    warmup: int = 2  # verifies measured before the first decision (a losing one costs ~4 steps)
+    exploit: int = 64  # single steps run on an "off" decision before drafting is tried again,
+    # doubled after each retry that did not pay either (open chat stops paying for retries)
+    retry: int = 1  # verifies per retry
     margin: float = 0.05  # a verify's token must be this much cheaper: noise on a busy box
     alpha: float = 0.25  # weight of a new measurement in the moving averages
 
@@ -128,6 +129,7 @@ class SpecSwitch:
     _verifies: int = 0
     _left: int = 0
     _trial: int = 0
+    _losing_retries: int = 0
     history: list[bool] = field(default_factory=list)
 
     def choose(self) -> bool:
@@ -159,8 +161,11 @@ class SpecSwitch:
             return
         pays = self.verify_tok_s < self.step_s * (1.0 - self.margin)
         if not pays:
-            self.decision, self._left = False, self.exploit
+            self.decision, self._left = False, self.exploit << min(self._losing_retries, 4)
             self.off_switches += 1
+            self._losing_retries += 1
+        else:
+            self._losing_retries = 0
         self.history.append(pays)
 
     def _avg(self, old: float | None, new: float) -> float:

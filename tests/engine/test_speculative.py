@@ -181,3 +181,17 @@ def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
     assert "speculative" not in build_backend("dev", LocalTarget(**kw)).engine_opts  # type: ignore[attr-defined]
     with pytest.raises(ValidationError, match="speculative"):
         LocalTarget(**kw, speculative="draft")
+
+
+def test_switch_backs_off_while_retries_keep_losing() -> None:
+    sw = SpecSwitch(probe=1, warmup=1, exploit=4, retry=1)
+    sw.record_step(0.010)
+    offs = []
+    for _ in range(3):
+        sw.record_verify(0.040, 2)  # 20 ms a token against 10: off
+        steps = 0
+        while not sw.choose():
+            sw.record_step(0.010)
+            steps += 1
+        offs.append(steps)
+    assert offs == [4, 8, 16] and sw.off_switches == 3
