@@ -253,7 +253,9 @@ def record_rejected(state: GatewayState, request_id: str, started: float, error:
                     client: str | None = None, model: str | None = None, stream: bool = False,
                     endpoint: str = "/v1/chat/completions") -> None:
     """Count and audit a request refused before any decision (bad JSON, auth, unknown model):
-    route and rule are "-". Nothing of the body is written: it may not even be JSON."""
+    route and rule are "-". Nothing of the body is written: it may not even be JSON. The error's
+    headers name the request."""
+    error.headers.setdefault("x-request-id", request_id)
     elapsed = time.monotonic() - started
     state.metrics.requests.labels("-", "-", str(error.status), endpoint).inc()
     state.metrics.latency.labels("-", str(stream).lower(), endpoint).observe(elapsed)
@@ -306,7 +308,6 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         prepared = await pipeline.prepare(rt, call, state.metrics)
     except APIError as exc:
         record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
-        exc.headers.setdefault("x-request-id", request_id)
         raise
     try:
         if body.get("stream"):

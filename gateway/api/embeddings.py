@@ -58,7 +58,6 @@ async def _serve(request: Request) -> Response:
         prepared = await pipeline.prepare(rt, _call(request, classify_body(req, want.model), client), state.metrics)
     except APIError as exc:
         record_rejected(state, request_id, started, exc, client, data.get("model"), endpoint=PATH)
-        exc.headers.setdefault("x-request-id", request_id)
         raise
     try:
         pipeline.refuse_blocked(prepared)

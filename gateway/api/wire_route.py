@@ -100,7 +100,6 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     except APIError as exc:
         record_rejected(state, request_id, started, exc, client, data.get("model"), data.get("stream") is True,
                         endpoint=adapter.endpoint)
-        exc.headers.setdefault("x-request-id", request_id)
         raise
     streaming = bool(body.get("stream"))
     try:
