@@ -31,9 +31,12 @@ rules:
 """
 LONG = "Write a very long story about a lighthouse keeper, chapter by chapter."
 # Steps the abandoned request may still run after the client's socket closed: the one in flight
-# when the gateway sees the disconnect, and one more while the cancel crosses from the event loop
-# to the worker thread. Before the fix it ran all 1,500 tokens (hundreds of steps after 1 s).
-SLACK_STEPS = 3
+# when the gateway sees the disconnect, one more while the cancel crosses from the event loop to
+# the worker thread, and the steps a loaded 2-core machine runs between the client closing its
+# socket and the event loop reading the disconnect (a decode step is ~10 ms; under a load of 6
+# the loop was seen to lag by several). Before the fix it ran all 1,500 tokens (hundreds of
+# steps after 1 s), so the bound still tells the two apart.
+SLACK_STEPS = 16
 
 
 @pytest.fixture(scope="module")
