@@ -91,10 +91,14 @@ class OpenAIHTTPBackend(Backend):
         return orjson.dumps(payload)
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
+        return await self._post_json(self.url, self._payload(body, False), opts, "choices", "a chat completion")
+
+    async def _post_json(self, url: str, payload: bytes, opts: CallOptions, list_key: str,
+                         what: str) -> dict[str, Any]:
+        """One non-streamed POST: errors mapped at the seam, the answer a JSON object whose
+        `list_key` is a list (`what` names it in the protocol error)."""
         try:
-            async with self._client().post(
-                self.url, data=self._payload(body, False), timeout=self._timeout(opts, False)
-            ) as resp:
+            async with self._client().post(url, data=payload, timeout=self._timeout(opts, False)) as resp:
                 content = await resp.read()
                 if resp.status >= 400:
                     raise status_error(self.name, resp.status, resp.headers.get("retry-after"), content)
@@ -106,8 +110,8 @@ class OpenAIHTTPBackend(Backend):
             data = orjson.loads(content)
         except orjson.JSONDecodeError:
             raise BackendError("protocol", f"{self.name}: answer is not JSON") from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-            raise BackendError("protocol", f"{self.name}: answer is not a chat completion")
+        if not isinstance(data, dict) or not isinstance(data.get(list_key), list):
+            raise BackendError("protocol", f"{self.name}: answer is not {what}")
         return data
 
     async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
@@ -168,24 +172,7 @@ class OpenAIHTTPBackend(Backend):
     async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         """POST {api_base}/embeddings; `body["model"]` is the target's embedding model."""
         payload = orjson.dumps({**body, "model": str(body["model"]).removeprefix("openai/")})
-        try:
-            async with self._client().post(
-                self.embeddings_url, data=payload, timeout=self._timeout(opts, False)
-            ) as resp:
-                content = await resp.read()
-                if resp.status >= 400:
-                    raise status_error(self.name, resp.status, resp.headers.get("retry-after"), content)
-        except TimeoutError:
-            raise BackendError("timeout", f"{self.name}: timeout") from None
-        except _CONNECT_ERRORS as exc:
-            raise BackendError("connect", f"{self.name}: {type(exc).__name__}") from None
-        try:
-            data = orjson.loads(content)
-        except orjson.JSONDecodeError:
-            raise BackendError("protocol", f"{self.name}: answer is not JSON") from None
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            raise BackendError("protocol", f"{self.name}: answer is not an embeddings list")
-        return data
+        return await self._post_json(self.embeddings_url, payload, opts, "data", "an embeddings list")
 
     def _event(self, payload: bytes) -> dict[str, Any]:
         try:
