@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import threading
 from typing import Any
 
-from tests.support.upstream import FakeUpstream, _Handler, _Server
+from tests.support.upstream import FakeUpstream, _Handler
 
 
 def vector_for(text: str, dims: int) -> list[float]:
@@ -35,15 +34,8 @@ class _EmbeddingsHandler(_Handler):
             super().do_POST()
             return
         owner: EmbeddingsUpstream = self.server.owner  # type: ignore[assignment]
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            self._send(400, b'{"error": {"message": "bad json"}}')
+        if (body := self._receive()) is None:
             return
-        with owner.lock:
-            owner.received.append(body)
-            owner.received_headers.append(dict(self.headers))
         if self._common_fault(self._fault_for(self.path)):
             return
         texts = body.get("input")
@@ -62,6 +54,8 @@ class _EmbeddingsHandler(_Handler):
 
 
 class EmbeddingsUpstream(FakeUpstream):
+    handler = _EmbeddingsHandler
+
     def __init__(self, *args: Any, dims: int = 8, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dims = dims
@@ -70,12 +64,3 @@ class EmbeddingsUpstream(FakeUpstream):
     def reset(self) -> None:
         super().reset()
         self.send_usage = True
-
-    def start(self) -> EmbeddingsUpstream:
-        self._server = _Server(("127.0.0.1", self.port), _EmbeddingsHandler)
-        self._server.owner = self
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name=f"fake-{self.name}")
-        self._thread.start()
-        return self

@@ -8,11 +8,10 @@ pieces, so a placeholder inside them arrives split and the gateway must restore 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from typing import Any
 
-from tests.support.upstream import FakeUpstream, Fault, _Handler, _last_user_text, _Server, owner_wants_tool
+from tests.support.upstream import FakeUpstream, Fault, _Handler, _last_user_text, owner_wants_tool
 
 
 def _wanted_tool(body: dict[str, Any]) -> str | None:
@@ -59,11 +58,4 @@ class _ToolHandler(_Handler):
 
 
 class ToolStreamingUpstream(FakeUpstream):
-    def start(self) -> ToolStreamingUpstream:
-        self._server = _Server(("127.0.0.1", self.port), _ToolHandler)
-        self._server.owner = self
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True, name=f"fake-{self.name}")
-        self._thread.start()
-        return self
+    handler = _ToolHandler

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 
 @dataclass
@@ -151,18 +151,24 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(404, b'{"error": {"message": "not found"}}')
 
-    def do_POST(self) -> None:
+    def _receive(self) -> dict[str, Any] | None:
+        """Read and record the JSON body; None (after a 400) when it is not JSON."""
         owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length)
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         try:
             body = json.loads(raw)
         except ValueError:
             self._send(400, b'{"error": {"message": "bad json"}}')
-            return
+            return None
         with owner.lock:
             owner.received.append(body)
             owner.received_headers.append(dict(self.headers))
+        return body
+
+    def do_POST(self) -> None:
+        owner = self.server.owner
+        if (body := self._receive()) is None:
+            return
         fault = self._fault_for(self.path)
         if self._common_fault(fault):
             return
@@ -255,6 +261,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeUpstream:
+    handler: type[BaseHTTPRequestHandler] = _Handler  # subclasses swap in their own
+
     def __init__(self, model: str = "fake-model", reply: Callable[[dict[str, Any]], str] | None = None,
                  port: int = 0, name: str = "upstream") -> None:
         self.model = model
@@ -298,8 +306,8 @@ class FakeUpstream:
         with self.lock:
             self.queue.append(fault)
 
-    def start(self) -> FakeUpstream:
-        self._server = _Server(("127.0.0.1", self.port), _Handler)
+    def start(self) -> Self:
+        self._server = _Server(("127.0.0.1", self.port), self.handler)
         self._server.owner = self
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
