@@ -53,18 +53,22 @@ def test_fused_rows_bias_and_shapes(lib) -> None:
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 5e-4
 
 
-def test_two_threads_same_result(lib) -> None:
-    raw, _ = _blocks("Q8_0", 4000, 576, seed=5)  # 2 x 4000 x 576 MACs: above the kernel's threading threshold
-    lin = GGUFBlockLinear.from_raw(lib, [raw])
-    x = torch.randn(2, 576)
+def _on_one_and_two_threads(lin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = lin(x)
         torch.set_num_threads(2)
-        two = lin(x)
+        return one, lin(x)
     finally:
         torch.set_num_threads(before)
+
+
+def test_two_threads_same_result(lib) -> None:
+    raw, _ = _blocks("Q8_0", 4000, 576, seed=5)  # 2 x 4000 x 576 MACs: above the kernel's threading threshold
+    lin = GGUFBlockLinear.from_raw(lib, [raw])
+    x = torch.randn(2, 576)
+    one, two = _on_one_and_two_threads(lin, x)
     assert torch.equal(one, two)  # rows are split between threads, each row's sum is the same
 
 
@@ -141,14 +145,7 @@ def test_int2_two_threads_same_result_and_3d_input(lib) -> None:
     q, s, mn, _ = _int2(4000, 1024, 64, seed=9)  # 2 x 4000 x 1024 MACs: above the threading threshold
     lin = Int2Linear(lib, q, s, mn, 64)
     x = torch.randn(2, 1024)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = lin(x)
-        torch.set_num_threads(2)
-        two = lin(x)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _on_one_and_two_threads(lin, x)
     assert torch.equal(one, two)
     y3 = lin(x.reshape(2, 1, 1024))
     assert y3.shape == (2, 1, 4000) and torch.equal(y3.reshape(2, 4000), one)
