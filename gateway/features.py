@@ -73,6 +73,13 @@ class Features:
     has_tools: bool
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
     has_images: bool = False  # an `image_url` content part in some message
+    has_response_format: bool = False  # response_format json_object / json_schema (Responses: text.format)
+
+    @property
+    def structured(self) -> str | None:
+        """What asks for a structured answer (tools, a response_format), in words; None: plain chat."""
+        parts = [w for w, on in (("tools", self.has_tools), ("a response_format", self.has_response_format)) if on]
+        return " and ".join(parts) or None
 
     @property
     def overall_connectivity(self) -> Connectivity:

@@ -37,12 +37,6 @@ from gateway.stream_deadline import StreamDeadline
 log = structlog.get_logger("gateway.pipeline")
 audit = structlog.get_logger("gateway.audit")
 
-# Fields the local engine cannot honour; dropped with a warning header rather than failing.
-# (tools, tool_choice, parallel_tool_calls and response_format are honoured by grammar-constrained
-# decoding: local_engine/grammar.py.)
-_ENGINE_UNSUPPORTED: tuple[str, ...] = ()
-
-
 @dataclass(frozen=True)
 class Call:
     body: dict[str, Any]
@@ -93,6 +87,11 @@ def _is_image(part: Any) -> bool:
 def has_images(body: dict[str, Any]) -> bool:
     return any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(map(_is_image, m["content"]))
                for m in body.get("messages") or ())
+
+
+def has_response_format(body: dict[str, Any]) -> bool:
+    fmt = body.get("response_format")
+    return isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema")
 
 
 def without_images(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -192,6 +191,7 @@ async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = 
         has_tools=bool(call.body.get("tools")),
         headers=call.headers,
         has_images=has_images(call.body),
+        has_response_format=has_response_format(call.body),
     )
 
 
@@ -221,7 +221,7 @@ def fail_closed(rt: Runtime, features: Features, decision: Decision) -> Decision
     if not local and on_error == "local":
         local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
     note = "sensitivity analysis unavailable: cloud targets removed (fail closed)"
-    return _local_only(decision, local, on_error == "block", note,
+    return _local_only(decision, local, on_error == "block" or decision.refuses_local, note,
                        "Sensitivity analysis is unavailable and policy forbids sending this request out.")
 
 
@@ -248,6 +248,7 @@ def _local_only(decision: Decision, local: tuple[str, ...], block: bool, note: s
         notes=(*decision.notes, note),
         paces=decision.paces,
         hedge_after_s=decision.hedge_after_s if len(local) > 1 else None,
+        local_tools=decision.local_tools,
     )
 
 
@@ -264,7 +265,7 @@ def vault_unavailable(rt: Runtime, decision: Decision, reason: str) -> Decision:
     local = tuple(t for t in decision.chain if not rt.policy.is_cloud(t))
     if not local:
         local = tuple(n for n in rt.policy.targets if not rt.policy.is_cloud(n))[:1]
-    return _local_only(decision, local, False, f"{reason}: cloud targets removed (fail closed)",
+    return _local_only(decision, local, decision.refuses_local, f"{reason}: cloud targets removed (fail closed)",
                        "The conversation's vault is unavailable and no local target can answer.")
 
 
@@ -310,12 +311,8 @@ def body_for(rt: Runtime, prepared: Prepared, target: str) -> dict[str, Any]:
     if prepared.features.has_images and not rt.policy.takes_images(target):
         body, n = without_images(body)
         _warn(prepared, f"{target} cannot take images: {n} image part{'s' if n != 1 else ''} dropped")
-    if rt.is_engine(target):
-        dropped = [k for k in _ENGINE_UNSUPPORTED if k in body]
-        if dropped:
-            _warn(prepared, f"{target} ignores {', '.join(dropped)}")
-        body = {k: v for k, v in body.items() if k not in _ENGINE_UNSUPPORTED}
-        body["model"] = rt.engine_model(target)
+    if rt.is_engine(target):  # tools and response_format included: the engine decodes under a grammar
+        body = {**body, "model": rt.engine_model(target)}
     return body
 
 
@@ -330,16 +327,18 @@ def _stream_restorer(rt: Runtime, prepared: Prepared, target: str) -> StreamRest
     return prepared.vault.stream_restorer()
 
 
-def _all_failed_error(exc: AllTargetsFailed) -> APIError:
+def _all_failed_error(exc: AllTargetsFailed, decision: Decision | None = None) -> APIError:
     invalid = exc.invalid
     if invalid is not None:
         return APIError(invalid.status or 400, invalid.message, code="upstream_rejected")
     retry_after = exc.retry_after
     overloaded = any(e.kind == "overloaded" for _, e in exc.errors)
     seconds = max(1, math.ceil(retry_after)) if retry_after is not None else (2 if overloaded else 5)
+    left_out = (f"; local targets not tried: rule {decision.rule!r} does not answer tools or a response_format "
+                "on them (local_tools: refuse)") if decision is not None and decision.refuses_local else ""
     return APIError(
         503,
-        "No target could serve this request: " + "; ".join(f"{t}: {e.reason}" for t, e in exc.errors),
+        "No target could serve this request: " + "; ".join(f"{t}: {e.reason}" for t, e in exc.errors) + left_out,
         code="all_targets_unavailable" if not overloaded else "local_engine_busy",
         headers={"Retry-After": str(seconds)},
     )
@@ -371,7 +370,7 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
             pace=decision.pace, hedge_after_s=decision.hedge_after_s,
         )
     except AllTargetsFailed as exc:
-        raise _all_failed_error(exc) from None
+        raise _all_failed_error(exc, decision) from None
     response = outcome.response or {}
     if _restoring(rt, prepared, outcome.target):
         assert prepared.vault is not None
@@ -410,7 +409,7 @@ async def stream(rt: Runtime, prepared: Prepared,
         outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts,
                                              pace=decision.pace, hedge_after_s=decision.hedge_after_s)
     except AllTargetsFailed as exc:
-        raise _all_failed_error(exc) from None
+        raise _all_failed_error(exc, decision) from None
     want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
     usage: dict[str, Any] = {}
     served = _served(prepared, outcome)
@@ -600,6 +599,7 @@ def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
             "prompt_tokens": f.prompt_tokens,
             "has_tools": f.has_tools,
             "has_images": f.has_images,
+            "has_response_format": f.has_response_format,
         },
         "redactions_planned": planned,
     }

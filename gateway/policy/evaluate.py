@@ -28,6 +28,8 @@ class Decision:
     notes: tuple[str, ...] = field(default_factory=tuple)
     paces: tuple[tuple[str, Pace], ...] = ()  # the slowness limits in force, per target of the chain
     hedge_after_s: float | None = None
+    local_tools: str | None = None  # honour | refuse, for a request with tools / a response_format
+    refuses_local: bool = False  # local targets were taken out of the chain by `local_tools: refuse`
 
     @property
     def target(self) -> str | None:
@@ -63,6 +65,7 @@ class Decision:
             "notes": list(self.notes),
             "deadlines": {t: p.as_dict() for t, p in self.paces if t in self.chain},
             "hedge_after_s": self.hedge_after_s,
+            "local_tools": self.local_tools,
         }
 
 
@@ -153,6 +156,36 @@ def _apply_pin(policy: Policy, rule: Rule, chain: tuple[str, ...], pinned: str) 
     return chain, f"pin to {pinned} refused: rule {rule.name!r} keeps this request on the device"
 
 
+def _refused_locally(policy: Policy, rule: Rule, features: Features, chain: tuple[str, ...], pinned: str | None,
+                     reasons: tuple[str, ...], notes: tuple[str, ...]) -> Decision | None:
+    """`local_tools: refuse` with nothing but local targets left for the request: its refusal."""
+    remote = [t for t in chain if policy.is_cloud(t)]
+    online = [t for t in remote if features.connectivity.get(t) == "online"]
+    if online and (pinned is None or policy.is_cloud(pinned)):
+        return None
+    if pinned is not None and not policy.is_cloud(pinned):
+        why, status = f"the request names local target {pinned!r}", 403
+    elif remote:
+        states = ", ".join(f"{t} {features.connectivity.get(t, 'disabled')}" for t in remote)
+        # offline is a state that passes; disabled (no key) is not: retrying then never helps
+        status = 503 if any(features.connectivity.get(t) == "offline" for t in remote) else 403
+        why = f"no cloud target of its chain is online ({states})"
+    else:
+        why, status = "its chain has no cloud target", 403
+    return Decision(
+        rule=rule.name,
+        action="block",
+        block_status=status,
+        block_message=f"This request has {features.structured}, and rule {rule.name!r} does not answer those on "
+        f"local targets (policy: local_tools = refuse); {why}.",
+        block_code="local_tools_refused",
+        matched=reasons,
+        pinned=pinned,
+        notes=notes,
+        local_tools="refuse",
+    )
+
+
 def decide(features: Features, policy: Policy, pinned: str | None = None) -> Decision:
     """First matching rule wins. Pure: same inputs, same Decision."""
     for rule in policy.rules:
@@ -187,6 +220,18 @@ def decide(features: Features, policy: Policy, pinned: str | None = None) -> Dec
                     notes=notes,
                 )
             notes = (*notes, "images dropped: no target of the chain takes images")
+        local_tools = policy.local_tools(rule) if features.structured else None
+        local = [t for t in chain if not policy.is_cloud(t)]
+        refuses_local = local_tools == "refuse" and bool(local)
+        if refuses_local:
+            refused = _refused_locally(policy, rule, features, chain, pinned, reasons, notes)
+            if refused is not None:
+                return refused
+            chain = tuple(t for t in chain if policy.is_cloud(t))
+            notes = (*notes, f"{features.structured}: local targets {', '.join(local)} left out (local_tools: refuse)")
+        elif local_tools == "honour" and local:
+            notes = (*notes, f"{features.structured}: honoured on local targets {', '.join(local)} "
+                     "(local_tools: honour)")
         return Decision(
             rule=rule.name,
             action="route",
@@ -197,6 +242,8 @@ def decide(features: Features, policy: Policy, pinned: str | None = None) -> Dec
             notes=notes,
             paces=resolve(policy, rule, chain),
             hedge_after_s=rule.hedge_after_s if len(chain) > 1 else None,
+            local_tools=local_tools,
+            refuses_local=refuses_local,
         )
     return Decision(
         rule="(none)",

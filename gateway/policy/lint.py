@@ -242,6 +242,28 @@ def _hedge_never_fires(policy: Policy, source: PolicySource) -> Iterator[LintWar
                         f"never fires; lower hedge_after_s")
 
 
+def _local_tools_always_refused(policy: Policy, source: PolicySource, domains: Mapping[str, tuple[Any, ...]]
+                                ) -> Iterator[LintWarning]:
+    """`local_tools: refuse` on a rule no cloud target can answer for: every request with tools or a
+    response_format it matches is refused (probably meant for a rule with a cloud route)."""
+    states = domains.get("connectivity", ())
+    for i, rule in enumerate(policy.rules):
+        if rule.route is None or policy.local_tools(rule) != "refuse":
+            continue
+        chain = policy.chain(rule)
+        clouds = [t for t in chain if policy.is_cloud(t)]
+        admitted = [s for s in states if rule.when.connectivity is None or _admits("connectivity", rule.when.connectivity, s)]
+        if clouds and ONLINE in admitted:
+            continue
+        why = (f"it only matches when connectivity is {' or '.join(admitted)}" if clouds
+               else f"its chain ({', '.join(chain)}) has no cloud target")
+        where = f"rules.{i}.local_tools" if rule.local_tools is not None else "defaults.local_tools"
+        yield _warn(source, where,
+                    f"rule {rule.name!r} refuses requests with tools or a response_format on local targets "
+                    f"(local_tools: refuse), but {why}: every such request it matches is refused; set "
+                    f"`local_tools: honour` on it to answer them on the device")
+
+
 def _models(policy: Policy, source: PolicySource, probe: Probe) -> Iterator[LintWarning]:
     for name, target in policy.targets.items():
         if isinstance(target, LocalTarget) and target.engine and target.model_path:
@@ -272,6 +294,7 @@ def lint(policy: Policy, source: PolicySource, probe: Probe | None = None) -> li
         *_offline_to_cloud(policy, source, domains),
         *_no_catch_all(policy, source, domains),
         *_hedge_never_fires(policy, source),
+        *_local_tools_always_refused(policy, source, domains),
         *_models(policy, source, probe or probe_model_path),
     ]
     return sorted(found, key=lambda w: (w.line, w.col))

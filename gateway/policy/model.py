@@ -261,6 +261,16 @@ class Block(_Strict):
     message: str = "Blocked by policy."
 
 
+# What a request with tools or a response_format (json_object / json_schema) gets on a local target.
+LocalTools = Literal["honour", "refuse"]
+_LOCAL_TOOLS_DOC = (
+    "A request with tools or a response_format (json_object / json_schema) on local targets. honour: they "
+    "answer it (the in-process engine under a grammar: calls and JSON well-formed by construction; a local "
+    "server gets the request as sent). refuse: local targets are taken out of the chain for it; with no cloud "
+    "target of the chain online, or a request naming a local target, it is refused (503 while a cloud target "
+    "is offline, 403 otherwise; code local_tools_refused, naming the rule).")
+
+
 class Rule(_Strict):
     name: Name
     description: str | None = None
@@ -290,6 +300,7 @@ class Rule(_Strict):
         description="May a request that names a cloud target (model: <target>) go there anyway? "
         "Default: yes, except for rules that test sensitivity or connectivity (the guards).",
     )
+    local_tools: LocalTools | None = Field(None, description=_LOCAL_TOOLS_DOC + " Absent: defaults.local_tools.")
 
     @property
     def pin_allowed(self) -> bool:
@@ -306,6 +317,7 @@ class Rule(_Strict):
 
 class Defaults(_Strict):
     fallback: list[str] = Field(default_factory=list)
+    local_tools: LocalTools = Field("honour", description=_LOCAL_TOOLS_DOC)
     images: Literal["drop", "reject"] = Field(
         "drop",
         description="A request with images whose chain has no target that takes them (`vision`): drop the "
@@ -344,6 +356,9 @@ class Policy(_Strict):
 
     def is_cloud(self, target: str) -> bool:
         return isinstance(self.targets[target], CloudTarget)
+
+    def local_tools(self, rule: Rule) -> LocalTools:
+        return rule.local_tools or self.defaults.local_tools
 
     def takes_images(self, target: str) -> bool:
         cfg = self.targets[target]
