@@ -164,18 +164,17 @@ def _refused_locally(policy: Policy, rule: Rule, features: Features, chain: tupl
     if online and (pinned is None or policy.is_cloud(pinned)):
         return None
     if pinned is not None and not policy.is_cloud(pinned):
-        why, status = f"the request names local target {pinned!r}", 403
+        why = f"the request names local target {pinned!r}"
     elif remote:
         states = ", ".join(f"{t} {features.connectivity.get(t, 'disabled')}" for t in remote)
-        # offline is a state that passes; disabled (no key) is not: retrying then never helps
-        status = 503 if any(features.connectivity.get(t) == "offline" for t in remote) else 403
         why = f"no cloud target of its chain is online ({states})"
     else:
-        why, status = "its chain has no cloud target", 403
+        why = "its chain has no cloud target"
+    # 403, a policy refusal like a rule's block: a 5xx would have the SDKs retry it at once, for nothing
     return Decision(
         rule=rule.name,
         action="block",
-        block_status=status,
+        block_status=403,
         block_message=f"This request has {features.structured}, and rule {rule.name!r} does not answer those on "
         f"local targets (policy: local_tools = refuse); {why}.",
         block_code="local_tools_refused",

@@ -267,8 +267,8 @@ _LOCAL_TOOLS_DOC = (
     "A request with tools or a response_format (json_object / json_schema) on local targets. honour: they "
     "answer it (the in-process engine under a grammar: calls and JSON well-formed by construction; a local "
     "server gets the request as sent). refuse: local targets are taken out of the chain for it; with no cloud "
-    "target of the chain online, or a request naming a local target, it is refused (503 while a cloud target "
-    "is offline, 403 otherwise; code local_tools_refused, naming the rule).")
+    "target of the chain online, or a request naming a local target, it is refused (403 "
+    "local_tools_refused, naming the rule).")
 
 
 class Rule(_Strict):
