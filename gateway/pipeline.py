@@ -602,5 +602,6 @@ def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
             "has_response_format": f.has_response_format,
         },
         "redactions_planned": planned,
+        "wire": {t: rt.policy.targets[t].api for t in d.chain},  # the API each target is called with
     }
 

@@ -54,6 +54,11 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
         model=cfg.model, api_base=cfg.api_base, api_key=cfg.api_key, timeout_s=cfg.timeout_s,
         extra_body=cfg.extra_body,
     )
+    if cfg.api != "chat":
+        from gateway.backends.wire_http import MessagesHTTPBackend, ResponsesHTTPBackend
+
+        assert cfg.api_base is not None  # the policy checks it
+        return (MessagesHTTPBackend if cfg.api == "messages" else ResponsesHTTPBackend)(name, **common)
     direct = cfg.client == "openai" or (
         cfg.client == "auto" and cfg.model.startswith("openai/") and cfg.api_base is not None
     )

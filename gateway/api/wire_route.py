@@ -31,6 +31,7 @@ from gateway.api.responses import JSON
 from gateway.dispatch import aclose_quietly
 from gateway.schema import APIError, ChatCompletionRequest
 from gateway.state import GatewayState
+from gateway.wire import openai_chat
 from gateway.wire.base import WireAdapter, sse_event
 
 log = structlog.get_logger("gateway.api")
@@ -113,8 +114,13 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     headers = route_headers(prepared, served)
     if not streaming:
         _record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
-        return JSON(adapter.from_chat(response, req), headers=headers)
+        # Rebuilt to chat's schema first, so the adapter reads one shape whoever answered.
+        answer, headers["x-hybrid-usage"] = openai_chat.completion(
+            response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
+        return JSON(adapter.from_chat(answer, req), headers=headers)
     translator = adapter.translator(req)
+    normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
+                                             want_usage=True)
 
     async def events() -> AsyncIterator[bytes]:
         first = True
@@ -123,7 +129,10 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
                 if first:
                     state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
                     first = False
-                for event in translator.feed(chunk):
+                for event in translator.feed(normalised.chunk(chunk)):
+                    yield sse_event(event)
+            if (owed := normalised.finish()) is not None:  # no target reported usage: estimated
+                for event in translator.feed(owed):
                     yield sse_event(event)
             for event in translator.finish():
                 yield sse_event(event)

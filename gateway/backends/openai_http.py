@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -33,6 +33,14 @@ async def _then_newline(reads: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     async for data in reads:
         yield data
     yield b"\n"
+
+
+class StreamReader(Protocol):
+    """One stream's events of another wire format in, chat chunks out (gateway/wire/to_*.py)."""
+
+    finished: bool  # the format's end event came: the stream is complete
+
+    def feed(self, event: Any) -> list[dict[str, Any]]: ...
 
 
 class OpenAIHTTPBackend(Backend):
@@ -124,6 +132,7 @@ class OpenAIHTTPBackend(Backend):
         except _CONNECT_ERRORS as exc:
             raise BackendError("connect", f"{self.name}: {type(exc).__name__}") from None
         finished = False
+        reader = self._reader()
         try:
             if resp.status >= 400:
                 content = await resp.read()
@@ -143,17 +152,25 @@ class OpenAIHTTPBackend(Backend):
                     if not line.startswith(b"data:"):
                         continue
                     payload = line[5:].strip()
-                    if payload == b"[DONE]":
+                    if reader is None:
+                        if payload == b"[DONE]":
+                            finished = True
+                            break
+                        yield self._event(payload)
+                        continue
+                    for chunk in reader.feed(self._json(payload)):
+                        yield chunk
+                    if reader.finished:
                         finished = True
                         break
-                    yield self._event(payload)
                 if finished:
                     break
                 del buf[:start]
                 if len(buf) > _MAX_LINE:
                     raise BackendError("protocol", f"{self.name}: stream line too long")
             if not finished:
-                raise BackendError("protocol", f"{self.name}: stream ended without [DONE]")
+                end = "[DONE]" if reader is None else "its end event"
+                raise BackendError("protocol", f"{self.name}: stream ended without {end}")
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: stream timeout") from None
         except _CONNECT_ERRORS as exc:
@@ -174,11 +191,19 @@ class OpenAIHTTPBackend(Backend):
         payload = orjson.dumps({**body, "model": str(body["model"]).removeprefix("openai/")})
         return await self._post_json(self.embeddings_url, payload, opts, "data", "an embeddings list")
 
-    def _event(self, payload: bytes) -> dict[str, Any]:
+    def _reader(self) -> StreamReader | None:
+        """What turns this target's stream events into chat chunks; None: they are chat chunks
+        already, ended by `[DONE]` (the hot path: no translation)."""
+        return None
+
+    def _json(self, payload: bytes) -> Any:
         try:
-            chunk = orjson.loads(payload)
+            return orjson.loads(payload)
         except orjson.JSONDecodeError:
             raise BackendError("protocol", f"{self.name}: invalid JSON in stream") from None
+
+    def _event(self, payload: bytes) -> dict[str, Any]:
+        chunk = self._json(payload)
         if isinstance(chunk, dict) and "error" in chunk:
             raise BackendError("protocol", f"{self.name}: error event in stream")
         return chunk

@@ -46,6 +46,12 @@ _EMBEDDINGS_DOC = ("POST /v1/embeddings on this target. Absent: none, except `en
                    "(builtin:all-minilm-l6-v2, 384 dimensions).")
 
 
+_API_DOC = ("The wire format this target is called with: chat (OpenAI chat completions), responses (OpenAI "
+            "Responses) or messages (Anthropic Messages). Requests of any API are translated to it "
+            "(docs/apis.md). responses and messages need `api_base` and direct HTTP (not `client: litellm`).")
+WireAPI = Literal["chat", "responses", "messages"]
+
+
 class CloudTarget(_Strict):
     """Data sent here leaves the device."""
 
@@ -88,6 +94,21 @@ class CloudTarget(_Strict):
         "body is forwarded as sent), false for `engine: local_engine` (text only).",
     )
     embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
+    api: WireAPI = Field("chat", description=_API_DOC)
+
+    @model_validator(mode="after")
+    def _wire(self) -> CloudTarget:
+        _check_api(self.api, self.api_base, self.client)
+        return self
+
+
+def _check_api(api: str, api_base: str | None, client: str) -> None:
+    if api == "chat":
+        return
+    if not api_base:
+        raise ValueError(f"`api: {api}` needs `api_base` (the gateway calls {api} targets over direct HTTP)")
+    if client == "litellm":
+        raise ValueError(f"`api: {api}` is called over direct HTTP; `client: litellm` speaks chat only")
 
 
 class LocalTarget(_Strict):
@@ -134,6 +155,7 @@ class LocalTarget(_Strict):
         "body is forwarded as sent), false for `engine: local_engine` (text only).",
     )
     embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
+    api: WireAPI = Field("chat", description=_API_DOC)
 
     @model_validator(mode="after")
     def _engine_or_server(self) -> LocalTarget:
@@ -145,6 +167,9 @@ class LocalTarget(_Strict):
             raise ValueError("`engine: local_engine` needs `model_path` (a path or builtin:NAME)")
         if self.engine and self.embeddings and self.embeddings.model != BUILTIN_EMBEDDINGS.model:
             raise ValueError(f"`engine: local_engine` embeds with {BUILTIN_EMBEDDINGS.model} only")
+        if self.engine and self.api != "chat":
+            raise ValueError("`engine: local_engine` is called in-process: `api` does not apply (leave it out)")
+        _check_api(self.api, self.api_base, self.client)
         return self
 
 

@@ -1,0 +1,263 @@
+"""The chat hub out to an Anthropic Messages upstream (a target with `api: messages`), and back.
+
+The pipeline runs on the chat body, redacted where the rule says so; this module turns that body
+into a Messages request (so the upstream sees exactly the redacted positions, in its own shape) and
+the upstream's `Message` or stream events into chat completions / chunks, which the pipeline then
+restores and the client's adapter writes in the client's API. Pure; the HTTP is
+gateway/backends/wire_http.py.
+
+Out: system messages -> top-level `system`; user parts -> text / image blocks; assistant
+`tool_calls` -> `tool_use` blocks; `role: tool` messages -> `tool_result` blocks of one user turn;
+`stop` -> `stop_sequences`; `tools` / `tool_choice` / `parallel_tool_calls`; `user` ->
+`metadata.user_id`. A trailing assistant message (a resumed answer) is Anthropic's prefill, which
+the model continues. `response_format` and `seed` have no Messages equivalent and are not sent.
+Back: a stop sequence that ended the answer is the choice's `stop_reason` (vLLM's name for the
+matched stop string), which the Messages adapter reports as `stop_sequence`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from gateway.backends.base import BackendError
+from gateway.classify.text import content_text
+from gateway.wire.base import arguments_object, new_id
+
+ANTHROPIC_VERSION = "2023-06-01"
+# Messages requires max_tokens; chat does not. What a request without one may write.
+DEFAULT_MAX_TOKENS = 4096
+
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+           "tool_use": "tool_calls", "refusal": "content_filter"}
+
+
+def _image_block(part: dict[str, Any]) -> dict[str, Any]:
+    url = str((part.get("image_url") or {}).get("url") or "")
+    if url.startswith("data:") and ";base64," in url:
+        media_type, data = url[5:].split(";base64,", 1)
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type or "image/png", "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    out: list[dict[str, Any]] = []
+    for part in content or ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and part.get("text"):
+            out.append({"type": "text", "text": part["text"]})
+        elif part.get("type") == "image_url":
+            out.append(_image_block(part))
+    return out
+
+
+def _tool_result(msg: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_result", "tool_use_id": str(msg.get("tool_call_id") or ""),
+            "content": content_text(msg.get("content"))}
+
+
+def _assistant(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks = _blocks(msg.get("content"))
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        blocks.append({"type": "tool_use", "id": str(call.get("id") or new_id("toolu_")),
+                       "name": str(fn.get("name") or ""), "input": arguments_object(fn.get("arguments"))})
+    return blocks
+
+
+def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    """Consecutive turns of one role are one Messages turn (the API alternates roles)."""
+    if not blocks:
+        return
+    if messages and messages[-1]["role"] == role:
+        messages[-1]["content"].extend(blocks)
+    else:
+        messages.append({"role": role, "content": blocks})
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for tool in tools:
+        fn = tool.get("function") or {}
+        one: dict[str, Any] = {"name": fn.get("name") or "",
+                               "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+        if fn.get("description"):
+            one["description"] = fn["description"]
+        out.append(one)
+    return out
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if isinstance(choice, dict):
+        out: dict[str, Any] = {"type": "tool", "name": str((choice.get("function") or {}).get("name") or "")}
+    elif choice in ("auto", "required", "none"):
+        out = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+    elif parallel is False:
+        out = {"type": "auto"}
+    else:
+        return None
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def request(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """The Messages request for a chat body (already redacted where the rule says so)."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for msg in body.get("messages") or ():
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append(content_text(msg.get("content")))
+        elif role == "tool":
+            _append(messages, "user", [_tool_result(msg)])
+        elif role == "assistant":
+            _append(messages, "assistant", _assistant(msg))
+        else:
+            _append(messages, "user", _blocks(msg.get("content")))
+    if messages and messages[-1]["role"] == "assistant":
+        # A prefill (a resumed answer): the API refuses one that ends in whitespace.
+        blocks = messages[-1]["content"]
+        if blocks[-1].get("type") == "text":
+            blocks[-1]["text"] = blocks[-1]["text"].rstrip()
+            if not blocks[-1]["text"]:
+                blocks.pop()
+        if not blocks:
+            messages.pop()
+    out: dict[str, Any] = {"model": model, "messages": messages,
+                           "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
+                           or DEFAULT_MAX_TOKENS}
+    if any(system):
+        out["system"] = "\n".join(s for s in system if s)
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("temperature") is not None:
+        out["temperature"] = min(1.0, float(body["temperature"]))  # Messages' range is 0..1
+    if body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    if body.get("tools"):
+        out["tools"] = _tools(body["tools"])
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice is not None:
+            out["tool_choice"] = choice
+    if isinstance(body.get("user"), str) and body["user"]:
+        out["metadata"] = {"user_id": body["user"]}
+    if body.get("stream"):
+        out["stream"] = True
+    return out
+
+
+# -- back ---------------------------------------------------------------------------------------
+
+
+def _usage(usage: Any) -> dict[str, int]:
+    usage = usage if isinstance(usage, dict) else {}
+    # Anthropic's input_tokens leaves out the cached part; chat's prompt_tokens counts all of it.
+    prompt = sum(int(usage.get(k) or 0) for k in ("input_tokens", "cache_creation_input_tokens",
+                                                    "cache_read_input_tokens"))
+    completion = int(usage.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(stop_reason: Any) -> str:
+    return _FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
+
+
+def completion(message: dict[str, Any], name: str) -> dict[str, Any]:
+    """A chat completion for an upstream `Message`. Raises BackendError("protocol") for anything else."""
+    if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(message.get("content"), list):
+        raise BackendError("protocol", f"{name}: answer is not an Anthropic message")
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in message["content"]:
+        if not isinstance(block, dict):
+            continue
+        if block.get("type") == "text":
+            texts.append(str(block.get("text") or ""))
+        elif block.get("type") == "tool_use":
+            calls.append({"id": str(block.get("id") or new_id("toolu_")), "type": "function",
+                          "function": {"name": str(block.get("name") or ""),
+                                       "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        msg["tool_calls"] = calls
+    choice: dict[str, Any] = {"index": 0, "message": msg, "finish_reason": _finish(message.get("stop_reason")),
+                              "logprobs": None}
+    if message.get("stop_reason") == "stop_sequence" and isinstance(message.get("stop_sequence"), str):
+        choice["stop_reason"] = message["stop_sequence"]
+    return {"id": str(message.get("id") or new_id("msg_")), "object": "chat.completion", "created": int(time.time()),
+            "model": str(message.get("model") or ""), "choices": [choice], "usage": _usage(message.get("usage"))}
+
+
+class EventReader:
+    """Anthropic stream events in, chat chunks out; `finished` once `message_stop` came.
+
+    An `error` event (e.g. `overloaded_error` mid-stream) raises BackendError, so the pipeline
+    retries, falls back or resumes as for any broken stream."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.finished = False
+        self.id = new_id("msg_")
+        self.model = ""
+        self.created = int(time.time())
+        self.usage: dict[str, Any] = {}
+        self.tools: dict[int, int] = {}  # content block index -> chat tool-call index
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
+
+    def feed(self, event: Any) -> list[dict[str, Any]]:
+        if not isinstance(event, dict):
+            raise BackendError("protocol", f"{self.name}: stream event is not an object")
+        kind = event.get("type")
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.id = str(message.get("id") or self.id)
+            self.model = str(message.get("model") or "")
+            self.usage = dict(message.get("usage") or {})
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                k = self.tools.setdefault(int(event.get("index") or 0), len(self.tools))
+                return [self._chunk({"tool_calls": [{"index": k, "id": str(block.get("id") or new_id("toolu_")),
+                                                     "type": "function", "function": {
+                                                         "name": str(block.get("name") or ""), "arguments": ""}}]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            return []
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._chunk({"content": str(delta.get("text") or "")})]
+            if delta.get("type") == "input_json_delta":
+                k = self.tools.get(int(event.get("index") or 0))
+                if k is None:
+                    raise BackendError("protocol", f"{self.name}: input_json_delta outside a tool_use block")
+                return [self._chunk({"tool_calls": [{"index": k, "function": {
+                    "arguments": str(delta.get("partial_json") or "")}}]})]
+            return []  # thinking and signature deltas have no chat equivalent
+        if kind == "message_delta":
+            delta = event.get("delta") or {}
+            self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            extra = {}
+            if delta.get("stop_reason") == "stop_sequence" and isinstance(delta.get("stop_sequence"), str):
+                extra["stop_reason"] = delta["stop_sequence"]
+            return [self._chunk({}, _finish(delta.get("stop_reason")), **extra)]
+        if kind == "message_stop":
+            self.finished = True
+            return [{"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                     "choices": [], "usage": _usage(self.usage)}]
+        if kind == "error":
+            error = event.get("error") or {}
+            status = 529 if error.get("type") == "overloaded_error" else 500
+            raise BackendError("status", f"{self.name}: error event in stream ({str(error.get('type'))[:40]})",
+                               status=status)
+        return []  # ping, and event types added later
