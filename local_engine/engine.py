@@ -148,6 +148,7 @@ class Generation:
         self.grammar = grammar
         self.tool_spec: tools_mod.ToolSpec | None = None
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None  # the stop string that ended the answer, if one did
         self.stats = RunStats(prompt_tokens=len(prompt_ids))
         self.text = ""
         self.start_step: int | None = None  # the engine's step counter when this one got the model
@@ -272,6 +273,7 @@ class Generation:
             if stops and (gram is None or gram.grammar.stops_apply(self.text + pending)):
                 cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
+                    self.stop_sequence = next(s for s in stops if pending.find(s) == cut)
                     pending, reason, cut_by_stop_string = pending[:cut], "stop", True
                     break
             emit = pending[:len(pending) - hold] if hold else pending

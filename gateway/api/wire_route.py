@@ -29,6 +29,7 @@ from gateway.api.errors import validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
 from gateway.dispatch import aclose_quietly
+from gateway.runtime import Runtime
 from gateway.schema import APIError, ChatCompletionRequest
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
@@ -118,7 +119,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
         return JSON(adapter.from_chat(answer, req), headers=headers)
-    translator = adapter.translator(req)
+    translator = adapter.translator(req, _input_tokens(rt, prepared, served.target))
     normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
                                              want_usage=True)
 
@@ -143,3 +144,10 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
     return EventStreamResponse(events(), headers=headers)
+
+
+def _input_tokens(rt: Runtime, prepared: pipeline.Prepared, target: str) -> int:
+    """The prompt's size for a stream that must say it first: the target's own count where it
+    has a tokenizer here (the engine), else the pipeline's estimate (~4 characters a token)."""
+    counted = rt.backends[target].prompt_tokens(pipeline.body_for(rt, prepared, target))
+    return counted if counted is not None else prepared.features.prompt_tokens

@@ -89,6 +89,12 @@ class Backend(abc.ABC):
         (`data[].embedding` float lists, `usage`); raises `BackendError` only."""
         raise BackendError("invalid", f"{self.name} does not embed")
 
+    def prompt_tokens(self, body: dict[str, Any]) -> int | None:
+        """The prompt of `body` in this target's own tokens, counted before it answers (what an
+        API that reports the input size first, Anthropic's `message_start`, needs); None: this
+        target has no tokenizer here, and the caller estimates."""
+        return None
+
     @property
     def ready(self) -> bool:
         """Can answer now (an in-process model has loaded)."""

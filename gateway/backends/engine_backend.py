@@ -228,7 +228,7 @@ class EngineBackend(Backend):
         if calls and reason == "stop":
             reason = "tool_calls"
         job.emit(("end", {"finish_reason": reason, "usage": gen.usage, "content": content,
-                          "calls": [(c.name, c.arguments) for c in calls]}))
+                          "calls": [(c.name, c.arguments) for c in calls], "stop_sequence": gen.stop_sequence}))
 
     # ---------------------------------------------------------------------------- requests
     def _sampling(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -287,6 +287,25 @@ class EngineBackend(Backend):
     def _model(self, body: dict[str, Any]) -> str:
         return str(body.get("model") or self.name)
 
+    def prompt_tokens(self, body: dict[str, Any]) -> int | None:
+        """Counted as Engine.chat renders the prompt: the chat template, with the tools as the
+        template (or the tool prompt) writes them."""
+        engine = self.engine
+        if engine is None or not isinstance(body.get("messages"), list):
+            return None
+        from local_engine import tools as tools_mod
+        from local_engine.errors import EngineError
+
+        try:
+            spec = tools_mod.parse_spec(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+            msgs, tpl_tools = tools_mod.prompt_messages(
+                body["messages"], spec, tools_mod.template_renders_tools(engine.tokenizer.chat_template))
+            text = engine.render_chat(msgs, tools=tpl_tools,
+                                      continue_final_message=bool(body.get("continue_final_message")))
+        except (EngineError, ValueError, TypeError, KeyError):
+            return None  # a request the engine will refuse anyway: the caller estimates
+        return len(engine.tokenizer.encode(text))
+
     async def embed(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         # Embeddings are the MiniLM's, not the chat model's: they need no engine slot or load.
         from gateway.backends.local_embeddings import embed_locally
@@ -315,10 +334,12 @@ class EngineBackend(Backend):
             message["content"] = end["content"]
             message["tool_calls"] = [{"id": _call_id(), "type": "function",
                                       "function": {"name": name, "arguments": args}} for name, args in end["calls"]]
+        choice = {"index": 0, "message": message, "finish_reason": end["finish_reason"], "logprobs": None}
+        if end.get("stop_sequence"):
+            choice["stop_reason"] = end["stop_sequence"]  # vLLM's field: the stop string that matched
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self._model(body),
-            "choices": [{"index": 0, "message": message, "finish_reason": end["finish_reason"], "logprobs": None}],
-            "usage": end["usage"],
+            "choices": [choice], "usage": end["usage"],
         }
 
     async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
@@ -326,9 +347,12 @@ class EngineBackend(Backend):
         cid, created = self._ids_now()
         model = self._model(body)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish: str | None = None, stop: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            if stop:
+                choice["stop_reason"] = stop  # vLLM's field: the stop string that matched
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [choice]}
 
         from local_engine.tools import CallStream  # lazy, like the engine itself: torch is heavy
 
@@ -368,7 +392,7 @@ class EngineBackend(Backend):
                     continue
                 if first:
                     yield chunk({"role": "assistant", "content": ""})
-                yield chunk({}, val["finish_reason"])
+                yield chunk({}, val["finish_reason"], val.get("stop_sequence"))
                 yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": [], "usage": val["usage"]}
                 return

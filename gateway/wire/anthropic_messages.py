@@ -234,6 +234,15 @@ def stop_reason(finish_reason: str | None) -> str:
     return _STOP.get(finish_reason or "stop", "end_turn")
 
 
+def matched_stop(finish_reason: str | None, stop_string: Any, stop_sequences: list[str] | None) -> str | None:
+    """The stop sequence that ended the answer: the target's `stop_reason` (the engine's, vLLM's,
+    a Messages upstream's), when it is one of the request's. None for end of turn, or a target
+    that does not say (chat's finish_reason alone cannot tell a stop sequence from the end)."""
+    if finish_reason != "stop" or not isinstance(stop_string, str) or not stop_sequences:
+        return None
+    return stop_string if stop_string in stop_sequences else None
+
+
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens,
             "cache_creation_input_tokens": None, "cache_read_input_tokens": None}
@@ -242,6 +251,7 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
     choice = (response.get("choices") or [{}])[0]
     message = choice.get("message") or {}
+    stop = matched_stop(choice.get("finish_reason"), choice.get("stop_reason"), req.stop_sequences)
     content: list[dict[str, Any]] = []
     text = content_text(message.get("content"))
     if text:
@@ -256,8 +266,8 @@ def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
         "role": "assistant",
         "model": response.get("model") or req.model,
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason")),
-        "stop_sequence": None,  # chat's finish_reason does not say which sequence stopped it
+        "stop_reason": "stop_sequence" if stop else stop_reason(choice.get("finish_reason")),
+        "stop_sequence": stop,
         "usage": _usage(*chat_usage(response)),
     }
 
@@ -266,9 +276,11 @@ class MessagesStream(ChatChunkTranslator):
     """Chat chunks -> message_start, content_block_start/delta/stop, message_delta, message_stop
     (or one `error` event when the stream broke and no target could finish it)."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, stop_sequences: list[str] | None = None, input_tokens: int = 0) -> None:
         super().__init__()
         self.model = model
+        self.stop_sequences = stop_sequences
+        self.input_tokens = input_tokens
         self.id = new_id("msg_")
         self.started = False
         self.index = -1
@@ -281,7 +293,7 @@ class MessagesStream(ChatChunkTranslator):
         self.started = True
         events.append({"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": chunk.get("model") or self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(0, 0)}})
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(self.input_tokens, 0)}})
 
     def _close(self, events: list[Event]) -> None:
         if self.open is not None:
@@ -317,8 +329,10 @@ class MessagesStream(ChatChunkTranslator):
 
     def _end(self, events: list[Event]) -> None:
         inp, out = self.usage
+        stop = matched_stop(self.finish_reason, self.stop_string, self.stop_sequences)
         events.append({"type": "message_delta",
-                       "delta": {"stop_reason": stop_reason(self.finish_reason), "stop_sequence": None},
+                       "delta": {"stop_reason": "stop_sequence" if stop else stop_reason(self.finish_reason),
+                                 "stop_sequence": stop},
                        "usage": {"input_tokens": inp, "output_tokens": out}})
         events.append({"type": "message_stop"})
 
@@ -359,8 +373,8 @@ class AnthropicMessages(WireAdapter):
     def from_chat(self, response: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
         return from_chat(response, request)
 
-    def translator(self, request: MessagesRequest) -> MessagesStream:
-        return MessagesStream(request.model)
+    def translator(self, request: MessagesRequest, input_tokens: int) -> MessagesStream:
+        return MessagesStream(request.model, request.stop_sequences, input_tokens)
 
     def error_body(self, err: APIError) -> dict[str, Any]:
         return error_body(err)

@@ -37,6 +37,7 @@ class ChatChunkTranslator(StreamTranslator):
         self.done = False
         self.usage = (0, 0)
         self.finish_reason: str | None = None
+        self.stop_string: str | None = None  # the choice's `stop_reason` (vLLM's): the stop string that matched
 
     @abstractmethod
     def _start(self, events: list[Event], chunk: dict[str, Any]) -> Any:
@@ -81,6 +82,7 @@ class ChatChunkTranslator(StreamTranslator):
                 self._tool(events, call)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+                self.stop_string = choice["stop_reason"] if isinstance(choice.get("stop_reason"), str) else None
         return events
 
     def finish(self) -> list[Event]:
@@ -116,7 +118,8 @@ class WireAdapter(ABC):
         """The API's answer object from the (restored) chat completion."""
 
     @abstractmethod
-    def translator(self, request: Any) -> StreamTranslator: ...
+    def translator(self, request: Any, input_tokens: int) -> StreamTranslator:
+        """`input_tokens`: the prompt's size before any answer (the target's count, or an estimate)."""
 
     @abstractmethod
     def error_body(self, err: APIError) -> dict[str, Any]: ...

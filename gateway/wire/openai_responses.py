@@ -443,7 +443,7 @@ class OpenAIResponses(WireAdapter):
     def from_chat(self, response: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
         return from_chat(response, request)
 
-    def translator(self, request: ResponsesRequest) -> ResponsesStream:
+    def translator(self, request: ResponsesRequest, input_tokens: int) -> ResponsesStream:
         return ResponsesStream(request)
 
     def error_body(self, err: APIError) -> dict[str, Any]:

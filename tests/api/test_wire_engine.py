@@ -100,3 +100,24 @@ def test_a_broken_cloud_stream_is_finished_by_the_engine(gw: RunningGateway, clo
     text = final.content[0].text
     assert text.startswith("The capital of F") and len(text) > len("The capital of F") and "Paris" in text
     assert kinds.count("message_stop") == 1 and stream.response.headers["x-hybrid-route"] == "cloud"
+
+
+def test_a_stop_sequence_and_the_input_count_on_the_engine(gw: RunningGateway) -> None:
+    """message_start says the prompt's size in the engine's own tokens (what the answer's usage
+    reports at the end), and a stop sequence that ended the answer is named, JSON and streamed."""
+    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0, timeout=120)
+    ask: dict[str, Any] = {"model": "auto", "max_tokens": 24, "system": "You are a helpful AI assistant.",
+                           "messages": [{"role": "user", "content": QUESTION}]}
+    plain = client.messages.create(**ask)
+    stop = "Paris"
+    assert stop in plain.content[0].text, plain.content  # greedy: the answer says it, so it can stop there
+    msg = client.messages.create(**ask, stop_sequences=["zzz-never", stop])
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop
+    assert plain.content[0].text.startswith(msg.content[0].text) and stop not in msg.content[0].text
+    with client.messages.stream(**ask, stop_sequences=[stop]) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    start = next(e for e in events if e.type == "message_start")
+    assert start.message.usage.input_tokens == final.usage.input_tokens == plain.usage.input_tokens > 0
+    assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
+    assert client.messages.create(**ask, stop_sequences=["zzz-never"]).stop_sequence is None

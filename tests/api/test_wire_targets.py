@@ -267,3 +267,17 @@ def test_explain_names_the_wire_format_of_each_target(gw: RunningGateway) -> Non
         r = c.post("/v1/route/explain", headers={"x-api-key": KEY, **TO_MESSAGES},
                    json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200 and r.json()["wire"] == {"cloud": "messages", "local": "chat"}
+
+
+def test_a_stop_sequence_of_a_messages_target_is_reported(gw: RunningGateway) -> None:
+    ask: dict[str, Any] = {"model": "auto", "max_tokens": 64, "stop_sequences": ["never", "STOP"],
+                           "messages": [{"role": "user", "content": "say hi STOP and more"}],
+                           "extra_headers": TO_MESSAGES}
+    msg = claude(gw).messages.create(**ask)
+    assert (msg.content[0].type, msg.stop_reason, msg.stop_sequence) == ("text", "stop_sequence", "STOP")
+    assert msg.content[0].text == "echo: say hi "
+    with claude(gw).messages.stream(**ask) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "STOP")
+    plain = claude(gw).messages.create(**{**ask, "stop_sequences": ["never"]})
+    assert (plain.stop_reason, plain.stop_sequence) == ("end_turn", None)
