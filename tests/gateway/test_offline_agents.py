@@ -1,13 +1,20 @@
 """Agents offline: tools and structured output answered by the built-in engine through the gateway.
 
-The cloud target is unreachable, so every request falls back to the in-process engine. The
-official SDKs are the clients. Each request of the table is sent whole and streamed; the answer
-must parse and validate against its schema every time (the grammar guarantees it)."""
+The cloud target is forced offline, so every request is answered by the in-process engine. The
+official SDKs are the clients. The table of requests goes through all three chat APIs (chat
+completions, Anthropic Messages, Responses), whole and streamed, without costing six times one
+API: each request is sent twice, once whole and once streamed, on two different APIs; within each
+kind of request (calls, JSON, text, text-or-calls) the APIs rotate, so every API x mode gets its
+share of every kind (`test_every_api_and_mode_gets_every_kind`). Every answer must parse and
+validate against its schema (the grammar guarantees it); a greedy request answers the same on both
+of its APIs. The policy's `local_tools: refuse` and a packed MoE model are exercised on the same
+gateway."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,7 @@ import openai
 import pytest
 
 from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.three_apis import APIS, Answer, ThreeAPIs, can_express
 from tests.support.upstream import FakeUpstream, Fault
 
 pytestmark = pytest.mark.slow  # the built-in engine generates every answer under a grammar
@@ -34,6 +42,11 @@ difficulty: {method: heuristic}
 rules:
   - {name: all, route: cloud, fallback: [local]}
 """
+# The same gateway also serves a packed MoE model (pinned by name) and a rule that refuses
+# structured requests on the device.
+MOE_TARGET = '  moe: {kind: local, engine: local_engine, model_path: "MOE_DIR", default_max_tokens: 300, threads: 1}\n'
+STRICT_RULE = "  - {name: strict-agents, when: {header: {x-agents: strict}}, route: cloud, fallback: [local], local_tools: refuse}\n"
+STRICT = {"x-agents": "strict"}
 
 
 def fn(name: str, description: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
@@ -172,6 +185,8 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
                              "tools": [WEATHER, TIME], "tool_choice": named("get_time")}, "calls"),
     ("multiturn-parallel-results", {"messages": PARALLEL_HISTORY, "tools": [WEATHER, TIME], "tool_choice": "required"}, "calls"),
     ("multiturn-auto", {"messages": HISTORY, "tools": [WEATHER], "max_tokens": 30}, "any"),
+    ("multiturn-parallel-final", {"messages": PARALLEL_HISTORY, "tools": [WEATHER, TIME], "tool_choice": "none",
+                                  "max_tokens": 30}, "text"),
     ("json-object", {"messages": ask("Describe a cat as a JSON object."), "response_format": {"type": "json_object"},
                      "max_tokens": 200}, "json"),
     ("json-person", {"messages": ask("Invent a person."), "response_format": rf("person", PERSON)}, "json"),
@@ -192,80 +207,116 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+def _rotation(k: int) -> tuple[str, ...]:
+    return APIS[k % 3:] + APIS[:k % 3]
+
+
+def assign(cases: list[tuple[str, dict[str, Any], str]]) -> dict[str, tuple[str, str]]:
+    """Case id -> (API it is sent whole on, API it is streamed on): the APIs rotate within each kind,
+    skipping one that cannot say the request."""
+    seen: Counter[str] = Counter()
+    out = {}
+    for cid, req, kind in cases:
+        k = seen[kind]
+        seen[kind] += 1
+        whole = next(a for a in _rotation(k) if can_express(a, req))
+        out[cid] = whole, next(a for a in _rotation(k + 1) if can_express(a, req) and a != whole)
+    return out
+
+
+PATHS = assign(CASES)
+
+
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+def moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic Qwen3-MoE (random weights, its own BPE and chat template), packed (~1 s)."""
+    from click.testing import CliRunner
+
+    from local_engine.cli import main
+
+    root = tmp_path_factory.mktemp("moe")
+    for args in (["demo-moe", str(root / "src")], ["pack", str(root / "src"), str(root / "packed")]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+    return root / "packed"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, moe_dir: Path) -> Iterator[RunningGateway]:
     path: Path = tmp_path_factory.mktemp("agents") / "p.yaml"
-    path.write_text(POLICY)
-    with run_gateway(path) as running:
+    policy = POLICY.replace("connectivity:", MOE_TARGET.replace("MOE_DIR", str(moe_dir)) + "connectivity:")
+    path.write_text(policy.replace("rules:\n", "rules:\n" + STRICT_RULE))
+    with run_gateway(path, force="offline") as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def client(gw: RunningGateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+def apis(gw: RunningGateway) -> ThreeAPIs:
+    return ThreeAPIs(gw.base_url)
+
+
+@pytest.fixture(scope="module")
+def client(apis: ThreeAPIs) -> openai.OpenAI:
+    return apis.openai
 
 
 def _schemas(req: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in req.get("tools", [])}
 
 
-def _check(req: dict[str, Any], expected: str, content: str | None, calls: list[tuple[str, str]], finish: str) -> None:
+def _check(req: dict[str, Any], expected: str, a: Answer) -> None:
     """The answer is what the request allows, and every JSON in it validates."""
     schemas = _schemas(req)
-    if calls:
-        assert expected in ("calls", "any"), (content, calls)
-        assert finish == "tool_calls" and not content
+    if a.calls:
+        assert expected in ("calls", "any"), a
+        assert a.finish == "tool_calls" and not a.content
         choice = req.get("tool_choice")
-        for name, args in calls:
+        for name, args in a.calls:
             assert name in schemas
             if isinstance(choice, dict):
                 assert name == choice["function"]["name"]
             jsonschema.validate(json.loads(args), schemas[name])
         if req.get("parallel_tool_calls") is False:
-            assert len(calls) == 1
+            assert len(a.calls) == 1
         return
-    assert expected in ("json", "text", "any") and content, (content, finish)
+    assert expected in ("json", "text", "any") and a.content, a
     fmt = req.get("response_format")
     if fmt is not None:
-        assert finish == "stop"
-        value = json.loads(content)
+        assert a.finish == "stop"
+        value = json.loads(a.content)
         schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
         jsonschema.validate(value, schema)
 
 
-@pytest.mark.parametrize("req, expected", [pytest.param(r, e, id=i) for i, r, e in CASES])
-def test_answers_parse_and_validate_whole_and_streamed(client: openai.OpenAI, req: dict[str, Any], expected: str) -> None:
-    body = {"model": "auto", "max_tokens": 160, **req}
-    raw = client.chat.completions.with_raw_response.create(**body)
-    assert raw.headers["x-hybrid-route"] == "local"
-    assert "ignores" not in raw.headers.get("x-hybrid-warning", "")  # tools / response_format honoured
-    r = raw.parse()
-    msg = r.choices[0].message
-    calls = [(c.function.name, c.function.arguments) for c in msg.tool_calls or []]
-    assert all(c.id.startswith("call_") for c in msg.tool_calls or [])
-    _check(req, expected, msg.content, calls, r.choices[0].finish_reason)
-
-    content, streamed, finish = "", {}, None
-    for chunk in client.chat.completions.create(**body, stream=True):
-        if not chunk.choices:
-            continue
-        d = chunk.choices[0].delta
-        content += d.content or ""
-        for tc in d.tool_calls or []:
-            slot = streamed.setdefault(tc.index, {"name": "", "arguments": "", "id": None})
-            slot["id"] = slot["id"] or tc.id
-            slot["name"] += (tc.function.name or "") if tc.function else ""
-            slot["arguments"] += (tc.function.arguments or "") if tc.function else ""
-        finish = chunk.choices[0].finish_reason or finish
-    s_calls = [(v["name"], v["arguments"]) for _, v in sorted(streamed.items())]
-    assert all(v["id"] for v in streamed.values())
-    _check(req, expected, content or None, s_calls, finish or "")
-    if "temperature" not in req:  # greedy: the same answer both ways
-        assert (content or None, s_calls) == (msg.content or None, calls)
+@pytest.mark.parametrize("req, expected, whole_api, stream_api",
+                         [pytest.param(r, e, *PATHS[i], id=f"{i}:{PATHS[i][0]}/{PATHS[i][1]}-streamed")
+                          for i, r, e in CASES])
+def test_answers_parse_and_validate(apis: ThreeAPIs, req: dict[str, Any], expected: str, whole_api: str,
+                                    stream_api: str) -> None:
+    answers = []
+    for api, stream in ((whole_api, False), (stream_api, True)):
+        said, answer = apis.send(api, req, stream=stream)
+        assert answer.headers["x-hybrid-route"] == "local"
+        assert "x-hybrid-warning" not in answer.headers  # tools / response_format honoured, nothing dropped
+        # Messages says "JSON" as a forced tool: the answer is a call whose input is the JSON
+        _check(said.request, "calls" if said.translated else expected, answer)
+        answers.append((said.translated, answer))
+    (t1, whole), (t2, streamed) = answers
+    if "temperature" not in req and not (t1 or t2):  # greedy: the same answer on both APIs
+        assert whole.same_as(streamed), (whole, streamed)
 
 
-def test_enough_cases() -> None:
+def test_every_api_and_mode_gets_every_kind() -> None:
     assert len(CASES) >= 30
+    kinds = {e for _, _, e in CASES}
+    share: dict[tuple[str, str], set[str]] = {}
+    for cid, _, kind in CASES:
+        whole, streamed = PATHS[cid]
+        assert whole != streamed
+        share.setdefault((whole, "whole"), set()).add(kind)
+        share.setdefault((streamed, "stream"), set()).add(kind)
+    assert {k: v for k, v in share.items() if v != kinds} == {}
+    assert len(share) == 6
 
 
 def test_unenforceable_schema_is_a_400_naming_the_keyword(client: openai.OpenAI) -> None:
@@ -308,39 +359,61 @@ def test_agent_loop_three_steps_offline(client: openai.OpenAI) -> None:
     assert messages[6]["content"] and not messages[6].get("tool_calls")
 
 
-def test_anthropic_sdk_gets_a_tool_use_block_offline(gw: RunningGateway) -> None:
-    client = anthropic.Anthropic(base_url=gw.base_url, api_key="x", max_retries=0, timeout=120)
-    tool = {"name": "get_weather", "description": "Current weather in a city",
-            "input_schema": WEATHER["function"]["parameters"]}
-    msg = client.messages.create(model="auto", max_tokens=60, messages=ask("Weather in Paris?"), tools=[tool],
-                                 tool_choice={"type": "any"})
-    uses = [b for b in msg.content if b.type == "tool_use"]
-    assert msg.stop_reason == "tool_use" and uses and uses[0].name == "get_weather"
-    jsonschema.validate(uses[0].input, tool["input_schema"])
-    with client.messages.stream(model="auto", max_tokens=60, messages=ask("Weather in Paris?"), tools=[tool],
-                                tool_choice={"type": "any"}) as stream:  # input_json deltas, assembled by the SDK
-        final = stream.get_final_message()
-    assert final.stop_reason == "tool_use"
-    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == [(u.name, u.input) for u in uses]
+def test_local_tools_refuse_answers_each_api_in_its_own_shape(gw: RunningGateway) -> None:
+    """A rule with `local_tools: refuse`, the cloud offline: a structured request is refused with an
+    error naming the rule, in chat's, Responses' and Messages' shapes, streamed or not; plain chat
+    through the same rule is still answered on the device."""
+    strict = ThreeAPIs(gw.base_url, headers=STRICT)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        strict.openai.chat.completions.create(model="auto", messages=ask("Weather in Paris?"), tools=[WEATHER])
+    assert e.value.body["code"] == "local_tools_refused" and e.value.body["type"] == "permission_error"
+    assert e.value.body["message"] == (
+        "This request has tools, and rule 'strict-agents' does not answer those on local targets "
+        "(policy: local_tools = refuse); no cloud target of its chain is online (cloud offline).")
+    assert e.value.response.headers["x-hybrid-rule"] == "strict-agents"
+    with pytest.raises(openai.PermissionDeniedError, match="rule 'strict-agents'"):
+        strict.openai.chat.completions.create(model="auto", messages=ask("Invent a person."), stream=True,
+                                              response_format=rf("person", PERSON))
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        strict.openai.responses.create(model="auto", input="Invent a person.", text={"format": {
+            "type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
+    assert e.value.body["code"] == "local_tools_refused"
+    assert e.value.body["message"].startswith("This request has a response_format, and rule 'strict-agents'")
+    tool = {"name": "get_weather", "description": "Weather", "input_schema": WEATHER["function"]["parameters"]}
+    for stream in (False, True):
+        with pytest.raises(anthropic.PermissionDeniedError) as ae:
+            strict.anthropic.messages.create(model="auto", max_tokens=60, messages=ask("Weather in Paris?"),
+                                             tools=[tool], stream=stream)
+        assert ae.value.body["type"] == "error" and ae.value.body["error"]["type"] == "permission_error"
+        assert "rule 'strict-agents'" in ae.value.body["error"]["message"]
+    plain = strict.openai.chat.completions.with_raw_response.create(model="auto", messages=ask("Hi"), max_tokens=4)
+    assert (plain.headers["x-hybrid-rule"], plain.headers["x-hybrid-route"]) == ("strict-agents", "local")
 
 
-def test_responses_api_gets_a_function_call_and_json_offline(client: openai.OpenAI) -> None:
-    tool = {"type": "function", "name": "get_time", "description": "Current time in a timezone",
-            "parameters": TIME["function"]["parameters"], "strict": False}
-    resp = client.responses.create(model="auto", input="What time is it in Tokyo?", tools=[tool], tool_choice="required",
-                                   max_output_tokens=60)
-    calls = [o for o in resp.output if o.type == "function_call"]
-    assert calls and calls[0].name == "get_time"
-    jsonschema.validate(json.loads(calls[0].arguments), tool["parameters"])
-    events = list(client.responses.create(model="auto", input="What time is it in Tokyo?", tools=[tool],
-                                          tool_choice="required", max_output_tokens=60, stream=True))
-    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
-    done = events[-1].response
-    s_calls = [o for o in done.output if o.type == "function_call"]
-    assert args == s_calls[0].arguments == calls[0].arguments  # streamed as argument deltas, same call
-    resp = client.responses.create(model="auto", input="Invent a person.", max_output_tokens=60,
-                                   text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}})
-    jsonschema.validate(json.loads(resp.output_text), PERSON)
+def test_explain_shows_what_a_structured_request_will_get(gw: RunningGateway) -> None:
+    body = {"model": "auto", "messages": ask("Invent a person."), "response_format": rf("person", PERSON)}
+    with gw.client() as c:
+        honoured = c.post("/v1/route/explain", json=body).json()
+        refused = c.post("/v1/route/explain", json=body, headers=STRICT).json()
+    assert honoured["features"]["has_response_format"] is True
+    d = honoured["decision"]
+    assert (d["action"], d["target"], d["fallbacks"], d["local_tools"]) == ("route", "cloud", ["local"], "honour")
+    assert "a response_format: honoured on local targets local (local_tools: honour)" in d["notes"]
+    d = refused["decision"]
+    assert (d["action"], d["rule"], d["local_tools"]) == ("block", "strict-agents", "refuse")
+    assert d["block"]["status"] == 403 and "local_tools = refuse" in d["block"]["message"]
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_packed_moe_model_honours_tools_and_json_schema(apis: ThreeAPIs, api: str) -> None:
+    """The synthetic MoE writes gibberish, yet through each API, whole and streamed, its calls and its
+    JSON parse and validate."""
+    for req, expected in (({"messages": ask("hi"), "tools": [WEATHER], "tool_choice": "required"}, "calls"),
+                          ({"messages": ask("hi"), "response_format": rf("person", PERSON)}, "json")):
+        for stream in (False, True):
+            said, answer = apis.send(api, {**req, "model": "moe", "max_tokens": 300}, stream=stream)
+            assert answer.headers["x-hybrid-route"] == "moe"
+            _check(said.request, "calls" if said.translated else expected, answer)
 
 
 def test_json_stream_broken_mid_answer_is_finished_under_the_schema(tmp_path: Path) -> None:
