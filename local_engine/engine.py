@@ -40,11 +40,11 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from local_engine import chat_template, prefix_cache, speculative
+from local_engine import chat_template, kv_cache, prefix_cache, speculative
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
@@ -56,6 +56,15 @@ class CausalLM(Protocol):
     def new_cache(self) -> Any: ...
 
     def forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ReportsMemory(Protocol):
+    """A model that says what it holds (models/llama.py, models/moe.py), for ``Engine.memory()``."""
+
+    def kv_shape(self) -> tuple[int, int, int]: ...  # (layers, kv heads, head dim)
+
+    def memory_bytes(self) -> dict[str, int]: ...  # weights_bytes, expert_cache_bytes
 
 
 @dataclass
@@ -174,7 +183,8 @@ class Generation:
     def _run(self) -> Iterator[str]:
         eng, p = self.engine, self.params
         model, tok = eng.model, eng.tokenizer
-        room = eng.max_seq - len(self.prompt_ids)
+        # a bounded KV cache evicts old tokens: neither the prompt nor the answer is limited by it
+        room = p.max_tokens if eng.kv_config.bounded else eng.max_seq - len(self.prompt_ids)
         if room <= 0:
             raise EngineError(f"prompt of {len(self.prompt_ids)} tokens does not fit the context "
                               f"({eng.max_seq} tokens)")
@@ -216,6 +226,7 @@ class Generation:
                 if cache.length > len(history):
                     cache.crop(len(history))
             self.stats.decode_s = time.perf_counter() - t1
+            kv_now = kv_cache.kv_bytes(cache)
         if not cut_by_stop_string:
             pending += dec.flush()  # bytes of an unfinished character, if any
         if pending:
@@ -226,6 +237,7 @@ class Generation:
         extra = getattr(model, "stats", None)
         if callable(extra):
             self.stats.extra = dict(extra())
+        self.stats.extra["kv_bytes"] = kv_now  # this sequence's K/V rows (flat once a window fills)
         if gram is not None:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
         self.stats.extra.update(self._spec_stats(spec, switch))
@@ -310,7 +322,7 @@ class Generation:
 class Engine:
     def __init__(self, model: Any, tokenizer: Tokenizer, *, source: str = "", format: str = "",
                  max_seq: int | None = None, threads: int | None = None,
-                 prefix_cache_mb: float | None = None) -> None:
+                 prefix_cache_mb: float | None = None, kv: kv_cache.KVConfig | None = None) -> None:
         import threading
 
         self.model, self.tokenizer = model, tokenizer
@@ -323,6 +335,7 @@ class Engine:
         self.steps = 0
         mb = prefix_cache.DEFAULT_MB if prefix_cache_mb is None else prefix_cache_mb
         self.prefix_cache = prefix_cache.PrefixCache(int(mb * 2**20))
+        self.kv_config = kv or kv_cache.KVConfig()
         # speculative decoding when a call does not say (local_engine/speculative.py); off by default
         self.speculative: speculative.Mode = "off"
 
@@ -334,10 +347,13 @@ class Engine:
         intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length),
         ``prefix_cache_mb`` (KV of earlier prompts kept for reuse, local_engine/prefix_cache.py;
         0 turns it off), ``speculative`` ("off" | "prompt-lookup" | "auto": the calls' default,
-        local_engine/speculative.py), plus whatever a registered loader accepts.
+        local_engine/speculative.py), ``kv_cache`` (a ``kv_cache.KVConfig`` or a mapping of its
+        ``dtype`` f32|bf16|int8|int4, ``max_tokens``, ``sinks``: local_engine/kv_cache.py), plus
+        whatever a registered loader accepts.
         """
         try:
             spec_mode = speculative.check_mode(opts.pop("speculative", None) or "off")
+            opts["kv_cache"] = kv_cache.KVConfig.parse(opts.get("kv_cache"))
         except ValueError as e:
             raise EngineError(str(e)) from None
         path = resolve(model)
@@ -427,7 +443,26 @@ class Engine:
         describe = getattr(self.model, "describe", None)
         if callable(describe):
             d.update(describe())
+        d["kv_cache"] = self.kv_config.as_dict()
+        d["memory"] = self.memory()
         return d
+
+    def memory(self) -> dict[str, int]:
+        """One memory budget: weights + expert cache + the KV of one sequence at its longest
+        (``max_tokens`` + slack rows when bounded, else ``max_seq``) + the prefix cache's budget."""
+        out = {"weights_bytes": 0, "expert_cache_bytes": 0}
+        kv_tok = kv_max = 0
+        if isinstance(self.model, ReportsMemory):
+            out.update(self.model.memory_bytes())
+            kv_tok = kv_cache.bytes_per_token(self.kv_config, *self.model.kv_shape())
+            kv = self.kv_config
+            rows = kv.max_tokens + kv_cache.SLACK if kv.max_tokens is not None else self.max_seq
+            kv_max = kv_tok * rows
+        out.update(kv_bytes_per_token=kv_tok, kv_max_bytes=kv_max,
+                   prefix_cache_bytes=self.prefix_cache.budget_bytes)
+        out["total_bytes"] = (out["weights_bytes"] + out["expert_cache_bytes"] + kv_max
+                              + out["prefix_cache_bytes"])
+        return out
 
     def close(self) -> None:
         """Release what the model holds open (a packed MoE's expert file and reader threads)."""
@@ -443,9 +478,10 @@ def _load_gguf(path: Path, **opts: Any) -> Engine:
     store = GGUFStore(path)
     cfg = config_from_gguf(store)  # architecture first: the clearest error for a foreign model
     tok = from_gguf(store)
-    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096),
+                       kv=opts.get("kv_cache"))
     return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"),
-                  prefix_cache_mb=opts.get("prefix_cache_mb"))
+                  prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
 
 
 def _load_hf(path: Path, **opts: Any) -> Engine:
@@ -456,9 +492,10 @@ def _load_hf(path: Path, **opts: Any) -> Engine:
     store = SafetensorsStore(path)
     cfg = config_from_hf(store)
     tok = from_hf_dir(path)
-    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096))
+    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096),
+                       kv=opts.get("kv_cache"))
     return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"),
-                  prefix_cache_mb=opts.get("prefix_cache_mb"))
+                  prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
 
 
 register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf, first=False)

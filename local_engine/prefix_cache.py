@@ -27,11 +27,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from local_engine.models.layers import KVCache
+import torch
 
 DEFAULT_MB = 256  # ~5,800 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
 # Each entry is a whole preallocated KV cache (max_seq positions of address space, only the
@@ -39,10 +38,26 @@ DEFAULT_MB = 256  # ~5,800 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
 MAX_ENTRIES = 32
 
 
+@runtime_checkable
+class PositionalKV(Protocol):
+    """A KV cache whose ``kv`` holds position i of the sequence at index i of dim 2: the fp32
+    ``layers.KVCache`` and ``kv_cache.CompressedKVCache`` (whose ``reusable`` turns false once a
+    bounded window has evicted tokens, and then it is not kept)."""
+
+    kv: torch.Tensor
+    length: int
+
+    @property
+    def bytes_per_token(self) -> int: ...
+
+    @property
+    def reusable(self) -> bool: ...
+
+
 @dataclass
 class _Entry:
     tokens: np.ndarray  # int64 ids whose K/V are positions 0..len-1 of `cache`
-    cache: KVCache
+    cache: PositionalKV
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +104,7 @@ class PrefixCache:
         else:  # a part of it: copy that part, the entry stays for whoever shares all of it
             self._entries.move_to_end(best)
             cache = new_cache()
-            if not isinstance(cache, KVCache):
+            if not isinstance(cache, PositionalKV) or cache.kv.shape != e.cache.kv.shape:
                 return cache, 0
             cache.kv[:, :, :n].copy_(e.cache.kv[:, :, :n])
         cache.length = n
@@ -109,7 +124,7 @@ class PrefixCache:
 
     def put(self, tokens: list[int], cache: Any) -> None:
         """Keep ``cache``, whose first ``len(tokens)`` positions hold these tokens' K/V."""
-        if not isinstance(cache, KVCache) or not tokens or self.budget_bytes <= 0:
+        if not isinstance(cache, PositionalKV) or not cache.reusable or not tokens or self.budget_bytes <= 0:
             return
         ids = np.asarray(tokens[:cache.length], dtype=np.int64)
         entry = _Entry(ids, cache)

@@ -22,6 +22,8 @@ Shapes: one sequence at a time, no batch dim. ``x`` is ``[T, d_model]``; heads a
                                 writes ``[Hkv, T, Dh]`` at ``start`` and returns views up to
                                 ``start+T``; ``.length`` is set by the caller via ``.advance(T)``
                                 once all layers ran; ``.reset()``, ``.crop(n)``.
+                                Any other ``cache`` (``Attends``: local_engine/kv_cache.py's
+                                compressed / bounded one) is handed the unrotated q/k/v.
     attention(x, *, layer, start, wq, wk, wv, wo, n_heads, n_kv_heads, head_dim, rope, cache,
               q_norm=None, k_norm=None, eps=1e-6, wqkv=None)
                                 GQA self-attention with causal mask (batched prefill when T > 1,
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +141,8 @@ class RopeTables:
         # rotate_half(x) * sin == roll(x, half) * [-sin | sin]: 3 ops instead of 7 per call
         self._sin_signed = torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1)
         self.max_pos = max_pos
+        # kept for positions past the table (a bounded KV cache runs on past max_pos, kv_cache.py)
+        self.inv_freq, self.attention_factor = inv_freq, attention_factor
 
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.shape[-2]
@@ -178,6 +182,11 @@ class KVCache:
     def bytes_per_token(self) -> int:
         return self.kv.shape[0] * self.kv.shape[1] * self.kv.shape[3] * self.kv.element_size()
 
+    @property
+    def reusable(self) -> bool:
+        """Positions 0..length-1 hold the sequence (always: this cache never evicts)."""
+        return True
+
     def advance(self, n: int) -> None:
         self.length += n
 
@@ -188,12 +197,23 @@ class KVCache:
         self.length = 0
 
 
+class Attends(Protocol):
+    """A KV cache that attends itself (local_engine/kv_cache.py): ``attend(layer, q, k, v)`` takes
+    the new tokens' unrotated ``q [H, T, Dh]``, ``k``/``v`` ``[Hkv, T, Dh]`` and returns ``[H, T, Dh]``."""
+
+    length: int
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    def advance(self, n: int) -> None: ...
+
+
 # ----------------------------------------------------------------------------------- blocks
 
 
 def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk: Linear | None,
               wv: Linear | None, wo: Linear, n_heads: int, n_kv_heads: int, head_dim: int,
-              rope: RopeTables, cache: KVCache, q_norm: torch.Tensor | None = None,
+              rope: RopeTables, cache: KVCache | Attends, q_norm: torch.Tensor | None = None,
               k_norm: torch.Tensor | None = None, eps: float = 1e-6,
               wqkv: Linear | None = None) -> torch.Tensor:
     T = x.shape[0]
@@ -204,6 +224,18 @@ def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk:
     else:
         assert wq is not None and wk is not None and wv is not None
         q, k, v = linear(x, wq), linear(x, wk), linear(x, wv)
+    if not isinstance(cache, KVCache):
+        # a compressed / bounded cache (local_engine/kv_cache.py) owns positions and storage: it
+        # rotates, stores and attends itself
+        q = q.reshape(T, n_heads, head_dim).transpose(0, 1)
+        k = k.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+        v = v.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, eps)
+        if k_norm is not None:
+            k = rms_norm(k, k_norm, eps)
+        out = cache.attend(layer, q, k, v)
+        return linear(out.transpose(0, 1).reshape(T, nq).to(x.dtype), wo)
     if wqkv is not None and q_norm is None and k_norm is None:
         # rotate q and k heads together in one call (fewer ops per decode step)
         qk = rope.apply(qkv[:, :nq + nk].view(T, n_heads + n_kv_heads, head_dim).transpose(0, 1), start)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from local_engine import qkernel
+from local_engine import kv_cache, qkernel
 from local_engine.errors import UnsupportedModel
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
 from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear
@@ -170,9 +170,14 @@ class _Layer:
 
 class LlamaModel:
     def __init__(self, store: TensorStore, cfg: LlamaConfig, weights: str = "auto",
-                 max_seq: int = 4096) -> None:
+                 max_seq: int = 4096, kv: kv_cache.KVConfig | None = None) -> None:
         if weights not in WEIGHT_MODES:
             raise UnsupportedModel(store.info.path, f"weights mode {weights!r} (one of {WEIGHT_MODES})")
+        self.kv_config = kv or kv_cache.KVConfig()
+        try:
+            kv_cache.check(self.kv_config, cfg.head_dim, cfg.context_length)
+        except ValueError as e:
+            raise UnsupportedModel(store.info.path, str(e)) from None
         self.store, self.cfg, self.mode = store, cfg, weights
         self.gguf = store.info.format == "gguf"
         self._permute = self.gguf and cfg.arch in ("llama", "mistral")
@@ -345,9 +350,18 @@ class LlamaModel:
             out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[raw.qtype])
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
 
-    def new_cache(self) -> KVCache:
+    def new_cache(self) -> KVCache | kv_cache.CompressedKVCache:
         c = self.cfg
+        if not self.kv_config.plain:
+            return kv_cache.new_cache(self.kv_config, c.n_layers, c.n_kv_heads, c.head_dim, self.max_seq, self.rope)
         return KVCache(c.n_layers, c.n_kv_heads, c.head_dim, self.max_seq)
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim): what a KV cache row costs (kv_cache.bytes_per_token)."""
+        return self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"weights_bytes": int(self.weight_bytes), "expert_cache_bytes": 0}
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -429,7 +443,7 @@ class LlamaModel:
         """``forward`` for a speculative verify: logits of every position, from the decode step's
         arithmetic (the fused kernels), so they sit closer to plain decoding's than prefill's do.
         Not used for prompts: the prefix cache relies on their prefill-path logits."""
-        if 1 < ids.shape[0] <= FEW_TOKENS and cache.length > 0 and self._step_ok:
+        if 1 < ids.shape[0] <= FEW_TOKENS and cache.length > 0 and self._step_ok and isinstance(cache, KVCache):
             return self._few(ids, cache, last_only=False)
         return self.forward(ids, cache)
 
@@ -478,9 +492,21 @@ class LlamaModel:
             return self.head.fused(x, self.norm, eps)
         return self.head(rms(x, (d,), self.norm, eps)).float()
 
+    def _step_attention(self, cache: Any, o: torch.Tensor) -> Any:
+        """``(layer, qkv rows) -> None``: RoPE, K/V write and attention of one token into ``o``."""
+        if not isinstance(cache, KVCache):
+            return lambda i, r: cache.step(i, r.view(-1, self.cfg.head_dim), o.view(-1))
+        c, p, lib = self.cfg, cache.length, self._qlib
+        ptrs, scores = self._cache_ptrs(cache)
+        cp, sp, op = self.rope.cos[p].data_ptr(), self.rope.sin[p].data_ptr(), o.data_ptr()
+        hq, hk, hd, ms, sc = c.n_heads, c.n_kv_heads, c.head_dim, cache.max_seq, self._scale
+        return lambda i, r: lib.attn_step(r.data_ptr(), cp, sp, ptrs[i], p, ms, hq, hk, hd, sc, op, scores)
+
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c = self.cfg
         p = cache.length
+        if not isinstance(cache, KVCache) and not self._fused:
+            return self._forward(ids, cache, False)  # the compressed cache attends (kv_cache.py)
         if p >= cache.max_seq:
             raise ValueError(f"context length exceeded: {p + 1} > {cache.max_seq} tokens")
         n = p + 1
@@ -492,15 +518,13 @@ class LlamaModel:
             # GGUF blocks behind qkernel: RMSNorm is folded into the kernel's activation pass, the
             # residual adds are the kernel writing into x, and RoPE + KV write + attention over the
             # cache is one C call (qkernel.attn_step): ~6 calls per layer instead of ~25 ops
-            lib = self._qlib
-            ptrs, scores = self._cache_ptrs(cache)
             o = torch.empty(1, hq * hd)
-            cp, sp, op = self.rope.cos[p].data_ptr(), self.rope.sin[p].data_ptr(), o.data_ptr()
-            for L, kvp in zip(self.layers, ptrs, strict=True):
+            attend = self._step_attention(cache, o)
+            for i, L in enumerate(self.layers):
                 r = L.qkv.fused(x, L.attn_norm, eps)
                 if L.qkv.bias is not None:
                     r = r + L.qkv.bias
-                lib.attn_step(r.data_ptr(), cp, sp, kvp, p, cache.max_seq, hq, hk, hd, self._scale, op, scores)
+                attend(i, r)
                 L.o.fused(o, out=x)
                 gu = L.gate_up.fused(x, L.ffn_norm, eps)
                 L.down.fused(F.silu(gu[:, :ffn]) * gu[:, ffn:], out=x)
@@ -522,6 +546,7 @@ class LlamaModel:
         return self.head(rms(x, (d,), self.norm, eps)).float()
 
 
-def load_llama(store: TensorStore, weights: str = "auto", max_seq: int = 4096) -> LlamaModel:
+def load_llama(store: TensorStore, weights: str = "auto", max_seq: int = 4096,
+               kv: kv_cache.KVConfig | None = None) -> LlamaModel:
     cfg = config_from_gguf(store) if isinstance(store, GGUFStore) else config_from_hf(store)
-    return LlamaModel(store, cfg, weights, max_seq)
+    return LlamaModel(store, cfg, weights, max_seq, kv)

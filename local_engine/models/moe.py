@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from local_engine import kv_cache
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.expert_store import ExpertStore, peak_rss_bytes
 from local_engine.formats.pack import (
@@ -144,6 +145,7 @@ class MoEModel:
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
         self.run = RunStats()
         self.max_seq = 4096
+        self.kv_config = kv_cache.KVConfig()
         # next-layer prefetch: forced on/off, or chosen per token by a PrefetchSwitch ("auto")
         self.prefetch: bool | str = False
         self._switch: PrefetchSwitch | None = None
@@ -197,8 +199,10 @@ class MoEModel:
             wk = lambda x: rms_norm(linear(x, kw), kn, self.eps)  # noqa: E731
         elif self.arch == "qwen3_moe":  # per-head q/k RMSNorm
             q_norm, k_norm = w[p + "q_norm.weight"], w[p + "k_norm.weight"]
+        # a compressed / bounded cache brings its own RoPE (positions past any table: kv_cache.py)
+        n_pos = pos0 + h.shape[0] if isinstance(cache, KVCache) else 0
         return attention(h, layer=i, start=pos0, wq=wq, wk=wk, wv=wv, wo=w[p + "o_proj.weight"],
-                         n_heads=self.nh, n_kv_heads=self.nkv, head_dim=self.hd, rope=self._rope(pos0 + h.shape[0]),
+                         n_heads=self.nh, n_kv_heads=self.nkv, head_dim=self.hd, rope=self._rope(n_pos),
                          cache=cache, q_norm=q_norm, k_norm=k_norm, eps=self.eps)
 
     def _rope(self, n_pos: int) -> RopeTables:
@@ -306,8 +310,20 @@ class MoEModel:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
         return self.forward(ids, self.new_cache(ids.shape[0]))
 
-    def new_cache(self, max_seq: int | None = None) -> KVCache:
-        return KVCache(self.n_layers, self.nkv, self.hd, max_seq or self.max_seq)
+    def new_cache(self, max_seq: int | None = None) -> KVCache | kv_cache.CompressedKVCache:
+        n = max_seq or self.max_seq
+        if not self.kv_config.plain:
+            return kv_cache.new_cache(self.kv_config, self.n_layers, self.nkv, self.hd, n, self._rope(n))
+        return KVCache(self.n_layers, self.nkv, self.hd, n)
+
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, kv heads, head dim): what a KV cache row costs (kv_cache.bytes_per_token)."""
+        return self.n_layers, self.nkv, self.hd
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Resident tensors, and the expert cache's budget (at most the whole bank)."""
+        return {"weights_bytes": int(self.m.resident_bytes),
+                "expert_cache_bytes": int(min(self.store.cache.budget_bytes, self.m.expert_bank_bytes))}
 
     def describe(self) -> dict[str, Any]:
         """For ``Engine.info()``."""
@@ -410,13 +426,21 @@ def _load_packed(path: Path, **opts: Any) -> Any:
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):
         model.max_seq = int(opts["max_seq"])
+    kv = opts.get("kv_cache")
+    if kv is not None:
+        try:
+            kv_cache.check(kv, model.hd, int(model.config.get("max_position_embeddings") or model.max_seq))
+        except ValueError as e:
+            model.close()
+            raise EngineError(f"{path}: {e}") from None
+        model.kv_config = kv
     try:
         tok = from_hf_dir(path)
     except BaseException:
         model.close()
         raise
     return Engine(model, tok, source=str(path), format="flash-moe-pack", max_seq=model.max_seq,
-                  threads=opts.get("threads"))
+                  threads=opts.get("threads"), kv=model.kv_config)
 
 
 def _register() -> None:

@@ -1,0 +1,232 @@
+"""The decode step's attention over a compressed KV cache, in C (``local_engine/kv_cache.py``).
+
+Why C: a decode step attends once per layer to every cached token. Dequantising the whole int8
+cache into a fresh fp32 tensor per layer per step (the PyTorch path, ``CompressedKVCache.attend``)
+costs a few allocations and passes over the cache each time; this kernel decodes one row at a
+time into a small buffer, dots it with the query heads that share it (grouped-query attention),
+and does the same for V, so the int8 cache is read once per step, at a quarter of fp32's bytes.
+Like ``qkernel.attn_step`` (the fp32 cache's kernel) it also applies RoPE to q and k and writes
+the new token's K/V row (encoded to the cache's dtype, the same bytes ``kv_cache.encode``
+writes).
+
+Built with the system C compiler into ``$LOCAL_ENGINE_CACHE`` like ``qkernel`` (a hash of the
+source names the file); if that cannot be done, ``load()`` returns None and the cache attends
+through PyTorch (``unavailable_reason`` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from local_engine import qkernel
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define G 32
+
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t f2h(float f) { return (uint16_t)_cvtss_sh(f, 0); }
+
+/* dt: 0 f32, 1 bf16, 2 int8 blocks (fp16 d, 32 x int8), 3 int4 blocks (fp16 d, fp16 m, 16 B) */
+static void enc_row(int dt, const float *x, uint8_t *dst, int hd) {
+    if (dt == 0) { memcpy(dst, x, sizeof(float) * hd); return; }
+    if (dt == 1) {
+        uint16_t *o = (uint16_t *)dst;
+        for (int i = 0; i < hd; i++) {
+            uint32_t b; memcpy(&b, &x[i], 4);
+            b += 0x7FFF + ((b >> 16) & 1);  /* round to nearest even, as torch's .to(bfloat16) */
+            o[i] = (uint16_t)(b >> 16);
+        }
+        return;
+    }
+    for (int blk = 0; blk < hd / G; blk++) {
+        const float *b = x + blk * G;
+        if (dt == 2) {
+            uint8_t *o = dst + blk * (2 + G);
+            float amax = 0.0f;
+            for (int i = 0; i < G; i++) { float a = fabsf(b[i]); if (a > amax) amax = a; }
+            uint16_t d16 = f2h(amax / 127.0f);
+            float d = h2f(d16), id = d > 0.0f ? 1.0f / d : 0.0f;
+            memcpy(o, &d16, 2);
+            int8_t *q = (int8_t *)(o + 2);
+            for (int i = 0; i < G; i++) {
+                float v = nearbyintf(b[i] * id);
+                q[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+            }
+        } else {
+            uint8_t *o = dst + blk * (4 + G / 2);
+            float lo = b[0], hi = b[0];
+            for (int i = 1; i < G; i++) { if (b[i] < lo) lo = b[i]; if (b[i] > hi) hi = b[i]; }
+            uint16_t d16 = f2h((hi - lo) / 15.0f), m16 = f2h(lo);
+            float d = h2f(d16), m = h2f(m16), id = d > 0.0f ? 1.0f / d : 0.0f;
+            memcpy(o, &d16, 2);
+            memcpy(o + 2, &m16, 2);
+            for (int i = 0; i < G / 2; i++) {
+                float v0 = nearbyintf((b[i] - m) * id), v1 = nearbyintf((b[i + G / 2] - m) * id);
+                int q0 = (int)(v0 < 0.0f ? 0.0f : (v0 > 15.0f ? 15.0f : v0));
+                int q1 = (int)(v1 < 0.0f ? 0.0f : (v1 > 15.0f ? 15.0f : v1));
+                o[4 + i] = (uint8_t)(q0 | (q1 << 4));
+            }
+        }
+    }
+}
+
+static const float *dec_row(int dt, const uint8_t *src, float *buf, int hd) {
+    if (dt == 0) return (const float *)src;
+    if (dt == 1) {
+        const uint16_t *s = (const uint16_t *)src;
+        for (int i = 0; i < hd; i++) { uint32_t b = (uint32_t)s[i] << 16; memcpy(&buf[i], &b, 4); }
+        return buf;
+    }
+    for (int blk = 0; blk < hd / G; blk++) {
+        float *o = buf + blk * G;
+        if (dt == 2) {
+            const uint8_t *p = src + blk * (2 + G);
+            uint16_t d16; memcpy(&d16, p, 2);
+            float d = h2f(d16);
+            const int8_t *q = (const int8_t *)(p + 2);
+            for (int i = 0; i < G; i++) o[i] = (float)q[i] * d;
+        } else {
+            const uint8_t *p = src + blk * (4 + G / 2);
+            uint16_t d16, m16; memcpy(&d16, p, 2); memcpy(&m16, p + 2, 2);
+            float d = h2f(d16), m = h2f(m16);
+            for (int i = 0; i < G / 2; i++) {
+                o[i] = (float)(p[4 + i] & 0xF) * d + m;
+                o[i + G / 2] = (float)(p[4 + i] >> 4) * d + m;
+            }
+        }
+    }
+    return buf;
+}
+
+static void rotate(float *x, const float *cos, const float *sin, int hd) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float a = x[i], b = x[i + half];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/* r: unrotated q|k|v rows [hq + 2 hk][hd]; kv: this layer's rows [2 hk][cap][rb] (K heads, then V);
+   ranges: nr x (first slot, count, sink flag). Sink slots are scored with q rotated by (cs, ss),
+   the others with q rotated by (cw, sw). scratch: g * cap scores, hq * hd, 2 * hd floats. */
+void kv_step(float *r, const float *cw, const float *sw, const float *cs, const float *ss, uint8_t *kv,
+             int dt, int cap, int rb, int slot, const int *ranges, int nr, int hq, int hk, int hd,
+             float scale, float *out, float *scratch) {
+    int g = hq / hk, n = 0;
+    for (int i = 0; i < nr; i++) n += ranges[3 * i + 1];
+    float *sc = scratch;
+    float *qs = scratch + (size_t)g * cap;
+    float *row = qs + (size_t)hq * hd;
+    int two = cs != cw;
+    if (two) {
+        memcpy(qs, r, sizeof(float) * hq * hd);
+        for (int h = 0; h < hq; h++) rotate(qs + (size_t)h * hd, cs, ss, hd);
+    }
+    for (int h = 0; h < hq + hk; h++) rotate(r + (size_t)h * hd, cw, sw, hd);
+    if (!two) qs = r;
+    for (int h = 0; h < 2 * hk; h++)
+        enc_row(dt, r + (size_t)(hq + h) * hd, kv + ((size_t)h * cap + slot) * rb, hd);
+    for (int kh = 0; kh < hk; kh++) {
+        const uint8_t *K = kv + (size_t)kh * cap * rb, *V = kv + (size_t)(hk + kh) * cap * rb;
+        int idx = 0;
+        for (int ri = 0; ri < nr; ri++) {
+            int s0 = ranges[3 * ri], cnt = ranges[3 * ri + 1], sink = ranges[3 * ri + 2];
+            const float *qb = (sink ? qs : r) + (size_t)kh * g * hd;
+            for (int t = s0; t < s0 + cnt; t++, idx++) {
+                const float *k = dec_row(dt, K + (size_t)t * rb, row, hd);
+                for (int j = 0; j < g; j++) {
+                    const float *q = qb + (size_t)j * hd;
+                    float dot = 0.0f;
+                    for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+                    sc[(size_t)j * n + idx] = dot * scale;
+                }
+            }
+        }
+        for (int j = 0; j < g; j++) {
+            float *s = sc + (size_t)j * n, mx = -INFINITY, sum = 0.0f;
+            for (int t = 0; t < n; t++) if (s[t] > mx) mx = s[t];
+            for (int t = 0; t < n; t++) { s[t] = expf(s[t] - mx); sum += s[t]; }
+            float inv = 1.0f / sum;
+            for (int t = 0; t < n; t++) s[t] *= inv;
+            memset(out + (size_t)(kh * g + j) * hd, 0, sizeof(float) * hd);
+        }
+        idx = 0;
+        for (int ri = 0; ri < nr; ri++) {
+            int s0 = ranges[3 * ri], cnt = ranges[3 * ri + 1];
+            for (int t = s0; t < s0 + cnt; t++, idx++) {
+                const float *v = dec_row(dt, V + (size_t)t * rb, row, hd);
+                for (int j = 0; j < g; j++) {
+                    float a = sc[(size_t)j * n + idx], *o = out + (size_t)(kh * g + j) * hd;
+                    for (int i = 0; i < hd; i++) o[i] += a * v[i];
+                }
+            }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
+
+unavailable_reason: str | None = None
+_lib: ctypes.CDLL | None = None
+_tried = False
+_lock = threading.Lock()
+
+
+def _build() -> ctypes.CDLL:
+    if os.environ.get("LOCAL_ENGINE_NO_CKERNEL"):
+        raise RuntimeError("disabled by LOCAL_ENGINE_NO_CKERNEL")
+    missing = [f for f in qkernel._REQUIRED_CPU_FLAGS if f not in qkernel._cpu_flags()]
+    if missing:
+        raise RuntimeError(f"CPU lacks {', '.join(missing)}")
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler (gcc/cc) on PATH")
+    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
+    so = qkernel._cache_dir() / f"kv_kernel_{key}.so"
+    if not so.is_file():
+        so.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as td:
+            src = Path(td) / "kv_kernel.c"
+            src.write_text(_SOURCE)
+            tmp_so = Path(td) / "kv_kernel.so"
+            out = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so), "-lm"], capture_output=True,
+                                 text=True, timeout=120, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {out.stderr.strip()[-500:]}")
+            part = so.with_suffix(f".{os.getpid()}.part")  # atomic publish, as qkernel
+            shutil.copyfile(tmp_so, part)
+            os.replace(part, so)
+    lib = ctypes.CDLL(str(so))
+    f = lib.kv_step
+    f.restype = None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    f.argtypes = [p, p, p, p, p, p, i, i, i, i, p, i, i, i, i, ctypes.c_float, p, p]
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (then ``unavailable_reason`` says why)."""
+    global _lib, _tried, unavailable_reason
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _build()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                unavailable_reason = str(e)
+                _lib = None
+        return _lib
