@@ -18,6 +18,12 @@ over 2-bit codes with an fp16 scale and min per group of G columns (G a multiple
 streamed MoE experts of ``pack --quant int2``, multiplied straight from the read buffer;
 ``q4smatmul`` the same for ``pack --quant int4`` (symmetric nibbles, min = -8 scale).
 
+Several activation rows (a speculative verify's k+1 positions, a prefill chunk) take another path
+than the decode step's one row: each weight row is unpacked once into an int16 buffer in L1 and
+multiplied with every activation row from there, and the int32 block sums of a 2x4 tile are
+reduced across lanes before the per-block scale, so a (weight row, activation row) pair costs
+little more than its two ``madd``s (figures: docs/engine.md, speculative decoding).
+
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
 no compiler, the CPU lacks AVX2/FMA/F16C, or ``LOCAL_ENGINE_NO_CKERNEL=1`` is set, ``load()``
@@ -110,54 +116,203 @@ static void quantize_x(const float *x, int M, int K, const float *normw, float e
     }
 }
 
-/* One tile: R weight rows x MM activation rows, R*MM independent accumulators (a single
-   accumulator chain is FMA-latency bound). Each weight block is unpacked once per tile and reused
-   for the MM activation rows. R, MM and QT are compile-time constants at every call site, so the
-   loops unroll and the accumulators live in registers.
-   Q4_1 block: 20 bytes = fp16 d, fp16 m, 16 bytes of nibbles (byte j: element j low nibble,
-   element j+16 high nibble). Q8_0 block: 34 bytes = fp16 d, 32 int8. */
-static inline __attribute__((always_inline)) void tile(const uint8_t *w, const int QT, const int R, const int MM,
-                                                       int r, int m, int nb, const xblock *xq, int N, float *y,
-                                                       int add) {
-    const int bs = QT == 1 ? 20 : 34;
-    const __m128i lowmask = _mm_set1_epi8(0x0F);
-    __m256 acc[4][4];
-    float summs[4][4];
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < MM; j++) { acc[i][j] = _mm256_setzero_ps(); summs[i][j] = 0.0f; }
+/* ---- several activation rows (M > 1: a speculative verify, a batched step, a prefill chunk) ----
+   Each weight row is unpacked once, for all M activation rows: its blocks go to int16 (+ an fp32
+   scale and min per block) in a small buffer that stays in L1, and every tile of activation rows
+   reads it from there. Unpacking is ~a third of a block's work at M = 1; done per tile of 4
+   activation rows (as before) it made a 9-row verify cost ~6 single rows. A tile keeps R weight
+   rows x MM activation rows of accumulators in registers (R, MM compile-time constants at every
+   call site); per block and (weight row, activation row) pair: 2 madd + add + cvt + mul + FMA.
+   The min term (Q4_1, int2, int4) is one FMA per block for the MM rows together: xst holds the
+   activation blocks' sums transposed, [nb][mpad], mpad = M rounded up to 4 (zero padded). */
+#define MR 2       /* weight rows per tile */
+#define MM_MAX 4   /* activation rows per tile */
+
+static inline __attribute__((always_inline)) void mtile(const int16_t *wq, const float *wd, const float *wm,
+                                                        const int HASM, const int R, const int MM, int nb,
+                                                        const xblock *xq, const float *xst, int mpad, int m, int r,
+                                                        int N, float *y, int add) {
+    __m256 acc[MR][MM_MAX];
+    __m128 sacc[MR];
+    for (int i = 0; i < R; i++) {
+        sacc[i] = _mm_setzero_ps();
+        for (int j = 0; j < MM; j++) acc[i][j] = _mm256_setzero_ps();
+    }
     for (int b = 0; b < nb; b++) {
-        __m256i w0[4], w1[4];  /* elements 0..15 and 16..31 of the block as int16 */
-        float dw[4], mw[4];
+        __m256i w0[MR], w1[MR];
+        __m256 dv[MR];
         for (int i = 0; i < R; i++) {
-            const uint8_t *blk = w + ((size_t)(r + i) * nb + b) * bs;
-            dw[i] = h2f(blk);
-            if (QT == 1) {
-                mw[i] = h2f(blk + 2);
-                __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
-                w0[i] = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
-                w1[i] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
-            } else {
-                w0[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-                w1[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-            }
+            const int16_t *p = wq + ((size_t)i * nb + b) * 32;
+            w0[i] = _mm256_loadu_si256((const __m256i *)p);
+            w1[i] = _mm256_loadu_si256((const __m256i *)(p + 16));
+            dv[i] = _mm256_broadcast_ss(wd + (size_t)i * nb + b);
         }
         for (int j = 0; j < MM; j++) {
             const xblock *xb = xq + (size_t)(m + j) * nb + b;
             __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+            __m256 xd = _mm256_broadcast_ss(&xb->d);
             for (int i = 0; i < R; i++) {
-                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
-                if (QT == 1) summs[i][j] += mw[i] * xb->s;
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw[i] * xb->d), acc[i][j]);
+                __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(dv[i], xd), acc[i][j]);
             }
         }
+        if (HASM) {
+            __m128 s = _mm_loadu_ps(xst + (size_t)b * mpad + m);
+            for (int i = 0; i < R; i++) sacc[i] = _mm_fmadd_ps(_mm_broadcast_ss(wm + (size_t)i * nb + b), s, sacc[i]);
+        }
     }
-    for (int i = 0; i < R; i++)
+    for (int i = 0; i < R; i++) {
+        float sm[4];
+        _mm_storeu_ps(sm, sacc[i]);
         for (int j = 0; j < MM; j++) {
-            float v = hsum8(acc[i][j]) + summs[i][j];
+            float v = hsum8(acc[i][j]) + (HASM ? sm[j] : 0.0f);
             float *o = y + (size_t)(m + j) * N + r + i;
             *o = add ? *o + v : v;
         }
+    }
+}
+
+/* The full tile, 2 weight rows x 4 activation rows: the 8 pairs' int32 block sums are reduced
+   across lanes first (unpack + add, 3 levels), so the int -> float conversion, the scale and the
+   FMA are one 8-lane op each per block for all 8 pairs instead of one per pair: the multiply
+   ports then carry little more than the 2 madds per pair. Lane 4 i + j of the result is weight
+   row i, activation row j. xdt: the activation blocks' scales transposed like xst. */
+static inline __attribute__((always_inline)) __m256i red4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    /* lanes 0..3 (4..7): partial sums of a, b, c, d over their low (high) 128-bit halves */
+    __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    __m256i cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
+static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, const float *wd, const float *wm,
+                                                          const int HASM, int nb, const xblock *xq, const float *xdt,
+                                                          const float *xst, int mpad, int m, int r, int N, float *y,
+                                                          int add) {
+    __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
+    const int16_t *q0 = wq, *q1 = wq + (size_t)nb * 32;
+    for (int b = 0; b < nb; b++) {
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)(q0 + (size_t)b * 32));
+        __m256i a1 = _mm256_loadu_si256((const __m256i *)(q0 + (size_t)b * 32 + 16));
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)(q1 + (size_t)b * 32));
+        __m256i b1 = _mm256_loadu_si256((const __m256i *)(q1 + (size_t)b * 32 + 16));
+        __m256i p0[4], p1[4];
+        for (int j = 0; j < 4; j++) {
+            const xblock *xb = xq + (size_t)(m + j) * nb + b;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+            p0[j] = _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1));
+            p1[j] = _mm256_add_epi32(_mm256_madd_epi16(b0, x0), _mm256_madd_epi16(b1, x1));
+        }
+        __m256i g0 = red4(p0[0], p0[1], p0[2], p0[3]), g1 = red4(p1[0], p1[1], p1[2], p1[3]);
+        __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+        __m256 xd = _mm256_broadcast_ps((const __m128 *)(xdt + (size_t)b * mpad + m));
+        __m256 dw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
+                                         _mm_broadcast_ss(wd + nb + b), 1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, xd), acc);
+        if (HASM) {
+            __m256 mw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wm + b)),
+                                             _mm_broadcast_ss(wm + nb + b), 1);
+            sacc = _mm256_fmadd_ps(mw, _mm256_broadcast_ps((const __m128 *)(xst + (size_t)b * mpad + m)), sacc);
+        }
+    }
+    float v[8];
+    _mm256_storeu_ps(v, HASM ? _mm256_add_ps(acc, sacc) : acc);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            float *o = y + (size_t)(m + j) * N + r + i;
+            *o = add ? *o + v[4 * i + j] : v[4 * i + j];
+        }
+}
+
+/* every activation row against R unpacked weight rows starting at r */
+static inline __attribute__((always_inline)) void mtiles(const int16_t *wq, const float *wd, const float *wm,
+                                                         const int HASM, const int R, int nb, const xblock *xq,
+                                                         const float *xdt, const float *xst, int M, int mpad, int r,
+                                                         int N, float *y, int add) {
+    int m = 0;
+    if (R == 2)
+        for (; m + 4 <= M; m += 4) mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, r, N, y, add);
+    for (; m + 4 <= M; m += 4) mtile(wq, wd, wm, HASM, R, 4, nb, xq, xst, mpad, m, r, N, y, add);
+    switch (M - m) {
+    case 3: mtile(wq, wd, wm, HASM, R, 3, nb, xq, xst, mpad, m, r, N, y, add); break;
+    case 2: mtile(wq, wd, wm, HASM, R, 2, nb, xq, xst, mpad, m, r, N, y, add); break;
+    case 1: mtile(wq, wd, wm, HASM, R, 1, nb, xq, xst, mpad, m, r, N, y, add); break;
+    default: break;
+    }
+}
+
+/* The unpack buffer of MR rows: int16 codes [MR][nb][32], scale and min [MR][nb]; on the stack
+   up to this many blocks per row (K = 8192), else malloc'd per call of the row function. */
+#define UNPACK_STACK_NB 256
+typedef struct { int16_t *q; float *d, *m; void *heap; } ubuf;
+
+static inline int ubuf_init(ubuf *u, int nb, int16_t *sq, float *sd, float *sm) {
+    u->heap = NULL;
+    if (nb <= UNPACK_STACK_NB) { u->q = sq; u->d = sd; u->m = sm; return 0; }
+    size_t nq = (size_t)MR * nb * 32 * sizeof(int16_t), nf = (size_t)MR * nb * sizeof(float);
+    char *h = (char *)malloc(nq + 2 * nf);
+    if (!h) return -1;
+    u->heap = h; u->q = (int16_t *)h; u->d = (float *)(h + nq); u->m = (float *)(h + nq + nf);
+    return 0;
+}
+
+/* Q4_1 block: 20 bytes = fp16 d, fp16 m, 16 bytes of nibbles (byte j: element j low nibble,
+   element j+16 high nibble). Q8_0 block: 34 bytes = fp16 d, 32 int8. */
+static inline __attribute__((always_inline)) void unpack_gguf(const uint8_t *w, const int QT, int row, int nb,
+                                                              int16_t *wq, float *wd, float *wm) {
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    const uint8_t *blk = w + (size_t)row * nb * bs;
+    for (int b = 0; b < nb; b++, blk += bs) {
+        __m256i w0, w1;
+        wd[b] = h2f(blk);
+        if (QT == 1) {
+            wm[b] = h2f(blk + 2);
+            __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
+            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
+            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
+        } else {
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        }
+        _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32), w0);
+        _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32 + 16), w1);
+    }
+}
+
+static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, const int QT, int r0, int r1, int nb,
+                                                             const xblock *xq, const float *xt, int M, int mpad,
+                                                             int N, float *y, int add) {
+    const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
+    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
+    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
+    ubuf u;
+    if (ubuf_init(&u, nb, sq, sd, sm)) return;
+    int r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            unpack_gguf(w, QT, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb, u.m + (size_t)i * nb);
+        mtiles(u.q, u.d, u.m, QT == 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    for (; r < r1; r++) {
+        unpack_gguf(w, QT, r, nb, u.q, u.d, u.m);
+        mtiles(u.q, u.d, u.m, QT == 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    free(u.heap);
+}
+
+/* The activation blocks' scales and sums transposed for the tiles: [2][nb][mpad], zero padded
+   (scales first: xdt = t, xst = t + nb * mpad). */
+static float *xmeta_t(const xblock *xq, int M, int nb, int mpad) {
+    float *t = (float *)calloc((size_t)2 * nb * mpad, sizeof(float));
+    if (!t) return NULL;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            t[(size_t)b * mpad + m] = xq[(size_t)m * nb + b].d;
+            t[((size_t)nb + b) * mpad + m] = xq[(size_t)m * nb + b].s;
+        }
+    return t;
 }
 
 /* M == 1 (a decode step): 4 rows at a time with per-row pointers and explicit accumulators, so
@@ -178,7 +333,7 @@ static inline __attribute__((always_inline)) void tile(const uint8_t *w, const i
         __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));        \
         A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd), A); }
 
-static void rows_m1(const uint8_t *w, const int QT, int r0, int r1, int nb, const xblock *xq, float *y, int add) {
+static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, const int QT, int r0, int r1, int nb, const xblock *xq, float *y, int add) {
     const __m128i lowmask = _mm_set1_epi8(0x0F);
     const size_t rb = (size_t)nb * (QT == 1 ? 20 : 34);
     int r = r0;
@@ -227,46 +382,33 @@ static void rows_m1(const uint8_t *w, const int QT, int r0, int r1, int nb, cons
     }
 }
 
-#define ROWS_IMPL(NAME, QT)                                                                          \
-static void NAME(const uint8_t *w, int r0, int r1, int nb, const xblock *xq, int M, int N, float *y, int add) { \
-    int r = r0;                                                                                      \
-    if (M == 1) {                                                                                    \
-        rows_m1(w, QT, r0, r1, nb, xq, y, add);                                                      \
-        return;                                                                                      \
-    }                                                                                                \
-    for (; r + 2 <= r1; r += 2) {                                                                    \
-        int m = 0;                                                                                   \
-        for (; m + 4 <= M; m += 4) tile(w, QT, 2, 4, r, m, nb, xq, N, y, add);                            \
-        for (; m < M; m++) tile(w, QT, 2, 1, r, m, nb, xq, N, y, add);                                    \
-    }                                                                                                \
-    for (; r < r1; r++) {                                                                            \
-        int m = 0;                                                                                   \
-        for (; m + 4 <= M; m += 4) tile(w, QT, 1, 4, r, m, nb, xq, N, y, add);                            \
-        for (; m < M; m++) tile(w, QT, 1, 1, r, m, nb, xq, N, y, add);                                    \
-    }                                                                                                \
-}
-ROWS_IMPL(q4_1_rows, 1)
-ROWS_IMPL(q8_0_rows, 8)
-
 /* y[M, N] (+)= rmsnorm?(x[M, K]) @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0).
    normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
 int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads,
             const float *normw, float eps, int add) {
     if (K % 32 != 0) return -1;
-    int nb = K / 32;
+    int nb = K / 32, mpad = (M + 3) & ~3;
     xblock stackbuf[128];
     xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!xq) return -2;
     quantize_x(x, M, K, normw, eps, xq);
+    float *xt = NULL;
+    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
+        if (xq != stackbuf) free(xq);
+        return -2;
+    }
     /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
     int chunks = (N + 15) / 16;
     if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int c = 0; c < chunks; c++) {
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        if (qtype == 1) q4_1_rows(w, r0, r1, nb, xq, M, N, y, add);
-        else q8_0_rows(w, r0, r1, nb, xq, M, N, y, add);
+        if (M == 1 && qtype == 1) rows_m1(w, 1, r0, r1, nb, xq, y, add);
+        else if (M == 1) rows_m1(w, 8, r0, r1, nb, xq, y, add);
+        else if (qtype == 1) gguf_mrows(w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+        else gguf_mrows(w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
     }
+    free(xt);
     if (xq != stackbuf) free(xq);
     return 0;
 }
@@ -349,47 +491,76 @@ static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, cons
         for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
 }
 
-#define GQ_ROWS_IMPL(NAME, BITS)                                                                     \
-static void NAME(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int bpg, int r0, int r1, int nb,  \
-                 const xblock *xq, int M, int N, float *y) {                                                 \
-    int r = r0;                                                                                              \
-    if (M == 1) {                                                                                            \
-        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, BITS, 4, 1, bpg, r, 0, nb, xq, N, y);                 \
-        for (; r < r1; r++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, 0, nb, xq, N, y);                         \
-        return;                                                                                              \
-    }                                                                                                        \
-    for (; r + 2 <= r1; r += 2) {                                                                            \
-        int m = 0;                                                                                           \
-        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, BITS, 2, 4, bpg, r, m, nb, xq, N, y);                  \
-        for (; m < M; m++) q2_tile(q, sc, mn, BITS, 2, 1, bpg, r, m, nb, xq, N, y);                          \
-    }                                                                                                        \
-    for (; r < r1; r++) {                                                                                    \
-        int m = 0;                                                                                           \
-        for (; m + 4 <= M; m += 4) q2_tile(q, sc, mn, BITS, 1, 4, bpg, r, m, nb, xq, N, y);                  \
-        for (; m < M; m++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, m, nb, xq, N, y);                          \
-    }                                                                                                        \
+static inline __attribute__((always_inline)) void unpack_gq(const uint8_t *q, const uint16_t *sc,
+                                                            const uint16_t *mn, const int BITS, int bpg, int row,
+                                                            int nb, int16_t *wq, float *wd, float *wm) {
+    const int ng = nb / bpg, bb = BITS * 4;
+    const uint8_t *qr = q + (size_t)row * nb * bb;
+    const uint16_t *sr = sc + (size_t)row * ng, *mr = BITS == 2 ? mn + (size_t)row * ng : sr;
+    for (int g = 0; g < ng; g++) {
+        float d = _cvtsh_ss(sr[g]), mv = BITS == 2 ? _cvtsh_ss(mr[g]) : -8.0f * d;
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i w0, w1;
+            if (BITS == 2) q2_unpack(qr + (size_t)b * bb, &w0, &w1);
+            else q4s_unpack(qr + (size_t)b * bb, &w0, &w1);
+            _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32), w0);
+            _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32 + 16), w1);
+            wd[b] = d;
+            wm[b] = mv;
+        }
+    }
 }
-GQ_ROWS_IMPL(q2_rows, 2)
-GQ_ROWS_IMPL(q4s_rows, 4)
+
+static inline __attribute__((always_inline)) void gq_rows(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, const int BITS, int bpg, int r0,
+                    int r1, int nb, const xblock *xq, const float *xt, int M, int mpad, int N, float *y) {
+    const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
+    int r = r0;
+    if (M == 1) {
+        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, BITS, 4, 1, bpg, r, 0, nb, xq, N, y);
+        for (; r < r1; r++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, 0, nb, xq, N, y);
+        return;
+    }
+    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
+    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
+    ubuf u;
+    if (ubuf_init(&u, nb, sq, sd, sm)) return;
+    for (; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            unpack_gq(q, sc, mn, BITS, bpg, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb,
+                      u.m + (size_t)i * nb);
+        mtiles(u.q, u.d, u.m, 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
+    }
+    for (; r < r1; r++) {
+        unpack_gq(q, sc, mn, BITS, bpg, r, nb, u.q, u.d, u.m);
+        mtiles(u.q, u.d, u.m, 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
+    }
+    free(u.heap);
+}
 
 /* y[M, N] = x[M, K] @ W[N, K]^T for a grouped matrix: bits 2 = int2 (scale and min), 4 = the pack's
    symmetric int4 (mn ignored); group G columns per scale. */
 static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
                     float *y, int M, int N, int K, int nthreads) {
     if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
-    int nb = K / 32;
+    int nb = K / 32, mpad = (M + 3) & ~3;
     xblock stackbuf[128];
     xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!xq) return -2;
     quantize_x(x, M, K, NULL, 0.0f, xq);
+    float *xt = NULL;
+    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
+        if (xq != stackbuf) free(xq);
+        return -2;
+    }
     int chunks = (N + 15) / 16;
     if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int c = 0; c < chunks; c++) {
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        if (bits == 2) q2_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
-        else q4s_rows(q, sc, mn, G / 32, r0, r1, nb, xq, M, N, y);
+        if (bits == 2) gq_rows(q, sc, mn, 2, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
+        else gq_rows(q, sc, mn, 4, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
     }
+    free(xt);
     if (xq != stackbuf) free(xq);
     return 0;
 }

@@ -180,3 +180,64 @@ def test_pack_int4_matches_dequantised_matmul(lib, rows: int, cols: int, group: 
     small = GroupLinear(lib, "int4", q16, s16, None, 16)
     assert small._fn is None
     assert torch.allclose(small(x), x @ dequantize(q16, s16, "int4", (rows, cols)).T, rtol=1e-5, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- several activation rows
+
+def _linear(lib, fmt: str, rows: int, cols: int, seed: int):
+    """A kernel-backed matrix of format ``fmt`` and its dequantised weights."""
+    from local_engine.formats.pack import dequantize, quantize
+    from local_engine.quant import GroupLinear, Int2Linear
+
+    if fmt in ("Q4_0", "Q4_1", "Q8_0"):
+        raw, deq = _blocks(fmt, rows, cols, seed)
+        return GGUFBlockLinear.from_raw(lib, [raw]), deq
+    if fmt == "int2":
+        q, s, mn, deq = _int2(rows, cols, 64, seed)
+        return Int2Linear(lib, q, s, mn, 64), deq
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    q, s = quantize(w, "int4", 32)
+    return GroupLinear(lib, "int4", q, s, None, 32), dequantize(q, s, "int4", (rows, cols))
+
+
+# A speculative verify multiplies k+1 rows at once: each weight row is unpacked once for all of
+# them (2x4 tiles with a cross-lane reduction, then 3/2/1-row remainders). Every M from 1 to 16
+# must give each row what the reference gives it, and what the single-row (decode step) path
+# gives it up to float summation order: the verify's greedy choices are compared with the step's.
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0", "int2", "int4"])
+def test_every_row_count_matches_reference_and_single_rows(lib, fmt: str) -> None:
+    lin, deq = _linear(lib, fmt, 37, 320, seed=11)  # 37 rows: 2-row tiles and a 1-row remainder
+    x = torch.randn(16, 320, generator=torch.Generator().manual_seed(4))
+    x[:, 3] *= 60.0
+    single = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+    for m in range(1, 17):
+        y = lin(x[:m])
+        ref = x[:m] @ deq.T
+        rel = ((y - ref).abs().max() / ref.abs().max()).item()
+        assert rel < 5e-4, f"{fmt} M={m}: relative error {rel:.2e} against the dequantised matmul"
+        drift = ((y - single[:m]).abs().max() / single[:m].abs().max()).item()
+        assert drift < 2e-6, f"{fmt} M={m}: rows differ from the single-row path by {drift:.2e}"
+
+
+@pytest.mark.parametrize("m", [2, 9])
+def test_several_rows_fused_norm_and_residual(lib, m: int) -> None:
+    # the verify path's call: RMSNorm folded into the activation pass, the result added into x
+    lin, deq = _linear(lib, "Q4_1", 96, 576, seed=12)
+    x = torch.randn(m, 576, generator=torch.Generator().manual_seed(5))
+    norm = torch.rand(576) + 0.5
+    base = torch.randn(m, 96)
+    out = base.clone()
+    lin.fused(x, norm, 1e-5, out=out)
+    h = torch.nn.functional.rms_norm(x, (576,), norm, 1e-5)
+    ref = base + h @ deq.T
+    assert ((out - ref).abs().max() / ref.abs().max()).item() < 5e-4
+    rows = torch.cat([lin.fused(x[i:i + 1].contiguous(), norm, 1e-5, out=base[i:i + 1].clone()) for i in range(m)])
+    assert ((out - rows).abs().max() / rows.abs().max()).item() < 2e-6
+
+
+def test_several_rows_with_a_long_row(lib) -> None:
+    # K = 8224: 257 blocks per row, past the unpack buffer kept on the stack (heap path)
+    lin, deq = _linear(lib, "Q8_0", 20, 8224, seed=13)
+    x = torch.randn(5, 8224, generator=torch.Generator().manual_seed(6))
+    ref = x @ deq.T
+    assert ((lin(x) - ref).abs().max() / ref.abs().max()).item() < 5e-4
