@@ -41,6 +41,8 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             opts["prefix_cache_mb"] = cfg.prefix_cache_mb
         if cfg.speculative is not None:
             opts["speculative"] = cfg.speculative
+        if cfg.kv_cache is not None:
+            opts["kv_cache"] = cfg.kv_cache.model_dump()
         return EngineBackend(
             name,
             cfg.model_path or "",

@@ -83,12 +83,20 @@ def info(model: str, weights: str) -> None:
               show_default=True,
               help="speculative decoding of greedy output (unchanged): drafts from the prompt and the text so "
                    "far, verified in one forward; auto turns drafting off while it does not pay")
+@click.option("--kv-dtype", type=click.Choice(["f32", "bf16", "int8", "int4"]), default="f32", show_default=True,
+              help="KV cache storage: int8 is ~0.27x f32's bytes per token, int4 ~0.16x (local_engine/kv_cache.py)")
+@click.option("--kv-max-tokens", type=click.IntRange(min=1), default=None,
+              help="bound the KV cache to this many tokens (attention sinks + the latest ones, StreamingLLM): "
+                   "memory stays flat and generation goes on past the context")
+@click.option("--kv-sinks", type=click.IntRange(min=0), default=4, show_default=True,
+              help="with --kv-max-tokens: the first tokens always kept")
 @click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
 @_clean_errors
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
-             cache_policy: str | None, prefetch: str | None, speculative: str, stats: bool) -> None:
+             cache_policy: str | None, prefetch: str | None, speculative: str, kv_dtype: str,
+             kv_max_tokens: int | None, kv_sinks: int, stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
@@ -99,6 +107,7 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
         opts["policy"] = cache_policy
     if prefetch is not None:
         opts["prefetch"] = {"auto": "auto", "on": True, "off": False}[prefetch]
+    opts["kv_cache"] = {"dtype": kv_dtype, "max_tokens": kv_max_tokens, "sinks": kv_sinks}
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, seed=seed, stop=list(stop), speculative=speculative)

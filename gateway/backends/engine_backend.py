@@ -133,6 +133,7 @@ class EngineBackend(Backend):
         if self.engine is not None:
             s["engine_steps"] = self.engine.steps
             s.update(self.engine.prefix_cache.stats())  # numbers: /metrics exports them per target
+            s.update({f"memory_{k}": v for k, v in self.engine.memory().items()})  # weights + experts + KV
         if self.load_error:
             s["load_error"] = self.load_error
         moe = self._moe_stats()

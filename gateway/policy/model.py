@@ -111,6 +111,29 @@ def _check_api(api: str, api_base: str | None, client: str) -> None:
         raise ValueError(f"`api: {api}` is called over direct HTTP; `client: litellm` speaks chat only")
 
 
+KV_SLACK = 16  # local_engine.kv_cache.SLACK (a test keeps them equal; the policy does not import torch)
+
+
+class KVCacheConfig(_Strict):
+    """The engine's KV cache (local_engine/kv_cache.py, docs/engine.md)."""
+
+    dtype: Literal["f32", "bf16", "int8", "int4"] = Field(
+        "f32", description="How keys and values are stored: int8 is ~0.27x f32's bytes per token (a scale per "
+        "head, token and 32 channels), int4 ~0.16x, bf16 0.5x.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Bound the cache to this many tokens: the `sinks` first ones and the latest "
+        "(StreamingLLM); older ones are evicted, so memory stays flat and answers may run past the context. "
+        "Absent: unbounded up to the context.")
+    sinks: int = Field(4, ge=0, description="With max_tokens: the first tokens always kept (attention sinks).")
+
+    @model_validator(mode="after")
+    def _room_for_the_window(self) -> KVCacheConfig:
+        if self.max_tokens is not None and self.max_tokens < self.sinks + KV_SLACK:
+            raise ValueError(f"kv_cache max_tokens ({self.max_tokens}) must be at least sinks + {KV_SLACK} "
+                             f"({self.sinks + KV_SLACK})")
+        return self
+
+
 class LocalTarget(_Strict):
     """Data sent here stays on the device: the in-process engine or a local server."""
 
@@ -141,6 +164,9 @@ class LocalTarget(_Strict):
         None, description="For engine: speculative decoding of greedy answers (output unchanged). prompt-lookup: "
         "drafts from the prompt and the answer so far, verified in one forward; auto: the same, turned off "
         "while it does not pay. Absent: off.")
+    kv_cache: KVCacheConfig | None = Field(
+        None, description="For engine: the KV cache's dtype and bound, e.g. {dtype: int8, max_tokens: 4096, "
+        "sinks: 4}. Absent: f32, unbounded.")
     default_max_tokens: int = Field(256, ge=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     continues_answers: bool | None = Field(
@@ -165,6 +191,8 @@ class LocalTarget(_Strict):
             raise ValueError("a local target needs `engine: local_engine` or `model` + `api_base`")
         if self.engine and not self.model_path:
             raise ValueError("`engine: local_engine` needs `model_path` (a path or builtin:NAME)")
+        if self.kv_cache is not None and not self.engine:
+            raise ValueError("`kv_cache` applies to `engine: local_engine` targets (a local server has its own)")
         if self.engine and self.embeddings and self.embeddings.model != BUILTIN_EMBEDDINGS.model:
             raise ValueError(f"`engine: local_engine` embeds with {BUILTIN_EMBEDDINGS.model} only")
         if self.engine and self.api != "chat":

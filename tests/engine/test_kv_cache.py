@@ -290,3 +290,48 @@ def test_int4_kv_within_a_kl_bound_of_f32(smol_kv: dict[str, Engine]) -> None:
     ref = smol_kv["f32"].logits(ids)
     kl8, kl4 = _kl(ref, smol_kv["int8"].logits(ids)), _kl(ref, smol_kv["int4"].logits(ids))
     assert kl8 < 1e-3 and kl4 < 0.05 and kl8 < kl4
+
+
+# --------------------------------------------------------------------------- policy, gateway, CLI
+
+
+def test_policy_kv_cache_reaches_the_engine_and_one_memory_budget_reaches_stats(tiny: Path) -> None:
+    from gateway.metrics import Metrics
+    from gateway.policy.model import KV_SLACK, LocalTarget
+    from gateway.runtime import build_backend
+
+    assert KV_SLACK == SLACK
+    cfg = LocalTarget(kind="local", engine="local_engine", model_path=str(tiny), prefix_cache_mb=1,
+                      kv_cache={"dtype": "int4", "max_tokens": 96, "sinks": 2})
+    backend = build_backend("local", cfg)
+    backend.load()
+    assert backend.engine.kv_config == KVConfig("int4", 96, 2)
+    s = backend.stats()
+    per_token = kv_cache.bytes_per_token(KVConfig("int4"), 2, 1, 32)
+    assert s["memory_kv_bytes_per_token"] == per_token and s["memory_kv_max_bytes"] == per_token * (96 + SLACK)
+    assert s["memory_total_bytes"] == (s["memory_weights_bytes"] + s["memory_kv_max_bytes"] + 2**20)
+    info = backend.engine.info()
+    assert info["kv_cache"] == {"dtype": "int4", "max_tokens": 96, "sinks": 2} and info["memory"]["weights_bytes"] > 0
+    metrics = Metrics()
+    metrics.watch_engines(lambda: {"local": backend.stats()})
+    assert 'hybrid_engine_stat{stat="memory_kv_max_bytes",target="local"}' in metrics.render().decode()
+    with pytest.raises(ValueError, match="applies to `engine: local_engine`"):
+        LocalTarget(kind="local", model="openai/x", api_base="http://127.0.0.1:1/v1", kv_cache={"dtype": "int8"})
+
+
+def test_cli_generate_with_a_bounded_int8_cache_runs_past_the_context(tiny: Path) -> None:
+    from click.testing import CliRunner
+
+    from local_engine.cli import main
+
+    r = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", "The quick brown fox", "--max-tokens", "300",
+                                  "--weights", "f32", "--threads", "1", "--kv-dtype", "int8", "--kv-max-tokens", "48",
+                                  "--kv-sinks", "4", "--stats"])
+    assert r.exit_code == 0, r.output
+    per_token = kv_cache.bytes_per_token(KVConfig("int8"), 2, 1, 32)
+    assert "completion 300 tok" in r.stderr and f'"kv_bytes": {per_token * (48 + SLACK)}' in r.stderr
+    bad = CliRunner().invoke(main, ["generate", str(tiny), "--prompt", "x", "--kv-max-tokens", "8"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [
+        "local-engine: error: kv_cache max_tokens (8) must be at least sinks + 16 (20)"]
+    odd = CliRunner().invoke(main, ["generate", "builtin:smollm2-135m", "--prompt", "x", "--kv-max-tokens", "9000"])
+    assert odd.exit_code == 2 and "longer than the model's context" in odd.stderr and "Traceback" not in odd.output
