@@ -16,7 +16,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # offline-safe be
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from gateway.api import chat, dashboard, embeddings, errors, messages, models, ops, responses_api
+from gateway.api import chat, dashboard, deferred, embeddings, errors, messages, models, ops, responses_api
 from gateway.state import GatewayState, Settings
 
 # The generation endpoints, served as bare ASGI apps: the hot paths skip FastAPI's router, and
@@ -50,7 +50,7 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app = GatewayApp(title="Hybrid Gateway", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway_state
     errors.install(app)
-    for router in (chat.router, messages.router, responses_api.router, embeddings.router, models.router, ops.router,
-                   dashboard.router):
+    for router in (chat.router, deferred.router, messages.router, responses_api.router, embeddings.router,
+                   models.router, ops.router, dashboard.router):
         app.include_router(router)
     return app

@@ -15,6 +15,7 @@ import structlog
 
 from gateway.backends.base import BackendError
 from gateway.connectivity import Force
+from gateway.deferred.service import build_deferred
 from gateway.logs import AuditLog
 from gateway.metrics import Metrics
 from gateway.policy.load import PolicyError, load_policy
@@ -49,6 +50,8 @@ class GatewayState:
         self.metrics = Metrics()
         self.audit = AuditLog(settings.audit_path)
         policy = policy or load_policy(settings.policy_path)
+        # Where deferred requests wait is fixed at startup; the worker reads the current runtime.
+        self.deferred = build_deferred(policy, lambda: self.runtime)
         self.runtime: Runtime = build_runtime(
             policy, settings.policy_path, force=settings.force, on_connectivity_change=self._on_change
         )
@@ -59,6 +62,8 @@ class GatewayState:
 
     def _on_change(self, target: str, state: str) -> None:
         self.metrics.set_connectivity(target, state)
+        if state == "online":
+            self.deferred.wake()  # requests deferred while it was away go now
 
     def _engine_stats(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -74,6 +79,7 @@ class GatewayState:
         self.runtime.monitor.start()
         self.runtime.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
         await self._load_engines(self.runtime)
+        self.deferred.start()
         if self.settings.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="policy-watch"))
 
@@ -155,6 +161,7 @@ class GatewayState:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.deferred.aclose()
         await self.runtime.monitor.aclose()
         await self.runtime.store.aclose()
         for backend in self.runtime.backends.values():

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from gateway import pipeline
+from gateway.api import deferred
 from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
 from gateway.api.event_stream import EventStreamResponse
@@ -306,6 +307,10 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
         call = _call(request, body, client)
         prepared = await pipeline.prepare(rt, call, state.metrics)
+        if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
+            job = await state.deferred.accept(rt, prepared)
+            _record(state, prepared, None, 202, {}, False)
+            return deferred.accepted(state, prepared, job)
     except APIError as exc:
         record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
         raise

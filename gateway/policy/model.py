@@ -348,6 +348,11 @@ class Rule(_Strict):
         False, description="Embeddings: may this rule's chain answer in another vector space than the one "
         "asked for (e.g. offline, the device's MiniLM for a cloud model)? Default: no, the request is refused.",
     )
+    defer_when_offline: bool = Field(
+        False, description="A non-streamed request this rule sends only to cloud targets, arriving while none "
+        "is reachable, is accepted with 202 and sent when one is back (GET /v1/deferred/{id}); the header "
+        "`x-hybrid-defer: true` asks the same for one request.",
+    )
     allow_pin: bool | None = Field(
         None,
         description="May a request that names a cloud target (model: <target>) go there anyway? "
@@ -378,6 +383,23 @@ class Defaults(_Strict):
     )
 
 
+class DeferredConfig(_Strict):
+    """Where deferred requests wait (docs/operations.md, Deferred requests)."""
+
+    dir: str | None = Field(
+        None, description="Directory of the embedded queue's file (deferred.sqlite3; created on the first deferral). "
+        "Absent: $GATEWAY_STATE_DIR, else $XDG_STATE_HOME/hybrid-gateway, else ~/.local/state/hybrid-gateway. "
+        "With state.backend redis the queue is on Redis instead.")
+    callback_hosts: list[str] = Field(
+        default_factory=list, description="Hosts a request's x-hybrid-callback-url may name, besides loopback.")
+    retention_s: float = Field(86400.0, gt=0, description="How long a request waits to be sent, and its answer "
+                               "is kept after, before both are dropped.")
+    poll_s: float = Field(2.0, gt=0, description="How often a replica looks for due requests (also at once when "
+                          "a cloud target comes back online).")
+    max_attempts: int = Field(5, ge=1, description="Calls that reach a target and fail before the request is "
+                              "marked failed (waiting for connectivity does not count).")
+
+
 class Policy(_Strict):
     version: Literal[1]
     targets: dict[Name, Target]
@@ -389,6 +411,7 @@ class Policy(_Strict):
     limits: Limits = Field(default_factory=Limits)
     state: StateConfig = Field(default_factory=StateConfig)
     defaults: Defaults = Field(default_factory=Defaults)
+    deferred: DeferredConfig = Field(default_factory=DeferredConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     difficulty: DifficultyConfig = Field(default_factory=DifficultyConfig)
     rules: list[Rule] = Field(min_length=1)

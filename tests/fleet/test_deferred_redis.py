@@ -1,0 +1,102 @@
+"""Deferred requests on Redis with two replicas: accepted on either while the cloud is down, the
+store holds no raw PII, each sent exactly once when the cloud is back (the replicas race to claim),
+and fetched from either replica by the client that sent it only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fleet.redis_server import RedisServer
+from tests.fleet.test_deferred import PII, PROMPT, defer, wait_for
+from tests.support import policies
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow  # a real redis-server and two gateway replicas
+
+REST = """
+state: {{backend: redis, url: "{url}"}}
+clients:
+  - {{name: app, api_key: sk-app}}
+  - {{name: other, api_key: sk-other}}
+connectivity: {{probe_interval_s: 0.3, probe_timeout_s: 0.5, failures_to_offline: 1, successes_to_online: 1}}
+limits: {{classify_budget_ms: 20000}}
+privacy: {{analysis_budget_ms: 20000}}
+deferred: {{poll_s: 0.1}}
+rules:
+  - name: cloud-only
+    route: cloud
+    redact: true
+    fallback: []
+    defer_when_offline: true
+"""
+
+
+@pytest.fixture
+def down_cloud() -> Iterator[FakeUpstream]:
+    up = FakeUpstream(model="cloud-model", name="cloud").start()
+    up.stop()
+    yield up
+    up.stop()
+
+
+@pytest.fixture
+def two(tmp_path: Path, down_cloud: FakeUpstream, local: FakeUpstream, redis_server: RedisServer,
+        vault_key: str) -> Iterator[list[RunningGateway]]:
+    path = policies.write_policy(tmp_path / "p.yaml", down_cloud, local, REST.format(url=redis_server.url),
+                                 cloud_settings={"timeout_s": 5, "retries": 0})
+    with ExitStack() as stack:
+        yield [stack.enter_context(run_gateway(path)) for _ in range(2)]
+
+
+def get(gw: RunningGateway, job_id: str, key: str = "sk-app") -> httpx.Response:
+    return httpx.get(f"{gw.base_url}/v1/deferred/{job_id}", headers={"Authorization": f"Bearer {key}"},
+                     timeout=10, trust_env=False)
+
+
+def test_two_replicas_send_each_deferred_request_once(two: list[RunningGateway], down_cloud: FakeUpstream,
+                                                      redis_server: RedisServer) -> None:
+    a, b = two
+    for gw in two:
+        wait_for(lambda gw=gw: gw.state.runtime.monitor.state("cloud") == "offline", what="cloud offline")
+    auth = {"Authorization": "Bearer sk-app"}
+    ids = []
+    for i, gw in enumerate([a, b, a, b, a, b]):
+        status, job, _ = defer(gw.base_url, {**auth, "Idempotency-Key": f"job-{i}"}, text=f"{PROMPT} Item {i}.")
+        assert status == 202, job
+        ids.append(job["id"])
+    # The same key on the other replica: the same job (the store deduplicates, not the replica).
+    status, again, _ = defer(b.base_url, {**auth, "Idempotency-Key": "job-0"})
+    assert again["id"] == ids[0]
+    assert len(set(ids)) == 6
+    dump = b"\n".join(redis_server.dump())
+    assert ids[0].encode() in dump
+    for value in PII:
+        assert value.encode() not in dump, "raw PII in Redis"
+    # Another client cannot read it (the same 404 as an unknown id); its own client can, anywhere.
+    assert get(b, ids[0], key="sk-other").status_code == 404
+    assert get(b, ids[0]).json()["status"] == "queued"
+
+    down_cloud.start()
+    for job_id in ids:
+        wait_for(lambda job_id=job_id: get(a, job_id).json()["status"] == "completed", what=f"{job_id} completed")
+    time.sleep(0.5)  # more ticks of both workers: nothing is sent twice
+    assert len(down_cloud.received) == 6
+    items = sorted(json.dumps(body).count("Item") for body in down_cloud.received)
+    assert items == [1] * 6
+    texts = sorted(next(m["content"] for m in body["messages"] if m["role"] == "user")[-7:]
+                   for body in down_cloud.received)
+    assert texts == [f"Item {i}." for i in range(6)]
+    done = get(b, ids[3]).json()
+    for value in PII:
+        assert value in done["response"]["choices"][0]["message"]["content"]
+        assert all(value not in json.dumps(body) for body in down_cloud.received)
+    for value in PII:
+        assert value.encode() not in b"\n".join(redis_server.dump())
