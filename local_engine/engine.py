@@ -150,9 +150,10 @@ class Generation:
                  grammar: grammar_mod.GrammarProcessor | None = None,
                  spec_mode: speculative.Mode = "off") -> None:
         self.engine, self.prompt_ids, self.params = engine, prompt_ids, params
-        # speculation is exact for greedy argmax only: sampling and the grammar mask turn it off
-        self.spec_mode: speculative.Mode = (spec_mode if params.temperature <= 0 and params.repetition_penalty == 1.0
-                                            and grammar is None else "off")
+        # speculation keeps greedy output (argmax without a repetition penalty) and the sampling
+        # distribution exact; the grammar mask turns it off
+        exact = params.temperature > 0 or params.repetition_penalty == 1.0
+        self.spec_mode: speculative.Mode = spec_mode if exact and grammar is None else "off"
         self.should_stop = should_stop
         self.grammar = grammar
         self.tool_spec: tools_mod.ToolSpec | None = None
@@ -263,15 +264,20 @@ class Generation:
         eng, tok, gram = self.engine, self.engine.tokenizer, self.grammar
         pending = ""
         reason, cut_by_stop_string = "length", False
+        residual: torch.Tensor | None = None  # where a sampled verify rejected: the next draw's distribution
         for step in range(max_new):
             if self.should_stop is not None and self.should_stop():
                 reason = "cancelled"
                 break
             drafted = bool(queue)
             if drafted:
-                # verified: the argmax plain decoding would pick here; its K/V is cached and
-                # ``logits`` already hold the position after the last accepted one
+                # verified: the argmax plain decoding would pick here (or a draft speculative
+                # sampling accepted); its K/V is cached and ``logits`` already hold the position
+                # after the last accepted one
                 nxt = queue.pop(0)
+            elif residual is not None:
+                # a sampled verify rejected the draft here: the token comes from the residual
+                nxt, residual = sampler.draw(residual), None
             else:
                 nxt = sampler(gram.mask(logits) if gram is not None else logits, history)
             if nxt in tok.stop_ids:
@@ -302,8 +308,12 @@ class Generation:
                 draft = (lookup.propose(min(speculative.DRAFT_K, max_new - step - 2))
                          if lookup is not None and (switch is None or switch.choose()) else [])
                 t = time.perf_counter()
-                if draft:
+                if draft and self.params.temperature > 0:
+                    logits, accepted, residual = speculative.verify_sampled(
+                        model, cache, nxt, draft, lambda row, acc: sampler.probs(row, history + acc), sampler.uniform)
+                elif draft:
                     logits, accepted = speculative.verify(model, cache, nxt, draft)
+                if draft:
                     queue.extend(accepted)
                     spec["verifies"] += 1
                     spec["drafted"] += len(draft)

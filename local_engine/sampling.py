@@ -45,18 +45,17 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits: [vocab] fp32 for the next position; history: prompt + generated ids."""
-        p = self.p
-        x = logits.float()
-        if p.repetition_penalty != 1.0 and history:
-            idx = torch.tensor(sorted(set(history)), dtype=torch.long)
-            v = x[idx]
-            x = x.clone()
-            x[idx] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        if p.temperature <= 0:
+        if self.p.temperature <= 0:
             # numpy's argmax: 5 us on a 49k vocab vs 50 us for torch's single-threaded one (measured);
             # both return the first maximal index
-            return int(x.numpy().argmax())
-        x = x / p.temperature
+            return int(self._penalised(logits, history).numpy().argmax())
+        return self.draw(self.probs(logits, history))
+
+    def probs(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """The distribution a draw picks from (temperature > 0): what speculative sampling's
+        acceptance rule compares a draft with (local_engine/speculative.py)."""
+        p = self.p
+        x = self._penalised(logits, history) / p.temperature
         if p.top_k and p.top_k < x.shape[-1]:
             kth = torch.topk(x, p.top_k).values[-1]
             x = torch.where(x < kth, torch.full_like(x, float("-inf")), x)
@@ -67,5 +66,20 @@ class Sampler:
             drop = (torch.cumsum(probs, -1) - probs) >= p.top_p
             sorted_x[drop] = float("-inf")
             x = torch.full_like(x, float("-inf")).scatter(0, order, sorted_x)
-        probs = torch.softmax(x, -1)
+        return torch.softmax(x, -1)
+
+    def draw(self, probs: torch.Tensor) -> int:
         return int(torch.multinomial(probs, 1, generator=self.gen))
+
+    def uniform(self) -> float:
+        """A draw from U[0, 1) off the same seeded generator."""
+        return float(torch.rand((), generator=self.gen))
+
+    def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        x = logits.float()
+        if self.p.repetition_penalty != 1.0 and history:
+            idx = torch.tensor(sorted(set(history)), dtype=torch.long)
+            v = x[idx]
+            x = x.clone()
+            x[idx] = torch.where(v > 0, v / self.p.repetition_penalty, v * self.p.repetition_penalty)
+        return x

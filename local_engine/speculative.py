@@ -17,8 +17,16 @@ step's fused kernels over several rows, is closer). Where the top two logits at 
 position are closer than ``TIE_MARGIN``, that position is re-run as a single step (the path plain
 decoding takes), so a near-tie is broken the way plain decoding breaks it.
 
-Only greedy (temperature 0, no repetition penalty) without a grammar mask: otherwise the engine
-does not speculate (the sampling rule and the mask are later slices of issue #20).
+Sampling (``verify_sampled``, temperature > 0): the standard speculative-sampling rule. A draft
+token d at position i is accepted with probability min(1, p_i(d) / q_i(d)), and at the first
+rejection the token is drawn from norm(max(0, p_i - q_i)); p_i is the sampler's distribution
+there (temperature, top-k, top-p, repetition penalty over the history with the accepted drafts).
+Prompt lookup proposes one token per position, so q_i is a point mass: accept with p_i(d), else
+draw from p_i without d, renormalised. After k accepted drafts the next token is drawn from
+position k's p as plain decoding would. The output distribution is the target's (a chi-square
+test in tests/engine/test_speculative.py); p_i comes from the verify's logits, which are within
+the batched path's rounding (~1e-3) of the single step's. Not with a grammar mask: the engine does
+not speculate then.
 
 ``SpecSwitch`` (``speculative: auto``) turns drafting off when it does not pay: it keeps the
 measured seconds per produced token of verifies and of single steps, and drafts while a verify's
@@ -27,6 +35,7 @@ tokens come cheaper than single steps'. Pure bookkeeping like ``prefetch_switch`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -107,6 +116,40 @@ def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.T
             cache.crop(base + i + 1)
             return rows[i], draft[:i]
     raise AssertionError("unreachable: the last position always decides")
+
+
+def accept_sampled(probs_at: Callable[[int], torch.Tensor], draft: list[int],
+                   uniform: Callable[[], float]) -> tuple[int, torch.Tensor | None]:
+    """Speculative sampling against a point-mass draft: (drafts accepted, the distribution to draw the
+    token at the first rejected position from, or None when every draft was accepted).
+
+    ``probs_at(i)``: the target's sampling distribution at draft position i (computed only as far
+    as the drafts get); ``uniform()``: a U[0, 1) draw."""
+    for i, d in enumerate(draft):
+        p = probs_at(i)
+        pd = float(p[d])
+        if uniform() < pd:  # min(1, p(d) / q(d)) with q(d) = 1
+            continue
+        residual = p.clone()
+        residual[d] = 0.0  # max(0, p - q): q is 1 at d and 0 elsewhere
+        return i, residual / residual.sum()
+    return len(draft), None
+
+
+def verify_sampled(model: Any, cache: Any, last: int, draft: list[int],
+                   probs: Callable[[torch.Tensor, list[int]], torch.Tensor],
+                   uniform: Callable[[], float]) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """``verify`` for sampling: run ``[last, *draft]`` after ``cache``; return (logits for the position
+    after the accepted drafts, accepted drafts, the residual distribution the next token must be
+    drawn from instead of those logits, or None). ``probs(logits, accepted_so_far)``: the sampler's
+    distribution at a position. The cache ends holding ``last`` and the accepted drafts."""
+    ids = [last, *draft]
+    base = cache.length
+    fwd = model.verify_forward if isinstance(model, FastVerify) else model.forward
+    rows = fwd(torch.tensor(ids, dtype=torch.long), cache)
+    n, residual = accept_sampled(lambda i: probs(rows[i], draft[:i]), draft, uniform)
+    cache.crop(base + n + 1)
+    return rows[n], draft[:n], residual
 
 
 @dataclass

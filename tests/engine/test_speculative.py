@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,16 +96,115 @@ def test_after_a_rejection_later_logits_equal_a_fresh_run(smol: Engine) -> None:
     torch.testing.assert_close(logits, fresh[len(ids) + 2], atol=ATOL, rtol=0)
 
 
-def test_speculation_is_off_for_sampling_and_grammar(eng: Engine) -> None:
-    gen = eng.chat(QUOTE, max_tokens=8, temperature=0.8, seed=1, speculative="prompt-lookup")
+def test_sampling_speculates_and_the_grammar_mask_turns_it_off(eng: Engine) -> None:
+    runs = []
+    for _ in range(2):
+        gen = eng.chat(QUOTE, max_tokens=32, temperature=0.3, seed=7, speculative="prompt-lookup")
+        runs.append("".join(gen))
+        st = gen.stats.extra
+        assert st["spec_mode"] == "prompt-lookup" and st["spec_verifies"] > 0 and st["spec_accepted"] > 0
+    assert runs[0] == runs[1] and runs[0]  # one seed, one answer: the acceptance draws use the seeded generator
+    gen = eng.chat(QUOTE, max_tokens=8, speculative="prompt-lookup", repetition_penalty=1.3)
     "".join(gen)
-    assert gen.stats.extra["spec_mode"] == "off" and gen.stats.extra["spec_drafted"] == 0
+    assert gen.stats.extra["spec_mode"] == "off"  # greedy with a penalty: the greedy verify's argmax would differ
     gen = eng.chat(QUOTE, max_tokens=8, speculative="prompt-lookup",
                    response_format={"type": "json_object"})
     "".join(gen)
     assert gen.stats.extra["spec_mode"] == "off"
 
 
+V = 16  # the sampling rule's test model: a vocabulary small enough for a chi-square over every token
+
+
+def _small_vocab_llama(dst: Path) -> Path:
+    from safetensors.torch import save_file
+
+    H, nh, nkv, hd, ffn, layers = 32, 2, 1, 16, 64, 2
+    g = torch.Generator().manual_seed(3)
+
+    def w(o: int, i: int) -> torch.Tensor:
+        return torch.randn(o, i, generator=g) * (1.5 / i**0.5)
+
+    t = {"model.embed_tokens.weight": torch.randn(V, H, generator=g), "model.norm.weight": torch.ones(H),
+         "lm_head.weight": w(V, H)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": torch.ones(H), p + "post_attention_layernorm.weight": torch.ones(H),
+              p + "self_attn.q_proj.weight": w(nh * hd, H), p + "self_attn.k_proj.weight": w(nkv * hd, H),
+              p + "self_attn.v_proj.weight": w(nkv * hd, H), p + "self_attn.o_proj.weight": w(H, nh * hd),
+              p + "mlp.gate_proj.weight": w(ffn, H), p + "mlp.up_proj.weight": w(ffn, H),
+              p + "mlp.down_proj.weight": w(H, ffn)}
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": H, "num_attention_heads": nh, "num_key_value_heads": nkv,
+        "head_dim": hd, "intermediate_size": ffn, "num_hidden_layers": layers, "vocab_size": V,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128}))
+    return dst
+
+
+def _chi2_below_bound(counts: torch.Tensor, probs: torch.Tensor, what: str) -> None:
+    from scipy.stats import chi2
+
+    n = int(counts.sum())
+    expected = probs.double() * n
+    keep = expected >= 5  # the usual validity rule; the rest lumped into one cell
+    obs = torch.cat([counts[keep].double(), counts[~keep].sum().double().reshape(1)])
+    exp = torch.cat([expected[keep], expected[~keep].sum().reshape(1)])
+    if exp[-1] < 5:  # nothing (or too little) lumped: fold the lump into the largest cell
+        obs[torch.argmax(exp[:-1])] += obs[-1]
+        exp[torch.argmax(exp[:-1])] += exp[-1]
+        obs, exp = obs[:-1], exp[:-1]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    bound = float(chi2.ppf(0.999, len(exp) - 1))
+    assert stat < bound, f"{what}: chi-square {stat:.1f} >= {bound:.1f} ({len(exp) - 1} df, n={n})"
+    # and the bound is not vacuous: a distribution moved by 0.05 between two cells fails it
+    moved = probs.double().clone()
+    top2 = torch.topk(moved, 2).indices
+    moved[top2[0]] -= 0.05
+    moved[top2[1]] += 0.05
+    alt = float(((counts[keep].double() - moved[keep] * n) ** 2 / (moved[keep] * n)).sum())
+    assert alt > stat
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_speculative_sampling_draws_from_the_target_distribution(tmp_path: Path, temperature: float,
+                                                                  top_p: float) -> None:
+    """The rejection rule on a real (random, 16-token) model: over many verifies of the same draft,
+    the first token's and (after an accepted first draft) the second token's frequencies match the
+    target's sampling distributions computed by plain single steps, within a chi-square bound."""
+    from local_engine.models.llama import load_llama
+    from local_engine.sampling import Sampler, SamplingParams
+    from local_engine.store import open_store
+
+    model = load_llama(open_store(_small_vocab_llama(tmp_path / "m")), weights="f32")
+    sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=11))
+    ctx, last = [1, 5, 3, 7, 2, 9], 4
+    with torch.inference_mode():
+        cache = model.new_cache()
+        model.forward(torch.tensor(ctx), cache)
+        base = cache.length
+        p0 = sampler.probs(model.forward(torch.tensor([last]), cache, last_only=True)[-1], [])
+        d0 = int(torch.topk(p0, 2).indices[1])  # the second likeliest: accepted some of the time
+        p1 = sampler.probs(model.forward(torch.tensor([d0]), cache, last_only=True)[-1], [])
+        d1 = int(torch.topk(p1, 3).indices[2])
+        after_both = model.forward(torch.tensor([*ctx, last, d0, d1]), model.new_cache(), last_only=True)[-1]
+        cache.crop(base)
+        first, second = torch.zeros(V), torch.zeros(V)
+        for _ in range(2000):
+            logits, accepted, residual = speculative.verify_sampled(
+                model, cache, last, [d0, d1], lambda row, acc: sampler.probs(row, acc), sampler.uniform)
+            assert cache.length == base + 1 + len(accepted)
+            toks = [*accepted, sampler.draw(residual)] if residual is not None else accepted
+            first[toks[0]] += 1
+            if accepted[:1] == [d0]:
+                second[toks[1]] += 1
+            if residual is None:  # both accepted: the next token comes from the position after them
+                torch.testing.assert_close(logits, after_both, atol=1e-4, rtol=0)
+            cache.crop(base)
+    assert 0 < first[d0] < 2000  # the draft was both accepted and rejected
+    _chi2_below_bound(first, p0, "first token")
+    _chi2_below_bound(second, p1, "second token after an accepted draft")
 def test_default_is_off_and_bad_modes_are_clear_errors(eng: Engine, smol_path: Any) -> None:
     gen = eng.chat(QUOTE, max_tokens=4)
     "".join(gen)
