@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from gateway.backends.base import BackendError
+from gateway.backends.base import BackendError, ErrorKind
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -39,7 +39,7 @@ def _upstream_message(content: bytes) -> str:
 
 
 def status_error(target: str, status: int, retry_after: str | None, content: bytes = b"") -> BackendError:
-    kind = "status" if status >= 500 or status in (408, 409, 429) else "invalid"
+    kind: ErrorKind = "status" if status >= 500 or status in (408, 409, 429) else "invalid"
     detail = _upstream_message(content) if kind == "invalid" else ""
     message = f"{target} answered HTTP {status}" + (f": {detail}" if detail else "")
     return BackendError(kind, message, status=status, retry_after=parse_retry_after(retry_after))

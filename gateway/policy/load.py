@@ -227,8 +227,8 @@ def parse_policy_source(
             problems.append(Problem(file, *pos.locate(loc), f"{field}: {msg}" if field else msg))
         raise PolicyError(_dedupe(problems)) from None
 
-    for loc, msg in cross_check(policy):
-        problems.append(Problem(file, *pos.locate(_dotted(loc)), msg))
+    for where, msg in cross_check(policy):
+        problems.append(Problem(file, *pos.locate(_dotted(where)), msg))
     if problems:
         raise PolicyError(problems)
     return policy, PolicySource(file, pos, tuple(retyped))

@@ -102,7 +102,7 @@ class CredentialFormat:
         """One specimen per prefix (or the builder's one): random bodies, valid checksums."""
         if self.build is not None:
             return [self.build(rng)]
-        out = []
+        out: list[tuple[str, tuple[str, ...]]] = []
         for prefix in self.prefixes:
             body = "".join(p.draw(rng) if isinstance(p, Run) else p for p in self.body)
             if self.checksum is not None:
@@ -478,7 +478,7 @@ CREDENTIAL_FORMATS: tuple[CredentialFormat, ...] = (
 
 
 def _expand(alphabet: str) -> str:
-    out = []
+    out: list[str] = []
     i = 0
     while i < len(alphabet):
         if i + 2 < len(alphabet) and alphabet[i + 1] == "-":

@@ -56,7 +56,7 @@ from threadpoolctl import threadpool_limits
 from gateway.privacy.config import PrivacyConfig
 from gateway.privacy.credentials import CREDENTIAL_FORMATS
 from gateway.privacy.fast_ner import FastNer
-from gateway.privacy.ner_fixes import corrected_entities
+from gateway.privacy.ner_fixes import NER_SCORE, corrected_entities
 from gateway.privacy.ner_windows import candidate_windows
 from gateway.privacy.overlaps import by_priority
 from gateway.privacy.recognizers import (
@@ -122,7 +122,7 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
         self.context_words: frozenset[str] = frozenset()  # set by build_analyzer from the recognizers
 
     def load(self) -> None:
-        self.nlp = {"en": self._loaded}
+        self.nlp = {"en": self._loaded}  # type: ignore[assignment]  # presidio types it None until load()
 
     def parse(self, text: str) -> Doc:
         """The Doc presidio reads: tokens, and entities where the pipeline has NER."""
@@ -152,7 +152,8 @@ class _LoadedSpacyEngine(SpacyNlpEngine):
             if (not stop or lemma in wanted) and not punct and lemma not in ("-pron-", "be")
             for part in lemma.split(":")
         ]
-        entities, scores = self._get_updated_entities(*corrected_entities(doc, self.ner_model_configuration.default_score))
+        score = self.ner_model_configuration.default_score
+        entities, scores = self._get_updated_entities(*corrected_entities(doc, NER_SCORE if score is None else score))
         artifacts = NlpArtifacts(
             entities=entities,
             tokens=doc,
@@ -321,7 +322,7 @@ def _recognizers(cfg: PrivacyConfig, with_ner: bool) -> list[EntityRecognizer]:
 def _gate_patterns(rec: PatternRecognizer) -> None:
     """Compile the recognizer's patterns as presidio would, each behind its regex gate (the same
     matches, found only where a match is possible: gateway/privacy/regex_gate.py)."""
-    for pattern in rec.patterns:
+    for pattern in rec.patterns:  # type: ignore[has-type]  # presidio sets it untyped
         pattern.compiled_regex = gate(regex.compile(pattern.regex, flags=rec.global_regex_flags))
         pattern.compiled_with_flags = rec.global_regex_flags
 

@@ -61,8 +61,14 @@ class FastNer:
         self._closed_last = mask(lambda a, lab: a == "O" or (a == "U" and lab))
         self._closed_space = mask(lambda a, lab: a == "O")
         # Inside an entity of label L: In (not on the last token) or Last, same label only.
-        self._open_ok = {lab: mask(lambda a, l2, lab=lab: a in ("I", "L") and l2 == lab) for lab in set(labels) if lab}
-        self._open_last = {lab: mask(lambda a, l2, lab=lab: a == "L" and l2 == lab) for lab in set(labels) if lab}
+        def inside(lab: str) -> Callable[[str, str], bool]:
+            return lambda a, l2: a in ("I", "L") and l2 == lab
+
+        def last(lab: str) -> Callable[[str, str], bool]:
+            return lambda a, l2: a == "L" and l2 == lab
+
+        self._open_ok = {lab: mask(inside(lab)) for lab in set(labels) if lab}
+        self._open_last = {lab: mask(last(lab)) for lab in set(labels) if lab}
         self._neg = np.full(n_moves, -np.inf, dtype="f")
 
     @classmethod

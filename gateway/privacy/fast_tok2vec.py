@@ -15,9 +15,16 @@ the caller keeps thinc).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from thinc.api import Model, Ops
+from thinc.api import Model
+
+
+def _param(layer: Model, name: str) -> np.ndarray:
+    # thinc types its parameters as its own array unions; at run time they are numpy arrays, and
+    # np.asarray of one is the same object (no copy: the vectors stay bitwise thinc's).
+    return np.asarray(layer.get_param(name))
 
 
 @dataclass(frozen=True)
@@ -29,9 +36,9 @@ class _Maxout:
 
     @classmethod
     def of(cls, layer: Model) -> _Maxout:
-        n_out, n_pieces, n_in = layer.get_param("W").shape
-        return cls(layer.get_param("W").reshape(n_out * n_pieces, n_in).T,
-                   layer.get_param("b").reshape(n_out * n_pieces), n_out, n_pieces)
+        w = _param(layer, "W")
+        n_out, n_pieces, n_in = w.shape
+        return cls(w.reshape(n_out * n_pieces, n_in).T, _param(layer, "b").reshape(n_out * n_pieces), n_out, n_pieces)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = np.dot(x, self.w_t)
@@ -50,7 +57,7 @@ class _LayerNorm:
 
     @classmethod
     def of(cls, layer: Model) -> _LayerNorm:
-        return cls(layer.get_param("G"), layer.get_param("b"))
+        return cls(_param(layer, "G"), _param(layer, "b"))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # thinc's expression, term for term (X.var's own arithmetic included).
@@ -64,11 +71,11 @@ class _LayerNorm:
 class FastTok2Vec:
     """Token vectors for a list of (tokens, columns) feature arrays, one per sequence."""
 
-    def __init__(self, ops: Ops, columns: list[str], embeds: list[tuple[int, int, np.ndarray]],
+    def __init__(self, ops: Any, columns: list[str], embeds: list[tuple[int, int, np.ndarray]],
                  mix: tuple[_Maxout, _LayerNorm], pad: int, blocks: list[tuple[int, _Maxout, _LayerNorm]],
                  out_w_t: np.ndarray, out_b: np.ndarray) -> None:
-        self._ops = ops
-        self.columns = columns
+        self._ops = ops  # thinc's NumpyOps: its hash / gather_add / seq2col kernels, typed for thinc's arrays
+        self.columns: list[int | str] = list(columns)
         self._embeds = embeds  # (feature column, hash seed, table)
         self._mix = mix
         self._pad = pad
@@ -93,7 +100,7 @@ class FastTok2Vec:
                 rows = index[0] if isinstance(index, tuple) and len(index) == 2 else None
                 if table.name != "hashembed" or not isinstance(rows, slice) or rows.indices(1) != (0, 1, 1):
                     return None  # not "every row, one column"
-                embeds.append((int(index[1]), int(table.attrs["seed"]), table.get_param("E")))
+                embeds.append((int(index[1]), int(table.attrs["seed"]), _param(table, "E")))
             (maxout_norm_dropout,) = mixed.layers
             maxout_norm, _dropout = maxout_norm_dropout.layers  # dropout: inactive at inference
             maxout, norm = maxout_norm.layers
@@ -108,7 +115,7 @@ class FastTok2Vec:
                     return None
                 blocks.append((int(window.attrs["window_size"]), _Maxout.of(block_maxout), _LayerNorm.of(block_norm)))
             return cls(maxout.ops, list(extract.attrs["columns"]), embeds, (_Maxout.of(maxout), _LayerNorm.of(norm)),
-                       int(encode.attrs["pad"]), blocks, linear.get_param("W").T, linear.get_param("b"))
+                       int(encode.attrs["pad"]), blocks, _param(linear, "W").T, _param(linear, "b"))
         except (ValueError, KeyError, AttributeError, TypeError, IndexError):
             return None
 
@@ -123,7 +130,8 @@ class FastTok2Vec:
         x = norm(maxout(np.hstack(vectors)))
         # The encoder sees the sequences joined by `pad` zero rows, as thinc's with_array lays them out.
         zeros = np.zeros((self._pad, x.shape[1]), dtype=x.dtype)
-        joined, starts, row = [zeros], [], 0
+        joined, row = [zeros], 0
+        starts: list[int] = []
         for seq in sequences:
             starts.append(row + self._pad * len(starts) + self._pad)
             joined += [x[row : row + len(seq)], zeros]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import phonenumbers
 import tldextract
@@ -133,9 +134,9 @@ def _result(rec: EntityRecognizer, entity: str, start: int, end: int, score: flo
         start,
         end,
         score,
-        analysis_explanation=AnalysisExplanation(recognizer=rec.name, original_score=score),
+        analysis_explanation=AnalysisExplanation(recognizer=rec.name, original_score=score),  # type: ignore[has-type]
         recognition_metadata={
-            RecognizerResult.RECOGNIZER_NAME_KEY: rec.name,
+            RecognizerResult.RECOGNIZER_NAME_KEY: rec.name,  # type: ignore[has-type]  # presidio sets it untyped
             RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: rec.id,
         },
     )
@@ -308,14 +309,15 @@ def custom_recognizers(specs: list[CustomRecognizer]) -> list[EntityRecognizer]:
             Pattern(name=p.name or f"{spec.entity.lower()}_{i}", regex=p.regex, score=p.score)
             for i, p in enumerate(spec.patterns)
         ]
+        # None (presidio's own default, typed as a list in its signature) where the YAML gives none
+        optional: dict[str, Any] = {"patterns": patterns or None, "deny_list": list(spec.deny_list) or None,
+                                    "context": list(spec.context) or None}
         out.append(
             PatternRecognizer(
                 supported_entity=spec.entity,
                 name=f"custom:{spec.entity}",
-                patterns=patterns or None,
-                deny_list=list(spec.deny_list) or None,
-                context=list(spec.context) or None,
                 deny_list_score=spec.deny_list_score,
+                **optional,
             )
         )
     return out

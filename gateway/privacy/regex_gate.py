@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from re import _constants as C  # the parser's opcodes
-from re import _parser as sre
+from re import _constants as C  # type: ignore[attr-defined]  # the parser's opcodes (private, no stubs)
+from re import _parser as sre  # type: ignore[attr-defined]
 from typing import Any
 
 import regex

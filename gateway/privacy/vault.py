@@ -131,7 +131,8 @@ class Vault:
                 for k in range(first + 1, last + 1):
                     head_cut[k] = min(len(texts[k]), m.end() - starts[k])
             for k, t in enumerate(texts):
-                end, rep = tail[k] if tail[k] is not None else (len(t), "")
+                cut = tail[k]
+                end, rep = cut if cut is not None else (len(t), "")
                 out[k] = t[head_cut[k] : max(end, head_cut[k])] + rep
         # Per part: a part's edge is a word boundary there ("Ann" ending one part is a name).
         return [self.redact_text(t) for t in out]

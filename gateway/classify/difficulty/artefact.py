@@ -79,7 +79,8 @@ def save_artefact(meta_path: Path, meta: dict[str, Any], arrays: dict[str, np.nd
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     npz = meta_path.with_suffix(".npz")
     with npz.open("wb") as fh:  # a file handle: np.savez would otherwise append ".npz" itself
-        np.savez_compressed(fh, **{a: arrays[a] for a in ARRAYS})
+        named: dict[str, Any] = {a: arrays[a] for a in ARRAYS}  # Any: the stub's allow_pickle keyword shares **kwds
+        np.savez_compressed(fh, **named)
     meta = {**meta, "format": FORMAT_VERSION, "arrays": npz.name, "sha256": sha256_file(npz),
             "signals": list(SIGNAL_NAMES)}
     meta_path.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
