@@ -406,6 +406,8 @@ class Engine:
             grammar: grammar_mod.Grammar | None = tools_mod.calls_grammar(spec, text_schema=schema)
         else:
             grammar = grammar_mod.for_response_format(response_format)
+            if grammar is None and tools_mod.shows_calls(messages):
+                grammar = tools_mod.text_grammar()  # an answer that imitates a call is no answer
         tok = self.tokenizer
         msgs, tpl_tools = tools_mod.prompt_messages(messages, spec, tools_mod.template_renders_tools(tok.chat_template))
         text = self.render_chat(msgs, tools=tpl_tools, continue_final_message=continue_final_message)

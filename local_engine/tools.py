@@ -19,6 +19,7 @@ written as ``<tool_call>`` blocks in the assistant turn, and tool results as a u
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator
@@ -135,6 +136,26 @@ def calls_grammar(spec: ToolSpec, text_schema: dict[str, Any] | None = None) -> 
     return g
 
 
+def shows_calls(messages: list[dict[str, Any]]) -> bool:
+    """Whether the prompt shows calls (calls and results in the history): where the answer may not
+    call, the model has seen ``<tool_call>`` blocks and, measured on the built-in model after a
+    two-call history, writes one as its "answer"."""
+    return any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in messages)
+
+
+@functools.cache
+def text_grammar() -> Grammar:
+    """Free text (stop strings apply) that does not open with markup or blank space and holds no
+    ``<tool``: the answer where calls are not allowed but the prompt shows them (``shows_calls``).
+    Measured on the built-in model after a two-call history: barred only from ``<tool_call>``, it
+    wrote ``<tool_call_response>`` blocks, then ``<item_name>`` ones; barred from opening with
+    markup, prose."""
+    g = Grammar(Grammar.lark("start: TEXT\nTEXT: /(?s:[^<\\s].*)/ & ~/(?s:.*<tool.*)/\n").source,
+                stop_strings=True)
+    g.check()
+    return g
+
+
 # ---------------------------------------------------------------------------------- prompt
 def template_renders_tools(source: str | None) -> bool:
     """Whether the chat template has its own tool convention (it reads the ``tools`` variable)."""
@@ -217,16 +238,22 @@ class Call:
     arguments: str  # JSON text, as OpenAI returns it
 
 
-_CALL = re.compile(re.escape(OPEN) + r'\{"name": ("(?:[^"\\]|\\.)*"), "arguments": (.*?)\}' + re.escape(CLOSE),
-                   re.S)
-
-
 def parse(text: str) -> tuple[str | None, list[Call]]:
-    """(content, calls) of an answer written under ``calls_grammar``."""
+    """(content, calls) of an answer written under ``calls_grammar``, read as ``CallStream`` reads
+    it streamed: a call cut by max_tokens comes back with the arguments written so far (as OpenAI's
+    with finish_reason "length"), never as markup in the content."""
     if not text.startswith(OPEN):
         return text, []
-    calls = [Call(json.loads(m.group(1)), m.group(2)) for m in _CALL.finditer(text)]
-    return None, calls
+    cs = CallStream()
+    names: list[str] = []
+    args: list[str] = []
+    for ev in (*cs.feed(text), *cs.close()):
+        if ev[0] == "call":
+            names.append(ev[2])
+            args.append("")
+        elif ev[0] == "args":
+            args[ev[1]] += ev[2]
+    return None, [Call(n, a) for n, a in zip(names, args, strict=True)]
 
 
 class CallStream:

@@ -148,6 +148,23 @@ def test_fallback_prompt_renders_tools_calls_and_results(smol) -> None:
     assert "<|im_start|>user\n<tool_response>\n18 C, clear\n</tool_response><|im_end|>" in text
 
 
+def test_an_answer_that_may_not_call_does_not_imitate_a_call(smol) -> None:
+    """After a history of calls and results, tool_choice none (or no tools at all) answers in words:
+    unconstrained, the built-in model wrote a <tool_call> block as its text answer."""
+    history = [*_ask("What's the weather in Paris, and what time is it there?"),
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 18, "sky": "clear"}'},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_2", "type": "function", "function": {
+                   "name": "get_time", "arguments": '{"tz": "Europe/Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_2", "content": '{"time": "14:05"}'}]
+    for kw in ({"tools": [WEATHER, TIME], "tool_choice": "none"}, {}):
+        text = "".join(gen := smol.chat(history, max_tokens=40, **kw))
+        assert text and not text.startswith("<") and "<tool" not in text, text
+        assert gen.parsed() == (text, [])
+    assert tools.shows_calls(history) and not tools.shows_calls(_ask("hi"))  # plain chat: no grammar
+
+
 def test_template_with_its_own_tool_convention_gets_the_tools() -> None:
     tpl = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
            "{% for m in messages %}{{ m.role }}: {% if m.tool_calls %}{% for c in m.tool_calls %}"
@@ -193,6 +210,20 @@ def test_a_call_that_would_not_fit_is_not_started(smol) -> None:
     text = "".join(gen)
     assert gen.finish_reason == "stop" and text.endswith("</tool_call>")  # ... without, it ends after the first
     assert [c.name for c in gen.parsed()[1]] == [first.name]
+
+
+def test_a_call_cut_by_max_tokens_is_a_call_not_markup(smol) -> None:
+    """As OpenAI's finish_reason "length": the call with the arguments written so far, the same
+    whole as streamed (the gateway's answer used to carry the raw <tool_call> text as content)."""
+    gen = smol.chat(_ask("What's the weather in Paris?"), tools=[WEATHER], tool_choice="required", max_tokens=20)
+    text = "".join(gen)
+    assert gen.finish_reason == "length" and text.startswith(tools.OPEN) and not text.endswith(tools.CLOSE)
+    content, calls = gen.parsed()
+    assert content is None and [c.name for c in calls] == ["get_weather"]
+    assert calls[0].arguments and text.endswith(calls[0].arguments)
+    cs = tools.CallStream()
+    streamed = "".join(e[2] for e in (*cs.feed(text), *cs.close()) if e[0] == "args")
+    assert streamed == calls[0].arguments
 
 
 def test_a_packed_moe_model_is_constrained_too(tmp_path) -> None:
