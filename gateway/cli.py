@@ -70,6 +70,16 @@ def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str 
     uvicorn.Server(config).run()
 
 
+def _json_option(name: str, text: str, kind: type) -> Any:
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        _fail(f"{name} is not valid JSON: {exc}")
+    if not isinstance(data, kind):
+        _fail(f"{name} must be a JSON {'list' if kind is list else 'object'}")
+    return data
+
+
 def _messages(prompt: str | None, messages_json: str | None) -> list[dict[str, Any]]:
     if messages_json:
         try:
@@ -91,19 +101,26 @@ def _messages(prompt: str | None, messages_json: str | None) -> list[dict[str, A
 @click.option("--model", default="auto", show_default=True)
 @click.option("--messages", "messages_json", default=None, help="A JSON list of messages instead of PROMPT.")
 @click.option("--header", "headers", multiple=True, help="NAME=VALUE, repeatable.")
+@click.option("--tools", "tools_json", default=None, help="A JSON list of tools, as chat completions takes them.")
+@click.option("--response-format", "format_json", default=None, help="A JSON response_format, e.g. "
+              '\'{"type": "json_object"}\'.')
 @click.option("--client", default=None, help="Client name to assume.")
 @click.option("--score-all", is_flag=True, help="Run every classifier, even those the decision does not need.")
 @click.option("--server", default=None, metavar="URL",
               help="Ask a running gateway (POST URL/v1/route/explain): its live connectivity, its policy.")
 @click.option("--api-key", default=None, envvar="HYBRID_API_KEY", help="Client key for --server.")
 def explain(prompt: str | None, policy_path: str, offline: bool, model: str, messages_json: str | None,
-            headers: tuple[str, ...], client: str | None, score_all: bool, server: str | None,
-            api_key: str | None) -> None:
+            headers: tuple[str, ...], tools_json: str | None, format_json: str | None, client: str | None,
+            score_all: bool, server: str | None, api_key: str | None) -> None:
     """Print the routing decision for a prompt as JSON. Calls no model.
 
     Without --server, connectivity is what `serve` would see at start-up with this policy and
     environment: a cloud target without an API key is disabled, one with a key online."""
-    body = {"model": model, "messages": _messages(prompt, messages_json)}
+    body: dict[str, Any] = {"model": model, "messages": _messages(prompt, messages_json)}
+    if tools_json is not None:  # what local_tools decides on, with --response-format
+        body["tools"] = _json_option("--tools", tools_json, list)
+    if format_json is not None:
+        body["response_format"] = _json_option("--response-format", format_json, dict)
     hdrs = dict(h.split("=", 1) for h in headers if "=" in h)
     if server:
         if offline or client:

@@ -3,6 +3,7 @@ targets are what is left. decide() stays pure: table tests over Features, no ser
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
@@ -101,3 +102,28 @@ def test_fail_closed_never_puts_a_refused_local_target_back() -> None:
     assert (d.action, d.block_status) == ("block", 503)
     plain = Features(**{**failed.__dict__, "has_tools": False})
     assert pipeline.fail_closed(rt, plain, decide(plain, POLICY)).chain == ("local",)  # type: ignore[arg-type]
+
+
+def test_the_cli_explains_a_refusal_and_an_honoured_request(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    path = tmp_path / "p.yaml"
+    path.write_text("""version: 1
+targets:
+  cloud: {kind: cloud, model: openai/x, api_base: "http://127.0.0.1:9/v1", api_key: k}
+  local: {kind: local, engine: local_engine, model_path: "builtin:smollm2-135m"}
+rules:
+  - {name: agents, route: cloud, fallback: [local], local_tools: refuse}
+""")
+    tools = '[{"type": "function", "function": {"name": "f"}}]'
+    r = CliRunner().invoke(main, ["explain", "--policy", str(path), "--offline", "--tools", tools, "hi"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)["decision"]
+    assert (d["action"], d["local_tools"], d["block"]["status"]) == ("block", "refuse", 403)
+    r = CliRunner().invoke(main, ["explain", "--policy", str(path), "--offline", "hi"])
+    d = json.loads(r.output)["decision"]
+    assert (d["action"], d["target"], d["local_tools"]) == ("route", "cloud", None)
+    r = CliRunner().invoke(main, ["explain", "--policy", str(path), "--response-format", "[1]", "hi"])
+    assert r.exit_code != 0 and "--response-format must be a JSON object" in r.output

@@ -184,7 +184,7 @@ class ThreeAPIs:
         return Answer(content or None, calls, finish, dict(raw.headers))
 
     # -- Anthropic Messages
-    _STOP = {"tool_use": "tool_calls", "end_turn": "stop", "max_tokens": "length"}
+    _STOP = {"tool_use": "tool_calls", "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length"}
 
     def _messages_whole(self, kw: dict[str, Any]) -> Answer:
         raw = self.anthropic.messages.with_raw_response.create(**kw)
