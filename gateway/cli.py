@@ -46,8 +46,10 @@ def main() -> None:
               help="Prompt text in the audit log: off; redacted (every detected value replaced); raw (as received).")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.option("--no-watch", is_flag=True, help="Do not reload the policy when the file changes.")
+@click.option("--otlp-endpoint", default=None, help="Export OpenTelemetry traces over OTLP/HTTP to this URL "
+              "(e.g. http://127.0.0.1:4318/v1/traces). Default: OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; unset: off.")
 def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str | None, audit_prompts: str,
-          log_level: str, no_watch: bool) -> None:
+          log_level: str, no_watch: bool, otlp_endpoint: str | None) -> None:
     """Serve the OpenAI-compatible API."""
     import uvicorn
 
@@ -58,7 +60,8 @@ def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str 
     configure_logging(log_level)
     policy = _load(policy_path)
     settings = Settings(policy_path=policy_path, force="offline" if offline else "auto",
-                        audit_path=audit_log, audit_prompts=audit_prompts, watch=not no_watch)  # type: ignore[arg-type]
+                        audit_path=audit_log, audit_prompts=audit_prompts, watch=not no_watch,  # type: ignore[arg-type]
+                        **({"otlp_endpoint": otlp_endpoint} if otlp_endpoint else {}))
     try:
         state = GatewayState(settings, policy)
     except Exception as exc:  # e.g. a missing NLP model: one clear line, no traceback

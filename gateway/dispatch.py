@@ -34,7 +34,7 @@ from gateway.assemble import Assembler, streaming_body
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.connectivity import ConnectivityMonitor
 from gateway.hedge import Hedge, race
-from gateway.policy.model import Policy
+from gateway.policy.model import LocalTarget, Policy
 from gateway.policy.pace import NO_PACE, Pace
 from gateway.stream_deadline import SlowError, StreamDeadline
 
@@ -226,6 +226,16 @@ class Dispatcher:
         async def one_attempt(target: str) -> Outcome:
             nonlocal attempts
             attempts += 1
+            if opts.trace is None:
+                return await untraced(target)
+            with opts.trace.attempt(target, *self._described(target)) as span:
+                try:
+                    return await untraced(target)
+                except BackendError as e:
+                    opts.trace.failed(span, e.reason)
+                    raise
+
+        async def untraced(target: str) -> Outcome:
             try:
                 return await attempt_one(target, on_first_token)
             except BackendError as e:
@@ -269,6 +279,15 @@ class Dispatcher:
                 if nxt:
                     fallbacks.append(Fallback(target, nxt, e.reason))
         raise AllTargetsFailed(errors, fallbacks)
+
+    def _described(self, target: str) -> tuple[str | None, str | None, str]:
+        """A target's model, API base and GenAI provider name, for its attempt spans."""
+        cfg = self.policy.targets[target]
+        if isinstance(cfg, LocalTarget) and cfg.engine == "local_engine":
+            return (cfg.model_path or "").removeprefix("builtin:").rsplit("/", 1)[-1] or None, None, "local_engine"
+        model = cfg.model or ""
+        provider, _, name = model.partition("/")
+        return (name or model) or None, cfg.api_base, provider if name else "openai"
 
     def _usable(self, target: str) -> bool:
         return not self.monitor.disabled(target) and self.monitor.state(target) != "offline"

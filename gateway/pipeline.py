@@ -8,6 +8,7 @@ in and out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import math
 import time
@@ -33,6 +34,7 @@ from gateway.runtime import Runtime
 from gateway.schema import APIError
 from gateway.store.base import StoreUnavailable
 from gateway.stream_deadline import StreamDeadline
+from gateway.tracing import RequestTrace
 
 log = structlog.get_logger("gateway.pipeline")
 audit = structlog.get_logger("gateway.audit")
@@ -44,6 +46,7 @@ class Call:
     client: str | None
     request_id: str
     started: float = field(default_factory=time.monotonic)
+    trace: RequestTrace | None = None  # None: tracing off (the default), and every stage skips it
 
 
 @dataclass
@@ -269,30 +272,66 @@ def vault_unavailable(rt: Runtime, decision: Decision, reason: str) -> Decision:
                        "The conversation's vault is unavailable and no local target can answer.")
 
 
+_UNTRACED = contextlib.nullcontext()
+
+
+def _stage(call: Call, name: str) -> contextlib.AbstractContextManager[Any]:
+    """The stage's span, or a shared do-nothing context when tracing is off."""
+    return call.trace.stage(name) if call.trace is not None else _UNTRACED
+
+
 async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Prepared:
     """`score_all`: run every classifier even if no rule reads its finding (explain shows them)."""
+    try:
+        return await _prepare(rt, call, metrics, score_all)
+    except APIError as exc:
+        if call.trace is not None:  # refused before any target: the request's span ends here
+            call.trace.end(exc.status, {}, exc.code)
+        raise
+
+
+async def _prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool) -> Prepared:
     pinned = pinned_target(rt, str(call.body.get("model", "")))
     if rt.limits is not None:  # before the classifiers: a refused request costs next to nothing
         await rt.limits.admit(call.client, requested_tokens(call.body))
-    features = await classify(rt, call, metrics, score_all)
-    decision = fail_closed(rt, features, decide(features, rt.policy, pinned))
+    with _stage(call, "classify") as span:
+        features = await classify(rt, call, metrics, score_all)
+        if span is not None:
+            span.set_attributes({"hybrid.sensitivity": features.sensitivity.level,
+                                 "hybrid.entities": sorted(features.sensitivity.counts),
+                                 "hybrid.difficulty": features.difficulty.level,
+                                 "gen_ai.usage.input_tokens": features.prompt_tokens})
+    with _stage(call, "decide") as span:
+        decision = fail_closed(rt, features, decide(features, rt.policy, pinned))
+        if span is not None:
+            span.set_attributes({"hybrid.rule": decision.rule, "hybrid.action": decision.action,
+                                 "hybrid.chain": list(decision.chain)})
     prepared = Prepared(call=call, features=features, decision=decision)
     if decision.action == "route" and decision.redact and any(rt.policy.is_cloud(t) for t in decision.chain):
-        conversation = call.headers.get("x-hybrid-conversation-id") or (
-            (call.body.get("metadata") or {}).get("conversation_id")
-            if isinstance(call.body.get("metadata"), dict)
-            else None
-        )
-        cid = str(conversation) if conversation else None
-        try:
-            prepared.vault = await rt.vaults.load(cid)
-            prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
-            await rt.vaults.save(cid, prepared.vault)
-        except StoreUnavailable:
-            log.warning("conversation_vault_unavailable", request_id=call.request_id)
-            prepared.vault, prepared.redacted = None, None
-            prepared.decision = vault_unavailable(rt, decision, "conversation vault unavailable")
+        with _stage(call, "redact") as span:
+            await _redact(rt, call, prepared)
+            if span is not None:
+                span.set_attribute("hybrid.redactions", len(prepared.vault) if prepared.vault is not None else 0)
     return prepared
+
+
+async def _redact(rt: Runtime, call: Call, prepared: Prepared) -> None:
+    """Placeholders in for the cloud, the vault kept (per conversation when the request names one)."""
+    features, decision = prepared.features, prepared.decision
+    conversation = call.headers.get("x-hybrid-conversation-id") or (
+        (call.body.get("metadata") or {}).get("conversation_id")
+        if isinstance(call.body.get("metadata"), dict)
+        else None
+    )
+    cid = str(conversation) if conversation else None
+    try:
+        prepared.vault = await rt.vaults.load(cid)
+        prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
+        await rt.vaults.save(cid, prepared.vault)
+    except StoreUnavailable:
+        log.warning("conversation_vault_unavailable", request_id=call.request_id)
+        prepared.vault, prepared.redacted = None, None
+        prepared.decision = vault_unavailable(rt, decision, "conversation vault unavailable")
 
 
 def _warn(prepared: Prepared, warning: str) -> None:
@@ -345,7 +384,8 @@ def _all_failed_error(exc: AllTargetsFailed, decision: Decision | None = None) -
 
 
 def _options(rt: Runtime, call: Call) -> CallOptions:
-    return CallOptions(deadline=call.started + rt.policy.limits.request_timeout_s, request_id=call.request_id)
+    return CallOptions(deadline=call.started + rt.policy.limits.request_timeout_s, request_id=call.request_id,
+                       trace=call.trace)
 
 
 def _blocked(decision: Decision) -> APIError:
@@ -374,7 +414,8 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
     response = outcome.response or {}
     if _restoring(rt, prepared, outcome.target):
         assert prepared.vault is not None
-        response = prepared.vault.restore_completion(response)
+        with _stage(prepared.call, "restore"):
+            response = prepared.vault.restore_completion(response)
     return response, _served(prepared, outcome)
 
 
@@ -453,6 +494,10 @@ async def stream(rt: Runtime, prepared: Prepared,
 
     async def body() -> AsyncIterator[Any]:
         current, partial = outcome, resume.Partial()
+        trace = prepared.call.trace
+        # A stream is restored chunk by chunk: its restore span lasts as long as the stream.
+        restore_span = trace.open("restore", **{"hybrid.stream": True}) \
+            if trace is not None and _restoring(rt, prepared, outcome.target) else None
         try:
             while True:
                 restorer = _stream_restorer(rt, prepared, current.target)
@@ -489,6 +534,8 @@ async def stream(rt: Runtime, prepared: Prepared,
                     current = nxt
         finally:
             await aclose_quietly(current.rest)
+            if restore_span is not None:
+                restore_span.end()
         if encoded:
             yield SSE_DONE
 

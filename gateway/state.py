@@ -22,6 +22,7 @@ from gateway.policy.load import PolicyError, load_policy
 from gateway.policy.model import Policy
 from gateway.runtime import Runtime, build_runtime, retire
 from gateway.store.base import StoreUnavailable
+from gateway.tracing import Tracing, build_tracing, endpoint_from_env
 
 log = structlog.get_logger("gateway.state")
 
@@ -42,6 +43,8 @@ class Settings:
     audit_prompts: AuditPrompts = "off"
     watch: bool = True
     reload_grace_s: float = 30.0
+    # OpenTelemetry traces over OTLP/HTTP to this URL (gateway/tracing.py); None: off.
+    otlp_endpoint: str | None = field(default_factory=endpoint_from_env)
 
 
 class GatewayState:
@@ -49,6 +52,7 @@ class GatewayState:
         self.settings = settings
         self.metrics = Metrics()
         self.audit = AuditLog(settings.audit_path)
+        self.tracing: Tracing | None = build_tracing(settings.otlp_endpoint)
         policy = policy or load_policy(settings.policy_path)
         # Where deferred requests wait is fixed at startup; the worker reads the current runtime.
         self.deferred = build_deferred(policy, lambda: self.runtime)
@@ -168,3 +172,5 @@ class GatewayState:
             with contextlib.suppress(Exception):
                 await backend.aclose()
         self.audit.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # sends the spans still batched

@@ -152,7 +152,10 @@ _KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})  # credentia
 
 def _call(request: Request, body: dict[str, Any], client: str | None) -> pipeline.Call:
     headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _KEY_HEADERS}
-    return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id_of(request))
+    request_id = request_id_of(request)
+    tracing = state_of(request).tracing
+    trace = tracing.request(request.url.path, body, request_id, client) if tracing is not None else None
+    return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id, trace=trace)
 
 
 def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[str, str]:
@@ -193,6 +196,8 @@ def _record(
 ) -> None:
     elapsed = time.monotonic() - prepared.call.started
     route = served.target if served else "-"
+    if prepared.call.trace is not None:
+        _end_trace(prepared, served, status, usage)
     m = state.metrics
     m.requests.labels(route, prepared.decision.rule, str(status), endpoint).inc()
     m.latency.labels(route, str(stream).lower(), endpoint).observe(elapsed)
@@ -239,6 +244,27 @@ def _record(
             **_audit_messages(state, prepared),
         }
     )
+
+
+def _end_trace(prepared: pipeline.Prepared, served: pipeline.Served | None, status: int,
+               usage: dict[str, Any]) -> None:
+    """The request's span ends with what the audit line says, less anything of the text."""
+    assert prepared.call.trace is not None
+    f = prepared.features
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    prepared.call.trace.end(status, {
+        "hybrid.route": served.target if served else ("deferred" if status == 202 else None),
+        "hybrid.rule": prepared.decision.rule,
+        "hybrid.connectivity": f.overall_connectivity,
+        "hybrid.sensitivity": f.sensitivity.level,
+        "hybrid.entities": sorted(f.sensitivity.counts),
+        "hybrid.difficulty": f.difficulty.level,
+        "hybrid.redactions": served.redactions if served else None,
+        "hybrid.fallbacks": [str(fb) for fb in served.fallbacks] if served and served.fallbacks else None,
+        "gen_ai.response.model": served.model if served else None,
+        "gen_ai.usage.input_tokens": prompt if isinstance(prompt, int) else None,
+        "gen_ai.usage.output_tokens": completion if isinstance(completion, int) else None,
+    }, error=usage.get("error") if isinstance(usage.get("error"), str) else None)
 
 
 def record_failed(state: GatewayState, prepared: pipeline.Prepared, error: APIError, stream: bool,
@@ -301,6 +327,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
     request_id = request_id_of(request)
     client: str | None = None
     body: dict[str, Any] = {}
+    call: pipeline.Call | None = None
     try:
         client = await authenticate(request)
         body = await read_body(request, state)
@@ -313,6 +340,8 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
             return deferred.accepted(state, prepared, job)
     except APIError as exc:
         record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
+        if call is not None and call.trace is not None:
+            call.trace.end(exc.status, {}, exc.code)
         raise
     try:
         if body.get("stream"):
@@ -377,4 +406,6 @@ async def route_explain(
     body = await read_body(request, state)
     rt = state.runtime
     prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
+    if prepared.call.trace is not None:
+        prepared.call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
     return JSON(pipeline.explain(rt, prepared), headers={"x-request-id": prepared.call.request_id})

@@ -18,7 +18,10 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestTrace
 
 ErrorKind = Literal["connect", "timeout", "status", "protocol", "overloaded", "invalid"]
 
@@ -57,6 +60,7 @@ class BackendError(Exception):
 class CallOptions:
     deadline: float  # absolute time.monotonic() by which the call must have finished
     request_id: str = ""
+    trace: RequestTrace | None = None  # the request's spans (gateway/tracing.py); None: tracing off
 
 
 class Backend(abc.ABC):
