@@ -141,7 +141,7 @@ class RedisQueue(DeferredQueue):
 
     async def release(self, job: Job, owner: str, delay_s: float, attempted: bool,
                       error: dict[str, Any] | None = None) -> None:
-        args = [owner, job.id, delay_s, int(attempted), orjson.dumps(error).decode() if error else ""]
+        args: list[str | float] = [owner, job.id, delay_s, int(attempted), orjson.dumps(error).decode() if error else ""]
         await self._call("release", lambda: self._release(keys=[self._job_key(job.id), self._due], args=args))
 
     async def finish(self, job: Job, owner: str, retention_s: float) -> bool:

@@ -82,7 +82,7 @@ class DeferredService:
         redacted = prepared.redacted is not None
         job = Job(
             id=job_id, client=call.client,
-            body={**(prepared.redacted if redacted else call.body), "stream": False},
+            body={**(prepared.redacted if prepared.redacted is not None else call.body), "stream": False},
             chain=prepared.decision.chain, rule=prepared.decision.rule,
             idempotency_key=(call.headers.get(plan.IDEMPOTENCY_HEADER) or "")[:256] or job_id,
             prompt_tokens=prepared.features.prompt_tokens,
