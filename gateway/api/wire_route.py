@@ -70,7 +70,8 @@ async def serve(request: Request, adapter: WireAdapter) -> Response | EventStrea
         return JSON(adapter.error_body(exc), status_code=exc.status, headers=exc.headers)
     except Exception as exc:
         log.error("unhandled_error", error=type(exc).__name__, path=adapter.endpoint)  # the type only
-        err = APIError(500, "Internal error in the gateway.", code="internal_error")
+        err = APIError(500, "Internal error in the gateway.", code="internal_error",
+                       headers={"x-request-id": request_id_of(request)})
         return JSON(adapter.error_body(err), status_code=err.status)
 
 
@@ -119,7 +120,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
         return JSON(adapter.from_chat(answer, req), headers=headers)
-    translator = adapter.translator(req, _input_tokens(rt, prepared, served.target))
+    translator = adapter.translator(req, _input_tokens(rt, prepared, served.target), request_id)
     normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
                                              want_usage=True)
 

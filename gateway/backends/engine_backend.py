@@ -23,6 +23,7 @@ unconstrained text. Others (n, penalties) are ignored here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import queue
 import threading
@@ -65,6 +66,8 @@ class EngineBackend(Backend):
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
         self.engine_opts = engine_opts
+        # What OpenAI's system_fingerprint means: the configuration the answers come from.
+        self.fingerprint = "fp_" + hashlib.sha256(f"{model_path}|{sorted(engine_opts.items())}".encode()).hexdigest()[:12]
         self.engine: Any = None
         self.load_error: str | None = None
         self._load_lock = threading.Lock()
@@ -340,7 +343,7 @@ class EngineBackend(Backend):
             choice["stop_reason"] = end["stop_sequence"]  # vLLM's field: the stop string that matched
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self._model(body),
-            "choices": [choice], "usage": end["usage"],
+            "system_fingerprint": self.fingerprint, "choices": [choice], "usage": end["usage"],
         }
 
     async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
@@ -353,7 +356,7 @@ class EngineBackend(Backend):
             if stop:
                 choice["stop_reason"] = stop  # vLLM's field: the stop string that matched
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [choice]}
+                    "system_fingerprint": self.fingerprint, "choices": [choice]}
 
         from local_engine.tools import CallStream  # lazy, like the engine itself: torch is heavy
 

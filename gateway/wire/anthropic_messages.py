@@ -243,9 +243,28 @@ def matched_stop(finish_reason: str | None, stop_string: Any, stop_sequences: li
     return stop_string if stop_string in stop_sequences else None
 
 
+# Fields the published schema requires of every answer, null where the gateway has nothing to say
+# (no prompt cache, no server tools, no code-execution container, no refusal details).
+_USAGE_NULLS = {"cache_creation": None, "cache_creation_input_tokens": None, "cache_read_input_tokens": None,
+                "inference_geo": None, "server_tool_use": None, "service_tier": None}
+_MESSAGE_NULLS = {"container": None, "stop_details": None}
+
+
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": None, "cache_read_input_tokens": None}
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, **_USAGE_NULLS}
+
+
+def _delta_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "cache_creation_input_tokens": None,
+            "cache_read_input_tokens": None, "server_tool_use": None}
+
+
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text, "citations": None}
+
+
+def _tool_use_block(call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "tool_use", "id": call_id, "name": name, "input": arguments, "caller": {"type": "direct"}}
 
 
 def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
@@ -255,11 +274,11 @@ def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     text = content_text(message.get("content"))
     if text:
-        content.append({"type": "text", "text": text})
+        content.append(_text_block(text))
     for call in tool_calls_of(message):
         fn = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu_"), "name": fn.get("name") or "",
-                        "input": arguments_object(fn.get("arguments"))})
+        content.append(_tool_use_block(call.get("id") or new_id("toolu_"), fn.get("name") or "",
+                                       arguments_object(fn.get("arguments"))))
     return {
         "id": new_id("msg_"),
         "type": "message",
@@ -269,6 +288,7 @@ def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
         "stop_reason": "stop_sequence" if stop else stop_reason(choice.get("finish_reason")),
         "stop_sequence": stop,
         "usage": _usage(*chat_usage(response)),
+        **_MESSAGE_NULLS,
     }
 
 
@@ -276,8 +296,10 @@ class MessagesStream(ChatChunkTranslator):
     """Chat chunks -> message_start, content_block_start/delta/stop, message_delta, message_stop
     (or one `error` event when the stream broke and no target could finish it)."""
 
-    def __init__(self, model: str, stop_sequences: list[str] | None = None, input_tokens: int = 0) -> None:
+    def __init__(self, model: str, stop_sequences: list[str] | None = None, input_tokens: int = 0,
+                 request_id: str | None = None) -> None:
         super().__init__()
+        self.request_id = request_id
         self.model = model
         self.stop_sequences = stop_sequences
         self.input_tokens = input_tokens
@@ -293,7 +315,8 @@ class MessagesStream(ChatChunkTranslator):
         self.started = True
         events.append({"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": chunk.get("model") or self.model,
-            "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(self.input_tokens, 0)}})
+            "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(self.input_tokens, 0),
+            **_MESSAGE_NULLS}})
 
     def _close(self, events: list[Event]) -> None:
         if self.open is not None:
@@ -308,11 +331,12 @@ class MessagesStream(ChatChunkTranslator):
 
     def _fail(self, events: list[Event], message: str) -> None:
         self._close(events)
-        events.append({"type": "error", "error": {"type": "api_error", "message": message}})
+        events.append({"type": "error", "error": {"type": "api_error", "message": message},
+                       "request_id": self.request_id})
 
     def _text(self, events: list[Event], text: str) -> None:
         if self.open != ("text", 0):
-            self._open(events, ("text", 0), {"type": "text", "text": ""})
+            self._open(events, ("text", 0), _text_block(""))
         events.append({"type": "content_block_delta", "index": self.index,
                        "delta": {"type": "text_delta", "text": text}})
 
@@ -320,8 +344,7 @@ class MessagesStream(ChatChunkTranslator):
         k = int(call.get("index") or 0)
         fn = call.get("function") or {}
         if k not in self.tools:
-            self._open(events, ("tool", k), {"type": "tool_use", "id": call.get("id") or new_id("toolu_"),
-                                             "name": fn.get("name") or "", "input": {}})
+            self._open(events, ("tool", k), _tool_use_block(call.get("id") or new_id("toolu_"), fn.get("name") or "", {}))
             self.tools[k] = self.index
         if fn.get("arguments"):
             events.append({"type": "content_block_delta", "index": self.tools[k],
@@ -332,8 +355,8 @@ class MessagesStream(ChatChunkTranslator):
         stop = matched_stop(self.finish_reason, self.stop_string, self.stop_sequences)
         events.append({"type": "message_delta",
                        "delta": {"stop_reason": "stop_sequence" if stop else stop_reason(self.finish_reason),
-                                 "stop_sequence": stop},
-                       "usage": {"input_tokens": inp, "output_tokens": out}})
+                                 "stop_sequence": stop, **_MESSAGE_NULLS},
+                       "usage": _delta_usage(inp, out)})
         events.append({"type": "message_stop"})
 
 
@@ -356,11 +379,13 @@ class ErrorResponse(BaseModel):
 
     type: Literal["error"]
     error: ErrorObject
+    request_id: str | None = None
 
 
 def error_body(err: APIError) -> dict[str, Any]:
     kind = _ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
-    return {"type": "error", "error": {"type": kind, "message": err.message}}
+    return {"type": "error", "error": {"type": kind, "message": err.message},
+            "request_id": err.headers.get("x-request-id")}
 
 
 class AnthropicMessages(WireAdapter):
@@ -373,8 +398,8 @@ class AnthropicMessages(WireAdapter):
     def from_chat(self, response: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
         return from_chat(response, request)
 
-    def translator(self, request: MessagesRequest, input_tokens: int) -> MessagesStream:
-        return MessagesStream(request.model, request.stop_sequences, input_tokens)
+    def translator(self, request: MessagesRequest, input_tokens: int, request_id: str) -> MessagesStream:
+        return MessagesStream(request.model, request.stop_sequences, input_tokens, request_id)
 
     def error_body(self, err: APIError) -> dict[str, Any]:
         return error_body(err)

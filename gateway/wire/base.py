@@ -118,8 +118,9 @@ class WireAdapter(ABC):
         """The API's answer object from the (restored) chat completion."""
 
     @abstractmethod
-    def translator(self, request: Any, input_tokens: int) -> StreamTranslator:
-        """`input_tokens`: the prompt's size before any answer (the target's count, or an estimate)."""
+    def translator(self, request: Any, input_tokens: int, request_id: str) -> StreamTranslator:
+        """`input_tokens`: the prompt's size before any answer (the target's count, or an estimate);
+        `request_id`: the x-request-id, for an error event that names it."""
 
     @abstractmethod
     def error_body(self, err: APIError) -> dict[str, Any]: ...

@@ -2,7 +2,8 @@
 `ChatCompletionChunk` schema, whichever target wrote it (the engine, litellm, a raw upstream).
 
 Upstream bodies are not forwarded as they came: the fields of the schema are rebuilt with their
-types (`logprobs` and `message.refusal` null when absent, `system_fingerprint` present, a foreign
+types (`logprobs` and `message.refusal` null when absent, `system_fingerprint` a string or absent: the
+published schema types it string, so an unknown one is left out rather than null; a foreign
 `finish_reason` mapped to OpenAI's, ids and `created` fixed for the whole stream, even across a
 mid-stream fallback to another target), and only fields the schema does not know pass through as
 they are (a provider's extras). When the client asked for usage and the target sent none, the
@@ -137,8 +138,9 @@ def _head(obj: dict[str, Any], object_: str, model: str) -> dict[str, Any]:
     out = {**_extras(obj, _TOP), "id": obj["id"] if isinstance(obj.get("id"), str) and obj["id"]
            else f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": object_,
            "created": _int(obj.get("created"), int(time.time())),
-           "model": obj["model"] if isinstance(obj.get("model"), str) and obj["model"] else model,
-           "system_fingerprint": _str_or_none(obj.get("system_fingerprint"))}
+           "model": obj["model"] if isinstance(obj.get("model"), str) and obj["model"] else model}
+    if isinstance(obj.get("system_fingerprint"), str):  # the schema's type is string: absent, not null
+        out["system_fingerprint"] = obj["system_fingerprint"]
     if obj.get("service_tier") in SERVICE_TIERS:
         out["service_tier"] = obj["service_tier"]
     return out
@@ -197,9 +199,10 @@ class ChunkNormaliser:
         out = _head(c, "chat.completion.chunk", self.model)
         if self._id is None:  # one id, time and model for the whole stream, whoever writes it
             self._id, self._created, self.model = out["id"], out["created"], out["model"]
-            self._fingerprint = out["system_fingerprint"]
+            self._fingerprint = out.get("system_fingerprint")
         out["id"], out["created"], out["model"] = self._id, self._created, self.model
-        out["system_fingerprint"] = out["system_fingerprint"] or self._fingerprint
+        if self._fingerprint is not None:
+            out["system_fingerprint"] = out.get("system_fingerprint") or self._fingerprint
         choices = []
         for i, choice in enumerate(x for x in c.get("choices") or () if isinstance(x, dict)):
             delta = _delta(choice.get("delta"))
@@ -220,6 +223,8 @@ class ChunkNormaliser:
         if not self.want_usage or self.usage_sent or self.failed or self._id is None:
             return None
         self.usage_sent = True
-        return {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self.model,
-                "system_fingerprint": self._fingerprint, "choices": [],
-                "usage": estimated_usage(self.prompt_tokens, self.answer_chars)}
+        owed = {"id": self._id, "object": "chat.completion.chunk", "created": self._created, "model": self.model,
+                "choices": [], "usage": estimated_usage(self.prompt_tokens, self.answer_chars)}
+        if self._fingerprint is not None:
+            owed["system_fingerprint"] = self._fingerprint
+        return owed

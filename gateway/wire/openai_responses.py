@@ -283,12 +283,20 @@ def _skeleton(req: ResponsesRequest, model: str) -> dict[str, Any]:
         "text": {"format": req.text.format.model_dump(by_alias=True, exclude_none=True)}
         if req.text is not None and req.text.format is not None else {"format": {"type": "text"}},
         "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
-        "tools": [check(_TOOL, t, "tools").model_dump(exclude_none=True) for t in req.tools or []],
+        "tools": [_echo_tool(check(_TOOL, t, "tools")) for t in req.tools or []],
         "top_p": req.top_p,
         "truncation": "disabled",
-        "usage": None,
-        "user": req.user,
+        # `usage` and `user` are typed object / string in the published schema: absent, not null
+        **({"user": req.user} if req.user is not None else {}),
     }
+
+
+def _echo_tool(tool: FunctionTool) -> dict[str, Any]:
+    """A request's function tool as the response repeats it (`strict` and `parameters` required)."""
+    out = tool.model_dump(exclude_none=True)
+    out.setdefault("parameters", None)
+    out["strict"] = tool.strict
+    return out
 
 
 def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
@@ -443,7 +451,7 @@ class OpenAIResponses(WireAdapter):
     def from_chat(self, response: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
         return from_chat(response, request)
 
-    def translator(self, request: ResponsesRequest, input_tokens: int) -> ResponsesStream:
+    def translator(self, request: ResponsesRequest, input_tokens: int, request_id: str) -> ResponsesStream:
         return ResponsesStream(request)
 
     def error_body(self, err: APIError) -> dict[str, Any]:

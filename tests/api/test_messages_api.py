@@ -193,7 +193,8 @@ def test_missing_max_tokens_is_a_400_in_anthropics_shape(gw: RunningGateway) -> 
     r = post(gw, "/v1/messages", {"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400
     assert r.json() == {"type": "error", "error": {"type": "invalid_request_error",
-                                                   "message": "Invalid request: max_tokens: Field required"}}
+                                                   "message": "Invalid request: max_tokens: Field required"},
+                        "request_id": r.headers["x-request-id"]}
 
 
 @pytest.mark.parametrize("body, where", [
@@ -211,7 +212,7 @@ def test_wrong_types_are_400s_in_anthropics_shape(gw: RunningGateway, body: dict
                                   "messages": [{"role": "user", "content": "hi"}], **body})
     assert r.status_code == 400, r.text
     err = ErrorResponse.model_validate(r.json())
-    assert set(r.json()) == {"type", "error"}
+    assert set(r.json()) == {"type", "error", "request_id"}
     assert err.error.type == "invalid_request_error" and where in err.error.message
 
 
@@ -220,7 +221,8 @@ def test_sdk_raises_its_typed_exceptions(gw: RunningGateway) -> None:
     with pytest.raises(anthropic.AuthenticationError) as auth:
         sdk(gw, key="wrong").messages.create(model="auto", **args)
     assert auth.value.body == {"type": "error", "error": {"type": "authentication_error",
-                                                          "message": "Invalid API key."}}
+                                                          "message": "Invalid API key."},
+                               "request_id": auth.value.response.headers["x-request-id"]}
     with pytest.raises(anthropic.NotFoundError) as missing:
         sdk(gw).messages.create(model="no-such-model", **args)
     assert missing.value.body["error"]["type"] == "not_found_error"

@@ -102,7 +102,7 @@ def test_anthropic_stream_opens_and_closes_one_block_at_a_time() -> None:
         elif e["type"] == "content_block_delta":
             assert opened == [e["index"]]
     delta = events[-2]
-    assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"] == {"input_tokens": 3, "output_tokens": 4}
+    assert delta["delta"]["stop_reason"] == "tool_use" and {k: delta["usage"][k] for k in ("input_tokens", "output_tokens")} == {"input_tokens": 3, "output_tokens": 4}
 
 
 def test_anthropic_stream_error_closes_the_open_block_and_ends_the_stream() -> None:

@@ -111,7 +111,7 @@ def assert_clean(resp: httpx.Response | object, status: int, text: str, anthropi
     assert "Traceback" not in text and 'File "' not in text, text[:300]
     if status >= 400 and anthropic:
         body = json.loads(text)
-        assert set(body) == {"type", "error"} and body["type"] == "error", body
+        assert set(body) == {"type", "error", "request_id"} and body["type"] == "error", body  # as published
         assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
     elif status >= 400:
         err = json.loads(text)["error"]
