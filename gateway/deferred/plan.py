@@ -21,18 +21,23 @@ def asked(headers: Mapping[str, str]) -> bool:
     return headers.get(DEFER_HEADER, "").strip().lower() in _TRUE
 
 
-def deferrable(policy: Policy, decision: Decision, headers: Mapping[str, str], streamed: bool) -> bool:
-    """Marked deferrable (header, or its rule's `defer_when_offline`), and only cloud targets may
-    answer it. Asking for it on a stream is a client error: a deferred answer is one JSON object."""
-    by_header = asked(headers)
-    if by_header and streamed:
+def check_stream(headers: Mapping[str, str], streamed: bool) -> None:
+    """Asking to defer a stream is a client error, whatever the connectivity: a deferred answer
+    is one JSON object."""
+    if streamed and asked(headers):
         raise APIError(400, f"`{DEFER_HEADER}: true` needs a non-streamed request (stream: false): a deferred "
                        "answer is fetched as one JSON object.", param="stream", code="defer_needs_no_stream")
-    if decision.action != "route" or not decision.chain or streamed:
+
+
+def deferrable(policy: Policy, decision: Decision, headers: Mapping[str, str]) -> bool:
+    """A routed request marked deferrable (header, or its rule's `defer_when_offline`) that only
+    cloud targets may answer."""
+    if decision.action != "route" or not decision.chain:
         return False
-    rule = next((r for r in policy.rules if r.name == decision.rule), None)
-    if not (by_header or (rule is not None and rule.defer_when_offline)):
-        return False
+    if not asked(headers):
+        rule = next((r for r in policy.rules if r.name == decision.rule), None)
+        if rule is None or not rule.defer_when_offline:
+            return False
     return all(policy.is_cloud(t) for t in decision.chain)
 
 

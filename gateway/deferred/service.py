@@ -70,9 +70,12 @@ class DeferredService:
     def wants(self, rt: Runtime, prepared: Prepared) -> bool:
         """Whether this prepared request is deferred rather than dispatched now."""
         call = prepared.call
-        if not plan.deferrable(rt.policy, prepared.decision, call.headers, bool(call.body.get("stream"))):
+        streamed = call.body.get("stream") is True
+        plan.check_stream(call.headers, streamed)
+        # Connectivity first: while the cloud is reachable (almost always) nothing else is read.
+        if streamed or not plan.unreachable(prepared.decision.chain, prepared.features.connectivity):
             return False
-        return plan.unreachable(prepared.decision.chain, prepared.features.connectivity)
+        return plan.deferrable(rt.policy, prepared.decision, call.headers)
 
     async def accept(self, rt: Runtime, prepared: Prepared) -> Job:
         call = prepared.call
