@@ -190,21 +190,20 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
                                                           const float *xst, int mpad, int m, int r, int N, float *y,
                                                           int add) {
     __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
-    const int16_t *q0 = wq, *q1 = wq + (size_t)nb * 32;
+    const xblock *x0r = xq + (size_t)m * nb, *x1r = x0r + nb, *x2r = x1r + nb, *x3r = x2r + nb;
     for (int b = 0; b < nb; b++) {
-        __m256i a0 = _mm256_loadu_si256((const __m256i *)(q0 + (size_t)b * 32));
-        __m256i a1 = _mm256_loadu_si256((const __m256i *)(q0 + (size_t)b * 32 + 16));
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)(q1 + (size_t)b * 32));
-        __m256i b1 = _mm256_loadu_si256((const __m256i *)(q1 + (size_t)b * 32 + 16));
-        __m256i p0[4], p1[4];
-        for (int j = 0; j < 4; j++) {
-            const xblock *xb = xq + (size_t)(m + j) * nb + b;
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
-            p0[j] = _mm256_add_epi32(_mm256_madd_epi16(a0, x0), _mm256_madd_epi16(a1, x1));
-            p1[j] = _mm256_add_epi32(_mm256_madd_epi16(b0, x0), _mm256_madd_epi16(b1, x1));
+        /* one weight row at a time (its 4 products reduced at once): few live registers, no
+           spills; the activation blocks are re-read from L1 for the second row */
+        __m256i g[2];
+        for (int i = 0; i < 2; i++) {
+            const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
+            __m256i a0 = _mm256_loadu_si256((const __m256i *)wp), a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+#define PAIR(XR) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
+                                  _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16))))
+            g[i] = red4(PAIR(x0r), PAIR(x1r), PAIR(x2r), PAIR(x3r));
+#undef PAIR
         }
-        __m256i g0 = red4(p0[0], p0[1], p0[2], p0[3]), g1 = red4(p1[0], p1[1], p1[2], p1[3]);
+        __m256i g0 = g[0], g1 = g[1];
         __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
         __m256 xd = _mm256_broadcast_ps((const __m128 *)(xdt + (size_t)b * mpad + m));
         __m256 dw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
