@@ -38,6 +38,16 @@ _MOE_METRICS: tuple[tuple[str, str, str, Any], ...] = (
     ("hybrid_moe_peak_rss_bytes", "gauge", "Peak resident set size of the gateway process", "peak_rss_bytes"),
 )
 
+# Speculative decoding (engine_backend puts them under stats()["speculative"]), labelled by target.
+_SPEC_METRICS: tuple[tuple[str, str, str, Any], ...] = (
+    ("hybrid_speculative_drafted_tokens", "counter", "Draft tokens verified by the local engine", "drafted_tokens"),
+    ("hybrid_speculative_accepted_tokens", "counter", "Draft tokens the verify accepted", "accepted_tokens"),
+    ("hybrid_speculative_verifies", "counter", "Speculative verify forwards", "verifies"),
+    ("hybrid_speculative_acceptance_ratio", "gauge", "Accepted / drafted tokens since load", "acceptance_rate"),
+    ("hybrid_speculative_tokens_per_forward", "gauge", "Tokens decided per decode forward since load",
+     "tokens_per_forward"),
+)
+
 
 class _EngineCollector:
     """Reads engine stats at scrape time, so the hot path pays nothing for them."""
@@ -56,17 +66,19 @@ class _EngineCollector:
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     fam.add_metric([target, key], float(value))
         yield fam
-        yield from self._moe(stats)
+        yield from self._families(stats, "moe", _MOE_METRICS)
+        yield from self._families(stats, "speculative", _SPEC_METRICS)
 
     @staticmethod
-    def _moe(stats: dict[str, dict[str, Any]]) -> Any:
-        moe = {t: v["moe"] for t, v in stats.items() if isinstance(v.get("moe"), dict)}
-        if not moe:
+    def _families(stats: dict[str, dict[str, Any]], part: str, table: tuple[tuple[str, str, str, Any], ...]) -> Any:
+        """One family per row of ``table`` over each target's ``stats[target][part]`` dict."""
+        parts = {t: v[part] for t, v in stats.items() if isinstance(v.get(part), dict)}
+        if not parts:
             return
-        for name, kind, doc, key in _MOE_METRICS:
+        for name, kind, doc, key in table:
             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             fam = cls(name, doc, labels=["target"])
-            for target, values in moe.items():
+            for target, values in parts.items():
                 value = values.get(key)
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     fam.add_metric([target], float(value))

@@ -242,6 +242,7 @@ class Generation:
         if gram is not None:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
         self.stats.extra.update(self._spec_stats(spec, switch))
+        eng.spec_totals.add(spec["drafted"], spec["accepted"], spec["verifies"], spec["steps"])
 
     def _spec_stats(self, spec: dict[str, int], switch: speculative.SpecSwitch | None) -> dict[str, Any]:
         forwards = spec["verifies"] + spec["steps"]
@@ -346,6 +347,7 @@ class Engine:
         mb = prefix_cache.DEFAULT_MB if prefix_cache_mb is None else prefix_cache_mb
         self.prefix_cache = prefix_cache.PrefixCache(int(mb * 2**20))
         self.kv_config = kv or kv_cache.KVConfig()
+        self.spec_totals = speculative.SpecTotals()  # every generation's drafted / accepted, for /metrics
         # speculative decoding when a call does not say (local_engine/speculative.py); off by default
         self.speculative: speculative.Mode = "off"
 

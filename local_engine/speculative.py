@@ -153,6 +153,30 @@ def verify_sampled(model: Any, cache: Any, last: int, draft: list[int],
 
 
 @dataclass
+class SpecTotals:
+    """An engine's speculation counters since load, summed over its generations (the gateway's
+    /metrics exports them per target: hybrid_speculative_*)."""
+
+    drafted: int = 0  # draft tokens verified
+    accepted: int = 0  # of those, accepted
+    verifies: int = 0  # verify forwards
+    steps: int = 0  # single-step decode forwards (speculating or not)
+
+    def add(self, drafted: int, accepted: int, verifies: int, steps: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verifies += verifies
+        self.steps += steps
+
+    def as_dict(self) -> dict[str, float]:
+        forwards = self.verifies + self.steps
+        return {"drafted_tokens": self.drafted, "accepted_tokens": self.accepted, "verifies": self.verifies,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                # tokens decided per decode forward: a step decides one, a verify its accepted drafts + 1
+                "tokens_per_forward": (forwards + self.accepted) / forwards if forwards else 0.0}
+
+
+@dataclass
 class SpecSwitch:
     """Draft or not, from measured seconds per produced token of verifies vs single steps."""
 

@@ -137,6 +137,7 @@ class EngineBackend(Backend):
             s["engine_steps"] = self.engine.steps
             s.update(self.engine.prefix_cache.stats())  # numbers: /metrics exports them per target
             s.update({f"memory_{k}": v for k, v in self.engine.memory().items()})  # weights + experts + KV
+            s["speculative"] = self.engine.spec_totals.as_dict()  # exported as hybrid_speculative_*
         if self.load_error:
             s["load_error"] = self.load_error
         moe = self._moe_stats()

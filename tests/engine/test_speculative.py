@@ -295,3 +295,34 @@ def test_switch_backs_off_while_retries_keep_losing() -> None:
             steps += 1
         offs.append(steps)
     assert offs == [4, 8, 16] and sw.off_switches == 3
+
+
+def test_speculation_counts_reach_the_gateway_metrics() -> None:
+    from gateway.metrics import Metrics
+    from gateway.policy.model import LocalTarget
+    from gateway.runtime import build_backend
+
+    cfg = LocalTarget(kind="local", engine="local_engine", model_path="builtin:smollm2-135m",
+                      speculative="prompt-lookup")
+    backend = build_backend("local", cfg)
+    backend.load()
+    metrics = Metrics()
+    metrics.watch_engines(lambda: {"local": backend.stats()})
+    before = metrics.render().decode()
+    assert 'hybrid_speculative_drafted_tokens_total{target="local"} 0.0' in before
+    gens = [backend.engine.chat(QUOTE, max_tokens=24) for _ in range(2)]
+    st = [("".join(g), g.stats.extra)[1] for g in gens]
+    text = metrics.render().decode()
+
+    def one(name: str) -> float:
+        m = re.search(rf'^{name}{{target="local"}} ([\d.e+-]+)$', text, re.M)
+        assert m, name
+        return float(m.group(1))
+
+    drafted, accepted = sum(s["spec_drafted"] for s in st), sum(s["spec_accepted"] for s in st)
+    assert drafted > 0
+    assert one("hybrid_speculative_drafted_tokens_total") == drafted
+    assert one("hybrid_speculative_accepted_tokens_total") == accepted
+    assert one("hybrid_speculative_verifies_total") == sum(s["spec_verifies"] for s in st)
+    assert one("hybrid_speculative_acceptance_ratio") == pytest.approx(accepted / drafted)
+    assert one("hybrid_speculative_tokens_per_forward") > 1.0
