@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from gateway.api import chat, dashboard, deferred, embeddings, errors, messages, models, ops, responses_api
+from gateway.api.usage import router as usage_router
 from gateway.state import GatewayState, Settings
 
 # The generation endpoints, served as bare ASGI apps: the hot paths skip FastAPI's router, and
@@ -51,6 +52,6 @@ def create_app(settings: Settings, state: GatewayState | None = None) -> FastAPI
     app.state.gateway = gateway_state
     errors.install(app)
     for router in (chat.router, deferred.router, messages.router, responses_api.router, embeddings.router,
-                   models.router, ops.router, dashboard.router):
+                   models.router, ops.router, dashboard.router, usage_router):
         app.include_router(router)
     return app

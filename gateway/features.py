@@ -61,6 +61,28 @@ class DifficultyFinding:
 
 
 @dataclass(frozen=True)
+class BudgetState:
+    """The client's spend this period, read from the state store before the decision (so the
+    decision stays a pure function of features and policy). `limit_usd` None: no budget."""
+
+    spent_usd: float = 0.0
+    limit_usd: float | None = None
+    period: str | None = None
+    resets_in_s: float = 0.0  # until the period ends and the spend starts again from 0
+
+    @property
+    def status(self) -> Literal["ok", "exceeded"]:
+        return "exceeded" if self.limit_usd is not None and self.spent_usd >= self.limit_usd else "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "spent_usd": round(self.spent_usd, 6), "limit_usd": self.limit_usd,
+                "period": self.period, "resets_in_s": round(self.resets_in_s, 1)}
+
+
+NO_BUDGET = BudgetState()
+
+
+@dataclass(frozen=True)
 class Features:
     """Everything the policy may look at. Built once per request by the classify stage."""
 
@@ -74,6 +96,7 @@ class Features:
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased names
     has_images: bool = False  # an `image_url` content part in some message
     has_response_format: bool = False  # response_format json_object / json_schema (Responses: text.format)
+    budget: BudgetState = NO_BUDGET
 
     @property
     def structured(self) -> str | None:

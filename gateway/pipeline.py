@@ -23,7 +23,7 @@ from gateway import resume
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.classify.text import all_text
 from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, Part, aclose_quietly
-from gateway.features import DifficultyFinding, Features, SensitivityFinding
+from gateway.features import NO_BUDGET, DifficultyFinding, Features, SensitivityFinding
 from gateway.hedge import Hedge
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
@@ -33,6 +33,7 @@ from gateway.privacy.vault import Vault
 from gateway.runtime import Runtime
 from gateway.schema import APIError
 from gateway.store.base import StoreUnavailable
+from gateway.store.budgets import Charge
 from gateway.stream_deadline import StreamDeadline
 from gateway.tracing import RequestTrace
 
@@ -184,6 +185,7 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
 
 async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Features:
     sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
+    budget = await rt.budgets.state(call.client) if rt.budgets is not None else NO_BUDGET
     return Features(
         model=str(call.body.get("model", "")),
         client=call.client,
@@ -195,6 +197,7 @@ async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = 
         headers=call.headers,
         has_images=has_images(call.body),
         has_response_format=has_response_format(call.body),
+        budget=budget,
     )
 
 
@@ -389,11 +392,13 @@ def _options(rt: Runtime, call: Call) -> CallOptions:
 
 
 def _blocked(decision: Decision) -> APIError:
+    retry = decision.retry_after_s
     return APIError(
         decision.block_status or 403,
         decision.block_message or "Blocked by policy.",
         code=decision.block_code or "blocked_by_policy",
         type_="permission_error" if (decision.block_status or 403) == 403 else None,
+        headers={"Retry-After": str(max(1, math.ceil(retry)))} if retry is not None else None,
     )
 
 
@@ -416,7 +421,33 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
         assert prepared.vault is not None
         with _stage(prepared.call, "restore"):
             response = prepared.vault.restore_completion(response)
-    return response, _served(prepared, outcome)
+    served = _served(prepared, outcome)
+    await charge(rt, prepared, served, [_answer_chars(response)])
+    return response, served
+
+
+def _answer_chars(response: dict[str, Any]) -> int:
+    return sum(len(c["message"].get("content") or "") for c in response.get("choices") or ()
+               if isinstance(c, dict) and isinstance(c.get("message"), dict))
+
+
+async def charge(rt: Runtime, prepared: Prepared, served: Served, answer_chars: list[int]) -> None:
+    """Count the answer against the client's usage and budget: each part's reported usage, or the
+    ~4 characters a token estimate (`answer_chars`: the text each part wrote) where it sent none."""
+    if rt.budgets is None or prepared.call.client is None:
+        return
+    charges = []
+    for part, chars in zip(served.parts, answer_chars, strict=False):
+        used = part.usage or {}
+        prompt, completion = used.get("prompt_tokens"), used.get("completion_tokens")
+        if isinstance(prompt, int) and isinstance(completion, int):
+            charges.append(Charge(part.target, prompt, completion))
+        else:
+            charges.append(Charge(part.target, prepared.features.prompt_tokens, (chars + 3) // 4, estimated=True))
+    try:
+        await rt.budgets.charge(prepared.call.client, charges)
+    except Exception as exc:  # counting must never fail an answer already given
+        log.error("usage_charge_failed", error=type(exc).__name__, request_id=prepared.call.request_id)
 
 
 def _served(prepared: Prepared, outcome: Outcome) -> Served:
@@ -498,6 +529,7 @@ async def stream(rt: Runtime, prepared: Prepared,
         # A stream is restored chunk by chunk: its restore span lasts as long as the stream.
         restore_span = trace.open("restore", **{"hybrid.stream": True}) \
             if trace is not None and _restoring(rt, prepared, outcome.target) else None
+        marks = [0]  # where each part's text starts in what the client saw
         try:
             while True:
                 restorer = _stream_restorer(rt, prepared, current.target)
@@ -530,12 +562,15 @@ async def stream(rt: Runtime, prepared: Prepared,
                         break
                     served.fallbacks.append(Fallback(current.target, nxt.target, f"resumed_mid_stream:{exc.reason}"))
                     served.parts.append(nxt.part())
+                    marks.append(len(partial.text))
                     await aclose_quietly(current.rest)
                     current = nxt
         finally:
             await aclose_quietly(current.rest)
             if restore_span is not None:
                 restore_span.end()
+            ends = [*marks[1:], len(partial.text)]
+            await charge(rt, prepared, served, [end - start for start, end in zip(marks, ends, strict=True)])
         if encoded:
             yield SSE_DONE
 
@@ -615,7 +650,18 @@ async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...],
         outcome = await dispatcher.complete(chain, lambda t: {}, _options(rt, prepared.call))
     except AllTargetsFailed as exc:
         raise _all_failed_error(exc) from None
-    return outcome.response or {}, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0)
+    response = outcome.response or {}
+    billed = Served(target=outcome.target, fallbacks=[], redactions=0,
+                    parts=[Part(outcome.target, usage=_embedding_usage(response))])
+    await charge(rt, prepared, billed, [0])
+    return response, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0)
+
+
+def _embedding_usage(response: dict[str, Any]) -> dict[str, Any] | None:
+    used = response.get("usage")
+    if isinstance(used, dict) and isinstance(used.get("prompt_tokens"), int):
+        return {"prompt_tokens": used["prompt_tokens"], "completion_tokens": 0}
+    return None
 
 
 def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
@@ -647,6 +693,7 @@ def explain(rt: Runtime, prepared: Prepared) -> dict[str, Any]:
             "has_tools": f.has_tools,
             "has_images": f.has_images,
             "has_response_format": f.has_response_format,
+            "budget": f.budget.as_dict(),
         },
         "redactions_planned": planned,
         "wire": {t: rt.policy.targets[t].api for t in d.chain},  # the API each target is called with

@@ -24,6 +24,7 @@ from gateway.dispatch import Dispatcher
 from gateway.policy.model import CloudTarget, LocalTarget, Policy
 from gateway.privacy.vault import VaultStore
 from gateway.store.base import StateStore
+from gateway.store.budgets import Budgets
 from gateway.store.build import build_store
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.limits import RateLimiter
@@ -116,6 +117,7 @@ class Runtime:
     source: str  # the policy file, for messages
     store: StateStore = field(default_factory=EmbeddedStore)  # policy `state:`: shared with other replicas or not
     limits: RateLimiter | None = None  # per-client rate limits; None: no client has one
+    budgets: Budgets | None = None  # per-client usage and spend budgets; None: no clients
 
     def is_engine(self, target: str) -> bool:
         cfg = self.policy.targets[target]
@@ -182,6 +184,7 @@ def build_runtime(
     sensitivity = shared_sensitivity(policy.privacy)
     difficulty = shared_difficulty(policy.difficulty)
     limits = RateLimiter(policy.clients, store)
+    budgets = Budgets(policy, store)
     return Runtime(
         policy=policy,
         backends=backends,
@@ -193,6 +196,7 @@ def build_runtime(
         source=source,
         store=store,
         limits=limits if limits else None,
+        budgets=budgets if budgets else None,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ log = structlog.get_logger("gateway.state")
 
 # Fleet-wide admin switches travel on this channel of the state store (pub/sub on Redis).
 CONNECTIVITY_CHANNEL = "fleet:connectivity"
+# A policy reload asked of one replica (POST /admin/reload, SIGHUP) is asked of all on this one;
+# each re-reads and validates its own policy file, and keeps its last good policy if it fails.
+RELOAD_CHANNEL = "fleet:reload"
 
 
 AuditPrompts = Literal["off", "redacted", "raw"]
@@ -63,6 +67,7 @@ class GatewayState:
         self.policy_error: str | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.replica_id = uuid.uuid4().hex  # tells this replica's own broadcasts from others'
+        self._reloading = asyncio.Lock()
 
     def _on_change(self, target: str, state: str) -> None:
         self.metrics.set_connectivity(target, state)
@@ -81,11 +86,42 @@ class GatewayState:
         for name, state in self.runtime.monitor.snapshot().items():
             self.metrics.set_connectivity(name, state)
         self.runtime.monitor.start()
-        self.runtime.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
+        self._subscribe(self.runtime)
+        self._on_sighup()
         await self._load_engines(self.runtime)
         self.deferred.start()
         if self.settings.watch:
             self._tasks.append(asyncio.create_task(self._watch(), name="policy-watch"))
+
+    def _subscribe(self, rt: Runtime) -> None:
+        rt.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
+        rt.store.subscribe(RELOAD_CHANNEL, self._on_fleet_reload)
+
+    def _on_sighup(self) -> None:
+        # SIGHUP reloads the fleet like POST /admin/reload. Only the main thread may install a
+        # handler (tests run several gateways in threads of one process): elsewhere, none.
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError, AttributeError):
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._tasks.append(
+                asyncio.create_task(self.reload_fleet(), name="sighup-reload")))
+
+    async def reload_fleet(self) -> tuple[bool, bool]:
+        """Reload this replica's policy and ask every other replica on the state store to reload
+        theirs: (reloaded here, the request reached the store)."""
+        ok = await self.reload()
+        if not self.runtime.store.shared:
+            return ok, False
+        try:
+            await self.runtime.store.publish(RELOAD_CHANNEL, orjson.dumps({"origin": self.replica_id}))
+        except StoreUnavailable:
+            return ok, False
+        return ok, True
+
+    async def _on_fleet_reload(self, raw: bytes) -> None:
+        if orjson.loads(raw).get("origin") == self.replica_id:
+            return
+        log.info("fleet_policy_reload", file=self.settings.policy_path)
+        await self.reload()
 
     async def broadcast_force(self, target: str | None, force: Force) -> bool:
         """Tell every other replica to force `target` (None: every cloud target); False when the
@@ -120,6 +156,10 @@ class GatewayState:
 
     async def reload(self) -> bool:
         """Load the policy file again; on any error keep the last good policy."""
+        async with self._reloading:  # the watcher, the fleet and the admin may ask at once
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         path = self.settings.policy_path
         try:
             policy = await asyncio.to_thread(load_policy, path)
@@ -143,7 +183,7 @@ class GatewayState:
         if new.monitor is not old.monitor:
             new.monitor.start()
         if new.store is not old.store:
-            new.store.subscribe(CONNECTIVITY_CHANNEL, self._on_fleet_force)
+            self._subscribe(new)
         self.metrics.policy_reloads.labels("ok").inc()
         log.info("policy_reloaded", file=path, rules=len(policy.rules))
         self._tasks = [t for t in self._tasks if not t.done()]  # earlier reloads' retired runtimes

@@ -1,5 +1,5 @@
-"""Operations: health, readiness, metrics, and the admin connectivity switch (fleet-wide on a
-shared state store)."""
+"""Operations: health, readiness, metrics, the admin connectivity switch and policy reload
+(both fleet-wide on a shared state store)."""
 
 from __future__ import annotations
 
@@ -83,6 +83,15 @@ async def force_connectivity(request: Request, state: GatewayState = Depends(get
     # Every replica sharing the state store follows (pub/sub); `fleet` false: this one only.
     fleet = await state.broadcast_force(req.target, req.force) if state.runtime.store.shared else False
     return JSON({"targets": monitor.snapshot(), "fleet": fleet})
+
+
+@router.post("/admin/reload", dependencies=[Depends(require_admin)])
+async def reload_policy(state: GatewayState = Depends(get_state)) -> JSON:
+    """Reload the policy file here and on every replica sharing the state store (`fleet`); each
+    validates its own file and keeps its last good policy on an error (`/readyz` policy_error)."""
+    ok, fleet = await state.reload_fleet()
+    return JSON({"reloaded": ok, "policy_error": state.policy_error, "fleet": fleet},
+                status_code=200 if ok else 422)
 
 
 @router.get("/admin/connectivity", dependencies=[Depends(require_admin)])

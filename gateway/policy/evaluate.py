@@ -6,6 +6,7 @@ the dispatcher all read, so a decision is explained exactly as it is executed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -30,6 +31,7 @@ class Decision:
     hedge_after_s: float | None = None
     local_tools: str | None = None  # honour | refuse, for a request with tools / a response_format
     refuses_local: bool = False  # local targets were taken out of the chain by `local_tools: refuse`
+    retry_after_s: float | None = None  # a block that lifts by itself (an exhausted budget): when
 
     @property
     def target(self) -> str | None:
@@ -66,6 +68,7 @@ class Decision:
             "deadlines": {t: p.as_dict() for t, p in self.paces if t in self.chain},
             "hedge_after_s": self.hedge_after_s,
             "local_tools": self.local_tools,
+            "retry_after_s": self.retry_after_s,
         }
 
 
@@ -120,6 +123,10 @@ def match(when: When, f: Features) -> tuple[str, ...] | None:
         return None
     if when.has_images is not None and not need(
         f"has_images == {f.has_images}" if f.has_images == when.has_images else None
+    ):
+        return None
+    if when.budget is not None and not need(
+        f"budget {f.budget.status}" if f.budget.status == when.budget else None
     ):
         return None
     for name, pattern in (when.header or {}).items():
@@ -185,7 +192,36 @@ def _refused_locally(policy: Policy, rule: Rule, features: Features, chain: tupl
     )
 
 
+def _over_budget(policy: Policy, features: Features, decision: Decision) -> Decision:
+    """An exhausted budget refuses a chain that could spend (a priced target anywhere in it: a
+    fallback is spend too); free chains, e.g. a `budget: exceeded` rule's local route, go on."""
+    if features.budget.status != "exceeded" or decision.action != "route":
+        return decision
+    priced = [t for t in decision.chain if policy.prices(t) is not None]
+    if not priced:
+        return decision
+    b = features.budget
+    return Decision(
+        rule=decision.rule,
+        action="block",
+        block_status=429,
+        block_message=f"Client {features.client!r} has spent its budget of ${b.limit_usd:g} for this {b.period} "
+        f"(${b.spent_usd:.4f}); rule {decision.rule!r} would use priced target(s) {', '.join(priced)}. "
+        f"The budget resets in {math.ceil(b.resets_in_s)} s.",
+        block_code="budget_exceeded",
+        matched=decision.matched,
+        pinned=decision.pinned,
+        notes=(*decision.notes, f"budget exceeded: priced target(s) {', '.join(priced)} refused"),
+        retry_after_s=b.resets_in_s,
+    )
+
+
 def decide(features: Features, policy: Policy, pinned: str | None = None) -> Decision:
+    """First matching rule wins, then the client's budget has its say. Pure: same inputs, same Decision."""
+    return _over_budget(policy, features, _decide_rule(features, policy, pinned))
+
+
+def _decide_rule(features: Features, policy: Policy, pinned: str | None) -> Decision:
     """First matching rule wins. Pure: same inputs, same Decision."""
     for rule in policy.rules:
         reasons = match(rule.when, features)

@@ -264,6 +264,21 @@ def _local_tools_always_refused(policy: Policy, source: PolicySource, domains: M
                     f"`local_tools: honour` on it to answer them on the device")
 
 
+def _budgets(policy: Policy, source: PolicySource) -> Iterator[LintWarning]:
+    """Budgets that can never run out (nothing is priced) and budget rules nobody can reach."""
+    budgeted = [i for i, c in enumerate(policy.clients or ()) if c.budget is not None]
+    priced = [t for t in policy.targets if policy.prices(t) is not None]
+    if budgeted and not priced:
+        yield _warn(source, f"clients.{budgeted[0]}.budget",
+                    "clients have a budget but no target has `prices`: nothing is ever charged, so no budget is "
+                    "ever exceeded; give the cloud targets their prices (USD per 1M input/output tokens)")
+    for i, rule in enumerate(policy.rules):
+        if rule.when.budget == "exceeded" and not budgeted:
+            yield _warn(source, f"rules.{i}.when.budget",
+                        f"rule {rule.name!r} matches clients over budget, but no client has a `budget`: it never "
+                        f"matches")
+
+
 def _models(policy: Policy, source: PolicySource, probe: Probe) -> Iterator[LintWarning]:
     for name, target in policy.targets.items():
         if isinstance(target, LocalTarget) and target.engine and target.model_path:
@@ -295,6 +310,7 @@ def lint(policy: Policy, source: PolicySource, probe: Probe | None = None) -> li
         *_no_catch_all(policy, source, domains),
         *_hedge_never_fires(policy, source),
         *_local_tools_always_refused(policy, source, domains),
+        *_budgets(policy, source),
         *_models(policy, source, probe or probe_model_path),
     ]
     return sorted(found, key=lambda w: (w.line, w.col))

@@ -52,6 +52,20 @@ _API_DOC = ("The wire format this target is called with: chat (OpenAI chat compl
 WireAPI = Literal["chat", "responses", "messages"]
 
 
+class Prices(_Strict):
+    """What a target costs, in USD per million tokens, as its provider bills them."""
+
+    input: float = Field(ge=0, description="USD per 1M prompt (input) tokens.")
+    output: float = Field(ge=0, description="USD per 1M completion (output) tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1_000_000
+
+    @property
+    def free(self) -> bool:
+        return self.input == 0 and self.output == 0
+
+
 class CloudTarget(_Strict):
     """Data sent here leaves the device."""
 
@@ -95,6 +109,9 @@ class CloudTarget(_Strict):
     )
     embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
     api: WireAPI = Field("chat", description=_API_DOC)
+    prices: Prices | None = Field(
+        None, description="USD per 1M input and output tokens, e.g. {input: 0.15, output: 0.6}: what client "
+        "budgets are charged. Absent: free (local targets are always free).")
 
     @model_validator(mode="after")
     def _wire(self) -> CloudTarget:
@@ -211,6 +228,14 @@ class ConnectivityConfig(_Strict):
     successes_to_online: int = Field(2, ge=1)
 
 
+BudgetPeriod = Literal["hour", "day", "week", "month"]
+
+
+class Budget(_Strict):
+    usd: float = Field(gt=0, description="The most this client may spend per period, in USD.")
+    period: BudgetPeriod = Field("day", description="hour, day, week (from Monday) or month, in UTC.")
+
+
 class Client(_Strict):
     name: Name
     api_key: str = Field(min_length=1)
@@ -220,6 +245,10 @@ class Client(_Strict):
     tokens_per_min: int | None = Field(
         None, ge=1, description="Prompt tokens (estimated) plus max_tokens a minute this client may send."
     )
+    budget: Budget | None = Field(
+        None, description="Spend cap over a calendar period (UTC), e.g. {usd: 5, period: day}, charged at the "
+        "targets' `prices`. Over it, a request whose chain has a priced target gets 429 budget_exceeded until "
+        "the period ends, unless a rule with `when: {budget: exceeded}` sends it elsewhere first.")
 
 
 class StateConfig(_Strict):
@@ -293,6 +322,9 @@ class When(_Strict):
     has_tools: bool | None = None
     has_images: bool | None = Field(None, description="Some message has an image_url content part.")
     header: dict[str, str] | None = Field(None, description="Header name -> glob on its value.")
+    budget: Literal["ok", "exceeded"] | None = Field(
+        None, description="exceeded: the client has spent its `budget` for the period (a client without one is "
+        "always ok). Place a rule on it before the others to send over-budget traffic to a free target.")
 
     @field_validator("sensitivity", mode="before")
     @classmethod
@@ -448,6 +480,12 @@ class Policy(_Strict):
         if cfg.embeddings is not None:
             return cfg.embeddings
         return BUILTIN_EMBEDDINGS if isinstance(cfg, LocalTarget) and cfg.engine == "local_engine" else None
+
+    def prices(self, target: str) -> Prices | None:
+        """What `target` charges a client's budget; None: nothing (local targets, unpriced ones)."""
+        cfg = self.targets[target]
+        prices = cfg.prices if isinstance(cfg, CloudTarget) else None
+        return prices if prices is not None and not prices.free else None
 
     @property
     def cloud_targets(self) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 Handler = Callable[[bytes], Awaitable[None]]
@@ -51,6 +51,15 @@ class StateStore(ABC):
     async def take(self, buckets: list[Bucket]) -> float:
         """Atomically take `cost` from every bucket, or from none: 0.0 when taken, else the
         seconds until all of them could be taken."""
+
+    @abstractmethod
+    async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        """Atomically add `amounts` to the counters of hash `key` (created at 0), which expires
+        `ttl_s` seconds from now: usage and spend, counted exactly by every replica at once."""
+
+    @abstractmethod
+    async def counters(self, key: str) -> dict[str, float]:
+        """The counters of hash `key` ({} when absent or expired)."""
 
     @abstractmethod
     async def publish(self, channel: str, message: bytes) -> None: ...

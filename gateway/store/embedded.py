@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -26,6 +26,7 @@ class EmbeddedStore(StateStore):
         self._lock = threading.Lock()
         self._values: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires at)
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self._counters: dict[str, tuple[dict[str, float], float]] = {}  # key -> (counters, expires at)
         self._handlers: dict[str, list[Handler]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -76,6 +77,32 @@ class EmbeddedStore(StateStore):
             for b, tokens in zip(buckets, levels, strict=True):
                 self._buckets[b.key] = (tokens - min(b.cost, b.capacity) if wait == 0.0 else tokens, now)
             return wait
+
+    async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        self.add_now(key, amounts, ttl_s)
+
+    def add_now(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        now = self._clock()
+        with self._lock:
+            counters, expires = self._counters.get(key, ({}, now))
+            if expires <= now:
+                counters = {}
+            for name, value in amounts.items():
+                counters[name] = counters.get(name, 0.0) + value
+            self._counters[key] = (counters, now + ttl_s)
+            if len(self._counters) > self._max:  # periods past: expired first
+                for k in [k for k, (_, exp) in self._counters.items() if exp <= now]:
+                    del self._counters[k]
+
+    async def counters(self, key: str) -> dict[str, float]:
+        return self.counters_now(key)
+
+    def counters_now(self, key: str) -> dict[str, float]:
+        with self._lock:
+            entry = self._counters.get(key)
+            if entry is None or entry[1] <= self._clock():
+                return {}
+            return dict(entry[0])
 
     async def publish(self, channel: str, message: bytes) -> None:
         for handler in list(self._handlers.get(channel, ())):

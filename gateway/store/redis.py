@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Mapping
 
 import structlog
 from redis.asyncio import Redis
@@ -52,6 +53,16 @@ end
 return tostring(wait)
 """
 
+# KEYS[1]: a hash of counters; ARGV: ttl in ms, then field, amount pairs. One script, so the
+# counters and their expiry change together, whichever replicas add at the same moment.
+_ADD = """
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
 
 class RedisStore(StateStore):
     name = "redis"
@@ -66,6 +77,7 @@ class RedisStore(StateStore):
         self._client = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
         self._take = self._client.register_script(_TAKE)
+        self._add = self._client.register_script(_ADD)
         self._handlers: dict[str, list[Handler]] = {}
         self._listener: asyncio.Task[None] | None = None
 
@@ -101,6 +113,16 @@ class RedisStore(StateStore):
         keys = [self._key(b.key) for b in buckets]
         wait = await self._call("take", lambda: self._take(keys=keys, args=args))
         return float(wait)
+
+    async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
+        args: list[str | float] = [max(1, int(ttl_s * 1000))]
+        for name, value in amounts.items():
+            args += [name, repr(float(value))]
+        await self._call("add", lambda: self._add(keys=[self._key(key)], args=args))
+
+    async def counters(self, key: str) -> dict[str, float]:
+        raw = await self._call("counters", self._client.hgetall, self._key(key))
+        return {str(k, "utf-8") if isinstance(k, bytes) else str(k): float(v) for k, v in raw.items()}
 
     async def publish(self, channel: str, message: bytes) -> None:
         await self._call("publish", self._client.publish, self._key(channel), message)
