@@ -112,14 +112,20 @@ def _messages(prompt: str | None, messages_json: str | None) -> list[dict[str, A
 @click.option("--server", default=None, metavar="URL",
               help="Ask a running gateway (POST URL/v1/route/explain): its live connectivity, its policy.")
 @click.option("--api-key", default=None, envvar="HYBRID_API_KEY", help="Client key for --server.")
+@click.option("--embeddings", is_flag=True,
+              help="Explain POST /v1/embeddings with PROMPT as its input: the decision, then which targets may "
+                   "embed it in which space (`embeddings` in the output).")
 def explain(prompt: str | None, policy_path: str, offline: bool, model: str, messages_json: str | None,
             headers: tuple[str, ...], tools_json: str | None, format_json: str | None, client: str | None,
-            score_all: bool, server: str | None, api_key: str | None) -> None:
+            score_all: bool, server: str | None, api_key: str | None, embeddings: bool) -> None:
     """Print the routing decision for a prompt as JSON. Calls no model.
 
     Without --server, connectivity is what `serve` would see at start-up with this policy and
     environment: a cloud target without an API key is disabled, one with a key online."""
-    body: dict[str, Any] = {"model": model, "messages": _messages(prompt, messages_json)}
+    if embeddings and (messages_json or tools_json or format_json or prompt is None):
+        _fail("--embeddings takes a PROMPT (the input to embed), not --messages, --tools or --response-format")
+    body: dict[str, Any] = {"model": model, "input": prompt} if embeddings else {
+        "model": model, "messages": _messages(prompt, messages_json)}
     if tools_json is not None:  # what local_tools decides on, with --response-format
         body["tools"] = _json_option("--tools", tools_json, list)
     if format_json is not None:
@@ -130,11 +136,16 @@ def explain(prompt: str | None, policy_path: str, offline: bool, model: str, mes
             _fail("--offline and --client describe a local simulation; with --server the server decides")
         result = _explain_remote(server, body, hdrs, api_key)
     else:
-        from gateway.explain import explain_local
+        from gateway.explain import explain_embeddings_local, explain_local
+        from gateway.schema import APIError
 
         policy = _load(policy_path)
-        result = asyncio.run(explain_local(policy, policy_path, body, offline=offline, headers=hdrs, client=client,
-                                           score_all=score_all))
+        run = explain_embeddings_local if embeddings else explain_local
+        try:
+            result = asyncio.run(run(policy, policy_path, body, offline=offline, headers=hdrs, client=client,
+                                     score_all=score_all))
+        except APIError as exc:  # what the endpoint would answer before deciding (an unknown model...)
+            _fail(f"HTTP {exc.status}: {exc.message}")
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
 
 

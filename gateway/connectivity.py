@@ -75,6 +75,8 @@ async def probe_once(client: httpx.AsyncClient, target: CloudTarget, timeout_s: 
     if url is None:
         return None  # nothing to probe (provider default endpoint): rely on passive signals
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    if target.api == "messages" and target.api_key:  # Anthropic's own auth, for its GET /v1/models
+        headers = {"x-api-key": target.api_key, "anthropic-version": "2023-06-01"}
     try:
         resp = await client.get(url, headers=headers, timeout=timeout_s)
     except httpx.TimeoutException:

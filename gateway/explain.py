@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
+from pydantic import ValidationError
+
 from gateway import pipeline
 from gateway.connectivity import ConnectivityMonitor
 from gateway.dispatch import Dispatcher
@@ -31,10 +33,14 @@ from gateway.features import (
     SensitivityFinding,
 )
 from gateway.metrics import Metrics
+from gateway.policy.embeddings import Requested, plan, requested
 from gateway.policy.evaluate import decide
 from gateway.policy.model import CloudTarget, Policy
 from gateway.privacy.vault import VaultStore
 from gateway.runtime import Runtime, build_runtime, shared_difficulty, shared_sensitivity
+from gateway.schema import APIError
+from gateway.wire.base import invalid
+from gateway.wire.embeddings import EmbeddingsRequest, classify_body
 
 
 def offline_runtime(policy: Policy, source: str) -> Runtime:
@@ -120,6 +126,20 @@ async def explain_local(
     client: str | None = None,
     score_all: bool = False,
 ) -> dict[str, Any]:
+    return (await _explained_local(policy, source, body, offline=offline, headers=headers, client=client,
+                                   score_all=score_all))[1]
+
+
+async def _explained_local(
+    policy: Policy,
+    source: str,
+    body: dict[str, Any],
+    *,
+    offline: bool,
+    headers: dict[str, str] | None,
+    client: str | None,
+    score_all: bool,
+) -> tuple[pipeline.Prepared, dict[str, Any]]:
     clouds = {n: t for n, t in policy.targets.items() if isinstance(t, CloudTarget)}
     # The server's own monitor, never started: its view at start-up, and not a packet sent.
     monitor = ConnectivityMonitor(clouds, policy.connectivity, force_all="offline" if offline else "auto")
@@ -141,4 +161,57 @@ async def explain_local(
     if not need_d:
         result["features"]["difficulty"] = {"level": "unscored", "score": 0.0, "method": "skipped",
                                             "evidence": {"reason": _SKIPPED}}
+    return prepared, result
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+
+
+def is_embeddings(data: dict[str, Any]) -> bool:
+    """An embeddings request body (POST /v1/embeddings' shape) rather than a chat one."""
+    return "input" in data and "messages" not in data
+
+
+def embeddings_request(data: dict[str, Any], policy: Policy) -> tuple[EmbeddingsRequest, Requested]:
+    """The request and the space it asks for; APIError (400/404) as POST /v1/embeddings answers."""
+    try:
+        req = EmbeddingsRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+    return req, requested(policy, req.model)
+
+
+def embedding_plan(policy: Policy, prepared: pipeline.Prepared, req: EmbeddingsRequest,
+                   want: Requested) -> dict[str, Any]:
+    """What POST /v1/embeddings would do after the decision: the targets that may embed this
+    input in the space asked for, in order, or the refusal it would answer."""
+    would_redact = prepared.redacted is not None and prepared.redacted != prepared.call.body
+    out: dict[str, Any] = {"space_asked": want.space or "auto", "would_redact": would_redact,
+                           "redacted": False}  # an embedding input is never redacted (docs/apis.md)
+    if prepared.decision.action != "route":
+        return {**out, "chain": []}
+    try:
+        chosen = plan(policy, prepared.decision, want, would_redact=would_redact, dimensions=req.dimensions)
+    except APIError as exc:
+        return {**out, "chain": [], "refused": {"status": exc.status, "code": exc.code, "message": exc.message}}
+    return {**out, "space": chosen.space, "chain": list(chosen.chain), "notes": list(chosen.notes)}
+
+
+async def explain_embeddings_local(
+    policy: Policy,
+    source: str,
+    data: dict[str, Any],
+    *,
+    offline: bool = False,
+    headers: dict[str, str] | None = None,
+    client: str | None = None,
+    score_all: bool = False,
+) -> dict[str, Any]:
+    """`explain_local` for an embeddings request: its inputs decided as chat's user messages, then
+    the embedding plan (`embeddings` in the result). Raises APIError for a request the endpoint
+    would refuse before deciding (bad body, unknown model)."""
+    req, want = embeddings_request(data, policy)
+    prepared, result = await _explained_local(policy, source, classify_body(req, want.model), offline=offline,
+                                              headers=headers, client=client, score_all=score_all)
+    result["embeddings"] = embedding_plan(policy, prepared, req, want)
     return result

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from gateway import pipeline
+from gateway import explain, pipeline
 from gateway.api import deferred
 from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
@@ -25,6 +25,7 @@ from gateway.privacy.vault import Vault
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
+from gateway.wire.embeddings import classify_body
 
 router = APIRouter()
 
@@ -403,9 +404,21 @@ async def route_explain(
     state: GatewayState = Depends(get_state),
     client: str | None = Depends(authenticate),
 ) -> Response:
-    body = await read_body(request, state)
     rt = state.runtime
+    body = await read_body(request, state, schema=None)
+    embedding: tuple[Any, Any] | None = None
+    if explain.is_embeddings(body):  # POST /v1/embeddings' body: its decision, then its embedding plan
+        embedding = explain.embeddings_request(body, rt.policy)
+        body = classify_body(embedding[0], embedding[1].model)
+    else:
+        try:
+            ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
     prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
     if prepared.call.trace is not None:
         prepared.call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
-    return JSON(pipeline.explain(rt, prepared), headers={"x-request-id": prepared.call.request_id})
+    result = pipeline.explain(rt, prepared)
+    if embedding is not None:
+        result["embeddings"] = explain.embedding_plan(rt.policy, prepared, *embedding)
+    return JSON(result, headers={"x-request-id": prepared.call.request_id})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import math
 from collections.abc import Iterator
@@ -250,3 +251,34 @@ def test_policy_refuses_an_engine_embedding_model_it_cannot_run() -> None:
     assert LocalTarget.model_validate({**engine, "embeddings": {"model": "builtin:all-minilm-l6-v2"}})
     with pytest.raises(ValidationError, match="embeds with builtin:all-minilm-l6-v2 only"):
         LocalTarget.model_validate({**engine, "embeddings": {"model": "openai/text-embedding-3-small"}})
+
+
+@pytest.mark.parametrize(("route", "text", "chain", "redacts"), [
+    ("private", f"write to {EMAIL}", [], True),  # refused: no device target of the cloud's space
+    ("private-any-space", f"write to {EMAIL}", ["engine"], True),
+    ("private", "a cat on a mat", ["cloud"], False),
+    ("same-space", "a cat on a mat", ["cloud", "cloud-lite"], False),
+])
+def test_explain_shows_the_embedding_plan(gw: RunningGateway, route: str, text: str, chain: list[str],
+                                          redacts: bool) -> None:
+    """POST /v1/route/explain with an embeddings body, and `explain --embeddings` on the policy file,
+    say which targets may embed the input, in which space, and why a sensitive one stays home."""
+    from gateway.explain import explain_embeddings_local
+
+    body = {"model": CLOUD_SPACE, "input": text}
+    r = post(gw, "/v1/route/explain", body, headers={"x-route": route})
+    assert r.status_code == 200, r.text
+    plan = r.json()["embeddings"]
+    assert plan["chain"] == chain and plan["would_redact"] is redacts and plan["redacted"] is False
+    assert plan["space_asked"] == CLOUD_SPACE
+    if not chain:
+        assert plan["refused"]["code"] == "sensitive_embedding_refused"
+    else:
+        assert plan["space"] == CLOUD_SPACE
+    local = asyncio.run(explain_embeddings_local(gw.state.runtime.policy, "p.yaml", body, headers={"x-route": route}))
+    assert local["embeddings"]["chain"] == chain and local["decision"] == r.json()["decision"]
+
+
+def test_explain_refuses_an_unknown_embedding_model_as_the_endpoint_does(gw: RunningGateway) -> None:
+    r = post(gw, "/v1/route/explain", {"model": "no-such-embedder", "input": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
