@@ -55,6 +55,15 @@ async def test_concurrent_takes_never_overshoot(store: StateStore) -> None:
     assert sum(w == 0.0 for w in waits) == 5
 
 
+async def test_counters_add_up_exactly_under_concurrency_and_expire(store: StateStore) -> None:
+    key = "usage:" + os.urandom(4).hex()
+    await asyncio.gather(*(store.add(key, {"usd": 0.1, "requests": 1}, ttl_s=0.5) for _ in range(50)))
+    counters = await store.counters(key)
+    assert counters["requests"] == 50 and counters["usd"] == pytest.approx(5.0, abs=1e-9)
+    await asyncio.sleep(0.7)
+    assert await store.counters(key) == {}
+
+
 async def test_published_messages_reach_subscribers(store: StateStore) -> None:
     got: asyncio.Queue[bytes] = asyncio.Queue()
 

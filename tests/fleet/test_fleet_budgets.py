@@ -1,0 +1,169 @@
+"""Three real gateway replicas on one real redis-server: a spend budget holds across them under
+concurrent load and its usage is counted exactly; a policy reload asked of one replica reaches
+every replica, each of which re-reads and validates the file itself."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fleet.redis_server import RedisServer
+from tests.support import policies
+from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.upstream import FakeUpstream
+
+pytestmark = pytest.mark.slow  # a real redis-server and three gateway replicas
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+# Each fake cloud answer reports 5 prompt + 7 completion tokens: 5 * 1000 / 1e6 + 7 * 10000 / 1e6.
+ANSWER_USD = 0.075
+BUDGET_USD = 0.6  # exactly 8 answers
+
+POLICY = """
+state:
+  backend: redis
+  url: {url}
+connectivity:
+  probe_interval_s: 30
+clients:
+  - {{name: team, api_key: sk-team, budget: {{usd: {budget}, period: day}}}}
+  - {{name: crowd, api_key: sk-crowd, budget: {{usd: {budget}, period: day}}}}
+  - {{name: app, api_key: sk-app}}
+limits:
+  classify_budget_ms: 20000
+privacy:
+  analysis_budget_ms: 20000
+rules:
+{extra}  - name: cloud
+    route: cloud
+    fallback: [local]
+"""
+
+
+def write(path: Path, cloud: FakeUpstream, local: FakeUpstream, url: str, extra: str = "") -> Path:
+    return policies.write_policy(
+        path, cloud, local, rest=POLICY.format(url=url, budget=BUDGET_USD, extra=extra),
+        cloud_settings={"timeout_s": 5, "retries": 0, "prices": "{input: 1000, output: 10000}"})
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream, local: FakeUpstream,
+                redis_server: RedisServer) -> Path:
+    return write(tmp_path_factory.mktemp("fleet-budgets") / "p.yaml", cloud, local, redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def replicas(policy_path: Path, redis_server: RedisServer, vault_key: str) -> Iterator[list[RunningGateway]]:
+    with ExitStack() as stack:
+        yield [stack.enter_context(run_gateway(policy_path)) for _ in range(3)]
+
+
+def chat(gw: RunningGateway, key: str) -> httpx.Response:
+    with httpx.Client(base_url=gw.base_url, timeout=30, trust_env=False) as c:
+        return c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                      json={"model": "auto", "messages": [{"role": "user", "content": "hello"}]})
+
+
+def usage(gw: RunningGateway, key: str) -> dict:
+    with gw.client() as c:
+        return c.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+
+
+def until_refused(gw: RunningGateway, key: str) -> list[int]:
+    """Requests one after another on one replica until the budget refuses one."""
+    statuses: list[int] = []
+    while not statuses or statuses[-1] == 200:
+        statuses.append(chat(gw, key).status_code)
+        assert len(statuses) < 50, "the budget never refused"
+    return statuses
+
+
+def test_a_budget_holds_across_replicas_with_one_request_in_flight_on_each(
+        replicas: list[RunningGateway], redis_server: RedisServer) -> None:
+    with ThreadPoolExecutor(max_workers=3) as pool:  # one client connection per replica, all at once
+        runs = list(pool.map(lambda gw: until_refused(gw, "sk-team"), replicas))
+    assert all(run[-1] == 429 for run in runs), runs
+    served = sum(run.count(200) for run in runs)
+    # 8 answers spend the budget; each replica may have had one more in flight as it ran out.
+    assert 8 <= served <= 8 + len(replicas) - 1, runs
+    # Counted exactly, by every replica into one total: what the store holds, what each reports.
+    reports = [usage(gw, "sk-team") for gw in replicas]
+    for r in reports:
+        r["period"].pop("resets_in_s")  # read a moment apart
+    assert all(r == reports[0] for r in reports), reports
+    assert reports[0]["requests"] == served and reports[0]["shared"] is True
+    assert reports[0]["spent_usd"] == pytest.approx(served * ANSWER_USD, abs=1e-9)
+    assert reports[0]["prompt_tokens"] == 5 * served and reports[0]["completion_tokens"] == 7 * served
+    key = next(k for k in redis_server.client().scan_iter("hg:usage:team:*"))
+    assert float(redis_server.client().hget(key, "usd")) == pytest.approx(served * ANSWER_USD, abs=1e-9)
+    assert 0 < redis_server.client().pttl(key) <= 86_460_000  # gone once the day (and a minute) is over
+    # And every replica now refuses, in OpenAI's shape, until the day ends.
+    for gw in replicas:
+        r = chat(gw, "sk-team")
+        assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"
+        assert 1 <= int(r.headers["retry-after"]) <= 86_400
+
+
+def test_under_heavier_load_the_overshoot_is_the_requests_in_flight(replicas: list[RunningGateway]) -> None:
+    with ThreadPoolExecutor(max_workers=9) as pool:  # three at a time on each replica
+        answers = list(pool.map(lambda i: chat(replicas[i % 3], "sk-crowd").status_code, range(30)))
+    served = answers.count(200)
+    assert answers.count(429) == 30 - served
+    assert 8 <= served <= 8 + 9 - 1, answers  # at most the other in-flight requests beyond the budget
+    report = usage(replicas[1], "sk-crowd")
+    assert report["requests"] == served
+    assert report["spent_usd"] == pytest.approx(served * ANSWER_USD, abs=1e-9)
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _rule(gw: RunningGateway) -> str:
+    return chat(gw, "sk-app").headers.get("x-hybrid-rule", "")
+
+
+def _policy_error(gw: RunningGateway) -> str | None:
+    with gw.client() as c:
+        return c.get("/readyz").json()["policy_error"]
+
+
+def test_a_reload_on_one_replica_reloads_every_replica(replicas: list[RunningGateway], policy_path: Path,
+                                                        cloud: FakeUpstream, local: FakeUpstream,
+                                                        redis_server: RedisServer) -> None:
+    a, b, c = replicas
+    assert {_rule(gw) for gw in replicas} == {"cloud"}
+    good = policy_path.read_text()
+    write(policy_path, cloud, local, redis_server.url, extra="  - {name: reloaded, when: {client: app}, route: local}\n")
+    try:
+        with a.client() as http:
+            r = http.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 200 and r.json() == {"reloaded": True, "policy_error": None, "fleet": True}
+        assert _wait_for(lambda: all(_rule(gw) == "reloaded" for gw in replicas))
+
+        # A bad edit: every replica validates the file itself, rejects it, keeps its last good policy.
+        policy_path.write_text(policy_path.read_text().replace("route: local}", "route: nowhere}"))
+        with b.client() as http:
+            r = http.post("/admin/reload", headers=ADMIN)
+        assert r.status_code == 422 and r.json()["reloaded"] is False and r.json()["fleet"] is True
+        assert f"{policy_path}:" in r.json()["policy_error"] and "nowhere" in r.json()["policy_error"]
+        assert _wait_for(lambda: all(_policy_error(gw) for gw in replicas))
+        assert {_rule(gw) for gw in replicas} == {"reloaded"}
+        with c.client() as http:  # a reload needs the admin key
+            assert http.post("/admin/reload").status_code == 401
+    finally:
+        policy_path.write_text(good)
+        with c.client() as http:
+            assert http.post("/admin/reload", headers=ADMIN).json()["reloaded"] is True
+    assert _wait_for(lambda: all(_policy_error(gw) is None and _rule(gw) == "cloud" for gw in replicas))
