@@ -17,6 +17,7 @@ this CPU with the SmolLM2 tokenizer): docs/engine.md, "Structured output".
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -101,7 +102,8 @@ def json_for_generation(schema: dict[str, Any]) -> dict[str, Any]:
     that anything it allows is valid against the original: ``additionalProperties: false`` where
     an object lists its properties and says nothing about others (else a small model invents keys
     until max_tokens), at most MAX_ITEMS array items and MAX_STRING characters in a free string
-    (one with no maxLength, enum, const, pattern or format), unless the schema's minimum needs more."""
+    (one with no maxLength, enum, const or format; with a pattern, where a match fits under the cap),
+    unless the schema's minimum needs more."""
 
     def walk(node: Any) -> Any:
         if isinstance(node, list):
@@ -115,13 +117,24 @@ def json_for_generation(schema: dict[str, Any]) -> dict[str, Any]:
         kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
         if "array" in kinds and "maxItems" not in out:
             out["maxItems"] = max(MAX_ITEMS, int(out.get("minItems") or 0))
-        if "string" in kinds and not any(k in out for k in ("maxLength", "enum", "const", "pattern", "format")):
-            out["maxLength"] = max(MAX_STRING, int(out.get("minLength") or 0))
+        if "string" in kinds and not any(k in out for k in ("maxLength", "enum", "const", "format")):
+            cap = max(MAX_STRING, int(out.get("minLength") or 0))
+            # a pattern's own repeats may be unbounded too ([a-z]+ ran to max_tokens); capped only
+            # where some match fits, so the cap never empties what the pattern allows
+            if not isinstance(out.get("pattern"), str) or _pattern_fits(out["pattern"], cap):
+                out["maxLength"] = cap
         return out
 
     if not isinstance(schema, dict):
         raise GrammarError("the JSON schema must be an object")
     return walk(schema)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_fits(pattern: str, max_length: int) -> bool:
+    """Whether some string of at most ``max_length`` characters matches ``pattern``."""
+    capped = {"type": "string", "pattern": pattern, "maxLength": max_length}
+    return not LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(capped))
 
 
 def json_schema_lark(schema: dict[str, Any]) -> str:

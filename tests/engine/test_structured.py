@@ -102,6 +102,10 @@ def test_generation_schema_is_narrower_never_wider() -> None:
     assert narrowed["properties"]["name"]["maxLength"] == grammar.MAX_STRING
     keep = {"type": "array", "minItems": 20, "items": {"type": "string", "enum": ["a"], "minLength": 1}}
     assert grammar.json_for_generation(keep)["maxItems"] == 20 and "maxLength" not in keep["items"]
+    # an open-ended pattern is capped (the built-in model wrote [a-z_]+ until max_tokens) unless
+    # no match would fit under the cap
+    assert grammar.json_for_generation({"type": "string", "pattern": "^[a-z_]+$"})["maxLength"] == grammar.MAX_STRING
+    assert "maxLength" not in grammar.json_for_generation({"type": "string", "pattern": "^a{100}$"})
 
 
 @pytest.mark.parametrize("choice, names", [("required", None), ({"type": "function", "function": {"name": "get_time"}},
