@@ -79,10 +79,11 @@ def info(model: str, weights: str) -> None:
 @click.option("--prefetch", type=click.Choice(["auto", "on", "off"]), default=None,
               help="packed MoE dirs: next-layer expert prefetch; auto (default) tries both while decoding "
                    "and keeps the faster")
-@click.option("--speculative", type=click.Choice(["off", "prompt-lookup", "auto"]), default="off",
+@click.option("--speculative", type=click.Choice(["off", "prompt-lookup", "auto", "draft"]), default="off",
               show_default=True,
-              help="speculative decoding of greedy output (unchanged): drafts from the prompt and the text so "
-                   "far, verified in one forward; auto turns drafting off while it does not pay")
+              help="speculative decoding (greedy output unchanged, sampling's distribution too): drafts from the "
+                   "prompt and the text so far, verified in one forward; auto turns drafting off while it does "
+                   "not pay; draft (packed MoE): the model drafts itself with one expert per token")
 @click.option("--kv-dtype", type=click.Choice(["f32", "bf16", "int8", "int4"]), default="f32", show_default=True,
               help="KV cache storage: int8 is ~0.27x f32's bytes per token, int4 ~0.16x (local_engine/kv_cache.py)")
 @click.option("--kv-max-tokens", type=click.IntRange(min=1), default=None,

@@ -200,7 +200,7 @@ class Generation:
         stops = [s for s in p.stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
-        lookup = speculative.PromptLookup(history) if self.spec_mode != "off" else None
+        lookup = speculative.PromptLookup(history) if self.spec_mode in ("prompt-lookup", "auto") else None
         switch = speculative.SpecSwitch() if self.spec_mode == "auto" else None
         queue: list[int] = []  # drafted tokens a verify accepted: decided, their K/V already cached
         spec = {"drafted": 0, "accepted": 0, "verifies": 0, "steps": 0}
@@ -306,9 +306,12 @@ class Generation:
                 break
             if step + 1 < max_new and not drafted:
                 # a verify yields at most len(draft) + 1 tokens: draft no more than fit max_new
-                draft = (lookup.propose(min(speculative.DRAFT_K, max_new - step - 2))
-                         if lookup is not None and (switch is None or switch.choose()) else [])
                 t = time.perf_counter()
+                if self.spec_mode == "draft":  # check_mode let it through: the model drafts itself
+                    draft = model.self_draft(nxt, cache, min(speculative.SELF_DRAFT_K, max_new - step - 2))
+                else:
+                    draft = (lookup.propose(min(speculative.DRAFT_K, max_new - step - 2))
+                             if lookup is not None and (switch is None or switch.choose()) else [])
                 if draft and self.params.temperature > 0:
                     logits, accepted, residual = speculative.verify_sampled(
                         model, cache, nxt, draft, lambda row, acc: sampler.probs(row, history + acc), sampler.uniform)
@@ -379,6 +382,11 @@ class Engine:
         for ld in LOADERS:
             if ld.matches(path):
                 eng = ld.load(path, **opts)
+                try:
+                    speculative.check_mode(spec_mode, eng.model)
+                except ValueError as e:
+                    eng.close()
+                    raise EngineError(str(e)) from None
                 eng.speculative = spec_mode
                 return eng
         raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
@@ -431,7 +439,7 @@ class Engine:
                     grammar: grammar_mod.GrammarProcessor | None = None) -> Generation:
         stop = sampling.pop("stop", None)
         try:
-            spec_mode = speculative.check_mode(sampling.pop("speculative", None) or self.speculative)
+            spec_mode = speculative.check_mode(sampling.pop("speculative", None) or self.speculative, self.model)
         except ValueError as e:
             raise EngineError(str(e)) from None
         stop_list = [stop] if isinstance(stop, str) else list(stop or [])

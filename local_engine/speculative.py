@@ -5,6 +5,10 @@ earlier positions of the prompt + the answer so far; the k tokens that followed 
 occurrence are the draft. Free (no second model) and strong when the answer quotes its prompt
 (edits, summaries, RAG answers).
 
+Self-draft (``SelfDraft``, mode "draft"): a packed MoE drafts with itself routed to fewer of its
+experts per token (same attention and KV cache, no second checkpoint); the verify reads the union
+of the k+1 positions' experts once per layer (models/moe.py).
+
 Verification (``verify``): one forward over [last token, draft...] (k+1 positions) gives the
 target's logits at every drafted position. Greedy: draft token i is accepted while it is the argmax
 at position i; the argmax at the first rejected (or the one past the last) position is the next
@@ -41,17 +45,23 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-Mode = Literal["off", "prompt-lookup", "auto"]
-MODES: tuple[str, ...] = ("off", "prompt-lookup", "auto")
+Mode = Literal["off", "prompt-lookup", "auto", "draft"]
+MODES: tuple[str, ...] = ("off", "prompt-lookup", "auto", "draft")
 DRAFT_K = 8  # tokens drafted per verify (llama.cpp's prompt lookup uses ~10)
+# a self-draft costs a forward per drafted token (attention + fewer experts): fewer per verify
+SELF_DRAFT_K = 3
 NGRAM_MAX, NGRAM_MIN = 3, 1
 # the batched and the single-step paths differ by ~5e-3 on logits (measured 0.0049-0.0054)
 TIE_MARGIN = 0.02
 
 
-def check_mode(mode: str) -> Mode:
+def check_mode(mode: str, model: Any = None) -> Mode:
+    """``mode`` if known (and, for "draft", if ``model`` drafts for itself), else ValueError."""
     if mode not in MODES:
         raise ValueError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "draft" and model is not None and not isinstance(model, SelfDraft):
+        raise ValueError("speculative 'draft' needs a model that drafts for itself (a packed MoE: fewer experts "
+                         "per token); use prompt-lookup or auto")
     return mode  # type: ignore[return-value]
 
 
@@ -93,6 +103,14 @@ class FastVerify(Protocol):
     """A model with a forward made for a few tokens after a cached prefix (models/llama.py)."""
 
     def verify_forward(self, ids: torch.Tensor, cache: Any) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SelfDraft(Protocol):
+    """A model that drafts with a cheaper version of itself over its own KV cache (models/moe.py:
+    fewer experts per token), leaving the cache as it found it."""
+
+    def self_draft(self, last: int, cache: Any, k: int) -> list[int]: ...
 
 
 def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.Tensor, list[int]]:

@@ -177,10 +177,11 @@ class LocalTarget(_Strict):
         None, ge=0, description="For engine: MB of KV from earlier prompts kept for reuse by longest common "
         "prefix (a conversation's next turn, a repeated system prompt prefill only new tokens). Absent: 256; "
         "0: off.")
-    speculative: Literal["off", "prompt-lookup", "auto"] | None = Field(
-        None, description="For engine: speculative decoding of greedy answers (output unchanged). prompt-lookup: "
-        "drafts from the prompt and the answer so far, verified in one forward; auto: the same, turned off "
-        "while it does not pay. Absent: off.")
+    speculative: Literal["off", "prompt-lookup", "auto", "draft"] | None = Field(
+        None, description="For engine: speculative decoding (greedy output unchanged; sampling keeps its "
+        "distribution). prompt-lookup: drafts from the prompt and the answer so far, verified in one forward; "
+        "auto: the same, turned off while it does not pay; draft: a packed MoE drafts itself with one expert "
+        "per token. Absent: off.")
     kv_cache: KVCacheConfig | None = Field(
         None, description="For engine: the KV cache's dtype and bound, e.g. {dtype: int8, max_tokens: 4096, "
         "sinks: 4}. Absent: f32, unbounded.")

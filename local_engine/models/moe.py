@@ -107,6 +107,12 @@ class RunStats:
     decode_hits: int = 0
     decode_misses: int = 0
     tokens_processed: int = 0  # every token through forward(), whoever drives it (Engine or us)
+    # speculative decoding: a verify is one decode forward over its k+1 positions (its time, reads,
+    # hits and misses count as decode); self-draft forwards are counted apart and nowhere else
+    verifies: int = 0
+    verify_positions: int = 0
+    draft_tokens: int = 0
+    draft_s: float = 0.0
 
 
 class MoEModel:
@@ -149,6 +155,9 @@ class MoEModel:
         # next-layer prefetch: forced on/off, or chosen per token by a PrefetchSwitch ("auto")
         self.prefetch: bool | str = False
         self._switch: PrefetchSwitch | None = None
+        # self-draft (speculative decoding): a token routed to this many of its top-k experts
+        self.draft_experts = 1
+        self._drafting = False
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
 
@@ -218,6 +227,10 @@ class MoEModel:
         p = f"model.layers.{i}.{self._moe_prefix}."
         logits = F.linear(h, self.w[p + "gate.weight"])
         weights, idx = self.route(logits)
+        if self._drafting:  # the self-draft: only the router's first choices, renormalised
+            n = min(self.draft_experts, idx.shape[1])
+            weights, idx = weights[:, :n], idx[:, :n]
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
         # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
@@ -256,6 +269,51 @@ class MoEModel:
         h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
         _, idx = self.route(F.linear(h, self.w[p + self._moe_prefix + ".gate.weight"]))
         self.store.prefetch(j, torch.unique(idx).tolist())
+
+    # ------------------------------------------------------------------ speculative decoding
+    def verify_forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """``forward`` for a speculative verify of ``ids`` (last token + drafts) after the cache.
+
+        Each MoE layer asks the store once for the union of the k+1 positions' experts (``_moe``
+        requests ``unique(idx)``): an expert two drafts share is read once. Accounted as one decode
+        forward (time, bytes, hits, misses), not as a prefill; no next-layer prefetch (its guess
+        would be the union of k+1 guesses) and no prefetch-switch sample (a verify's time is not a
+        step's)."""
+        io, cs, r = self.store.io, self.store.cache.stats, self.run
+        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        t0 = time.perf_counter()
+        out = self._forward(ids, cache, False, False)
+        r.decode_s += time.perf_counter() - t0
+        r.io_wait_s += io.io_wait_s - before[2]
+        r.decode_tokens += 1
+        r.verifies += 1
+        r.verify_positions += ids.shape[0]
+        r.decode_bytes_read += io.bytes_read - before[0]
+        r.decode_io_busy_s += io.io_busy_s - before[1]
+        r.decode_io_wait_s += io.io_wait_s - before[2]
+        r.decode_hits += cs.hits - before[3]
+        r.decode_misses += cs.misses - before[4]
+        return out
+
+    def self_draft(self, last: int, cache: KVCache, k: int) -> list[int]:
+        """Up to ``k`` greedy tokens after ``last`` from the same model with ``draft_experts`` of its
+        top-k experts per token (same attention, same KV cache, no second checkpoint). The cache is
+        left as it was: the draft's K/V rows are rewritten by the verify that follows."""
+        base, out, tok = cache.length, [], last
+        t0 = time.perf_counter()
+        self._drafting = True
+        try:
+            for _ in range(k):
+                logits = self._forward(torch.tensor([tok], dtype=torch.long), cache, True, False)
+                tok = int(logits[-1].argmax())
+                out.append(tok)
+        finally:
+            self._drafting = False
+            cache.crop(base)
+            self.run.tokens_processed -= len(out)  # _forward counted them: drafts are not model tokens
+            self.run.draft_tokens += len(out)
+            self.run.draft_s += time.perf_counter() - t0
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
@@ -373,6 +431,10 @@ class MoEModel:
             "io_wait_s": r.io_wait_s,
             "compute_s": max(total_s - r.io_wait_s, 0.0),
             "expert_compute_s": r.expert_compute_s,
+            "spec_verifies": r.verifies,
+            "spec_verify_positions": r.verify_positions,
+            "spec_draft_tokens": r.draft_tokens,
+            "spec_draft_s": r.draft_s,
             "peak_rss_bytes": peak_rss_bytes(),
             "resident_bytes": self.m.resident_bytes,
             "expert_bank_bytes": self.m.expert_bank_bytes,

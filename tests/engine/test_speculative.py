@@ -209,10 +209,15 @@ def test_default_is_off_and_bad_modes_are_clear_errors(eng: Engine, smol_path: A
     gen = eng.chat(QUOTE, max_tokens=4)
     "".join(gen)
     assert gen.stats.extra["spec_mode"] == "off"
-    with pytest.raises(EngineError, match="speculative must be one of off, prompt-lookup, auto"):
-        eng.chat(QUOTE, max_tokens=4, speculative="draft")
+    with pytest.raises(EngineError, match="speculative must be one of off, prompt-lookup, auto, draft"):
+        eng.chat(QUOTE, max_tokens=4, speculative="maybe")
     with pytest.raises(EngineError, match="speculative must be one of"):
         Engine.open(smol_path, speculative="yes")
+    # a dense model has no cheaper self to draft with: said plainly, at the call and at open
+    with pytest.raises(EngineError, match="'draft' needs a model that drafts for itself"):
+        eng.chat(QUOTE, max_tokens=4, speculative="draft")
+    with pytest.raises(EngineError, match="'draft' needs a model that drafts for itself"):
+        Engine.open(smol_path, speculative="draft")
 
 
 def test_prompt_lookup_proposes_the_latest_longest_match() -> None:
@@ -265,8 +270,11 @@ def test_cli_generate_speculative_prints_its_stats(smol_path: Any) -> None:
     assert re.search(r"^speculative prompt-lookup: drafted \d+, accepted \d+ \(\d+%\), [\d.]+ tokens per forward$",
                      r.stderr, re.M), r.stderr
     assert json.loads(r.stderr.splitlines()[-1])["spec_accepted"] > 0
-    bad = CliRunner().invoke(main, [*args, "--speculative", "draft"])
-    assert bad.exit_code == 2 and "'draft' is not one of" in bad.output
+    bad = CliRunner().invoke(main, [*args, "--speculative", "maybe"])
+    assert bad.exit_code == 2 and "'maybe' is not one of" in bad.output
+    dense = CliRunner().invoke(main, [*args, "--speculative", "draft"])
+    assert dense.exit_code != 0 and "needs a model that drafts for itself" in dense.output
+    assert "Traceback" not in dense.output
 
 
 def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
@@ -279,8 +287,9 @@ def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
     backend = build_backend("dev", LocalTarget(**kw, speculative="auto"))
     assert backend.engine_opts["speculative"] == "auto"  # type: ignore[attr-defined]
     assert "speculative" not in build_backend("dev", LocalTarget(**kw)).engine_opts  # type: ignore[attr-defined]
+    assert build_backend("dev", LocalTarget(**kw, speculative="draft")).engine_opts["speculative"] == "draft"  # type: ignore[attr-defined]
     with pytest.raises(ValidationError, match="speculative"):
-        LocalTarget(**kw, speculative="draft")
+        LocalTarget(**kw, speculative="maybe")
 
 
 def test_switch_backs_off_while_retries_keep_losing() -> None:

@@ -1,0 +1,99 @@
+"""Speculative decoding on packed MoE models (issue #20): greedy output identical to plain decoding
+with prompt-lookup drafts and with the self-draft (the same model on one expert per token), across
+expert-cache budgets; a verify reads the union of its positions' experts once per layer and counts
+as one decode forward; the self-draft leaves the KV cache as it found it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from local_engine.engine import Engine
+from local_engine.formats.pack import read_manifest
+from local_engine.models.moe import MoEModel
+from tests.moe.conftest import Tiny
+
+# repeats, so prompt lookup finds drafts; word ids of the tiny models' tokenizer
+PROMPT = " ".join(f"w{i}" for i in [5, 17, 99, 3, 64, 8, 120, 42, 5, 17, 99, 3, 64, 8])
+
+
+def _gen(eng: Engine, mode: str, **kw: Any) -> tuple[str, dict[str, Any]]:
+    gen = eng.generate(PROMPT, max_tokens=16, speculative=mode, **kw)
+    return "".join(gen), gen.stats.extra
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("budget_strides", [3, 10**6])  # a few experts cached (reads every step) / the bank
+def test_greedy_output_is_identical_to_plain_decoding(tiny_models: dict[str, Tiny], arch: str,
+                                                      budget_strides: int) -> None:
+    packed = tiny_models[arch].packed["int4"]
+    budget = budget_strides * read_manifest(packed).stride
+    eng = Engine.open(packed, memory_budget=budget, prefetch=False, prefix_cache_mb=0)
+    try:
+        plain, _ = _gen(eng, "off")
+        for mode in ("prompt-lookup", "draft"):
+            text, st = _gen(eng, mode)
+            assert text == plain, mode
+            assert st["spec_mode"] == mode and st["spec_verifies"] > 0
+        assert st["spec_drafted"] > 0 and st["spec_verifies"] * 3 >= st["spec_drafted"]  # 3 drafts a verify at most
+        # sampling keeps going with the self-draft (distribution: tests/engine/test_speculative.py)
+        text, st = _gen(eng, "draft", temperature=0.8, seed=3)
+        assert st["spec_verifies"] > 0 and text
+    finally:
+        eng.close()
+
+
+def test_verify_reads_the_union_of_its_positions_experts_once_per_layer(tiny_models: dict[str, Tiny]) -> None:
+    packed = tiny_models["qwen3_moe"].packed["int4"]
+    m = MoEModel.open(packed, memory_budget=3 * read_manifest(packed).stride, prefetch=False)
+    try:
+        ids = torch.tensor([5, 17, 99, 3, 64, 8, 120])
+        cache = m.new_cache(64)
+        m.forward(ids, cache)
+        requests: list[tuple[int, list[int]]] = []
+        real = m.store.request
+
+        def spy(layer: int, experts: list[int], *a: Any, **kw: Any) -> Any:
+            requests.append((layer, list(experts)))
+            return real(layer, experts, *a, **kw)
+
+        m.store.request = spy  # type: ignore[method-assign]
+        before = dict(m.stats())
+        verify_ids = torch.tensor([42, 5, 17, 99])
+        rows = m.verify_forward(verify_ids, cache)
+        after = m.stats()
+        layers = [layer for layer, _ in requests]
+        assert sorted(layers) == sorted(m.moe_layers) and len(set(layers)) == len(layers)  # once per layer
+        assert all(e == sorted(set(e)) for _, e in requests)
+        assert sum(len(e) for _, e in requests) > len(m.moe_layers) * m.top_k  # a union, not one token's
+        hits = after["store_cache_hits"] - before["store_cache_hits"]
+        misses = after["store_cache_misses"] - before["store_cache_misses"]
+        assert hits + misses == sum(len(e) for _, e in requests)  # one hit or miss per expert read
+        assert after["spec_verifies"] == 1 and after["spec_verify_positions"] == 4
+        assert after["decode_tokens"] == before["decode_tokens"] + 1
+        assert after["prefill_tokens"] == before["prefill_tokens"]  # a verify is not a prefill
+        m.store.request = real  # type: ignore[method-assign]
+        fresh = m.forward(torch.cat([ids, verify_ids]), m.new_cache(64))
+        torch.testing.assert_close(rows, fresh[len(ids):], atol=1e-3, rtol=0)  # batched vs cached attention
+    finally:
+        m.close()
+
+
+def test_self_draft_leaves_the_cache_as_it_found_it(tiny_models: dict[str, Tiny]) -> None:
+    packed = tiny_models["mixtral"].packed["none"]
+    m = MoEModel.open(packed, memory_budget="unlimited", prefetch=False)
+    try:
+        ids = torch.tensor([5, 17, 99, 3, 64, 8])
+        cache = m.new_cache(64)
+        m.forward(ids, cache)
+        draft = m.self_draft(120, cache, 4)
+        assert len(draft) == 4 and cache.length == len(ids)
+        assert m.stats()["spec_draft_tokens"] == 4
+        # the draft's K/V rows are overwritten: later logits equal a fresh run's
+        got = m.forward(torch.tensor([120, *draft]), cache)
+        fresh = m.forward(torch.tensor([*ids.tolist(), 120, *draft]), m.new_cache(64))
+        torch.testing.assert_close(got, fresh[len(ids):], atol=1e-4, rtol=0)
+    finally:
+        m.close()
