@@ -127,3 +127,16 @@ rules:
     assert (d["action"], d["target"], d["local_tools"]) == ("route", "cloud", None)
     r = CliRunner().invoke(main, ["explain", "--policy", str(path), "--response-format", "[1]", "hi"])
     assert r.exit_code != 0 and "--response-format must be a JSON object" in r.output
+
+
+def test_a_cloud_that_fails_says_the_device_was_left_out_on_purpose() -> None:
+    from gateway.backends.base import BackendError
+    from gateway.dispatch import AllTargetsFailed
+
+    failed = AllTargetsFailed([("cloud", BackendError("connect", "connection refused"))], [])
+    err = pipeline._all_failed_error(failed, decide(features(ONLINE), POLICY))
+    assert err.status == 503 and err.message.endswith(
+        "local targets not tried: rule 'agents' does not answer tools or a response_format on them "
+        "(local_tools: refuse)")
+    plain = pipeline._all_failed_error(failed, decide(features(ONLINE, tools=False), POLICY))
+    assert "local targets not tried" not in plain.message
