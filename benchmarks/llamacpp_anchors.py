@@ -6,6 +6,9 @@ the same number of threads, on the same token ids, each configuration in its own
 between them). Our worker runs first and hands the prompt ids it rendered to llama.cpp's worker,
 so the two read identical prompts (our chat template, our tokenizer: the GGUF's vocabulary).
 
+Each table runs its pair of workers (ours, then llama.cpp) --rounds times alternately (default 2),
+so drift on the shared box hits both engines alike, and keeps each engine's best figure.
+
 Tables (targets from the issues' "How we will know"):
 
 - #18b prefill tok/s at 256 / 1k / 4k tokens (ours chunked, as served; llama.cpp n_batch =
@@ -16,12 +19,12 @@ Tables (targets from the issues' "How we will know"):
   class has one sequence only); ours: the single-stream figure while main has no batched decode.
 - #19 constrained decode: the recipe JSON schema of benchmarks/structured.py; ours through
   ``response_format`` (llguidance), llama.cpp through ``LlamaGrammar.from_json_schema`` (its GBNF
-  from the same schema), greedy, best of --reps; plus both unconstrained for the same number of
+  from the same schema), greedy, best of the rounds; plus both unconstrained for the same number of
   tokens. Target ours >= 1x llama.cpp's constrained tok/s.
 - #20 prompt-lookup decoding on the quoting workload of benchmarks/speculative.py (3 prompts,
   128 tokens, greedy): llama.cpp's ``LlamaPromptLookupDecoding`` (its defaults: 2-gram, 10 tokens
   drafted) vs ours ``speculative="prompt-lookup"``, each also with it off; tok/s summed over the
-  prompts, best of --reps. Target ours >= 0.8x llama.cpp's prompt-lookup tok/s.
+  prompts, best of the rounds. Target ours >= 0.8x llama.cpp's prompt-lookup tok/s.
 - #24 perplexity on benchmarks/data/quality (the same windows of 512 tokens as
   benchmarks/quality.py), Q4_1 weights. llama.cpp with ``logits_all``, flash attention on, KV
   cache f16 and q8_0 (``type_k``/``type_v``); ours with the Q4_1 blocks (``weights="auto"``) and
@@ -407,14 +410,36 @@ def _child(task: str, engine: str, job: Job) -> Job:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def _best(a: Any, b: Any) -> Any:
+    """Two rounds' results merged: the faster of each speed, a check true only if true in both."""
+    if isinstance(a, dict):
+        return {k: _best(v, b[k]) for k, v in a.items()}
+    if isinstance(a, bool):
+        return a and b
+    if isinstance(a, float):
+        return max(a, b)
+    return a  # counts and prompt ids: the same greedy run each round
+
+
+def _pair(task: str, job: Job, rounds: int) -> tuple[Job, Job]:
+    """Ours then llama.cpp, ``rounds`` times alternately (drift on a busy box hits both alike),
+    best of the rounds; llama.cpp gets the prompt ids our worker rendered, if it returns them."""
+    ours = ref = None
+    for _ in range(rounds):
+        o = _child(task, "ours", job)
+        r = _child(task, "llamacpp", {**job, **({"prompt_ids": o["prompt_ids"]} if "prompt_ids" in o else {})})
+        ours, ref = (o, r) if ours is None else (_best(ours, o), _best(ref, r))
+    assert ours is not None and ref is not None
+    return ours, ref
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
 def table_prefill(a: argparse.Namespace, out: Callable[[str], None]) -> None:
-    job = {"threads": a.threads, "sizes": a.prefill}
-    ours, ref = _child("prefill", "ours", job), _child("prefill", "llamacpp", job)
-    out(f"\n## #18b prefill tok/s (load avg {_load()})\n")
+    ours, ref = _pair("prefill", {"threads": a.threads, "sizes": a.prefill}, a.rounds)
+    out(f"\n## #18b prefill tok/s, best of {a.rounds} rounds (load avg {_load()})\n")
     out("| prompt tokens | ours | llama.cpp | ours / llama.cpp |")
     out("|---|---|---|---|")
     for n in a.prefill:
@@ -424,8 +449,9 @@ def table_prefill(a: argparse.Namespace, out: Callable[[str], None]) -> None:
 
 def table_parallel(a: argparse.Namespace, out: Callable[[str], None]) -> None:
     job = {"threads": a.threads, "prompt": 64, "decode": a.parallel_decode, "streams": [1, 4, 8]}
-    ours, ref = _child("parallel", "ours", job), _child("parallel", "llamacpp", job)
-    out(f"\n## #18c aggregate greedy decode tok/s, 64-token prompts, {a.parallel_decode} steps (load avg {_load()})\n")
+    ours, ref = _pair("parallel", job, a.rounds)
+    out(f"\n## #18c aggregate greedy decode tok/s, 64-token prompts, {a.parallel_decode} steps, best of "
+        f"{a.rounds} rounds (load avg {_load()})\n")
     out("| streams | ours | llama.cpp (llama_batch, n_seq_max = streams) | llama.cpp vs its 1 stream |")
     out("|---|---|---|---|")
     for s in job["streams"]:
@@ -435,9 +461,8 @@ def table_parallel(a: argparse.Namespace, out: Callable[[str], None]) -> None:
 
 def table_json(a: argparse.Namespace, out: Callable[[str], None]) -> None:
     job = {"threads": a.threads, "reps": a.reps, "prompt": "A pancake recipe."}
-    ours = _child("json", "ours", job)
-    ref = _child("json", "llamacpp", {**job, "prompt_ids": ours["prompt_ids"]})
-    out(f"\n## #19 JSON-schema constrained decode tok/s, greedy, best of {a.reps} (load avg {_load()})\n")
+    ours, ref = _pair("json", job, a.rounds)
+    out(f"\n## #19 JSON-schema constrained decode tok/s, greedy, best of {a.reps} x {a.rounds} rounds (load avg {_load()})\n")
     out("| engine | tokens | schema-valid | constrained | unconstrained | constrained / unconstrained |")
     out("|---|---|---|---|---|---|")
     for name, r in (("ours (llguidance)", ours), ("llama.cpp (GBNF from the schema)", ref)):
@@ -448,10 +473,9 @@ def table_json(a: argparse.Namespace, out: Callable[[str], None]) -> None:
 
 def table_lookup(a: argparse.Namespace, out: Callable[[str], None]) -> None:
     job = {"threads": a.threads, "reps": a.reps, "max_tokens": 128, "modes": ["off", "prompt-lookup"]}
-    ours = _child("lookup", "ours", job)
-    ref = _child("lookup", "llamacpp", {**job, "prompt_ids": ours["prompt_ids"]})
-    out(f"\n## #20 prompt-lookup decoding, quoting workload (3 prompts x <= 128 tokens), best of {a.reps} "
-        f"(load avg {_load()})\n")
+    ours, ref = _pair("lookup", job, a.rounds)
+    out(f"\n## #20 prompt-lookup decoding, quoting workload (3 prompts x <= 128 tokens), best of {a.reps} x "
+        f"{a.rounds} rounds (load avg {_load()})\n")
     out("| engine | off tok/s | prompt-lookup tok/s | speed-up | same text on and off |")
     out("|---|---|---|---|---|")
     for name, r in (("ours", ours), ("llama.cpp (LlamaPromptLookupDecoding)", ref)):
@@ -463,8 +487,7 @@ def table_lookup(a: argparse.Namespace, out: Callable[[str], None]) -> None:
 
 
 def table_ppl(a: argparse.Namespace, out: Callable[[str], None]) -> None:
-    job = {"threads": a.threads}
-    ours, ref = _child("ppl", "ours", job), _child("ppl", "llamacpp", job)
+    ours, ref = _pair("ppl", {"threads": a.threads}, 1)  # no timing: one round
     anchor = ref["f16"]
     layers, heads, dim = ours.pop("kv_shape")
     values = 2 * layers * heads * dim  # K and V entries per token
@@ -492,7 +515,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="threads for both engines (default 1: a shared 2-core box)")
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1, help="repetitions inside each worker (#19, #20)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="worker pairs (ours, llama.cpp) run alternately per table; each figure is the best")
     ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024, 4096])
     ap.add_argument("--parallel-decode", type=int, default=32, help="decode steps of the #18c table")
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
@@ -509,7 +534,8 @@ def main() -> None:
 
     import llama_cpp
 
-    out("$ " + " ".join(shlex.quote(x) for x in [".venv/bin/python", *sys.argv]))
+    under = "flock /tmp/bench.lock " if Path(f"/proc/{os.getppid()}/comm").read_text().strip() == "flock" else ""
+    out(f"$ {under}" + " ".join(shlex.quote(x) for x in [".venv/bin/python", *sys.argv]))
     out(f"# {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average {_load()} at start, "
         f"{os.cpu_count()} CPUs, threads {a.threads} for both engines, OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY', 'PASSIVE (set for the workers)')}")
