@@ -9,6 +9,15 @@ be identical (checked: "same" column). Prefix cache off, so every run prefills a
 
     flock /tmp/bench.lock env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/speculative.py \\
         | tee benchmarks/results/speculative.txt
+
+Packed MoE rows (``--moe DIR``, default moe_stream.py's int4 pack of its random Qwen3-MoE, 24
+layers x 64 experts, top-8, when it exists): decode tok/s off / prompt-lookup / draft (the
+self-draft: the same model on one expert per token) / auto at expert-cache budgets of 5/15/50% of
+the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
+not inside moe_stream's memory cgroup), on (a) a prompt that repeats itself and (b) random ids.
+The checkpoint's weights are random, so its text never quotes and its routers pick near-uniformly:
+it measures what a verify and a self-draft cost against their acceptance, not a real model's
+acceptance. MB/token: expert bytes read per decoded token.
 """
 
 from __future__ import annotations
@@ -50,20 +59,101 @@ def run(eng: Engine, prompt: str, mode: str, max_tokens: int) -> dict[str, Any]:
             **{k: v for k, v in gen.stats.extra.items() if k.startswith("spec_")}}
 
 
+MOE_DEFAULT = Path(__file__).parent / ".work" / "moe" / "packed-int4"
+MOE_MODES = ("off", "prompt-lookup", "draft", "auto")
+
+
+def _word_tokenizer(vocab: int, d: Path) -> Any:
+    """The random checkpoint has no tokenizer: words "w0".."wN" map to ids (prompts are id lists)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from local_engine.tokenizer import from_hf_dir
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(d / "tokenizer.json"))
+    return from_hf_dir(d)
+
+
+def moe_rows(packed: Path, fractions: list[float], tokens: int) -> None:
+    import os
+    import random
+    import tempfile
+
+    from local_engine.formats.pack import read_manifest
+    from local_engine.models.moe import MoEModel
+
+    m = read_manifest(packed)
+    vocab = int(m.config["vocab_size"])
+    rng = random.Random(0)
+    motif = [rng.randrange(vocab) for _ in range(24)]
+    prompts = {"repeat": motif * 2, "open": [rng.randrange(vocab) for _ in range(48)]}
+    print(f"\n# packed MoE {packed} ({m.arch}, quant {m.quant}, bank {m.expert_bank_bytes / 2**20:.0f} MiB), "
+          f"{tokens} tokens greedy, cold per run, load {os.getloadavg()[0]:.1f}")
+    print(f"{'budget':<7} {'prompt':<7} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
+          f"{'MB/tok':>7} {'hit':>5} {'same':>5}")
+    with tempfile.TemporaryDirectory() as td:
+        tok = _word_tokenizer(vocab, Path(td))
+        for frac in fractions:
+            budget = int(frac * m.expert_bank_bytes)
+            for name, ids in prompts.items():
+                ref: dict[str, Any] = {}
+                for mode in MOE_MODES:
+                    for f in packed.iterdir():  # cold: the pack's pages out of the page cache
+                        fd = os.open(f, os.O_RDONLY)
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                        os.close(fd)
+                    model = MoEModel.open(packed, memory_budget=budget, prefetch=False)
+                    eng = Engine(model, tok, format="flash-moe-pack", prefix_cache_mb=0)
+                    try:
+                        gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=tokens, speculative=mode)
+                        text = "".join(gen)
+                        st, x = model.stats(), gen.stats.extra
+                    finally:
+                        eng.close()
+                    n = gen.stats.completion_tokens - 1
+                    row = {"tok_s": n / gen.stats.decode_s, "text": text, "mb": st["store_bytes_read"] / 2**20}
+                    ref.setdefault("off", row)
+                    drafted = x["spec_drafted"]
+                    print(f"{frac:<7.0%} {name:<7} {mode:<14} {row['tok_s']:>7.2f} "
+                          f"{row['tok_s'] / ref['off']['tok_s']:>6.2f}x "
+                          f"{(x['spec_accepted'] / drafted if drafted else 0):>7.0%} {x['spec_tokens_per_forward']:>8.2f} "
+                          f"{row['mb'] / max(gen.stats.completion_tokens, 1):>7.1f} {st['hit_rate']:>5.2f} "
+                          f"{'yes' if text == ref['off']['text'] else 'NO':>5}")
+                    sys.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--moe", type=Path, default=MOE_DEFAULT, help="a packed MoE dir (absent: no MoE rows)")
+    ap.add_argument("--fractions", default="0.05,0.15,0.5", help="expert-cache budgets, fractions of the bank")
+    ap.add_argument("--moe-tokens", type=int, default=32)
+    ap.add_argument("--skip-dense", action="store_true")
     a = ap.parse_args()
+    import os
+
+    t_all = time.perf_counter()
+    print(f"# load average {os.getloadavg()[0]:.1f} at start (2-core box shared with other sessions)")
+    if not a.skip_dense:
+        dense_rows(a)
+    if a.moe.is_dir():
+        moe_rows(a.moe, [float(f) for f in a.fractions.split(",") if f], a.moe_tokens)
+    else:
+        print(f"# no packed MoE at {a.moe} (make it with benchmarks/moe_stream.py --quants int4): no MoE rows")
+    print(f"# {time.perf_counter() - t_all:.0f} s, load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def dense_rows(a: argparse.Namespace) -> None:
     eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0)
     modes = ("off", "prompt-lookup", "auto")
     print(f"# benchmarks/speculative.py --max-tokens {a.max_tokens} --repeat {a.repeat} --threads {a.threads}"
           f"  ({a.model}, greedy)")
     print(f"{'workload':<9} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
           f"{'drafted':>8} {'same':>5}")
-    t_all = time.perf_counter()
     for name, prompts in workloads().items():
         best: dict[str, float] = {}
         last: dict[str, list[dict[str, Any]]] = {}
@@ -87,7 +177,6 @@ def main() -> None:
                   f"{(accepted / drafted if drafted else 0):>7.0%} {(fwd + accepted) / fwd if fwd else 0:>8.2f} "
                   f"{drafted:>8} {'yes' if same else 'NO':>5}")
             sys.stdout.flush()
-    print(f"# {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":
