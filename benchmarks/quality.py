@@ -30,8 +30,14 @@ Tables, in one run:
    the shapes of benchmarks/moe_stream.py's experts (gate|up 640x768, down 768x320) and of
    Qwen3-30B-A3B's (gate|up 1536x2048), one token and 8 tokens; best of 5, one thread.
 
-Not here yet (issue #24): KV-cache dtypes, and the llama.cpp anchor (llama-cpp-python is not
-installed on this box: benchmarks/requirements-llamacpp.txt takes ~1 h to build here).
+4. **KV cache dtypes** (``--only kv``; local_engine/kv_cache.py): bytes per token of each KV
+   dtype (scales included) and its ratio to f32, perplexity and KL against the f32 KV cache with
+   the same weights, on the built-in model (weights ``auto``) and on the packed demo MoE (pack
+   ``none``); then decode tok/s of each dtype after a 512- and a 2,048-token prompt, 1 thread,
+   best of 2 interleaved rounds, ratio to f32 in the same run.
+
+Not here yet (issue #24): the llama.cpp anchor (llama-cpp-python is not installed on this box:
+benchmarks/requirements-llamacpp.txt takes ~1 h to build here).
 """
 
 from __future__ import annotations
@@ -246,14 +252,91 @@ def kernel_table(out: Callable[[str], None]) -> None:
         torch.set_num_threads(before)
 
 
+# --------------------------------------------------------------------------- KV cache
+
+KV_DTYPES = ("f32", "bf16", "int8", "int4")
+
+
+def kv_table(size: int, moe_tokens: int, work: Path, out: Callable[[str], None]) -> None:
+    from click.testing import CliRunner
+
+    from local_engine import kv_cache
+    from local_engine.cli import main
+    from local_engine.engine import Engine
+    from local_engine.formats.pack import pack
+    from local_engine.models.moe import MoEModel
+    from local_engine.tokenizer import from_hf_dir
+
+    t0 = time.perf_counter()
+    engines = {dt: Engine.open("builtin:smollm2-135m", threads=1, kv_cache={"dtype": dt}) for dt in KV_DTYPES}
+    ids = engines["f32"].tokenizer.encode(load_text())
+    scorer = Scorer(ids, size, engines["f32"].logits)
+    shape = engines["f32"].model.kv_shape()
+    f32_bytes = kv_cache.bytes_per_token(kv_cache.KVConfig("f32"), *shape)
+    out(f"\n## KV cache dtypes: SmolLM2-135M (weights auto), {len(ids)} tokens in {len(scorer.wins)} windows of "
+        f"<= {size}; reference = the f32 KV cache, same weights\n")
+    out("| KV dtype | bytes / token | ÷ f32 | perplexity | Δ ppl | mean KL (nats) | p99 KL | top-1 = ref |")
+    out("|---|---|---|---|---|---|---|---|")
+    ref_ppl = scorer.score(None)["ppl"]
+    for dt, eng in engines.items():
+        r = scorer.score(None if dt == "f32" else eng.logits)
+        b = kv_cache.bytes_per_token(kv_cache.KVConfig(dt), *shape)
+        out(f"| {dt}{' (reference)' if dt == 'f32' else ''} | {b} | {b / f32_bytes:.3f} | {r['ppl']:.3f} | "
+            f"{r['ppl'] - ref_ppl:+.3f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | {r['top1']:.1%} |")
+
+    src = work / "demo"
+    res = CliRunner().invoke(main, ["demo-moe", str(src), "--no-progress"])
+    if res.exit_code != 0:
+        raise SystemExit(f"demo-moe failed: {res.output}")
+    packed = pack(src, work / "none", quant="none", group_size=GROUP, progress=False).root
+    mids = from_hf_dir(packed).encode(load_text())[:moe_tokens]
+    m = MoEModel.open(packed, memory_budget="unlimited", prefetch=False, record_trace=False)
+    try:
+        mscorer = Scorer(mids, size, m.logits)
+        mshape = m.kv_shape()
+        mf32 = kv_cache.bytes_per_token(kv_cache.KVConfig("f32"), *mshape)
+        out(f"\n## KV cache dtypes: packed demo MoE (`none` experts, head_dim {mshape[2]}), {len(mids)} tokens; "
+            f"reference = the f32 KV cache (random weights: perplexity is printed, KL is the measure)\n")
+        out("| KV dtype | bytes / token | ÷ f32 | perplexity (random model) | mean KL (nats) | p99 KL | top-1 = ref |")
+        out("|---|---|---|---|---|---|---|")
+        for dt in KV_DTYPES:
+            m.kv_config = kv_cache.KVConfig(dt)
+            r = mscorer.score(None if dt == "f32" else m.logits)
+            b = kv_cache.bytes_per_token(m.kv_config, *mshape)
+            out(f"| {dt}{' (reference)' if dt == 'f32' else ''} | {b} | {b / mf32:.3f} | {r['ppl']:.1f} | "
+                f"{r['kl_mean']:.3g} | {r['kl_p99']:.3g} | {r['top1']:.1%} |")
+    finally:
+        m.close()
+
+    out("\n## Decode tok/s by KV dtype: SmolLM2-135M (weights auto: qkernel + the fused step), 1 thread, "
+        "a prompt of 512 or 2,048 tokens + 128 tokens, best of 2 interleaved rounds\n")
+    out("| KV dtype | prompt tokens | decode tok/s | ÷ f32 | attention kernel | load average |")
+    out("|---|---|---|---|---|---|")
+    for n in (512, 2048):
+        prompt = engines["f32"].tokenizer.decode(ids[:n])
+        best: dict[str, float] = {}
+        for _ in range(2):  # interleaved rounds: the box's load drifts between settings, not within one
+            for dt, eng in engines.items():
+                eng.prefix_cache.clear()
+                g = eng.generate(prompt, max_tokens=128, temperature=0)
+                "".join(g)
+                best[dt] = max(best.get(dt, 0.0), g.stats.decode_tok_s)
+        load = os.getloadavg()[0]
+        for dt in KV_DTYPES:
+            kern = "qkernel.attn_step (fp32 cache)" if dt == "f32" else "kv_kernel.kv_step (row-wise dequantise)"
+            out(f"| {dt} | {n} | {best[dt]:.1f} | {best[dt] / best['f32']:.2f} | {kern} | {load:.1f} |")
+    out(f"\n(KV tables: {time.perf_counter() - t0:.0f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--moe-tokens", type=int, default=3072,
                     help="first N tokens of the text for the MoE table (its byte-level demo tokenizer makes ~9.4k)")
-    ap.add_argument("--only", choices=("dense", "moe", "kernels"), help="run one table")
+    ap.add_argument("--only", choices=("dense", "moe", "kernels", "kv"), help="run one table")
     ap.add_argument("--out", type=Path, help="also write the tables here")
+    ap.add_argument("--append", action="store_true", help="append to --out (keep the tables already there)")
     a = ap.parse_args()
     lines: list[str] = []
 
@@ -271,8 +354,12 @@ def main() -> None:
             moe_table(a.window, a.moe_tokens, Path(td), out)
     if a.only in (None, "kernels"):
         kernel_table(out)
+    if a.only in (None, "kv"):
+        with tempfile.TemporaryDirectory(prefix="quality-kv-") as td:
+            kv_table(a.window, a.moe_tokens, Path(td), out)
     if a.out:
-        a.out.write_text("\n".join(lines) + "\n")
+        with a.out.open("a" if a.append else "w") as f:
+            f.write(("\n" if a.append else "") + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

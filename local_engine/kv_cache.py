@@ -35,9 +35,8 @@ table are computed in float64 on the fly, so generation goes on past ``max_seq``
 
 ``SLACK`` = 16 spare rows are what make rollback safe: a speculative verify (<= 9 tokens) writes
 past the window and ``crop`` takes them back; the rows it overwrote had already left the window.
-A longer crop after the ring wrapped raises. A prefill chunk longer than ``SLACK`` after the
-window is full evicts the rows its later tokens overwrite before its earlier tokens attend (as
-llama.cpp's context shift evicts before it runs), so those few rows see a shorter window.
+A longer crop after the ring wrapped raises. For the same reason a prefill chunk runs in pieces
+of <= ``SLACK`` tokens once it reaches past the ring's end, so every token sees exactly its window.
 
 Prefix cache (``local_engine/prefix_cache.py``): a compressed cache is kept and reused like the
 fp32 one (its entries cost its own bytes per token, so the same budget holds ~3.8x more int8
@@ -48,6 +47,7 @@ it is not kept (``reusable`` is false).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -301,13 +301,24 @@ class CompressedKVCache:
         """Unrotated ``q [Hq, T, Dh]``, ``k``/``v`` ``[Hkv, T, Dh]`` of the tokens after ``length``:
         rotate, store, attend. Returns ``[Hq, T, Dh]``; the caller advances once all layers ran."""
         hq, T, hd = q.shape
-        hk = self.n_kv_heads
         if T == 1 and self._lib is not None:
             r = torch.cat((q[:, 0], k[:, 0], v[:, 0])).float().contiguous()
             out = torch.empty(hq * hd)
             self.step(layer, r, out)
             return out.view(hq, 1, hd)
         start = self.length
+        if T <= SLACK or start + T <= self.capacity:
+            return self._attend(layer, q, k, v, start)
+        # Past the ring's end, pieces of <= SLACK tokens: a piece's writes then overwrite only rows
+        # that have left the window of every query in it, so each token sees exactly its window.
+        cuts = [0, max(0, self.capacity - start)] if start < self.capacity else [0]
+        cuts = sorted(set(cuts + list(range(cuts[-1], T, SLACK)) + [T]))
+        return torch.cat([self._attend(layer, q[:, a:b], k[:, a:b], v[:, a:b], start + a)
+                          for a, b in itertools.pairwise(cuts) if b > a], 1)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        hq, T, hd = q.shape
+        hk = self.n_kv_heads
         self._check_room(start + T)
         pos = torch.arange(start, start + T)
         cos, _, sin = _rope_rows(self.rope, pos)

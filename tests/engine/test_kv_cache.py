@@ -112,11 +112,11 @@ def _streaming_llm_reference(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tenso
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "torch"])
-@pytest.mark.parametrize("chunk", [1, 5])
+@pytest.mark.parametrize("chunk", [1, 5, 37])
 def test_window_with_sinks_is_streaming_llm_without_rerotating(kernel: bool, chunk: int,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Window keys keep their text position's rotation, the query is rotated twice: the scores are
-    StreamingLLM's (positions within the cache) for decode steps and for chunks of <= SLACK tokens."""
+    StreamingLLM's (positions within the cache) for decode steps and for chunks of any length."""
     if kernel and kv_kernel.load() is None:
         pytest.skip(f"kv kernel unavailable: {kv_kernel.unavailable_reason}")
     gen = torch.Generator().manual_seed(0)
@@ -182,6 +182,7 @@ def test_config_errors_are_one_clear_line() -> None:
 # --------------------------------------------------------------------------- tiny model
 
 
+@pytest.mark.slow  # ~4 s on a quiet box, 10 s under load: 4,096 + 5,000 decode steps
 def test_window_keeps_kv_memory_flat_over_4096_generated_tokens(tiny: Path) -> None:
     """Measured by the cache's own accounting (rows written), not by timing or RSS."""
     eng = Engine.open(tiny, weights="f32", threads=1, max_seq=128,
@@ -267,19 +268,32 @@ def _kl(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float((lr.exp() * (lr - lg)).sum(-1).mean())
 
 
+PROMPTS = ("The history of the printing press begins", "Q: What is the capital of France?\nA:",
+           "Once upon a time, in a small village,", "Water boils at", "The three primary colors are",
+           "Photosynthesis is the process", "In 1969, Neil Armstrong")
+
+
 @pytest.mark.slow
 def test_int8_kv_keeps_greedy_output_of_f32_over_64_tokens(smol_kv: dict[str, Engine]) -> None:
+    """Identical 64-token greedy answers, or the first divergence is where f32 itself nearly ties.
+
+    Measured (Dec 2026 kernels): 5 of these 7 prompts identical; "Q: What is the capital of France?"
+    first differs at token 48 (f32's top two 0.0006 apart, KL 1.6e-4 there) and "In 1969, Neil
+    Armstrong" at token 6 (0.003 apart, KL 1.7e-4). Which prompts tie moves with the weight
+    kernels' rounding (a qkernel change moved the first one from identical)."""
     tok = smol_kv["f32"].tokenizer
-    for prompt in ("Q: What is the capital of France?\nA:", "Once upon a time, in a small village,"):
+    identical = 0
+    for prompt in PROMPTS:
         ids = tok.encode(prompt, add_special=True)
-        assert _greedy(smol_kv["int8"], ids, 64)[0] == _greedy(smol_kv["f32"], ids, 64)[0], prompt
-    # where it does not hold: the first divergence is a near-tie of f32's own top two, at a small KL
-    ids = tok.encode("The history of the printing press begins", add_special=True)
-    a, ra = _greedy(smol_kv["f32"], ids, 64)
-    b, rb = _greedy(smol_kv["int8"], ids, 64)
-    first = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
-    top = torch.topk(ra[first], 2).values
-    assert first == 16 and float(top[0] - top[1]) < 0.05 and _kl(ra[first], rb[first]) < 1e-3
+        a, ra = _greedy(smol_kv["f32"], ids, 64)
+        b, rb = _greedy(smol_kv["int8"], ids, 64)
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if first is None:
+            identical += 1
+            continue
+        top = torch.topk(ra[first], 2).values
+        assert float(top[0] - top[1]) < 0.05 and _kl(ra[first], rb[first]) < 1e-3, (prompt, first)
+    assert identical >= 4
 
 
 def test_int4_kv_within_a_kl_bound_of_f32(smol_kv: dict[str, Engine]) -> None:
@@ -335,3 +349,29 @@ def test_cli_generate_with_a_bounded_int8_cache_runs_past_the_context(tiny: Path
         "local-engine: error: kv_cache max_tokens (8) must be at least sinks + 16 (20)"]
     odd = CliRunner().invoke(main, ["generate", "builtin:smollm2-135m", "--prompt", "x", "--kv-max-tokens", "9000"])
     assert odd.exit_code == 2 and "longer than the model's context" in odd.stderr and "Traceback" not in odd.output
+
+
+def test_packed_moe_runs_on_a_bounded_int8_cache(tmp_path: Path) -> None:
+    """The MoE's attention (layers.attention -> attend, the C step for single tokens) on the demo
+    pack: logits within int8's error of f32 KV before the window fills, flat KV after it."""
+    from local_engine.demo_moe import DemoShape, write_demo_moe
+    from local_engine.formats.pack import pack
+
+    write_demo_moe(tmp_path / "demo", DemoShape(layers=2, experts=4, top_k=2))
+    packed = pack(tmp_path / "demo", tmp_path / "packed", quant="none", group_size=64, progress=False).root
+    ref = Engine.open(packed, memory_budget="unlimited", prefetch=False, threads=1)
+    eng = Engine.open(packed, memory_budget="unlimited", prefetch=False, threads=1,
+                      kv_cache={"dtype": "int8", "max_tokens": 40, "sinks": 4})
+    try:
+        text = "The quick brown fox jumps over the lazy dog. " * 8
+        ids = ref.tokenizer.encode(text)
+        assert len(ids) > 40 + SLACK  # the prompt alone wraps the ring
+        assert _kl(ref.logits(ids[:36]), eng.logits(ids[:36])) < 0.05
+        gen = eng.generate(text, max_tokens=20, temperature=0)
+        "".join(gen)
+        per_token = kv_cache.bytes_per_token(KVConfig("int8"), 2, 2, 32)
+        assert gen.stats.extra["kv_bytes"] == per_token * (40 + SLACK) == eng.memory()["kv_max_bytes"]
+        assert eng.memory()["expert_cache_bytes"] == eng.model.m.expert_bank_bytes
+    finally:
+        ref.close()
+        eng.close()
