@@ -1,0 +1,122 @@
+"""qkernel's several-row path against a baseline revision's, in one process, on the built-in model.
+
+A speculative verify multiplies k+1 activation rows at once; what it costs against single steps
+decides whether drafting pays (local_engine/speculative.py). This loads ``local_engine/qkernel.py``
+as it was at ``--baseline`` (a git revision) next to the working tree's, points every matrix of
+the built-in SmolLM2-135M at one or the other, and interleaves them: prefill tok/s (97 tokens),
+decode tok/s, a 5- and a 9-token verify in single steps, and each matrix kind's time at M rows
+(all 30 layers, so weights stream from memory as in decode). Best of --rounds; 1 thread.
+
+    flock /tmp/bench.lock env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/qkernel_rows.py \\
+        --baseline 64ffb00 | tee benchmarks/results/qkernel_rows.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from local_engine import qkernel
+from local_engine.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def baseline_lib(rev: str) -> Any:
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:local_engine/qkernel.py"], check=True,
+                         capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as td:
+        path = Path(td) / "qkernel_baseline.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location("qkernel_baseline", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        lib = mod.load()
+    if lib is None:
+        raise SystemExit(f"baseline qkernel did not build: {mod.unavailable_reason}")
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", required=True, help="git revision whose qkernel.py is the baseline")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    libs = {"baseline": baseline_lib(a.baseline), "this": qkernel.load()}
+    eng = Engine.open("builtin:smollm2-135m", threads=1, prefix_cache_mb=0)
+    model = eng.model
+    kinds = {"qkv": [L.qkv for L in model.layers], "o": [L.o for L in model.layers],
+             "gate_up": [L.gate_up for L in model.layers], "down": [L.down for L in model.layers],
+             "head": [model.head]}
+    lins = [lin for group in kinds.values() for lin in group]
+
+    def use(name: str) -> None:
+        for lin in lins:
+            lin._fn = libs[name].qmatmul
+        model._qlib = libs[name]
+
+    ids = torch.tensor(eng.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 30)[:97])
+    res: dict[str, dict[str, list[float]]] = {k: {} for k in libs}
+    ms = (1, 2, 4, 8, 9, 16)
+    print(f"# benchmarks/qkernel_rows.py --baseline {a.baseline} --rounds {a.rounds}; load average "
+          f"{os.getloadavg()[0]:.1f} at start (2-core box shared with other sessions)")
+    with torch.inference_mode():
+        for _ in range(a.rounds):
+            for k in libs:
+                use(k)
+                r = res[k]
+                cache = model.new_cache()
+                t = time.perf_counter()
+                model.forward(ids, cache, last_only=True)
+                r.setdefault("prefill", []).append(time.perf_counter() - t)
+                base = cache.length
+                t = time.perf_counter()
+                for i in range(32):
+                    model.forward(torch.tensor([100 + i]), cache)
+                r.setdefault("step", []).append((time.perf_counter() - t) / 32)
+                cache.crop(base)
+                for n in (5, 9):
+                    t = time.perf_counter()
+                    for _ in range(4):
+                        model.verify_forward(torch.arange(n) + 200, cache)
+                        cache.crop(base)
+                    r.setdefault(f"verify{n}", []).append((time.perf_counter() - t) / 4)
+                for m in ms:
+                    tot = 0.0
+                    for name, group in kinds.items():
+                        x = torch.randn(m, group[0].in_features)
+                        t = time.perf_counter()
+                        for lin in group:
+                            lin(x)
+                        dt = time.perf_counter() - t
+                        r.setdefault(f"{name}@{m}", []).append(dt)
+                        tot += dt
+                    r.setdefault(f"all@{m}", []).append(tot)
+    best = {k: {n: min(v) for n, v in r.items()} for k, r in res.items()}
+    print(f"{'':<9} {'prefill tok/s':>13} {'decode tok/s':>12} {'verify-5 / step':>15} {'verify-9 / step':>15}")
+    for k, b in best.items():
+        print(f"{k:<9} {len(ids) / b['prefill']:>13.0f} {1 / b['step']:>12.1f} {b['verify5'] / b['step']:>15.2f} "
+              f"{b['verify9'] / b['step']:>15.2f}")
+    print("\n# all matrices of the model at M activation rows: ms (this / baseline), and M rows / (M x 1 row)")
+    print(f"{'M':>3} " + " ".join(f"{n:>16}" for n in ["all", *kinds]) + f" {'rows vs M x 1':>14}")
+    for m in ms:
+        cells = [f"{best['this'][f'{n}@{m}'] * 1e3:6.2f}/{best['baseline'][f'{n}@{m}'] * 1e3:6.2f}"
+                 for n in ["all", *kinds]]
+        eff = best["this"][f"all@{m}"] / (m * best["this"]["all@1"])
+        eff0 = best["baseline"][f"all@{m}"] / (m * best["baseline"]["all@1"])
+        print(f"{m:>3} " + " ".join(f"{c:>16}" for c in cells) + f" {eff:>6.2f}/{eff0:<6.2f}")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
