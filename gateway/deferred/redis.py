@@ -75,6 +75,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS: job hash; ARGV: callback state. Only on a job still kept (no key without a TTL).
+_CALLBACK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'callback', ARGV[1]) end
+return 1
+"""
+
 
 def _str(value: bytes | None) -> str | None:
     return value.decode() if value else None
@@ -93,6 +99,7 @@ class RedisQueue(DeferredQueue):
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
         self._finish = self._client.register_script(_FINISH)
+        self._callback = self._client.register_script(_CALLBACK)
 
     def _job_key(self, job_id: str) -> str:
         return self._prefix + "job:" + job_id
@@ -159,7 +166,7 @@ class RedisQueue(DeferredQueue):
         return bool(done)
 
     async def set_callback(self, job_id: str, state: str) -> None:
-        await self._call("callback", lambda: self._client.hset(self._job_key(job_id), "callback", state))
+        await self._call("callback", lambda: self._callback(keys=[self._job_key(job_id)], args=[state]))
 
     async def pending(self) -> bool:
         return bool(await self._call("pending", lambda: self._client.zcard(self._due)))

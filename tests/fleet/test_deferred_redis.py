@@ -5,16 +5,18 @@ and fetched from either replica by the client that sent it only."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.fleet.redis_server import RedisServer
-from tests.fleet.test_deferred import PII, PROMPT, defer, wait_for
+from tests.fleet.test_deferred import PII, PROMPT, _Hooks, defer, wait_for
 from tests.support import policies
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.upstream import FakeUpstream
@@ -67,9 +69,13 @@ def test_two_replicas_send_each_deferred_request_once(two: list[RunningGateway],
     for gw in two:
         wait_for(lambda gw=gw: gw.state.runtime.monitor.state("cloud") == "offline", what="cloud offline")
     auth = {"Authorization": "Bearer sk-app"}
+    hooks = ThreadingHTTPServer(("127.0.0.1", 0), _Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    hook = {"x-hybrid-callback-url": f"http://127.0.0.1:{hooks.server_address[1]}/done"}
     ids = []
     for i, gw in enumerate([a, b, a, b, a, b]):
-        status, job, _ = defer(gw.base_url, {**auth, "Idempotency-Key": f"job-{i}"}, text=f"{PROMPT} Item {i}.")
+        status, job, _ = defer(gw.base_url, {**auth, "Idempotency-Key": f"job-{i}", **(hook if i == 5 else {})},
+                               text=f"{PROMPT} Item {i}.")
         assert status == 202, job
         ids.append(job["id"])
     # The same key on the other replica: the same job (the store deduplicates, not the replica).
@@ -98,5 +104,11 @@ def test_two_replicas_send_each_deferred_request_once(two: list[RunningGateway],
     for value in PII:
         assert value in done["response"]["choices"][0]["message"]["content"]
         assert all(value not in json.dumps(body) for body in down_cloud.received)
+    # The callback went out once, restored, and its state is on the shared store.
+    wait_for(lambda: get(a, ids[5]).json()["callback"] == "delivered", what="callback delivered")
+    sent = [body for _, body in _Hooks.received if body["id"] == ids[5]]
+    assert len(sent) == 1 and PII[0] in sent[0]["response"]["choices"][0]["message"]["content"]
+    hooks.shutdown()
+    hooks.server_close()
     for value in PII:
         assert value.encode() not in b"\n".join(redis_server.dump())
