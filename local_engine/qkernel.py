@@ -120,57 +120,61 @@ static void quantize_x(const float *x, int M, int K, const float *normw, float e
    Each weight row is unpacked once, for all M activation rows: its blocks go to int16 (+ an fp32
    scale and min per block) in a small buffer that stays in L1, and every tile of activation rows
    reads it from there. Unpacking is ~a third of a block's work at M = 1; done per tile of 4
-   activation rows (as before) it made a 9-row verify cost ~6 single rows. A tile keeps R weight
-   rows x MM activation rows of accumulators in registers (R, MM compile-time constants at every
-   call site); per block and (weight row, activation row) pair: 2 madd + add + cvt + mul + FMA.
-   The min term (Q4_1, int2, int4) is one FMA per block for the MM rows together: xst holds the
-   activation blocks' sums transposed, [nb][mpad], mpad = M rounded up to 4 (zero padded). */
+   activation rows (as before) it made a 9-row product cost ~6 single rows. Tiles: 2 weight rows
+   x 4 activation rows (mtile24), then remainders (mtile), with the same float operations per
+   (weight row, activation row, block), so results do not depend on M. The min term (Q4_1, int2,
+   int4) uses the activation blocks' sums transposed: xst [nb][mpad], mpad = M rounded up to 4
+   (zero padded); xdt holds their scales the same way. */
 #define MR 2       /* weight rows per tile */
 #define MM_MAX 4   /* activation rows per tile */
 
+static inline int hsum_epi32(__m256i v) {  /* integer: exact in any order */
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    return _mm_cvtsi128_si32(t);
+}
+
+/* A remainder tile (R weight rows x MM < 4 activation rows, or 1 weight row): each pair's block
+   sum reduced to one int32, then the same float operations mtile24 does in its lanes (convert,
+   scale dw * xd, FMA; the min term's FMA; their sum at the end), one scalar at a time, so a row's
+   result does not depend on which tile it fell in: a prefill chunk or a verify gives a position
+   the same logits whatever the batch's size. */
 static inline __attribute__((always_inline)) void mtile(const int16_t *wq, const float *wd, const float *wm,
                                                         const int HASM, const int R, const int MM, int nb,
                                                         const xblock *xq, const float *xst, int mpad, int m, int r,
                                                         int N, float *y, int add) {
-    __m256 acc[MR][MM_MAX];
-    __m128 sacc[MR];
-    for (int i = 0; i < R; i++) {
-        sacc[i] = _mm_setzero_ps();
-        for (int j = 0; j < MM; j++) acc[i][j] = _mm256_setzero_ps();
-    }
+    __m128 acc[MR][MM_MAX], sacc[MR][MM_MAX];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) { acc[i][j] = _mm_setzero_ps(); sacc[i][j] = _mm_setzero_ps(); }
     for (int b = 0; b < nb; b++) {
         __m256i w0[MR], w1[MR];
-        __m256 dv[MR];
         for (int i = 0; i < R; i++) {
             const int16_t *p = wq + ((size_t)i * nb + b) * 32;
             w0[i] = _mm256_loadu_si256((const __m256i *)p);
             w1[i] = _mm256_loadu_si256((const __m256i *)(p + 16));
-            dv[i] = _mm256_broadcast_ss(wd + (size_t)i * nb + b);
         }
         for (int j = 0; j < MM; j++) {
             const xblock *xb = xq + (size_t)(m + j) * nb + b;
             __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
-            __m256 xd = _mm256_broadcast_ss(&xb->d);
+            __m128 xd = _mm_set_ss(xb->d);
             for (int i = 0; i < R; i++) {
-                __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
-                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(dv[i], xd), acc[i][j]);
+                int t = hsum_epi32(_mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1)));
+                __m128 sc = _mm_mul_ss(_mm_set_ss(wd[(size_t)i * nb + b]), xd);
+                acc[i][j] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), t), sc, acc[i][j]);
+                if (HASM)
+                    sacc[i][j] = _mm_fmadd_ss(_mm_set_ss(wm[(size_t)i * nb + b]),
+                                              _mm_set_ss(xst[(size_t)b * mpad + m + j]), sacc[i][j]);
             }
         }
-        if (HASM) {
-            __m128 s = _mm_loadu_ps(xst + (size_t)b * mpad + m);
-            for (int i = 0; i < R; i++) sacc[i] = _mm_fmadd_ps(_mm_broadcast_ss(wm + (size_t)i * nb + b), s, sacc[i]);
-        }
     }
-    for (int i = 0; i < R; i++) {
-        float sm[4];
-        _mm_storeu_ps(sm, sacc[i]);
+    for (int i = 0; i < R; i++)
         for (int j = 0; j < MM; j++) {
-            float v = hsum8(acc[i][j]) + (HASM ? sm[j] : 0.0f);
+            float v = _mm_cvtss_f32(HASM ? _mm_add_ss(acc[i][j], sacc[i][j]) : acc[i][j]);
             float *o = y + (size_t)(m + j) * N + r + i;
             *o = add ? *o + v : v;
         }
-    }
 }
 
 /* The full tile, 2 weight rows x 4 activation rows: the 8 pairs' int32 block sums are reduced

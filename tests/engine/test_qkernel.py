@@ -210,6 +210,8 @@ def test_every_row_count_matches_reference_and_single_rows(lib, fmt: str) -> Non
     x = torch.randn(16, 320, generator=torch.Generator().manual_seed(4))
     x[:, 3] *= 60.0
     single = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+    every = torch.cat([lin(x[:16]), lin(x[13:16])])  # rows 13..15 again: a 3-row remainder tile
+    assert torch.equal(every[13:16], every[16:])
     for m in range(1, 17):
         y = lin(x[:m])
         ref = x[:m] @ deq.T
@@ -217,6 +219,8 @@ def test_every_row_count_matches_reference_and_single_rows(lib, fmt: str) -> Non
         assert rel < 5e-4, f"{fmt} M={m}: relative error {rel:.2e} against the dequantised matmul"
         drift = ((y - single[:m]).abs().max() / single[:m].abs().max()).item()
         assert drift < 2e-6, f"{fmt} M={m}: rows differ from the single-row path by {drift:.2e}"
+        if m > 1:  # a row's result does not depend on the batch: full tiles and remainders agree bitwise
+            assert torch.equal(y, every[:m]), f"{fmt} M={m}: a row changed with the number of rows"
 
 
 @pytest.mark.parametrize("m", [2, 9])
