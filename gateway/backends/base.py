@@ -61,6 +61,9 @@ class CallOptions:
     deadline: float  # absolute time.monotonic() by which the call must have finished
     request_id: str = ""
     trace: RequestTrace | None = None  # the request's spans (gateway/tracing.py); None: tracing off
+    # Sent as the `Idempotency-Key` header where the target speaks HTTP: a deferred request sent
+    # again after a worker died mid-call carries the same key (gateway/deferred/worker.py).
+    idempotency_key: str | None = None
 
 
 class Backend(abc.ABC):

@@ -43,6 +43,10 @@ class StreamReader(Protocol):
     def feed(self, event: Any) -> list[dict[str, Any]]: ...
 
 
+def _call_headers(opts: CallOptions) -> dict[str, str] | None:
+    return {"Idempotency-Key": opts.idempotency_key} if opts.idempotency_key else None
+
+
 class OpenAIHTTPBackend(Backend):
     supports_embeddings = True
 
@@ -106,7 +110,8 @@ class OpenAIHTTPBackend(Backend):
         """One non-streamed POST: errors mapped at the seam, the answer a JSON object whose
         `list_key` is a list (`what` names it in the protocol error)."""
         try:
-            async with self._client().post(url, data=payload, timeout=self._timeout(opts, False)) as resp:
+            async with self._client().post(url, data=payload, timeout=self._timeout(opts, False),
+                                           headers=_call_headers(opts)) as resp:
                 content = await resp.read()
                 if resp.status >= 400:
                     raise status_error(self.name, resp.status, resp.headers.get("retry-after"), content)
@@ -125,7 +130,7 @@ class OpenAIHTTPBackend(Backend):
     async def stream(self, body: dict[str, Any], opts: CallOptions) -> AsyncIterator[dict[str, Any]]:
         try:
             resp = await self._client().post(
-                self.url, data=self._payload(body, True), timeout=self._timeout(opts, True)
+                self.url, data=self._payload(body, True), timeout=self._timeout(opts, True), headers=_call_headers(opts)
             )
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: timeout") from None

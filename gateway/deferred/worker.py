@@ -94,7 +94,8 @@ class DeferredWorker:
         if not any(rt.monitor.state(t) == "online" for t in chain):
             await queue.release(job, self.owner, cfg.poll_s, attempted=False)
             return 0
-        opts = CallOptions(deadline=time.monotonic() + rt.policy.limits.request_timeout_s, request_id=job.id)
+        opts = CallOptions(deadline=time.monotonic() + rt.policy.limits.request_timeout_s, request_id=job.id,
+                           idempotency_key=job.idempotency_key)
         try:
             outcome = await rt.dispatcher.complete(chain, lambda t: self._body(rt, job, t), opts)
         except AllTargetsFailed as exc:

@@ -128,6 +128,8 @@ def test_deferred_while_offline_then_sent_once_with_pii_restored(
         time.sleep(0.6)  # a few more worker ticks: nothing is sent twice
         sent = [json.dumps(b) for b in down_cloud.received]
         assert len(sent) == 2
+        keys = {h.get("Idempotency-Key") for h in down_cloud.received_headers}
+        assert keys == {"order-17", by_rule["id"]}  # the client's key, else ours, reaches the cloud
         for value in PII:
             assert all(value not in body for body in sent), "raw PII reached the cloud"
         for value in PII:
