@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -48,6 +48,36 @@ _SPEC_METRICS: tuple[tuple[str, str, str, Any], ...] = (
      "tokens_per_forward"),
 )
 
+# Continuous batching (engine_backend puts local_engine.scheduler's stats under stats()["serving"]).
+_SERVING_METRICS: tuple[tuple[str, str, str, Any], ...] = (
+    ("hybrid_engine_queue_depth", "gauge", "Requests waiting for a place in the engine's batch", "queue_depth"),
+    ("hybrid_engine_active_sequences", "gauge", "Sequences in the engine (prefilling or decoding)",
+     "active_sequences"),
+    ("hybrid_engine_batch_size", "gauge", "Sequences in the engine's last decode step", "batch_size"),
+    ("hybrid_engine_mean_batch_size", "gauge", "Decode tokens per decode step since load", "mean_batch_size"),
+    ("hybrid_engine_decode_steps", "counter", "Batched decode steps", "decode_steps"),
+    ("hybrid_engine_decode_tokens", "counter", "Tokens decoded (all sequences)", "decode_tokens"),
+    ("hybrid_engine_prefill_chunks", "counter", "Prompt chunks prefilled", "prefill_chunks"),
+    ("hybrid_engine_prefix_cache_hit_ratio", "gauge", "Prefix-cache hits / lookups since load",
+     "prefix_cache_hit_ratio"),
+)
+
+
+def _ttft_family(stats: dict[str, dict[str, Any]]) -> Any:
+    """Time to first token per request (the scheduler's buckets: cumulative counts, +Inf last)."""
+    fam = HistogramMetricFamily("hybrid_engine_ttft_seconds",
+                                "Local engine: time from a request's arrival to its first token", labels=["target"])
+    for target, values in stats.items():
+        t = values.get("serving", {}).get("ttft") if isinstance(values.get("serving"), dict) else None
+        if not isinstance(t, dict):
+            continue
+        acc, buckets = 0, []
+        for edge, n in zip([*t["buckets"], float("inf")], t["counts"], strict=True):
+            acc += n
+            buckets.append(("+Inf" if edge == float("inf") else repr(float(edge)), acc))
+        fam.add_metric([target], buckets, float(t["sum"]))
+    return fam
+
 
 class _EngineCollector:
     """Reads engine stats at scrape time, so the hot path pays nothing for them."""
@@ -68,6 +98,8 @@ class _EngineCollector:
         yield fam
         yield from self._families(stats, "moe", _MOE_METRICS)
         yield from self._families(stats, "speculative", _SPEC_METRICS)
+        yield from self._families(stats, "serving", _SERVING_METRICS)
+        yield _ttft_family(stats)
 
     @staticmethod
     def _families(stats: dict[str, dict[str, Any]], part: str, table: tuple[tuple[str, str, str, Any], ...]) -> Any:

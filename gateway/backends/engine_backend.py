@@ -1,9 +1,13 @@
 """The in-process engine as a gateway Backend (``engine: local_engine`` targets).
 
-The model is not re-entrant and generation is CPU-bound, so exactly one worker thread runs it,
-fed by a bounded queue: a full queue is answered at once with ``BackendError("overloaded", 503,
-retry_after)``, never an unbounded pile-up. The event loop only awaits results: the worker hands
-each text delta over with ``loop.call_soon_threadsafe``.
+Requests share the model through continuous batching (local_engine/scheduler.py): up to
+``max_batch`` sequences decode together, one engine thread runs them. A worker thread takes the
+requests in arrival order, renders and tokenises each (and loads the model on first use), and
+hands it to the scheduler. At most ``max_queue`` requests are in the backend at once (running or
+waiting): one more is answered at once with ``BackendError("overloaded", 503, retry_after)``,
+never an unbounded pile-up. The event loop only awaits results: text deltas come over with
+``loop.call_soon_threadsafe``. A target with speculative decoding on runs its requests one at a
+time on the worker (speculation is a single-stream path: local_engine/speculative.py).
 
 Deadline (``opts.deadline``) and cancellation (the client went away: the async generator is
 closed, or the awaiting task cancelled) both reach the worker through a flag it polls between
@@ -31,9 +35,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.backends.base import Backend, BackendError, CallOptions
+
+if TYPE_CHECKING:
+    from local_engine.engine import Generation
+    from local_engine.scheduler import Scheduler
 
 _SENTINEL = object()
 _STRUCTURE = ("response_format", "tools", "tool_choice", "parallel_tool_calls")  # passed to Engine.chat
@@ -59,11 +67,14 @@ class EngineBackend(Backend):
     supports_embeddings = True  # the device's own MiniLM (gateway/backends/local_embeddings.py)
 
     def __init__(self, name: str, model_path: str, *, threads: int | None = None, max_queue: int = 8,
-                 default_max_tokens: int = 256, **engine_opts: Any) -> None:
+                 max_batch: int = 8, default_max_tokens: int = 256, **engine_opts: Any) -> None:
         self.name = name
         self.model_path = model_path
         self.threads = threads
         self.max_queue = max_queue
+        self.max_batch = max(1, min(max_batch, max_queue))
+        self._scheduler: Scheduler | None = None
+        self._flight_lock = threading.Lock()
         self.default_max_tokens = default_max_tokens
         self.engine_opts = engine_opts
         # What OpenAI's system_fingerprint means: the configuration the answers come from.
@@ -123,6 +134,8 @@ class EngineBackend(Backend):
         if self._worker is not None and self._worker.is_alive():
             self._jobs.put(_SENTINEL)
             await asyncio.to_thread(self._worker.join, 5.0)
+        if self._scheduler is not None:
+            await asyncio.to_thread(self._scheduler.close, 5.0)
         if self.engine is not None and (self._worker is None or not self._worker.is_alive()):
             # nothing runs the model any more: release its files and threads (a packed MoE's
             # expert store). A worker stuck past the join keeps them; the process exit frees them.
@@ -138,6 +151,9 @@ class EngineBackend(Backend):
             s.update(self.engine.prefix_cache.stats())  # numbers: /metrics exports them per target
             s.update({f"memory_{k}": v for k, v in self.engine.memory().items()})  # weights + experts + KV
             s["speculative"] = self.engine.spec_totals.as_dict()  # exported as hybrid_speculative_*
+        sched = self._scheduler
+        if sched is not None:
+            s["serving"] = sched.stats()  # exported as hybrid_engine_{queue_depth,batch_size,ttft_seconds,...}
         if self.load_error:
             s["load_error"] = self.load_error
         moe = self._moe_stats()
@@ -167,32 +183,51 @@ class EngineBackend(Backend):
                 except BackendError:
                     pass
                 continue
-            self._stats["in_flight"] = 1
-            t0 = time.monotonic()
+            self._flight(+1)
+            handed = False
             try:
-                self._serve(job)
+                handed = self._serve(job)
             finally:
-                self._stats["in_flight"] = 0
-                self._slots.release()
-                dt = time.monotonic() - t0
-                avg = self._stats["avg_job_s"]
-                self._stats["avg_job_s"] = round(dt if avg is None else 0.8 * avg + 0.2 * dt, 3)
+                if not handed:
+                    self._release(job)
 
-    def _serve(self, job: _Job) -> None:
+    def _flight(self, n: int) -> None:
+        with self._flight_lock:
+            self._stats["in_flight"] += n
+
+    def _release(self, job: _Job) -> None:
+        """The job left the backend (answered, failed or cancelled): its slot is free again."""
+        self._flight(-1)
+        self._slots.release()
+        dt = time.monotonic() - job.enqueued
+        avg = self._stats["avg_job_s"]
+        self._stats["avg_job_s"] = round(dt if avg is None else 0.8 * avg + 0.2 * dt, 3)
+
+    def _batching(self) -> Scheduler | None:
+        """The scheduler, made on first use; None when requests run one at a time (speculation on)."""
+        if self.engine.speculative != "off":
+            return None
+        if self._scheduler is None:
+            from local_engine.scheduler import Scheduler
+
+            self._scheduler = Scheduler(self.engine, max_batch=self.max_batch, max_waiting=self.max_queue)
+        return self._scheduler
+
+    def _serve(self, job: _Job) -> bool:
+        """Start ``job``; True when the scheduler took it (it releases the slot when done)."""
         if job.cancel.is_set():
             job.emit(("end", None))
-            return
+            return False
         if time.monotonic() >= job.deadline:
             self._stats["timeouts"] += 1
             job.emit(("error", BackendError("timeout", f"{self.name}: deadline passed while queued")))
-            return
+            return False
         try:
             self.load()
         except BackendError as e:
             self._stats["errors"] += 1
             job.emit(("error", e))
-            return
-        from local_engine.errors import EngineError
+            return False
 
         def should_stop() -> bool:
             return job.cancel.is_set() or time.monotonic() >= job.deadline
@@ -200,16 +235,38 @@ class EngineBackend(Backend):
         try:
             gen = self.engine.chat(job.messages, should_stop=should_stop, continue_final_message=job.continue_final,
                                    **job.structure, **job.sampling)
+            sched = self._batching()
+            if sched is not None:
+                def done(error: BaseException | None) -> None:
+                    try:
+                        if error is None:
+                            self._report(job, gen)
+                        else:
+                            self._failed(job, error)
+                    finally:
+                        self._release(job)
+
+                sched.submit(gen, lambda delta: job.emit(("delta", delta)), done)
+                return True
             for delta in gen:
                 job.emit(("delta", delta))
-        except EngineError as e:
-            self._stats["errors"] += 1
+        except Exception as e:  # an EngineError is the request's fault (400), anything else a bug
+            self._failed(job, e)
+            return False
+        self._report(job, gen)
+        return False
+
+    def _failed(self, job: _Job, e: BaseException) -> None:
+        from local_engine.errors import EngineError
+
+        self._stats["errors"] += 1
+        if isinstance(e, EngineError):
             job.emit(("error", BackendError("invalid", f"{self.name}: {e}")))
-            return
-        except Exception as e:  # a bug in the engine must not kill the worker thread
-            self._stats["errors"] += 1
+        else:  # a bug in the engine must not kill the worker thread
             job.emit(("error", BackendError("protocol", f"{self.name}: engine failed: {type(e).__name__}: {e}")))
-            return
+
+    def _report(self, job: _Job, gen: Generation) -> None:
+        """Count a finished generation and send its end (or the deadline's error) to the caller."""
         st = gen.stats
         self._stats["last_start_step"] = gen.start_step
         self._stats["completed"] += 1

@@ -492,6 +492,41 @@ class LlamaModel:
             return self.head.fused(x, self.norm, eps)
         return self.head(rms(x, (d,), self.norm, eps)).float()
 
+    @torch.inference_mode()
+    def step_batch(self, ids: torch.Tensor, caches: list[Any]) -> torch.Tensor:
+        """One decode token for each of B sequences (local_engine/scheduler.py): ``ids`` [B], token
+        b runs after the ``caches[b].length`` tokens of its own cache; fp32 logits [B, vocab].
+
+        The matmuls take the B rows together, so each weight block is read once per step for the
+        whole batch (the decode step's cost is its weight bytes); attention stays per sequence
+        (each has its own length). One row is exactly ``forward``'s decode step. Without the fused
+        GGUF kernels each sequence runs alone (correct, not faster)."""
+        B = ids.shape[0]
+        if B == 1 or not self._fused:
+            return torch.cat([self.forward(ids[b:b + 1], caches[b], last_only=True) for b in range(B)])
+        c = self.cfg
+        for cache in caches:
+            if cache.length >= cache.max_seq:
+                raise ValueError(f"context length exceeded: {cache.length + 1} > {cache.max_seq} tokens")
+        ffn, eps = self._ffn, c.eps
+        x = self.embed(ids)
+        o = torch.empty(B, c.n_heads * c.head_dim)
+        attends = [self._step_attention(cache, o[b]) for b, cache in enumerate(caches)]
+        for i, L in enumerate(self.layers):
+            r = L.qkv.fused(x, L.attn_norm, eps)
+            if L.qkv.bias is not None:
+                r = r + L.qkv.bias
+            for b, attend in enumerate(attends):
+                attend(i, r[b])
+            L.o.fused(o, out=x)
+            gu = L.gate_up.fused(x, L.ffn_norm, eps)
+            L.down.fused(F.silu(gu[:, :ffn]) * gu[:, ffn:], out=x)
+        for cache in caches:
+            cache.advance(1)
+        if isinstance(self.head, GGUFBlockLinear):
+            return self.head.fused(x, self.norm, eps)
+        return self.head(F.rms_norm(x, (c.d_model,), self.norm, eps)).float()
+
     def _step_attention(self, cache: Any, o: torch.Tensor) -> Any:
         """``(layer, qkv rows) -> None``: RoPE, K/V write and attention of one token into ``o``."""
         if not isinstance(cache, KVCache):
