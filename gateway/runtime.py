@@ -49,6 +49,7 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             cfg.model_path or "",
             threads=cfg.threads,
             max_queue=cfg.max_queue,
+            max_batch=cfg.max_batch,
             default_max_tokens=cfg.default_max_tokens,
             **opts,
         )

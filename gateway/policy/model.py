@@ -172,6 +172,9 @@ class LocalTarget(_Strict):
     client: Literal["auto", "litellm", "openai"] = "auto"
     threads: int | None = Field(None, ge=1)
     max_queue: int = Field(8, ge=1)
+    max_batch: int = Field(
+        8, ge=1, description="For engine: requests decoded together (continuous batching, "
+        "local_engine/scheduler.py); at most max_queue, which counts running and waiting requests.")
     memory_budget: str | None = None
     prefix_cache_mb: float | None = Field(
         None, ge=0, description="For engine: MB of KV from earlier prompts kept for reuse by longest common "
