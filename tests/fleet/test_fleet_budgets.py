@@ -4,6 +4,10 @@ every replica, each of which re-reads and validates the file itself."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +19,7 @@ import pytest
 
 from tests.fleet.redis_server import RedisServer
 from tests.support import policies
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import RunningGateway, free_port, run_gateway
 from tests.support.upstream import FakeUpstream
 
 pytestmark = pytest.mark.slow  # a real redis-server and three gateway replicas
@@ -167,3 +171,33 @@ def test_a_reload_on_one_replica_reloads_every_replica(replicas: list[RunningGat
         with c.client() as http:
             assert http.post("/admin/reload", headers=ADMIN).json()["reloaded"] is True
     assert _wait_for(lambda: all(_policy_error(gw) is None and _rule(gw) == "cloud" for gw in replicas))
+
+
+def test_sighup_on_a_served_gateway_reloads_the_fleet(replicas: list[RunningGateway], policy_path: Path,
+                                                      cloud: FakeUpstream, local: FakeUpstream,
+                                                      redis_server: RedisServer) -> None:
+    """`hybrid-gateway serve` in its own process (SIGHUP needs the main thread): a SIGHUP to it
+    reloads the replicas in this process too."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--policy", str(policy_path),
+                             "--port", str(port), "--no-watch", "--log-level", "WARNING"],
+                            env={**os.environ, "NO_PROXY": "*"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    good = policy_path.read_text()
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2, trust_env=False).status_code == 200
+            except httpx.HTTPError:
+                return False
+        assert _wait_for(up, timeout=120), f"the gateway did not start (exit code {proc.poll()})"
+        write(policy_path, cloud, local, redis_server.url, extra="  - {name: hup, when: {client: app}, route: local}\n")
+        proc.send_signal(signal.SIGHUP)
+        assert _wait_for(lambda: all(_rule(gw) == "hup" for gw in replicas))
+        assert proc.poll() is None  # and it is still serving
+    finally:
+        policy_path.write_text(good)
+        with replicas[0].client() as http:
+            http.post("/admin/reload", headers=ADMIN)
+        proc.terminate()
+        proc.wait(20)
+    assert _wait_for(lambda: all(_rule(gw) == "cloud" for gw in replicas))
