@@ -3,7 +3,11 @@
 (a) time to first token of turn 5 of a 5-turn conversation with a ~1,500-token system prompt,
 prefix cache on vs off (target >= 5x); (b) prefill tok/s and peak RSS at 256 / 1k / 4k prompt
 tokens, chunked (the default, models/llama.py PREFILL_CHUNK) and in one pass, each size in its own
-process (peak RSS is the process's VmHWM).
+process (peak RSS is the process's VmHWM); (c) aggregate decode tok/s of 1 / 4 / 8 concurrent
+requests through the scheduler (local_engine/scheduler.py: continuous batching; target >= 2.5x
+the single stream at 8), and the model's batched step alone; (d) p95 time to first token of short
+requests arriving while a 4k-token prompt is prefilled, against the same requests on an idle
+engine and against the wait behind the whole prefill that one-at-a-time serving gave.
 
 Turns 1-4 run once on the engine with the cache (greedy, so the conversation is the same for both
 runs); turn 5 is then timed on that engine (its prefix cache holds turn 4) and on the same model
@@ -105,9 +109,15 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",")], default=[256, 1024, 4096])
+    ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",") if x], default=[256, 1024, 4096])
     ap.add_argument("--one-pass-max", type=int, default=1024, help="largest prompt also run in one pass")
     ap.add_argument("--skip-conversation", action="store_true")
+    ap.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 4, 8],
+                    help="(c): concurrent requests; empty: skip")
+    ap.add_argument("--decode-tokens", type=int, default=48, help="(c): max_tokens per request")
+    ap.add_argument("--long-prompt", type=int, default=4096, help="(d): the long prompt's tokens; 0: skip")
+    ap.add_argument("--short-requests", type=int, default=12, help="(d): short requests during its prefill")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="(d): the scheduler's chunk (default 256)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--chunked", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -118,6 +128,10 @@ def main() -> None:
         conversation(a)
     if a.prefill:
         prefill_table(a)
+    if a.streams:
+        concurrency_table(a)
+    if a.long_prompt:
+        ttft_under_prefill(a)
 
 
 def conversation(a: argparse.Namespace) -> None:
@@ -156,6 +170,146 @@ def conversation(a: argparse.Namespace) -> None:
           f"cache on {t_on:.3f} s ({c_on} tokens reused): {best_off / t_on:.1f}x faster (target >= 5x)")
     print(f"same greedy answer with and without the cache: {len(answers) == 1}")
     print(f"prefix cache: {eng.prefix_cache.stats()}")
+    print(f"load avg after {os.getloadavg()[0]:.2f}")
+
+
+STORIES = ["Write a long story about a dragon who learns to cook.", "Write a long story about a lighthouse keeper.",
+           "Write a long story about a robot in a library.", "Write a long story about two rival bakers.",
+           "Write a long story about a cat that runs a hotel.", "Write a long story about a river that talks.",
+           "Write a long story about a clockmaker's apprentice.", "Write a long story about a garden on Mars."]
+
+
+class _Run:
+    """Requests submitted to one scheduler; times the window where all of them decode together."""
+
+    def __init__(self, sched: Any, n: int) -> None:
+        import threading
+
+        self.sched, self.n = sched, n
+        self.first: set[int] = set()
+        self.done = threading.Semaphore(0)
+        self.start: tuple[float, int] | None = None  # (time, decode tokens) once all n have a token
+        self.end: tuple[float, int] | None = None  # the same at the first finish
+
+    def submit(self, i: int, gen: Any) -> None:
+        def on_delta(_: str) -> None:
+            if i not in self.first:
+                self.first.add(i)
+                if len(self.first) == self.n:
+                    self.start = (time.perf_counter(), self.sched.decode_tokens)
+
+        def on_done(err: BaseException | None) -> None:
+            if err is not None:
+                print(f"request {i} failed: {err}", file=sys.stderr)
+            if self.end is None:
+                self.end = (time.perf_counter(), self.sched.decode_tokens)
+            self.done.release()
+
+        self.sched.submit(gen, on_delta, on_done)
+
+    def wait(self) -> None:
+        for _ in range(self.n):
+            self.done.acquire()
+
+
+def concurrency_table(a: argparse.Namespace) -> None:
+    import torch
+
+    from local_engine.scheduler import Scheduler
+
+    eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0)
+    print()
+    print(f"(c) aggregate decode tok/s, chat story prompts, greedy, max_tokens {a.decode_tokens}, "
+          f"load avg {os.getloadavg()[0]:.2f}")
+    print("    scheduler: tokens decoded while every request decodes / that window's seconds; "
+          "step_batch: the model's batched step alone (32 steps)")
+    print(f"{'streams':>7} | {'scheduler tok/s':>15} | {'vs 1 stream':>11} | {'step_batch tok/s':>16} | "
+          f"{'vs 1 stream':>11} | {'mean batch':>10}")
+    base_s = base_m = 0.0
+    m = eng.model
+    for n in a.streams:
+        sched = Scheduler(eng, max_batch=max(a.streams), max_waiting=0)
+        run = _Run(sched, n)
+        for i in range(n):
+            run.submit(i, eng.chat([{"role": "user", "content": STORIES[i % len(STORIES)]}],
+                                   max_tokens=a.decode_tokens, temperature=0))
+        run.wait()
+        st = sched.stats()
+        sched.close()
+        assert run.start is not None and run.end is not None
+        tok_s = (run.end[1] - run.start[1]) / (run.end[0] - run.start[0])
+        # the model alone: n caches after a 32-token prompt, 32 batched steps
+        caches = []
+        for i in range(n):
+            c = m.new_cache()
+            m.forward(torch.tensor(eng.tokenizer.encode(STORIES[i % len(STORIES)] * 3)[:32]), c, last_only=True)
+            caches.append(c)
+        ids = torch.tensor([eng.tokenizer.encode(" the")[0]] * n)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(32):
+                m.step_batch(ids, caches)
+        model_tok_s = 32 * n / (time.perf_counter() - t0)
+        base_s, base_m = (tok_s, model_tok_s) if n == 1 else (base_s, base_m)
+        rs = f"{tok_s / base_s:.2f}x" if base_s else "-"
+        rm = f"{model_tok_s / base_m:.2f}x" if base_m else "-"
+        print(f"{n:>7} | {tok_s:>15.1f} | {rs:>11} | {model_tok_s:>16.1f} | {rm:>11} | {st['mean_batch_size']:>10.2f}",
+              flush=True)
+    print(f"load avg after {os.getloadavg()[0]:.2f}")
+
+
+def _p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(0.95 * len(xs)) - 1))]
+
+
+def ttft_under_prefill(a: argparse.Namespace) -> None:
+    import threading
+
+    from local_engine.scheduler import Scheduler
+
+    eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0)
+    shorts = [f"{q} (question {i})" for i, q in enumerate(QUESTIONS * 3)][:a.short_requests]
+
+    def short_ttfts(sched: Scheduler, gap_s: float, during: threading.Event | None) -> list[float]:
+        out = []
+        for q in shorts:
+            if during is not None and during.is_set():
+                break  # the long prompt's prefill is over: later ones would not measure it
+            gen = eng.chat([{"role": "user", "content": q}], max_tokens=4, temperature=0)
+            got = threading.Event()
+            sched.submit(gen, lambda _: None, lambda _e, got=got: got.set())
+            got.wait()
+            out.append(gen.stats.extra.get("ttft_s", float("nan")))
+            time.sleep(gap_s)
+        return out
+
+    print()
+    chunk = a.prefill_chunk or 256
+    print(f"(d) TTFT of short requests (one at a time, 4 tokens each) while a {a.long_prompt}-token prompt "
+          f"is prefilled in chunks of {chunk}, load avg {os.getloadavg()[0]:.2f}")
+    idle = Scheduler(eng, prefill_chunk=a.prefill_chunk)
+    alone = short_ttfts(idle, 0.0, None)
+    idle.close()
+    sched = Scheduler(eng, prefill_chunk=a.prefill_chunk)
+    long_gen = eng.generate(system_prompt(eng, a.long_prompt), max_tokens=1, temperature=0)
+    n_long = len(long_gen.prompt_ids)
+    prefilled = threading.Event()
+    t0 = time.perf_counter()
+    t_long: list[float] = []
+    sched.submit(long_gen, lambda _: None, lambda _e: (t_long.append(time.perf_counter() - t0), prefilled.set()))
+    time.sleep(0.5)  # it has started
+    during = short_ttfts(sched, 0.5, prefilled)
+    prefilled.wait()
+    sched.close()
+    print(f"{'':>24} | {'n':>3} | {'p50 s':>7} | {'p95 s':>7}")
+    for name, xs in (("idle engine", alone), ("during the long prefill", during)):
+        print(f"{name:>24} | {len(xs):>3} | {sorted(xs)[len(xs) // 2]:>7.3f} | {_p95(xs):>7.3f}")
+    print(f"the long prompt ({n_long} tokens): {t_long[0]:.1f} s to its first token "
+          f"({n_long / t_long[0]:.0f} tok/s with the short requests interleaved); one at a time, a short "
+          f"request arriving with it waited that long")
+    print(f"p95 during / idle: {_p95(during) / _p95(alone):.1f}x; one-at-a-time wait / p95 during: "
+          f"{t_long[0] / _p95(during):.0f}x")
     print(f"load avg after {os.getloadavg()[0]:.2f}")
 
 
