@@ -191,17 +191,43 @@ static inline __attribute__((always_inline)) __m256i red4(__m256i a, __m256i b, 
 
 static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, const float *wd, const float *wm,
                                                           const int HASM, int nb, const xblock *xq, const float *xdt,
-                                                          const float *xst, int mpad, int m, int r, int N, float *y,
-                                                          int add) {
+                                                          const float *xst, int mpad, int m, int valid, int r, int N,
+                                                          float *y, int add, const uint8_t *gw, const int QT) {
+    /* valid < 4: a remainder run as a full tile, the missing activation rows read as the last
+       valid one (their lanes are computed and dropped; the valid lanes' arithmetic is the same).
+       QT (1: Q4_1, 8: Q8_0): weight rows r, r + 1 unpacked from the GGUF blocks at gw here, not
+       read from the buffer: with one tile (M <= 4) the buffer's store and reload cost more than
+       they save (the same int16 codes and scales, so the same results). */
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
-    const xblock *x0r = xq + (size_t)m * nb, *x1r = x0r + nb, *x2r = x1r + nb, *x3r = x2r + nb;
+    const xblock *x0r = xq + (size_t)m * nb;
+    const xblock *x1r = x0r + (size_t)(valid > 1 ? 1 : 0) * nb, *x2r = x0r + (size_t)(valid > 2 ? 2 : valid - 1) * nb;
+    const xblock *x3r = x0r + (size_t)(valid > 3 ? 3 : valid - 1) * nb;
     for (int b = 0; b < nb; b++) {
         /* one weight row at a time (its 4 products reduced at once): few live registers, no
            spills; the activation blocks are re-read from L1 for the second row */
         __m256i g[2];
+        float dws[2], mws[2];
         for (int i = 0; i < 2; i++) {
-            const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
-            __m256i a0 = _mm256_loadu_si256((const __m256i *)wp), a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+            __m256i a0, a1;
+            if (QT) {
+                const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * bs;
+                dws[i] = h2f(blk);
+                if (QT == 1) {
+                    mws[i] = h2f(blk + 2);
+                    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+                    a0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, lowmask));
+                    a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lowmask));
+                } else {
+                    a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+                    a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+                }
+            } else {
+                const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
+                a0 = _mm256_loadu_si256((const __m256i *)wp);
+                a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+            }
 #define PAIR(XR) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
                                   _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16))))
             g[i] = red4(PAIR(x0r), PAIR(x1r), PAIR(x2r), PAIR(x3r));
@@ -210,19 +236,21 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
         __m256i g0 = g[0], g1 = g[1];
         __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
         __m256 xd = _mm256_broadcast_ps((const __m128 *)(xdt + (size_t)b * mpad + m));
-        __m256 dw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
-                                         _mm_broadcast_ss(wd + nb + b), 1);
+        __m256 dw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(dws[0])), _mm_set1_ps(dws[1]), 1)
+                       : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
+                                              _mm_broadcast_ss(wd + nb + b), 1);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, xd), acc);
         if (HASM) {
-            __m256 mw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wm + b)),
-                                             _mm_broadcast_ss(wm + nb + b), 1);
+            __m256 mw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(mws[0])), _mm_set1_ps(mws[1]), 1)
+                           : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wm + b)),
+                                                  _mm_broadcast_ss(wm + nb + b), 1);
             sacc = _mm256_fmadd_ps(mw, _mm256_broadcast_ps((const __m128 *)(xst + (size_t)b * mpad + m)), sacc);
         }
     }
     float v[8];
     _mm256_storeu_ps(v, HASM ? _mm256_add_ps(acc, sacc) : acc);
     for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < valid; j++) {
             float *o = y + (size_t)(m + j) * N + r + i;
             *o = add ? *o + v[4 * i + j] : v[4 * i + j];
         }
@@ -234,8 +262,13 @@ static inline __attribute__((always_inline)) void mtiles(const int16_t *wq, cons
                                                          const float *xdt, const float *xst, int M, int mpad, int r,
                                                          int N, float *y, int add) {
     int m = 0;
-    if (R == 2)
-        for (; m + 4 <= M; m += 4) mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, r, N, y, add);
+    if (R == 2) {
+        for (; m + 4 <= M; m += 4) mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, 4, r, N, y, add, NULL, 0);
+        if (M - m >= 2) {  /* 2 or 3 rows left: a padded full tile is cheaper than 2-3 scalar ones */
+            mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, M - m, r, N, y, add, NULL, 0);
+            return;
+        }
+    }
     for (; m + 4 <= M; m += 4) mtile(wq, wd, wm, HASM, R, 4, nb, xq, xst, mpad, m, r, N, y, add);
     switch (M - m) {
     case 3: mtile(wq, wd, wm, HASM, R, 3, nb, xq, xst, mpad, m, r, N, y, add); break;
@@ -293,6 +326,9 @@ static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, c
     ubuf u;
     if (ubuf_init(&u, nb, sq, sd, sm)) return;
     int r = r0;
+    if (M <= 4)  /* one tile: each block unpacked in registers, once */
+        for (; r + 2 <= r1; r += 2)
+            mtile24(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add, w, QT);
     for (; r + 2 <= r1; r += 2) {
         for (int i = 0; i < 2; i++)
             unpack_gguf(w, QT, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb, u.m + (size_t)i * nb);

@@ -47,7 +47,9 @@ import torch
 
 Mode = Literal["off", "prompt-lookup", "auto", "draft"]
 MODES: tuple[str, ...] = ("off", "prompt-lookup", "auto", "draft")
-DRAFT_K = 8  # tokens drafted per verify (llama.cpp's prompt lookup uses ~10)
+# tokens drafted per verify (llama.cpp's prompt lookup uses ~10): 7, so a verify is 8 rows, two
+# full tiles of qkernel's several-row path (9 rows cost 1.28x the instructions of 8 there)
+DRAFT_K = 7
 # a self-draft costs a forward per drafted token (attention + fewer experts): fewer per verify
 SELF_DRAFT_K = 3
 NGRAM_MAX, NGRAM_MIN = 3, 1
