@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/gateway_overhead.py            # ~8 minutes
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
     .venv/bin/python benchmarks/gateway_overhead.py --endpoints  # ~1 minute: chat vs the other endpoints only
+    .venv/bin/python benchmarks/gateway_overhead.py --state      # ~2 minutes: embedded vs Redis state (+ 2 replicas)
 
 Every request carries a distinct ~1 KB prompt (a counter at its end), so classifier caches miss.
 
@@ -38,8 +39,16 @@ Each sequential slice first sends a few requests that are not counted: right aft
 ran (LiteLLM above all, whose footprint is the largest), the first requests of any path are slow
 while caches refill; a slice of 150 counted requests read ~0.1-0.3 ms higher p50 than one of 800
 for direct and gateway alike. Since session 5, 500 counted requests per slice.
+`--state` measures what the state backend adds (issue #22), in one run: the same gateway and
+policy twice, one on the embedded store and one on a real `redis-server` started for the run (a
+client key with requests/min, tokens/min and a budget, a priced target: every request takes its
+token buckets, reads its spend and adds its usage, three store calls), c=1 request by request in
+turn with direct. Then, where HAProxy and wrk are installed (Debian: `apt-get install haproxy
+wrk`), req/s of two Redis replicas behind HAProxy (round robin, keep-alive) against one replica
+behind the same HAProxy, with wrk as the load generator, and the load average beside them.
+
 Prints the table and appends it to benchmarks/results/gateway_overhead.txt (--endpoints:
-gateway_overhead_endpoints.txt).
+gateway_overhead_endpoints.txt, --state: gateway_overhead_state.txt).
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ import argparse
 import asyncio
 import itertools
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -211,6 +222,202 @@ def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path)
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=300)
     return Server(name, proc, f"http://127.0.0.1:{port}", model="auto")
+
+
+STATE_POLICY = """
+version: 1
+targets:
+  cloud:
+    kind: cloud
+    model: openai/fake-model
+    api_base: http://127.0.0.1:{port}/v1
+    api_key: sk-bench
+    timeout_s: 30
+    retries: 0
+    prices: {{input: 0.15, output: 0.6}}
+connectivity:
+  probe_interval_s: 30
+limits:
+  request_timeout_s: 60
+{state}
+clients:
+  - {{name: bench, api_key: {key}, requests_per_min: 100000000, tokens_per_min: 1000000000,
+     budget: {{usd: 1000000, period: day}}}}
+privacy:
+  enabled: false
+difficulty:
+  method: heuristic
+rules:
+  - name: all
+    route: cloud
+"""
+CLIENT_KEY = "sk-bench-client"
+VAULT_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="  # 32 bytes, base64: any will do here
+
+
+def start_state_gateway(name: str, upstream_port: int, redis_url: str | None, tmp: Path) -> Server:
+    policy = tmp / f"{name}.yaml"
+    state = f"state:\n  backend: redis\n  url: {redis_url}" if redis_url else "state:\n  backend: embedded"
+    policy.write_text(textwrap.dedent(STATE_POLICY).format(port=upstream_port, state=state, key=CLIENT_KEY))
+    port = free_port()
+    proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
+                             "--port", str(port), "--log-level", "ERROR", "--no-watch"],
+                            env={**ENV, "GATEWAY_VAULT_KEY": VAULT_KEY},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=300)
+    return Server(name, proc, f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                  model="auto")
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                             "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+HAPROXY_CFG = """
+global
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+frontend gw
+  bind 127.0.0.1:{port}
+  default_backend replicas
+backend replicas
+  balance roundrobin
+{servers}
+"""
+
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+counter = 0
+request = function()
+  counter = counter + 1
+  local body = '{{"model":"auto","max_tokens":16,"messages":[{{"role":"user","content":"{prompt} ref ' .. counter .. '"}}]}}'
+  return wrk.format(nil, "/v1/chat/completions", nil, body)
+end
+"""
+
+
+def haproxy_wrk(name: str, backends: list[Server], tmp: Path, seconds: float, conns: int) -> tuple[float, str]:
+    """req/s of wrk through HAProxy to `backends` (round robin), and wrk's error line if any."""
+    port = free_port()
+    cfg = tmp / f"{name}.haproxy.cfg"
+    servers = "\n".join(f"  server r{i} {b.url.removeprefix('http://')}" for i, b in enumerate(backends))
+    cfg.write_text(HAPROXY_CFG.format(port=port, servers=servers))
+    proxy = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-f", str(cfg), "-db"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proxy, timeout=10)
+        script = tmp / "post.lua"
+        script.write_text(WRK_LUA.format(key=CLIENT_KEY, prompt=PROMPT[:200]))
+        out = subprocess.run([shutil.which("wrk") or "wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s",
+                              "-s", str(script), f"http://127.0.0.1:{port}"],
+                             capture_output=True, text=True, timeout=seconds + 60).stdout
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+    rps = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    errors = "; ".join(line.strip() for line in out.splitlines() if "Non-2xx" in line or "Socket errors" in line)
+    return (float(rps.group(1)) if rps else 0.0), errors
+
+
+def run_state(args: argparse.Namespace) -> str:
+    """Embedded vs Redis state, c=1 in turn; then 2 Redis replicas behind HAProxy vs 1 (wrk)."""
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-state-"))
+    up_port = free_port()
+    upstream = start_upstream(up_port)
+    redis_proc, redis_url = start_redis(tmp)
+    procs: list[Server] = []
+    lines: list[str] = []
+
+    def out(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    try:
+        direct = Server("direct", upstream, f"http://127.0.0.1:{up_port}")
+        print("starting hybrid-gateway on embedded state and on redis state ...", flush=True)
+        procs.append(start_state_gateway("embedded", up_port, None, tmp))
+        procs.append(start_state_gateway("redis", up_port, redis_url, tmp))
+        paths = [direct, *procs]
+        for p in paths:
+            asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None))
+        results: dict[tuple[str, str], Sample] = {}
+        for label, stream in (("c=1", False), ("c=1 stream", True)):
+            for name, sample in asyncio.run(measure_interleaved(paths, stream=stream,
+                                                                requests=args.seq * args.rounds)).items():
+                results[(label, name)] = sample
+        load = os.getloadavg()
+        out(f"State backend overhead: embedded vs Redis (redis-server on loopback), {len(PROMPT)} B prompt, "
+            "classification off")
+        out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f}; c=1, paths in turn request by "
+            f"request, {args.seq * args.rounds} requests each per case")
+        out("every gateway request: a client key with requests/min + tokens/min buckets and a budget (bucket take, "
+            "spend read, usage add: 3 store calls)")
+        out()
+        out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}")
+        for label in ("c=1", "c=1 stream"):
+            base = results[(label, "direct")]
+            for p in paths:
+                s = results[(label, p.name)]
+                plus = f"{'-':>9}{'-':>9}" if p.name == "direct" else \
+                    f"{s.pct(0.5) - base.pct(0.5):9.2f}{s.pct(0.99) - base.pct(0.99):9.2f}"
+                kinds = f"  {s.error_kinds}" if s.errors else ""
+                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.errors:8d}{kinds}")
+        out()
+        for label in ("c=1", "c=1 stream"):
+            redis_add = results[(label, "redis")].pct(0.5) - results[(label, "embedded")].pct(0.5)
+            out(f"  {label:<11} Redis state adds {redis_add:+.2f} ms p50 over embedded (target: <= 0.5 ms)")
+        if not (shutil.which("haproxy") and shutil.which("wrk")):
+            out()
+            out("2 replicas behind a load balancer: not measured (haproxy and wrk not installed: "
+                "apt-get install haproxy wrk)")
+            return "\n".join(lines) + "\n"
+        procs.append(start_state_gateway("redis-2", up_port, redis_url, tmp))
+        one_lb: list[float] = []
+        two_lb: list[float] = []
+        notes: list[str] = []
+        cells = [("one", [procs[1]], one_lb), ("two", [procs[1], procs[2]], two_lb)]
+        for r in range(args.rounds):  # alternate who goes first, so load from other work hits both alike
+            for name, backends, sink in cells[r % 2:] + cells[:r % 2]:
+                rps, errors = haproxy_wrk(name, backends, tmp, args.slice_s * 2, 32)
+                sink.append(rps)
+                if errors:
+                    notes.append(f"{name}: {errors}")
+        load = os.getloadavg()
+        out()
+        out(f"HAProxy round robin in front, wrk -t1 -c32, {args.slice_s * 2:g} s x {args.rounds} alternating; "
+            f"load average at end {load[0]:.1f}")
+        out(f"  1 replica : {', '.join(f'{x:.0f}' for x in one_lb)} req/s (best {max(one_lb):.0f})")
+        out(f"  2 replicas: {', '.join(f'{x:.0f}' for x in two_lb)} req/s (best {max(two_lb):.0f})")
+        out(f"  ratio 2/1 (best of each): {max(two_lb) / max(max(one_lb), 1e-9):.2f}x (issue #22 asks >= 1.7x)")
+        for note in notes:
+            out(f"  errors {note}")
+        out(f"  on {os.cpu_count()} cores the gateway replicas, HAProxy, wrk, the Python fake upstream and "
+            "redis-server all share the CPUs: a second replica can only use what the others leave.")
+    finally:
+        for p in procs:
+            p.stop()
+        upstream.terminate()
+        upstream.wait(10)
+        redis_proc.terminate()
+        redis_proc.wait(10)
+    return "\n".join(lines) + "\n"
 
 
 def start_litellm(upstream_port: int, tmp: Path) -> Server | None:
@@ -494,6 +701,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer samples (about a minute)")
     ap.add_argument("--endpoints", action="store_true",
                     help="only chat vs Messages, Responses and embeddings through the hg-off gateway (c=1, full samples)")
+    ap.add_argument("--state", action="store_true",
+                    help="embedded vs Redis state added p50 (c=1), and 2 replicas behind HAProxy vs 1")
     ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     args.rounds = 2 if args.quick else 4
@@ -507,11 +716,12 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    text = run(args)
+    text = run_state(args) if args.state else run(args)
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        results = RESULTS.with_name("gateway_overhead_endpoints.txt") if args.endpoints else RESULTS
+        results = RESULTS.with_name("gateway_overhead_endpoints.txt") if args.endpoints else \
+            RESULTS.with_name("gateway_overhead_state.txt") if args.state else RESULTS
         with results.open("a") as f:  # runs accumulate: this machine's speed drifts between them
             f.write(f"\n$ {' '.join(['benchmarks/gateway_overhead.py', *sys.argv[1:]])}   # {stamp}\n{text}")
         print(f"appended to {results.relative_to(ROOT)}")

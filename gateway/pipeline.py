@@ -184,8 +184,13 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
 
 
 async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Features:
-    sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
-    budget = await rt.budgets.state(call.client) if rt.budgets is not None else NO_BUDGET
+    # The client's spend is read from the store while the classifiers work.
+    spend = asyncio.ensure_future(rt.budgets.state(call.client)) \
+        if rt.budgets is not None and rt.budgets.has_budget(call.client) else None
+    try:
+        sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
+    finally:
+        budget = await spend if spend is not None else NO_BUDGET
     return Features(
         model=str(call.body.get("model", "")),
         client=call.client,

@@ -207,6 +207,8 @@ class GatewayState:
                 await task
         await self.deferred.aclose()
         await self.runtime.monitor.aclose()
+        if self.runtime.budgets is not None:
+            await self.runtime.budgets.drain()  # usage still on its way to the store
         await self.runtime.store.aclose()
         for backend in self.runtime.backends.values():
             with contextlib.suppress(Exception):

@@ -4,9 +4,11 @@ Each client's usage this period (requests, tokens, USD at the targets' `prices`)
 counters, keyed by the period (`usage:<client>:day:2026-12-04`): every replica adds to it with one
 atomic script on Redis (HINCRBYFLOAT), so the fleet's total is exact, and it expires when its
 period is over. Before the decision a replica reads the client's spend (`state`, a feature);
-after the answer it adds what the answer cost (`charge`). A budget is checked, not reserved: the
-requests already in flight when the last dollar goes are still charged, so the overshoot is at
-most what those cost (one request per replica when each replica has one in flight).
+after the answer it adds what the answer cost (`charge`, off the answer's path: the answer does
+not wait for the store, but this replica's next read of that client's spend waits for the add).
+A budget is checked, not reserved: the requests already in flight when the last dollar goes are
+still charged, so the overshoot is at most what those cost (one request per replica when each
+replica has one in flight).
 
 While the store is down, each replica goes on from the spend it last read plus what it charged
 since, in its own memory: a local approximation (N replicas may each spend the rest once); the
@@ -15,6 +17,7 @@ charges made meanwhile are not added to the shared total when the store is back.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import time
 from collections.abc import Callable
@@ -81,6 +84,7 @@ class Budgets:
         self._local = EmbeddedStore()
         self._last_shared: dict[str, float] = {}  # key -> the spend last read from the store
         self._degraded = False
+        self._pending: dict[str, set[asyncio.Task[None]]] = {}  # key -> its adds not yet done
 
     def __bool__(self) -> bool:
         return bool(self._clients)
@@ -92,7 +96,13 @@ class Budgets:
     def _key(client: Client, period: Period) -> str:
         return f"usage:{client.name}:{period.name}:{period.label}"
 
+    def has_budget(self, client_name: str | None) -> bool:
+        client = self._clients.get(client_name or "")
+        return client is not None and client.budget is not None
+
     async def _read(self, key: str) -> dict[str, float]:
+        if pending := self._pending.get(key):  # this replica's own charges land before it reads
+            await asyncio.wait(set(pending))
         try:
             counters = await self._store.counters(key)
         except StoreUnavailable:
@@ -146,12 +156,33 @@ class Budgets:
                 amounts[name] = amounts.get(name, 0.0) + value
         key = self._key(client, period)
         ttl = period.left_s(now) + 60  # kept a minute past its period, for a late report
+        task = asyncio.create_task(self._add(key, amounts, ttl))
+        pending = self._pending.setdefault(key, set())
+        pending.add(task)
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: str, task: asyncio.Task[None]) -> None:
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.discard(task)
+            if not pending:
+                del self._pending[key]
+
+    async def _add(self, key: str, amounts: dict[str, float], ttl: float) -> None:
         try:
             await self._store.add(key, amounts, ttl)
             self._up()
         except StoreUnavailable:
             self._down()
             self._local.add_now(key, amounts, ttl)
+        except Exception as exc:  # counting must never take the loop down
+            log.error("usage_charge_failed", error=type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Wait for every charge still on its way to the store (at shutdown)."""
+        tasks = {t for pending in self._pending.values() for t in pending}
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
     async def usage(self, client_name: str) -> dict[str, Any]:
         """The client's usage this period, as GET /v1/usage reports it."""
