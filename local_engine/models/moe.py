@@ -325,6 +325,44 @@ class MoEModel:
             self.run.draft_s += time.perf_counter() - t0
         return out
 
+    # ------------------------------------------------------------------ batched decode
+    @torch.inference_mode()
+    def step_batch(self, ids: torch.Tensor, caches: list[Any]) -> torch.Tensor:
+        """One decode token for each of B sequences (local_engine/scheduler.py): ``ids`` [B], token
+        b after ``caches[b]``'s tokens; logits [B, vocab].
+
+        Attention runs per sequence over its own cache; each MoE layer asks the store once for the
+        union of the B tokens' experts (``_moe`` requests ``unique(idx)``), so an expert two
+        sequences share is read, and its matrices multiplied, once per step. Accounted as B decode
+        tokens (time, bytes, hits, misses); no next-layer prefetch (its guess would be the union
+        of B guesses) and no prefetch-switch sample (a batched step's time is not one token's)."""
+        B = ids.shape[0]
+        if B == 1:
+            return self.forward(ids, caches[0], last_only=True)
+        io, cs, r = self.store.io, self.store.cache.stats, self.run
+        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        t0 = time.perf_counter()
+        x = self.w["model.embed_tokens.weight"][ids]
+        for i in range(self.n_layers):
+            lp = f"model.layers.{i}."
+            h = rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps)
+            x = x + torch.cat([self._attn(i, h[b:b + 1], c, c.length) for b, c in enumerate(caches)])
+            h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
+            x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
+        for c in caches:
+            c.advance(1)
+        out = F.linear(rms_norm(x, self.w["model.norm.weight"], self.eps), self.w["lm_head.weight"])
+        r.tokens_processed += B
+        r.decode_s += time.perf_counter() - t0
+        r.io_wait_s += io.io_wait_s - before[2]
+        r.decode_tokens += B
+        r.decode_bytes_read += io.bytes_read - before[0]
+        r.decode_io_busy_s += io.io_busy_s - before[1]
+        r.decode_io_wait_s += io.io_wait_s - before[2]
+        r.decode_hits += cs.hits - before[3]
+        r.decode_misses += cs.misses - before[4]
+        return out
+
     # ------------------------------------------------------------------ forward
     def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """ids [T] -> logits [T, vocab] (or [1, vocab] with ``last_only``); appends to ``cache``.
