@@ -23,7 +23,7 @@ from gateway import resume
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.classify.text import all_text
 from gateway.dispatch import AllTargetsFailed, Dispatcher, Fallback, Outcome, Part, aclose_quietly
-from gateway.features import NO_BUDGET, DifficultyFinding, Features, SensitivityFinding
+from gateway.features import NO_BUDGET, BudgetState, DifficultyFinding, Features, SensitivityFinding
 from gateway.hedge import Hedge
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
@@ -183,10 +183,16 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
     return sensitivity, difficulty
 
 
-async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False) -> Features:
-    # The client's spend is read from the store while the classifiers work.
-    spend = asyncio.ensure_future(rt.budgets.state(call.client)) \
-        if rt.budgets is not None and rt.budgets.has_budget(call.client) else None
+def read_spend(rt: Runtime, call: Call) -> asyncio.Future[BudgetState] | None:
+    """The client's spend this period, read from the store while other stages work; None when it
+    has no budget (nothing to read)."""
+    if rt.budgets is None or not rt.budgets.has_budget(call.client):
+        return None
+    return asyncio.ensure_future(rt.budgets.state(call.client))
+
+
+async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False,
+                   spend: asyncio.Future[BudgetState] | None = None) -> Features:
     try:
         sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
     finally:
@@ -300,10 +306,16 @@ async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = F
 
 async def _prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool) -> Prepared:
     pinned = pinned_target(rt, str(call.body.get("model", "")))
+    spend = read_spend(rt, call)  # in flight beside the rate-limit take: one store round trip, not two
     if rt.limits is not None:  # before the classifiers: a refused request costs next to nothing
-        await rt.limits.admit(call.client, requested_tokens(call.body))
+        try:
+            await rt.limits.admit(call.client, requested_tokens(call.body))
+        except APIError:
+            if spend is not None:
+                spend.cancel()
+            raise
     with _stage(call, "classify") as span:
-        features = await classify(rt, call, metrics, score_all)
+        features = await classify(rt, call, metrics, score_all, spend)
         if span is not None:
             span.set_attributes({"hybrid.sensitivity": features.sensitivity.level,
                                  "hybrid.entities": sorted(features.sensitivity.counts),
