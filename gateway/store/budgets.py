@@ -172,6 +172,8 @@ class Budgets:
         try:
             await self._store.add(key, amounts, ttl)
             self._up()
+            # Should the store go down before the next read, the local approximation starts here.
+            self._last_shared[key] = self._last_shared.get(key, 0.0) + amounts["usd"]
         except StoreUnavailable:
             self._down()
             self._local.add_now(key, amounts, ttl)

@@ -39,6 +39,7 @@ clients:
   - {{name: team, api_key: sk-team, budget: {{usd: {budget}, period: day}}}}
   - {{name: crowd, api_key: sk-crowd, budget: {{usd: {budget}, period: day}}}}
   - {{name: app, api_key: sk-app}}
+  - {{name: solo, api_key: sk-solo, budget: {{usd: 0.2, period: day}}}}
 limits:
   classify_budget_ms: 20000
 privacy:
@@ -201,3 +202,27 @@ def test_sighup_on_a_served_gateway_reloads_the_fleet(replicas: list[RunningGate
         proc.terminate()
         proc.wait(20)
     assert _wait_for(lambda: all(_rule(gw) == "cloud" for gw in replicas))
+
+
+def test_redis_down_budgets_go_on_in_local_approximation_and_come_back(
+        replicas: list[RunningGateway], redis_server: RedisServer) -> None:
+    """Last in this module: it kills the module's redis-server (and starts it again, empty)."""
+    a, b, _ = replicas
+    assert chat(a, "sk-solo").status_code == 200  # $0.075 of $0.2 on Redis
+    redis_server.kill()
+    try:
+        t0 = time.monotonic()
+        # Replica a goes on from what it last knew plus what it charges now: 2 more, then 429.
+        assert until_refused(a, "sk-solo") == [200, 200, 429]
+        report = usage(a, "sk-solo")
+        assert report["shared"] is False and report["spent_usd"] == pytest.approx(3 * ANSWER_USD)
+        # Replica b never read this client's spend: on its own it may spend the whole budget (the
+        # documented N x approximation), and no more.
+        assert until_refused(b, "sk-solo") == [200, 200, 200, 429]
+        assert time.monotonic() - t0 < 20  # nothing waited on the dead store
+    finally:
+        redis_server.start()  # the same port, empty (no persistence)
+    # The shared state returns by itself: a fresh, empty day's counter, read by both.
+    assert _wait_for(lambda: usage(a, "sk-solo")["shared"] and usage(b, "sk-solo")["shared"], timeout=15)
+    assert chat(b, "sk-solo").status_code == 200
+    assert _wait_for(lambda: usage(a, "sk-solo")["requests"] == 1, timeout=5)
