@@ -106,8 +106,11 @@ def worker_llamacpp(threads: int, ids: list[int], decode: int, reps: int) -> dic
         llm.eval(ids)
         best_p = max(best_p, len(ids) / (time.perf_counter() - t))
         t = time.perf_counter()
+        n_vocab = llm.n_vocab()
         for _ in range(decode):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            # the last position's logits straight from the context: without logits_all,
+            # llama-cpp-python 0.3.36 leaves `llm.scores` at zero (argmax 0 every step)
+            nxt = int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,)).argmax())
             llm.eval([nxt])
         best_d = max(best_d, decode / (time.perf_counter() - t))
     return {"prefill": best_p, "decode": best_d, "rss_mb": _peak_rss_mb(), "load_s": load, "weight_mb": 0}
