@@ -79,6 +79,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._active: list[tuple[_Request, Sequence]] = []
+        self._running = 0  # taken from the queue and not finished (admitted ones included): under _cv
         self._closed = False
         self._thread: threading.Thread | None = None
         # counters read by stats() from other threads: plain ints, written by the engine thread only
@@ -101,7 +102,7 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise EngineError("scheduler is closed")
-            if len(self._waiting) >= self.max_waiting and len(self._active) + len(self._waiting) >= self.max_batch:
+            if len(self._waiting) >= self.max_waiting and self._running + len(self._waiting) >= self.max_batch:
                 self.rejected += 1
                 raise QueueFull(f"engine queue is full ({self.max_batch} running, {len(self._waiting)} waiting)")
             self._waiting.append(_Request(gen, on_delta, on_done))
@@ -152,8 +153,9 @@ class Scheduler:
                     self._waiting.clear()
                     break
                 new = []
-                while self._waiting and len(self._active) + len(new) < self.max_batch:
+                while self._waiting and self._running < self.max_batch:
                     new.append(self._waiting.popleft())
+                    self._running += 1
             try:
                 self._iteration(new)
             except Exception as e:  # a bug must not strand every caller: end them all with it
@@ -260,6 +262,8 @@ class Scheduler:
 
     def _done(self, req: _Request, seq: Sequence, error: BaseException | None) -> None:
         self._active = [(r, s) for r, s in self._active if r is not req]
+        with self._cv:
+            self._running -= 1
         self.finished += 1
         try:
             seq.finish(self.engine)

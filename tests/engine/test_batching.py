@@ -148,13 +148,11 @@ def test_fifo_admission(eng: Engine) -> None:
 
 def test_queue_full_is_refused_at_once(eng: Engine) -> None:
     s = Scheduler(eng, max_batch=1, max_waiting=0)
-    gate = threading.Event()
     try:
-        first = eng.chat([{"role": "user", "content": "Hi"}], max_tokens=50, should_stop=gate.is_set)
-        w = _submit(s, first)
-        with pytest.raises(QueueFull):
-            s.submit(eng.chat([{"role": "user", "content": "Hi"}], max_tokens=2), print, print)
-        gate.set()
+        with eng.lock:  # the engine thread cannot finish the first request meanwhile
+            w = _submit(s, eng.chat([{"role": "user", "content": "Hi"}], max_tokens=4))
+            with pytest.raises(QueueFull):
+                s.submit(eng.chat([{"role": "user", "content": "Hi"}], max_tokens=2), print, print)
         w.wait()
         assert s.stats()["rejected_queue_full"] == 1
     finally:
