@@ -79,7 +79,9 @@ class Sequence:
     def prefill(self, model: Any, chunk: int) -> None:
         """Run the next ``chunk`` prompt tokens; the last chunk leaves the first logits."""
         ids = self.gen.prompt_ids
-        end = min(len(ids), self.prefilled + chunk)
+        # a last piece of one token would take the model's decode step (other arithmetic than the
+        # prefill path's): run it with the chunk before, which forward() splits as a serial run does
+        end = len(ids) if len(ids) - self.prefilled <= chunk + 1 else self.prefilled + chunk
         t0 = time.perf_counter()
         out = model.forward(torch.tensor(ids[self.prefilled:end], dtype=torch.long), self.cache, last_only=True)
         self.gen.stats.prefill_s += time.perf_counter() - t0

@@ -168,3 +168,24 @@ def test_prompt_past_the_context_is_an_engine_error(eng: Engine) -> None:
     finally:
         s.close()
     assert w.error is not None and "does not fit the context" in str(w.error)
+
+
+@pytest.mark.parametrize("n", [257, 513])
+def test_long_prompt_chunks_as_the_serial_path(eng: Engine, n: int) -> None:
+    """256-token chunks, and a one-token remainder runs with the chunk before (the model's decode
+    step would compute it otherwise): logits and so the answer are the serial run's."""
+    from local_engine.engine import Generation
+    from local_engine.sampling import SamplingParams
+
+    ids = eng.tokenizer.encode(" ".join(f"w{i}" for i in range(400)), add_special=True)[:n]
+    serial = Generation(eng, ids, SamplingParams(max_tokens=6), None)
+    text = "".join(serial)
+    s = Scheduler(eng)
+    try:
+        gen = Generation(eng, ids, SamplingParams(max_tokens=6), None)
+        _submit(s, gen).wait()
+        chunks = s.stats()["prefill_chunks"]
+    finally:
+        s.close()
+    assert gen.text == text and gen.finish_reason == serial.finish_reason
+    assert chunks == (n - 1) // 256
