@@ -211,16 +211,16 @@ class Generation:
             self.start_step = eng.steps
             self.stats.cached_tokens = cached
             t0 = time.perf_counter()
-            logits = model.forward(torch.tensor(self.prompt_ids[cached:], dtype=torch.long), cache,
-                                   last_only=True)[-1]
-            eng.steps += 1
+            logits = self._prefill(model, cache, cached)
             self.stats.prefill_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            reason = "length"
+            reason = "length" if logits is not None else "cancelled"
             cut_by_stop_string = False
             try:
-                reason, cut_by_stop_string, pending = yield from self._decode(
-                    model, cache, logits, sampler, history, dec, stops, hold, max_new, lookup, switch, queue, spec)
+                if logits is not None:
+                    reason, cut_by_stop_string, pending = yield from self._decode(
+                        model, cache, logits, sampler, history, dec, stops, hold, max_new, lookup, switch, queue,
+                        spec)
             finally:
                 # a stop inside accepted drafts leaves their K/V past the answer: the prefix cache
                 # keeps only positions whose tokens it is told
@@ -243,6 +243,24 @@ class Generation:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
         self.stats.extra.update(self._spec_stats(spec, switch))
         eng.spec_totals.add(spec["drafted"], spec["accepted"], spec["verifies"], spec["steps"])
+
+    def _prefill(self, model: Any, cache: Any, cached: int) -> torch.Tensor | None:
+        """The prompt after its cached prefix, one engine step per chunk (as the scheduler runs it:
+        local_engine/sequence.py); the next position's logits, or None when ``should_stop`` said so
+        between two chunks (a long prompt's cancel is seen within a chunk, not after all of them)."""
+        from local_engine.sequence import ChunksPrefill, prefill_end
+
+        ids, pos = self.prompt_ids, cached
+        chunk = model.prefill_chunk if isinstance(model, ChunksPrefill) else len(ids)
+        logits = None
+        while pos < len(ids):
+            if pos > cached and self.should_stop is not None and self.should_stop():
+                return None
+            end = prefill_end(len(ids), pos, chunk)
+            logits = model.forward(torch.tensor(ids[pos:end], dtype=torch.long), cache, last_only=True)[-1]
+            self.engine.steps += 1
+            pos = end
+        return logits
 
     def _spec_stats(self, spec: dict[str, int], switch: speculative.SpecSwitch | None) -> dict[str, Any]:
         forwards = spec["verifies"] + spec["steps"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -24,6 +24,24 @@ from local_engine.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from local_engine.engine import Engine, Generation
+
+
+@runtime_checkable
+class ChunksPrefill(Protocol):
+    """A model whose ``forward`` runs a long prompt in chunks of ``prefill_chunk`` tokens
+    (models/llama.py): a serial run steps through the same chunks and checks for a cancel between
+    them. A model without it (the MoE engine, whose prefill reads each chunk's experts) gets the
+    whole prompt in one call."""
+
+    prefill_chunk: int
+
+
+def prefill_end(total: int, done: int, chunk: int) -> int:
+    """Where the prefill piece starting at ``done`` of ``total`` prompt tokens ends.
+
+    A last piece of one token would take the model's decode step (other arithmetic than the
+    prefill path's): it runs with the chunk before, which ``forward`` splits as one call would."""
+    return total if total - done <= chunk + 1 else done + chunk
 
 
 class Sequence:
@@ -79,9 +97,7 @@ class Sequence:
     def prefill(self, model: Any, chunk: int) -> None:
         """Run the next ``chunk`` prompt tokens; the last chunk leaves the first logits."""
         ids = self.gen.prompt_ids
-        # a last piece of one token would take the model's decode step (other arithmetic than the
-        # prefill path's): run it with the chunk before, which forward() splits as a serial run does
-        end = len(ids) if len(ids) - self.prefilled <= chunk + 1 else self.prefilled + chunk
+        end = prefill_end(len(ids), self.prefilled, chunk)
         t0 = time.perf_counter()
         out = model.forward(torch.tensor(ids[self.prefilled:end], dtype=torch.long), self.cache, last_only=True)
         self.gen.stats.prefill_s += time.perf_counter() - t0

@@ -176,6 +176,8 @@ class _Layer:
 
 
 class LlamaModel:
+    prefill_chunk = PREFILL_CHUNK  # what forward() splits a prompt by (sequence.ChunksPrefill)
+
     def __init__(self, store: TensorStore, cfg: LlamaConfig, weights: str = "auto",
                  max_seq: int = 4096, kv: kv_cache.KVConfig | None = None) -> None:
         if weights not in WEIGHT_MODES:

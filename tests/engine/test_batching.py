@@ -189,3 +189,14 @@ def test_long_prompt_chunks_as_the_serial_path(eng: Engine, n: int) -> None:
         s.close()
     assert gen.text == text and gen.finish_reason == serial.finish_reason
     assert chunks == (n - 1) // 256
+
+
+def test_serial_run_sees_a_cancel_between_prefill_chunks(eng: Engine) -> None:
+    """Engine.chat iterated directly (a speculative target, the CLI): the same chunks, one engine
+    step each, and should_stop polled between them."""
+    long = " ".join(f"item {i} is a thing" for i in range(120))  # ~600 tokens: 3 chunks of 256
+    steps0 = eng.steps
+    gen = eng.chat([{"role": "user", "content": long}], max_tokens=8, should_stop=lambda: eng.steps >= steps0 + 1)
+    assert len(gen.prompt_ids) > 2 * 256 + 1
+    assert list(gen) == [] and gen.finish_reason == "cancelled"
+    assert eng.steps == steps0 + 1 and gen.stats.completion_tokens == 0
