@@ -17,11 +17,11 @@ vocabulary) stays ~0.4 GB of the 1.5 GiB. Weights are random: what is measured i
 not the text. The pack is written directly in packed form, no checkpoint round trip: a pool of
 --pool distinct experts (random normal weights, fixed seed, quantised by pack.quantize) is
 repeated over the bank (bundle i holds pool[i % pool]; routing does not depend on it: the random
-routers pick experts near-uniformly); every bundle's crc32 is the real one, so the engine's
-verify-on-first-read checks it. Pages are written with fdatasync + DONTNEED every 256 MiB, so the
+routers pick experts near-uniformly); every bundle's checksum (crc32c, as pack() writes) is the
+real one, so the engine's verify-on-first-read checks it. Pages are written with fdatasync + DONTNEED every 256 MiB, so the
 writer never fills the page cache. The pack is deleted at the end (--keep keeps it).
 
-Two decode rows: the engine's defaults (``verify="first"``: a crc32 of every bundle the first
+Two decode rows: the engine's defaults (``verify="first"``: a crc32c of every bundle the first
 time it is read, which here is nearly every read) and ``verify="never"``, to show what the
 checksum costs on this CPU. Each decode is a fresh process in its own cgroup, cold, seeded
 sampling at T=1 (as benchmarks/moe_stream.py: greedy on a random model loops over the same
@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +131,8 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
     """resident.bin, experts.bin and manifest.json, as pack.pack() lays them out."""
     from local_engine.formats.pack import (
         ALIGN,
+        CHECKSUM,
+        CHECKSUMS,
         EXPERTS_FILE,
         FORMAT_NAME,
         FORMAT_VERSION,
@@ -143,6 +144,7 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
     )
 
     dst.mkdir(parents=True, exist_ok=True)
+    checksum = CHECKSUMS[CHECKSUM]
     res_meta: dict[str, Any] = {}
     with open(dst / RESIDENT_FILE, "wb") as f:
         off = 0
@@ -153,14 +155,14 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
             off += pad
             f.write(data)
             res_meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
-                              "dtype": dtype_name(t.dtype), "crc32": zlib.crc32(data)}
+                              "dtype": dtype_name(t.dtype), CHECKSUM: checksum(data)}
             off += len(data)
         res_size = off
         _drop(f.fileno(), 0)
     parts, bundles = expert_pool(cfg, pool, group, seed)
     stride = len(bundles[0])
     bundle_nbytes = parts[-1]["offset"] + parts[-1]["nbytes"]
-    crcs_pool = [zlib.crc32(memoryview(b)[:bundle_nbytes]) for b in bundles]
+    crcs_pool = [checksum(memoryview(b)[:bundle_nbytes]) for b in bundles]
     layers, E = cfg["num_hidden_layers"], cfg["num_experts"]
     total = layers * E
     bar = None
@@ -185,13 +187,13 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
     if bar is not None:
         bar.close()
     manifest = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": "qwen3_moe", "config": cfg,
+        "format": FORMAT_NAME, "version": FORMAT_VERSION, "checksum": CHECKSUM, "arch": "qwen3_moe", "config": cfg,
         "quant": {"method": "int4", "group_size": group, "scale_dtype": "F16"}, "alignment": ALIGN,
         "resident": {"file": RESIDENT_FILE, "file_nbytes": res_size, "tensors": res_meta},
         "experts": {"file": EXPERTS_FILE, "file_nbytes": total * stride, "num_experts": E,
                     "layers": list(range(layers)), "layer_slot": {str(i): i for i in range(layers)},
                     "hidden_size": cfg["hidden_size"], "intermediate_size": cfg["moe_intermediate_size"],
-                    "stride": stride, "bundle_nbytes": bundle_nbytes, "parts": parts, "crc32": crcs},
+                    "stride": stride, "bundle_nbytes": bundle_nbytes, "parts": parts, CHECKSUM: crcs},
     }
     (dst / MANIFEST).write_text(json.dumps(manifest))
     read_manifest(dst)  # the engine's own validation of what was written

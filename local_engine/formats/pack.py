@@ -2,7 +2,7 @@
 
 A packed directory holds three files::
 
-    manifest.json   what is where: arch + HF config, quant, tensor/expert offsets, crc32 checksums
+    manifest.json   what is where: arch + HF config, quant, tensor/expert offsets, checksums
     resident.bin    every non-expert tensor (embeddings, attention, norms, routers, shared experts),
                     raw little-endian, each 64-byte aligned, kept lossless (source dtype)
     experts.bin     one *bundle* per (layer, expert): gate_up [2I, H] then down [H, I] (plus their
@@ -19,6 +19,11 @@ columns, one fp16 scale per (row, group); ``int4`` packs two values per byte (lo
 ``int2`` is asymmetric (an fp16 scale *and* min per (row, group), w = q·scale + min, q in 0..3),
 four values per byte in blocks of 32 columns (see ``quantize_int2``), and needs a group size that
 is a multiple of 32 (the kernel's activation block). ``none`` copies the source dtype bit for bit.
+
+Checksums: every resident tensor and every expert bundle carries one, under a key named after its
+algorithm. Format version 2 (what ``pack`` writes) names it in ``"checksum"`` and uses ``crc32c``;
+version 1 packs have no such field and use ``crc32`` (zlib). Readers verify whichever the manifest
+names (``Manifest.checksum_fn``), so version 1 packs still open.
 """
 
 from __future__ import annotations
@@ -33,12 +38,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import torch
 
 from local_engine.errors import EngineError
 
 FORMAT_NAME = "hgw-flash-moe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Checksum algorithms a manifest may name. crc32c (Castagnoli) runs on the CPU's CRC instruction
+# (SSE4.2 / ARMv8), ~10x zlib.crc32 on one core, and releases the GIL; at desk scale nearly every
+# read is a bundle's first, and zlib.crc32 there was the decode's bottleneck (issue #24).
+CHECKSUMS: dict[str, Callable[[Any], int]] = {"crc32": zlib.crc32, "crc32c": crc32c.crc32c}
+CHECKSUM = "crc32c"  # what pack() writes
+V1_CHECKSUM = "crc32"  # implied by a version 1 manifest
 ALIGN = 4096
 RESIDENT_ALIGN = 64
 MANIFEST = "manifest.json"
@@ -367,12 +380,29 @@ class Manifest:
     def expert_offset(self, layer: int, expert: int) -> int:
         return self.slot(layer, expert) * self.stride
 
+    @property
+    def checksum(self) -> str:
+        """The algorithm the manifest's checksums use (a key of CHECKSUMS once read_manifest passed);
+        version 1 predates the field."""
+        return V1_CHECKSUM if self.raw["version"] == 1 else str(self.raw.get("checksum"))
+
+    @property
+    def checksum_fn(self) -> Callable[[Any], int]:
+        return CHECKSUMS[self.checksum]
+
+    @property
+    def num_bundles(self) -> int:
+        return len(self.raw["experts"][self.checksum])
+
     def expert_crc(self, layer: int, expert: int) -> int:
-        return int(self.raw["experts"]["crc32"][self.slot(layer, expert)])
+        return int(self.raw["experts"][self.checksum][self.slot(layer, expert)])
+
+    def tensor_crc(self, name: str) -> int:
+        return int(self.raw["resident"]["tensors"][name][self.checksum])
 
     @property
     def expert_bank_bytes(self) -> int:
-        return len(self.raw["experts"]["crc32"]) * self.stride
+        return self.num_bundles * self.stride
 
     @property
     def resident_bytes(self) -> int:
@@ -405,10 +435,14 @@ def read_manifest(root: str | os.PathLike[str]) -> Manifest:
         raise PackError(f"{mpath}: unreadable manifest: {e}") from None
     if raw.get("format") != FORMAT_NAME:
         raise PackError(f"{mpath}: format {raw.get('format')!r} is not {FORMAT_NAME!r}")
-    if raw.get("version") != FORMAT_VERSION:
-        raise PackError(f"{mpath}: format version {raw.get('version')} unsupported (want {FORMAT_VERSION})")
+    if raw.get("version") not in READABLE_VERSIONS:
+        raise PackError(f"{mpath}: format version {raw.get('version')} unsupported (want one of {READABLE_VERSIONS})")
     arch_spec(raw.get("config", {}), str(mpath))
     m = Manifest(root, raw)
+    if m.checksum not in CHECKSUMS:
+        raise PackError(f"{mpath}: checksum {m.checksum!r} unsupported (want one of {tuple(CHECKSUMS)})")
+    if m.checksum not in raw["experts"]:
+        raise PackError(f"{mpath}: experts carry no {m.checksum!r} checksums")
     for fname, need in ((RESIDENT_FILE, raw["resident"]["file_nbytes"]),
                         (EXPERTS_FILE, raw["experts"]["file_nbytes"])):
         p = root / fname
@@ -421,16 +455,17 @@ def read_manifest(root: str | os.PathLike[str]) -> Manifest:
 
 
 def load_resident(m: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
-    """Read every resident tensor into RAM (one pass over resident.bin), checking crc32s."""
+    """Read every resident tensor into RAM (one pass over resident.bin), checking checksums."""
     path = m.root / RESIDENT_FILE
     out: dict[str, torch.Tensor] = {}
+    check = m.checksum_fn
     with open(path, "rb") as f:
         for name, t in m.raw["resident"]["tensors"].items():
             f.seek(int(t["offset"]))
             buf = bytearray(int(t["nbytes"]))
             if f.readinto(buf) != len(buf):
                 raise PackError(f"{path}: truncated while reading tensor {name}")
-            if verify and zlib.crc32(buf) != int(t["crc32"]):
+            if verify and check(buf) != m.tensor_crc(name):
                 raise PackError(f"{path}: checksum mismatch in resident tensor {name} at offset {t['offset']}")
             dt = dtype_from_name(t["dtype"])
             out[name] = torch.frombuffer(buf, dtype=dt).reshape(t["shape"]) if buf else torch.empty(
@@ -568,6 +603,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
             on_progress(1)
 
     # Resident tensors: lossless, one at a time.
+    checksum = CHECKSUMS[CHECKSUM]
     res_meta: dict[str, Any] = {}
     with open(dst / RESIDENT_FILE, "wb") as f:
         off = 0
@@ -579,7 +615,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
             off += pad
             f.write(data)
             res_meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
-                              "dtype": dtype_name(t.dtype), "crc32": zlib.crc32(data)}
+                              "dtype": dtype_name(t.dtype), CHECKSUM: checksum(data)}
             off += len(data)
             tick()
         res_size = off
@@ -607,7 +643,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
                     if len(b) != p["nbytes"]:
                         raise PackError(f"{src}: layer {layer} expert {e} has a different shape than expert 0")
                     bundle[p["offset"]:p["offset"] + len(b)] = b
-                crcs.append(zlib.crc32(memoryview(bundle)[:bundle_nbytes]))
+                crcs.append(checksum(memoryview(bundle)[:bundle_nbytes]))
                 f.write(bundle)
                 tick()
     if bar is not None:
@@ -616,6 +652,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     manifest = {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
+        "checksum": CHECKSUM,
         "arch": spec.model_type,
         "config": cfg,
         "quant": {"method": quant, "group_size": group_size, "scale_dtype": "F16"},
@@ -632,7 +669,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
             "stride": stride,
             "bundle_nbytes": bundle_nbytes,
             "parts": parts or [],
-            "crc32": crcs,
+            CHECKSUM: crcs,
         },
     }
     for name in TOKENIZER_FILES:  # small: lets Engine.open(dst) tokenise and chat
