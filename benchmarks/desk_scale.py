@@ -21,9 +21,10 @@ routers pick experts near-uniformly); every bundle's checksum (crc32c, as pack()
 real one, so the engine's verify-on-first-read checks it. Pages are written with fdatasync + DONTNEED every 256 MiB, so the
 writer never fills the page cache. The pack is deleted at the end (--keep keeps it).
 
-Two decode rows: the engine's defaults (``verify="first"``: a crc32c of every bundle the first
-time it is read, which here is nearly every read) and ``verify="never"``, to show what the
-checksum costs on this CPU. Each decode is a fresh process in its own cgroup, cold, seeded
+Three decode rows: the engine's defaults (``verify="first"``: a crc32c of every bundle the first
+time it is read, which here is nearly every read), ``first:crc32`` (the same on a version 1 twin
+of the pack: the same data files, hard-linked, under a manifest of zlib crc32s, the checksum
+before issue #24's fix) and ``verify="never"``, to show what each checksum costs on this CPU. Each decode is a fresh process in its own cgroup, cold, seeded
 sampling at T=1 (as benchmarks/moe_stream.py: greedy on a random model loops over the same
 experts and would flatter the cache), 1 torch thread, expert cache budget = limit - resident -
 --overhead-mb (Python, torch, the reader's buffers).
@@ -127,8 +128,10 @@ def _drop(fd: int, upto: int) -> None:
     os.posix_fadvise(fd, 0, upto, os.POSIX_FADV_DONTNEED)
 
 
-def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int, progress: bool) -> None:
-    """resident.bin, experts.bin and manifest.json, as pack.pack() lays them out."""
+def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int, progress: bool,
+               v1_twin: Path | None = None) -> None:
+    """resident.bin, experts.bin and manifest.json, as pack.pack() lays them out; `v1_twin`: also a
+    version 1 pack there (hard links to the data files, zlib crc32s in its manifest)."""
     from local_engine.formats.pack import (
         ALIGN,
         CHECKSUM,
@@ -139,12 +142,14 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
         MANIFEST,
         RESIDENT_ALIGN,
         RESIDENT_FILE,
+        V1_CHECKSUM,
         dtype_name,
         read_manifest,
     )
 
     dst.mkdir(parents=True, exist_ok=True)
-    checksum = CHECKSUMS[CHECKSUM]
+    checksum, v1_checksum = CHECKSUMS[CHECKSUM], CHECKSUMS[V1_CHECKSUM]
+    res_v1: dict[str, int] = {}
     res_meta: dict[str, Any] = {}
     with open(dst / RESIDENT_FILE, "wb") as f:
         off = 0
@@ -156,6 +161,8 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
             f.write(data)
             res_meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
                               "dtype": dtype_name(t.dtype), CHECKSUM: checksum(data)}
+            if v1_twin is not None:
+                res_v1[name] = v1_checksum(data)
             off += len(data)
         res_size = off
         _drop(f.fileno(), 0)
@@ -163,6 +170,7 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
     stride = len(bundles[0])
     bundle_nbytes = parts[-1]["offset"] + parts[-1]["nbytes"]
     crcs_pool = [checksum(memoryview(b)[:bundle_nbytes]) for b in bundles]
+    v1_pool = [v1_checksum(memoryview(b)[:bundle_nbytes]) for b in bundles] if v1_twin is not None else []
     layers, E = cfg["num_hidden_layers"], cfg["num_experts"]
     total = layers * E
     bar = None
@@ -197,6 +205,18 @@ def write_pack(dst: Path, cfg: dict[str, Any], group: int, pool: int, seed: int,
     }
     (dst / MANIFEST).write_text(json.dumps(manifest))
     read_manifest(dst)  # the engine's own validation of what was written
+    if v1_twin is not None:
+        v1_twin.mkdir(parents=True, exist_ok=True)
+        for fname in (RESIDENT_FILE, EXPERTS_FILE):
+            os.link(dst / fname, v1_twin / fname)
+        v1 = {k: v for k, v in manifest.items() if k != "checksum"}
+        v1["version"] = 1
+        v1["resident"] = {**manifest["resident"], "tensors": {
+            n: {**{k: v for k, v in t.items() if k != CHECKSUM}, V1_CHECKSUM: res_v1[n]} for n, t in res_meta.items()}}
+        v1["experts"] = {**{k: v for k, v in manifest["experts"].items() if k != CHECKSUM},
+                         V1_CHECKSUM: [v1_pool[i % pool] for i in range(total)]}
+        (v1_twin / MANIFEST).write_text(json.dumps(v1))
+        read_manifest(v1_twin)
 
 
 # --------------------------------------------------------------------------- the worker
@@ -278,7 +298,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=4)
     ap.add_argument("--readers", type=int, default=8, help="the expert store's reader threads (its default)")
     ap.add_argument("--ceiling-s", type=float, default=3.0, help="seconds of each I/O-bound measurement")
-    ap.add_argument("--verify", default="first,never", help="decode rows: the store's verify modes")
+    ap.add_argument("--verify", default="first,first:crc32,never",
+                    help="decode rows: the store's verify modes; first:crc32 = first on a version 1 (zlib crc32) twin")
     ap.add_argument("--dir", type=Path, default=None, help="where to write the pack (default: a temp dir in benchmarks/.work)")
     ap.add_argument("--keep", action="store_true", help="do not delete the pack afterwards")
     ap.add_argument("--no-progress", action="store_true")
@@ -312,9 +333,16 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = a.dir or Path(tempfile.mkdtemp(prefix="desk-scale-", dir=work))
     pack = base / "pack"
+    rows = a.verify.split(",")
+    for r in rows:
+        mode, _, algo = r.partition(":")
+        if mode not in ("first", "always", "never") or algo not in ("", "crc32"):
+            raise SystemExit(f"--verify: {r!r} is not first|always|never, optionally with :crc32")
+    twin = base / "pack-v1" if any(r.endswith(":crc32") for r in rows) else None
     try:
         t0 = time.perf_counter()
-        write_pack(pack, cfg, a.group, min(a.pool, a.layers * experts), seed=0, progress=not a.no_progress)
+        write_pack(pack, cfg, a.group, min(a.pool, a.layers * experts), seed=0, progress=not a.no_progress,
+                   v1_twin=twin)
         m = read_manifest(pack)
         write_s = time.perf_counter() - t0
         size = m.expert_bank_bytes + m.resident_bytes
@@ -326,7 +354,8 @@ def main() -> None:
         out(f"# pack: qwen3_moe int4 g{a.group}, {a.layers} layers x {experts} experts (top-{a.top_k}), hidden "
             f"{a.hidden}, expert width {a.expert_width}; bundle {m.stride / MiB:.2f} MiB; experts "
             f"{m.expert_bank_bytes / 1e9:.2f} GB + resident {m.resident_bytes / 1e6:.0f} MB; written in "
-            f"{write_s:.0f} s ({m.expert_bank_bytes / write_s / 1e6:.0f} MB/s) from a pool of {a.pool} experts")
+            f"{write_s:.0f} s ({m.expert_bank_bytes / write_s / 1e6:.0f} MB/s) from a pool of {a.pool} experts; "
+            f"checksum {m.checksum} (format version {m.raw['version']})")
         out(f"# memory: cgroup v1 limit {limit / GiB:.2f} GiB (page cache counted), expert cache budget "
             f"{budget / MiB:.0f} MiB; model size / limit = {size / limit:.1f}x; decode {a.tokens} tokens after a "
             f"{a.prompt}-token prompt, cold, 1 torch thread, {a.readers} reader threads")
@@ -335,8 +364,9 @@ def main() -> None:
             "before / after) | I/O bound tok/s | tok/s / bound (target >= 0.6) | hit rate | I/O wait | read MB/s "
             "while reading | compute s/token | tok/s / max(I/O, compute) bound | cgroup peak MiB | load avg |")
         out("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for verify in a.verify.split(","):
-            r = run_worker(a, pack, verify, budget, limit)
+        for verify in rows:
+            mode, _, algo = verify.partition(":")
+            r = run_worker(a, pack if not algo else twin, mode, budget, limit)
             per_tok = r["decode_bytes_read_per_token"]
             disk = (r["ceiling_before"] + r["ceiling_after"]) / 2
             bound = disk / per_tok if per_tok else math.inf
@@ -357,8 +387,10 @@ def main() -> None:
             "1 / max(MB per token / disk MB/s, compute s/token), i.e. reads and compute perfectly overlapped.")
     finally:
         if not a.keep:
-            shutil.rmtree(base if a.dir is None else pack, ignore_errors=True)
-            out(f"# deleted {pack}")
+            for d in [base] if a.dir is None else [pack, twin]:
+                if d is not None:
+                    shutil.rmtree(d, ignore_errors=True)
+            out(f"# deleted {pack}" + (f" and {twin}" if twin else ""))
     if a.out:
         a.out.write_text("\n".join(lines) + "\n")
 

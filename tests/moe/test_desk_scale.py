@@ -63,3 +63,30 @@ def test_smoke_run_prints_the_table_and_deletes_the_pack(tmp_path: Path) -> None
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[3]) > 0  # decode tok/s
     assert not (tmp_path / "pack").exists()
+
+
+def test_version1_twin_shares_the_data_and_verifies_with_crc32(tmp_path: Path) -> None:
+    cfg = desk_scale.config(layers=1, experts=4, hidden=128, width=64, top_k=4)
+    desk_scale.write_pack(tmp_path / "p", cfg, group=64, pool=3, seed=0, progress=False, v1_twin=tmp_path / "v1")
+    new, old = read_manifest(tmp_path / "p"), read_manifest(tmp_path / "v1")
+    assert (new.raw["version"], new.checksum, old.raw["version"], old.checksum) == (2, "crc32c", 1, "crc32")
+    assert (tmp_path / "v1" / "experts.bin").samefile(tmp_path / "p" / "experts.bin")
+    assert old.expert_crc(0, 3) == old.expert_crc(0, 0) != new.expert_crc(0, 0)  # pool of 3 repeats
+    logits = []
+    for d in ("p", "v1"):
+        model = MoEModel.open(tmp_path / d, memory_budget="unlimited", verify="always", prefetch=False)
+        try:
+            logits.append(model.logits([1, 2]))
+        finally:
+            model.close()
+    assert torch.equal(*logits)
+    with open(tmp_path / "p" / "experts.bin", "r+b") as f:  # one inode: both packs see it
+        f.seek(new.expert_offset(0, 1) + 10)
+        f.write(b"\xff\x00\xff")
+    for d in ("p", "v1"):
+        model = MoEModel.open(tmp_path / d, memory_budget="unlimited", prefetch=False)  # verify="first"
+        try:
+            with pytest.raises(Exception, match="checksum mismatch for layer 0 expert 1"):
+                model.logits([1])
+        finally:
+            model.close()
