@@ -86,7 +86,6 @@ class Scheduler:
         self.admitted = self.finished = self.rejected = self.iterations = 0
         self.prefill_chunks = self.decode_steps = self.decode_tokens = 0
         self.last_batch = 0
-        self.batch_hist: dict[int, int] = {}  # decode-step batch size -> steps
         self.ttft_counts = [0] * (len(TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.ttft_n = 0
@@ -129,7 +128,7 @@ class Scheduler:
         return len(self._active)
 
     def stats(self) -> dict[str, Any]:
-        steps = sum(self.batch_hist.values())
+        steps = self.decode_steps
         pc = self.engine.prefix_cache
         return {"queue_depth": len(self._waiting), "active_sequences": len(self._active),
                 "max_batch": self.max_batch, "max_waiting": self.max_waiting,
@@ -246,7 +245,6 @@ class Scheduler:
         self.decode_steps += 1
         self.decode_tokens += len(rows)
         self.last_batch = len(rows)
-        self.batch_hist[len(rows)] = self.batch_hist.get(len(rows), 0) + 1
         for b, (_, seq, _) in enumerate(rows):
             seq.logits = logits[b]
 
