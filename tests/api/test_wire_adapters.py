@@ -184,3 +184,72 @@ def test_responses_stream_cut_by_the_token_limit_is_incomplete() -> None:
     events = responses_events([chunk({"content": "par"}), chunk(finish="length")])
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+# -- the chat hub out to Messages / Responses targets (gateway/wire/to_*.py) ----------------------
+
+
+def _hub_body() -> dict[str, Any]:
+    return {"model": "m", "temperature": 1.5, "stop": "END", "parallel_tool_calls": False, "tool_choice": "required",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+            "messages": [
+                {"role": "system", "content": "sys"}, {"role": "developer", "content": "dev"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                    {"id": "c2", "type": "function", "function": {"name": "f", "arguments": "not json"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+                {"role": "tool", "tool_call_id": "c2", "content": [{"type": "text", "text": "r2"}]},
+                {"role": "user", "content": [{"type": "text", "text": "and?"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]},
+                {"role": "assistant", "content": "So far "}]}
+
+
+def test_chat_to_messages_merges_turns_and_keeps_the_prefill() -> None:
+    from gateway.wire import to_messages
+
+    out = to_messages.request(_hub_body(), "claude")
+    assert out["system"] == "sys\ndev" and out["temperature"] == 1.0 and out["stop_sequences"] == ["END"]
+    assert out["max_tokens"] == to_messages.DEFAULT_MAX_TOKENS and "response_format" not in out
+    assert out["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert [m["role"] for m in out["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert [b["input"] for b in out["messages"][1]["content"]] == [{"x": 1}, {"arguments": "not json"}]
+    assert [b["type"] for b in out["messages"][2]["content"]] == ["tool_result", "tool_result", "text", "image"]
+    assert out["messages"][2]["content"][1]["content"] == "r2"
+    assert out["messages"][2]["content"][3]["source"] == {"type": "base64", "media_type": "image/png", "data": "AAAA"}
+    assert out["messages"][3]["content"] == [{"type": "text", "text": "So far"}]  # a prefill may not end in a space
+
+
+def test_messages_stream_errors_are_backend_errors() -> None:
+    from gateway.backends.base import BackendError
+    from gateway.wire import to_messages
+
+    reader = to_messages.EventReader("claude")
+    with pytest.raises(BackendError) as err:
+        reader.feed({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}})
+    assert err.value.status == 529 and err.value.retryable
+    with pytest.raises(BackendError, match="outside a tool_use"):
+        reader.feed({"type": "content_block_delta", "index": 3, "delta": {"type": "input_json_delta", "partial_json": "{"}})
+    assert not reader.finished and reader.feed({"type": "message_stop"})[0]["choices"] == [] and reader.finished
+
+
+def test_chat_to_responses_and_back() -> None:
+    from gateway.backends.base import BackendError
+    from gateway.wire import to_responses
+
+    out = to_responses.request(_hub_body(), "gpt")
+    assert out["instructions"] == "sys\ndev" and out["store"] is False and "stop" not in out
+    assert [i["type"] for i in out["input"]] == ["message", "function_call", "function_call", "function_call_output",
+                                                 "function_call_output", "message", "message"]
+    assert out["input"][5]["content"][1] == {"type": "input_image", "image_url": "data:image/png;base64,AAAA",
+                                             "detail": "auto"}
+    assert out["text"] == {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}}
+    assert out["tool_choice"] == "required" and out["parallel_tool_calls"] is False
+    cut = to_responses.completion({"object": "response", "status": "incomplete", "output": [],
+                                   "incomplete_details": {"reason": "max_output_tokens"}}, "gpt")
+    assert cut["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(BackendError):
+        to_responses.completion({"object": "response", "status": "failed", "output": []}, "gpt")
+    with pytest.raises(BackendError, match="not a Responses response"):
+        to_responses.completion({"choices": []}, "gpt")
