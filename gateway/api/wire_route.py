@@ -3,6 +3,7 @@ pipeline exactly as the chat route does, convert out, and answer errors in the f
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -120,7 +121,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
         return JSON(adapter.from_chat(answer, req), headers=headers)
-    translator = adapter.translator(req, _input_tokens(rt, prepared, served.target), request_id)
+    translator = adapter.translator(req, await _input_tokens(rt, prepared, served.target), request_id)
     normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
                                              want_usage=True)
 
@@ -147,8 +148,12 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     return EventStreamResponse(events(), headers=headers)
 
 
-def _input_tokens(rt: Runtime, prepared: pipeline.Prepared, target: str) -> int:
+async def _input_tokens(rt: Runtime, prepared: pipeline.Prepared, target: str) -> int:
     """The prompt's size for a stream that must say it first: the target's own count where it
     has a tokenizer here (the engine), else the pipeline's estimate (~4 characters a token)."""
-    counted = rt.backends[target].prompt_tokens(pipeline.body_for(rt, prepared, target))
+    if not rt.is_engine(target):
+        return prepared.features.prompt_tokens
+    # Rendering and tokenizing a long prompt takes milliseconds: not on the event loop.
+    body = pipeline.body_for(rt, prepared, target)
+    counted = await asyncio.to_thread(rt.backends[target].prompt_tokens, body)
     return counted if counted is not None else prepared.features.prompt_tokens
