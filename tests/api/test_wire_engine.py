@@ -16,18 +16,21 @@ from pydantic import TypeAdapter
 
 from tests.support.gateway import RunningGateway, run_gateway
 from tests.support.upstream import FakeUpstream, Fault
+from tests.support.wire_upstreams import MessagesUpstream
 
 QUESTION = "What is the capital of France?"
 POLICY = """
 version: 1
 targets:
   cloud: {{kind: cloud, model: openai/cloud-model, api_base: "{cloud}", api_key: sk-x, retries: 0}}
+  claude: {{kind: cloud, model: anthropic/claude-test, api: messages, api_base: "{claude}", api_key: sk-x, retries: 0}}
   local: {{kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 24}}
 connectivity: {{probe_interval_s: 30, failures_to_offline: 1000}}
 privacy: {{enabled: false}}
 difficulty: {{method: heuristic}}
 rules:
   - {{name: cloud, when: {{header: {{x-route: cloud}}}}, route: cloud, fallback: [local]}}
+  - {{name: claude, when: {{header: {{x-route: claude}}}}, route: claude, fallback: [local]}}
   - {{name: all, route: local}}
 """
 
@@ -39,9 +42,16 @@ def cloud() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream) -> Iterator[RunningGateway]:
+def claude() -> Iterator[MessagesUpstream]:
+    with MessagesUpstream(model="claude-test", reply=lambda b: "The capital of France is Paris, of course.") as up:
+        yield up
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, cloud: FakeUpstream,
+       claude: MessagesUpstream) -> Iterator[RunningGateway]:
     path: Path = tmp_path_factory.mktemp("engine") / "p.yaml"
-    path.write_text(POLICY.format(cloud=cloud.base_url))
+    path.write_text(POLICY.format(cloud=cloud.base_url, claude=claude.base_url))
     with run_gateway(path) as running:
         yield running
 
@@ -121,3 +131,21 @@ def test_a_stop_sequence_and_the_input_count_on_the_engine(gw: RunningGateway) -
     assert start.message.usage.input_tokens == final.usage.input_tokens == plain.usage.input_tokens > 0
     assert final.stop_reason == "stop_sequence" and final.stop_sequence == stop
     assert client.messages.create(**ask, stop_sequences=["zzz-never"]).stop_sequence is None
+
+
+def test_a_broken_messages_target_stream_is_finished_by_the_engine(gw: RunningGateway, claude: MessagesUpstream) -> None:
+    """An Anthropic Messages upstream dies after "The capital of F" (no message_stop); the engine
+    writes the rest, and a Responses client sees one answer with one terminal event."""
+    claude.fault = Fault("truncated", after_chunks=4, paths=("/messages",))
+    client = openai.OpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+    try:
+        events = list(client.responses.create(model="auto", input=QUESTION, max_output_tokens=24, stream=True,
+                                              extra_headers={"x-route": "claude"}))
+    finally:
+        claude.fault = None
+    assert claude.received and "messages" in claude.received[0] and claude.received[0]["stream"] is True
+    kinds = [e.type for e in events]
+    assert kinds.count("response.completed") + kinds.count("response.incomplete") == 1
+    assert "response.failed" not in kinds
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text.startswith("The capital of F") and len(text) > len("The capital of F") and "Paris" in text
