@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/gateway_overhead.py --quick    # ~1 minute, fewer samples
     .venv/bin/python benchmarks/gateway_overhead.py --endpoints  # ~1 minute: chat vs the other endpoints only
     .venv/bin/python benchmarks/gateway_overhead.py --state      # ~2 minutes: embedded vs Redis state (+ 2 replicas)
+    .venv/bin/python benchmarks/gateway_overhead.py --difficulty # ~1 minute: difficulty scoring on vs off only
 
 Every request carries a distinct ~1 KB prompt (a counter at its end), so classifier caches miss.
 
@@ -21,6 +22,13 @@ and, per endpoint, through the hg-off gateway (same process, same upstream, same
   hg-msg        POST /v1/messages (Anthropic Messages), JSON and streamed
   hg-resp       POST /v1/responses (OpenAI Responses), JSON and streamed
   hg-emb        POST /v1/embeddings, against `direct-emb` (client -> upstream /v1/embeddings)
+
+With --difficulty, instead (c=1, paths in turn request by request, like --endpoints):
+
+  hg-off        as above: privacy off, no rule reads difficulty, so nothing is scored
+  hg-diff       privacy off, the shipped kNN difficulty (static MiniLM word pieces + cues) scored on
+                every request because a rule reads it; the issue's target: <= +2 ms p50 over hg-off
+  hg-heur       the same with the heuristic method (the fallback), for scale
 
 Their added p50 is read against the same baseline as chat's (direct chat; direct-emb for
 embeddings), and the summary gives each endpoint's added p50 minus chat's. Read those from
@@ -48,7 +56,8 @@ wrk`), req/s of two Redis replicas behind HAProxy (round robin, keep-alive) agai
 behind the same HAProxy, with wrk as the load generator, and the load average beside them.
 
 Prints the table and appends it to benchmarks/results/gateway_overhead.txt (--endpoints:
-gateway_overhead_endpoints.txt, --state: gateway_overhead_state.txt).
+gateway_overhead_endpoints.txt, --state: gateway_overhead_state.txt, --difficulty:
+gateway_overhead_difficulty.txt).
 """
 
 from __future__ import annotations
@@ -128,6 +137,14 @@ RULES_ON = """  - name: hard
     when: { difficulty: hard }
     route: cloud
     redact: true
+"""
+# --difficulty: only the difficulty classifier on (privacy off), scored because a rule reads it.
+CLASSIFY_DIFF = "privacy:\n  enabled: false\ndifficulty:\n  method: knn\n"
+CLASSIFY_DIFF_HEUR = "privacy:\n  enabled: false\ndifficulty:\n  method: heuristic\n"
+RULES_DIFF = """  - name: hard
+    when: { difficulty: hard }
+    route: cloud
+    redact: false
 """
 
 LITELLM_CONFIG = """
@@ -211,11 +228,13 @@ def start_upstream(port: int) -> subprocess.Popen:
     return proc
 
 
-def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path) -> Server:
+def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path, rules: str | None = None) -> Server:
     policy = tmp / f"{name}.yaml"
-    rules = RULES_ON if classification == CLASSIFY_ON else ""
+    if rules is None:
+        rules = RULES_ON if classification == CLASSIFY_ON else ""
+    redact = classification == CLASSIFY_ON
     policy.write_text(textwrap.dedent(HG_POLICY).format(port=upstream_port, classification=classification,
-                                                        rules=rules, redact=str(bool(rules)).lower()))
+                                                        rules=rules, redact=str(redact).lower()))
     port = free_port()
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
                              "--port", str(port), "--log-level", "ERROR", "--no-watch"],
@@ -581,18 +600,23 @@ def run(args: argparse.Namespace) -> str:
         paths = [direct]
         print("starting hybrid-gateway (classification off, on) and litellm proxy ...", flush=True)
         procs.append(start_gateway("hg-off", up_port, CLASSIFY_OFF, tmp))
-        if not args.endpoints:
+        if args.difficulty:
+            procs.append(start_gateway("hg-diff", up_port, CLASSIFY_DIFF, tmp, rules=RULES_DIFF))
+            procs.append(start_gateway("hg-heur", up_port, CLASSIFY_DIFF_HEUR, tmp, rules=RULES_DIFF))
+        elif not args.endpoints:
             procs.append(start_gateway("hg-on", up_port, CLASSIFY_ON, tmp))
-        litellm = None if args.endpoints else start_litellm(up_port, tmp)
+        interleaved = args.endpoints or args.difficulty
+        litellm = None if interleaved else start_litellm(up_port, tmp)
         if litellm:
             procs.append(litellm)
         paths += procs
         hg_off = procs[0]
-        # The other endpoints of the hg-off gateway: same process, same upstream (c=1 cells only).
-        paths += [Server("hg-msg", hg_off.proc, hg_off.url, model="auto", api="messages"),
-                  Server("hg-resp", hg_off.proc, hg_off.url, model="auto", api="responses"),
-                  Server("direct-emb", upstream, direct.url, model="fake-embed", api="embeddings"),
-                  Server("hg-emb", hg_off.proc, hg_off.url, model="auto", api="embeddings")]
+        if not args.difficulty:
+            # The other endpoints of the hg-off gateway: same process, same upstream (c=1 cells only).
+            paths += [Server("hg-msg", hg_off.proc, hg_off.url, model="auto", api="messages"),
+                      Server("hg-resp", hg_off.proc, hg_off.url, model="auto", api="responses"),
+                      Server("direct-emb", upstream, direct.url, model="fake-embed", api="embeddings"),
+                      Server("hg-emb", hg_off.proc, hg_off.url, model="auto", api="embeddings")]
         for p in paths:  # warm-up: imports, model loads, connection pools, JIT-ish caches
             asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None,
                                 api=p.api))
@@ -603,15 +627,15 @@ def run(args: argparse.Namespace) -> str:
         # (label, concurrency, stream, requests per slice, seconds per slice)
         plan = [("c=1", 1, False, args.seq, None), ("c=1 stream", 1, True, args.seq, None),
                 ("c=16", 16, False, None, args.slice_s), ("c=64", 64, False, None, args.slice_s)]
-        if args.endpoints:
+        if interleaved:
             plan = plan[:2]
         results: dict[tuple[str, str], Sample] = {}
-        if args.endpoints:  # request by request in turn: every path sees the same moment of load
+        if interleaved:  # request by request in turn: every path sees the same moment of load
             for label, _, stream, reqs, _ in plan:
                 for name, sample in asyncio.run(measure_interleaved(paths, stream=stream,
                                                                     requests=reqs * args.rounds)).items():
                     results[(label, name)] = sample
-        for label, conc, stream, reqs, secs in [] if args.endpoints else plan:
+        for label, conc, stream, reqs, secs in [] if interleaved else plan:
             for r in range(args.rounds):
                 order = paths[r % len(paths):] + paths[: r % len(paths)]  # rotate who goes first
                 for p in order:
@@ -629,12 +653,13 @@ def run(args: argparse.Namespace) -> str:
 
         load = os.getloadavg()
         out(f"Gateway overhead vs direct, loopback fake upstream ({len(PROMPT)} B prompt, fixed small answer)")
-        method = ("" if args.endpoints else f"{args.rounds} alternating rounds per cell; c=1 slices of {args.seq} "
+        method = ("" if interleaved else f"{args.rounds} alternating rounds per cell; c=1 slices of {args.seq} "
                   f"requests after {args.settle} uncounted")
         out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f} (other work shares the cores); {method}")
         out()
-        if args.endpoints:
-            out(f"--endpoints: c=1, paths in turn request by request, {args.seq * args.rounds} requests each per case")
+        if interleaved:
+            mode = "--difficulty" if args.difficulty else "--endpoints"
+            out(f"{mode}: c=1, paths in turn request by request, {args.seq * args.rounds} requests each per case")
         out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
         for label, *_ in plan:
             for p in paths:
@@ -647,10 +672,20 @@ def run(args: argparse.Namespace) -> str:
                 plus = f"{'-':>9}{'-':>9}" if p.name.startswith("direct") else f"{add50:9.2f}{add99:9.2f}"
                 kinds = f"  {s.error_kinds}" if s.errors else ""
                 out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}{kinds}")
-        out()
-        out("added p50 per endpoint minus chat's (hg-off gateway, same run; target: within 0.3 ms)"
-            + (":" if args.endpoints else ", per-path slices: noisy on a loaded machine, read --endpoints:"))
-        for label in ("c=1", "c=1 stream"):
+        if args.difficulty:
+            out()
+            out("difficulty scoring on minus off (same gateway config otherwise; target: <= +2 ms p50):")
+            for label in ("c=1", "c=1 stream"):
+                off = results[(label, "hg-off")]
+                for name in ("hg-diff", "hg-heur"):
+                    on = results[(label, name)]
+                    out(f"  {label:<11} {name:<8} p50 {on.pct(0.5):6.2f} vs {off.pct(0.5):6.2f} ms: "
+                        f"{on.pct(0.5) - off.pct(0.5):+6.2f} ms   p99 {on.pct(0.99) - off.pct(0.99):+6.2f} ms")
+        for label in ("c=1", "c=1 stream") if not args.difficulty else ():
+            if label == "c=1":
+                out()
+                out("added p50 per endpoint minus chat's (hg-off gateway, same run; target: within 0.3 ms)"
+                    + (":" if args.endpoints else ", per-path slices: noisy on a loaded machine, read --endpoints:"))
             chat = results[(label, "hg-off")].pct(0.5) - results[(label, "direct")].pct(0.5)
             for name in ENDPOINT_PATHS:
                 if (label, name) not in results:
@@ -681,9 +716,9 @@ def run(args: argparse.Namespace) -> str:
                 f"{best['hg-off'] / max(best['litellm'], 1e-9):.2f}x")
             out(f"  peak RSS hg-off: {peak_rss_mb(procs[0].proc.pid):.0f} MB vs "
                 f"{peak_rss_mb(litellm.proc.pid):.0f} MB")
-        elif args.endpoints:
+        elif interleaved:
             out()
-            out("--endpoints: classification on, LiteLLM proxy and c>1 not measured in this run.")
+            out(f"{mode}: PII classification, LiteLLM proxy and c>1 not measured in this run.")
         else:
             out()
             out(f"LiteLLM proxy not measured: {LITELLM_BIN} is missing (see the module docstring).")
@@ -703,6 +738,8 @@ def main() -> None:
                     help="only chat vs Messages, Responses and embeddings through the hg-off gateway (c=1, full samples)")
     ap.add_argument("--state", action="store_true",
                     help="embedded vs Redis state added p50 (c=1), and 2 replicas behind HAProxy vs 1")
+    ap.add_argument("--difficulty", action="store_true",
+                    help="only difficulty scoring on (kNN, heuristic) vs off through the gateway (c=1, full samples)")
     ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
     args = ap.parse_args()
     args.rounds = 2 if args.quick else 4
@@ -720,8 +757,9 @@ def main() -> None:
     if not args.no_save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        results = RESULTS.with_name("gateway_overhead_endpoints.txt") if args.endpoints else \
-            RESULTS.with_name("gateway_overhead_state.txt") if args.state else RESULTS
+        results = (RESULTS.with_name("gateway_overhead_difficulty.txt") if args.difficulty
+                   else RESULTS.with_name("gateway_overhead_endpoints.txt") if args.endpoints
+                   else RESULTS.with_name("gateway_overhead_state.txt") if args.state else RESULTS)
         with results.open("a") as f:  # runs accumulate: this machine's speed drifts between them
             f.write(f"\n$ {' '.join(['benchmarks/gateway_overhead.py', *sys.argv[1:]])}   # {stamp}\n{text}")
         print(f"appended to {results.relative_to(ROOT)}")
