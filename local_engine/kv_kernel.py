@@ -17,13 +17,8 @@ through PyTorch (``unavailable_reason`` says why).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
 import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 from local_engine import qkernel
 
@@ -207,30 +202,7 @@ _lock = threading.Lock()
 
 
 def _build() -> ctypes.CDLL:
-    if os.environ.get("LOCAL_ENGINE_NO_CKERNEL"):
-        raise RuntimeError("disabled by LOCAL_ENGINE_NO_CKERNEL")
-    missing = [f for f in qkernel._REQUIRED_CPU_FLAGS if f not in qkernel._cpu_flags()]
-    if missing:
-        raise RuntimeError(f"CPU lacks {', '.join(missing)}")
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    so = qkernel._cache_dir() / f"kv_kernel_{key}.so"
-    if not so.is_file():
-        so.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as td:
-            src = Path(td) / "kv_kernel.c"
-            src.write_text(_SOURCE)
-            tmp_so = Path(td) / "kv_kernel.so"
-            out = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so), "-lm"], capture_output=True,
-                                 text=True, timeout=120, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {out.stderr.strip()[-500:]}")
-            part = so.with_suffix(f".{os.getpid()}.part")  # atomic publish, as qkernel
-            shutil.copyfile(tmp_so, part)
-            os.replace(part, so)
-    lib = ctypes.CDLL(str(so))
+    lib = qkernel.compile_shared("kv_kernel", _SOURCE, _FLAGS, link=("-lm",))
     f = lib.kv_step
     f.restype = None
     p, i = ctypes.c_void_p, ctypes.c_int

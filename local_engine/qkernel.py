@@ -752,8 +752,13 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
-def _build() -> ctypes.CDLL:
-    global unavailable_reason
+def compile_shared(name: str, source: str, flags: list[str], link: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile ``source`` once per machine into the cache (keyed by source and flags) and load it.
+
+    Shared by this module's kernel and ``kv_kernel``: the same switches (LOCAL_ENGINE_NO_CKERNEL,
+    CPU flags, compiler), the same cache and the same atomic publish. Raises RuntimeError / OSError
+    when the kernel cannot be had; callers then fall back to PyTorch.
+    """
     if os.environ.get("LOCAL_ENGINE_NO_CKERNEL"):
         raise RuntimeError("disabled by LOCAL_ENGINE_NO_CKERNEL")
     missing = [f for f in _REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
@@ -762,15 +767,15 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler (gcc/cc) on PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-    so = _cache_dir() / f"qkernel_{key}.so"
+    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    so = _cache_dir() / f"{name}_{key}.so"
     if not so.is_file():
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as td:
-            src = Path(td) / "qkernel.c"
-            src.write_text(_SOURCE)
-            tmp_so = Path(td) / "qkernel.so"
-            out = subprocess.run([cc, *_FLAGS, str(src), "-o", str(tmp_so)], capture_output=True, text=True,
+            src = Path(td) / f"{name}.c"
+            src.write_text(source)
+            tmp_so = Path(td) / f"{name}.so"
+            out = subprocess.run([cc, *flags, str(src), "-o", str(tmp_so), *link], capture_output=True, text=True,
                                  timeout=120, check=False)
             if out.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {out.stderr.strip()[-500:]}")
@@ -778,7 +783,11 @@ def _build() -> ctypes.CDLL:
             part = so.with_suffix(f".{os.getpid()}.part")
             shutil.copyfile(tmp_so, part)
             os.replace(part, so)
-    lib = ctypes.CDLL(str(so))
+    return ctypes.CDLL(str(so))
+
+
+def _build() -> ctypes.CDLL:
+    lib = compile_shared("qkernel", _SOURCE, _FLAGS)
     f = lib.qmatmul
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
