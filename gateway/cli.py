@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
+from typing import Any, cast
 
 import click
 import orjson
@@ -55,13 +55,14 @@ def serve(policy_path: str, host: str, port: int, offline: bool, audit_log: str 
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
-    from gateway.state import GatewayState, Settings
+    from gateway.state import AuditPrompts, GatewayState, Settings
+    from gateway.tracing import endpoint_from_env
 
     configure_logging(log_level)
     policy = _load(policy_path)
     settings = Settings(policy_path=policy_path, force="offline" if offline else "auto",
-                        audit_path=audit_log, audit_prompts=audit_prompts, watch=not no_watch,  # type: ignore[arg-type]
-                        **({"otlp_endpoint": otlp_endpoint} if otlp_endpoint else {}))
+                        audit_path=audit_log, audit_prompts=cast(AuditPrompts, audit_prompts),  # click.Choice checked it
+                        watch=not no_watch, otlp_endpoint=otlp_endpoint or endpoint_from_env())
     try:
         state = GatewayState(settings, policy)
     except Exception as exc:  # e.g. a missing NLP model: one clear line, no traceback

@@ -553,8 +553,9 @@ async def stream(rt: Runtime, prepared: Prepared,
                 partial.raw_seen |= restorer is None
                 resumed = current is not outcome
                 try:
-                    async for chunk in chunks(current, partial):
-                        if resumed and (chunk := resume.seamless(chunk, partial)) is None:
+                    async for got in chunks(current, partial):
+                        chunk = resume.seamless(got, partial) if resumed else got
+                        if chunk is None:
                             continue
                         for c in out(chunk, restorer):
                             partial.seen(c)

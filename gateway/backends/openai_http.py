@@ -174,8 +174,8 @@ class OpenAIHTTPBackend(Backend):
                 if len(buf) > _MAX_LINE:
                     raise BackendError("protocol", f"{self.name}: stream line too long")
             if not finished:
-                end = "[DONE]" if reader is None else "its end event"
-                raise BackendError("protocol", f"{self.name}: stream ended without {end}")
+                last = "[DONE]" if reader is None else "its end event"
+                raise BackendError("protocol", f"{self.name}: stream ended without {last}")
         except TimeoutError:
             raise BackendError("timeout", f"{self.name}: stream timeout") from None
         except _CONNECT_ERRORS as exc:

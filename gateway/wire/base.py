@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -143,7 +144,8 @@ def new_id(prefix: str) -> str:
 
 def invalid(exc: ValidationError, prefix: str = "") -> APIError:
     """A 400 naming the first bad field, never quoting its value (it may be personal data)."""
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    first: Mapping[str, Any] = errors[0] if errors else {}
     loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *first.get("loc", ())))
     msg = first.get("msg", "Invalid request")
     return APIError(400, f"Invalid request: {loc + ': ' if loc else ''}{msg}", param=loc or None,

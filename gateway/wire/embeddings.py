@@ -98,7 +98,8 @@ def normalise(raw: dict[str, Any], req: EmbeddingsRequest, target: str) -> dict[
     sizes = {len(v) for v in vectors}
     if len(sizes) != 1 or (req.dimensions is not None and sizes != {req.dimensions}):
         raise BackendError("protocol", f"{target}: embeddings of the wrong size")
-    usage = raw.get("usage") if isinstance(raw.get("usage"), dict) else {}
+    raw_usage = raw.get("usage")
+    usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
     prompt = usage.get("prompt_tokens")
     estimated = not isinstance(prompt, int) or isinstance(prompt, bool)
     if estimated:  # ~4 characters a token, as pipeline.estimate_tokens

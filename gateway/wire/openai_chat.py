@@ -84,7 +84,8 @@ def estimated_usage(prompt_tokens: int, answer_chars: int) -> dict[str, Any]:
 def _tool_call(call: Any, i: int, streamed: bool) -> dict[str, Any] | None:
     if not isinstance(call, dict):
         return None
-    fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+    raw_fn = call.get("function")
+    fn: dict[str, Any] = raw_fn if isinstance(raw_fn, dict) else {}
     out = _extras(call, frozenset({"index", "id", "type", "function"}))
     function: dict[str, Any] = {}
     if isinstance(fn.get("name"), str):

@@ -238,10 +238,10 @@ class EventReader:
             if delta.get("type") == "text_delta":
                 return [self._chunk({"content": str(delta.get("text") or "")})]
             if delta.get("type") == "input_json_delta":
-                k = self.tools.get(int(event.get("index") or 0))
-                if k is None:
+                slot = self.tools.get(int(event.get("index") or 0))
+                if slot is None:
                     raise BackendError("protocol", f"{self.name}: input_json_delta outside a tool_use block")
-                return [self._chunk({"tool_calls": [{"index": k, "function": {
+                return [self._chunk({"tool_calls": [{"index": slot, "function": {
                     "arguments": str(delta.get("partial_json") or "")}}]})]
             return []  # thinking and signature deltas have no chat equivalent
         if kind == "message_delta":

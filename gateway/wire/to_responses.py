@@ -200,10 +200,10 @@ class EventReader:
                                                  "type": "function", "function": {
                                                      "name": str(item.get("name") or ""), "arguments": ""}}]})]
         if kind == "response.function_call_arguments.delta":
-            k = self.tools.get(int(event.get("output_index") or 0))
-            if k is None:
+            slot = self.tools.get(int(event.get("output_index") or 0))
+            if slot is None:
                 raise BackendError("protocol", f"{self.name}: arguments delta outside a function_call item")
-            return [self._chunk({"tool_calls": [{"index": k, "function": {"arguments": str(event.get("delta") or "")}}]})]
+            return [self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": str(event.get("delta") or "")}}]})]
         if kind in _TERMINAL:
             self.finished = True
             response = event.get("response") or {}
