@@ -208,9 +208,16 @@ def main() -> None:
     out()
     out(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f} s")
     if not args.no_save:
+        import subprocess
+
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "gateway"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
         with RESULTS.open("a") as fh:
-            fh.write(f"\n$ /work/bin/benchslot .venv/bin/python benchmarks/difficulty_families.py   # {stamp}\n")
+            fh.write(f"\n$ /work/bin/benchslot .venv/bin/python benchmarks/difficulty_families.py   "
+                     f"# {stamp}, commit {commit}{' + uncommitted changes' if dirty else ''}\n")
             fh.write("\n".join(lines) + "\n")
         print(f"appended to {RESULTS.relative_to(ROOT)}")
 
