@@ -45,15 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from difficulty_head import _standardise, features  # noqa: E402
+from difficulty_head import Report, _standardise, features, labelled  # noqa: E402
 
 from gateway.classify.difficulty.calibrate import share_for_quality  # noqa: E402
-from gateway.classify.difficulty.data import group_of, load_examples  # noqa: E402
 from gateway.classify.difficulty.heuristic import heuristic_logit  # noqa: E402
 from gateway.classify.difficulty.signals import read  # noqa: E402
 from gateway.classify.difficulty.train import auc, one_thread  # noqa: E402
 
-DATA = ROOT / "benchmarks" / "data" / "routing" / "labelled_prompts.jsonl"
 RESULTS = ROOT / "benchmarks" / "results" / "difficulty_families.txt"
 C = 0.3  # the shipped recipe's L2 strength; no grid here, no chance to fit the held-out family
 GOAL_POINTS = 0.10  # issue #21: cloud share at least 10 points below random routing
@@ -134,20 +132,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
-    lines: list[str] = []
-
-    def out(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    out = Report(RESULTS, "/work/bin/benchslot .venv/bin/python benchmarks/difficulty_families.py")
     t0 = time.perf_counter()
-    examples = load_examples(DATA)
-    prompts = [e.prompt for e in examples]
-    y = np.asarray([e.hard for e in examples], dtype=int)
+    examples, prompts, y, groups = labelled()
     weak = np.asarray([e.weak_correct for e in examples], float)
     strong = np.asarray([e.strong_correct for e in examples], float)
     fam = np.asarray([family_of(e.source) for e in examples])
-    groups = np.asarray([group_of(e) for e in examples])
     f = features(prompts, max_tokens=256)
     f["won"] = ((1 - weak) * strong).astype(int)  # routing this prompt to GPT-4 turns wrong into right
     f["lost"] = (weak * (1 - strong)).astype(int)  # ... or right into wrong
@@ -208,19 +198,7 @@ def main() -> None:
     out()
     out(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; total {time.perf_counter() - t0:.0f} s")
     if not args.no_save:
-        import subprocess
-
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "gateway"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        with RESULTS.open("a") as fh:
-            fh.write(f"\n$ /work/bin/benchslot .venv/bin/python benchmarks/difficulty_families.py   "
-                     f"# {stamp}, commit {commit}{' + uncommitted changes' if dirty else ''}\n")
-            fh.write("\n".join(lines) + "\n")
-        print(f"appended to {RESULTS.relative_to(ROOT)}")
-
+        out.save()
 
 if __name__ == "__main__":
     main()

