@@ -42,7 +42,7 @@ from local_engine.formats.pack import (
     dequantize,
 )
 from local_engine.models.layers import Linear
-from local_engine.quant import GroupLinear
+from local_engine.quant import GroupExpert, GroupLinear
 
 VERIFY_MODES = ("always", "first", "never")
 _ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux-only flag
@@ -137,6 +137,12 @@ class ExpertStore:
         self._prefetched: dict[tuple[int, int], Future[mmap.mmap]] = {}
         # int2 / int4 experts are multiplied packed (qkernel); None: dequantised, F.linear
         self._qlib = qkernel.load() if manifest.quant in ("int2", "int4") else None
+        # one token's expert in one kernel call (the decode step), where the kernel can block it
+        self.expert_fn: GroupExpert | None = None
+        H, inter, G = manifest.hidden_size, manifest.intermediate_size, manifest.group_size
+        if self._qlib is not None and H % 32 == 0 and inter % 32 == 0 and G % 32 == 0:
+            self.expert_fn = GroupExpert(self._qlib, manifest.quant, {p.name: p.offset for p in manifest.parts},
+                                         H, inter, G)
 
     # ------------------------------------------------------------------ buffers
     def _alloc(self) -> mmap.mmap:

@@ -679,6 +679,32 @@ int q4smatmul(const uint8_t *q, const uint16_t *sc, int G, const float *x, float
     return gqmatmul(4, q, sc, sc, G, x, y, M, N, K, nthreads);
 }
 
+/* One streamed expert for one token, in one call: y[H] = w * down(silu(g) * u), [g; u] = gate_up x.
+   The decode step ran this as ~12 PyTorch dispatches per expert (views, two matmuls, slicing, silu,
+   products), each releasing and re-taking the GIL that 8 reader threads contend for: at the 5%
+   budget that overhead, not the kernel, was most of an expert's time. The bundle's parts (int2:
+   codes, scale, min per matrix; int4: codes and scale, mn unused) are pointers into its read
+   buffer. One thread: an expert is ~0.7 M multiply-adds, far below QK_MIN_PARALLEL. */
+int gq_expert(int bits, const uint8_t *gq, const uint16_t *gs, const uint16_t *gm, const uint8_t *dq,
+              const uint16_t *ds, const uint16_t *dm, int G, const float *x, int H, int I, float w, float *y) {
+    if (I % 32 != 0 || I % G != 0) return -1;
+    float stackbuf[2 * 2048];
+    float *gu = 2 * I <= 2 * 2048 ? stackbuf : (float *)malloc(sizeof(float) * 2 * (size_t)I);
+    if (!gu) return -2;
+    int rc = gqmatmul(bits, gq, gs, gm, G, x, gu, 1, 2 * I, H, 1);
+    if (rc == 0) {
+        for (int i = 0; i < I; i++) {
+            float g = gu[i];
+            gu[i] = g / (1.0f + expf(-g)) * gu[I + i];
+        }
+        rc = gqmatmul(bits, dq, ds, dm, G, gu, y, 1, H, I, 1);
+    }
+    if (rc == 0 && w != 1.0f)
+        for (int j = 0; j < H; j++) y[j] *= w;
+    if (gu != stackbuf) free(gu);
+    return rc;
+}
+
 /* One decode step of attention for one layer, after the q|k|v matmul:
    r [hq + 2 hk, hd]: q heads, k heads, v heads (fp32, rotated here in place);
    cos/sin [hd]: the RoPE row of position p (HF rotate_half layout: cos[i] == cos[i + hd/2]);
@@ -800,6 +826,10 @@ def _build() -> ctypes.CDLL:
     q4.restype = ctypes.c_int
     q4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    ge = lib.gq_expert
+    ge.restype = ctypes.c_int
+    ge.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 6, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_float, ctypes.c_void_p]
     a = lib.attn_step
     a.restype = None
     a.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,

@@ -291,3 +291,36 @@ def _q4_0_as_q4_1(blocks: np.ndarray, rows: int, cols: int) -> np.ndarray:
     out[:, :, 2:4] = (d.astype(np.float32) * -8.0).astype(np.float16).view(np.uint8)
     out[:, :, 4:20] = b[:, :, 2:18]
     return out.reshape(rows, nb * 20)
+
+
+class GroupExpert:
+    """One streamed expert's SwiGLU for one token, ``qkernel.gq_expert``, straight from a bundle.
+
+    The decode step's fast path (``MoEModel._moe`` with one token): where ``GroupLinear`` builds
+    two matrices of tensor views per bundle and runs the expert as a dozen PyTorch calls, this
+    knows where each part sits in every bundle (``offsets``: byte offsets of gate_up, its scale,
+    its min, down, its scale, its min; the mins 0 for int4) and makes one call per expert.
+    """
+
+    _PARTS = ("gate_up", "gate_up.scale", "gate_up.min", "down", "down.scale", "down.min")
+
+    def __init__(self, lib: object, method: str, offsets: dict[str, int], hidden: int, inter: int,
+                 group: int) -> None:
+        if method not in ("int2", "int4"):
+            raise ValueError(f"GroupExpert: {method} experts are not grouped int2 / int4")
+        self.bits = 2 if method == "int2" else 4
+        self._fn = lib.gq_expert  # type: ignore[attr-defined]
+        self._off = [offsets.get(p, -1) for p in self._PARTS]
+        self.hidden, self.inter, self.group = hidden, inter, group
+
+    def __call__(self, buf: object, x: torch.Tensor, w: float, y: torch.Tensor) -> None:
+        """``y`` [hidden] = w · down(silu(g) · u) of the bundle in ``buf`` (a writable buffer)
+        for ``x`` [hidden] (fp32, contiguous)."""
+        import ctypes
+
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # type: ignore[arg-type]
+        p = [base + o if o >= 0 else None for o in self._off]
+        rc = self._fn(self.bits, *p, self.group, x.data_ptr(), self.hidden, self.inter, w, y.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"qkernel gq_expert failed with code {rc} (hidden {self.hidden}, "
+                               f"intermediate {self.inter}, group {self.group})")

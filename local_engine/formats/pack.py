@@ -370,6 +370,15 @@ class Manifest:
                 for p in self.raw["experts"]["parts"]]
 
     @property
+    def hidden_size(self) -> int:
+        return int(self.raw["experts"]["hidden_size"])
+
+    @property
+    def intermediate_size(self) -> int:
+        """An expert's intermediate width I (gate_up is [2I, H], down [H, I])."""
+        return int(self.raw["experts"]["intermediate_size"])
+
+    @property
     def moe_layers(self) -> list[int]:
         return [int(x) for x in self.raw["experts"]["layers"]]
 

@@ -48,6 +48,7 @@ from local_engine.models.layers import (
     swiglu,
 )
 from local_engine.prefetch_switch import PrefetchSwitch
+from local_engine.quant import GroupExpert
 
 # --------------------------------------------------------------------------- routing (pure)
 
@@ -229,6 +230,8 @@ class MoEModel:
         weights, idx = self.route(logits)
         if self._drafting:
             weights, idx = self._draft_route(i, logits)
+        if h.shape[0] == 1 and self.store.expert_fn is not None:
+            return self._moe_one(i, h, logits, weights, idx, self.store.expert_fn)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
         # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
@@ -248,10 +251,37 @@ class MoEModel:
         out = torch.zeros_like(h)
         for e in experts:  # fixed order: independent of which read finished first
             out.index_add_(0, toks[e], results[e].to(out.dtype))
+        return self._plus_shared(p, h, out)
+
+    def _plus_shared(self, p: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus Qwen2-MoE's gated shared expert of ``h`` where the layer (prefix ``p``) has one."""
         if self.arch == "qwen2_moe" and (p + "shared_expert.gate_proj.weight") in self.w:
             shared = self._dense_mlp(p + "shared_expert.", h)
             out = out + torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
+
+    def _moe_one(self, i: int, h: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
+                 expert: GroupExpert) -> torch.Tensor:
+        """``_moe`` for one token of grouped int2 / int4 experts: one kernel call per expert, no
+        per-expert tensor ops (at small budgets those, each releasing and re-taking the GIL the
+        reader threads contend for, cost more than the experts' arithmetic). Each expert's output
+        goes to its row in ascending expert order, and the rows are summed in that order, so the
+        result does not depend on which read finished first."""
+        picks = idx[0].tolist()
+        ws = weights[0].float().tolist()
+        order = sorted(range(len(picks)), key=picks.__getitem__)
+        experts = [picks[j] for j in order]
+        row = {e: r for r, e in enumerate(experts)}
+        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
+                 if self.store.wants_router_probs else None)
+        x = h[0].float().contiguous()
+        ys = torch.empty(len(experts), self.H)
+        for e, buf in self.store.request(i, experts, [1] * len(experts), 1, probs=probs):
+            t0 = time.perf_counter()
+            r = row[e]
+            expert(buf, x, ws[order[r]], ys[r])
+            self.run.expert_compute_s += time.perf_counter() - t0
+        return self._plus_shared(f"model.layers.{i}.{self._moe_prefix}.", h, ys.sum(0, keepdim=True).to(h.dtype))
 
     def _prefetch_after(self, i: int, x: torch.Tensor) -> None:
         """Guess the next MoE layer's experts from this layer's output and start reading them.

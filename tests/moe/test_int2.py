@@ -135,6 +135,44 @@ def test_model_reads_int2_experts_through_the_kernel_as_dequantised(int2_packs: 
     assert len(toks) == 6 and all(0 <= t < 128 for t in toks)
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("quant", ["int2", "int4"])
+def test_decode_step_one_kernel_call_per_expert_equals_the_general_path(int2_packs: dict[str, Path],
+                                                                        tiny_models: dict[str, Tiny],
+                                                                        arch: str, quant: str) -> None:
+    """A one-token step runs each grouped expert as one ``qkernel.gq_expert`` call
+    (``MoEModel._moe_one``); it computes what the general path (``GroupLinear`` matrices and
+    PyTorch's SwiGLU) computes, step after step, with a cache budget that keeps reading."""
+    path = int2_packs[arch] if quant == "int2" else tiny_models[arch].packed["int4"]
+    m = MoEModel.open(path, memory_budget=0, prefetch=False)
+    runs: dict[str, list[torch.Tensor]] = {}
+    calls = 0
+    try:
+        fast_fn = m.store.expert_fn
+        assert fast_fn is not None, "grouped experts of a 32-column group should take the one-call path"
+
+        def counting(*a: object) -> None:
+            nonlocal calls
+            calls += 1
+            fast_fn(*a)  # type: ignore[arg-type]
+
+        for name, fn in (("fast", counting), ("general", None)):
+            m.store.expert_fn = fn  # type: ignore[assignment]
+            cache = m.new_cache(64)
+            lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
+            steps = []
+            for _ in range(5):
+                lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
+                steps.append(lg[-1])
+            runs[name] = steps
+    finally:
+        m.close()
+    n_moe = len(m.moe_layers)
+    assert calls == 5 * n_moe * m.top_k  # every expert of every decode step, none of the prompt's
+    for a, b in zip(runs["fast"], runs["general"], strict=True):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
 @pytest.fixture(scope="module")
 def demo_packs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from local_engine.cli import main
