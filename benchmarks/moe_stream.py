@@ -274,7 +274,9 @@ def worker_ours(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     model = MoEModel.open(packed_dir(a.quant), memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
-                          verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch)
+                          verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch,
+                          standins=packed_dir(a.standin_quant) if a.standin_quant else None,
+                          standin_below=a.standin_below)
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     io = model.store.io
     pattern = PatternCeiling(model.store.fd, model.m.stride, a.readers)
@@ -594,6 +596,12 @@ def main() -> None:
     ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
                     help="budgets also decoded with prefetch on ('' to skip)")
     ap.add_argument("--verify", default="first")
+    ap.add_argument("--standins", default="",
+                    help="a pack of --quants (e.g. int2) as low-bit stand-ins for the first pack's missed experts: "
+                         "adds rows of the first pack with stand-ins at each --standin-below threshold")
+    ap.add_argument("--standin-below", default="0.1",
+                    help="router-weight thresholds for the stand-in rows (comma-separated); (worker) one value")
+    ap.add_argument("--standin-quant", default="", help="(worker) the stand-in pack")
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -611,6 +619,7 @@ def main() -> None:
     ap.add_argument("--replay-tokens", default="16,64", help="decode lengths replayed from --replay-trace")
     a = ap.parse_args()
     if a.worker == "ours":
+        a.standin_below = float(a.standin_below)
         return worker_ours(a)
     if a.worker == "peer":
         return worker_peer(a)
@@ -656,22 +665,28 @@ def main() -> None:
     def ceiling_now(quant: str) -> float:
         return measure_ceiling(packed_dir(quant) / "experts.bin", mans[quant].stride, threads=8, seconds=2.0)
 
-    def decode(frac: float, prefetch: bool, quant: str) -> dict[str, Any]:
+    def decode(frac: float, prefetch: bool, quant: str, standin_below: float | None = None) -> dict[str, Any]:
         qstride = mans[quant].stride
         budget = int(bank * frac) // qstride * qstride  # the same bytes for every pack
         limit = resident + budget + GiB
+        alt = ["--standin-quant", a.standins, "--standin-below", str(standin_below)] if standin_below is not None else []
         evict(packed_dir(quant))
         sat, load0 = ceiling_now(quant), os.getloadavg()[0]
         evict(packed_dir(quant))
+        if alt:
+            evict(packed_dir(a.standins))
         r = run_in_cgroup(["--worker", "ours", "--quant", quant, "--budget", str(budget), "--policy", a.policy,
                            "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
-                           "--readers", str(a.readers), "--verify", a.verify, *(["--prefetch"] if prefetch else [])],
-                          limit, f"ours{quant}{int(frac * 100)}{'p' if prefetch else ''}", timeout=900)
-        r.update(frac=frac, budget=budget, limit=limit, saturating=sat, load=load0, prefetch=prefetch, quant=quant)
+                           "--readers", str(a.readers), "--verify", a.verify, *(["--prefetch"] if prefetch else []),
+                           *alt],
+                          limit, f"ours{quant}{int(frac * 100)}{'p' if prefetch else ''}{'s' if alt else ''}",
+                          timeout=900)
+        r.update(frac=frac, budget=budget, limit=limit, saturating=sat, load=load0, prefetch=prefetch, quant=quant,
+                 standin_below=standin_below)
         if "error" not in r:
             r["ceiling"] = r["pattern_ceiling_Bps"]
             TRACES.mkdir(parents=True, exist_ok=True)
-            tag = "" if quant == "none" else f"-{quant}"
+            tag = ("" if quant == "none" else f"-{quant}") + (f"-s{standin_below}" if alt else "")
             saved = TRACES / f"run-{a.prompt}+{a.tokens}-{frac:.2f}{'p' if prefetch else ''}{tag}.json"
             saved.write_text(json.dumps({x: r[x] for x in ("trace", "trace_uses", "trace_probs", "tokens")}))
             trace, uses, probs, layers = load_trace(saved)
@@ -686,6 +701,10 @@ def main() -> None:
     # docstring), and its own compute time per token (decode time minus time blocked on reads).
     rows = [decode(float(x), False, q) for q in quants for x in a.fractions.split(",")]
     prows = [decode(float(x), True, quants[0]) for x in a.prefetch_fractions.split(",") if x]
+    if a.standins and a.standins not in quants:
+        raise SystemExit(f"--standins {a.standins}: name one of --quants ({a.quants})")
+    srows = [decode(float(x), False, quants[0], float(t)) for x in a.fractions.split(",")
+             for t in a.standin_below.split(",")] if a.standins else []
 
     peer = None
     if not a.skip_peer:
@@ -779,6 +798,31 @@ def main() -> None:
                   f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | "
                   f"{d['tps'] / db['tps'] if db else float('nan'):.2f}x | "
                   f"{d['bpt'] / db['bpt'] if db and db['bpt'] else float('nan'):.2f} |")
+
+    if srows:
+        print()
+        print(f"## Low-bit stand-ins on a miss: the {quants[0]} pack, a missed expert with router weight below the "
+              f"threshold computed from its {a.standins} bundle (HOBBIT), same budgets and cgroup limits")
+        print(f"| budget | stand-ins below | tok/s | tok/s ÷ {quants[0]} alone | tok/s ÷ {a.standins} alone "
+              "| MB read/token | stand-in uses / decode token | hit rate decode | compute s/token | I/O wait |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        alone = {(r["quant"], r["frac"]): r for r in rows if "error" not in r}
+        for r in srows:
+            if "error" in r:
+                print(f"| {r['frac']:.0%} | {r['standin_below']} | error: {r['error'][:200]} |")
+                continue
+            d = derived(r)
+            ratios = []
+            for q in (quants[0], a.standins):
+                b = alone.get((q, r["frac"]))
+                ratios.append(f"{d['tps'] / derived(b)['tps']:.2f}x" if b else "-")
+            print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['standin_below']} | {d['tps']:.2f} "
+                  f"| {ratios[0]} | {ratios[1]} | {d['bpt'] / 1e6:.1f} "
+                  f"| {r['standin_uses'] / max(r['decode_tokens'], 1):.1f} | {r['decode_hit_rate']:.3f} "
+                  f"| {d['compute_pt']:.3f} | {r['decode_io_wait_s'] / d['decode_s']:.0%} |")
+        print("stand-ins serve decode steps only (the prompt's batched prefill reads every expert's own bundle); "
+              "MB read/token counts both packs' reads. Quality of the same setting: benchmarks/quality.py's "
+              "stand-in rows (KL against the lossless pack).")
 
     if prows:
         print()

@@ -192,10 +192,45 @@ def moe_table(size: int, max_tokens: int, work: Path, out: Callable[[str], None]
             out(f"| {q}{' (reference)' if q == 'none' else ''} | {man.bundle_nbytes} | "
                 f"{man.expert_bank_bytes / 1024:.0f} | {r['ppl']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
                 f"{r['top1']:.1%} |")
+        standin_rows(scorer, packs, out)
     finally:
         for m in models.values():
             m.close()
     out(f"\n(MoE table: {time.perf_counter() - t0:.0f} s)")
+
+
+def _stepwise(m: Any) -> Callable[[list[int]], torch.Tensor]:
+    """Logits of a window fed one token at a time: every forward a one-token (decode) step."""
+    def f(ids: list[int]) -> torch.Tensor:
+        cache = m.new_cache(len(ids))
+        return torch.cat([m.forward(torch.tensor([t]), cache) for t in ids])
+    return f
+
+
+def standin_rows(scorer: Scorer, packs: dict[str, Path], out: Callable[[str], None]) -> None:
+    """The int4 pack with int2 stand-ins for missed experts under a router-weight threshold (HOBBIT),
+    no expert cache (every expert misses: the most stand-ins a threshold can give), decoded step by
+    step (stand-ins serve one-token steps); int4 and int2 alone decoded the same way."""
+    from local_engine.models.moe import MoEModel
+
+    out("\n## Low-bit stand-ins: pack `int4`, a missed expert whose router weight is below the threshold computed "
+        "from its `int2` bundle; no expert cache (every expert misses), one token per forward; KL against pack `none`")
+    out("| setting | stand-in share of expert uses | mean KL (nats) | p99 KL | top-1 = ref |")
+    out("|---|---|---|---|---|")
+    settings: list[tuple[str, Path, dict[str, Any]]] = [("int4 alone", packs["int4"], {})]
+    settings += [(f"int4 + int2 stand-ins below {t}", packs["int4"], {"standins": packs["int2"], "standin_below": t})
+                 for t in (0.15, 0.2, 0.25, 1.0)]
+    settings.append(("int2 alone", packs["int2"], {}))
+    for label, path, kw in settings:
+        m = MoEModel.open(path, memory_budget=0, prefetch=False, record_trace=False, **kw)
+        try:
+            r = scorer.score(_stepwise(m))
+            st = m.stats()
+            uses = st["store_cache_hits"] + st["store_cache_misses"]
+            share = st["standin_uses"] / uses if uses else 0.0
+        finally:
+            m.close()
+        out(f"| {label} | {share:.1%} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | {r['top1']:.1%} |")
 
 
 # --------------------------------------------------------------------------- kernel time

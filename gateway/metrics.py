@@ -35,6 +35,7 @@ _MOE_METRICS: tuple[tuple[str, str, str, Any], ...] = (
     ("hybrid_moe_compute_seconds", "counter", "Model time not waiting for expert reads", "compute_s"),
     ("hybrid_moe_prefetch_reads", "counter", "Speculative next-layer expert reads", "store_prefetch_reads"),
     ("hybrid_moe_prefetch_used", "counter", "Speculative reads a request then used", "store_prefetch_used"),
+    ("hybrid_moe_standin_uses", "counter", "Missed experts computed from their low-bit stand-in", "store_standin_uses"),
     ("hybrid_moe_peak_rss_bytes", "gauge", "Peak resident set size of the gateway process", "peak_rss_bytes"),
 )
 

@@ -24,7 +24,7 @@ import resource
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +61,7 @@ class IOStats:
     steps: int = 0
     prefetch_reads: int = 0  # speculative reads done (next-layer guess; cancelled ones not counted)
     prefetch_used: int = 0  # ... that a later request consumed
+    standin_reads: int = 0  # misses served by the stand-in pack's bundle instead of their own
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
     trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
     # router probabilities over all experts per step (mean over its tokens), None where not given
@@ -87,10 +88,64 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class _BundleFile:
+    """One pack's experts.bin: its descriptor (O_DIRECT where the filesystem takes it), a free list
+    of page-aligned read buffers of its stride, and which bundles have had their checksum checked."""
+
+    def __init__(self, m: Manifest, direct: bool, keep: int) -> None:
+        self.m, self.stride, self.keep = m, m.stride, keep
+        self.path = m.root / EXPERTS_FILE
+        self.free: deque[mmap.mmap] = deque()  # append/pop are atomic: safe across reader threads
+        self.verified = bytearray(m.num_bundles)
+        self.checksum = m.checksum_fn  # the manifest's algorithm: crc32c, crc32 in version 1 packs
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:  # tmpfs and some filesystems refuse O_DIRECT: fall back to buffered
+                self.fd = os.open(self.path, os.O_RDONLY)
+        else:
+            self.fd = os.open(self.path, os.O_RDONLY)
+
+    def alloc(self) -> mmap.mmap:
+        try:
+            return self.free.pop()
+        except IndexError:
+            # page-aligned (a valid O_DIRECT target) and populated now: otherwise the read itself
+            # faults in and zeroes every page of a fresh buffer, which at large budgets (every
+            # admitted bundle is a new buffer) halved the achieved read bandwidth and tripled I/O wait
+            return mmap.mmap(-1, self.stride, flags=_ANON_FLAGS)
+
+    def release(self, buf: mmap.mmap) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(buf)
+
+
+def check_standins(main: Manifest, alt: Manifest) -> None:
+    """Refuse a stand-in pack that is not the same model's experts in a grouped (int2 / int4) layout."""
+    why = []
+    for what, a, b in (("architecture", main.arch, alt.arch), ("experts per layer", main.num_experts, alt.num_experts),
+                       ("MoE layers", main.moe_layers, alt.moe_layers), ("hidden size", main.hidden_size, alt.hidden_size),
+                       ("expert width", main.intermediate_size, alt.intermediate_size)):
+        if a != b:
+            why.append(f"{what} {b} != {a}")
+    if alt.quant not in ("int2", "int4") or alt.group_size % 32 or alt.intermediate_size % 32 or alt.hidden_size % 32:
+        why.append(f"its experts are {alt.quant} with group {alt.group_size}: stand-ins must be int2 or int4 packs "
+                   "whose group size and widths are multiples of 32")
+    if why:
+        raise PackError(f"{alt.root}: cannot stand in for {main.root}: {'; '.join(why)}")
+
+
 class ExpertStore:
     def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = DEFAULT_POLICY, threads: int = 8,
                  direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
-                 max_inflight: int | None = None, record_trace: bool = True) -> None:
+                 max_inflight: int | None = None, record_trace: bool = True,
+                 standins: Manifest | None = None) -> None:
+        """``standins``: another pack of the same model (int2, or int4 under an int4/none pack) whose
+        bundle ``request`` reads instead of a missed expert's own when the caller allows it
+        (``standin_ok``): HOBBIT's low-bit stand-ins for experts not worth waiting for. Its bundles
+        are never cached; their reads count in ``bytes_read`` and in ``standin_reads``."""
         self.top_k = min_resident_experts
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
@@ -108,25 +163,16 @@ class ExpertStore:
         effective = "lru" if budget_bytes >= manifest.expert_bank_bytes else policy
         self.cache = ExpertCache(budget_bytes, effective, on_evict=lambda _k, buf: self._release(buf),
                                  item_bytes=self.stride)
-        self._free: deque[mmap.mmap] = deque()  # append/pop are atomic: safe across reader threads
         self.verify = verify
-        self._verified = bytearray(manifest.num_bundles)
-        self._checksum = manifest.checksum_fn  # the manifest's algorithm: crc32c, crc32 in version 1 packs
-        self.path = manifest.root / EXPERTS_FILE
-        self.direct = False
-        flags = os.O_RDONLY
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.fd = os.open(self.path, flags | os.O_DIRECT)
-                self.direct = True
-            except OSError:  # tmpfs and some filesystems refuse O_DIRECT: fall back to buffered
-                self.fd = os.open(self.path, flags)
-        else:
-            self.fd = os.open(self.path, flags)
+        self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * threads)
+        if standins is not None:
+            check_standins(manifest, standins)
+        self._main = _BundleFile(manifest, direct, self.max_inflight)
+        self.path, self.fd, self.direct = self._main.path, self._main.fd, self._main.direct
+        self._alt = _BundleFile(standins, direct, self.max_inflight) if standins is not None else None
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read")
         self.closed = False
         self.threads = threads
-        self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * threads)
         self.io = IOStats()
         self.record_trace = record_trace
         self._lock = threading.Lock()
@@ -138,45 +184,49 @@ class ExpertStore:
         # int2 / int4 experts are multiplied packed (qkernel); None: dequantised, F.linear
         self._qlib = qkernel.load() if manifest.quant in ("int2", "int4") else None
         # one token's expert in one kernel call (the decode step), where the kernel can block it
-        self.expert_fn: GroupExpert | None = None
-        H, inter, G = manifest.hidden_size, manifest.intermediate_size, manifest.group_size
-        if self._qlib is not None and H % 32 == 0 and inter % 32 == 0 and G % 32 == 0:
-            self.expert_fn = GroupExpert(self._qlib, manifest.quant, {p.name: p.offset for p in manifest.parts},
-                                         H, inter, G)
+        self.expert_fn = self._group_expert(manifest)
+        # ... and a stand-in's (the stand-in pack is checked to have one)
+        self.standin_fn = self._group_expert(standins) if standins is not None else None
+        if standins is not None and self.standin_fn is None:
+            raise PackError(f"{standins.root}: stand-ins need the compiled kernel ({qkernel.unavailable_reason})")
+
+    @property
+    def standins_quant(self) -> str | None:
+        """The stand-in pack's expert format ("int2", "int4"), None without stand-ins."""
+        return self._alt.m.quant if self._alt is not None else None
+
+    @staticmethod
+    def _group_expert(m: Manifest) -> GroupExpert | None:
+        H, inter, G = m.hidden_size, m.intermediate_size, m.group_size
+        lib = qkernel.load() if m.quant in ("int2", "int4") else None
+        if lib is None or H % 32 or inter % 32 or G % 32:
+            return None
+        return GroupExpert(lib, m.quant, {p.name: p.offset for p in m.parts}, H, inter, G)
 
     # ------------------------------------------------------------------ buffers
-    def _alloc(self) -> mmap.mmap:
-        try:
-            return self._free.pop()
-        except IndexError:
-            # page-aligned (a valid O_DIRECT target) and populated now: otherwise the read itself
-            # faults in and zeroes every page of a fresh buffer, which at large budgets (every
-            # admitted bundle is a new buffer) halved the achieved read bandwidth and tripled I/O wait
-            return mmap.mmap(-1, self.stride, flags=_ANON_FLAGS)
-
     def _release(self, buf: mmap.mmap) -> None:
-        if len(self._free) < self.max_inflight:
-            self._free.append(buf)
+        self._main.release(buf)
 
     # ------------------------------------------------------------------ reads
-    def _read(self, layer: int, expert: int) -> mmap.mmap:
-        off = self.m.expert_offset(layer, expert)
-        buf = self._alloc()
+    def _read(self, layer: int, expert: int, f: _BundleFile | None = None) -> mmap.mmap:
+        f = f or self._main
+        off = f.m.expert_offset(layer, expert)
+        buf = f.alloc()
         view = memoryview(buf)
         try:
-            self._pread(view, off, layer, expert)
-            slot = self.m.slot(layer, expert)
-            if self.verify == "always" or (self.verify == "first" and not self._verified[slot]):
-                crc = self._checksum(view[: self.m.bundle_nbytes])
-                if crc != self.m.expert_crc(layer, expert):
-                    raise PackError(f"{self.path}: checksum mismatch for layer {layer} expert {expert} "
+            self._pread(f, view, off, layer, expert)
+            slot = f.m.slot(layer, expert)
+            if self.verify == "always" or (self.verify == "first" and not f.verified[slot]):
+                crc = f.checksum(view[: f.m.bundle_nbytes])
+                if crc != f.m.expert_crc(layer, expert):
+                    raise PackError(f"{f.path}: checksum mismatch for layer {layer} expert {expert} "
                                     f"(offset {off}): file is corrupt, re-pack it")
-                self._verified[slot] = 1
+                f.verified[slot] = 1
         finally:
             view.release()
         return buf
 
-    def _pread(self, view: memoryview, off: int, layer: int, expert: int) -> None:
+    def _pread(self, f: _BundleFile, view: memoryview, off: int, layer: int, expert: int) -> None:
         """Fill `view` from the file. Only this counts as read time: the checksum after it is CPU
         work (crc32c ~0.04 ms/MiB, zlib's crc32 of version 1 packs ~0.3) and, counted in, made the
         achieved bandwidth look lower than the disk's."""
@@ -186,17 +236,19 @@ class ExpertStore:
             self._inflight += 1
         try:
             got = 0
-            while got < self.stride:
-                n = os.preadv(self.fd, [view[got:]], off + got)
+            while got < f.stride:
+                n = os.preadv(f.fd, [view[got:]], off + got)
                 if n <= 0:
-                    raise PackError(f"{self.path}: truncated: short read for layer {layer} expert {expert} "
+                    raise PackError(f"{f.path}: truncated: short read for layer {layer} expert {expert} "
                                     f"at offset {off + got}")
                 got += n
         finally:
             with self._lock:
                 self._inflight -= 1
                 self.io.reads += 1
-                self.io.bytes_read += self.stride
+                self.io.bytes_read += f.stride
+                if f is not self._main:
+                    self.io.standin_reads += 1
                 if self._inflight == 0:
                     self.io.io_busy_s += time.perf_counter() - self._busy_since
 
@@ -206,12 +258,15 @@ class ExpertStore:
         return self.record_trace or self.cache.policy in ROUTER_AWARE_POLICIES
 
     def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
-                n_tokens: int = 1, probs: Sequence[float] | None = None) -> Iterator[tuple[int, Any]]:
-        """Yield ``(expert, buffer)`` for every expert in ``experts`` (each once): hits first.
+                n_tokens: int = 1, probs: Sequence[float] | None = None,
+                standin_ok: Collection[int] = ()) -> Iterator[tuple[int, Any, bool]]:
+        """Yield ``(expert, buffer, standin)`` for every expert in ``experts`` (each once): hits first.
 
         ``uses[i]``: how many of the step's ``n_tokens`` tokens go to ``experts[i]`` (default 1
         each): evidence of popularity for the cache policy. ``probs``: the router's probability
         for every expert of the layer (mean over the step's tokens), evidence for router-aware policies.
+        ``standin_ok``: experts that, on a miss, may be served by the stand-in pack's bundle (then
+        ``standin`` is True and the buffer is in the stand-in's layout, ``standin_fn``).
         """
         keys = [(layer, e) for e in experts]
         uses = uses if uses is not None else [1] * len(experts)
@@ -220,7 +275,7 @@ class ExpertStore:
             self.io.trace.append((layer, tuple(experts)))
             self.io.trace_uses.append((n_tokens, tuple(uses)))
             self.io.trace_probs.append(tuple(probs) if probs is not None else None)
-        hits: list[tuple[int, Any]] = []
+        hits: list[tuple[int, Any, bool]] = []
         todo: deque[int] = deque()
         self.cache.step(layer, n_tokens, probs)
         for e, u in zip(experts, uses, strict=True):
@@ -228,7 +283,7 @@ class ExpertStore:
             if b is None:
                 todo.append(e)
             else:
-                hits.append((e, b))
+                hits.append((e, b, False))
         pending: dict[Future[mmap.mmap], int] = {}
         if self._prefetched:
             # adopt the speculative reads that guessed right; the rest of this layer's are waste
@@ -237,13 +292,15 @@ class ExpertStore:
                 pending[self._prefetched.pop((layer, e))] = e
                 self.io.prefetch_used += 1
             self._drop_prefetched(lambda k: k[0] == layer)
-        if self.record_trace:
-            self.io.read_batches.append(tuple(self.m.slot(layer, e) for e in todo))
+        alt = self._alt
+        subs = {e for e in todo if e in standin_ok} if alt is not None and standin_ok else set()
+        if self.record_trace:  # the pack's own reads (a benchmark replays them on its file)
+            self.io.read_batches.append(tuple(self.m.slot(layer, e) for e in todo if e not in subs))
 
         def fill() -> None:
             while todo and len(pending) < self.max_inflight:
                 e = todo.popleft()
-                pending[self.pool.submit(self._read, layer, e)] = e
+                pending[self.pool.submit(self._read, layer, e, alt if e in subs else None)] = e
 
         fill()  # reads start before any compute
         yield from hits
@@ -254,9 +311,15 @@ class ExpertStore:
             for f in done:
                 e = pending.pop(f)
                 buf = f.result()
+                if e in subs:  # a stand-in: never cached, its buffer goes back to its own free list
+                    fill()
+                    yield e, buf, True
+                    assert alt is not None
+                    alt.release(buf)
+                    continue
                 cached = self.cache.insert((layer, e), buf, self.stride, pinned=keys)
                 fill()
-                yield e, buf
+                yield e, buf, False
                 if not cached:  # the consumer is done with it (see contract above)
                     self._release(buf)
 
@@ -337,6 +400,7 @@ class ExpertStore:
             "o_direct": self.direct,
             "prefetch_reads": io.prefetch_reads,
             "prefetch_used": io.prefetch_used,
+            "standin_uses": io.standin_reads,
             "working_set_bytes": self.working_set_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
         }
@@ -353,4 +417,6 @@ class ExpertStore:
         self._drop_prefetched(lambda _k: True)
         self.pool.shutdown(wait=True)
         os.close(self.fd)
+        if self._alt is not None:
+            os.close(self._alt.fd)
         self.cache.clear()

@@ -78,6 +78,16 @@ def router_for(config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.T
     return lambda lg: route_qwen(lg, k, norm)
 
 
+DEFAULT_STANDIN_BELOW = 0.1  # with top-8 routing a weight below 0.1 is under the mean share (0.125)
+
+
+def standin_candidates(experts: list[int], weights: list[float], below: float) -> set[int]:
+    """The experts of one token whose router weight (after top-k renormalisation where the model
+    does it) is below ``below``: a miss of one of them is served by its low-bit stand-in rather
+    than waited for (HOBBIT: an expert that contributes little is not worth a full-precision read)."""
+    return {e for e, w in zip(experts, weights, strict=True) if w < below}
+
+
 # --------------------------------------------------------------------------- small ops
 
 
@@ -158,6 +168,9 @@ class MoEModel:
         self._switch: PrefetchSwitch | None = None
         # self-draft (speculative decoding): a token routed to this many of its top-k experts
         self.draft_experts = 1
+        # low-bit stand-ins (store opened with a stand-in pack): a decode step's missed expert whose
+        # router weight is below this is computed from its stand-in bundle instead of its own
+        self.standin_below = 0.0
         self._drafting = False
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
@@ -166,22 +179,30 @@ class MoEModel:
     @classmethod
     def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
              direct: bool = True, verify: str = "first", prefetch: bool | str = "auto",
-             record_trace: bool = True) -> MoEModel:
+             record_trace: bool = True, standins: str | Path | None = None,
+             standin_below: float = DEFAULT_STANDIN_BELOW) -> MoEModel:
         """``prefetch``: True, False, or "auto" = the decode tries both in interleaved blocks of
         tokens and keeps the faster, re-checking every 64 tokens (``PrefetchSwitch``): whether it
         pays depends on the disk and CPU more than on the budget. Off when the whole bank is
         cached (nothing left to read). ``record_trace`` keeps the
-        expert trace for replays (grows with every token: off in long-running servers)."""
+        expert trace for replays (grows with every token: off in long-running servers).
+        ``standins``: a pack of the same model with cheaper experts (``pack --quant int2``); a decode
+        step's expert that misses the cache and has a router weight below ``standin_below`` is
+        computed from its stand-in bundle (half of int4's bytes) instead of its own."""
         m = read_manifest(path)
         budget = parse_bytes(memory_budget)
         k = int(m.config["num_experts_per_tok"])
+        if not 0.0 <= standin_below <= 1.0:
+            raise ValueError(f"standin_below must be a router weight in [0, 1], not {standin_below}")
+        alt = read_manifest(standins) if standins is not None else None
         store = ExpertStore(m, budget, policy=policy, threads=threads, direct=direct, verify=verify,
-                            min_resident_experts=k, record_trace=record_trace)
+                            min_resident_experts=k, record_trace=record_trace, standins=alt)
         try:
             model = cls(m, store, load_resident(m))
         except BaseException:
             store.close()
             raise
+        model.standin_below = standin_below if alt is not None else 0.0
         if prefetch == "auto":
             if budget < m.expert_bank_bytes:
                 model.prefetch, model._switch = "auto", PrefetchSwitch()
@@ -241,7 +262,7 @@ class MoEModel:
                  if self.store.wants_router_probs else None)
         results: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
-        for e, buf in self.store.request(i, experts, counts.tolist(), h.shape[0], probs=probs):
+        for e, buf, _ in self.store.request(i, experts, counts.tolist(), h.shape[0], probs=probs):
             t0 = time.perf_counter()
             tok, slot = torch.where(idx == e)
             gate_up, down = self.store.weights(buf)
@@ -276,10 +297,12 @@ class MoEModel:
                  if self.store.wants_router_probs else None)
         x = h[0].float().contiguous()
         ys = torch.empty(len(experts), self.H)
-        for e, buf in self.store.request(i, experts, [1] * len(experts), 1, probs=probs):
+        alt = self.store.standin_fn
+        ok = standin_candidates(picks, ws, self.standin_below) if alt is not None and not self._drafting else ()
+        for e, buf, standin in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok):
             t0 = time.perf_counter()
             r = row[e]
-            expert(buf, x, ws[order[r]], ys[r])
+            (alt if standin and alt is not None else expert)(buf, x, ws[order[r]], ys[r])
             self.run.expert_compute_s += time.perf_counter() - t0
         return self._plus_shared(f"model.layers.{i}.{self._moe_prefix}.", h, ys.sum(0, keepdim=True).to(h.dtype))
 
@@ -468,7 +491,8 @@ class MoEModel:
                 "top_k": self.top_k, "bundle_bytes": self.m.stride, "expert_bank_bytes": self.m.expert_bank_bytes,
                 "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.cache.budget_bytes,
                 "cache_policy": self.store.cache.policy, "o_direct": self.store.direct,
-                "working_set_bytes": self.store.working_set_bytes, "prefetch": self.prefetch}
+                "working_set_bytes": self.store.working_set_bytes, "prefetch": self.prefetch,
+                "standins": self.store.standins_quant, "standin_below": self.standin_below}
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
                      stop_ids: set[int] | None = None,
@@ -509,6 +533,8 @@ class MoEModel:
             "io_wait_s": r.io_wait_s,
             "compute_s": max(total_s - r.io_wait_s, 0.0),
             "expert_compute_s": r.expert_compute_s,
+            "standin_uses": s["standin_uses"],
+            "standin_below": self.standin_below,
             "spec_verifies": r.verifies,
             "spec_verify_positions": r.verify_positions,
             "spec_draft_tokens": r.draft_tokens,
@@ -561,7 +587,9 @@ def _load_packed(path: Path, **opts: Any) -> Any:
         model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
                               threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
                               verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"),
-                              record_trace=bool(opts.get("record_trace", False)))  # a server runs for days
+                              record_trace=bool(opts.get("record_trace", False)),  # a server runs for days
+                              standins=opts.get("standins"),
+                              standin_below=float(opts.get("standin_below", DEFAULT_STANDIN_BELOW)))
     except (PackError, ValueError) as e:  # BudgetError is a ValueError
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):
