@@ -122,8 +122,10 @@ def calibrate_cmd(data: str, cloud_share: float, medium_share: float, method: st
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     click.echo(f"wrote {out}: {result['hard_share_observed']:.1%} of {result['n']} prompts hard")
-    click.echo("policy snippet:\n"
+    click.echo("policy snippet (these thresholds as they are):\n"
                f"difficulty:\n  method: {clf.method}\n  thresholds: {{medium: {result['medium']}, hard: {result['hard']}}}")
+    click.echo("or, to set the budget in the policy (thresholds follow from this file's score distribution):\n"
+               f"difficulty:\n  method: {clf.method}\n  calibration: {out}\n  cloud_share: {cloud_share}")
 
 
 @difficulty.command("recalibrate")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from gateway.classify.difficulty.artefact import Artefact, ArtefactError, load_artefact
+from gateway.classify.difficulty.calibrate import Calibration, CalibrationError, load_calibration
 from gateway.classify.difficulty.config import DifficultyConfig, Thresholds
 from gateway.classify.difficulty.embed import EmbeddingUnavailable, shared_embedder
 from gateway.classify.difficulty.heuristic import DEFAULT_THRESHOLDS, HeuristicDifficultyClassifier
@@ -28,10 +29,31 @@ DifficultyClassifierImpl = KnnDifficultyClassifier | HeuristicDifficultyClassifi
 
 
 def _thresholds(cfg: DifficultyConfig, artefact: Artefact | None, method: str) -> tuple[float, float]:
+    """The policy's thresholds; else its calibration file's, else the artefact's calibration for the
+    method in use; with `cloud_share`, the thresholds giving that share on the calibration's scores."""
     if cfg.thresholds is not None:
         return cfg.thresholds.medium, cfg.thresholds.hard
-    shipped = artefact.thresholds(method) if artefact else None
-    return shipped or DEFAULT_THRESHOLDS
+    cal: Calibration | None = None
+    if cfg.calibration is not None:
+        try:
+            cal = load_calibration(cfg.calibration)  # checked at policy load; it may have changed since
+        except CalibrationError as exc:
+            log.error("difficulty calibration unusable, using the artefact's: %s", exc)
+        if cal is not None and cal.method != method:  # knn degraded to heuristic: other scores
+            log.warning("difficulty: %s calibrates %s scores but %s is in use; using the artefact's calibration",
+                        cal.source, cal.method, method)
+            cal = None
+    if cal is None and artefact is not None:
+        cal = artefact.calibration(method)
+    if cal is None:
+        if cfg.cloud_share is not None:
+            log.error("difficulty: no calibration to derive cloud_share %.2f from; default thresholds", cfg.cloud_share)
+        return DEFAULT_THRESHOLDS
+    try:
+        return cal.thresholds(cfg.cloud_share, cfg.medium_share)
+    except CalibrationError as exc:
+        log.error("difficulty: %s; using its thresholds as they are", exc)
+        return cal.medium, cal.hard
 
 
 def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierImpl:

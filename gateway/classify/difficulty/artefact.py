@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.classify.difficulty.calibrate import Calibration
 from gateway.classify.difficulty.data import sha256_file
 from gateway.classify.difficulty.signals import SIGNAL_NAMES
 
@@ -41,8 +42,13 @@ class Artefact:
         return f"{self.meta['name']}-v{self.meta['version']}"
 
     def thresholds(self, method: str) -> tuple[float, float] | None:
+        cal = self.calibration(method)
+        return (cal.medium, cal.hard) if cal else None
+
+    def calibration(self, method: str) -> Calibration | None:
+        """The calibration shipped for `method`: thresholds and (since 2026-12) score quantiles."""
         t = (self.meta.get("thresholds") or {}).get(method)
-        return (float(t["medium"]), float(t["hard"])) if t else None
+        return Calibration.from_dict(t, method, f"{self.path} ({method})") if t else None
 
 
 def load_artefact(path: str | Path | None = None) -> Artefact:

@@ -1,10 +1,22 @@
-"""Thresholds from a target traffic mix, and the routing numbers the `eval` command prints."""
+"""Thresholds from a target traffic mix, and the routing numbers the `eval` command prints.
+
+A calibration records the score distribution it was computed on (QUANTILE_POINTS quantiles), so a
+policy can ask for a traffic share ("at most 20% hard": `difficulty.cloud_share`) and get the
+thresholds that give it on that distribution without rescoring anything.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+QUANTILE_POINTS = 201  # every half percent: a share is met to within ~0.5 points by interpolation
+# A threshold no score reaches (scores lie in [0, 1]): what a share of 0 means.
+NEVER = 1.000001
 
 
 def cut_for_share(scores: np.ndarray, share: float) -> float:
@@ -20,7 +32,7 @@ def cut_for_share(scores: np.ndarray, share: float) -> float:
     return float((s[k - 1] + s[k]) / 2)
 
 
-def calibrate(scores: np.ndarray, cloud_share: float, medium_share: float) -> dict[str, float]:
+def calibrate(scores: np.ndarray, cloud_share: float, medium_share: float) -> dict[str, Any]:
     """hard: the top `cloud_share` of scores; medium: the next `medium_share`."""
     if not 0.0 <= cloud_share <= 1.0 or not 0.0 <= medium_share <= 1.0:
         raise ValueError("shares must lie in [0, 1]")
@@ -34,7 +46,79 @@ def calibrate(scores: np.ndarray, cloud_share: float, medium_share: float) -> di
         "medium_share": medium_share,
         "hard_share_observed": round(float((s >= round(hard, 6)).mean()), 4),
         "n": len(s),
+        "quantiles": score_quantiles(s),
     }
+
+
+def score_quantiles(scores: np.ndarray) -> list[float]:
+    """The calibration scores at QUANTILE_POINTS evenly spaced quantiles, lowest first."""
+    q = np.quantile(np.asarray(scores, dtype=np.float64), np.linspace(0.0, 1.0, QUANTILE_POINTS))
+    return [round(float(v), 6) for v in q]
+
+
+def _cut(quantiles: np.ndarray, share: float) -> float:
+    """The score above which `share` of the calibration distribution lies."""
+    if share <= 0.0:
+        return NEVER
+    grid = np.linspace(0.0, 1.0, len(quantiles))
+    return float(np.interp(1.0 - min(share, 1.0), grid, quantiles))
+
+
+def thresholds_for_share(quantiles: list[float], cloud_share: float, medium_share: float) -> tuple[float, float]:
+    """(medium, hard) putting `cloud_share` of the calibration scores at hard and the next
+    `medium_share` at medium."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    hard = _cut(q, cloud_share)
+    medium = min(hard, _cut(q, cloud_share + medium_share))
+    return round(medium, 6), round(hard, 6)
+
+
+class CalibrationError(ValueError):
+    """A calibration file is missing, unreadable or not for this use; the message says which."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `difficulty calibrate` wrote (or an artefact's shipped calibration for one method)."""
+
+    method: str
+    medium: float
+    hard: float
+    quantiles: list[float] | None  # None: written before calibrations recorded their distribution
+    source: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], method: str, source: str) -> Calibration:
+        try:
+            q = d.get("quantiles")
+            quantiles = [float(v) for v in q] if q is not None else None
+            if quantiles is not None and (len(quantiles) < 2 or quantiles != sorted(quantiles)):
+                raise ValueError("quantiles must be at least two ascending numbers")
+            return cls(method=method, medium=float(d["medium"]), hard=float(d["hard"]),
+                       quantiles=quantiles, source=source)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CalibrationError(f"{source}: not a difficulty calibration ({exc})") from exc
+
+    def thresholds(self, cloud_share: float | None, medium_share: float) -> tuple[float, float]:
+        """Its own thresholds, or those giving `cloud_share` on its distribution."""
+        if cloud_share is None:
+            return self.medium, self.hard
+        if self.quantiles is None:
+            raise CalibrationError(f"{self.source}: records no score distribution, so a cloud_share cannot be "
+                                   "derived from it; re-run `hybrid-gateway difficulty calibrate`")
+        return thresholds_for_share(self.quantiles, cloud_share, medium_share)
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """A file written by `hybrid-gateway difficulty calibrate`."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CalibrationError(f"{p}: unreadable difficulty calibration ({exc})") from exc
+    if not isinstance(d, dict) or not isinstance(d.get("method"), str):
+        raise CalibrationError(f"{p}: not a difficulty calibration (no method)")
+    return Calibration.from_dict(d, d["method"], str(p))
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,22 @@ class DifficultyConfig(BaseModel):
     )
     thresholds: Thresholds | None = Field(
         None,
-        description="Absent: the calibration shipped with the artefact for the method in use "
-        "(`hybrid-gateway difficulty calibrate` computes your own).",
+        description="Absent: from `calibration` (and `cloud_share`), else the calibration shipped with "
+        "the artefact for the method in use (`hybrid-gateway difficulty calibrate` computes your own).",
+    )
+    cloud_share: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Budget: this share of traffic scores `hard` (what a `difficulty: hard` rule sends to "
+        "the cloud), the rest below it. The thresholds follow from the score distribution recorded in "
+        "`calibration` (absent: the artefact's, measured on its training prompts). Not with `thresholds`.",
+    )
+    medium_share: float = Field(
+        0.3, ge=0.0, le=1.0, description="With `cloud_share`: the next share of traffic scores `medium`."
+    )
+    calibration: str | None = Field(
+        None,
+        description="Path of a JSON written by `hybrid-gateway difficulty calibrate` on prompts like your "
+        "traffic: its thresholds, or with `cloud_share` its score distribution. Absent: the artefact's.",
     )
     artefact: str | None = Field(
         None, description="Path of an artefact metadata JSON written by `difficulty train`. Absent: the shipped one."
@@ -53,3 +67,41 @@ class DifficultyConfig(BaseModel):
     budget_ms: float = Field(
         50.0, gt=0, description="Expected time per request; slower classifications are logged."
     )
+
+    @model_validator(mode="after")
+    def _one_source_of_thresholds(self) -> DifficultyConfig:
+        """Refuse at policy load what would otherwise silently ignore a budget."""
+        from gateway.classify.difficulty.calibrate import load_calibration
+
+        if self.thresholds is not None and (self.cloud_share is not None or self.calibration is not None):
+            raise ValueError("difficulty: give either thresholds or cloud_share / calibration, not both")
+        if self.calibration is not None:
+            cal = load_calibration(self.calibration)  # CalibrationError is a ValueError: a policy error
+            if cal.method != self.method:
+                raise ValueError(f"difficulty.calibration: {self.calibration} calibrates method {cal.method!r}, "
+                                 f"the policy uses {self.method!r}; re-run `hybrid-gateway difficulty calibrate "
+                                 f"--method {self.method}`")
+            if self.cloud_share is not None:
+                cal.thresholds(self.cloud_share, self.medium_share)
+        elif self.cloud_share is not None:
+            self._artefact_has_distribution()
+        return self
+
+    def _artefact_has_distribution(self) -> None:
+        """cloud_share from the artefact's calibration: it must record its scores' distribution.
+        (A missing artefact is not an error here: `knn` then degrades to `heuristic`, logged.)"""
+        import json
+        from pathlib import Path
+
+        from gateway.classify.difficulty.artefact import SHIPPED
+
+        path = Path(self.artefact) if self.artefact else SHIPPED
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        shipped = (meta.get("thresholds") or {}).get(self.method) if isinstance(meta, dict) else None
+        if not isinstance(shipped, dict) or not shipped.get("quantiles"):
+            raise ValueError(f"difficulty.cloud_share: the artefact {path} records no score distribution for "
+                             f"{self.method}; give `calibration:` (from `hybrid-gateway difficulty calibrate`) "
+                             "or `thresholds:`")
