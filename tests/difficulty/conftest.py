@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.routing_data import ROUTING_DATA
 
@@ -37,3 +38,15 @@ def labelled_path() -> Path:
 
 def body(text: str, **extra) -> dict:
     return {"model": "auto", "messages": [{"role": "user", "content": text}], **extra}
+
+
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
+
+
+def policy_with(tmp_path: Path, section: dict) -> Path:
+    """The default policy with its `difficulty:` section replaced, written to a file."""
+    doc = yaml.safe_load(DEFAULT_POLICY.read_text())
+    doc["difficulty"] = section
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier
@@ -18,16 +17,7 @@ from gateway.classify.difficulty.calibrate import NEVER, score_quantiles, thresh
 from gateway.classify.difficulty.data import load_examples, split_indices
 from gateway.classify.difficulty_cli import difficulty, score_bodies
 from gateway.policy.load import PolicyError, load_policy
-
-DEFAULT = Path(__file__).resolve().parents[2] / "policies" / "default.yaml"
-
-
-def _policy(tmp_path: Path, section: dict) -> Path:
-    doc = yaml.safe_load(DEFAULT.read_text())
-    doc["difficulty"] = section
-    path = tmp_path / "policy.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+from tests.difficulty.conftest import policy_with
 
 
 def _bodies(prompts: list[str]) -> list[dict]:
@@ -90,7 +80,7 @@ def test_shipped_artefact_records_the_distribution_its_thresholds_came_from():
 @pytest.mark.parametrize("share", [0.1, 0.2, 0.45])
 def test_policy_cloud_share_sets_the_hard_share_of_the_artefacts_prompts(tmp_path, fitted_prompts,
                                                                          fitted_scores, share):
-    policy = load_policy(_policy(tmp_path, {"method": "knn", "cloud_share": share}))
+    policy = load_policy(policy_with(tmp_path, {"method": "knn", "cloud_share": share}))
     clf = build_difficulty_classifier(policy.difficulty)
     assert clf.method == "knn"
     assert abs((fitted_scores >= clf.hard).mean() - share) <= 0.01
@@ -100,9 +90,9 @@ def test_policy_cloud_share_sets_the_hard_share_of_the_artefacts_prompts(tmp_pat
 
 
 def test_cloud_share_zero_sends_nothing_hard_and_one_everything(tmp_path, fitted_prompts):
-    none = build_difficulty_classifier(load_policy(_policy(tmp_path, {"cloud_share": 0.0})).difficulty)
+    none = build_difficulty_classifier(load_policy(policy_with(tmp_path, {"cloud_share": 0.0})).difficulty)
     assert _hard_share(none, fitted_prompts[:100]) == 0.0
-    every = build_difficulty_classifier(load_policy(_policy(tmp_path, {"cloud_share": 1.0})).difficulty)
+    every = build_difficulty_classifier(load_policy(policy_with(tmp_path, {"cloud_share": 1.0})).difficulty)
     assert _hard_share(every, fitted_prompts[:100]) == 1.0
 
 
@@ -117,12 +107,12 @@ def test_budget_from_a_calibration_of_your_own_traffic(tmp_path, traffic):
 
     prompts = [json.loads(line)["prompt"] for line in traffic.read_text().splitlines()]
     as_calibrated = build_difficulty_classifier(
-        load_policy(_policy(tmp_path, {"calibration": str(cal_path)})).difficulty)
+        load_policy(policy_with(tmp_path, {"calibration": str(cal_path)})).difficulty)
     assert (as_calibrated.medium, as_calibrated.hard) == (cal["medium"], cal["hard"])
     assert abs(_hard_share(as_calibrated, prompts) - 0.3) <= 0.02
 
     budget = build_difficulty_classifier(
-        load_policy(_policy(tmp_path, {"calibration": str(cal_path), "cloud_share": 0.15})).difficulty)
+        load_policy(policy_with(tmp_path, {"calibration": str(cal_path), "cloud_share": 0.15})).difficulty)
     assert abs(_hard_share(budget, prompts) - 0.15) <= 0.02
     # the same scores the CLI calibrated: serving and calibration agree on every prompt
     scores = score_bodies(budget, _bodies(prompts))
@@ -156,7 +146,7 @@ def test_no_calibration_at_all_is_logged_as_an_error(tmp_path, caplog):
 ])
 def test_a_budget_that_cannot_be_honoured_is_a_policy_error(tmp_path, section, words):
     with pytest.raises(PolicyError, match="difficulty") as err:
-        load_policy(_policy(tmp_path, section))
+        load_policy(policy_with(tmp_path, section))
     assert words in str(err.value)
 
 
@@ -166,8 +156,8 @@ def test_calibration_for_another_method_is_a_policy_error(tmp_path, traffic):
                                           "--method", "heuristic", "--out", str(cal_path)])
     assert res.exit_code == 0, res.output
     with pytest.raises(PolicyError, match="calibrates method 'heuristic'"):
-        load_policy(_policy(tmp_path, {"method": "knn", "calibration": str(cal_path), "cloud_share": 0.1}))
+        load_policy(policy_with(tmp_path, {"method": "knn", "calibration": str(cal_path), "cloud_share": 0.1}))
     old = {k: v for k, v in json.loads(cal_path.read_text()).items() if k != "quantiles"}
     cal_path.write_text(json.dumps(old))  # written before calibrations kept their distribution
     with pytest.raises(PolicyError, match="re-run `hybrid-gateway difficulty calibrate`"):
-        load_policy(_policy(tmp_path, {"method": "heuristic", "calibration": str(cal_path), "cloud_share": 0.1}))
+        load_policy(policy_with(tmp_path, {"method": "heuristic", "calibration": str(cal_path), "cloud_share": 0.1}))
