@@ -62,7 +62,7 @@ test-fast: setup
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
-# mypy over the modules pyproject.toml's [tool.mypy] lists (not yet all of gateway/: not in `make test`).
+# mypy over gateway/ and local_engine/ (pyproject.toml's [tool.mypy]).
 typecheck: setup
 	$(BIN)/mypy
 

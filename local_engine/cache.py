@@ -30,6 +30,7 @@ Policies
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -631,7 +632,7 @@ def make_policy(name: str, **opts: Any) -> _Policy:
         return _RouterLFU(**opts)
     if name == "router":
         cands = opts.pop("candidates", ROUTER_CANDIDATES)
-        return _AdaptiveLayerLFU(candidates=[lambda c=c: _RouterLFU(**c) for c in cands], **opts)
+        return _AdaptiveLayerLFU(candidates=[functools.partial(_RouterLFU, **c) for c in cands], **opts)
     raise ValueError(f"unknown cache policy {name!r} (choose from {', '.join(POLICIES)})")
 
 

@@ -110,8 +110,9 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
         opts["prefetch"] = {"auto": "auto", "on": True, "off": False}[prefetch]
     opts["kv_cache"] = {"dtype": kv_dtype, "max_tokens": kv_max_tokens, "sinks": kv_sinks}
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
-    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop), speculative=speculative)
+    sampling: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                    repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
+                                    speculative=speculative)
     if chat_text is not None:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": chat_text}]
         gen = eng.chat(msgs, **sampling)

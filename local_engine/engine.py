@@ -359,7 +359,7 @@ class Engine:
 
         self.model, self.tokenizer = model, tokenizer
         self.source, self.format = source, format
-        self.max_seq = int(max_seq or getattr(model, "max_seq", 4096))
+        self.max_seq: int = max_seq or int(getattr(model, "max_seq", 4096))
         self.threads = threads
         self.lock = threading.Lock()  # the model and its caches are not re-entrant
         # forward passes run since load (a prefill counts as one): how a test tells "stopped within

@@ -22,7 +22,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,9 +31,12 @@ from llguidance import LLMatcher, LLTokenizer
 from local_engine.errors import EngineError
 from local_engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # declared in the stub only
+
 # JSON as the model writes it under a grammar: one line, ", " and ": " (the spacing these models
 # were trained on), no free whitespace, which a small model would otherwise fill with newlines.
-JSON_STYLE: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_STYLE: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(EngineError):
@@ -114,7 +117,8 @@ def json_for_generation(schema: dict[str, Any]) -> dict[str, Any]:
         if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
                 and "patternProperties" not in out:
             out["additionalProperties"] = False
-        kinds = out.get("type") if isinstance(out.get("type"), list) else [out.get("type")]
+        declared = out.get("type")
+        kinds = declared if isinstance(declared, list) else [declared]
         if "array" in kinds and "maxItems" not in out:
             out["maxItems"] = max(MAX_ITEMS, int(out.get("minItems") or 0))
         if "string" in kinds and not any(k in out for k in ("maxLength", "enum", "const", "format")):

@@ -21,6 +21,7 @@ Matrices that share an input (q|k|v, gate|up) are fused by concatenating rows be
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,14 @@ from local_engine.store import RawTensor
 
 INT4_GROUP = 32
 _INNER_K_TILES = 2
+
+
+class SizedLinear(Protocol):
+    """What a loader keeps of any of the layers below: the callable and the bytes its weights hold."""
+
+    nbytes: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class DenseLinear:
@@ -84,17 +93,6 @@ class Int4Linear:
                  act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
         qs, ss, zs = zip(*(_q4_unpack(p) for p in parts), strict=True)
         return cls(np.concatenate(qs), np.concatenate(ss), np.concatenate(zs), bias, act_dtype)
-
-    @classmethod
-    def from_float(cls, w: torch.Tensor, bias: torch.Tensor | None = None,
-                   act_dtype: torch.dtype = torch.bfloat16) -> Int4Linear:
-        """Asymmetric 4-bit groups of 32 (min/max per group), like GGML Q4_1."""
-        rows, cols = w.shape
-        g = w.float().reshape(rows, cols // INT4_GROUP, INT4_GROUP)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(rows, cols)
-        return cls(q.numpy(), scale.numpy(), (lo + 8.0 * scale).numpy(), bias, act_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -261,7 +259,7 @@ class GroupLinear:
             x2 = x2.float().contiguous()
         m = x2.shape[0]
         y = torch.empty(m, self.out_features)
-        head = (self.q.data_ptr(), self.scale.data_ptr())
+        head: tuple[int, ...] = (self.q.data_ptr(), self.scale.data_ptr())
         if self.mins is not None:
             head = (*head, self.mins.data_ptr())
         rc = self._fn(*head, self.group, x2.data_ptr(), y.data_ptr(), m, self.out_features, self.in_features,

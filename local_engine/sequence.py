@@ -112,15 +112,18 @@ class Sequence:
         gen, gram, dec = self.gen, self.gen.grammar, self.dec
         assert self.logits is not None and dec is not None
         if self.step >= self.max_new:
-            return self._end("length")
+            self.reason = "length"
+            return None
         if self.cancelled():
-            return self._end("cancelled")
+            self.reason = "cancelled"
+            return None
         if self.step == 0:
             self.ttft_s = time.monotonic() - self.enqueued
             self._t_decode = time.perf_counter()
         nxt = self.sampler(gram.mask(self.logits) if gram is not None else self.logits, self.history)
         if nxt in stop_ids:
-            return self._end("stop")
+            self.reason = "stop"
+            return None
         if gram is not None:
             gram.advance(nxt)
         self.history.append(nxt)
@@ -132,7 +135,8 @@ class Sequence:
             if cut >= 0:
                 gen.stop_sequence = next(s for s in self.stops if self.pending.find(s) == cut)
                 self.pending, self.cut_by_stop_string = self.pending[:cut], True
-                return self._end("stop")
+                self.reason = "stop"
+                return None
         emit = self.pending[:len(self.pending) - self.hold] if self.hold else self.pending
         if emit:
             self.pending = self.pending[len(emit):]
@@ -140,14 +144,12 @@ class Sequence:
             self.on_delta(emit)
         if gram is not None and (gram.finished or gram.no_room_for_more(
                 gen.text + self.pending, gen.stats.completion_tokens, self.max_new - self.step)):
-            return self._end("stop")  # the grammar is complete, or another call would not fit
+            self.reason = "stop"  # the grammar is complete, or another call would not fit
+            return None
         if self.step >= self.max_new:
-            return self._end("length")  # the last token needs no forward pass
+            self.reason = "length"  # the last token needs no forward pass
+            return None
         return nxt
-
-    def _end(self, reason: str) -> None:
-        self.reason = reason
-        return None
 
     # ---------------------------------------------------------------------------- finish
     def finish(self, eng: Engine) -> None:

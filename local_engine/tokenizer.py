@@ -157,7 +157,7 @@ def from_gguf(store: Any) -> Tokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
-    pairs = [tuple(mg.split(" ", 1)) for mg in merges]
+    pairs = [(left, right) for left, _, right in (mg.partition(" ") for mg in merges)]
     bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False)
     tok = HFTokenizer(bpe)
     split = _SPLITS.get(m.get("tokenizer.ggml.pre", ""))
@@ -216,8 +216,8 @@ def from_hf_dir(path: Path) -> Tokenizer:
     t = Tokenizer(tok, bos, eos, bool(cfg.get("add_bos_token", False)), chat_template=template)
     gc = path / "generation_config.json"
     if gc.is_file():
-        e = json.loads(gc.read_text()).get("eos_token_id")
-        for i in e if isinstance(e, list) else [e] if e is not None else []:
+        eos_ids = json.loads(gc.read_text()).get("eos_token_id")
+        for i in eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []:
             t.stop_ids.add(int(i))
     return t._finish()
 

@@ -101,7 +101,7 @@ class GGUFFile:
         if vtype == 9:
             (etype, n) = self._unpack("<IQ")
             if etype in _NP:  # numeric arrays: one numpy read, not n struct calls
-                arr = np.frombuffer(self._mm, dtype=_NP[etype], count=n, offset=self._pos)
+                arr: np.ndarray = np.frombuffer(self._mm, dtype=_NP[etype], count=n, offset=self._pos)
                 self._pos += arr.nbytes
                 return arr.tolist()
             return [self._value(etype) for _ in range(n)]

@@ -218,7 +218,7 @@ def quantize_int2(w: torch.Tensor, group: int, refine: int = 4) -> tuple[torch.T
     g = w.float().reshape(out_f, in_f // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
     cands = [((hi - lo) / 3.0, lo)]
-    best_q = best_s = best_m = best_err = None
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # codes, scale, min, error
     for it in range(refine + 1):
         s, m = cands[-1]
         s16 = s.clamp_min(0).to(torch.float16)
@@ -226,13 +226,12 @@ def quantize_int2(w: torch.Tensor, group: int, refine: int = 4) -> tuple[torch.T
         s32, m32 = s16.float().unsqueeze(-1), m16.float().unsqueeze(-1)
         q = torch.round((g - m32) / s32.clamp_min(1e-12)).clamp(0, 3)
         err = ((q * s32 + m32 - g) ** 2).sum(-1)
-        if best_err is None:
-            best_q, best_s, best_m, best_err = q, s16, m16, err
+        if best is None:
+            best = (q, s16, m16, err)
         else:
-            better = err < best_err
-            best_q = torch.where(better.unsqueeze(-1), q, best_q)
-            best_s, best_m = torch.where(better, s16, best_s), torch.where(better, m16, best_m)
-            best_err = torch.where(better, err, best_err)
+            better = err < best[3]
+            best = (torch.where(better.unsqueeze(-1), q, best[0]), torch.where(better, s16, best[1]),
+                    torch.where(better, m16, best[2]), torch.where(better, err, best[3]))
         if it == refine:
             break
         # least squares for (s, m) given the codes: [sum q², sum q; sum q, n] [s; m] = [sum qw; sum w]
@@ -244,7 +243,8 @@ def quantize_int2(w: torch.Tensor, group: int, refine: int = 4) -> tuple[torch.T
         s_new = torch.where(ok, (n * sqw - sq * sw) / torch.where(ok, det, torch.ones_like(det)), s)
         m_new = torch.where(ok, (sw - s_new * sq) / n, m)
         cands.append((s_new, m_new))
-    assert best_q is not None and best_s is not None and best_m is not None
+    assert best is not None  # the loop runs at least once
+    best_q, best_s, best_m, _ = best
     codes = best_q.to(torch.uint8).reshape(out_f, in_f // INT2_BLOCK, 4, INT2_BLOCK // 4)
     packed = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
     return packed.reshape(out_f, in_f // 4).contiguous(), best_s, best_m

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from local_engine import kv_cache, qkernel
 from local_engine.errors import UnsupportedModel
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
-from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear
+from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear, SizedLinear
 from local_engine.store import GGUFStore, RawTensor, TensorStore
 
 # A long prompt runs in chunks: the attention scores, the [T, ffn] activations and the qkernel's
@@ -237,7 +237,7 @@ class LlamaModel:
             w = w[torch.from_numpy(perm)]
         return w, None
 
-    def _block_linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None) -> Any:
+    def _block_linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None) -> GGUFBlockLinear | None:
         """The GGUF blocks themselves behind the AVX2 kernel, when every part is Q4_0/Q4_1/Q8_0 of one type."""
         raws = [self.store.raw(n) for n, _ in names]
         if any(r is None or r.qtype not in BLOCK_TYPES for r in raws) or len({r.qtype for r in raws}) != 1:  # type: ignore[union-attr]
@@ -251,7 +251,8 @@ class LlamaModel:
         return GGUFBlockLinear.from_raw(self._qlib, parts, bias)
 
     def _linear(self, names: list[tuple[str, int | None]], bias: torch.Tensor | None = None,
-                head: bool = False) -> Any:
+                head: bool = False) -> SizedLinear:
+        lin: SizedLinear
         if self._qlib is not None:
             blk = self._block_linear(names, bias)
             if blk is not None:
@@ -267,8 +268,9 @@ class LlamaModel:
                 self.kinds["int8"] = self.kinds.get("int8", 0) + 1
                 return lin
         parts = [self._rows(n, h) for n, h in names]
-        if all(r is not None for _, r in parts):
-            lin: Any = Int4Linear.from_raw([r for _, r in parts], bias)  # type: ignore[misc]
+        raws = [r for _, r in parts if r is not None]
+        if len(raws) == len(parts):
+            lin = Int4Linear.from_raw(raws, bias)
             kind = "int4"
         else:
             ws = [w if w is not None else self.store.get(r.name) for w, r in parts]  # type: ignore[union-attr]
@@ -543,6 +545,7 @@ class LlamaModel:
         if not isinstance(cache, KVCache):
             return lambda i, r: cache.step(i, r.view(-1, self.cfg.head_dim), o.view(-1))
         c, p, lib = self.cfg, cache.length, self._qlib
+        assert lib is not None  # only the fused path attends here, and it runs on the loaded kernel
         ptrs, scores = self._cache_ptrs(cache)
         cp, sp, op = self.rope.cos[p].data_ptr(), self.rope.sin[p].data_ptr(), o.data_ptr()
         hq, hk, hd, ms, sc = c.n_heads, c.n_kv_heads, c.head_dim, cache.max_seq, self._scale

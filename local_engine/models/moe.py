@@ -38,6 +38,7 @@ from local_engine.formats.pack import (
     read_manifest,
 )
 from local_engine.models.layers import (
+    Attends,
     KVCache,
     Linear,
     RopeTables,
@@ -217,7 +218,7 @@ class MoEModel:
         self.store.close()
 
     # ------------------------------------------------------------------ layers
-    def _attn(self, i: int, h: torch.Tensor, cache: KVCache, pos0: int) -> torch.Tensor:
+    def _attn(self, i: int, h: torch.Tensor, cache: KVCache | Attends, pos0: int) -> torch.Tensor:
         p = f"model.layers.{i}.self_attn."
         w = self.w
         wq = _with_bias(w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
@@ -417,7 +418,7 @@ class MoEModel:
         return out
 
     # ------------------------------------------------------------------ forward
-    def forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool = False) -> torch.Tensor:
         """ids [T] -> logits [T, vocab] (or [1, vocab] with ``last_only``); appends to ``cache``.
 
         Accounts every call, whoever drives it (``Engine`` or ``generate_ids``): one token is a
@@ -448,7 +449,7 @@ class MoEModel:
         return out
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, cache: KVCache, last_only: bool, prefetch: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool, prefetch: bool) -> torch.Tensor:
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
