@@ -35,7 +35,6 @@ from local_engine import qkernel
 from local_engine.cache import DEFAULT_POLICY, ROUTER_AWARE_POLICIES, ExpertCache
 from local_engine.formats.pack import (
     EXPERTS_FILE,
-    RESIDENT_FILE,
     Manifest,
     PackError,
     bundle_views,
@@ -369,15 +368,6 @@ class ExpertStore:
             else:
                 out.append(dequantize(t, views[name + ".scale"][1], q, (p.shape[0], p.shape[1] * (2 if q == "int4" else 1))))
         return out[0], out[1]
-
-    def evict_page_cache(self) -> None:
-        """Drop our files from the OS page cache so the next run is cold."""
-        for name in (EXPERTS_FILE, RESIDENT_FILE):
-            fd = os.open(self.m.root / name, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     @property
     def working_set_bytes(self) -> int:

@@ -165,10 +165,3 @@ class SafetensorsStore:
     def raw(self, name: str) -> RawTensor | None:
         return None
 
-
-def open_store(path: str | os.PathLike[str]) -> GGUFStore | SafetensorsStore:
-    p = Path(path)
-    if p.is_dir():
-        return SafetensorsStore(p)
-    _check_file(p)
-    return GGUFStore(p)

@@ -594,8 +594,3 @@ class LlamaModel:
         cache.advance(1)
         return self.head(rms(x, (d,), self.norm, eps)).float()
 
-
-def load_llama(store: TensorStore, weights: str = "auto", max_seq: int = 4096,
-               kv: kv_cache.KVConfig | None = None) -> LlamaModel:
-    cfg = config_from_gguf(store) if isinstance(store, GGUFStore) else config_from_hf(store)
-    return LlamaModel(store, cfg, weights, max_seq, kv)

@@ -173,11 +173,12 @@ def test_speculative_sampling_draws_from_the_target_distribution(tmp_path: Path,
     """The rejection rule on a real (random, 16-token) model: over many verifies of the same draft,
     the first token's and (after an accepted first draft) the second token's frequencies match the
     target's sampling distributions computed by plain single steps, within a chi-square bound."""
-    from local_engine.models.llama import load_llama
+    from local_engine.models.llama import LlamaModel, config_from_hf
     from local_engine.sampling import Sampler, SamplingParams
-    from local_engine.store import open_store
+    from local_engine.store import SafetensorsStore
 
-    model = load_llama(open_store(_small_vocab_llama(tmp_path / "m")), weights="f32")
+    store = SafetensorsStore(_small_vocab_llama(tmp_path / "m"))
+    model = LlamaModel(store, config_from_hf(store), weights="f32")
     sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, seed=11))
     ctx, last = [1, 5, 3, 7, 2, 9], 4
     with torch.inference_mode():
