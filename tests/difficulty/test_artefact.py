@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.classify.difficulty import (
     DifficultyConfig,
@@ -57,21 +57,28 @@ def test_tampered_arrays_are_refused(tmp_path):
         load_artefact(tmp_path / SHIPPED.name)
 
 
-def test_missing_artefact_falls_back_to_heuristic_with_warning(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="gateway.classify.difficulty")
-    clf = build_difficulty_classifier(DifficultyConfig(method="knn", artefact=str(tmp_path / "none.json")))
+def _fallbacks(logs: list[dict]) -> list[dict]:
+    return [e for e in logs if e["event"] == "difficulty_knn_unavailable" and e["log_level"] == "warning"]
+
+
+def test_missing_artefact_falls_back_to_heuristic_with_warning(tmp_path):
+    with capture_logs() as logs:
+        clf = build_difficulty_classifier(DifficultyConfig(method="knn", artefact=str(tmp_path / "none.json")))
     assert isinstance(clf, HeuristicDifficultyClassifier)
-    assert "falling back to heuristic" in caplog.text and "none.json" in caplog.text
+    [fallback] = _fallbacks(logs)
+    assert fallback["fallback"] == "heuristic"
+    assert any("none.json" in e["error"] for e in logs if e["event"] == "difficulty_artefact_unusable")
     finding = clf.classify(body("What is 2 + 2?"))
     assert finding.method == "heuristic"
     assert "knn unavailable" in finding.evidence["fallback"]
 
 
-def test_missing_model_package_falls_back_to_heuristic_with_warning(caplog):
-    caplog.set_level(logging.WARNING, logger="gateway.classify.difficulty")
-    clf = build_difficulty_classifier(DifficultyConfig(method="knn", embedding_package="no_such_minilm_pkg"))
+def test_missing_model_package_falls_back_to_heuristic_with_warning():
+    with capture_logs() as logs:
+        clf = build_difficulty_classifier(DifficultyConfig(method="knn", embedding_package="no_such_minilm_pkg"))
     assert isinstance(clf, HeuristicDifficultyClassifier)
-    assert "no_such_minilm_pkg" in caplog.text
+    [fallback] = _fallbacks(logs)
+    assert "no_such_minilm_pkg" in fallback["reason"]
     # with the artefact present, the heuristic still uses its shipped calibration
     assert (clf.medium, clf.hard) == load_artefact().thresholds("heuristic")
     assert clf.classify(body("hello")).level in ("easy", "medium", "hard")

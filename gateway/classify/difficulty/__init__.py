@@ -6,7 +6,7 @@ returns has `classify(body) -> DifficultyFinding` and is safe to call from sever
 
 from __future__ import annotations
 
-import logging
+import structlog
 
 from gateway.classify.difficulty.artefact import Artefact, ArtefactError, load_artefact
 from gateway.classify.difficulty.calibrate import Calibration, CalibrationError, load_calibration
@@ -23,7 +23,7 @@ __all__ = [
     "build_difficulty_classifier",
 ]
 
-log = logging.getLogger("gateway.classify.difficulty")
+log = structlog.get_logger("gateway.classify.difficulty")
 
 DifficultyClassifierImpl = KnnDifficultyClassifier | HeuristicDifficultyClassifier
 
@@ -63,7 +63,7 @@ def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierIm
         artefact = load_artefact(cfg.artefact)
     except ArtefactError as exc:
         if cfg.method == "knn" or cfg.artefact is not None:
-            log.warning("difficulty artefact unusable: %s", exc)
+            log.warning("difficulty_artefact_unusable", error=str(exc))
     if cfg.method == "heuristic":
         return HeuristicDifficultyClassifier(*_thresholds(cfg, artefact, "heuristic"))
     reason: str | None = None
@@ -74,8 +74,8 @@ def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierIm
         kind = str(emb_meta.get("kind", "minilm"))  # v1 artefacts predate the field: the transformer
         max_tokens = cfg.max_tokens or int(emb_meta["max_tokens"])
         if cfg.max_tokens and cfg.max_tokens != int(emb_meta["max_tokens"]):
-            log.warning("difficulty: max_tokens %d differs from the %d the artefact was fitted with",
-                        cfg.max_tokens, emb_meta["max_tokens"])
+            log.warning("difficulty_max_tokens_differ", max_tokens=cfg.max_tokens,
+                        fitted_max_tokens=int(emb_meta["max_tokens"]))
         try:
             if cfg.torch_threads and kind == "minilm":  # the static embedder runs no torch
                 import torch
@@ -87,7 +87,7 @@ def build_difficulty_classifier(cfg: DifficultyConfig) -> DifficultyClassifierIm
             )
         except EmbeddingUnavailable as exc:
             reason = str(exc)
-    log.warning("difficulty method knn unavailable, falling back to heuristic: %s", reason)
+    log.warning("difficulty_knn_unavailable", fallback="heuristic", reason=reason)
     return HeuristicDifficultyClassifier(
         *_thresholds(cfg, artefact, "heuristic"), note=f"knn unavailable: {reason}"
     )

@@ -3,12 +3,12 @@ moved by the everyday cues a user would cite (cues.py)."""
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any
 
 import numpy as np
+import structlog
 
 from gateway.classify.difficulty.artefact import Artefact
 from gateway.classify.difficulty.cues import detect, reasons
@@ -18,7 +18,7 @@ from gateway.classify.difficulty.model import KnnModel, sigmoid
 from gateway.classify.difficulty.signals import SIGNAL_NAMES, read, vector
 from gateway.features import DifficultyFinding
 
-log = logging.getLogger("gateway.classify.difficulty")
+log = structlog.get_logger("gateway.classify.difficulty")
 
 
 class KnnDifficultyClassifier:
@@ -51,8 +51,9 @@ class KnnDifficultyClassifier:
             if now - self._slow_logged_at < 60:
                 return
             self._slow_logged_at, count, self._slow = now, self._slow, 0
-        log.warning("difficulty classification over budget: %.1f ms > %.1f ms (%d slow since last report); "
-                    "with the minilm artefact, consider difficulty.torch_threads: 1 on a busy machine", elapsed_ms, self.budget_ms, count)
+        log.warning("difficulty_over_budget", elapsed_ms=round(elapsed_ms, 1), budget_ms=self.budget_ms,
+                    slow_since_last_report=count,
+                    hint="with the minilm artefact, consider difficulty.torch_threads: 1 on a busy machine")
 
     def score_many(self, texts: list[str], sigs: np.ndarray, progress: bool = False) -> np.ndarray:
         """Fitted scores (no cues) for many prompts at once: the artefact's own numbers."""
