@@ -13,15 +13,13 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from gateway import explain, pipeline
+from gateway import explain, pipeline, respond
 from gateway.api import deferred
 from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
 from gateway.dispatch import aclose_quietly
-from gateway.privacy.redact import redact_body
-from gateway.privacy.vault import Vault
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
@@ -159,158 +157,6 @@ def _call(request: Request, body: dict[str, Any], client: str | None) -> pipelin
     return pipeline.Call(body=body, headers=headers, client=client, request_id=request_id, trace=trace)
 
 
-def route_headers(prepared: pipeline.Prepared, served: pipeline.Served) -> dict[str, str]:
-    f = prepared.features
-    h = {
-        "x-hybrid-route": served.target,
-        "x-hybrid-rule": prepared.decision.rule,
-        "x-hybrid-connectivity": f.overall_connectivity,
-        "x-hybrid-sensitivity": f.sensitivity.level,
-        "x-hybrid-difficulty": f.difficulty.level,
-        "x-hybrid-redactions": str(served.redactions),
-        "x-request-id": prepared.call.request_id,
-    }
-    if served.model:  # as the answer names it (a stream: its first part's; the audit line has every part)
-        h["x-hybrid-model"] = _header_safe(served.model)
-    if served.fallbacks:
-        h["x-hybrid-fallback"] = ", ".join(str(fb) for fb in served.fallbacks)
-    if prepared.warnings:
-        h["x-hybrid-warning"] = "; ".join(prepared.warnings)
-    if prepared.decision.pin_refused:
-        h["x-hybrid-pin-refused"] = prepared.decision.pin_refused
-    return h
-
-
-def _header_safe(value: str) -> str:
-    """An upstream's model name as a header value: printable ASCII, bounded."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in value[:200])
-
-
-def _record(
-    state: GatewayState,
-    prepared: pipeline.Prepared,
-    served: pipeline.Served | None,
-    status: int,
-    usage: dict[str, Any],
-    stream: bool,
-    endpoint: str = "/v1/chat/completions",
-) -> None:
-    elapsed = time.monotonic() - prepared.call.started
-    route = served.target if served else "-"
-    if prepared.call.trace is not None:
-        _end_trace(prepared, served, status, usage)
-    m = state.metrics
-    m.requests.labels(route, prepared.decision.rule, str(status), endpoint).inc()
-    m.latency.labels(route, str(stream).lower(), endpoint).observe(elapsed)
-    counts = prepared.features.sensitivity.counts if prepared.redacted is not None else {}
-    if served:
-        for fb in served.fallbacks:
-            m.fallbacks.labels(fb.source, fb.to, fb.reason).inc()
-        if served.hedge:
-            m.hedges.labels(served.hedge.source, served.hedge.started).inc()
-            m.hedge_wins.labels(served.hedge.winner or "-").inc()
-        for entity, n in counts.items():
-            m.redactions.labels(entity).inc(n)
-        # Tokens per target that wrote them (a resumed stream has several parts), where reported.
-        for target, used in [(p.target, p.usage or {}) for p in served.parts] or [(route, usage)]:
-            for kind in ("prompt_tokens", "completion_tokens"):
-                if isinstance(used.get(kind), int):
-                    m.tokens.labels(target, kind.removesuffix("_tokens")).inc(used[kind])
-    if not state.audit.enabled:  # the record is built per request: skip it when nobody reads it
-        return
-    state.audit.write(
-        {
-            "time": time.time(),
-            "request_id": prepared.call.request_id,
-            "client": prepared.call.client,
-            "model": prepared.features.model,
-            "rule": prepared.decision.rule,
-            "target": route,
-            "served_model": served.model if served else None,
-            "parts": [p.as_dict() for p in served.parts] if served else [],
-            "fallbacks": [str(fb) for fb in served.fallbacks] if served else [],
-            "hedge": {"source": served.hedge.source, "started": served.hedge.started, "won": served.hedge.winner}
-            if served and served.hedge else None,
-            "status": status,
-            "stream": stream,
-            "endpoint": endpoint,
-            "sensitivity": prepared.features.sensitivity.level,
-            "entities": prepared.features.sensitivity.counts,
-            "redacted": bool(counts),
-            "difficulty": prepared.features.difficulty.level,
-            "latency_ms": round(elapsed * 1000, 2),
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "error": usage.get("error"),
-            **_audit_messages(state, prepared),
-        }
-    )
-
-
-def _end_trace(prepared: pipeline.Prepared, served: pipeline.Served | None, status: int,
-               usage: dict[str, Any]) -> None:
-    """The request's span ends with what the audit line says, less anything of the text."""
-    assert prepared.call.trace is not None
-    f = prepared.features
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    prepared.call.trace.end(status, {
-        "hybrid.route": served.target if served else ("deferred" if status == 202 else None),
-        "hybrid.rule": prepared.decision.rule,
-        "hybrid.connectivity": f.overall_connectivity,
-        "hybrid.sensitivity": f.sensitivity.level,
-        "hybrid.entities": sorted(f.sensitivity.counts),
-        "hybrid.difficulty": f.difficulty.level,
-        "hybrid.redactions": served.redactions if served else None,
-        "hybrid.fallbacks": [str(fb) for fb in served.fallbacks] if served and served.fallbacks else None,
-        "gen_ai.response.model": served.model if served else None,
-        "gen_ai.usage.input_tokens": prompt if isinstance(prompt, int) else None,
-        "gen_ai.usage.output_tokens": completion if isinstance(completion, int) else None,
-    }, error=usage.get("error") if isinstance(usage.get("error"), str) else None)
-
-
-def record_failed(state: GatewayState, prepared: pipeline.Prepared, error: APIError, stream: bool,
-                  endpoint: str = "/v1/chat/completions") -> None:
-    """Count and audit a decided request no target could answer, and name it and its rule in the
-    error's headers."""
-    _record(state, prepared, None, error.status, {"error": error.code}, stream, endpoint=endpoint)
-    error.headers.setdefault("x-request-id", prepared.call.request_id)
-    error.headers.setdefault("x-hybrid-rule", prepared.decision.rule)
-
-
-def record_rejected(state: GatewayState, request_id: str, started: float, error: APIError,
-                    client: str | None = None, model: str | None = None, stream: bool = False,
-                    endpoint: str = "/v1/chat/completions") -> None:
-    """Count and audit a request refused before any decision (bad JSON, auth, unknown model):
-    route and rule are "-". Nothing of the body is written: it may not even be JSON. The error's
-    headers name the request."""
-    error.headers.setdefault("x-request-id", request_id)
-    elapsed = time.monotonic() - started
-    state.metrics.requests.labels("-", "-", str(error.status), endpoint).inc()
-    state.metrics.latency.labels("-", str(stream).lower(), endpoint).observe(elapsed)
-    if not state.audit.enabled:
-        return
-    state.audit.write({
-        "time": time.time(), "request_id": request_id, "client": client,
-        "model": model[:256] if isinstance(model, str) else None, "rule": "-", "target": "-",
-        "fallbacks": [], "status": error.status, "stream": stream, "latency_ms": round(elapsed * 1000, 2),
-        "error": error.code, "endpoint": endpoint,
-    })
-
-
-def _audit_messages(state: GatewayState, prepared: pipeline.Prepared) -> dict[str, Any]:
-    mode = state.settings.audit_prompts
-    if mode == "off":
-        return {}
-    body = prepared.call.body
-    if mode == "redacted":
-        # Every detected value replaced, whatever its level and whatever the route (stricter than
-        # what a cloud target gets), with a throwaway vault: placeholders are per audit line.
-        body = redact_body(body, prepared.features.sensitivity, Vault(),
-                           state.runtime.policy.privacy.model_copy(update={"redact_at_least": "low",
-                                                                           "mode": "placeholder"}))
-    return {"prompt_text": mode, "messages": body.get("messages")}
-
-
 CHAT_PATH = "/v1/chat/completions"
 
 
@@ -337,10 +183,10 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         prepared = await pipeline.prepare(rt, call, state.metrics)
         if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
             job = await state.deferred.accept(rt, prepared)
-            _record(state, prepared, None, 202, {}, False)
+            respond.record(state, prepared, None, 202, {}, False)
             return deferred.accepted(state, prepared, job)
     except APIError as exc:
-        record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
+        respond.record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
         if call is not None and call.trace is not None:
             call.trace.end(exc.status, {}, exc.code)
         raise
@@ -350,11 +196,11 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         else:
             response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
-        record_failed(state, prepared, exc, bool(body.get("stream")))
+        respond.record_failed(state, prepared, exc, bool(body.get("stream")))
         raise
-    headers = route_headers(prepared, served)
+    headers = respond.route_headers(prepared, served)
     if not body.get("stream"):
-        _record(state, prepared, served, 200, response.get("usage") or {}, False)
+        respond.record(state, prepared, served, 200, response.get("usage") or {}, False)
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
         return JSON(answer, headers=headers)
@@ -374,7 +220,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
             yield pipeline.SSE_DONE
         finally:
             await aclose_quietly(stream)  # closes the upstream when the client left mid-stream
-            _record(state, prepared, served, 200, usage, True)
+            respond.record(state, prepared, served, 200, usage, True)
 
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
@@ -393,7 +239,7 @@ async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(exc)
     except Exception as exc:
         response = unexpected_error(exc, CHAT_PATH)
-        record_rejected(state_of(request), request_id_of(request), started, APIError(500, "", code="internal_error"))
+        respond.record_rejected(state_of(request), request_id_of(request), started, APIError(500, "", code="internal_error"))
         response.headers["x-request-id"] = request_id_of(request)
     await response(scope, receive, send)
 

@@ -15,8 +15,8 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from gateway import pipeline
-from gateway.api.chat import _call, _record, read_body, record_failed, record_rejected, route_headers
+from gateway import pipeline, respond
+from gateway.api.chat import _call, read_body
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error
 from gateway.api.responses import JSON
@@ -57,7 +57,7 @@ async def _serve(request: Request) -> Response:
         want = requested(rt.policy, req.model)
         prepared = await pipeline.prepare(rt, _call(request, classify_body(req, want.model), client), state.metrics)
     except APIError as exc:
-        record_rejected(state, request_id, started, exc, client, data.get("model"), endpoint=PATH)
+        respond.record_rejected(state, request_id, started, exc, client, data.get("model"), endpoint=PATH)
         raise
     try:
         pipeline.refuse_blocked(prepared)
@@ -76,14 +76,14 @@ async def _serve(request: Request) -> Response:
 
         result, served = await pipeline.embed(rt, prepared, chosen.chain, call)
     except APIError as exc:
-        record_failed(state, prepared, exc, False, endpoint=PATH)
+        respond.record_failed(state, prepared, exc, False, endpoint=PATH)
         raise
-    headers = route_headers(prepared, served)
+    headers = respond.route_headers(prepared, served)
     headers["x-hybrid-embedding-space"] = _space(rt, served.target)
     headers["x-hybrid-usage"] = "estimated" if result["usage_estimated"] else "reported"
     body = response(result, req.encoding_format)
-    _record(state, prepared, served, 200, {} if result["usage_estimated"] else body["usage"], False,
-            endpoint=PATH)  # metrics count reported tokens only, as for chat
+    respond.record(state, prepared, served, 200, {} if result["usage_estimated"] else body["usage"], False,
+                   endpoint=PATH)  # metrics count reported tokens only, as for chat
     return JSON(body, headers=headers)
 
 

@@ -14,16 +14,12 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import pipeline
+from gateway import pipeline, respond
 from gateway.api.chat import (
     _call,
     _inline_defs,
-    _record,
     complete_watched,
     read_body,
-    record_failed,
-    record_rejected,
-    route_headers,
 )
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
@@ -102,8 +98,8 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
         prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
     except APIError as exc:
-        record_rejected(state, request_id, started, exc, client, data.get("model"), data.get("stream") is True,
-                        endpoint=adapter.endpoint)
+        respond.record_rejected(state, request_id, started, exc, client, data.get("model"),
+                                data.get("stream") is True, endpoint=adapter.endpoint)
         raise
     streaming = bool(body.get("stream"))
     try:
@@ -112,11 +108,11 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         else:
             response, served = await complete_watched(request, rt, prepared)
     except APIError as exc:
-        record_failed(state, prepared, exc, streaming, endpoint=adapter.endpoint)
+        respond.record_failed(state, prepared, exc, streaming, endpoint=adapter.endpoint)
         raise
-    headers = route_headers(prepared, served)
+    headers = respond.route_headers(prepared, served)
     if not streaming:
-        _record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
+        respond.record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
         # Rebuilt to chat's schema first, so the adapter reads one shape whoever answered.
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
@@ -141,7 +137,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
                 yield sse_event(event)
         finally:
             await aclose_quietly(chunks)  # closes the upstream when the client left mid-stream
-            _record(state, prepared, served, 200, usage, True, endpoint=adapter.endpoint)
+            respond.record(state, prepared, served, 200, usage, True, endpoint=adapter.endpoint)
 
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
