@@ -1,6 +1,6 @@
-"""Prompt-lookup speculative decoding on the dense built-in model (issue #20, first slice).
+"""Speculative decoding (issue #20): off / prompt-lookup / draft / auto, dense and packed MoE.
 
-Decode tok/s with ``speculative`` off / prompt-lookup / auto, greedy, on (a) a quoting workload
+Decode tok/s with ``speculative`` off / prompt-lookup / draft (with ``--draft-model``) / auto, greedy, on (a) a quoting workload
 (edit or copy a given public-domain text: the answer repeats its prompt) and (b) open chat. Each
 prompt runs in every mode, interleaved (off, prompt-lookup, auto, then again) so drift on a busy
 box hits the modes alike; a mode's figure is its generated tokens over its decode seconds, summed
@@ -12,8 +12,10 @@ be identical (checked: "same" column). Prefix cache off, so every run prefills a
 
 Packed MoE rows (``--moe DIR``, default moe_stream.py's int4 pack of its random Qwen3-MoE, 24
 layers x 64 experts, top-8, when it exists): decode tok/s off / prompt-lookup / draft (the
-self-draft: the same model on one expert per token) / auto at expert-cache budgets of 5/15/50% of
-the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
+self-draft: the same model on one expert per token) / draft-model (``--moe-draft DIR``: a second
+checkpoint with the same tokenizer, e.g. the same MoE packed at int2, streaming its own experts
+under the same budget) / auto (with the draft model when one is given) at expert-cache budgets of
+5/15/50% of the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
 not inside moe_stream's memory cgroup), on (a) a prompt that repeats itself and (b) random ids.
 The checkpoint's weights are random, so its text never quotes and its routers pick near-uniformly:
 it measures what a verify and a self-draft cost against their acceptance, not a real model's
@@ -53,6 +55,7 @@ def workloads() -> dict[str, list[str]]:
 
 
 def run(eng: Engine, prompt: str, mode: str, max_tokens: int) -> dict[str, Any]:
+    mode = "draft" if mode == "draft-model" else mode
     gen = eng.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, speculative=mode)
     text = "".join(gen)
     return {"text": text, "tokens": gen.stats.completion_tokens - 1, "decode_s": gen.stats.decode_s,
@@ -60,7 +63,7 @@ def run(eng: Engine, prompt: str, mode: str, max_tokens: int) -> dict[str, Any]:
 
 
 MOE_DEFAULT = Path(__file__).parent / ".work" / "moe" / "packed-int4"
-MOE_MODES = ("off", "prompt-lookup", "draft", "auto")
+MOE_MODES = ("off", "prompt-lookup", "draft", "draft-model", "auto")
 
 
 def _word_tokenizer(vocab: int, d: Path) -> Any:
@@ -75,11 +78,21 @@ def _word_tokenizer(vocab: int, d: Path) -> Any:
     return from_hf_dir(d)
 
 
-def moe_rows(packed: Path, fractions: list[float], tokens: int) -> None:
+def _drop_pages(d: Path) -> None:
+    import os
+
+    for f in d.iterdir():  # cold: the pack's pages out of the page cache
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_pack: Path | None) -> None:
     import os
     import random
     import tempfile
 
+    from local_engine.engine import DraftModel
     from local_engine.formats.pack import read_manifest
     from local_engine.models.moe import MoEModel
 
@@ -99,16 +112,23 @@ def moe_rows(packed: Path, fractions: list[float], tokens: int) -> None:
             for name, ids in prompts.items():
                 ref: dict[str, Any] = {}
                 for mode in MOE_MODES:
-                    for f in packed.iterdir():  # cold: the pack's pages out of the page cache
-                        fd = os.open(f, os.O_RDONLY)
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                        os.close(fd)
+                    with_draft = draft_pack is not None and mode in ("draft-model", "auto")
+                    if mode == "draft-model" and not with_draft:
+                        continue
+                    _drop_pages(packed)
                     model = MoEModel.open(packed, memory_budget=budget, prefetch=False)
                     eng = Engine(model, tok, format="flash-moe-pack", prefix_cache_mb=0)
+                    if with_draft and draft_pack is not None:
+                        _drop_pages(draft_pack)
+                        dm = MoEModel.open(draft_pack, memory_budget=budget, prefetch=False)
+                        eng.draft_model = DraftModel(dm, str(draft_pack), dm.max_seq)
                     try:
-                        gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=tokens, speculative=mode)
+                        gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=tokens,
+                                           speculative="draft" if mode == "draft-model" else mode)
                         text = "".join(gen)
                         st, x = model.stats(), gen.stats.extra
+                        if eng.draft_model is not None:  # the draft's reads are this run's reads too
+                            st["store_bytes_read"] += eng.draft_model.model.stats()["store_bytes_read"]
                     finally:
                         eng.close()
                     n = gen.stats.completion_tokens - 1
@@ -132,6 +152,9 @@ def main() -> None:
     ap.add_argument("--moe", type=Path, default=MOE_DEFAULT, help="a packed MoE dir (absent: no MoE rows)")
     ap.add_argument("--fractions", default="0.05,0.15,0.5", help="expert-cache budgets, fractions of the bank")
     ap.add_argument("--moe-tokens", type=int, default=32)
+    ap.add_argument("--moe-draft", type=Path, default=None,
+                    help="a packed MoE with the same tokenizer as --moe that drafts for it (draft-model rows)")
+    ap.add_argument("--draft-model", default=None, help="dense rows: a smaller model with --model's tokenizer")
     ap.add_argument("--skip-dense", action="store_true")
     a = ap.parse_args()
     import os
@@ -141,17 +164,19 @@ def main() -> None:
     if not a.skip_dense:
         dense_rows(a)
     if a.moe.is_dir():
-        moe_rows(a.moe, [float(f) for f in a.fractions.split(",") if f], a.moe_tokens)
+        moe_rows(a.moe, [float(f) for f in a.fractions.split(",") if f], a.moe_tokens, a.moe_draft)
     else:
         print(f"# no packed MoE at {a.moe} (make it with benchmarks/moe_stream.py --quants int4): no MoE rows")
     print(f"# {time.perf_counter() - t_all:.0f} s, load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def dense_rows(a: argparse.Namespace) -> None:
-    eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0)
-    modes = ("off", "prompt-lookup", "auto")
+    eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0, draft_model=a.draft_model)
+    modes: tuple[str, ...] = ("off", "prompt-lookup", "auto")
+    if a.draft_model:
+        modes = ("off", "prompt-lookup", "draft-model", "auto")
     print(f"# benchmarks/speculative.py --max-tokens {a.max_tokens} --repeat {a.repeat} --threads {a.threads}"
-          f"  ({a.model}, greedy)")
+          f"  ({a.model}, greedy; draft model: {a.draft_model or 'none'})")
     print(f"{'workload':<9} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
           f"{'drafted':>8} {'same':>5}")
     for name, prompts in workloads().items():

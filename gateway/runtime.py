@@ -42,6 +42,8 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             opts["prefix_cache_mb"] = cfg.prefix_cache_mb
         if cfg.speculative is not None:
             opts["speculative"] = cfg.speculative
+        if cfg.draft_model is not None:
+            opts["draft_model"] = cfg.draft_model
         if cfg.kv_cache is not None:
             opts["kv_cache"] = cfg.kv_cache.model_dump()
         return EngineBackend(

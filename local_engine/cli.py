@@ -82,8 +82,11 @@ def info(model: str, weights: str) -> None:
 @click.option("--speculative", type=click.Choice(["off", "prompt-lookup", "auto", "draft"]), default="off",
               show_default=True,
               help="speculative decoding (greedy output unchanged, sampling's distribution too): drafts from the "
-                   "prompt and the text so far, verified in one forward; auto turns drafting off while it does "
-                   "not pay; draft (packed MoE): the model drafts itself with one expert per token")
+                   "prompt and the text so far, verified in one forward; auto sizes each draft (0: none) from "
+                   "measured costs and acceptance; draft: --draft-model drafts (a packed MoE without one drafts "
+                   "itself with one expert per token)")
+@click.option("--draft-model", default=None,
+              help="a smaller model with the same tokenizer that drafts for --speculative draft / auto")
 @click.option("--kv-dtype", type=click.Choice(["f32", "bf16", "int8", "int4"]), default="f32", show_default=True,
               help="KV cache storage: int8 is ~0.27x f32's bytes per token, int4 ~0.16x (local_engine/kv_cache.py)")
 @click.option("--kv-max-tokens", type=click.IntRange(min=1), default=None,
@@ -96,7 +99,7 @@ def info(model: str, weights: str) -> None:
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
-             cache_policy: str | None, prefetch: str | None, speculative: str, kv_dtype: str,
+             cache_policy: str | None, prefetch: str | None, speculative: str, draft_model: str | None, kv_dtype: str,
              kv_max_tokens: int | None, kv_sinks: int, stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
@@ -109,6 +112,8 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
     if prefetch is not None:
         opts["prefetch"] = {"auto": "auto", "on": True, "off": False}[prefetch]
     opts["kv_cache"] = {"dtype": kv_dtype, "max_tokens": kv_max_tokens, "sinks": kv_sinks}
+    if draft_model is not None:
+        opts["draft_model"] = draft_model
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),

@@ -9,8 +9,8 @@
     eng.info()                               # dict: arch, sizes, weight representation, ...
 
 Sampling keywords (see sampling.SamplingParams): max_tokens, temperature, top_k, top_p,
-repetition_penalty, seed, stop (str or list); ``speculative`` ("off" | "prompt-lookup" | "auto",
-default the engine's ``speculative``, itself off unless ``Engine.open(..., speculative=...)``). ``should_stop`` (a callable) is polled between tokens
+repetition_penalty, seed, stop (str or list); ``speculative`` ("off" | "prompt-lookup" | "auto" |
+"draft", default the engine's ``speculative``, itself off unless ``Engine.open(..., speculative=...)``). ``should_stop`` (a callable) is polled between tokens
 so a caller can cancel (client gone, deadline): finish_reason is then "cancelled".
 
 Loader registry (the extension hook)
@@ -44,7 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from local_engine import chat_template, kv_cache, prefix_cache, speculative
+from local_engine import chat_template, kv_cache, prefix_cache, spec_control, speculative
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
@@ -201,7 +201,9 @@ class Generation:
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
         lookup = speculative.PromptLookup(history) if self.spec_mode in ("prompt-lookup", "auto") else None
-        switch = speculative.SpecSwitch() if self.spec_mode == "auto" else None
+        ctl = spec_control.SpecController(eng.spec_model) if self.spec_mode == "auto" else None
+        drafter = (speculative.DraftRun(eng.draft_model.model, eng.draft_model.max_seq)
+                   if eng.draft_model is not None and self.spec_mode in ("draft", "auto") else None)
         queue: list[int] = []  # drafted tokens a verify accepted: decided, their K/V already cached
         spec = {"drafted": 0, "accepted": 0, "verifies": 0, "steps": 0}
         # the prefix cache lends the KV of the longest kept prefix of the prompt, and keeps this
@@ -219,8 +221,8 @@ class Generation:
             try:
                 if logits is not None:
                     reason, cut_by_stop_string, pending = yield from self._decode(
-                        model, cache, logits, sampler, history, dec, stops, hold, max_new, lookup, switch, queue,
-                        spec)
+                        model, cache, logits, sampler, history, dec, stops, hold, max_new,
+                        _Drafting(lookup, ctl, drafter), queue, spec)
             finally:
                 # a stop inside accepted drafts leaves their K/V past the answer: the prefix cache
                 # keeps only positions whose tokens it is told
@@ -241,7 +243,7 @@ class Generation:
         self.stats.extra["kv_bytes"] = kv_now  # this sequence's K/V rows (flat once a window fills)
         if gram is not None:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
-        self.stats.extra.update(self._spec_stats(spec, switch))
+        self.stats.extra.update(self._spec_stats(spec, ctl))
         eng.spec_totals.add(spec["drafted"], spec["accepted"], spec["verifies"], spec["steps"])
 
     def _prefill(self, model: Any, cache: Any, cached: int) -> torch.Tensor | None:
@@ -262,7 +264,7 @@ class Generation:
             pos = end
         return logits
 
-    def _spec_stats(self, spec: dict[str, int], switch: speculative.SpecSwitch | None) -> dict[str, Any]:
+    def _spec_stats(self, spec: dict[str, int], ctl: spec_control.SpecController | None) -> dict[str, Any]:
         forwards = spec["verifies"] + spec["steps"]
         out: dict[str, Any] = {
             "spec_mode": self.spec_mode, "spec_drafted": spec["drafted"], "spec_accepted": spec["accepted"],
@@ -270,15 +272,42 @@ class Generation:
             "spec_verifies": spec["verifies"],
             # tokens decided per decode forward: a step decides one, a verify its accepted drafts + 1
             "spec_tokens_per_forward": round((forwards + spec["accepted"]) / forwards, 3) if forwards else 0.0}
-        if switch is not None:
-            out["spec_auto_decision"] = switch.decision
-            out["spec_auto_off_switches"] = switch.off_switches
+        if ctl is not None:  # how often auto chose each k (0: a single step), and its re-probes
+            out["spec_auto_k"] = {str(k): n for k, n in sorted(ctl.decisions.items())}
+            out["spec_auto_probes"] = ctl.probes
         return out
+
+    def _propose(self, model: Any, cache: Any, history: list[int], room: int,
+                 drafting: _Drafting) -> tuple[str, list[int]]:
+        """(source, drafts) for the tokens after ``history``'s last (decided, not yet run); no
+        drafts: a single step. At most ``room`` drafts (what still fits max_tokens after the
+        verify's own token)."""
+        mode, ctl, lookup = self.spec_mode, drafting.ctl, drafting.lookup
+        if mode == "prompt-lookup" and lookup is not None:
+            return "lookup", lookup.propose(min(speculative.DRAFT_K, room))
+        if lookup is not None and ctl is not None:  # auto: a free draft first, sized by the controller
+            avail = lookup.propose(min(spec_control.K_MAX, room))
+            if avail:
+                source = f"lookup:{min(lookup.matched, 3)}"
+                return source, avail[:ctl.choose(source, len(avail))]
+        if mode == "draft" or (mode == "auto" and (drafting.drafter is not None or isinstance(model, speculative.SelfDraft))):
+            k = min(speculative.SELF_DRAFT_K, room) if ctl is None else ctl.choose("draft", min(spec_control.K_MAX, room))
+            if k <= 0:
+                return "draft", []
+            t = time.perf_counter()
+            if drafting.drafter is not None:
+                draft = drafting.drafter.propose(history, k)
+                timed = drafting.drafter.caught_up <= k + 1  # not the draft model's prefill of the prompt
+            else:  # check_mode let "draft" through: the model drafts for itself
+                draft, timed = model.self_draft(history[-1], cache, k), True
+            if ctl is not None and timed:
+                ctl.model.record_draft("draft", len(draft), time.perf_counter() - t)
+            return "draft", draft
+        return "", []
 
     def _decode(self, model: Any, cache: Any, logits: torch.Tensor, sampler: Sampler, history: list[int],
                 dec: StreamDecoder, stops: list[str], hold: int, max_new: int,
-                lookup: speculative.PromptLookup | None, switch: speculative.SpecSwitch | None,
-                queue: list[int], spec: dict[str, int]) -> Generator[str, None, tuple[str, bool, str]]:
+                drafting: _Drafting, queue: list[int], spec: dict[str, int]) -> Generator[str, None, tuple[str, bool, str]]:
         """The token loop; returns (finish reason, cut by a stop string, text still held back)."""
         eng, tok, gram = self.engine, self.engine.tokenizer, self.grammar
         pending = ""
@@ -324,12 +353,8 @@ class Generation:
                 break
             if step + 1 < max_new and not drafted:
                 # a verify yields at most len(draft) + 1 tokens: draft no more than fit max_new
+                source, draft = self._propose(model, cache, history, max_new - step - 2, drafting)
                 t = time.perf_counter()
-                if self.spec_mode == "draft":  # check_mode let it through: the model drafts itself
-                    draft = model.self_draft(nxt, cache, min(speculative.SELF_DRAFT_K, max_new - step - 2))
-                else:
-                    draft = (lookup.propose(min(speculative.DRAFT_K, max_new - step - 2))
-                             if lookup is not None and (switch is None or switch.choose()) else [])
                 if draft and self.params.temperature > 0:
                     logits, accepted, residual = speculative.verify_sampled(
                         model, cache, nxt, draft, lambda row, acc: sampler.probs(row, history + acc), sampler.uniform)
@@ -340,15 +365,34 @@ class Generation:
                     spec["verifies"] += 1
                     spec["drafted"] += len(draft)
                     spec["accepted"] += len(accepted)
-                    if switch is not None:
-                        switch.record_verify(time.perf_counter() - t, len(accepted) + 1)
+                    if drafting.ctl is not None:
+                        drafting.ctl.record_verify(source, len(draft), len(accepted), time.perf_counter() - t)
                 else:
                     logits = model.forward(torch.tensor([nxt], dtype=torch.long), cache, last_only=True)[-1]
                     spec["steps"] += 1
-                    if switch is not None:
-                        switch.record_step(time.perf_counter() - t)
+                    if drafting.ctl is not None:
+                        drafting.ctl.record_step(time.perf_counter() - t)
                 eng.steps += 1
         return reason, cut_by_stop_string, pending
+
+
+@dataclass
+class _Drafting:
+    """A generation's draft sources and, for ``auto``, the controller that sizes each draft."""
+
+    lookup: speculative.PromptLookup | None
+    ctl: spec_control.SpecController | None
+    drafter: speculative.DraftRun | None
+
+
+@dataclass
+class DraftModel:
+    """An engine's separate draft model (``Engine.open(..., draft_model=...)``): its weights and
+    where they came from; each generation drafts over a KV cache of its own (``DraftRun``)."""
+
+    model: Any
+    source: str
+    max_seq: int
 
 
 class Engine:
@@ -371,6 +415,9 @@ class Engine:
         self.spec_totals = speculative.SpecTotals()  # every generation's drafted / accepted, for /metrics
         # speculative decoding when a call does not say (local_engine/speculative.py); off by default
         self.speculative: speculative.Mode = "off"
+        # what ``auto`` measured on this model: verify costs, acceptance (spec_control.py)
+        self.spec_model = spec_control.ModelSpec()
+        self.draft_model: DraftModel | None = None  # a smaller model with this tokenizer, for "draft"
 
     @classmethod
     def open(cls, model: str | Path, **opts: Any) -> Engine:
@@ -379,13 +426,15 @@ class Engine:
         Options: ``weights`` ("auto" | "int4" | "f32" | "bf16" | "int8"), ``threads`` (torch
         intra-op threads, process-wide; default: cores - 1), ``max_seq`` (KV cache length),
         ``prefix_cache_mb`` (KV of earlier prompts kept for reuse, local_engine/prefix_cache.py;
-        0 turns it off), ``speculative`` ("off" | "prompt-lookup" | "auto": the calls' default,
-        local_engine/speculative.py), ``kv_cache`` (a ``kv_cache.KVConfig`` or a mapping of its
+        0 turns it off), ``speculative`` ("off" | "prompt-lookup" | "auto" | "draft": the calls'
+        default, local_engine/speculative.py), ``draft_model`` (a smaller model with the same
+        tokenizer, opened like ``model``: it drafts for "draft" and "auto"), ``kv_cache`` (a ``kv_cache.KVConfig`` or a mapping of its
         ``dtype`` f32|bf16|int8|int4, ``max_tokens``, ``sinks``: local_engine/kv_cache.py), plus
         whatever a registered loader accepts.
         """
         try:
             spec_mode = speculative.check_mode(opts.pop("speculative", None) or "off")
+            draft_src = opts.pop("draft_model", None)
             opts["kv_cache"] = kv_cache.KVConfig.parse(opts.get("kv_cache"))
         except ValueError as e:
             raise EngineError(str(e)) from None
@@ -401,10 +450,15 @@ class Engine:
             if ld.matches(path):
                 eng = ld.load(path, **opts)
                 try:
-                    speculative.check_mode(spec_mode, eng.model)
+                    if draft_src:
+                        eng.draft_model = _open_draft(eng, draft_src, threads)
+                    speculative.check_mode(spec_mode, eng.model, eng.draft_model)
                 except ValueError as e:
                     eng.close()
                     raise EngineError(str(e)) from None
+                except EngineError:
+                    eng.close()
+                    raise
                 eng.speculative = spec_mode
                 return eng
         raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
@@ -457,7 +511,8 @@ class Engine:
                     grammar: grammar_mod.GrammarProcessor | None = None) -> Generation:
         stop = sampling.pop("stop", None)
         try:
-            spec_mode = speculative.check_mode(sampling.pop("speculative", None) or self.speculative, self.model)
+            spec_mode = speculative.check_mode(sampling.pop("speculative", None) or self.speculative, self.model,
+                                               self.draft_model)
         except ValueError as e:
             raise EngineError(str(e)) from None
         stop_list = [stop] if isinstance(stop, str) else list(stop or [])
@@ -507,6 +562,22 @@ class Engine:
     def close(self) -> None:
         """Release what the model holds open (a packed MoE's expert file and reader threads)."""
         getattr(self.model, "close", lambda: None)()
+        if self.draft_model is not None:
+            getattr(self.draft_model.model, "close", lambda: None)()
+
+
+def _open_draft(target: Engine, source: str | Path, threads: int) -> DraftModel:
+    """The draft model for ``target``: opened like a target (no prefix cache of its own), and
+    refused unless its tokenizer is the target's (ValueError)."""
+    try:
+        d = Engine.open(source, threads=threads, prefix_cache_mb=0)
+    except EngineError as e:
+        raise EngineError(f"draft_model: {e}") from None
+    if not speculative.same_tokenizer(d.tokenizer, target.tokenizer):
+        d.close()
+        raise ValueError(f"draft_model {source}: its tokenizer is not the target's ({d.tokenizer.vocab_size} "
+                         f"tokens vs {target.tokenizer.vocab_size}, or different ids): drafts would be other tokens")
+    return DraftModel(d.model, d.source, d.max_seq)
 
 
 # ---------------------------------------------------------------------------------- loaders

@@ -1,9 +1,14 @@
 """Prompt-lookup speculative decoding: drafts from the text itself, verified greedily in one forward.
 
-Drafts (``PromptLookup``): the last n tokens (n = 3, then 2, then 1) are looked up among the
+Drafts (``PromptLookup``): the last n tokens (n = 4, then 3, 2, 1) are looked up among the
 earlier positions of the prompt + the answer so far; the k tokens that followed their latest
 occurrence are the draft. Free (no second model) and strong when the answer quotes its prompt
 (edits, summaries, RAG answers).
+
+Draft model (``DraftRun``, mode "draft" with ``Engine.open(..., draft_model=...)``): a second,
+smaller model with the target's tokenizer drafts greedily over its own KV cache; before each
+draft its cache is cropped to what it shares with the answer (rejected drafts' rows go: the
+rollback) and it runs the tokens it lacks in one forward.
 
 Self-draft (``SelfDraft``, mode "draft"): a packed MoE drafts with itself routed to fewer of its
 experts per token (same attention and KV cache, no second checkpoint); the verify reads the union
@@ -32,15 +37,14 @@ test in tests/engine/test_speculative.py); p_i comes from the verify's logits, w
 the batched path's rounding (~1e-3) of the single step's. Not with a grammar mask: the engine does
 not speculate then.
 
-``SpecSwitch`` (``speculative: auto``) turns drafting off when it does not pay: it keeps the
-measured seconds per produced token of verifies and of single steps, and drafts while a verify's
-tokens come cheaper than single steps'. Pure bookkeeping like ``prefetch_switch``: no clock.
+``speculative: auto`` picks k (0 = no draft) per verify from measured costs and acceptance:
+local_engine/spec_control.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -50,20 +54,24 @@ MODES: tuple[str, ...] = ("off", "prompt-lookup", "auto", "draft")
 # tokens drafted per verify (llama.cpp's prompt lookup uses ~10): 7, so a verify is 8 rows, two
 # full tiles of qkernel's several-row path (9 rows cost 1.28x the instructions of 8 there)
 DRAFT_K = 7
-# a self-draft costs a forward per drafted token (attention + fewer experts): fewer per verify
+# a self-draft or a draft model costs a forward per drafted token: fewer per verify
 SELF_DRAFT_K = 3
-NGRAM_MAX, NGRAM_MIN = 3, 1
+# a 4-token match continues a quote far more often than a 3-token one (the controller keys its
+# acceptance by match length: spec_control.py)
+NGRAM_MAX, NGRAM_MIN = 4, 1
 # the batched and the single-step paths differ by ~5e-3 on logits (measured 0.0049-0.0054)
 TIE_MARGIN = 0.02
 
 
-def check_mode(mode: str, model: Any = None) -> Mode:
-    """``mode`` if known (and, for "draft", if ``model`` drafts for itself), else ValueError."""
+def check_mode(mode: str, model: Any = None, draft_model: Any = None) -> Mode:
+    """``mode`` if known (and, for "draft", if there is a ``draft_model`` or ``model`` drafts for
+    itself), else ValueError."""
     if mode not in MODES:
         raise ValueError(f"speculative must be one of {', '.join(MODES)}, not {mode!r}")
-    if mode == "draft" and model is not None and not isinstance(model, SelfDraft):
-        raise ValueError("speculative 'draft' needs a model that drafts for itself (a packed MoE: fewer experts "
-                         "per token); use prompt-lookup or auto")
+    if mode == "draft" and model is not None and draft_model is None and not isinstance(model, SelfDraft):
+        raise ValueError("speculative 'draft' needs a draft model (draft_model: a smaller model with the same "
+                         "tokenizer) or a model that drafts for itself (a packed MoE: fewer experts per token); "
+                         "use prompt-lookup or auto")
     return mode  # type: ignore[return-value]
 
 
@@ -75,6 +83,7 @@ class PromptLookup:
         self.n_max, self.n_min = n_max, n_min
         self._index: dict[tuple[int, ...], int] = {}
         self._done = 0  # n-grams ending before this position are indexed
+        self.matched = 0  # the length of the n-gram the last proposal matched
 
     def sync(self) -> None:
         t = self.tokens
@@ -96,6 +105,7 @@ class PromptLookup:
                 continue
             e = self._index.get(tuple(t[-n:]))
             if e is not None:
+                self.matched = n
                 return t[e + 1:e + 1 + k]
         return []
 
@@ -113,6 +123,53 @@ class SelfDraft(Protocol):
     fewer experts per token), leaving the cache as it found it."""
 
     def self_draft(self, last: int, cache: Any, k: int) -> list[int]: ...
+
+
+class DraftRun:
+    """One generation's drafting with a separate draft model (same tokenizer as the target): its
+    own KV cache, kept in step with the answer."""
+
+    def __init__(self, model: Any, max_seq: int) -> None:
+        self.model, self.max_seq = model, max_seq
+        self.cache: Any = None
+        self.tokens: list[int] = []  # the tokens whose K/V ``cache`` holds
+        self.caught_up = 0  # tokens the last ``propose`` ran to catch up (the prompt, the first time)
+
+    def propose(self, history: list[int], k: int) -> list[int]:
+        """``k`` greedy tokens after ``history`` (the prompt + the answer so far, its last token
+        included). The cache is first cropped to the longest prefix it shares with ``history``:
+        drafts the target rejected are rolled back, accepted ones kept."""
+        m = self.model
+        if k <= 0 or len(history) + k > self.max_seq:
+            return []
+        if self.cache is None:
+            self.cache = m.new_cache()
+        common = 0
+        for a, b in zip(self.tokens, history, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(history) - 1)  # the last token runs again: its logits are the first draft's
+        self.cache.crop(common)
+        del self.tokens[common:]
+        ids = history[common:]
+        self.caught_up = len(ids)
+        logits = m.forward(torch.tensor(ids, dtype=torch.long), self.cache, last_only=True)[-1]
+        self.tokens.extend(ids)
+        out: list[int] = []
+        while True:
+            out.append(int(logits.argmax()))
+            if len(out) == k:
+                return out
+            logits = m.forward(torch.tensor(out[-1:], dtype=torch.long), self.cache, last_only=True)[-1]
+            self.tokens.append(out[-1])
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two ``tokenizer.Tokenizer`` map text to the same ids (a draft model must share the
+    target's vocabulary: its drafts are the target's token ids)."""
+    return bool(a.vocab_size == b.vocab_size and a.tok.get_vocab(with_added_tokens=True)
+                == b.tok.get_vocab(with_added_tokens=True))
 
 
 def verify(model: Any, cache: Any, last: int, draft: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -194,66 +251,3 @@ class SpecTotals:
                 "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
                 # tokens decided per decode forward: a step decides one, a verify its accepted drafts + 1
                 "tokens_per_forward": (forwards + self.accepted) / forwards if forwards else 0.0}
-
-
-@dataclass
-class SpecSwitch:
-    """Draft or not, from measured seconds per produced token of verifies vs single steps."""
-
-    probe: int = 2  # single steps measured first (every later token may find a draft)
-    warmup: int = 2  # verifies measured before the first decision (a losing one costs ~4 steps)
-    exploit: int = 64  # single steps run on an "off" decision before drafting is tried again,
-    # doubled after each retry that did not pay either (open chat stops paying for retries)
-    retry: int = 1  # verifies per retry
-    margin: float = 0.05  # a verify's token must be this much cheaper: noise on a busy box
-    alpha: float = 0.25  # weight of a new measurement in the moving averages
-
-    step_s: float | None = None  # moving average: seconds of one single step (one token)
-    verify_tok_s: float | None = None  # moving average: seconds per token produced by a verify
-    decision: bool = True
-    off_switches: int = 0
-    _steps: int = 0
-    _verifies: int = 0
-    _left: int = 0
-    _trial: int = 0
-    _losing_retries: int = 0
-    history: list[bool] = field(default_factory=list)
-
-    def choose(self) -> bool:
-        """Draft (and verify) for the next token?"""
-        return self.decision and self._steps >= self.probe
-
-    def record_step(self, seconds: float) -> None:
-        self.step_s = self._avg(self.step_s, seconds)
-        self._steps += 1
-        if not self.decision:
-            self._left -= 1
-            if self._left <= 0:  # try drafting again: the text may have turned to quoting, so
-                # the retry is judged on its own verifies, not on the ones that turned it off
-                self.decision, self._trial, self.verify_tok_s = True, self.retry, None
-
-    def record_verify(self, seconds: float, produced: int) -> None:
-        self.verify_tok_s = self._avg(self.verify_tok_s, seconds / max(1, produced))
-        self._verifies += 1
-        if self._trial > 0:
-            self._trial -= 1
-            if self._trial > 0:
-                return
-        elif self._verifies < self.warmup:
-            return
-        self._decide()
-
-    def _decide(self) -> None:
-        if self.step_s is None or self.verify_tok_s is None:
-            return
-        pays = self.verify_tok_s < self.step_s * (1.0 - self.margin)
-        if not pays:
-            self.decision, self._left = False, self.exploit << min(self._losing_retries, 4)
-            self.off_switches += 1
-            self._losing_retries += 1
-        else:
-            self._losing_retries = 0
-        self.history.append(pays)
-
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new

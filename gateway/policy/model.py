@@ -183,8 +183,11 @@ class LocalTarget(_Strict):
     speculative: Literal["off", "prompt-lookup", "auto", "draft"] | None = Field(
         None, description="For engine: speculative decoding (greedy output unchanged; sampling keeps its "
         "distribution). prompt-lookup: drafts from the prompt and the answer so far, verified in one forward; "
-        "auto: the same, turned off while it does not pay; draft: a packed MoE drafts itself with one expert "
-        "per token. Absent: off.")
+        "auto: drafts sized per verify (k = 0 is none) from the measured verify cost and acceptance; draft: "
+        "draft_model drafts (or, without one, a packed MoE drafts itself with one expert per token). Absent: off.")
+    draft_model: str | None = Field(
+        None, description="For engine: a smaller model with the target's tokenizer (builtin:NAME, a GGUF file, an "
+        "HF or packed-MoE directory) that drafts for speculative: draft and auto. Absent: none.")
     kv_cache: KVCacheConfig | None = Field(
         None, description="For engine: the KV cache's dtype and bound, e.g. {dtype: int8, max_tokens: 4096, "
         "sinks: 4}. Absent: f32, unbounded.")
