@@ -27,6 +27,7 @@ from gateway.features import NO_BUDGET, BudgetState, DifficultyFinding, Features
 from gateway.hedge import Hedge
 from gateway.metrics import Metrics
 from gateway.policy.evaluate import Decision, decide, resolve_model
+from gateway.privacy.native import CODECS, PassthroughStreamRestorer
 from gateway.privacy.redact import redact_body
 from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
@@ -36,6 +37,7 @@ from gateway.store.base import StoreUnavailable
 from gateway.store.budgets import Charge
 from gateway.stream_deadline import StreamDeadline
 from gateway.tracing import RequestTrace
+from gateway.wire.passthrough import NATIVE, NativeAPI, Passthrough
 
 log = structlog.get_logger("gateway.pipeline")
 audit = structlog.get_logger("gateway.audit")
@@ -48,6 +50,9 @@ class Call:
     request_id: str
     started: float = field(default_factory=time.monotonic)
     trace: RequestTrace | None = None  # None: tracing off (the default), and every stage skips it
+    # The client's own body, for a target of its API (gateway/wire/passthrough.py); every stage
+    # reads `body`, only a same-API backend this.
+    passthrough: Passthrough | None = None
 
 
 @dataclass
@@ -57,6 +62,7 @@ class Prepared:
     decision: Decision
     vault: Vault | None = None
     redacted: dict[str, Any] | None = None
+    native_redacted: dict[str, Any] | None = None  # the pass-through body, redacted in its API's positions
     warnings: list[str] = field(default_factory=list)
 
 
@@ -347,10 +353,12 @@ async def _redact(rt: Runtime, call: Call, prepared: Prepared) -> None:
     try:
         prepared.vault = await rt.vaults.load(cid)
         prepared.redacted = redact_body(call.body, features.sensitivity, prepared.vault, rt.policy.privacy)
+        if call.passthrough is not None:  # the same vault's values, in the client's own body
+            prepared.native_redacted = CODECS[call.passthrough.api].redact(call.passthrough.body, prepared.vault)
         await rt.vaults.save(cid, prepared.vault)
     except StoreUnavailable:
         log.warning("conversation_vault_unavailable", request_id=call.request_id)
-        prepared.vault, prepared.redacted = None, None
+        prepared.vault, prepared.redacted, prepared.native_redacted = None, None, None
         prepared.decision = vault_unavailable(rt, decision, "conversation vault unavailable")
 
 
@@ -359,14 +367,25 @@ def _warn(prepared: Prepared, warning: str) -> None:
         prepared.warnings.append(warning)
 
 
-def body_for(rt: Runtime, prepared: Prepared, target: str) -> dict[str, Any]:
+def passthrough_api(rt: Runtime, prepared: Prepared, target: str) -> NativeAPI | None:
+    """The API `target` is sent the client's own body in (it speaks the client's API), or None."""
+    pt = prepared.call.passthrough
+    if pt is None or rt.policy.targets[target].api != pt.api:
+        return None
+    if prepared.features.has_images and not rt.policy.takes_images(target):
+        return None  # translated, so the images can be dropped
+    return pt.api
+
+
+def body_for(rt: Runtime, prepared: Prepared, target: str, native: bool = True) -> dict[str, Any]:
     """The body a target receives: redacted for the cloud when the rule says so, without what the
     target cannot take (said in x-hybrid-warning), and for the engine under the engine's model name
-    (which it answers with)."""
-    if prepared.redacted is not None and rt.policy.is_cloud(target):
-        body = prepared.redacted
-    else:
-        body = prepared.call.body
+    (which it answers with). A target of the client's own API also gets the client's body
+    (`native`; a resumed answer's continuation does not: it is written in chat)."""
+    redacting = prepared.redacted is not None and rt.policy.is_cloud(target)
+    body = prepared.redacted if redacting and prepared.redacted is not None else prepared.call.body
+    if native and prepared.call.passthrough is not None and passthrough_api(rt, prepared, target) is not None:
+        return {**body, NATIVE: prepared.native_redacted if redacting else prepared.call.passthrough.body}
     if prepared.features.has_images and not rt.policy.takes_images(target):
         body, n = without_images(body)
         _warn(prepared, f"{target} cannot take images: {n} image part{'s' if n != 1 else ''} dropped")
@@ -379,10 +398,14 @@ def _restoring(rt: Runtime, prepared: Prepared, target: str) -> bool:
     return prepared.vault is not None and prepared.redacted is not None and rt.policy.is_cloud(target)
 
 
-def _stream_restorer(rt: Runtime, prepared: Prepared, target: str) -> StreamRestorer | None:
+def _stream_restorer(rt: Runtime, prepared: Prepared, target: str,
+                     native: bool = True) -> StreamRestorer | PassthroughStreamRestorer | None:
     if not _restoring(rt, prepared, target):
         return None
     assert prepared.vault is not None
+    api = passthrough_api(rt, prepared, target) if native else None
+    if api is not None:
+        return PassthroughStreamRestorer(prepared.vault.stream_restorer(), CODECS[api].event_restorer(prepared.vault))
     return prepared.vault.stream_restorer()
 
 
@@ -438,6 +461,9 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
         assert prepared.vault is not None
         with _stage(prepared.call, "restore"):
             response = prepared.vault.restore_completion(response)
+            api = passthrough_api(rt, prepared, outcome.target)
+            if api is not None and isinstance(response.get(NATIVE), dict):
+                response[NATIVE] = CODECS[api].restore(response[NATIVE], prepared.vault)
     served = _served(prepared, outcome)
     await charge(rt, prepared, served, [_answer_chars(response)])
     return response, served
@@ -528,11 +554,11 @@ async def stream(rt: Runtime, prepared: Prepared,
         finally:
             guard.close()
 
-    def out(chunk: dict[str, Any], restorer: StreamRestorer | None) -> list[dict[str, Any]]:
+    def out(chunk: dict[str, Any], restorer: StreamRestorer | PassthroughStreamRestorer | None) -> list[dict[str, Any]]:
         if chunk.get("usage"):
             usage.update(chunk["usage"])
             served.parts[-1].usage = chunk["usage"]  # the part being streamed now
-            if not chunk.get("choices"):
+            if not chunk.get("choices") and NATIVE not in chunk:  # a pass-through's events go on
                 return [chunk] if want_usage else []
             if not want_usage:
                 chunk = {k: v for k, v in chunk.items() if k != "usage"}
@@ -549,9 +575,9 @@ async def stream(rt: Runtime, prepared: Prepared,
         marks = [0]  # where each part's text starts in what the client saw
         try:
             while True:
-                restorer = _stream_restorer(rt, prepared, current.target)
-                partial.raw_seen |= restorer is None
                 resumed = current is not outcome
+                restorer = _stream_restorer(rt, prepared, current.target, native=not resumed)
+                partial.raw_seen |= restorer is None
                 try:
                     async for got in chunks(current, partial):
                         chunk = resume.seamless(got, partial) if resumed else got
@@ -622,7 +648,7 @@ async def _resume(rt: Runtime, prepared: Prepared, failed: str, partial: resume.
 
     def body(target: str) -> dict[str, Any]:
         sees_redacted = redacting and rt.policy.is_cloud(target)
-        return resume.continuation_body(body_for(rt, prepared, target), partial, engine=rt.is_engine(target),
+        return resume.continuation_body(body_for(rt, prepared, target, native=False), partial, engine=rt.is_engine(target),
                                         vault=prepared.vault if sees_redacted else None)
 
     try:

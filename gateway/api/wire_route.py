@@ -4,6 +4,7 @@ pipeline exactly as the chat route does, convert out, and answer errors in the f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,6 +32,7 @@ from gateway.schema import APIError, ChatCompletionRequest
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
 from gateway.wire.base import WireAdapter, sse_event
+from gateway.wire.passthrough import NATIVE, Passthrough, internal
 
 log = structlog.get_logger("gateway.api")
 
@@ -96,7 +98,10 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         body = adapter.to_chat(req)
         _checked(state, body)
         rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
-        prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics)
+        call = _call(request, body, client)
+        if adapter.api is not None:  # the client's own body too, for a target of its API
+            call = dataclasses.replace(call, passthrough=Passthrough(adapter.api, data))
+        prepared = await pipeline.prepare(rt, call, state.metrics)
     except APIError as exc:
         respond.record_rejected(state, request_id, started, exc, client, data.get("model"),
                                 data.get("stream") is True, endpoint=adapter.endpoint)
@@ -113,6 +118,9 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     headers = respond.route_headers(prepared, served)
     if not streaming:
         respond.record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
+        if isinstance(native := response.get(NATIVE), dict):  # the upstream's own answer, restored
+            headers["x-hybrid-usage"] = "reported"
+            return JSON(adapter.native_answer(native, req), headers=headers)
         # Rebuilt to chat's schema first, so the adapter reads one shape whoever answered.
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
@@ -128,7 +136,8 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
                 if first:
                     state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
                     first = False
-                for event in translator.feed(normalised.chunk(chunk)):
+                # the normaliser answers chat, so the chunk's internal parts are put back
+                for event in translator.feed({**normalised.chunk(chunk), **internal(chunk)}):
                     yield sse_event(event)
             if (owed := normalised.finish()) is not None:  # no target reported usage: estimated
                 for event in translator.feed(owed):

@@ -137,7 +137,7 @@ class OpenAIHTTPBackend(Backend):
         except _CONNECT_ERRORS as exc:
             raise BackendError("connect", f"{self.name}: {type(exc).__name__}") from None
         finished = False
-        reader = self._reader()
+        reader = self._reader(body)
         try:
             if resp.status >= 400:
                 content = await resp.read()
@@ -196,9 +196,9 @@ class OpenAIHTTPBackend(Backend):
         payload = orjson.dumps({**body, "model": str(body["model"]).removeprefix("openai/")})
         return await self._post_json(self.embeddings_url, payload, opts, "data", "an embeddings list")
 
-    def _reader(self) -> StreamReader | None:
-        """What turns this target's stream events into chat chunks; None: they are chat chunks
-        already, ended by `[DONE]` (the hot path: no translation)."""
+    def _reader(self, body: dict[str, Any]) -> StreamReader | None:
+        """What turns this target's stream events (for `body`) into chat chunks; None: they are
+        chat chunks already, ended by `[DONE]` (the hot path: no translation)."""
         return None
 
     def _json(self, payload: bytes) -> Any:

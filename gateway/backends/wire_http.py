@@ -6,6 +6,11 @@ in the target's own format, and give back chat completions and chunks, so restor
 hedging and mid-stream resume work unchanged. The conversions are gateway/wire/to_messages.py and
 to_responses.py; the connection handling, error mapping and SSE line splitting are
 OpenAIHTTPBackend's.
+
+A body that carries the client's own request in the target's API (gateway/wire/passthrough.py:
+a Messages client to a Messages target) is sent as that request instead, model replaced, and the
+upstream's own answer (or each stream event) rides back on the chat completion (chunks) it
+became, for the client's adapter to answer with.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ import orjson
 from gateway.backends.base import CallOptions
 from gateway.backends.openai_http import OpenAIHTTPBackend, StreamReader
 from gateway.wire import to_messages, to_responses
+from gateway.wire.passthrough import NATIVE
+
+
+def _native(body: dict[str, Any]) -> dict[str, Any] | None:
+    native = body.get(NATIVE)
+    return native if isinstance(native, dict) else None
 
 
 class MessagesHTTPBackend(OpenAIHTTPBackend):
@@ -35,14 +46,24 @@ class MessagesHTTPBackend(OpenAIHTTPBackend):
             self._headers["x-api-key"] = api_key
 
     def _payload(self, body: dict[str, Any], stream: bool) -> bytes:
-        return orjson.dumps({**to_messages.request(body, self.model), **self.extra_body, "stream": stream})
+        native = _native(body)
+        request = to_messages.request(body, self.model) if native is None \
+            else {**to_messages.sanitise_native(native), "model": self.model}
+        return orjson.dumps({**request, **self.extra_body, "stream": stream})
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         data = await self._post_json(self.url, self._payload(body, False), opts, "content", "an Anthropic message")
-        return to_messages.completion(data, self.name)
+        native = _native(body)
+        ids = to_messages.tool_ids(native if native is not None else body)
+        answer = to_messages.completion(data, self.name, ids)
+        if native is not None:
+            answer[NATIVE] = data
+        return answer
 
-    def _reader(self) -> StreamReader:
-        return to_messages.EventReader(self.name)
+    def _reader(self, body: dict[str, Any]) -> StreamReader:
+        native = _native(body)
+        return to_messages.EventReader(self.name, native=native is not None,
+                                       ids=to_messages.tool_ids(native if native is not None else body))
 
 
 class ResponsesHTTPBackend(OpenAIHTTPBackend):
@@ -55,11 +76,18 @@ class ResponsesHTTPBackend(OpenAIHTTPBackend):
         self.url = api_base.rstrip("/") + "/responses"
 
     def _payload(self, body: dict[str, Any], stream: bool) -> bytes:
-        return orjson.dumps({**to_responses.request(body, self.model), **self.extra_body, "stream": stream})
+        native = _native(body)
+        # Stateless either way: the gateway keeps no responses, and neither should the upstream.
+        request = to_responses.request(body, self.model) if native is None \
+            else {**native, "model": self.model, "store": False}
+        return orjson.dumps({**request, **self.extra_body, "stream": stream})
 
     async def complete(self, body: dict[str, Any], opts: CallOptions) -> dict[str, Any]:
         data = await self._post_json(self.url, self._payload(body, False), opts, "output", "a Responses response")
-        return to_responses.completion(data, self.name)
+        answer = to_responses.completion(data, self.name)
+        if _native(body) is not None:
+            answer[NATIVE] = data
+        return answer
 
-    def _reader(self) -> StreamReader:
-        return to_responses.EventReader(self.name)
+    def _reader(self, body: dict[str, Any]) -> StreamReader:
+        return to_responses.EventReader(self.name, native=_native(body) is not None)

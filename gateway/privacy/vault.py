@@ -179,6 +179,10 @@ class Vault:
             return TextRestorer(surrogates=table, json_escape=json_escape)
         return TextRestorer(placeholders=table, json_escape=json_escape)
 
+    def restorers(self) -> tuple[TextRestorer, TextRestorer]:
+        """(plain text, inside JSON strings): for restoring positions of another API's answers."""
+        return self._restorer(False), self._restorer(True)
+
     def restore_text(self, text: str, *, json_escape: bool = False) -> str:
         return self._restorer(json_escape).restore(text)
 

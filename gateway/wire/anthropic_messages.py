@@ -30,6 +30,7 @@ from gateway.wire.base import (
     new_id,
     tool_calls_of,
 )
+from gateway.wire.passthrough import PROMPT_TOKENS
 
 PATH = "/v1/messages"
 
@@ -292,6 +293,42 @@ def from_chat(response: dict[str, Any], req: MessagesRequest) -> dict[str, Any]:
     }
 
 
+def _native_block(block: Any) -> Any:
+    """An upstream's content block with the fields the published schema requires."""
+    if not isinstance(block, dict):
+        return block
+    if block.get("type") == "text":
+        return {"citations": None, **block}
+    if block.get("type") == "tool_use":
+        return {"caller": {"type": "direct"}, **block}
+    return block
+
+
+def native_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic upstream's own `Message` (a pass-through answer), as it came, completed with
+    what the published schema requires and a lax upstream left out (null: nothing to say)."""
+    out = {**_MESSAGE_NULLS, "stop_reason": None, "stop_sequence": None, **message}
+    out["usage"] = {**_USAGE_NULLS, "input_tokens": 0, "output_tokens": 0, **(message.get("usage") or {})}
+    if isinstance(message.get("content"), list):
+        out["content"] = [_native_block(b) for b in message["content"]]
+    return out
+
+
+def native_event(event: Event) -> Event:
+    """An upstream stream event, completed as `native_message` completes a message."""
+    kind = event.get("type")
+    if kind == "message_start" and isinstance(event.get("message"), dict):
+        return {**event, "message": native_message(event["message"])}
+    if kind == "content_block_start":
+        return {**event, "content_block": _native_block(event.get("content_block"))}
+    if kind == "message_delta":
+        usage = {"input_tokens": None, "cache_creation_input_tokens": None, "cache_read_input_tokens": None,
+                 "server_tool_use": None, "output_tokens": 0, **(event.get("usage") or {})}
+        return {**event, "delta": {**_MESSAGE_NULLS, "stop_sequence": None, **(event.get("delta") or {})},
+                "usage": usage}
+    return event
+
+
 class MessagesStream(ChatChunkTranslator):
     """Chat chunks -> message_start, content_block_start/delta/stop, message_delta, message_stop
     (or one `error` event when the stream broke and no target could finish it)."""
@@ -313,6 +350,8 @@ class MessagesStream(ChatChunkTranslator):
         if self.started:
             return
         self.started = True
+        if isinstance(chunk.get(PROMPT_TOKENS), int):  # an Anthropic upstream's own count
+            self.input_tokens = chunk[PROMPT_TOKENS]
         events.append({"type": "message_start", "message": {
             "id": self.id, "type": "message", "role": "assistant", "model": chunk.get("model") or self.model,
             "content": [], "stop_reason": None, "stop_sequence": None, "usage": _usage(self.input_tokens, 0),
@@ -349,6 +388,21 @@ class MessagesStream(ChatChunkTranslator):
         if fn.get("arguments"):
             events.append({"type": "content_block_delta", "index": self.tools[k],
                            "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
+
+    def _native(self, events: list[Event], event: Event) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.started = True
+        elif kind == "content_block_start":
+            self.index = max(self.index, int(event.get("index") or 0))
+            block = event.get("content_block") or {}
+            # text that a resumed answer goes on with joins an open text block
+            self.open = ("text", 0) if block.get("type") == "text" else ("native", self.index)
+        elif kind == "content_block_stop":
+            self.open = None
+        elif kind == "message_stop":
+            self.done = True
+        events.append(native_event(event))
 
     def _end(self, events: list[Event]) -> None:
         inp, out = self.usage
@@ -391,6 +445,7 @@ def error_body(err: APIError) -> dict[str, Any]:
 class AnthropicMessages(WireAdapter):
     endpoint = PATH
     request_model = MessagesRequest
+    api = "messages"
 
     def to_chat(self, request: MessagesRequest) -> dict[str, Any]:
         return to_chat(request)
@@ -400,6 +455,9 @@ class AnthropicMessages(WireAdapter):
 
     def translator(self, request: MessagesRequest, input_tokens: int, request_id: str) -> MessagesStream:
         return MessagesStream(request.model, request.stop_sequences, input_tokens, request_id)
+
+    def native_answer(self, answer: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
+        return native_message(answer)
 
     def error_body(self, err: APIError) -> dict[str, Any]:
         return error_body(err)

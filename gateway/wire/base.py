@@ -12,6 +12,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from gateway.schema import APIError
+from gateway.wire.passthrough import NativeAPI, native_events
 
 Event = dict[str, Any]
 
@@ -62,10 +63,22 @@ class ChatChunkTranslator(StreamTranslator):
     def _end(self, events: list[Event]) -> None:
         """The terminal event of a stream that finished, after `_close`."""
 
+    def _native(self, events: list[Event], event: Event) -> None:
+        """An upstream event of the client's own API (a pass-through stream), restored already:
+        sent on as it is, the translator's state kept in step with it, so a continuation from a
+        target of another API (a resumed stream) carries on in the same message or response."""
+        raise NotImplementedError(f"{type(self).__name__} has no pass-through")
+
     def feed(self, chunk: dict[str, Any]) -> list[Event]:
         if self.done:
             return []
         events: list[Event] = []
+        native = native_events(chunk)
+        if native is not None:  # its chat side is the same answer: the events say it whole
+            for event in native:
+                if not self.done:
+                    self._native(events, event)
+            return events
         self._start(events, chunk)
         if isinstance(chunk.get("error"), dict) and not chunk.get("choices"):
             self.done = True
@@ -108,6 +121,7 @@ class WireAdapter(ABC):
 
     endpoint: str  # the path, also the label of the audit line
     request_model: type[BaseModel]
+    api: NativeAPI | None = None  # a target of this API (`api:` in the policy) gets the client's own body
 
     @abstractmethod
     def to_chat(self, request: Any) -> dict[str, Any]:
@@ -122,6 +136,11 @@ class WireAdapter(ABC):
     def translator(self, request: Any, input_tokens: int, request_id: str) -> StreamTranslator:
         """`input_tokens`: the prompt's size before any answer (the target's count, or an estimate);
         `request_id`: the x-request-id, for an error event that names it."""
+
+    def native_answer(self, answer: dict[str, Any], request: Any) -> dict[str, Any]:
+        """A same-API upstream's own answer (pass-through, restored) as this API's answer: as it
+        came, completed with what the published schema requires."""
+        return answer
 
     @abstractmethod
     def error_body(self, err: APIError) -> dict[str, Any]: ...

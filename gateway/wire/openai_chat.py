@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Any
 
+from gateway.wire.passthrough import INTERNAL
+
 # What OpenAI's schema allows; foreign values (Anthropic's, llama.cpp's) are mapped, else "stop".
 FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 _FINISH_ALIASES = {"end_turn": "stop", "stop_sequence": "stop", "eos": "stop", "max_tokens": "length",
@@ -136,7 +138,9 @@ def _answer_chars(message: dict[str, Any]) -> int:
 
 
 def _head(obj: dict[str, Any], object_: str, model: str) -> dict[str, Any]:
-    out = {**_extras(obj, _TOP), "id": obj["id"] if isinstance(obj.get("id"), str) and obj["id"]
+    # Internal keys (gateway/wire/passthrough.py) are the gateway's own: never answered with.
+    extras = {k: v for k, v in _extras(obj, _TOP).items() if not k.startswith(INTERNAL)}
+    out = {**extras, "id": obj["id"] if isinstance(obj.get("id"), str) and obj["id"]
            else f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": object_,
            "created": _int(obj.get("created"), int(time.time())),
            "model": obj["model"] if isinstance(obj.get("model"), str) and obj["model"] else model}

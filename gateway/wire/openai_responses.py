@@ -339,6 +339,54 @@ def from_chat(response: dict[str, Any], req: ResponsesRequest) -> dict[str, Any]
     return _finished(out, choice.get("finish_reason"), chat_usage(response))
 
 
+def _native_part(part: Any) -> Any:
+    if isinstance(part, dict) and part.get("type") == "output_text":
+        return {"annotations": [], "logprobs": [], **part}
+    return part
+
+
+def _native_item(item: Any) -> Any:
+    """An upstream's output item with what the published schema requires."""
+    if not isinstance(item, dict):
+        return item
+    if item.get("type") == "message" and isinstance(item.get("content"), list):
+        return {**item, "content": [_native_part(p) for p in item["content"]]}
+    return item
+
+
+def native_response(response: dict[str, Any], req: ResponsesRequest) -> dict[str, Any]:
+    """A Responses upstream's own `response` (a pass-through answer), as it came, completed with
+    the request's echo where the upstream left a required field out."""
+    out = {**_skeleton(req, str(response.get("model") or req.model)), **response}
+    if out.get("user") is None:
+        out.pop("user", None)  # typed string: absent, not null
+    if isinstance(response.get("usage"), dict):
+        usage = response["usage"]
+        base = _usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0))
+        out["usage"] = {**base, **usage, "input_tokens_details": {**base["input_tokens_details"],
+                                                                  **(usage.get("input_tokens_details") or {})},
+                        "output_tokens_details": {**base["output_tokens_details"],
+                                                  **(usage.get("output_tokens_details") or {})}}
+    elif out.get("usage") is None:
+        out.pop("usage", None)  # typed object: absent, not null
+    out["output"] = [_native_item(i) for i in out.get("output") or []]
+    if out.get("status") == "completed":
+        out.setdefault("completed_at", int(time.time()))
+    return out
+
+
+def _native_event(event: Event, req: ResponsesRequest) -> Event:
+    if isinstance(event.get("response"), dict):
+        return {**event, "response": native_response(event["response"], req)}
+    if isinstance(event.get("item"), dict):
+        return {**event, "item": _native_item(event["item"])}
+    if isinstance(event.get("part"), dict):
+        return {**event, "part": _native_part(event["part"])}
+    if event.get("type") in ("response.output_text.delta", "response.output_text.done"):
+        return {"logprobs": [], **event}
+    return event
+
+
 class ResponsesStream(ChatChunkTranslator):
     """Chat chunks -> response.created, response.in_progress, output items and their parts and
     deltas, then response.completed (response.incomplete when cut by max_output_tokens), or
@@ -430,6 +478,35 @@ class ResponsesStream(ChatChunkTranslator):
         self.response["usage"] = _usage(*self.usage)
         self._ev(events, "response.failed", response=self.response)
 
+    def _native(self, events: list[Event], event: Event) -> None:
+        kind = event.get("type")
+        if kind in ("response.created", "response.in_progress") and isinstance(event.get("response"), dict):
+            self.response = native_response(event["response"], self.req)
+        elif self.response is None:  # an upstream that did not start with response.created
+            self._start(events, {})
+        assert self.response is not None
+        if kind == "response.output_item.added" and isinstance(event.get("item"), dict):
+            self.open = _native_item(dict(event["item"]))
+            self.response["output"].append(self.open)
+            self.text = []
+        elif kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            self.text.append(event["delta"])
+        elif kind == "response.function_call_arguments.delta" and self.open is not None \
+                and self.open.get("type") == "function_call":
+            self.open["arguments"] = str(self.open.get("arguments") or "") + str(event.get("delta") or "")
+        elif kind == "response.output_item.done" and isinstance(event.get("item"), dict):
+            index = int(event.get("output_index") or 0)
+            if index < len(self.response["output"]):
+                self.response["output"][index] = _native_item(dict(event["item"]))
+            self.open, self.text = None, []
+        elif kind == "response.function_call_arguments.done" and "name" not in event:
+            event = {**event, "name": str((self.open or {}).get("name") or "")}  # required by the schema
+        elif kind in ("response.completed", "response.incomplete"):
+            self.done = True
+        # one numbering for the whole stream, whoever wrote which event
+        event = _native_event(event, self.req)
+        self._ev(events, str(kind), **{k: v for k, v in event.items() if k not in ("type", "sequence_number")})
+
     def _end(self, events: list[Event]) -> None:
         assert self.response is not None
         response = _finished(self.response, self.finish_reason, self.usage)
@@ -444,6 +521,7 @@ def error_body(err: APIError) -> dict[str, Any]:
 class OpenAIResponses(WireAdapter):
     endpoint = PATH
     request_model = ResponsesRequest
+    api = "responses"
 
     def to_chat(self, request: ResponsesRequest) -> dict[str, Any]:
         return to_chat(request)
@@ -453,6 +531,9 @@ class OpenAIResponses(WireAdapter):
 
     def translator(self, request: ResponsesRequest, input_tokens: int, request_id: str) -> ResponsesStream:
         return ResponsesStream(request)
+
+    def native_answer(self, answer: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
+        return native_response(answer, request)
 
     def error_body(self, err: APIError) -> dict[str, Any]:
         return error_body(err)

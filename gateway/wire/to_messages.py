@@ -17,17 +17,72 @@ matched stop string), which the Messages adapter reports as `stop_sequence`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from typing import Any
 
 from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
 from gateway.wire.base import arguments_object, new_id
+from gateway.wire.passthrough import PROMPT_TOKENS, carry
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Messages requires max_tokens; chat does not. What a request without one may write.
 DEFAULT_MAX_TOKENS = 4096
+
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")
+_NOT_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+def tool_id(raw: str) -> str:
+    """A tool-call id as the Messages API takes it (`^[a-zA-Z0-9_-]+$`): unchanged when it is one,
+    else its allowed characters and a hash of the whole, so the same id maps to the same one in
+    every turn of a conversation and two ids never to one (`call.1` and `call:1` differ)."""
+    if _TOOL_ID.fullmatch(raw):
+        return raw
+    return (_NOT_ID.sub("_", raw)[:40] or "toolu") + "_" + hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def tool_ids(body: dict[str, Any]) -> dict[str, str]:
+    """The ids of a request (a chat body or a client's Messages body) that `tool_id` rewrites:
+    rewritten -> original, to give the client its own ids back in answers."""
+    out: dict[str, str] = {}
+    for msg in body.get("messages") or ():
+        for call in msg.get("tool_calls") or () if isinstance(msg, dict) else ():
+            raw = str(call.get("id") or "") if isinstance(call, dict) else ""
+            if raw and (safe := tool_id(raw)) != raw:
+                out[safe] = raw
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for block in content if isinstance(content, list) else ():
+            raw = str(block.get("id") or block.get("tool_use_id") or "") if isinstance(block, dict) else ""
+            if raw and block.get("type") in ("tool_use", "tool_result") and (safe := tool_id(raw)) != raw:
+                out[safe] = raw
+    return out
+
+
+_ID_KEYS = {"tool_use": "id", "tool_result": "tool_use_id"}
+
+
+def sanitise_native(body: dict[str, Any]) -> dict[str, Any]:
+    """A client's own Messages body with its tool ids made acceptable (a copy where any changed)."""
+    changed = False
+    messages = []
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list):
+            blocks = []
+            for block in content:
+                key = _ID_KEYS.get(str(block.get("type"))) if isinstance(block, dict) else None
+                if key is not None and isinstance(block.get(key), str) and tool_id(block[key]) != block[key]:
+                    block = {**block, key: tool_id(block[key])}
+                    changed = True
+                blocks.append(block)
+            msg = {**msg, "content": blocks}
+        messages.append(msg)
+    return {**body, "messages": messages} if changed else body
+
 
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
            "tool_use": "tool_calls", "refusal": "content_filter"}
@@ -56,7 +111,7 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
 
 
 def _tool_result(msg: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "tool_result", "tool_use_id": str(msg.get("tool_call_id") or ""),
+    return {"type": "tool_result", "tool_use_id": tool_id(str(msg.get("tool_call_id") or "")),
             "content": content_text(msg.get("content"))}
 
 
@@ -64,7 +119,7 @@ def _assistant(msg: dict[str, Any]) -> list[dict[str, Any]]:
     blocks = _blocks(msg.get("content"))
     for call in msg.get("tool_calls") or ():
         fn = call.get("function") or {}
-        blocks.append({"type": "tool_use", "id": str(call.get("id") or new_id("toolu_")),
+        blocks.append({"type": "tool_use", "id": tool_id(str(call.get("id") or new_id("toolu_"))),
                        "name": str(fn.get("name") or ""), "input": arguments_object(fn.get("arguments"))})
     return blocks
 
@@ -168,7 +223,7 @@ def _finish(stop_reason: Any) -> str:
     return _FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
-def completion(message: dict[str, Any], name: str) -> dict[str, Any]:
+def completion(message: dict[str, Any], name: str, ids: dict[str, str] | None = None) -> dict[str, Any]:
     """A chat completion for an upstream `Message`. Raises BackendError("protocol") for anything else."""
     if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(message.get("content"), list):
         raise BackendError("protocol", f"{name}: answer is not an Anthropic message")
@@ -180,7 +235,8 @@ def completion(message: dict[str, Any], name: str) -> dict[str, Any]:
         if block.get("type") == "text":
             texts.append(str(block.get("text") or ""))
         elif block.get("type") == "tool_use":
-            calls.append({"id": str(block.get("id") or new_id("toolu_")), "type": "function",
+            call_id = str(block.get("id") or new_id("toolu_"))
+            calls.append({"id": (ids or {}).get(call_id, call_id), "type": "function",
                           "function": {"name": str(block.get("name") or ""),
                                        "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
     msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
@@ -200,8 +256,10 @@ class EventReader:
     An `error` event (e.g. `overloaded_error` mid-stream) raises BackendError, so the pipeline
     retries, falls back or resumes as for any broken stream."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, native: bool = False, ids: dict[str, str] | None = None) -> None:
         self.name = name
+        self.ids = ids or {}  # sanitised tool id -> the client's (see tool_id)
+        self.native = native  # a pass-through stream: each event rides on the chunks it became
         self.finished = False
         self.id = new_id("msg_")
         self.model = ""
@@ -214,6 +272,13 @@ class EventReader:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
 
     def feed(self, event: Any) -> list[dict[str, Any]]:
+        chunks = self._feed(event)
+        if self.native:
+            return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                  "model": self.model}, [event])
+        return chunks
+
+    def _feed(self, event: Any) -> list[dict[str, Any]]:
         if not isinstance(event, dict):
             raise BackendError("protocol", f"{self.name}: stream event is not an object")
         kind = event.get("type")
@@ -222,12 +287,15 @@ class EventReader:
             self.id = str(message.get("id") or self.id)
             self.model = str(message.get("model") or "")
             self.usage = dict(message.get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
+            # The upstream's own count, for the message_start a Messages client is sent.
+            return [{**self._chunk({"role": "assistant", "content": ""}),
+                     PROMPT_TOKENS: _usage(self.usage)["prompt_tokens"]}]
         if kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 k = self.tools.setdefault(int(event.get("index") or 0), len(self.tools))
-                return [self._chunk({"tool_calls": [{"index": k, "id": str(block.get("id") or new_id("toolu_")),
+                call_id = str(block.get("id") or new_id("toolu_"))
+                return [self._chunk({"tool_calls": [{"index": k, "id": self.ids.get(call_id, call_id),
                                                      "type": "function", "function": {
                                                          "name": str(block.get("name") or ""), "arguments": ""}}]})]
             if block.get("type") == "text" and block.get("text"):

@@ -21,6 +21,7 @@ from typing import Any
 from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
 from gateway.wire.base import new_id
+from gateway.wire.passthrough import carry
 
 
 def _parts(content: Any) -> str | list[dict[str, Any]]:
@@ -168,8 +169,9 @@ class EventReader:
     """Responses stream events in, chat chunks out; `finished` after response.completed (or
     .incomplete). response.failed and `error` raise BackendError, as a broken stream does."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, native: bool = False) -> None:
         self.name = name
+        self.native = native  # a pass-through stream: each event rides on the chunks it became
         self.finished = False
         self.id = new_id("resp_")
         self.model = ""
@@ -181,6 +183,13 @@ class EventReader:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
     def feed(self, event: Any) -> list[dict[str, Any]]:
+        chunks = self._feed(event)
+        if self.native:
+            return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                  "model": self.model}, [event])
+        return chunks
+
+    def _feed(self, event: Any) -> list[dict[str, Any]]:
         if not isinstance(event, dict):
             raise BackendError("protocol", f"{self.name}: stream event is not an object")
         kind = event.get("type")

@@ -6,6 +6,8 @@ or `("/responses",)`); `truncated` ends a stream after `after_chunks` text delta
 event. They answer "echo: <last user text>", or, when the request has tools and a tool choice
 other than none, one call of the first tool with input `{"echo": <last user text>}`, streamed in
 `chunk_chars` pieces. A stop sequence found in the reply cuts it there, reported as the API does.
+`extra` is merged into every answer object (fields a provider adds); the Messages upstream's
+`thinking` (a function of the body) puts a signed thinking block before the text.
 """
 
 from __future__ import annotations
@@ -117,35 +119,47 @@ class _MessagesHandler(_WireHandler):
         if tool is not None:
             content = [{"type": "tool_use", "id": "toolu_1", "name": tool, "input": {"echo": messages_user_text(body)}}]
             reason = "tool_use"
+        if owner.thinking is not None:
+            content.insert(0, {"type": "thinking", "thinking": owner.thinking(body), "signature": "sig-1"})
         return {"id": "msg_test", "type": "message", "role": "assistant", "model": owner.model, "content": content,
                 "stop_reason": reason, "stop_sequence": stop,
-                "usage": {"input_tokens": 11, "output_tokens": 7, "cache_read_input_tokens": 2}}
+                "usage": {"input_tokens": 11, "output_tokens": 7, "cache_read_input_tokens": 2}, **owner.extra}
 
     def _events(self, body: dict[str, Any], text: str, tool: str | None, fault: Fault | None, write: Write) -> None:
         owner = self.server.owner
         text, stop = _cut(text, body.get("stop_sequences") or [])
         write({"type": "message_start", "message": {
             "id": "msg_test", "type": "message", "role": "assistant", "model": owner.model, "content": [],
-            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 1}}})
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 1},
+            **owner.extra}})
         write({"type": "ping"})
-        if tool is not None:
+        at = 0  # the index of the answer's block
+        if owner.thinking is not None:
             write({"type": "content_block_start", "index": 0,
+                   "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+            for piece in self._pieces(owner.thinking(body)):
+                write({"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": piece}})
+            write({"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "sig-1"}})
+            write({"type": "content_block_stop", "index": 0})
+            at = 1
+        if tool is not None:
+            write({"type": "content_block_start", "index": at,
                    "content_block": {"type": "tool_use", "id": "toolu_1", "name": tool, "input": {}}})
             for piece in self._pieces(json.dumps({"echo": messages_user_text(body)})):
-                write({"type": "content_block_delta", "index": 0,
+                write({"type": "content_block_delta", "index": at,
                        "delta": {"type": "input_json_delta", "partial_json": piece}})
             reason = "tool_use"
         else:
-            write({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            write({"type": "content_block_start", "index": at, "content_block": {"type": "text", "text": ""}})
             for i, piece in enumerate(self._pieces(text)):
                 if fault is not None and fault.kind == "truncated" and i == fault.after_chunks:
                     self.close_connection = True
                     return
-                write({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+                write({"type": "content_block_delta", "index": at, "delta": {"type": "text_delta", "text": piece}})
                 if owner.chunk_delay:
                     time.sleep(owner.chunk_delay)
             reason = "stop_sequence" if stop else "end_turn"
-        write({"type": "content_block_stop", "index": 0})
+        write({"type": "content_block_stop", "index": at})
         write({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": stop},
                "usage": {"output_tokens": 7}})
         write({"type": "message_stop"})
@@ -161,8 +175,8 @@ class _ResponsesHandler(_WireHandler):
         return str(tools[0]["name"])
 
     def _response(self, status: str, output: list[dict[str, Any]], usage: bool) -> dict[str, Any]:
-        return {"id": "resp_test", "object": "response", "created_at": int(time.time()), "status": status,
-                "model": self.server.owner.model, "output": output,
+        return {**self.server.owner.extra, "id": "resp_test", "object": "response", "created_at": int(time.time()),
+                "status": status, "model": self.server.owner.model, "output": output,
                 "usage": {"input_tokens": 11, "output_tokens": 7, "total_tokens": 18,
                           "input_tokens_details": {"cached_tokens": 0},
                           "output_tokens_details": {"reasoning_tokens": 0}} if usage else None}
@@ -219,6 +233,12 @@ class MessagesUpstream(FakeUpstream):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(reply=kw.pop("reply", None) or (lambda body: "echo: " + messages_user_text(body)), **kw)
+        self.extra: dict[str, Any] = {}
+        self.thinking: Callable[[dict[str, Any]], str] | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.extra, self.thinking = {}, None
 
 
 class ResponsesUpstream(FakeUpstream):
@@ -226,3 +246,8 @@ class ResponsesUpstream(FakeUpstream):
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(reply=kw.pop("reply", None) or (lambda body: "echo: " + responses_user_text(body)), **kw)
+        self.extra: dict[str, Any] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self.extra = {}

@@ -1,0 +1,59 @@
+"""Same-API pass-through: the client's own body, for a target that speaks the client's API.
+
+A Messages request to an `api: messages` target (or a Responses request to an `api: responses`
+target) is not sent as the chat body the pipeline runs on: that round trip loses what chat has no
+place for (`top_k`, `cache_control`, thinking blocks, `metadata`, ...). The internal request
+stays the one chat body every stage reads; the client's own body rides beside it as an opaque
+part that only the same-API backend opens (gateway/backends/wire_http.py), redacted in that
+API's own positions (gateway/privacy/native.py).
+
+On the way to the backend the part travels inside the body under `NATIVE`; `pipeline.body_for`
+puts it there for a same-API target only, so no other backend ever sees it. On the way back,
+the backend's chat completion (and each stream chunk) carries the upstream's own answer (or the
+stream events the chunk came from) under the same key, for the client's adapter to answer with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+NativeAPI = Literal["messages", "responses"]
+
+# The key of the pass-through part, in a body to a same-API backend and in its answers. Not a
+# field of any API: nothing sends it out (the backends pop it) or answers with it.
+NATIVE = "_hybrid_native"
+# On the first chunk of a translated Anthropic stream: the upstream's own count of the prompt,
+# which a Messages client's `message_start` reports (the chunk's `usage` comes at the end only).
+PROMPT_TOKENS = "_hybrid_prompt_tokens"
+INTERNAL = "_hybrid_"  # the prefix of those keys: the chat adapter never answers with them
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """The client's own request body, in its API (as parsed from JSON: unknown fields kept)."""
+
+    api: NativeAPI
+    body: dict[str, Any]
+
+
+def native_events(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The upstream stream events a chunk came from; None for a chunk of a translated stream."""
+    events = chunk.get(NATIVE)
+    return events if isinstance(events, list) else None
+
+
+def carry(chunks: list[dict[str, Any]], like: dict[str, Any] | None, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`chunks` marked as a pass-through stream's (`NATIVE` on each, so no adapter translates
+    their chat side), with `events` on the last one (on a chunk without choices when none)."""
+    if not chunks and not events:
+        return []
+    if not chunks:
+        head = {k: v for k, v in (like or {}).items() if k in ("id", "object", "created", "model")}
+        chunks = [{**head, "choices": []}]
+    return [*({**c, NATIVE: []} for c in chunks[:-1]), {**chunks[-1], NATIVE: events}]
+
+
+def internal(chunk: dict[str, Any]) -> dict[str, Any]:
+    """The internal keys of a chunk (to put back on it after the chat normaliser dropped them)."""
+    return {k: v for k, v in chunk.items() if k.startswith(INTERNAL)}
