@@ -23,6 +23,15 @@ and, per endpoint, through the hg-off gateway (same process, same upstream, same
   hg-resp       POST /v1/responses (OpenAI Responses), JSON and streamed
   hg-emb        POST /v1/embeddings, against `direct-emb` (client -> upstream /v1/embeddings)
 
+and, with --endpoints, targets that speak another API (`api: messages` / `api: responses`, fake
+Messages and Responses upstreams in the same upstream process), each against its own direct path
+(`direct-msgup`: client -> the Messages upstream, `direct-respup`: client -> the Responses upstream):
+
+  pt-msg        Messages client -> gateway -> Messages target: same-API pass-through
+  pt-resp       Responses client -> gateway -> Responses target: same-API pass-through
+  tr-msg        chat client -> gateway -> Messages target: translated
+  tr-resp       chat client -> gateway -> Responses target: translated
+
 With --difficulty, instead (c=1, paths in turn request by request, like --endpoints):
 
   hg-off        as above: privacy off, no rule reads difficulty, so nothing is scored
@@ -96,11 +105,19 @@ import sys, time
 sys.path.insert(0, {root!r})
 from tests.support import upstream
 from tests.support.embeddings_upstream import EmbeddingsUpstream
+from tests.support.wire_upstreams import MessagesUpstream, ResponsesUpstream
 upstream._Server.request_queue_size = 1024  # socketserver's default backlog of 5 drops SYNs at c=64
 up = EmbeddingsUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
 up.received = type("Sink", (), {{"append": lambda self, x: None, "clear": lambda self: None}})()  # no growth
 up.received_headers = up.received
 up.start()
+wire = []
+for cls, wire_port in (({wire_ports})):
+    w = cls(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port=wire_port)
+    w.received = up.received
+    w.received_headers = up.received
+    w.start()
+    wire.append(w)
 print("ready", flush=True)
 while True:
     time.sleep(3600)
@@ -117,7 +134,7 @@ targets:
     timeout_s: 30
     retries: 0
     embeddings: {{model: openai/fake-embed, dimensions: 8}}
-connectivity:
+{wire_targets}connectivity:
   probe_interval_s: 30
 limits:
   request_timeout_s: 60
@@ -219,8 +236,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float, headers: dict[st
     raise TimeoutError(f"{url} did not come up in {timeout} s")
 
 
-def start_upstream(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_CODE.format(root=str(ROOT), port=port)],
+def start_upstream(port: int, wire_ports: tuple[int, int] | None = None) -> subprocess.Popen:
+    """The fake upstream (chat + embeddings on `port`), and a Messages and a Responses upstream on
+    `wire_ports` when given."""
+    wire = f"(MessagesUpstream, {wire_ports[0]}), (ResponsesUpstream, {wire_ports[1]})," if wire_ports else ""
+    proc = subprocess.Popen([sys.executable, "-c", UPSTREAM_CODE.format(root=str(ROOT), port=port, wire_ports=wire)],
                             stdout=subprocess.PIPE, env=ENV)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"ready":
@@ -228,13 +248,45 @@ def start_upstream(port: int) -> subprocess.Popen:
     return proc
 
 
-def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path, rules: str | None = None) -> Server:
+WIRE_TARGETS = """  msg-target:
+    kind: cloud
+    model: anthropic/fake-model
+    api: messages
+    api_base: http://127.0.0.1:{msg}/v1
+    api_key: sk-bench
+    timeout_s: 30
+    retries: 0
+  resp-target:
+    kind: cloud
+    model: openai/fake-model
+    api: responses
+    api_base: http://127.0.0.1:{resp}/v1
+    api_key: sk-bench
+    timeout_s: 30
+    retries: 0
+"""
+WIRE_RULES = """  - name: to-messages
+    when: {{ header: {{ x-target: messages }} }}
+    route: msg-target
+  - name: to-responses
+    when: {{ header: {{ x-target: responses }} }}
+    route: resp-target
+"""
+
+
+def start_gateway(name: str, upstream_port: int, classification: str, tmp: Path, rules: str | None = None,
+                  wire_ports: tuple[int, int] | None = None) -> Server:
     policy = tmp / f"{name}.yaml"
     if rules is None:
         rules = RULES_ON if classification == CLASSIFY_ON else ""
     redact = classification == CLASSIFY_ON
+    wire_targets = ""
+    if wire_ports is not None:  # targets that speak Messages / Responses, chosen by x-target
+        wire_targets = WIRE_TARGETS.format(msg=wire_ports[0], resp=wire_ports[1])
+        rules = WIRE_RULES.format() + rules
     policy.write_text(textwrap.dedent(HG_POLICY).format(port=upstream_port, classification=classification,
-                                                        rules=rules, redact=str(redact).lower()))
+                                                        rules=rules, redact=str(redact).lower(),
+                                                        wire_targets=wire_targets))
     port = free_port()
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hybrid-gateway"), "serve", "--policy", str(policy),
                              "--port", str(port), "--log-level", "ERROR", "--no-watch"],
@@ -507,7 +559,11 @@ async def one(session: aiohttp.ClientSession, url: str, payload: dict, headers: 
 
 
 _PROMPT_IDS = itertools.count(1)
-ENDPOINT_PATHS = ("hg-msg", "hg-resp", "hg-emb")
+ENDPOINT_PATHS = ("hg-msg", "hg-resp", "hg-emb", "pt-msg", "pt-resp", "tr-msg", "tr-resp")
+DIRECT_PATHS = ("direct", "direct-emb", "direct-msgup", "direct-respup")
+# The direct path each gateway path's added latency is read against (default: direct chat).
+BASELINE = {"hg-emb": "direct-emb", "pt-msg": "direct-msgup", "tr-msg": "direct-msgup",
+            "pt-resp": "direct-respup", "tr-resp": "direct-respup"}
 
 
 async def measure(server_url: str, model: str, headers: dict[str, str], concurrency: int, *, stream: bool,
@@ -588,7 +644,8 @@ def run(args: argparse.Namespace) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     up_port = free_port()
     procs: list[Server] = []
-    upstream = start_upstream(up_port)
+    wire_ports = (free_port(), free_port()) if args.endpoints else None
+    upstream = start_upstream(up_port, wire_ports)
     lines: list[str] = []
 
     def out(s: str = "") -> None:
@@ -599,7 +656,7 @@ def run(args: argparse.Namespace) -> str:
         direct = Server("direct", upstream, f"http://127.0.0.1:{up_port}")
         paths = [direct]
         print("starting hybrid-gateway (classification off, on) and litellm proxy ...", flush=True)
-        procs.append(start_gateway("hg-off", up_port, CLASSIFY_OFF, tmp))
+        procs.append(start_gateway("hg-off", up_port, CLASSIFY_OFF, tmp, wire_ports=wire_ports))
         if args.difficulty:
             procs.append(start_gateway("hg-diff", up_port, CLASSIFY_DIFF, tmp, rules=RULES_DIFF))
             procs.append(start_gateway("hg-heur", up_port, CLASSIFY_DIFF_HEUR, tmp, rules=RULES_DIFF))
@@ -617,6 +674,14 @@ def run(args: argparse.Namespace) -> str:
                       Server("hg-resp", hg_off.proc, hg_off.url, model="auto", api="responses"),
                       Server("direct-emb", upstream, direct.url, model="fake-embed", api="embeddings"),
                       Server("hg-emb", hg_off.proc, hg_off.url, model="auto", api="embeddings")]
+        if wire_ports is not None:  # targets of another API: pass-through and translated
+            to_msg, to_resp = {"x-target": "messages"}, {"x-target": "responses"}
+            paths += [Server("direct-msgup", upstream, f"http://127.0.0.1:{wire_ports[0]}", api="messages"),
+                      Server("direct-respup", upstream, f"http://127.0.0.1:{wire_ports[1]}", api="responses"),
+                      Server("pt-msg", hg_off.proc, hg_off.url, headers=to_msg, model="auto", api="messages"),
+                      Server("pt-resp", hg_off.proc, hg_off.url, headers=to_resp, model="auto", api="responses"),
+                      Server("tr-msg", hg_off.proc, hg_off.url, headers=to_msg, model="auto"),
+                      Server("tr-resp", hg_off.proc, hg_off.url, headers=to_resp, model="auto")]
         for p in paths:  # warm-up: imports, model loads, connection pools, JIT-ish caches
             asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None,
                                 api=p.api))
@@ -642,7 +707,7 @@ def run(args: argparse.Namespace) -> str:
                     # Classification on at high concurrency only measures presidio's CPU: keep it to c<=16.
                     if p.name == "hg-on" and conc > 16:
                         continue
-                    if p.name in (*ENDPOINT_PATHS, "direct-emb") and (conc > 1 or (stream and p.api == "embeddings")):
+                    if p.name in (*ENDPOINT_PATHS, *DIRECT_PATHS[1:]) and (conc > 1 or (stream and p.api == "embeddings")):
                         continue
                     if reqs is not None:  # a sequential slice: settle first, not counted
                         asyncio.run(measure(p.url, p.model, p.headers, conc, stream=stream,
@@ -664,7 +729,7 @@ def run(args: argparse.Namespace) -> str:
         for label, *_ in plan:
             for p in paths:
                 s = results.get((label, p.name))
-                base = results.get((label, "direct-emb" if p.api == "embeddings" else "direct"))
+                base = results.get((label, BASELINE.get(p.name, "direct")))
                 if s is None or base is None:
                     continue
                 add50 = s.pct(0.5) - base.pct(0.5)
@@ -690,14 +755,14 @@ def run(args: argparse.Namespace) -> str:
             for name in ENDPOINT_PATHS:
                 if (label, name) not in results:
                     continue
-                base = results[(label, "direct-emb" if name == "hg-emb" else "direct")].pct(0.5)
+                base = results[(label, BASELINE.get(name, "direct"))].pct(0.5)
                 mine = results[(label, name)].pct(0.5) - base
                 out(f"  {label:<11} {name:<8} added p50 {mine:6.2f} ms vs chat {chat:6.2f} ms: {mine - chat:+6.2f} ms")
         out()
         out(f"{'path':<10}{'peak RSS MB':>12}{'max req/s (0 errors)':>22}")
         best: dict[str, float] = {}
         for p in paths:
-            if p.name in ENDPOINT_PATHS or p.name == "direct-emb":
+            if p.name in ENDPOINT_PATHS or p.name in DIRECT_PATHS[1:]:
                 continue
             rps = [results[(lbl, p.name)].rps for lbl, *_ in plan
                    if (lbl, p.name) in results and results[(lbl, p.name)].errors == 0]

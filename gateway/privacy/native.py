@@ -33,22 +33,12 @@ from typing import Any
 
 from gateway.privacy.restore import StreamRestorer, TextRestorer, TextStream
 from gateway.privacy.vault import Vault
+from gateway.privacy.walk import map_json_strings
 from gateway.wire.passthrough import NATIVE, NativeAPI, carry
 
 Fn = Callable[[str], str]
 PartsFn = Callable[[list[str]], list[str]]
 Event = dict[str, Any]
-
-
-def _strings(value: Any, fn: Fn) -> Any:
-    """`value` (decoded JSON) with `fn` applied to every string in it (keys kept)."""
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _strings(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strings(v, fn) for v in value]
-    return value
 
 
 def _json_text(raw: Any, fn: Fn) -> Any:
@@ -61,7 +51,7 @@ def _json_text(raw: Any, fn: Fn) -> Any:
         return fn(raw)
     if not isinstance(parsed, dict | list):
         return fn(raw)
-    return json.dumps(_strings(parsed, fn), ensure_ascii=False)
+    return json.dumps(map_json_strings(parsed, fn), ensure_ascii=False)
 
 
 def _descriptions(schema: Any, fn: Fn) -> Any:
@@ -111,7 +101,7 @@ def _messages_blocks(blocks: list[Any], fn: Fn, parts_fn: PartsFn | None) -> Non
             continue
         kind = block.get("type")
         if kind == "tool_use" and "input" in block:
-            block["input"] = _strings(block["input"], fn)
+            block["input"] = map_json_strings(block["input"], fn)
         elif kind == "tool_result":
             if isinstance(block.get("content"), str):
                 block["content"] = fn(block["content"])
@@ -152,7 +142,7 @@ def _restore_messages_block(block: Any, text: TextRestorer) -> Any:
         if isinstance(out.get(key), str):
             out[key] = text.restore(out[key])
     if out.get("type") == "tool_use" and "input" in out:
-        out["input"] = _strings(out["input"], text.restore)  # decoded values: plain text
+        out["input"] = map_json_strings(out["input"], text.restore)  # decoded values: plain text
     return out
 
 
@@ -234,20 +224,20 @@ _RESPONSES_TEXT = {"input_text": "text", "output_text": "text", "refusal": "refu
                    "reasoning_text": "text"}
 
 
+def _text_or_parts(item: dict[str, Any], key: str, fn: Fn, parts_fn: PartsFn | None) -> None:
+    """`item[key]`, a string or a list of text parts, in place."""
+    if isinstance(item.get(key), str):
+        item[key] = fn(item[key])
+    elif isinstance(item.get(key), list):
+        _parts(item[key], _RESPONSES_TEXT, fn, parts_fn)
+
+
 def _responses_item(item: dict[str, Any], fn: Fn, parts_fn: PartsFn | None, args: Fn) -> None:
     kind = item.get("type", "message")
-    if kind == "message":
-        if isinstance(item.get("content"), str):
-            item["content"] = fn(item["content"])
-        elif isinstance(item.get("content"), list):
-            _parts(item["content"], _RESPONSES_TEXT, fn, parts_fn)
+    if kind in ("message", "function_call_output"):
+        _text_or_parts(item, "content" if kind == "message" else "output", fn, parts_fn)
     elif kind == "function_call":
         item["arguments"] = _json_text(item.get("arguments"), args)
-    elif kind == "function_call_output":
-        if isinstance(item.get("output"), str):
-            item["output"] = fn(item["output"])
-        elif isinstance(item.get("output"), list):
-            _parts(item["output"], _RESPONSES_TEXT, fn, parts_fn)
     elif kind == "reasoning":
         for key in ("summary", "content"):
             if isinstance(item.get(key), list):

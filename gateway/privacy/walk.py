@@ -120,13 +120,13 @@ def _json_strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _json_strings(v, f"{path}/{i}")
 
 
-def _map_json_strings(value: Any, fn: Callable[[str], str]) -> Any:
+def map_json_strings(value: Any, fn: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_json_strings(v, fn) for k, v in value.items()}
+        return {k: map_json_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_map_json_strings(v, fn) for v in value]
+        return [map_json_strings(v, fn) for v in value]
     return value
 
 
@@ -248,7 +248,7 @@ def map_text(
         parsed = _parse_arguments(raw)
         if parsed is None:
             return fn(raw)
-        return json.dumps(_map_json_strings(parsed, fn), ensure_ascii=False)
+        return json.dumps(map_json_strings(parsed, fn), ensure_ascii=False)
 
     def schema(value: Any) -> Any:
         if isinstance(value, dict):

@@ -15,6 +15,7 @@ stream events the chunk came from) under the same key, for the client's adapter 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,3 +58,26 @@ def carry(chunks: list[dict[str, Any]], like: dict[str, Any] | None, events: lis
 def internal(chunk: dict[str, Any]) -> dict[str, Any]:
     """The internal keys of a chunk (to put back on it after the chat normaliser dropped them)."""
     return {k: v for k, v in chunk.items() if k.startswith(INTERNAL)}
+
+
+class EventReader(ABC):
+    """Another API's stream events in, chat chunks out (gateway/wire/to_*.py); `finished` once the
+    API's end event came. For a pass-through stream (`native`), each event rides on the chunks it
+    became (on a chunk without choices when it became none), so none is lost."""
+
+    name: str
+    native: bool
+    finished: bool
+    id: str
+    created: int
+    model: str
+
+    def feed(self, event: Any) -> list[dict[str, Any]]:
+        chunks = self._feed(event)
+        if not self.native:
+            return chunks
+        return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                              "model": self.model}, [event])
+
+    @abstractmethod
+    def _feed(self, event: Any) -> list[dict[str, Any]]: ...

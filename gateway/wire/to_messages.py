@@ -25,8 +25,9 @@ from typing import Any
 
 from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
+from gateway.wire import passthrough
 from gateway.wire.base import arguments_object, new_id
-from gateway.wire.passthrough import PROMPT_TOKENS, carry
+from gateway.wire.passthrough import PROMPT_TOKENS
 
 ANTHROPIC_VERSION = "2023-06-01"
 # Messages requires max_tokens; chat does not. What a request without one may write.
@@ -250,7 +251,7 @@ def completion(message: dict[str, Any], name: str, ids: dict[str, str] | None = 
             "model": str(message.get("model") or ""), "choices": [choice], "usage": _usage(message.get("usage"))}
 
 
-class EventReader:
+class EventReader(passthrough.EventReader):
     """Anthropic stream events in, chat chunks out; `finished` once `message_stop` came.
 
     An `error` event (e.g. `overloaded_error` mid-stream) raises BackendError, so the pipeline
@@ -270,13 +271,6 @@ class EventReader:
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
-
-    def feed(self, event: Any) -> list[dict[str, Any]]:
-        chunks = self._feed(event)
-        if self.native:
-            return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                  "model": self.model}, [event])
-        return chunks
 
     def _feed(self, event: Any) -> list[dict[str, Any]]:
         if not isinstance(event, dict):

@@ -20,8 +20,8 @@ from typing import Any
 
 from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
+from gateway.wire import passthrough
 from gateway.wire.base import new_id
-from gateway.wire.passthrough import carry
 
 
 def _parts(content: Any) -> str | list[dict[str, Any]]:
@@ -165,7 +165,7 @@ def completion(response: dict[str, Any], name: str) -> dict[str, Any]:
 _TERMINAL = ("response.completed", "response.incomplete")
 
 
-class EventReader:
+class EventReader(passthrough.EventReader):
     """Responses stream events in, chat chunks out; `finished` after response.completed (or
     .incomplete). response.failed and `error` raise BackendError, as a broken stream does."""
 
@@ -181,13 +181,6 @@ class EventReader:
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    def feed(self, event: Any) -> list[dict[str, Any]]:
-        chunks = self._feed(event)
-        if self.native:
-            return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                  "model": self.model}, [event])
-        return chunks
 
     def _feed(self, event: Any) -> list[dict[str, Any]]:
         if not isinstance(event, dict):

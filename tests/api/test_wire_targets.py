@@ -180,6 +180,8 @@ def test_streamed_function_call_from_a_responses_target_is_restored(gw: RunningG
     assert not leaked(responses_up.received)
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(done) == 1 and json.loads(done[0].arguments) == {"echo": f"mail {EMAIL}"}
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert json.loads(args) == {"echo": f"mail {EMAIL}"}  # the deltas restored too
     assert [e.type for e in events][-1] == "response.completed"
 
 
