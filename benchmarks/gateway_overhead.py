@@ -441,7 +441,7 @@ def run_state(args: argparse.Namespace) -> str:
         out("every gateway request: a client key with requests/min + tokens/min buckets and a budget (bucket take, "
             "spend read, usage add: 3 store calls)")
         out()
-        out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}")
+        out(f"{'case':<12}{'path':<14}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}")
         for label in ("c=1", "c=1 stream"):
             base = results[(label, "direct")]
             for p in paths:
@@ -449,7 +449,7 @@ def run_state(args: argparse.Namespace) -> str:
                 plus = f"{'-':>9}{'-':>9}" if p.name == "direct" else \
                     f"{s.pct(0.5) - base.pct(0.5):9.2f}{s.pct(0.99) - base.pct(0.99):9.2f}"
                 kinds = f"  {s.error_kinds}" if s.errors else ""
-                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.errors:8d}{kinds}")
+                out(f"{label:<12}{p.name:<14}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.errors:8d}{kinds}")
         out()
         for label in ("c=1", "c=1 stream"):
             redis_add = results[(label, "redis")].pct(0.5) - results[(label, "embedded")].pct(0.5)
@@ -725,7 +725,7 @@ def run(args: argparse.Namespace) -> str:
         if interleaved:
             mode = "--difficulty" if args.difficulty else "--endpoints"
             out(f"{mode}: c=1, paths in turn request by request, {args.seq * args.rounds} requests each per case")
-        out(f"{'case':<12}{'path':<10}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
+        out(f"{'case':<12}{'path':<14}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'req/s':>9}{'errors':>8}")
         for label, *_ in plan:
             for p in paths:
                 s = results.get((label, p.name))
@@ -736,7 +736,7 @@ def run(args: argparse.Namespace) -> str:
                 add99 = s.pct(0.99) - base.pct(0.99)
                 plus = f"{'-':>9}{'-':>9}" if p.name.startswith("direct") else f"{add50:9.2f}{add99:9.2f}"
                 kinds = f"  {s.error_kinds}" if s.errors else ""
-                out(f"{label:<12}{p.name:<10}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}{kinds}")
+                out(f"{label:<12}{p.name:<14}{s.pct(0.5):9.2f}{s.pct(0.99):9.2f}{plus}{s.rps:9.0f}{s.errors:8d}{kinds}")
         if args.difficulty:
             out()
             out("difficulty scoring on minus off (same gateway config otherwise; target: <= +2 ms p50):")

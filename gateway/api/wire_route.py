@@ -136,8 +136,10 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
                 if first:
                     state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
                     first = False
-                # the normaliser answers chat, so the chunk's internal parts are put back
-                for event in translator.feed({**normalised.chunk(chunk), **internal(chunk)}):
+                # A pass-through's chunk goes as it is (its events say the answer); another is
+                # normalised to chat's schema, its internal parts put back.
+                for event in translator.feed(chunk if NATIVE in chunk
+                                             else {**normalised.chunk(chunk), **internal(chunk)}):
                     yield sse_event(event)
             if (owed := normalised.finish()) is not None:  # no target reported usage: estimated
                 for event in translator.feed(owed):

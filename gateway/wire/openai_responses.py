@@ -354,10 +354,10 @@ def _native_item(item: Any) -> Any:
     return item
 
 
-def native_response(response: dict[str, Any], req: ResponsesRequest) -> dict[str, Any]:
+def native_response(response: dict[str, Any], echo: dict[str, Any]) -> dict[str, Any]:
     """A Responses upstream's own `response` (a pass-through answer), as it came, completed with
-    the request's echo where the upstream left a required field out."""
-    out = {**_skeleton(req, str(response.get("model") or req.model)), **response}
+    the request's `echo` (its `_skeleton`) where the upstream left a required field out."""
+    out = {**echo, **response}
     if out.get("user") is None:
         out.pop("user", None)  # typed string: absent, not null
     if isinstance(response.get("usage"), dict):
@@ -375,9 +375,9 @@ def native_response(response: dict[str, Any], req: ResponsesRequest) -> dict[str
     return out
 
 
-def _native_event(event: Event, req: ResponsesRequest) -> Event:
+def _native_event(event: Event, echo: dict[str, Any]) -> Event:
     if isinstance(event.get("response"), dict):
-        return {**event, "response": native_response(event["response"], req)}
+        return {**event, "response": native_response(event["response"], echo)}
     if isinstance(event.get("item"), dict):
         return {**event, "item": _native_item(event["item"])}
     if isinstance(event.get("part"), dict):
@@ -400,6 +400,7 @@ class ResponsesStream(ChatChunkTranslator):
         self.open: dict[str, Any] | None = None  # the output item being written
         self.tools: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its function_call item
         self.text: list[str] = []
+        self.echo: dict[str, Any] | None = None
 
     def _ev(self, events: list[Event], kind: str, **fields: Any) -> None:
         events.append({"type": kind, **fields, "sequence_number": self.seq})
@@ -478,10 +479,16 @@ class ResponsesStream(ChatChunkTranslator):
         self.response["usage"] = _usage(*self.usage)
         self._ev(events, "response.failed", response=self.response)
 
+    def _echo(self) -> dict[str, Any]:
+        """The request's echo, once per stream: what a lax upstream's response objects are completed with."""
+        if self.echo is None:
+            self.echo = _skeleton(self.req, self.req.model)
+        return self.echo
+
     def _native(self, events: list[Event], event: Event) -> None:
         kind = event.get("type")
         if kind in ("response.created", "response.in_progress") and isinstance(event.get("response"), dict):
-            self.response = native_response(event["response"], self.req)
+            self.response = native_response(event["response"], self._echo())
         elif self.response is None:  # an upstream that did not start with response.created
             self._start(events, {})
         assert self.response is not None
@@ -504,7 +511,7 @@ class ResponsesStream(ChatChunkTranslator):
         elif kind in ("response.completed", "response.incomplete"):
             self.done = True
         # one numbering for the whole stream, whoever wrote which event
-        event = _native_event(event, self.req)
+        event = _native_event(event, self._echo())
         self._ev(events, str(kind), **{k: v for k, v in event.items() if k not in ("type", "sequence_number")})
 
     def _end(self, events: list[Event]) -> None:
@@ -533,7 +540,7 @@ class OpenAIResponses(WireAdapter):
         return ResponsesStream(request)
 
     def native_answer(self, answer: dict[str, Any], request: ResponsesRequest) -> dict[str, Any]:
-        return native_response(answer, request)
+        return native_response(answer, _skeleton(request, str(answer.get("model") or request.model)))
 
     def error_body(self, err: APIError) -> dict[str, Any]:
         return error_body(err)

@@ -45,14 +45,18 @@ def native_events(chunk: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 
 def carry(chunks: list[dict[str, Any]], like: dict[str, Any] | None, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`chunks` marked as a pass-through stream's (`NATIVE` on each, so no adapter translates
-    their chat side), with `events` on the last one (on a chunk without choices when none)."""
-    if not chunks and not events:
-        return []
+    """`chunks` (the caller's own: marked in place) marked as a pass-through stream's (`NATIVE` on
+    each, so no adapter translates their chat side), with `events` on the last one (on a chunk
+    without choices when none)."""
     if not chunks:
+        if not events:
+            return []
         head = {k: v for k, v in (like or {}).items() if k in ("id", "object", "created", "model")}
         chunks = [{**head, "choices": []}]
-    return [*({**c, NATIVE: []} for c in chunks[:-1]), {**chunks[-1], NATIVE: events}]
+    for chunk in chunks[:-1]:
+        chunk[NATIVE] = []
+    chunks[-1][NATIVE] = events
+    return chunks
 
 
 def internal(chunk: dict[str, Any]) -> dict[str, Any]:
