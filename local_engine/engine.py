@@ -19,13 +19,14 @@ Loader registry (the extension hook)
 ``register_loader(name, matches, load, first=True)`` adds one (``first`` puts it before the
 built-in GGUF / HF-directory loaders, e.g. for a packed MoE dir that contains ``manifest.json``).
 ``load(path: Path, **opts) -> Engine``; build the Engine with
-``Engine(model, tokenizer, source=str(path), format="...")`` where ``model`` follows ``CausalLM``:
+``Engine(model, tokenizer, source=str(path), format="...")`` where ``model`` subclasses
+``local_engine.models.base.CausalLM``:
 
     model.new_cache() -> cache object
     model.forward(ids: LongTensor[T], cache, last_only: bool = False) -> FloatTensor[T or 1, vocab]
         runs ids after the tokens already in ``cache`` and advances it
-    model.describe() -> dict   (optional: merged into info())
-    model.stats() -> dict      (optional: merged into each run's stats, e.g. expert-cache hits)
+    model.max_seq, model.describe() -> dict (merged into info()), model.stats() -> dict (merged
+        into each run's stats, e.g. expert-cache hits), model.close(): declared with defaults
 
 and ``tokenizer`` is a ``local_engine.tokenizer.Tokenizer`` (``tokenizer.from_hf_dir(path)`` reads
 an HF ``tokenizer.json``).
@@ -48,14 +49,9 @@ from local_engine import chat_template, kv_cache, prefix_cache, spec_control, sp
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
+from local_engine.models.base import CausalLM
 from local_engine.sampling import Sampler, SamplingParams
 from local_engine.tokenizer import StreamDecoder, Tokenizer
-
-
-class CausalLM(Protocol):
-    def new_cache(self) -> Any: ...
-
-    def forward(self, ids: torch.Tensor, cache: Any, last_only: bool = False) -> torch.Tensor: ...
 
 
 @runtime_checkable
@@ -237,9 +233,7 @@ class Generation:
             yield pending
         self.finish_reason = reason
         self.stats.peak_rss_mb = _rss_peak_mb()
-        extra = getattr(model, "stats", None)
-        if callable(extra):
-            self.stats.extra = dict(extra())
+        self.stats.extra = dict(model.stats())
         self.stats.extra["kv_bytes"] = kv_now  # this sequence's K/V rows (flat once a window fills)
         if gram is not None:
             self.stats.extra["grammar_mask_s"] = round(gram.mask_s, 4)
@@ -390,20 +384,20 @@ class DraftModel:
     """An engine's separate draft model (``Engine.open(..., draft_model=...)``): its weights and
     where they came from; each generation drafts over a KV cache of its own (``DraftRun``)."""
 
-    model: Any
+    model: CausalLM
     source: str
     max_seq: int
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Tokenizer, *, source: str = "", format: str = "",
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, source: str = "", format: str = "",
                  max_seq: int | None = None, threads: int | None = None,
                  prefix_cache_mb: float | None = None, kv: kv_cache.KVConfig | None = None) -> None:
         import threading
 
         self.model, self.tokenizer = model, tokenizer
         self.source, self.format = source, format
-        self.max_seq: int = max_seq or int(getattr(model, "max_seq", 4096))
+        self.max_seq = max_seq or model.max_seq
         self.threads = threads
         self.lock = threading.Lock()  # the model and its caches are not re-entrant
         # forward passes run since load (a prefill counts as one): how a test tells "stopped within
@@ -535,9 +529,7 @@ class Engine:
         d: dict[str, Any] = {"source": self.source, "format": self.format, "max_seq": self.max_seq,
                              "threads": torch.get_num_threads(), "vocab_size": self.tokenizer.vocab_size,
                              "chat_template": self.tokenizer.chat_template is not None}
-        describe = getattr(self.model, "describe", None)
-        if callable(describe):
-            d.update(describe())
+        d.update(self.model.describe())
         d["kv_cache"] = self.kv_config.as_dict()
         d["memory"] = self.memory()
         return d
@@ -561,9 +553,9 @@ class Engine:
 
     def close(self) -> None:
         """Release what the model holds open (a packed MoE's expert file and reader threads)."""
-        getattr(self.model, "close", lambda: None)()
+        self.model.close()
         if self.draft_model is not None:
-            getattr(self.draft_model.model, "close", lambda: None)()
+            self.draft_model.model.close()
 
 
 def _open_draft(target: Engine, source: str | Path, threads: int) -> DraftModel:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from local_engine import kv_cache, qkernel
 from local_engine.errors import UnsupportedModel
+from local_engine.models.base import CausalLM
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
 from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear, SizedLinear
 from local_engine.store import GGUFStore, RawTensor, TensorStore
@@ -175,7 +176,7 @@ class _Layer:
     k_norm: torch.Tensor | None
 
 
-class LlamaModel:
+class LlamaModel(CausalLM):
     prefill_chunk = PREFILL_CHUNK  # what forward() splits a prompt by (sequence.ChunksPrefill)
 
     def __init__(self, store: TensorStore, cfg: LlamaConfig, weights: str = "auto",

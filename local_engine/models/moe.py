@@ -37,6 +37,7 @@ from local_engine.formats.pack import (
     load_resident,
     read_manifest,
 )
+from local_engine.models.base import CausalLM
 from local_engine.models.layers import (
     Attends,
     KVCache,
@@ -127,7 +128,7 @@ class RunStats:
     draft_s: float = 0.0
 
 
-class MoEModel:
+class MoEModel(CausalLM):
     """A packed MoE checkpoint: resident tensors in RAM, experts through an ``ExpertStore``."""
 
     def __init__(self, manifest: Manifest, store: ExpertStore, resident: dict[str, torch.Tensor]) -> None:
