@@ -5,13 +5,16 @@ first token can only be timed, and a stall only seen, in a stream. The client as
 answer, and gets exactly that shape: text fields concatenated per choice, tool calls merged by
 their index (arguments concatenated, as the OpenAI SDK's own stream accumulator does), the last
 finish_reason, the usage chunk (asked for with `stream_options.include_usage`), and the answer's
-id, created, model and system_fingerprint.
+id, created, model and system_fingerprint. A pass-through stream's upstream events are kept, in
+order, under `NATIVE` (pipeline.complete makes the upstream's own answer of them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from gateway.wire.passthrough import NATIVE, native_events
 
 # Top-level fields of a chunk that describe the whole answer. Others (e.g. OpenAI's per-chunk
 # `obfuscation` padding) belong to the chunk, not to the answer.
@@ -94,6 +97,7 @@ class Assembler:
         self._identity: dict[str, Any] = {}
         self._choices: dict[int, _Choice] = {}
         self.usage: dict[str, Any] | None = None
+        self.native: list[dict[str, Any]] | None = None  # a pass-through stream's upstream events
 
     def feed(self, chunk: dict[str, Any]) -> None:
         for key in _IDENTITY:
@@ -103,6 +107,8 @@ class Assembler:
             self._choices.setdefault(choice.get("index", 0), _Choice()).feed(choice)
         if chunk.get("usage"):
             self.usage = chunk["usage"]  # the last wins: some servers send running totals
+        if (events := native_events(chunk)) is not None:
+            self.native = [*(self.native or ()), *events]
 
     def completion(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -126,6 +132,8 @@ class Assembler:
                 out[key] = self._identity[key]
         if self.usage is not None:
             out["usage"] = self.usage
+        if self.native is not None:
+            out[NATIVE] = self.native
         return out
 
 

@@ -37,7 +37,7 @@ from gateway.store.base import StoreUnavailable
 from gateway.store.budgets import Charge
 from gateway.stream_deadline import StreamDeadline
 from gateway.tracing import RequestTrace
-from gateway.wire.passthrough import NATIVE, NativeAPI, Passthrough
+from gateway.wire.passthrough import NATIVE, NativeAPI, Passthrough, answer_from_events
 
 log = structlog.get_logger("gateway.pipeline")
 audit = structlog.get_logger("gateway.audit")
@@ -457,6 +457,10 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
     except AllTargetsFailed as exc:
         raise _all_failed_error(exc, decision) from None
     response = outcome.response or {}
+    if isinstance(events := response.get(NATIVE), list):  # read as a stream (slowness limits): its events
+        api = passthrough_api(rt, prepared, outcome.target)
+        answer = answer_from_events(api, events) if api is not None else None
+        response = {k: v for k, v in response.items() if k != NATIVE} | ({NATIVE: answer} if answer else {})
     if _restoring(rt, prepared, outcome.target):
         assert prepared.vault is not None
         with _stage(prepared.call, "restore"):

@@ -15,6 +15,7 @@ stream events the chunk came from) under the same key, for the client's adapter 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -85,3 +86,56 @@ class EventReader(ABC):
 
     @abstractmethod
     def _feed(self, event: Any) -> list[dict[str, Any]]: ...
+
+
+# -- an answer from its stream, for a whole answer the dispatcher read as a stream (assemble.py) ---
+
+
+def _message_from_events(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """An Anthropic `Message` from its stream events, as the SDK's accumulator builds it."""
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = {}
+    inputs: dict[int, list[str]] = {}
+    for event in events:
+        kind, index = event.get("type"), event.get("index")
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            message = {**event["message"], "content": []}
+        elif kind == "content_block_start" and isinstance(index, int) and isinstance(event.get("content_block"), dict):
+            blocks[index] = dict(event["content_block"])
+        elif kind == "content_block_delta" and isinstance(index, int) and index in blocks:
+            delta, block = event.get("delta") or {}, blocks[index]
+            if delta.get("type") in ("text_delta", "thinking_delta"):
+                key = str(delta["type"]).removesuffix("_delta")
+                block[key] = str(block.get(key) or "") + str(delta.get(key) or "")
+            elif delta.get("type") == "signature_delta":
+                block["signature"] = delta.get("signature")
+            elif delta.get("type") == "input_json_delta":
+                inputs.setdefault(index, []).append(str(delta.get("partial_json") or ""))
+            elif delta.get("type") == "citations_delta":
+                block["citations"] = [*(block.get("citations") or ()), delta.get("citation")]
+        elif kind == "message_delta" and message is not None:
+            message.update(event.get("delta") or {})
+            usage = {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
+            message["usage"] = {**(message.get("usage") or {}), **usage}
+    if message is None:
+        return None
+    for index, parts in inputs.items():
+        try:
+            blocks[index]["input"] = json.loads("".join(parts) or "{}")
+        except ValueError:
+            return None  # a cut tool input: no whole answer to give
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message
+
+
+def _response_from_events(events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A Responses `response` from its stream: the terminal event carries it whole."""
+    for event in reversed(events):
+        if event.get("type") in ("response.completed", "response.incomplete") and isinstance(event.get("response"), dict):
+            return dict(event["response"])
+    return None
+
+
+def answer_from_events(api: NativeAPI, events: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The upstream's own answer from its stream events; None when they do not make a whole one."""
+    return _message_from_events(events) if api == "messages" else _response_from_events(events)

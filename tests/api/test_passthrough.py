@@ -170,6 +170,30 @@ def test_a_passed_through_stream_dying_mid_answer_is_finished_by_a_chat_target(
     assert not leaked(messages_up.received)
 
 
+def test_a_whole_answer_read_as_a_stream_is_still_the_upstreams_own(
+        gw: RunningGateway, messages_up: MessagesUpstream) -> None:
+    """A target with slowness limits is asked for a stream even for a JSON answer (its first token
+    is timed): the answer is then made of the upstream's events, restored."""
+    messages_up.thinking = _thinking
+    messages_up.chunk_chars = 3
+    try:
+        raw = claude(gw).messages.with_raw_response.create(
+            model="auto", max_tokens=64, tools=MESSAGES_TOOLS, extra_body={"top_k": 2},
+            messages=[{"role": "user", "content": f"mail {EMAIL}"}], extra_headers={"x-route": "paced"})
+    finally:
+        messages_up.chunk_chars = 4
+    (got,) = messages_up.received
+    assert got["stream"] is True and got["top_k"] == 2 and not leaked(messages_up.received)
+    answer = json.loads(raw.http_response.text)
+    valid("anthropic", "Message", answer)
+    msg = Message.model_validate(answer)
+    assert msg.id == "msg_test" and raw.headers["x-hybrid-route"] == "cloud"
+    thinking, call = msg.content
+    assert thinking.type == "thinking" and thinking.thinking == f"thinking about mail {EMAIL}"
+    assert thinking.signature == "sig-1"
+    assert call.type == "tool_use" and call.input == {"echo": f"mail {EMAIL}"} and msg.stop_reason == "tool_use"
+
+
 def responses_body() -> dict[str, Any]:
     return {
         "model": "auto", "instructions": f"User: {EMAIL}", "max_output_tokens": 50, "store": False,

@@ -52,6 +52,12 @@ rules:
     route: cloud
     redact: true
     fallback: []
+  - name: paced
+    when: { header: { x-route: paced } }
+    route: cloud
+    redact: true
+    fallback: [responses, local]
+    first_token_timeout_s: 10      # a whole answer is then read as a stream, to time its first token
   - name: to-responses
     when: { header: { x-route: responses } }
     route: responses
