@@ -15,6 +15,12 @@ The everyday set (benchmarks/data/difficulty/everyday.jsonl, issue #21): per-cat
 expected level / within one level, and the confusion matrix of the held-out test half, for knn and
 heuristic, with the p50 of one classify() on 1 KB prompts. `--everyday` runs only that section (a
 few seconds) and writes benchmarks/results/difficulty_everyday.txt.
+
+Per family (issue #21: "on every dataset family"): the test part split by dataset family (GSM8K and
+MMLU's four published subject groups, benchmarks/difficulty_families.py), the shipped knn and the
+heuristic against random routing, beside RouteLLM's published figures. `--families` runs only that
+section (seconds: no transformer) and writes benchmarks/results/difficulty_eval_families.txt.
+Leave-one-family-out refits are in difficulty_families.py.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier  # noqa: E402
 from gateway.classify.difficulty.artefact import SHIPPED, SHIPPED_MINILM  # noqa: E402
@@ -63,11 +70,14 @@ def main() -> None:
                          "cache `difficulty train --embedding minilm` wrote (knn-minilm only; v2 always embeds now).")
     ap.add_argument("--everyday", action="store_true",
                     help="Only the everyday-set section (knn v2 and heuristic), to difficulty_everyday.txt.")
+    ap.add_argument("--families", action="store_true",
+                    help="Only the per-family section (knn v2 and heuristic), to difficulty_eval_families.txt.")
     ap.add_argument("--out", default=None, help="Report file [default: benchmarks/results/difficulty_eval.txt, "
                                                "or difficulty_everyday.txt with --everyday].")
     args = ap.parse_args()
     results = ROOT / "benchmarks" / "results"
-    args.out = args.out or str(results / ("difficulty_everyday.txt" if args.everyday else "difficulty_eval.txt"))
+    args.out = args.out or str(results / ("difficulty_everyday.txt" if args.everyday else
+                                          "difficulty_eval_families.txt" if args.families else "difficulty_eval.txt"))
     lines: list[str] = []
 
     def out(s: str = "") -> None:
@@ -87,6 +97,15 @@ def main() -> None:
     examples = load_examples(DATA / "labelled_prompts.jsonl")
     test_idx = split_indices(examples)["test"]
     test = [examples[i] for i in test_idx]
+    if args.families:
+        clfs = {m: build_difficulty_classifier(DifficultyConfig(method=m, artefact=args.artefact))
+                for m in ("knn", "heuristic")}
+        out("# Difficulty classifier: per dataset family, test part")
+        out(f"host: {platform.machine()}, {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.1f}")
+        families(clfs, test, out)
+        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+        return
     clfs, build_s = {}, {}
     for name, method, art in (("heuristic", "heuristic", args.artefact), ("knn", "knn", args.artefact),
                               ("knn-minilm", "knn", args.minilm_artefact)):
@@ -161,6 +180,7 @@ def main() -> None:
         " ours are on held-out subjects of the shared file. Same metric, not the same test set.")
     out()
 
+    families({m: clfs[m] for m in ("knn", "heuristic")}, test, out, scores)
     latency(clfs, bodies, args.latency_n, out)
     everyday({m: clfs[m] for m in ("knn", "heuristic")}, out)
 
@@ -178,6 +198,44 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"\nwrote {args.out}")
+
+
+def families(clfs: dict, test: list, out, scores: dict | None = None) -> None:
+    """The test part by dataset family: AUC and GPT-4 share for 95% of GPT-4 vs random routing."""
+    from difficulty_families import FAMILIES, GOAL_POINTS, family_of
+
+    def verdict(rnd: float, ours: float) -> str:
+        if rnd == 0.0:
+            return "n/a: Mixtral alone reaches 95% of GPT-4 here"
+        return "yes" if rnd - ours >= GOAL_POINTS - 1e-9 else "no"
+
+    if scores is None:
+        bodies = [{"messages": [{"role": "user", "content": e.prompt}]} for e in test]
+        scores = {m: score_bodies(c, bodies) for m, c in clfs.items()}
+    fam = np.asarray([family_of(e.source) for e in test])
+    weak = np.asarray([e.weak_correct for e in test], float)
+    strong = np.asarray([e.strong_correct for e in test], float)
+    out("## Per dataset family, test part: AUC for 'weak fails'; GPT-4 share for 95% of GPT-4 accuracy "
+        "(points below random)")
+    out("| family (test subjects) | n | AUC knn | AUC heuristic | share knn | share heuristic | random "
+        "| knn ≥ 10 points below random? | RouteLLM published |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    for fm in FAMILIES:
+        m = fam == fm
+        if not m.any():
+            continue
+        subjects = sorted({e.source.removeprefix("mmlu:") for e, k in zip(test, m, strict=True) if k})
+        r = {n: share_for_quality(scores[n][m], weak[m], strong[m]) for n in clfs}
+        rnd = r["knn"][1]
+        a = {n: auc(1 - weak[m], scores[n][m]) if 0 < (1 - weak[m]).sum() < m.sum() else float("nan") for n in clfs}
+        pub = ROUTELLM["gsm8k" if fm == "gsm8k" else "mmlu"]
+        out(f"| {fm} ({', '.join(subjects)}) | {m.sum()} | {a['knn']:.3f} | {a['heuristic']:.3f} "
+            f"| {r['knn'][0]:.1%} ({(rnd - r['knn'][0]) * 100:+.1f}) | {r['heuristic'][0]:.1%} ({(rnd - r['heuristic'][0]) * 100:+.1f}) "
+            f"| {rnd:.1%} | {verdict(rnd, r['knn'][0])} | ~{pub:.0%} (cost -{1 - pub:.0%}) |")
+    out("The shipped artefact was fitted on other subjects of each MMLU group (not on these); GSM8K is one "
+        "source spread over every part, so its test prompts are unseen but the dataset is not: "
+        "benchmarks/difficulty_families.py holds whole families out.")
+    out()
 
 
 def everyday(clfs: dict, out) -> None:
