@@ -70,6 +70,7 @@ async def explain_with(
         health.disabled = False
         rt.monitor.force(name, "offline" if offline else "online")
     prepared = await pipeline.prepare(rt, _call(body, headers, client), Metrics(), score_all=True)
+    pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
     return prepared, pipeline.explain(rt, prepared)
 
 

@@ -60,22 +60,33 @@ class DifficultyFinding:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+# Spend within this of a budget counts as at it: float sums of prices are not exact.
+BUDGET_SLACK_USD = 1e-9
+
+
 @dataclass(frozen=True)
 class BudgetState:
-    """The client's spend this period, read from the state store before the decision (so the
-    decision stays a pure function of features and policy). `limit_usd` None: no budget."""
+    """The client's spend this period and whether this request's hold (its estimated maximum
+    cost, reserved before dispatch) fit beside it, from the state store before the decision (so
+    the decision stays a pure function of features and policy). `limit_usd` None: no budget."""
 
     spent_usd: float = 0.0
     limit_usd: float | None = None
     period: str | None = None
     resets_in_s: float = 0.0  # until the period ends and the spend starts again from 0
+    held_usd: float = 0.0  # reserved by requests in flight (this one's included when it fit)
+    hold_usd: float = 0.0  # this request's estimated maximum cost
+    fits: bool = True  # this request's hold was placed
 
     @property
     def status(self) -> Literal["ok", "exceeded"]:
-        return "exceeded" if self.limit_usd is not None and self.spent_usd >= self.limit_usd else "ok"
+        if self.limit_usd is None:
+            return "ok"
+        return "exceeded" if self.spent_usd >= self.limit_usd - BUDGET_SLACK_USD or not self.fits else "ok"
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": self.status, "spent_usd": round(self.spent_usd, 6), "limit_usd": self.limit_usd,
+                "held_usd": round(self.held_usd, 6), "hold_usd": round(self.hold_usd, 6),
                 "period": self.period, "resets_in_s": round(self.resets_in_s, 1)}
 
 

@@ -33,7 +33,8 @@ from gateway.privacy.restore import StreamRestorer
 from gateway.privacy.vault import Vault
 from gateway.runtime import Runtime
 from gateway.schema import APIError
-from gateway.store.base import StoreUnavailable
+from gateway.store import admission
+from gateway.store.base import Hold, StoreUnavailable
 from gateway.store.budgets import Charge
 from gateway.stream_deadline import StreamDeadline
 from gateway.tracing import RequestTrace
@@ -64,6 +65,7 @@ class Prepared:
     redacted: dict[str, Any] | None = None
     native_redacted: dict[str, Any] | None = None  # the pass-through body, redacted in its API's positions
     warnings: list[str] = field(default_factory=list)
+    hold: Hold | None = None  # the budget hold placed before dispatch: settled by charge(), or released
 
 
 @dataclass
@@ -189,20 +191,9 @@ async def _run_classifiers(rt: Runtime, call: Call, metrics: Metrics,
     return sensitivity, difficulty
 
 
-def read_spend(rt: Runtime, call: Call) -> asyncio.Future[BudgetState] | None:
-    """The client's spend this period, read from the store while other stages work; None when it
-    has no budget (nothing to read)."""
-    if rt.budgets is None or not rt.budgets.has_budget(call.client):
-        return None
-    return asyncio.ensure_future(rt.budgets.state(call.client))
-
-
 async def classify(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = False,
-                   spend: asyncio.Future[BudgetState] | None = None) -> Features:
-    try:
-        sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
-    finally:
-        budget = await spend if spend is not None else NO_BUDGET
+                   budget: BudgetState = NO_BUDGET) -> Features:
+    sensitivity, difficulty = await _run_classifiers(rt, call, metrics, score_all)
     return Features(
         model=str(call.body.get("model", "")),
         client=call.client,
@@ -275,11 +266,27 @@ def _local_only(decision: Decision, local: tuple[str, ...], block: bool, note: s
     )
 
 
+def max_tokens(body: dict[str, Any]) -> int | None:
+    """The answer's length the request asks room for, if it says."""
+    asked = body.get("max_completion_tokens") or body.get("max_tokens")
+    return asked if isinstance(asked, int) and asked > 0 else None
+
+
 def requested_tokens(body: dict[str, Any]) -> int:
     """What a request may cost against a tokens/min limit: its prompt (estimated) and the answer
     it asks room for."""
-    asked = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-    return estimate_tokens(body) + (asked if isinstance(asked, int) and asked > 0 else 0)
+    return estimate_tokens(body) + (max_tokens(body) or 0)
+
+
+def release(rt: Runtime, call: Call, hold: Hold | None) -> None:
+    """A held request that ends without an answer to charge: its budget hold is released."""
+    if hold is not None and rt.budgets is not None:
+        rt.budgets.release(hold, call.client)
+
+
+def release_prepared(rt: Runtime, prepared: Prepared) -> None:
+    release(rt, prepared.call, prepared.hold)
+    prepared.hold = None
 
 
 def vault_unavailable(rt: Runtime, decision: Decision, reason: str) -> Decision:
@@ -312,16 +319,17 @@ async def prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool = F
 
 async def _prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool) -> Prepared:
     pinned = pinned_target(rt, str(call.body.get("model", "")))
-    spend = read_spend(rt, call)  # in flight beside the rate-limit take: one store round trip, not two
-    if rt.limits is not None:  # before the classifiers: a refused request costs next to nothing
-        try:
-            await rt.limits.admit(call.client, requested_tokens(call.body))
-        except APIError:
-            if spend is not None:
-                spend.cancel()
-            raise
+    # One store round trip before dispatch, before the classifiers (a refused request costs next
+    # to nothing): the rate-limit tokens taken and the budget hold placed together.
+    admitted = await admission.admit(rt.store, rt.limits, rt.budgets, call.client, tokens=requested_tokens(call.body),
+                                     prompt_tokens=estimate_tokens(call.body), max_tokens=max_tokens(call.body),
+                                     pinned=pinned)
     with _stage(call, "classify") as span:
-        features = await classify(rt, call, metrics, score_all, spend)
+        try:
+            features = await classify(rt, call, metrics, score_all, admitted.budget)
+        except BaseException:
+            release(rt, call, admitted.hold)
+            raise
         if span is not None:
             span.set_attributes({"hybrid.sensitivity": features.sensitivity.level,
                                  "hybrid.entities": sorted(features.sensitivity.counts),
@@ -332,7 +340,7 @@ async def _prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool) -
         if span is not None:
             span.set_attributes({"hybrid.rule": decision.rule, "hybrid.action": decision.action,
                                  "hybrid.chain": list(decision.chain)})
-    prepared = Prepared(call=call, features=features, decision=decision)
+    prepared = Prepared(call=call, features=features, decision=decision, hold=admitted.hold)
     if decision.action == "route" and decision.redact and any(rt.policy.is_cloud(t) for t in decision.chain):
         with _stage(call, "redact") as span:
             await _redact(rt, call, prepared)
@@ -448,6 +456,7 @@ def _blocked(decision: Decision) -> APIError:
 async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Served]:
     decision = prepared.decision
     if decision.action == "block":
+        release_prepared(rt, prepared)
         raise _blocked(decision)
     try:
         outcome = await rt.dispatcher.complete(
@@ -455,6 +464,7 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
             pace=decision.pace, hedge_after_s=decision.hedge_after_s,
         )
     except AllTargetsFailed as exc:
+        release_prepared(rt, prepared)
         raise _all_failed_error(exc, decision) from None
     response = outcome.response or {}
     if isinstance(events := response.get(NATIVE), list):  # read as a stream (slowness limits): its events
@@ -491,8 +501,9 @@ async def charge(rt: Runtime, prepared: Prepared, served: Served, answer_chars: 
             charges.append(Charge(part.target, prompt, completion))
         else:
             charges.append(Charge(part.target, prepared.features.prompt_tokens, (chars + 3) // 4, estimated=True))
+    hold, prepared.hold = prepared.hold, None  # settled once
     try:
-        await rt.budgets.charge(prepared.call.client, charges)
+        rt.budgets.charge(prepared.call.client, hold, charges)
     except Exception as exc:  # counting must never fail an answer already given
         log.error("usage_charge_failed", error=type(exc).__name__, request_id=prepared.call.request_id)
 
@@ -522,12 +533,14 @@ async def stream(rt: Runtime, prepared: Prepared,
     translates them into another API's events; an interruption arrives as an `{"error": ...}` dict."""
     decision = prepared.decision
     if decision.action == "block":
+        release_prepared(rt, prepared)
         raise _blocked(decision)
     opts = _options(rt, prepared.call)
     try:
         outcome = await rt.dispatcher.stream(decision.chain, lambda t: body_for(rt, prepared, t), opts,
                                              pace=decision.pace, hedge_after_s=decision.hedge_after_s)
     except AllTargetsFailed as exc:
+        release_prepared(rt, prepared)
         raise _all_failed_error(exc, decision) from None
     want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
     usage: dict[str, Any] = {}
@@ -697,6 +710,7 @@ async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...],
     try:
         outcome = await dispatcher.complete(chain, lambda t: {}, _options(rt, prepared.call))
     except AllTargetsFailed as exc:
+        release_prepared(rt, prepared)
         raise _all_failed_error(exc) from None
     response = outcome.response or {}
     billed = Served(target=outcome.target, fallbacks=[], redactions=0,

@@ -182,6 +182,7 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
         call = _call(request, body, client)
         prepared = await pipeline.prepare(rt, call, state.metrics)
         if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
+            pipeline.release_prepared(rt, prepared)  # charged when sent, not now
             job = await state.deferred.accept(rt, prepared)
             respond.record(state, prepared, None, 202, {}, False)
             return deferred.accepted(state, prepared, job)
@@ -262,6 +263,7 @@ async def route_explain(
         except ValidationError as exc:
             raise validation_error(exc) from None
     prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
+    pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
     if prepared.call.trace is not None:
         prepared.call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
     result = pipeline.explain(rt, prepared)

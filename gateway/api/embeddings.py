@@ -76,6 +76,7 @@ async def _serve(request: Request) -> Response:
 
         result, served = await pipeline.embed(rt, prepared, chosen.chain, call)
     except APIError as exc:
+        pipeline.release_prepared(rt, prepared)  # refused or failed: its budget hold goes
         respond.record_failed(state, prepared, exc, False, endpoint=PATH)
         raise
     headers = respond.route_headers(prepared, served)

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS, Features, level_rank
+from gateway.features import BUDGET_SLACK_USD, DIFFICULTY_LEVELS, SENSITIVITY_LEVELS, Features, level_rank
 from gateway.policy.model import AtLeast, Policy, Rule, When
 from gateway.policy.pace import NO_PACE, Pace, resolve
 
@@ -201,18 +201,29 @@ def _over_budget(policy: Policy, features: Features, decision: Decision) -> Deci
     if not priced:
         return decision
     b = features.budget
+    limit = b.limit_usd or 0.0
+    if b.spent_usd >= limit - BUDGET_SLACK_USD:
+        message = (f"Client {features.client!r} has spent its budget of ${limit:g} for this {b.period} "
+                   f"(${b.spent_usd:.4f}); rule {decision.rule!r} would use priced target(s) {', '.join(priced)}. "
+                   f"The budget resets in {math.ceil(b.resets_in_s)} s.")
+        retry = b.resets_in_s
+    else:  # not spent yet, but this request's hold does not fit beside the spend and those in flight
+        message = (f"Client {features.client!r} has ${max(0.0, limit - b.spent_usd):.4f} left of its budget of "
+                   f"${limit:g} for this {b.period}, ${b.held_usd:.4f} of it held by requests in flight; this "
+                   f"request may cost up to ${b.hold_usd:.4f} (its prompt and max_tokens at the priced targets' "
+                   f"prices). Ask for fewer max_tokens, or retry when requests in flight have settled.")
+        alone = b.spent_usd + b.hold_usd <= limit  # it fits once those in flight settle
+        retry = min(b.resets_in_s, 1.0) if alone else b.resets_in_s
     return Decision(
         rule=decision.rule,
         action="block",
         block_status=429,
-        block_message=f"Client {features.client!r} has spent its budget of ${b.limit_usd:g} for this {b.period} "
-        f"(${b.spent_usd:.4f}); rule {decision.rule!r} would use priced target(s) {', '.join(priced)}. "
-        f"The budget resets in {math.ceil(b.resets_in_s)} s.",
+        block_message=message,
         block_code="budget_exceeded",
         matched=decision.matched,
         pinned=decision.pinned,
         notes=(*decision.notes, f"budget exceeded: priced target(s) {', '.join(priced)} refused"),
-        retry_after_s=b.resets_in_s,
+        retry_after_s=retry,
     )
 
 

@@ -241,6 +241,9 @@ BudgetPeriod = Literal["hour", "day", "week", "month"]
 class Budget(_Strict):
     usd: float = Field(gt=0, description="The most this client may spend per period, in USD.")
     period: BudgetPeriod = Field("day", description="hour, day, week (from Monday) or month, in UTC.")
+    hold_tokens: int = Field(
+        1024, ge=0, description="Completion tokens held against the budget (at the priced targets' output price) "
+        "for a request that sets no max_tokens, until its actual cost settles it.")
 
 
 class Client(_Strict):

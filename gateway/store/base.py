@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.features import BUDGET_SLACK_USD
+
 Handler = Callable[[bytes], Awaitable[None]]
 
 
@@ -26,6 +28,39 @@ class Bucket:
     @property
     def rate(self) -> float:
         return self.capacity / self.period_s
+
+
+# A settled request's id is remembered this long, so a settle retried after an ambiguous failure
+# (a timeout after Redis applied it) counts once. Kept short: one small key per request.
+SETTLED_MEMORY_S = 600.0
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A request's estimated maximum cost, reserved against its client's budget before dispatch
+    and released when the request settles with what it actually cost."""
+
+    key: str  # the client's counters for this period
+    id: str  # unique per request (made by the gateway: a client's x-request-id may repeat)
+    usd: float
+    limit_usd: float
+    ttl_s: float  # the counters' lifetime: the rest of their period, and a minute
+    lapse_s: float  # a hold never settled (its replica died mid-request) lapses after this
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What one admit call found: the rate limits' verdict and, with a hold, the client's spend."""
+
+    wait_s: float = 0.0  # > 0: a rate limit refused the request; nothing was taken or held
+    spent_usd: float = 0.0  # settled spend this period
+    held_usd: float = 0.0  # reserved by requests in flight, this one's included when held
+    held: bool = False  # this request's hold was placed
+
+
+def fits(spent: float, held: float, usd: float, limit: float) -> bool:
+    """Whether a hold of `usd` fits the budget beside what is spent and held."""
+    return spent < limit - BUDGET_SLACK_USD and spent + held + usd <= limit + BUDGET_SLACK_USD
 
 
 class StateStore(ABC):
@@ -51,6 +86,17 @@ class StateStore(ABC):
     async def take(self, buckets: list[Bucket]) -> float:
         """Atomically take `cost` from every bucket, or from none: 0.0 when taken, else the
         seconds until all of them could be taken."""
+
+    @abstractmethod
+    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
+        """One atomic step before dispatch: take `cost` from every bucket (or from none), and
+        when they gave, place `hold` if it fits the budget beside the spend and the other holds
+        (holds past their `lapse_s` are dropped first)."""
+
+    @abstractmethod
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        """Release the hold `settle_id` (if any) and add `amounts` to the counters of hash `key`,
+        once per `settle_id` (remembered SETTLED_MEMORY_S): False when it was already settled."""
 
     @abstractmethod
     async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:

@@ -1,24 +1,29 @@
-"""Per-client usage and spend budgets on the state store.
+"""Per-client usage and spend budgets on the state store: held before dispatch, settled after.
 
 Each client's usage this period (requests, tokens, USD at the targets' `prices`) is one hash of
-counters, keyed by the period (`usage:<client>:day:2026-12-04`): every replica adds to it with one
-atomic script on Redis (HINCRBYFLOAT), so the fleet's total is exact, and it expires when its
-period is over. Before the decision a replica reads the client's spend (`state`, a feature);
-after the answer it adds what the answer cost (`charge`, off the answer's path: the answer does
-not wait for the store, but this replica's next read of that client's spend waits for the add).
-A budget is checked, not reserved: the requests already in flight when the last dollar goes are
-still charged, so the overshoot is at most what those cost (one request per replica when each
-replica has one in flight).
+counters, keyed by the period (`usage:<client>:day:2026-12-04`), expiring when its period is over.
+Before the decision, in the same store call that takes the rate-limit tokens (gateway/store/
+admission.py), a request *holds* its estimated maximum cost (its prompt and max_tokens, or the
+budget's hold_tokens, at the priced targets' prices) if that fits beside the spend and the holds
+of the requests in flight on every replica; if not, its budget state is `exceeded` (a 429, or a
+`budget: exceeded` rule). After the answer it *settles*: the hold is released and the actual cost
+added, in one atomic script, once per request (a settle id the store remembers), off the answer's
+path (a task; this replica's next admit for the client waits for it). So the fleet cannot spend
+past the budget except by what answers cost beyond their hold (a prompt longer than ~4
+characters a token, an answer with no max_tokens longer than hold_tokens). A hold whose request
+never settles (its replica died) lapses after the request timeout.
 
 While the store is down, each replica goes on from the spend it last read plus what it charged
-since, in its own memory: a local approximation (N replicas may each spend the rest once); the
-charges made meanwhile are not added to the shared total when the store is back.
+since, in its own memory: a local approximation (N replicas may each spend the rest once),
+checked against each request's hold but not holding. The settles that failed meanwhile are kept
+and replayed, in order, once the store answers again: counted once each on the shared total.
 """
 
 from __future__ import annotations
 
 import asyncio
 import calendar
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,9 +32,9 @@ from typing import Any
 
 import structlog
 
-from gateway.features import NO_BUDGET, BudgetState
+from gateway.features import BUDGET_SLACK_USD, BudgetState
 from gateway.policy.model import Client, Policy
-from gateway.store.base import StateStore, StoreUnavailable
+from gateway.store.base import Admission, Hold, StateStore, StoreUnavailable, fits
 from gateway.store.embedded import EmbeddedStore
 
 log = structlog.get_logger("gateway.budgets")
@@ -75,6 +80,18 @@ class Period:
         return max(0.0, self.end.timestamp() - now)
 
 
+# A hold outlives its request's timeout by this much before it lapses (a replica that died).
+_HOLD_MARGIN_S = 30.0
+
+
+@dataclass(frozen=True)
+class _Settle:
+    key: str
+    id: str
+    amounts: dict[str, float]
+    ttl_s: float
+
+
 class Budgets:
     def __init__(self, policy: Policy, store: StateStore, clock: Callable[[], float] = time.time) -> None:
         self._policy = policy
@@ -84,7 +101,12 @@ class Budgets:
         self._local = EmbeddedStore()
         self._last_shared: dict[str, float] = {}  # key -> the spend last read from the store
         self._degraded = False
-        self._pending: dict[str, set[asyncio.Task[None]]] = {}  # key -> its adds not yet done
+        self._pending: dict[str, set[asyncio.Task[None]]] = {}  # key -> its settles not yet done
+        self._backlog: list[_Settle] = []  # settles the store could not take: replayed when it is back
+        self._replaying: asyncio.Task[None] | None = None
+        self._replay_lock = asyncio.Lock()  # one replay at a time: each settle leaves the backlog once
+        priced = [p for p in map(policy.prices, policy.targets) if p is not None]
+        self._dearest = (max((p.input for p in priced), default=0.0), max((p.output for p in priced), default=0.0))
 
     def __bool__(self) -> bool:
         return bool(self._clients)
@@ -100,10 +122,58 @@ class Budgets:
         client = self._clients.get(client_name or "")
         return client is not None and client.budget is not None
 
+    # -- before dispatch ----------------------------------------------------------------------
+    def max_cost(self, client: Client, prompt_tokens: int, max_tokens: int | None, pinned: str | None) -> float:
+        """The most this request may cost: its prompt and max_tokens (or the budget's
+        hold_tokens) at the pinned target's prices, or at the dearest priced target's."""
+        completion = max_tokens if max_tokens is not None else (client.budget.hold_tokens if client.budget else 0)
+        prices = self._policy.prices(pinned) if pinned is not None else None
+        usd_in, usd_out = (prices.input, prices.output) if prices is not None else (
+            (0.0, 0.0) if pinned is not None else self._dearest)
+        return (prompt_tokens * usd_in + completion * usd_out) / 1_000_000
+
+    def hold(self, client_name: str | None, prompt_tokens: int, max_tokens: int | None,
+             pinned: str | None) -> Hold | None:
+        """This request's hold on its client's budget (None: the client has no budget)."""
+        client = self._clients.get(client_name or "")
+        if client is None or client.budget is None:
+            return None
+        now = self._clock()
+        period = self._period(client, now)
+        return Hold(key=self._key(client, period), id=secrets.token_hex(12),
+                    usd=self.max_cost(client, prompt_tokens, max_tokens, pinned), limit_usd=client.budget.usd,
+                    ttl_s=period.left_s(now) + 60, lapse_s=self._policy.limits.request_timeout_s + _HOLD_MARGIN_S)
+
+    async def settled(self, hold: Hold) -> None:
+        """Wait for this replica's own settles of the hold's client (they land before it admits
+        again, so one replica's sequential requests see each other's cost)."""
+        if pending := self._pending.get(hold.key):
+            await asyncio.wait(set(pending))
+
+    def state(self, client_name: str | None, hold: Hold, admission: Admission | None) -> BudgetState:
+        """The budget feature from what the store's admit found, or (`admission` None: the store
+        is down) from this replica's local approximation."""
+        client = self._clients[client_name or ""]
+        assert client.budget is not None
+        now = self._clock()
+        period = self._period(client, now)
+        if admission is None:
+            self._down()
+            spent = self._last_shared.get(hold.key, 0.0) + self._local.counters_now(hold.key).get("usd", 0.0)
+            admission = Admission(spent_usd=spent, held=fits(spent, 0.0, hold.usd, hold.limit_usd))
+        else:
+            self._up()
+            self._last_shared[hold.key] = admission.spent_usd
+        return BudgetState(spent_usd=admission.spent_usd, limit_usd=client.budget.usd, period=period.name,
+                           resets_in_s=period.left_s(now), held_usd=admission.held_usd, hold_usd=hold.usd,
+                           fits=admission.held)
+
+    # -- reading --------------------------------------------------------------------------------
     async def _read(self, key: str) -> dict[str, float]:
-        if pending := self._pending.get(key):  # this replica's own charges land before it reads
+        if pending := self._pending.get(key):  # this replica's own settles land before it reads
             await asyncio.wait(set(pending))
         try:
+            await self._replay()
             counters = await self._store.counters(key)
         except StoreUnavailable:
             self._down()
@@ -124,42 +194,48 @@ class Budgets:
         if self._degraded:
             log.info("budgets_shared_again", store=self._store.name)
             self._degraded = False
-
-    async def state(self, client_name: str | None) -> BudgetState:
-        """The client's spend against its budget now: a feature for the decision."""
-        client = self._clients.get(client_name or "")
-        if client is None or client.budget is None:
-            return NO_BUDGET
-        now = self._clock()
-        period = self._period(client, now)
-        counters = await self._read(self._key(client, period))
-        return BudgetState(spent_usd=counters.get("usd", 0.0), limit_usd=client.budget.usd, period=period.name,
-                           resets_in_s=period.left_s(now))
+        if self._backlog and self._replaying is None:
+            self._replaying = asyncio.ensure_future(self._replay())
+            self._replaying.add_done_callback(lambda _: setattr(self, "_replaying", None))
 
     def cost(self, charge: Charge) -> float:
         prices = self._policy.prices(charge.target)
         return prices.cost(charge.prompt_tokens, charge.completion_tokens) if prices is not None else 0.0
 
-    async def charge(self, client_name: str | None, charges: list[Charge]) -> None:
-        """Add one answer's usage and cost to the client's counters for this period."""
+    # -- after the answer -----------------------------------------------------------------------
+    def charge(self, client_name: str | None, hold: Hold | None, charges: list[Charge]) -> None:
+        """Settle one answer: its hold released, its usage and cost added to the client's counters
+        for this period, exactly once, in a task (the answer does not wait for the store)."""
         client = self._clients.get(client_name or "")
-        if client is None or not charges:
+        if client is None:
             return
-        now = self._clock()
-        period = self._period(client, now)
-        amounts: dict[str, float] = {"requests": 1, "estimated": int(any(c.estimated for c in charges))}
-        for c in charges:
-            usd = self.cost(c)
-            for name, value in (("prompt_tokens", c.prompt_tokens), ("completion_tokens", c.completion_tokens),
-                                ("usd", usd), (f"usd:{c.target}", usd),
-                                (f"tokens:{c.target}", c.prompt_tokens + c.completion_tokens)):
-                amounts[name] = amounts.get(name, 0.0) + value
-        key = self._key(client, period)
-        ttl = period.left_s(now) + 60  # kept a minute past its period, for a late report
-        task = asyncio.create_task(self._add(key, amounts, ttl))
+        amounts: dict[str, float] = {}
+        if charges:
+            amounts = {"requests": 1, "estimated": int(any(c.estimated for c in charges))}
+            for c in charges:
+                usd = self.cost(c)
+                for name, value in (("prompt_tokens", c.prompt_tokens), ("completion_tokens", c.completion_tokens),
+                                    ("usd", usd), (f"usd:{c.target}", usd),
+                                    (f"tokens:{c.target}", c.prompt_tokens + c.completion_tokens)):
+                    amounts[name] = amounts.get(name, 0.0) + value
+        elif hold is None:
+            return  # nothing to count and nothing to release
+        if hold is not None:
+            key, ttl = hold.key, hold.ttl_s
+        else:
+            now = self._clock()
+            period = self._period(client, now)
+            key, ttl = self._key(client, period), period.left_s(now) + 60  # a minute past its period
+        settle = _Settle(key, hold.id if hold is not None else secrets.token_hex(12), amounts, ttl)
+        task = asyncio.ensure_future(self._settle(settle))
         pending = self._pending.setdefault(key, set())
         pending.add(task)
         task.add_done_callback(lambda t: self._done(key, t))
+
+    def release(self, hold: Hold | None, client_name: str | None) -> None:
+        """A held request that ends without an answer (refused, failed, deferred): its hold goes."""
+        if hold is not None:
+            self.charge(client_name, hold, [])
 
     def _done(self, key: str, task: asyncio.Task[None]) -> None:
         pending = self._pending.get(key)
@@ -168,23 +244,47 @@ class Budgets:
             if not pending:
                 del self._pending[key]
 
-    async def _add(self, key: str, amounts: dict[str, float], ttl: float) -> None:
+    async def _settle(self, settle: _Settle) -> None:
         try:
-            await self._store.add(key, amounts, ttl)
+            await self._replay()  # older settles first
+            await self._store.settle(settle.key, settle.id, settle.amounts, settle.ttl_s)
             self._up()
             # Should the store go down before the next read, the local approximation starts here.
-            self._last_shared[key] = self._last_shared.get(key, 0.0) + amounts["usd"]
+            self._last_shared[settle.key] = self._last_shared.get(settle.key, 0.0) + settle.amounts.get("usd", 0.0)
         except StoreUnavailable:
             self._down()
-            self._local.add_now(key, amounts, ttl)
+            self._local.add_now(settle.key, settle.amounts, settle.ttl_s)
+            self._backlog.append(settle)
         except Exception as exc:  # counting must never take the loop down
             log.error("usage_charge_failed", error=type(exc).__name__)
 
+    async def _replay(self) -> None:
+        """The settles the store missed, oldest first, each once (its settle id); raises
+        StoreUnavailable, keeping the rest, if the store is still down."""
+        if not self._backlog:
+            return
+        async with self._replay_lock:
+            while self._backlog:
+                settle = self._backlog[0]
+                await self._store.settle(settle.key, settle.id, settle.amounts, settle.ttl_s)
+                self._backlog.pop(0)
+                # Now on the shared total: out of this replica's local approximation.
+                self._local.add_now(settle.key, {k: -v for k, v in settle.amounts.items()}, settle.ttl_s)
+                log.info("usage_replayed", backlog=len(self._backlog))
+
     async def drain(self) -> None:
-        """Wait for every charge still on its way to the store (at shutdown)."""
+        """Wait for every settle still on its way to the store (at shutdown), and replay what the
+        store missed if it answers now."""
         tasks = {t for pending in self._pending.values() for t in pending}
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        try:
+            async with asyncio.timeout(5):
+                await self._replay()
+        except (StoreUnavailable, TimeoutError):
+            if self._backlog:
+                log.error("usage_not_replayed", settles=len(self._backlog),
+                          detail="the store stayed down until shutdown: these answers are not on the shared total")
 
     async def usage(self, client_name: str) -> dict[str, Any]:
         """The client's usage this period, as GET /v1/usage reports it."""
@@ -209,9 +309,10 @@ class Budgets:
             "completion_tokens": int(counters.get("completion_tokens", 0)),
             "estimated_requests": int(counters.get("estimated", 0)),
             "spent_usd": round(spent, 6),
+            "held_usd": round(max(0.0, counters.get("held", 0.0)), 6),
             "budget_usd": budget.usd if budget else None,
             "remaining_usd": round(max(0.0, budget.usd - spent), 6) if budget else None,
-            "status": ("exceeded" if spent >= budget.usd else "ok") if budget else None,
+            "status": ("exceeded" if spent >= budget.usd - BUDGET_SLACK_USD else "ok") if budget else None,
             "by_target": by_target,
             "shared": self._store.shared and not self._degraded,
         }

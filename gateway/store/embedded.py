@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 import structlog
 
-from gateway.store.base import Bucket, Handler, StateStore
+from gateway.store.base import SETTLED_MEMORY_S, Admission, Bucket, Handler, Hold, StateStore, fits
 
 log = structlog.get_logger("gateway.store")
 
@@ -27,6 +27,8 @@ class EmbeddedStore(StateStore):
         self._values: dict[str, tuple[bytes, float]] = {}  # key -> (value, expires at)
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
         self._counters: dict[str, tuple[dict[str, float], float]] = {}  # key -> (counters, expires at)
+        self._holds: dict[str, dict[str, tuple[float, float]]] = {}  # counters key -> id -> (usd, lapses at)
+        self._settled: dict[str, float] = {}  # settle id -> forgotten at
         self._handlers: dict[str, list[Handler]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -78,21 +80,57 @@ class EmbeddedStore(StateStore):
                 self._buckets[b.key] = (tokens - min(b.cost, b.capacity) if wait == 0.0 else tokens, now)
             return wait
 
+    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
+        wait = self.take_now(buckets)
+        if wait > 0 or hold is None:
+            return Admission(wait_s=wait)
+        now = self._clock()
+        with self._lock:
+            holds = self._holds.setdefault(hold.key, {})
+            for old in [h for h, (_, lapses) in holds.items() if lapses <= now]:
+                del holds[old]  # its request never settled
+            counters, expires = self._counters.get(hold.key, ({}, now))
+            spent = counters.get("usd", 0.0) if expires > now else 0.0
+            held = sum(usd for usd, _ in holds.values())
+            if not fits(spent, held, hold.usd, hold.limit_usd):
+                return Admission(spent_usd=spent, held_usd=held)
+            holds[hold.id] = (hold.usd, now + hold.lapse_s)
+            return Admission(spent_usd=spent, held_usd=held + hold.usd, held=True)
+
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        now = self._clock()
+        with self._lock:
+            if self._settled.get(settle_id, 0.0) > now:
+                return False
+            self._settled[settle_id] = now + SETTLED_MEMORY_S
+            if len(self._settled) > self._max:
+                for k in [k for k, until in self._settled.items() if until <= now]:
+                    del self._settled[k]
+            holds = self._holds.get(key)
+            if holds is not None:
+                holds.pop(settle_id, None)
+                if not holds:
+                    del self._holds[key]
+            self._add_locked(key, amounts, ttl_s, now)
+        return True
+
     async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
         self.add_now(key, amounts, ttl_s)
 
     def add_now(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
-        now = self._clock()
         with self._lock:
-            counters, expires = self._counters.get(key, ({}, now))
-            if expires <= now:
-                counters = {}
-            for name, value in amounts.items():
-                counters[name] = counters.get(name, 0.0) + value
-            self._counters[key] = (counters, now + ttl_s)
-            if len(self._counters) > self._max:  # periods past: expired first
-                for k in [k for k, (_, exp) in self._counters.items() if exp <= now]:
-                    del self._counters[k]
+            self._add_locked(key, amounts, ttl_s, self._clock())
+
+    def _add_locked(self, key: str, amounts: Mapping[str, float], ttl_s: float, now: float) -> None:
+        counters, expires = self._counters.get(key, ({}, now))
+        if expires <= now:
+            counters = {}
+        for name, value in amounts.items():
+            counters[name] = counters.get(name, 0.0) + value
+        self._counters[key] = (counters, now + ttl_s)
+        if len(self._counters) > self._max:  # periods past: expired first
+            for k in [k for k, (_, exp) in self._counters.items() if exp <= now]:
+                del self._counters[k]
 
     async def counters(self, key: str) -> dict[str, float]:
         return self.counters_now(key)
@@ -100,9 +138,12 @@ class EmbeddedStore(StateStore):
     def counters_now(self, key: str) -> dict[str, float]:
         with self._lock:
             entry = self._counters.get(key)
-            if entry is None or entry[1] <= self._clock():
-                return {}
-            return dict(entry[0])
+            now = self._clock()
+            holds = [usd for usd, lapses in self._holds.get(key, {}).values() if lapses > now]
+            counters = dict(entry[0]) if entry is not None and entry[1] > now else {}
+            if holds:
+                counters["held"] = sum(holds)
+            return counters
 
     async def publish(self, channel: str, message: bytes) -> None:
         for handler in list(self._handlers.get(channel, ())):

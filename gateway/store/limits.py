@@ -33,7 +33,11 @@ class RateLimiter:
     def __bool__(self) -> bool:
         return bool(self._clients)
 
-    def _buckets(self, client: Client, tokens: int) -> list[Bucket]:
+    def buckets(self, client_name: str | None, tokens: int) -> list[Bucket]:
+        """The buckets this request takes from: none for a client without limits."""
+        client = self._clients.get(client_name or "")
+        if client is None:
+            return []
         out = []
         if client.requests_per_min:
             out.append(Bucket(f"rl:{client.name}:requests", client.requests_per_min, _MINUTE, 1))
@@ -41,31 +45,44 @@ class RateLimiter:
             out.append(Bucket(f"rl:{client.name}:tokens", client.tokens_per_min, _MINUTE, max(1, tokens)))
         return out
 
+    def shared(self) -> None:
+        """The store answered: limits are fleet-wide (again)."""
+        if self._degraded_since is not None:
+            log.info("rate_limits_shared_again", store=self._store.name)
+            self._degraded_since = None
+
+    def take_locally(self, buckets: list[Bucket]) -> float:
+        """The store is down: this replica's own buckets, with the full limit."""
+        if self._degraded_since is None:
+            log.warning("rate_limits_local", store=self._store.name,
+                        detail="shared store down: each replica limits on its own")
+            self._degraded_since = time.monotonic()
+        return self._local.take_now(buckets)
+
+    def check(self, client_name: str | None, wait: float) -> None:
+        """A 429 with Retry-After when the buckets could not give."""
+        client = self._clients.get(client_name or "")
+        if client is None or wait <= 0:
+            return
+        raise APIError(
+            429,
+            f"Rate limit exceeded for client {client.name!r} "
+            f"({_describe(client)}); retry after {math.ceil(wait)} s.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
     async def admit(self, client_name: str | None, tokens: int) -> None:
         """Take this request from the client's buckets, or raise a 429 with Retry-After."""
-        client = self._clients.get(client_name or "")
-        if client is None:
+        buckets = self.buckets(client_name, tokens)
+        if not buckets:
             return
-        buckets = self._buckets(client, tokens)
         try:
             wait = await self._store.take(buckets)
-            if self._degraded_since is not None:
-                log.info("rate_limits_shared_again", store=self._store.name)
-                self._degraded_since = None
+            self.shared()
         except StoreUnavailable:
-            if self._degraded_since is None:
-                log.warning("rate_limits_local", store=self._store.name,
-                            detail="shared store down: each replica limits on its own")
-                self._degraded_since = time.monotonic()
-            wait = self._local.take_now(buckets)
-        if wait > 0:
-            raise APIError(
-                429,
-                f"Rate limit exceeded for client {client.name!r} "
-                f"({_describe(client)}); retry after {math.ceil(wait)} s.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))},
-            )
+            wait = self.take_locally(buckets)
+        self.check(client_name, wait)
 
 
 def _describe(client: Client) -> str:

@@ -1,8 +1,8 @@
 """The shared store on Redis (redis-py's asyncio client), for several replicas.
 
-Coordination is Redis's own: TTLs on keys, one Lua script for the token buckets (atomic on the
-server, timed by the server's clock so replicas' clocks do not matter), pub/sub for fleet-wide
-switches. Every call has a bounded socket timeout; after a failure the store answers
+Coordination is Redis's own: TTLs on keys, Lua scripts called by EVALSHA (one before dispatch
+takes the rate-limit tokens and places the budget hold together; one after the answer settles
+it, once per request), pub/sub for fleet-wide switches. Every call has a bounded socket timeout; after a failure the store answers
 StoreUnavailable at once for `cooldown_s`, so an outage costs requests no waiting, and it tries
 Redis again after that, so the state returns when Redis does.
 """
@@ -20,37 +20,94 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.store.base import Bucket, Handler, StateStore, StoreUnavailable
+from gateway.features import BUDGET_SLACK_USD
+from gateway.store.base import (
+    SETTLED_MEMORY_S,
+    Admission,
+    Bucket,
+    Handler,
+    Hold,
+    StateStore,
+    StoreUnavailable,
+)
 
 log = structlog.get_logger("gateway.store")
 
-# KEYS: one hash per bucket; ARGV: capacity, rate (tokens/s), cost for each key in turn.
-# Returns "0" when every bucket gave its cost, else the seconds until all could (nothing taken).
-_TAKE = """
+# The one round trip a request makes before dispatch. KEYS: one hash per bucket, then (with a
+# hold) the client's counters and its holds (a sorted set: hold id -> when it lapses). ARGV: the
+# number of buckets, capacity, rate (tokens/s) and cost for each, then (with a hold) its id, usd,
+# limit, the counters' ttl (ms) and its lapse (s). Returns {wait, spent, held, placed}: wait "0"
+# when every bucket gave its cost (else nothing was taken or held). Timed by the server's clock,
+# so replicas' clocks do not matter.
+_ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = tonumber(ARGV[1])
 local levels = {}
 local wait = 0
-for i, key in ipairs(KEYS) do
-  local cap = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
-  local cost = math.min(tonumber(ARGV[3 * i]), cap)
-  local b = redis.call('HMGET', key, 'tokens', 'ts')
+for i = 1, n do
+  local cap = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
+  local cost = math.min(tonumber(ARGV[3 * i + 1]), cap)
+  local b = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
   local tokens = tonumber(b[1]) or cap
   local ts = tonumber(b[2]) or now
   tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
   levels[i] = tokens
   if tokens < cost then wait = math.max(wait, (cost - tokens) / rate) end
 end
-for i, key in ipairs(KEYS) do
-  local cap = tonumber(ARGV[3 * i - 2])
-  local rate = tonumber(ARGV[3 * i - 1])
+for i = 1, n do
+  local cap = tonumber(ARGV[3 * i - 1])
+  local rate = tonumber(ARGV[3 * i])
   local tokens = levels[i]
-  if wait == 0 then tokens = tokens - math.min(tonumber(ARGV[3 * i]), cap) end
-  redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', key, math.ceil(cap / rate * 1000) + 1000)
+  if wait == 0 then tokens = tokens - math.min(tonumber(ARGV[3 * i + 1]), cap) end
+  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[i], math.ceil(cap / rate * 1000) + 1000)
 end
-return tostring(wait)
+if wait > 0 or #KEYS == n then return {tostring(wait), '0', '0', 0} end
+local usage, holds = KEYS[n + 1], KEYS[n + 2]
+local a = 3 * n + 1
+local id, usd, limit = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+-- Holds whose replica never settled them (it died mid-request) lapse here.
+local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
+for _, old in ipairs(lapsed) do
+  local amount = redis.call('HGET', usage, 'hold:' .. old)
+  if amount then
+    redis.call('HDEL', usage, 'hold:' .. old)
+    redis.call('HINCRBYFLOAT', usage, 'held', -tonumber(amount))
+  end
+end
+if #lapsed > 0 then redis.call('ZREMRANGEBYSCORE', holds, '-inf', now) end
+local c = redis.call('HMGET', usage, 'usd', 'held')
+local spent = tonumber(c[1]) or 0
+local held = math.max(0, tonumber(c[2]) or 0)
+if spent >= limit - SLACK or spent + held + usd > limit + SLACK then
+  return {'0', tostring(spent), tostring(held), 0}
+end
+redis.call('HSET', usage, 'hold:' .. id, ARGV[a + 2])
+held = tonumber(redis.call('HINCRBYFLOAT', usage, 'held', ARGV[a + 2]))
+redis.call('ZADD', holds, now + tonumber(ARGV[a + 5]), id)
+redis.call('PEXPIRE', usage, ARGV[a + 4])
+redis.call('PEXPIRE', holds, ARGV[a + 4])
+return {'0', tostring(spent), tostring(held), 1}
+""".replace("SLACK", repr(BUDGET_SLACK_USD))
+
+# After the answer: KEYS: the counters, their holds, the settled marker; ARGV: the hold id, the
+# counters' ttl (ms), the marker's (ms), then field, amount pairs. The marker makes a retried
+# settle count once; the hold, if still there, is released as the actual cost is added.
+_SETTLE = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+local amount = redis.call('HGET', KEYS[1], 'hold:' .. ARGV[1])
+if amount then
+  redis.call('HDEL', KEYS[1], 'hold:' .. ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[1], 'held', -tonumber(amount))
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+for i = 4, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
 """
 
 # KEYS[1]: a hash of counters; ARGV: ttl in ms, then field, amount pairs. One script, so the
@@ -76,7 +133,8 @@ class RedisStore(StateStore):
         self._down_until = 0.0
         self._client = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
-        self._take = self._client.register_script(_TAKE)
+        self._admit = self._client.register_script(_ADMIT)
+        self._settle = self._client.register_script(_SETTLE)
         self._add = self._client.register_script(_ADD)
         self._handlers: dict[str, list[Handler]] = {}
         self._listener: asyncio.Task[None] | None = None
@@ -107,12 +165,25 @@ class RedisStore(StateStore):
         await self._call("delete", self._client.delete, self._key(key))
 
     async def take(self, buckets: list[Bucket]) -> float:
-        args: list[float] = []
+        return (await self.admit(buckets, None)).wait_s
+
+    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
+        keys = [self._key(b.key) for b in buckets]
+        args: list[str | float] = [len(buckets)]
         for b in buckets:
             args += [b.capacity, b.rate, b.cost]
-        keys = [self._key(b.key) for b in buckets]
-        wait = await self._call("take", lambda: self._take(keys=keys, args=args))
-        return float(wait)
+        if hold is not None:
+            keys += [self._key(hold.key), self._key(hold.key + ":holds")]
+            args += [hold.id, repr(hold.usd), repr(hold.limit_usd), max(1, int(hold.ttl_s * 1000)), hold.lapse_s]
+        wait, spent, held, placed = await self._call("admit", lambda: self._admit(keys=keys, args=args))
+        return Admission(wait_s=float(wait), spent_usd=float(spent), held_usd=float(held), held=bool(placed))
+
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        keys = [self._key(key), self._key(key + ":holds"), self._key(f"{key}:settled:{settle_id}")]
+        args: list[str | float] = [settle_id, max(1, int(ttl_s * 1000)), int(SETTLED_MEMORY_S * 1000)]
+        for name, value in amounts.items():
+            args += [name, repr(float(value))]
+        return bool(await self._call("settle", lambda: self._settle(keys=keys, args=args)))
 
     async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
         args: list[str | float] = [max(1, int(ttl_s * 1000))]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from gateway.features import BudgetState, DifficultyFinding, Features, Sensitivi
 from gateway.policy.evaluate import decide
 from gateway.policy.lint import lint
 from gateway.policy.load import PolicyError, parse_policy, parse_policy_source
+from gateway.store import admission
+from gateway.store.admission import Admitted
 from gateway.store.budgets import Budgets, Charge, Period
 from gateway.store.embedded import EmbeddedStore
 from tests.support import policies
@@ -33,10 +36,10 @@ ANSWER_USD = 0.075
 
 POLICY = """
 clients:
-  - {name: capped, api_key: sk-capped, budget: {usd: 0.2, period: day}}
-  - {name: thrifty, api_key: sk-thrifty, budget: {usd: 0.05, period: hour}}
+  - {name: capped, api_key: sk-capped, budget: {usd: 0.225, period: day, hold_tokens: 7}}
+  - {name: thrifty, api_key: sk-thrifty, budget: {usd: 0.05, period: hour, hold_tokens: 4}}
   - {name: streamer, api_key: sk-streamer}
-  - {name: claude, api_key: sk-claude, budget: {usd: 0.07}}
+  - {name: claude, api_key: sk-claude, budget: {usd: 0.25}}
 limits:
   classify_budget_ms: 20000
 privacy:
@@ -100,39 +103,43 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 def test_a_budget_refuses_priced_targets_once_spent_with_429_and_retry_after(gw: RunningGateway) -> None:
     client = sdk(gw, "sk-capped")
-    for _ in range(3):  # $0, 0.075, 0.15 spent before each: under $0.2
+    # Each holds $0.071 (1 token of prompt by the estimate, hold_tokens 7) and costs $0.075:
+    # $0, 0.075, 0.15 spent before each, and the hold fits under $0.225 each time.
+    for _ in range(3):
         r = client.chat.completions.with_raw_response.create(model="auto", messages=HELLO)
         assert r.headers["x-hybrid-route"] == "cloud"
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(model="auto", messages=HELLO)
     body = err.value.body
     assert isinstance(body, dict) and body["code"] == "budget_exceeded"
-    assert "capped" in body["message"] and "$0.2" in body["message"]
+    assert "capped" in body["message"] and "has spent its budget of $0.225" in body["message"]
     left = (datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp() + 86400
             - datetime.now(UTC).timestamp())
     assert abs(int(err.value.response.headers["retry-after"]) - left) < 5  # when the UTC day ends
     report = usage(gw, "sk-capped")
     assert report["requests"] == 3 and report["prompt_tokens"] == 15 and report["completion_tokens"] == 21
     assert report["spent_usd"] == pytest.approx(3 * ANSWER_USD)
-    assert report["status"] == "exceeded" and report["remaining_usd"] == 0 and report["budget_usd"] == 0.2
+    assert report["status"] == "exceeded" and report["remaining_usd"] == 0 and report["budget_usd"] == 0.225
+    assert report["held_usd"] == 0  # every hold settled
     assert report["by_target"] == {"cloud": {"usd": pytest.approx(3 * ANSWER_USD), "tokens": 36}}
     assert report["period"]["name"] == "day" and report["shared"] is False
 
 
 def test_the_429_comes_in_the_anthropic_shape(gw: RunningGateway) -> None:
     claude = anthropic.Anthropic(base_url=gw.base_url, api_key="sk-claude", max_retries=0)
-    msg = claude.messages.create(model="auto", max_tokens=20, messages=HELLO)
+    msg = claude.messages.create(model="auto", max_tokens=20, messages=HELLO)  # holds $0.201 of $0.25
     assert msg.content[0].text == "echo: hello"
-    with pytest.raises(anthropic.RateLimitError) as err:
+    with pytest.raises(anthropic.RateLimitError) as err:  # $0.075 spent: another $0.201 does not fit
         claude.messages.create(model="auto", max_tokens=20, messages=HELLO)
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "rate_limit_error"
+    assert "may cost up to $0.2010" in err.value.body["error"]["message"]
     assert int(err.value.response.headers["retry-after"]) >= 1
 
 
 def test_a_budget_rule_sends_over_budget_traffic_to_the_local_target(gw: RunningGateway) -> None:
     client = sdk(gw, "sk-thrifty")
     first = client.chat.completions.with_raw_response.create(model="auto", messages=HELLO)
-    assert first.headers["x-hybrid-route"] == "cloud"  # $0.075 of $0.05: spent
+    assert first.headers["x-hybrid-route"] == "cloud"  # held $0.041 of $0.05, cost $0.075: spent
     second = client.chat.completions.with_raw_response.create(model="auto", messages=HELLO)
     assert second.headers["x-hybrid-route"] == "local"
     assert second.headers["x-hybrid-rule"] == "thrifty-over-budget"
@@ -241,20 +248,42 @@ def test_periods_are_calendar_periods_in_utc(name: str, now: str, label: str, en
     assert p.left_s(ts(now)) == ts(end) - ts(now)
 
 
+async def admitted(budgets: Budgets, store: EmbeddedStore, client: str, max_tokens: int | None = None) -> Admitted:
+    return await admission.admit(store, None, budgets, client, tokens=0, prompt_tokens=10, max_tokens=max_tokens,
+                                 pinned=None)
+
+
 async def test_a_new_period_starts_from_zero_and_cost_follows_each_targets_prices() -> None:
     now = [ts("2026-12-04T23:59:00")]
-    budgets = Budgets(DECIDE, EmbeddedStore(), clock=lambda: now[0])
-    await budgets.charge("a", [Charge("cloud", 1_000_000, 1_000_000), Charge("local", 50, 50, estimated=True)])
-    state = await budgets.state("a")
-    assert state.spent_usd == pytest.approx(0.75) and state.status == "ok"
-    await budgets.charge("a", [Charge("cloud", 0, 500_000)])
-    assert (await budgets.state("a")).status == "exceeded"
+    store = EmbeddedStore()
+    budgets = Budgets(DECIDE, store, clock=lambda: now[0])
+    budgets.charge("a", None, [Charge("cloud", 1_000_000, 1_000_000), Charge("local", 50, 50, estimated=True)])
+    first = await admitted(budgets, store, "a")
+    assert first.budget.spent_usd == pytest.approx(0.75) and first.budget.status == "ok"
+    # Held: 10 prompt tokens and hold_tokens (1024) at the dearest prices (0.15, 0.6 per 1M).
+    assert first.hold is not None and first.hold.usd == pytest.approx((10 * 0.15 + 1024 * 0.6) / 1e6)
+    budgets.charge("a", first.hold, [Charge("cloud", 0, 500_000)])
+    assert (await admitted(budgets, store, "a")).budget.status == "exceeded"
     report = await budgets.usage("a")
     assert report["requests"] == 2 and report["estimated_requests"] == 1
     assert report["by_target"]["local"] == {"usd": 0, "tokens": 100}
     now[0] = ts("2027-01-01T00:00:01")  # next month
-    assert (await budgets.state("a")).spent_usd == 0.0
-    assert await budgets.state("nobody") == BudgetState()  # no budget: never exceeded, no I/O
+    assert (await admitted(budgets, store, "a")).budget.spent_usd == 0.0
+    assert await admitted(budgets, store, "nobody") == admission.NOTHING  # no budget: never exceeded, no I/O
+
+
+async def test_a_hold_that_does_not_fit_is_exceeded_until_those_in_flight_settle() -> None:
+    store = EmbeddedStore()
+    budgets = Budgets(DECIDE, store)
+    big = await admitted(budgets, store, "a", max_tokens=1_000_000)  # up to $0.6: fits in $1
+    assert big.hold is not None and big.budget.status == "ok" and big.budget.held_usd == pytest.approx(0.6 + 1.5e-6)
+    other = await admitted(budgets, store, "a", max_tokens=1_000_000)  # another $0.6 beside it: no
+    assert other.hold is None and other.budget.status == "exceeded" and other.budget.spent_usd == 0
+    refused = decide(replace(features(0.0), budget=other.budget), DECIDE)
+    assert refused.block_code == "budget_exceeded" and refused.retry_after_s == 1.0  # fits once the first settles
+    assert "held by requests in flight" in (refused.block_message or "")
+    budgets.charge("a", big.hold, [Charge("cloud", 10, 100)])  # it cost far less than it held
+    assert (await admitted(budgets, store, "a", max_tokens=1_000_000)).budget.status == "ok"
 
 
 # -- the policy file ----------------------------------------------------------------------------

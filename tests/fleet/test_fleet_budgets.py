@@ -1,5 +1,6 @@
 """Three real gateway replicas on one real redis-server: a spend budget holds across them under
-concurrent load and its usage is counted exactly; a policy reload asked of one replica reaches
+concurrent load (each request holds its maximum cost before dispatch: no overshoot) and its usage
+is counted exactly, an outage's usage included once the store is back; a policy reload asked of one replica reaches
 every replica, each of which re-reads and validates the file itself."""
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ ADMIN = {"Authorization": "Bearer admin-secret"}
 # Each fake cloud answer reports 5 prompt + 7 completion tokens: 5 * 1000 / 1e6 + 7 * 10000 / 1e6.
 ANSWER_USD = 0.075
 BUDGET_USD = 0.6  # exactly 8 answers
+# Each request holds 1 prompt token ("hello" by the ~4 characters estimate) + hold_tokens 7: a
+# hold of $0.071, over BUDGET_USD / 9, so a 9th answer never fits beside 8 spent or held, however
+# they interleave.
 
 POLICY = """
 state:
@@ -36,10 +40,10 @@ state:
 connectivity:
   probe_interval_s: 30
 clients:
-  - {{name: team, api_key: sk-team, budget: {{usd: {budget}, period: day}}}}
-  - {{name: crowd, api_key: sk-crowd, budget: {{usd: {budget}, period: day}}}}
+  - {{name: team, api_key: sk-team, budget: {{usd: {budget}, period: day, hold_tokens: 7}}}}
+  - {{name: crowd, api_key: sk-crowd, budget: {{usd: {budget}, period: day, hold_tokens: 7}}}}
   - {{name: app, api_key: sk-app}}
-  - {{name: solo, api_key: sk-solo, budget: {{usd: 0.2, period: day}}}}
+  - {{name: solo, api_key: sk-solo, budget: {{usd: 0.2, period: day, hold_tokens: 7}}}}
 limits:
   classify_budget_ms: 20000
 privacy:
@@ -80,6 +84,12 @@ def usage(gw: RunningGateway, key: str) -> dict:
         return c.get("/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
 
 
+def usage_key(redis_server: RedisServer, client: str) -> bytes:
+    """The client's counters for this period (beside them: its holds and settled markers)."""
+    return next(k for k in redis_server.client().scan_iter(f"hg:usage:{client}:*")
+                if redis_server.client().type(k) == b"hash")
+
+
 def until_refused(gw: RunningGateway, key: str) -> list[int]:
     """Requests one after another on one replica until the budget refuses one."""
     statuses: list[int] = []
@@ -89,23 +99,24 @@ def until_refused(gw: RunningGateway, key: str) -> list[int]:
     return statuses
 
 
-def test_a_budget_holds_across_replicas_with_one_request_in_flight_on_each(
+def test_a_budget_holds_exactly_across_replicas_with_one_request_in_flight_on_each(
         replicas: list[RunningGateway], redis_server: RedisServer) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:  # one client connection per replica, all at once
         runs = list(pool.map(lambda gw: until_refused(gw, "sk-team"), replicas))
     assert all(run[-1] == 429 for run in runs), runs
     served = sum(run.count(200) for run in runs)
-    # 8 answers spend the budget; each replica may have had one more in flight as it ran out.
-    assert 8 <= served <= 8 + len(replicas) - 1, runs
+    # Held before dispatch: 8 answers spend the budget and not one more got through, whichever
+    # replica ran out first (a replica stops at its first 429; the last to stop saw nothing in flight).
+    assert served == 8, runs
     # Counted exactly, by every replica into one total: what the store holds, what each reports.
     reports = [usage(gw, "sk-team") for gw in replicas]
     for r in reports:
         r["period"].pop("resets_in_s")  # read a moment apart
     assert all(r == reports[0] for r in reports), reports
-    assert reports[0]["requests"] == served and reports[0]["shared"] is True
+    assert reports[0]["requests"] == served and reports[0]["shared"] is True and reports[0]["held_usd"] == 0
     assert reports[0]["spent_usd"] == pytest.approx(served * ANSWER_USD, abs=1e-9)
     assert reports[0]["prompt_tokens"] == 5 * served and reports[0]["completion_tokens"] == 7 * served
-    key = next(k for k in redis_server.client().scan_iter("hg:usage:team:*"))
+    key = usage_key(redis_server, "team")
     assert float(redis_server.client().hget(key, "usd")) == pytest.approx(served * ANSWER_USD, abs=1e-9)
     assert 0 < redis_server.client().pttl(key) <= 86_460_000  # gone once the day (and a minute) is over
     # And every replica now refuses, in OpenAI's shape, until the day ends.
@@ -115,12 +126,18 @@ def test_a_budget_holds_across_replicas_with_one_request_in_flight_on_each(
         assert 1 <= int(r.headers["retry-after"]) <= 86_400
 
 
-def test_under_heavier_load_the_overshoot_is_the_requests_in_flight(replicas: list[RunningGateway]) -> None:
+def test_under_heavier_load_there_is_no_overshoot(replicas: list[RunningGateway],
+                                                   redis_server: RedisServer) -> None:
     with ThreadPoolExecutor(max_workers=9) as pool:  # three at a time on each replica
         answers = list(pool.map(lambda i: chat(replicas[i % 3], "sk-crowd").status_code, range(30)))
     served = answers.count(200)
     assert answers.count(429) == 30 - served
-    assert 8 <= served <= 8 + 9 - 1, answers  # at most the other in-flight requests beyond the budget
+    # A refusal means 8 were spent or held already (7 never fill $0.6 beside one more hold), and
+    # the 9th never fits: with nine in flight at once, exactly the budget is served.
+    assert served == 8, answers
+    held = redis_server.client().hgetall(usage_key(redis_server, "crowd"))
+    assert float(held[b"held"]) == pytest.approx(0, abs=1e-9)  # every hold settled
+    assert not [f for f in held if f.startswith(b"hold:")]
     report = usage(replicas[1], "sk-crowd")
     assert report["requests"] == served
     assert report["spent_usd"] == pytest.approx(served * ANSWER_USD, abs=1e-9)
@@ -212,17 +229,21 @@ def test_redis_down_budgets_go_on_in_local_approximation_and_come_back(
     redis_server.kill()
     try:
         t0 = time.monotonic()
-        # Replica a goes on from what it last knew plus what it charges now: 2 more, then 429.
-        assert until_refused(a, "sk-solo") == [200, 200, 429]
+        # Replica a goes on from what it last knew plus what it charged since: one more answer
+        # ($0.15 spent), then a hold of $0.071 no longer fits under $0.2.
+        assert until_refused(a, "sk-solo") == [200, 429]
         report = usage(a, "sk-solo")
-        assert report["shared"] is False and report["spent_usd"] == pytest.approx(3 * ANSWER_USD)
+        assert report["shared"] is False and report["spent_usd"] == pytest.approx(2 * ANSWER_USD)
         # Replica b never read this client's spend: on its own it may spend the whole budget (the
         # documented N x approximation), and no more.
-        assert until_refused(b, "sk-solo") == [200, 200, 200, 429]
+        assert until_refused(b, "sk-solo") == [200, 200, 429]
         assert time.monotonic() - t0 < 20  # nothing waited on the dead store
     finally:
         redis_server.start()  # the same port, empty (no persistence)
-    # The shared state returns by itself: a fresh, empty day's counter, read by both.
+    # The shared state returns by itself, and what the replicas charged meanwhile is replayed onto
+    # it, each answer once: a's one and b's two, on a fresh day's counter.
     assert _wait_for(lambda: usage(a, "sk-solo")["shared"] and usage(b, "sk-solo")["shared"], timeout=15)
-    assert chat(b, "sk-solo").status_code == 200
-    assert _wait_for(lambda: usage(a, "sk-solo")["requests"] == 1, timeout=5)
+    assert _wait_for(lambda: usage(a, "sk-solo")["requests"] == 3 == usage(b, "sk-solo")["requests"], timeout=5)
+    assert usage(a, "sk-solo")["spent_usd"] == pytest.approx(3 * ANSWER_USD)
+    r = chat(b, "sk-solo")  # $0.225 of $0.2, fleet-wide again
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded"

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 
+from gateway.policy.load import parse_policy
 from gateway.policy.model import StateConfig
 from gateway.privacy.vault import Vault
-from gateway.store.base import Bucket, StateStore, StoreUnavailable
+from gateway.store import admission
+from gateway.store.base import Bucket, Hold, StateStore, StoreUnavailable
+from gateway.store.budgets import Budgets, Charge
 from gateway.store.build import StateConfigError, build_store, vault_key
+from gateway.store.redis import RedisStore
 from gateway.store.vaults import SharedVaultStore
 from tests.fleet.redis_server import RedisServer
 
@@ -62,6 +66,93 @@ async def test_counters_add_up_exactly_under_concurrency_and_expire(store: State
     assert counters["requests"] == 50 and counters["usd"] == pytest.approx(5.0, abs=1e-9)
     await asyncio.sleep(0.7)
     assert await store.counters(key) == {}
+
+
+def hold(key: str, usd: float, limit: float = 1.0, lapse_s: float = 60.0) -> Hold:
+    return Hold(key=key, id=os.urandom(8).hex(), usd=usd, limit_usd=limit, ttl_s=60, lapse_s=lapse_s)
+
+
+async def test_concurrent_holds_never_reserve_past_the_budget(store: StateStore) -> None:
+    key = "usage:" + os.urandom(4).hex()
+    holds = [hold(key, 0.15) for _ in range(30)]
+    admitted = await asyncio.gather(*(store.admit([], h) for h in holds))
+    placed = [h for h, a in zip(holds, admitted, strict=True) if a.held]
+    assert len(placed) == 6  # 6 x 0.15 <= 1.0 < 7 x 0.15, whatever the interleaving
+    assert max(a.held_usd for a in admitted) == pytest.approx(0.9)
+    # Each settles with what it actually cost (0.1): the rest of its hold comes back.
+    assert all(await asyncio.gather(*(store.settle(key, h.id, {"usd": 0.1, "requests": 1}, 60) for h in placed)))
+    counters = await store.counters(key)
+    assert counters["usd"] == pytest.approx(0.6) and counters.get("held", 0.0) == pytest.approx(0.0, abs=1e-9)
+    after = await store.admit([], hold(key, 0.4))
+    assert after.held and after.spent_usd == pytest.approx(0.6)
+    refused = await store.admit([], hold(key, 0.1))  # 0.6 spent + 0.4 held: full
+    assert not refused.held and refused.held_usd == pytest.approx(0.4)
+
+
+async def test_a_settle_counts_once_and_a_rate_limit_refusal_holds_nothing(store: StateStore) -> None:
+    key = "usage:" + os.urandom(4).hex()
+    h = hold(key, 0.5)
+    assert (await store.admit([], h)).held
+    assert await store.settle(key, h.id, {"usd": 0.2, "requests": 1}, 60) is True
+    assert await store.settle(key, h.id, {"usd": 0.2, "requests": 1}, 60) is False  # a retry: not again
+    assert (await store.counters(key))["requests"] == 1
+    bucket = Bucket(os.urandom(4).hex(), capacity=1, period_s=600, cost=1)
+    assert (await store.admit([bucket], hold(key, 0.1))).held
+    refused = await store.admit([bucket], hold(key, 0.1))
+    assert refused.wait_s > 0 and not refused.held
+    assert (await store.counters(key)).get("held") == pytest.approx(0.1)  # only the first one's
+
+
+async def test_a_hold_never_settled_lapses(store: StateStore) -> None:
+    key = "usage:" + os.urandom(4).hex()
+    assert (await store.admit([], hold(key, 0.9, lapse_s=0.2))).held  # its replica died mid-request
+    assert not (await store.admit([], hold(key, 0.5))).held
+    await asyncio.sleep(0.3)
+    assert (await store.admit([], hold(key, 0.5))).held
+
+
+class _AnswerLost(RedisStore):
+    """Redis applies the first settle but its answer never comes back (a timeout after the
+    write): the caller cannot tell whether it counted."""
+
+    lost = 0
+
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        applied = await super().settle(key, settle_id, amounts, ttl_s)
+        if not self.lost:
+            self.lost += 1
+            raise StoreUnavailable("redis unavailable (settle: TimeoutError)")
+        return applied
+
+
+BILLED = parse_policy("""
+version: 1
+targets:
+  cloud: {kind: cloud, model: openai/x, api_base: "http://127.0.0.1:9/v1", api_key: k,
+          prices: {input: 1000, output: 10000}}
+clients:
+  - {name: a, api_key: ka, budget: {usd: 1, period: day, hold_tokens: 10}}
+rules:
+  - {name: r, route: cloud}
+""", "billed.yaml")
+
+
+async def test_a_settle_whose_answer_was_lost_is_replayed_and_counted_once(redis_server: RedisServer) -> None:
+    store = _AnswerLost(redis_server.url)
+    try:
+        budgets = Budgets(BILLED, store)
+        before = (await budgets.usage("a"))["requests"]
+        admitted = await admission.admit(store, None, budgets, "a", tokens=0, prompt_tokens=5, max_tokens=None,
+                                         pinned=None)
+        assert admitted.hold is not None and admitted.budget.held_usd == pytest.approx(0.105)
+        budgets.charge("a", admitted.hold, [Charge("cloud", 5, 7)])  # after the answer, off its path
+        await budgets.drain()  # the lost settle is kept and replayed: Redis says it has it already
+        assert store.lost == 1
+        report = await budgets.usage("a")
+        assert report["requests"] == before + 1 and report["held_usd"] == 0 and report["shared"] is True
+        assert report["spent_usd"] == pytest.approx(0.075 * (before + 1))
+    finally:
+        await store.aclose()
 
 
 async def test_published_messages_reach_subscribers(store: StateStore) -> None:
