@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import pipeline, respond
+from gateway.api import deferred
 from gateway.api.chat import (
     _call,
     _inline_defs,
@@ -26,6 +27,7 @@ from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
 from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
+from gateway.deferred import wire as deferred_wire
 from gateway.dispatch import aclose_quietly
 from gateway.runtime import Runtime
 from gateway.schema import APIError, ChatCompletionRequest
@@ -102,6 +104,11 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         if adapter.api is not None:  # the client's own body too, for a target of its API
             call = dataclasses.replace(call, passthrough=Passthrough(adapter.api, data))
         prepared = await pipeline.prepare(rt, call, state.metrics)
+        if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
+            pipeline.release_prepared(rt, prepared)  # charged when sent, not now
+            job = await state.deferred.accept(rt, prepared, wire=adapter.endpoint, echo=deferred_wire.echo_of(data))
+            respond.record(state, prepared, None, 202, {}, False, endpoint=adapter.endpoint)
+            return deferred.accepted(state, prepared, job)
     except APIError as exc:
         respond.record_rejected(state, request_id, started, exc, client, data.get("model"),
                                 data.get("stream") is True, endpoint=adapter.endpoint)

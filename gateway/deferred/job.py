@@ -40,6 +40,10 @@ class Job:
     sealed_vault: bytes | None = None  # None: nothing was redacted
     callback_url: str | None = None
     created: float = field(default_factory=time.time)
+    # The API it came in on (None: chat completions) and what of the request its answer echoes
+    # back in that API's shape (model, limits, tools: never the prompt, the instructions or metadata).
+    wire: str | None = None
+    echo: dict[str, Any] | None = None
     # What changes as it is sent:
     status: Status = "queued"
     attempts: int = 0
@@ -55,7 +59,7 @@ class Job:
             "client": self.client, "body": self.body, "chain": list(self.chain), "rule": self.rule,
             "idempotency_key": self.idempotency_key, "prompt_tokens": self.prompt_tokens,
             "sealed_vault": self.sealed_vault.hex() if self.sealed_vault is not None else None,
-            "callback_url": self.callback_url, "created": self.created,
+            "callback_url": self.callback_url, "created": self.created, "wire": self.wire, "echo": self.echo,
         })
 
     @classmethod
@@ -65,7 +69,7 @@ class Job:
         job = cls(id=job_id, client=s["client"], body=s["body"], chain=tuple(s["chain"]), rule=s["rule"],
                   idempotency_key=s["idempotency_key"], prompt_tokens=s["prompt_tokens"],
                   sealed_vault=bytes.fromhex(vault) if vault else None, callback_url=s.get("callback_url"),
-                  created=s["created"])
+                  created=s["created"], wire=s.get("wire"), echo=s.get("echo"))
         return replace(job, **state)
 
 

@@ -77,7 +77,10 @@ class DeferredService:
             return False
         return plan.deferrable(rt.policy, prepared.decision, call.headers)
 
-    async def accept(self, rt: Runtime, prepared: Prepared) -> Job:
+    async def accept(self, rt: Runtime, prepared: Prepared, wire: str | None = None,
+                     echo: dict[str, Any] | None = None) -> Job:
+        """Queue the request; `wire` and `echo` for one that came in on Messages or Responses
+        (gateway/deferred/wire.py), whose answer is then shown in that API's shape."""
         call = prepared.call
         cfg = rt.policy.deferred
         callback = call.headers.get(plan.CALLBACK_HEADER)
@@ -90,6 +93,7 @@ class DeferredService:
             idempotency_key=(call.headers.get(plan.IDEMPOTENCY_HEADER) or "")[:256] or job_id,
             prompt_tokens=prepared.features.prompt_tokens,
             callback_url=plan.callback_url(callback, cfg.callback_hosts) if callback else None,
+            wire=wire, echo=echo,
         )
         try:
             if redacted and prepared.vault is not None and len(prepared.vault):
@@ -122,7 +126,7 @@ class DeferredService:
         response = job.result
         if response is not None and job.sealed_vault is not None:
             response = self.sealer().open(job.id, job.sealed_vault).restore_completion(response)
-        return {
+        envelope = {
             "id": job.id,
             "object": OBJECT,
             "status": job.status,
@@ -135,6 +139,11 @@ class DeferredService:
             "response": response,
             "error": job.error,
         }
+        if job.wire is None:
+            return envelope
+        from gateway.deferred import wire  # the Messages and Responses adapters, for their jobs only
+
+        return wire.view(job, envelope, response)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -229,3 +230,57 @@ def test_nothing_lost_across_a_restart_of_the_gateway_process(
     finally:
         second.terminate()
         second.wait(timeout=30)
+
+
+def test_messages_and_responses_are_deferred_in_their_own_shapes(
+        tmp_path: Path, down_cloud: FakeUpstream, local: FakeUpstream) -> None:
+    """202 + id in each API's style, the stored request redacted (no raw PII, not even in what the
+    job keeps of the wire request), the answer fetched by id in the API's own shape, restored."""
+    path = write(tmp_path / "p.yaml", down_cloud.port, local, tmp_path / "state")
+    defer_headers = {"x-hybrid-defer": "true"}
+    with run_gateway(path) as gw:
+        wait_for(lambda: gw.state.runtime.monitor.state("cloud") == "offline", what="cloud offline")
+        claude = anthropic.Anthropic(base_url=gw.base_url, api_key="unused", max_retries=0, timeout=30)
+        raw = claude.messages.with_raw_response.create(
+            model="auto", max_tokens=64, system=f"Write to {PII[0]} in the end.",
+            messages=[{"role": "user", "content": PROMPT}], extra_headers=defer_headers)
+        assert raw.status_code == 202
+        msg_job = raw.http_response.json()
+        assert msg_job["type"] == "message_deferred" and msg_job["status"] == "queued"
+        assert msg_job["message"] is None and "object" not in msg_job
+        assert raw.headers["location"] == f"/v1/deferred/{msg_job['id']}" == msg_job["location"]
+
+        oai = sdk(gw.base_url)
+        raw_r = oai.responses.with_raw_response.create(
+            model="auto", input=PROMPT, instructions=f"Sign as {PII[2]}.", max_output_tokens=50,
+            metadata={"ticket": PII[1]}, extra_headers=defer_headers)
+        assert raw_r.status_code == 202
+        resp_job = raw_r.http_response.json()
+        assert resp_job["object"] == "response" and resp_job["status"] == "queued"
+        assert resp_job["background"] is True and resp_job["output"] == [] and resp_job["max_output_tokens"] == 50
+        assert oai.responses.retrieve(resp_job["id"]).status == "queued"  # the SDK reads it back by id
+        # A stream cannot be deferred: a 400 in the Messages shape.
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model="auto", max_tokens=64, stream=True, extra_headers=defer_headers,
+                                   messages=[{"role": "user", "content": "hi"}])
+        disk = stored_bytes(tmp_path / "state")
+        assert msg_job["id"].encode() in disk and resp_job["id"].encode() in disk
+        for value in PII:
+            assert value.encode() not in disk, "raw PII in the deferred queue's file"
+
+        down_cloud.start()
+        done = wait_for(lambda: (r := fetch(gw.base_url, msg_job["id"]).json())["status"] == "completed" and r,
+                        what="deferred message completed")
+        message = done["message"]
+        assert done["type"] == "message_deferred" and message["type"] == "message" and message["role"] == "assistant"
+        assert message["content"][0]["type"] == "text" and PII[0] in message["content"][0]["text"]  # restored
+        assert message["usage"]["output_tokens"] >= 1
+        response = wait_for(lambda: (r := oai.responses.retrieve(resp_job["id"])).status == "completed" and r,
+                            what="deferred response completed")
+        assert response.id == resp_job["id"] and PII[2] in response.output_text and PII[0] in response.output_text
+        assert response.max_output_tokens == 50
+        with pytest.raises(openai.NotFoundError):  # a chat job is no Response
+            oai.responses.retrieve(msg_job["id"])
+        sent = json.dumps(down_cloud.received)
+        for value in PII:
+            assert value not in sent, "raw PII reached the cloud"
