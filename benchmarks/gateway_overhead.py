@@ -407,6 +407,19 @@ def haproxy_wrk(name: str, backends: list[Server], tmp: Path, seconds: float, co
     return (float(rps.group(1)) if rps else 0.0), errors
 
 
+# What the gateway's Redis client sends (INFO commandstats counts a script's own commands apart,
+# under their names: those are left out).
+_CLIENT_COMMANDS = ("evalsha", "eval", "hgetall", "get", "publish")
+
+
+def redis_calls(url: str) -> int:
+    """Commands the gateways' Redis clients have sent so far: store round trips."""
+    import redis
+
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in _CLIENT_COMMANDS)
+
+
 def run_state(args: argparse.Namespace) -> str:
     """Embedded vs Redis state, c=1 in turn; then 2 Redis replicas behind HAProxy vs 1 (wrk)."""
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-state-"))
@@ -429,17 +442,22 @@ def run_state(args: argparse.Namespace) -> str:
         for p in paths:
             asyncio.run(measure(p.url, p.model, p.headers, 4, stream=False, requests=args.warmup, seconds=None))
         results: dict[tuple[str, str], Sample] = {}
+        calls: dict[str, float] = {}
         for label, stream in (("c=1", False), ("c=1 stream", True)):
+            before = redis_calls(redis_url)
             for name, sample in asyncio.run(measure_interleaved(paths, stream=stream,
                                                                 requests=args.seq * args.rounds)).items():
                 results[(label, name)] = sample
+            time.sleep(0.5)  # the last settle, sent after its answer
+            calls[label] = (redis_calls(redis_url) - before) / (args.seq * args.rounds)
         load = os.getloadavg()
         out(f"State backend overhead: embedded vs Redis (redis-server on loopback), {len(PROMPT)} B prompt, "
             "classification off")
         out(f"machine: {os.cpu_count()} cores, load average at end {load[0]:.1f}; c=1, paths in turn request by "
             f"request, {args.seq * args.rounds} requests each per case")
-        out("every gateway request: a client key with requests/min + tokens/min buckets and a budget (bucket take, "
-            "spend read, usage add: 3 store calls)")
+        out("every gateway request: a client key with requests/min + tokens/min buckets and a budget; Redis "
+            "commands sent per request (INFO commandstats): "
+            + ", ".join(f"{label} {n:.2f}" for label, n in calls.items()))
         out()
         out(f"{'case':<12}{'path':<14}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}")
         for label in ("c=1", "c=1 stream"):
