@@ -226,6 +226,7 @@ def test_redis_down_budgets_go_on_in_local_approximation_and_come_back(
     """Last in this module: it kills the module's redis-server (and starts it again, empty)."""
     a, b, _ = replicas
     assert chat(a, "sk-solo").status_code == 200  # $0.075 of $0.2 on Redis
+    assert usage(a, "sk-solo")["requests"] == 1  # its settle landed (else it would be replayed below too)
     redis_server.kill()
     try:
         t0 = time.monotonic()
