@@ -46,6 +46,8 @@ def build_backend(name: str, cfg: CloudTarget | LocalTarget) -> Backend:
             opts["draft_model"] = cfg.draft_model
         if cfg.kv_cache is not None:
             opts["kv_cache"] = cfg.kv_cache.model_dump()
+        if cfg.standins is not None:
+            opts.update(standins=cfg.standins.pack, standin_below=cfg.standins.below)
         return EngineBackend(
             name,
             cfg.model_path or "",

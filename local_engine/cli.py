@@ -94,13 +94,19 @@ def info(model: str, weights: str) -> None:
                    "memory stays flat and generation goes on past the context")
 @click.option("--kv-sinks", type=click.IntRange(min=0), default=4, show_default=True,
               help="with --kv-max-tokens: the first tokens always kept")
+@click.option("--standins", default=None, type=click.Path(exists=True, file_okay=False),
+              help="packed MoE dirs: a pack of the same model with cheaper experts (pack --quant int2) whose "
+                   "bundle stands in for a missed expert with a small router weight")
+@click.option("--standin-below", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="with --standins: the router weight under which a missed expert uses its stand-in")
 @click.option("--stats", is_flag=True, help="print prefill/decode tok/s and peak RSS to stderr")
 @_clean_errors
 def generate(model: str, prompt: str | None, chat_text: str | None, system: str | None, max_tokens: int,
              temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None,
              stop: tuple[str, ...], threads: int | None, weights: str, memory_budget: str | None,
              cache_policy: str | None, prefetch: str | None, speculative: str, draft_model: str | None, kv_dtype: str,
-             kv_max_tokens: int | None, kv_sinks: int, stats: bool) -> None:
+             kv_max_tokens: int | None, kv_sinks: int, standins: str | None, standin_below: float,
+             stats: bool) -> None:
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
@@ -114,6 +120,8 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
     opts["kv_cache"] = {"dtype": kv_dtype, "max_tokens": kv_max_tokens, "sinks": kv_sinks}
     if draft_model is not None:
         opts["draft_model"] = draft_model
+    if standins is not None:
+        opts.update(standins=standins, standin_below=standin_below)
     eng = Engine.open(model, threads=threads, weights=weights, **opts)
     sampling: dict[str, Any] = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                     repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),

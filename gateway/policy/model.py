@@ -131,6 +131,15 @@ def _check_api(api: str, api_base: str | None, client: str) -> None:
 KV_SLACK = 16  # local_engine.kv_cache.SLACK (a test keeps them equal; the policy does not import torch)
 
 
+class StandinsConfig(_Strict):
+    """Low-bit stand-ins for a packed MoE's missed experts (HOBBIT; docs/moe.md)."""
+
+    pack: str = Field(description="A pack of the same model with cheaper experts (`local-engine pack --quant int2`).")
+    below: float = Field(
+        0.1, ge=0.0, le=1.0, description="A decode step's expert that misses the expert cache and whose router "
+        "weight is below this is computed from its stand-in bundle instead of waiting for its own.")
+
+
 class KVCacheConfig(_Strict):
     """The engine's KV cache (local_engine/kv_cache.py, docs/engine.md)."""
 
@@ -188,6 +197,9 @@ class LocalTarget(_Strict):
     draft_model: str | None = Field(
         None, description="For engine: a smaller model with the target's tokenizer (builtin:NAME, a GGUF file, an "
         "HF or packed-MoE directory) that drafts for speculative: draft and auto. Absent: none.")
+    standins: StandinsConfig | None = Field(
+        None, description="For engine with a packed MoE: low-bit stand-ins for missed experts, e.g. {pack: "
+        "models/qwen-int2, below: 0.1}. Absent: off (every expert waits for its own bundle).")
     kv_cache: KVCacheConfig | None = Field(
         None, description="For engine: the KV cache's dtype and bound, e.g. {dtype: int8, max_tokens: 4096, "
         "sinks: 4}. Absent: f32, unbounded.")

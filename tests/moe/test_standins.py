@@ -92,3 +92,35 @@ def test_a_stand_in_pack_of_another_model_is_refused(tiny_models: dict[str, Tiny
         MoEModel.open(tiny_models[ARCH].packed["int4"], memory_budget=0, standins=tiny_models[ARCH].packed["int8"])
     with pytest.raises(ValueError, match="standin_below"):
         MoEModel.open(tiny_models[ARCH].packed["int4"], memory_budget=0, standins=other, standin_below=2.0)
+
+
+def test_cli_and_policy_turn_stand_ins_on(tiny_models: dict[str, Tiny], int2_pack: Path) -> None:
+    """`local-engine generate --standins ... --stats` reports the uses; the policy key reaches the engine."""
+    import asyncio
+    import json
+
+    from click.testing import CliRunner
+
+    from gateway.policy.model import LocalTarget
+    from gateway.runtime import build_backend
+    from local_engine.cli import main
+
+    int4 = str(tiny_models[ARCH].packed["int4"])
+    r = CliRunner().invoke(main, ["generate", int4, "--prompt", "w5 w9 w3", "--max-tokens", "6", "--memory-budget", "0",
+                                  "--standins", str(int2_pack), "--standin-below", "1", "--stats"])
+    assert r.exit_code == 0, r.output
+    extra = json.loads(r.stderr.strip().splitlines()[-1])
+    assert extra["standin_uses"] > 0 and extra["standin_below"] == 1.0
+    bad = CliRunner().invoke(main, ["generate", int4, "--prompt", "w5", "--standins", str(int2_pack),
+                                    "--standin-below", "3"])
+    assert bad.exit_code != 0 and "--standin-below" in bad.output
+
+    cfg = LocalTarget(kind="local", engine="local_engine", model_path=int4, memory_budget="0",
+                      standins={"pack": str(int2_pack), "below": 0.5})
+    backend = build_backend("moe", cfg)
+    backend.load()
+    try:
+        assert backend.engine.model.standin_below == 0.5
+        assert backend.engine.model.describe()["standins"] == "int2"
+    finally:
+        asyncio.run(backend.aclose())
