@@ -8,6 +8,7 @@ and refuse a pack of another model.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def int2_pack(tiny_models: dict[str, Tiny], tmp_path_factory: pytest.TempPathFac
 
 def _decode(m: MoEModel, first: int, steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy from a one-token prompt, so every forward is a one-token (decode-path) step."""
-    cache = m.new_cache(64)
+    cache: Any = m.new_cache(64)
     tok, toks, logits = first, [], []
     for _ in range(steps):
         lg = m.forward(torch.tensor([tok]), cache)[-1]
@@ -49,9 +50,11 @@ def test_every_miss_stood_in_computes_the_stand_in_pack(tiny_models: dict[str, T
     int4 = tiny_models[ARCH].packed["int4"]
     steps = 6
     runs = {}
-    for name, path, kw in (("all", int4, {"standins": int2_pack, "standin_below": 1.0}),
-                           ("none", int4, {"standins": int2_pack, "standin_below": 0.0}),
-                           ("int2", int2_pack, {}), ("int4", int4, {})):
+    settings: tuple[tuple[str, Path, dict[str, Any]], ...] = (
+        ("all", int4, {"standins": int2_pack, "standin_below": 1.0}),
+        ("none", int4, {"standins": int2_pack, "standin_below": 0.0}),
+        ("int2", int2_pack, {}), ("int4", int4, {}))
+    for name, path, kw in settings:
         m = MoEModel.open(path, memory_budget=0, prefetch=False, **kw)
         try:
             runs[name] = (*_decode(m, 5, steps), m.stats(), len(m.moe_layers), m.top_k)
@@ -101,6 +104,7 @@ def test_cli_and_policy_turn_stand_ins_on(tiny_models: dict[str, Tiny], int2_pac
 
     from click.testing import CliRunner
 
+    from gateway.backends.engine_backend import EngineBackend
     from gateway.policy.model import LocalTarget
     from gateway.runtime import build_backend
     from local_engine.cli import main
@@ -118,6 +122,7 @@ def test_cli_and_policy_turn_stand_ins_on(tiny_models: dict[str, Tiny], int2_pac
     cfg = LocalTarget(kind="local", engine="local_engine", model_path=int4, memory_budget="0",
                       standins={"pack": str(int2_pack), "below": 0.5})
     backend = build_backend("moe", cfg)
+    assert isinstance(backend, EngineBackend)
     backend.load()
     try:
         assert backend.engine.model.standin_below == 0.5
