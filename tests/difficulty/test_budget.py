@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from structlog.testing import capture_logs
 
 from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier
 from gateway.classify.difficulty.artefact import SHIPPED, SHIPPED_MINILM, load_artefact
@@ -129,13 +130,15 @@ def test_knn_falling_back_to_heuristic_uses_the_heuristic_distribution():
     assert (clf.medium, clf.hard) == heur.thresholds(0.2, 0.3)
 
 
-def test_no_calibration_at_all_is_logged_as_an_error(tmp_path, caplog):
+def test_no_calibration_at_all_is_logged_as_an_error(tmp_path):
     art_dir = tmp_path / "art"
     art_dir.mkdir()
     shutil.copy(SHIPPED, art_dir / SHIPPED.name)  # metadata without its arrays: the artefact is refused
-    clf = build_difficulty_classifier(DifficultyConfig(artefact=str(art_dir / SHIPPED.name), cloud_share=0.2))
+    with capture_logs() as logs:
+        clf = build_difficulty_classifier(DifficultyConfig(artefact=str(art_dir / SHIPPED.name), cloud_share=0.2))
     assert clf.method == "heuristic"
-    assert any(r.levelname == "ERROR" and "cloud_share 0.20" in r.getMessage() for r in caplog.records)
+    [event] = [e for e in logs if e["event"] == "difficulty_budget_uncalibrated"]
+    assert event["log_level"] == "error" and event["cloud_share"] == 0.2
 
 
 @pytest.mark.parametrize(("section", "words"), [

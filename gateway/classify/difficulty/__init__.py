@@ -38,21 +38,22 @@ def _thresholds(cfg: DifficultyConfig, artefact: Artefact | None, method: str) -
         try:
             cal = load_calibration(cfg.calibration)  # checked at policy load; it may have changed since
         except CalibrationError as exc:
-            log.error("difficulty calibration unusable, using the artefact's: %s", exc)
+            log.error("difficulty_calibration_unusable", error=str(exc), using="artefact")
         if cal is not None and cal.method != method:  # knn degraded to heuristic: other scores
-            log.warning("difficulty: %s calibrates %s scores but %s is in use; using the artefact's calibration",
-                        cal.source, cal.method, method)
+            log.warning("difficulty_calibration_other_method", calibration=cal.source, calibrates=cal.method,
+                        in_use=method, using="artefact")
             cal = None
     if cal is None and artefact is not None:
         cal = artefact.calibration(method)
     if cal is None:
         if cfg.cloud_share is not None:
-            log.error("difficulty: no calibration to derive cloud_share %.2f from; default thresholds", cfg.cloud_share)
+            log.error("difficulty_budget_uncalibrated", cloud_share=cfg.cloud_share, using="default thresholds")
         return DEFAULT_THRESHOLDS
     try:
         return cal.thresholds(cfg.cloud_share, cfg.medium_share)
     except CalibrationError as exc:
-        log.error("difficulty: %s; using its thresholds as they are", exc)
+        log.error("difficulty_budget_uncalibrated", cloud_share=cfg.cloud_share, error=str(exc),
+                  using="the calibration's own thresholds")
         return cal.medium, cal.hard
 
 
