@@ -472,6 +472,8 @@ def run_state(args: argparse.Namespace) -> str:
         for label in ("c=1", "c=1 stream"):
             redis_add = results[(label, "redis")].pct(0.5) - results[(label, "embedded")].pct(0.5)
             out(f"  {label:<11} Redis state adds {redis_add:+.2f} ms p50 over embedded (target: <= 0.5 ms)")
+        if args.no_lb:
+            return "\n".join(lines) + "\n"
         if not (shutil.which("haproxy") and shutil.which("wrk")):
             out()
             out("2 replicas behind a load balancer: not measured (haproxy and wrk not installed: "
@@ -821,6 +823,7 @@ def main() -> None:
                     help="only chat vs Messages, Responses and embeddings through the hg-off gateway (c=1, full samples)")
     ap.add_argument("--state", action="store_true",
                     help="embedded vs Redis state added p50 (c=1), and 2 replicas behind HAProxy vs 1")
+    ap.add_argument("--no-lb", action="store_true", help="with --state: the c=1 rows only (no HAProxy, no wrk)")
     ap.add_argument("--difficulty", action="store_true",
                     help="only difficulty scoring on (kNN, heuristic) vs off through the gateway (c=1, full samples)")
     ap.add_argument("--no-save", action="store_true", help=f"do not write {RESULTS.relative_to(ROOT)}")
