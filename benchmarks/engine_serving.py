@@ -14,8 +14,12 @@ runs); turn 5 is then timed on that engine (its prefix cache holds turn 4) and o
 with the cache off (`prefix_cache_mb=0`, best of --repeat). TTFT is wall time from `chat()`
 to the first text delta (template, tokenising, cache lookup and copy, prefill, first sample).
 
-    flock /tmp/bench.lock env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/engine_serving.py \\
-        | tee benchmarks/results/engine_serving.txt
+    /work/bin/benchslot env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/engine_serving.py \\
+        --parts a,b | tee benchmarks/results/engine_serving.txt          # then --parts c,d | tee -a
+
+(b) and (c) put llama.cpp (llama-cpp-python, benchmark-only: benchmarks/requirements-llamacpp.txt)
+beside ours on the same GGUF and threads when it is installed. Any request that fails ends the run
+with its error and exit status 1: a figure over failed requests means nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from local_engine.engine import Engine
+from local_engine.engine import Engine, default_threads
 from local_engine.expert_store import peak_rss_bytes
 
 QUESTIONS = ["Which tool finds a flight from Paris to Rome next Monday?",
@@ -38,11 +42,13 @@ QUESTIONS = ["Which tool finds a flight from Paris to Rome next Monday?",
              "Summarise the plan in one sentence."]
 
 
-def system_prompt(eng: Engine, tokens: int) -> str:
-    """An agent's system prompt: instructions and a tool block, cut to about ``tokens`` tokens."""
+def system_prompt(eng: Any, tokens: int) -> str:
+    """An agent's system prompt: instructions and a tool block, cut to about ``tokens`` tokens.
+    ``eng``: anything with a ``tokenizer`` (an Engine), or a tokenizer itself."""
+    tok = getattr(eng, "tokenizer", eng)
     lines = ["You are a travel agent. Use the tools below when they help; answer briefly."]
     i = 0
-    while len(eng.tokenizer.encode("\n".join(lines))) < tokens:
+    while len(tok.encode("\n".join(lines))) < tokens:
         i += 1
         lines.append(f"Tool {i}: search_{i}(city: string, date: string, max_price_{i}: integer) returns "
                      f"offers of kind {i % 7} sorted by price; call it only when the user asks about kind {i % 7}.")
@@ -85,53 +91,115 @@ def prefill_child(model: str, threads: int | None, n: int, chunked: bool) -> Non
                       "before_mb": base / 2**20, "kv_mb": kv / 2**20}))
 
 
+def prefill_child_llamacpp(model: str, threads: int, n: int) -> None:
+    """In a fresh process: llama.cpp (llama-cpp-python) prefilling the same n token ids from the same
+    GGUF with the same threads (n_batch = n_ubatch = 512, its default), after a 32-token warm-up."""
+    from llama_cpp import Llama
+
+    from local_engine.engine import resolve
+    from local_engine.store import GGUFStore
+    from local_engine.tokenizer import from_gguf
+
+    path = resolve(model)
+    ids = from_gguf(GGUFStore(path)).encode(system_prompt(from_gguf(GGUFStore(path)), n + 50))[:n]
+    assert len(ids) == n
+    llm = Llama(model_path=str(path), n_ctx=n + 64, n_batch=512, n_ubatch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    llm.eval(ids[:32])
+    dt = float("inf")
+    for _ in range(2 if n <= 1024 else 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        dt = min(dt, time.perf_counter() - t0)
+    print(json.dumps({"n": n, "tok_s": n / dt}))
+
+
+def _child_json(cmd: list[str]) -> dict[str, Any]:
+    """A child's last stdout line as JSON; its failure ends the benchmark with its stderr."""
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"child {' '.join(cmd[2:])} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def prefill_table(a: argparse.Namespace) -> None:
+    threads = a.threads or default_threads()
+    try:
+        import llama_cpp  # noqa: F401  (benchmark-only: benchmarks/requirements-llamacpp.txt)
+        anchor = True
+    except ImportError:
+        anchor = False
     print()
-    print(f"(b) prefill, load avg {os.getloadavg()[0]:.2f}")
-    print(f"{'tokens':>6} | {'mode':>8} | {'prefill tok/s':>13} | {'peak RSS MB':>11} | "
-          f"{'RSS before MB':>13} | {'KV cache MB':>11}")
+    print(f"(b) prefill, {threads} thread(s) for both engines, load avg {os.getloadavg()[0]:.2f}"
+          + ("" if anchor else "; llama-cpp-python not installed: no llama.cpp column"))
+    print(f"{'tokens':>6} | {'mode':>8} | {'prefill tok/s':>13} | {'llama.cpp tok/s':>15} | {'ours / llama.cpp':>16} | "
+          f"{'peak RSS MB':>11} | {'RSS before MB':>13} | {'KV cache MB':>11}")
     for n in a.prefill:
+        ref = None
+        if anchor:
+            ref = _child_json([sys.executable, __file__, "--child", str(n), "--model", a.model,
+                               "--threads", str(threads), "--llamacpp", "1"])["tok_s"]
         for chunked in (True, False):
             if not chunked and n > a.one_pass_max:
                 continue
-            cmd = [sys.executable, __file__, "--child", str(n), "--model", a.model, "--chunked", str(int(chunked))]
-            if a.threads:
-                cmd += ["--threads", str(a.threads)]
-            r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            print(f"{n:>6} | {'chunked' if chunked else 'one pass':>8} | {r['tok_s']:>13.1f} | {r['rss_mb']:>11.0f} | "
-                  f"{r['before_mb']:>13.0f} | {r['kv_mb']:>11.1f}", flush=True)
+            r = _child_json([sys.executable, __file__, "--child", str(n), "--model", a.model,
+                             "--chunked", str(int(chunked)), "--threads", str(threads)])
+            lc = f"{ref:>15.1f}" if ref and chunked else f"{'':>15}"
+            ratio = f"{r['tok_s'] / ref:>15.2f}x" if ref and chunked else f"{'':>16}"
+            print(f"{n:>6} | {'chunked' if chunked else 'one pass':>8} | {r['tok_s']:>13.1f} | {lc} | {ratio} | "
+                  f"{r['rss_mb']:>11.0f} | {r['before_mb']:>13.0f} | {r['kv_mb']:>11.1f}", flush=True)
+    print("target at 4k: ours chunked >= 0.7x llama.cpp")
+
+
+PARTS = ("a", "b", "c", "d")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:smollm2-135m")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated subset of a,b,c,d (split a run that would not fit one bench slot)")
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",") if x], default=[256, 1024, 4096])
+    ap.add_argument("--prefill", type=lambda v: [int(x) for x in v.split(",") if x], default=[256, 1024, 4000],
+                    help="(b): prompt sizes (4,000: the model's 4,096-token context holds it and the start token)")
     ap.add_argument("--one-pass-max", type=int, default=1024, help="largest prompt also run in one pass")
-    ap.add_argument("--skip-conversation", action="store_true")
     ap.add_argument("--streams", type=lambda v: [int(x) for x in v.split(",") if x], default=[1, 4, 8],
-                    help="(c): concurrent requests; empty: skip")
+                    help="(c): concurrent requests")
     ap.add_argument("--decode-tokens", type=int, default=48, help="(c): max_tokens per request")
-    ap.add_argument("--long-prompt", type=int, default=4096, help="(d): the long prompt's tokens; 0: skip")
+    ap.add_argument("--long-prompt", type=int, default=4000,
+                    help="(d): the long prompt's tokens (with the chat's start token it must fit the context)")
     ap.add_argument("--short-requests", type=int, default=12, help="(d): short requests during its prefill")
     ap.add_argument("--prefill-chunk", type=int, default=None, help="(d): the scheduler's chunk (default 256)")
     ap.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--chunked", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        prefill_child(a.model, a.threads, a.child, bool(a.chunked))
+        if a.llamacpp:
+            prefill_child_llamacpp(a.model, a.threads or default_threads(), a.child)
+        else:
+            prefill_child(a.model, a.threads, a.child, bool(a.chunked))
         return
-    if not a.skip_conversation:
-        conversation(a)
-    if a.prefill:
-        prefill_table(a)
-    if a.streams:
-        concurrency_table(a)
-    if a.long_prompt:
-        ttft_under_prefill(a)
+    parts = [p for p in a.parts.split(",") if p]
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        ap.error(f"--parts: unknown {bad} (choose from {','.join(PARTS)})")
+    print(f"# {time.strftime('%Y-%m-%dT%H:%MZ', time.gmtime())} benchmarks/engine_serving.py {' '.join(sys.argv[1:])}"
+          f" (commit {_commit()}), {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}", flush=True)
+    run = {"a": conversation, "b": prefill_table, "c": concurrency_table, "d": ttft_under_prefill}
+    for p in PARTS:
+        if p in parts:
+            run[p](a)
+
+
+def _commit() -> str:
+    r = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True, check=False)
+    return r.stdout.strip() or "?"
 
 
 def conversation(a: argparse.Namespace) -> None:
@@ -190,6 +258,7 @@ class _Run:
         self.done = threading.Semaphore(0)
         self.start: tuple[float, int] | None = None  # (time, decode tokens) once all n have a token
         self.end: tuple[float, int] | None = None  # the same at the first finish
+        self.errors: list[str] = []
 
     def submit(self, i: int, gen: Any) -> None:
         def on_delta(_: str) -> None:
@@ -200,7 +269,7 @@ class _Run:
 
         def on_done(err: BaseException | None) -> None:
             if err is not None:
-                print(f"request {i} failed: {err}", file=sys.stderr)
+                self.errors.append(f"request {i} failed: {err!r}")
             if self.end is None:
                 self.end = (time.perf_counter(), self.sched.decode_tokens)
             self.done.release()
@@ -210,6 +279,7 @@ class _Run:
     def wait(self) -> None:
         for _ in range(self.n):
             self.done.acquire()
+        _fail_on(self.errors)
 
 
 def concurrency_table(a: argparse.Namespace) -> None:
@@ -223,8 +293,12 @@ def concurrency_table(a: argparse.Namespace) -> None:
           f"load avg {os.getloadavg()[0]:.2f}")
     print("    scheduler: tokens decoded while every request decodes / that window's seconds; "
           "step_batch: the model's batched step alone (32 steps)")
+    ref = _llamacpp_parallel(a)
+    if ref:
+        print("    llama.cpp: the same GGUF and threads, n sequences in one llama_batch per step (32-token "
+              "prompts, 32 steps; benchmarks/llamacpp_anchors.py's parallel worker)")
     print(f"{'streams':>7} | {'scheduler tok/s':>15} | {'vs 1 stream':>11} | {'step_batch tok/s':>16} | "
-          f"{'vs 1 stream':>11} | {'mean batch':>10}")
+          f"{'vs 1 stream':>11} | {'mean batch':>10} | {'llama.cpp tok/s':>15} | {'vs its 1':>8}")
     base_s = base_m = 0.0
     m = eng.model
     for n in a.streams:
@@ -253,9 +327,37 @@ def concurrency_table(a: argparse.Namespace) -> None:
         base_s, base_m = (tok_s, model_tok_s) if n == 1 else (base_s, base_m)
         rs = f"{tok_s / base_s:.2f}x" if base_s else "-"
         rm = f"{model_tok_s / base_m:.2f}x" if base_m else "-"
-        print(f"{n:>7} | {tok_s:>15.1f} | {rs:>11} | {model_tok_s:>16.1f} | {rm:>11} | {st['mean_batch_size']:>10.2f}",
-              flush=True)
+        lc = ref.get(str(n)) if ref else None
+        lcs = f"{lc:>15.1f} | {lc / ref['1']:>7.2f}x" if lc and "1" in ref else f"{'-':>15} | {'-':>8}"
+        print(f"{n:>7} | {tok_s:>15.1f} | {rs:>11} | {model_tok_s:>16.1f} | {rm:>11} | {st['mean_batch_size']:>10.2f} | "
+              f"{lcs}", flush=True)
     print(f"load avg after {os.getloadavg()[0]:.2f}")
+
+
+def _llamacpp_parallel(a: argparse.Namespace) -> dict[str, float] | None:
+    """llama.cpp's aggregate decode tok/s at each stream count (None without llama-cpp-python)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("    llama-cpp-python not installed: no llama.cpp column")
+        return None
+    threads = a.threads or default_threads()
+    job = {"threads": threads, "prompt": 32, "decode": 32, "streams": sorted(set(a.streams) | {1})}
+    anchors = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llamacpp_anchors.py")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run([sys.executable, anchors, "--worker", "parallel:llamacpp"], input=json.dumps(job),
+                       capture_output=True, text=True, env=env, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"llama.cpp parallel worker failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    out: dict[str, float] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _fail_on(errors: list[str]) -> None:
+    """A request that failed makes the figures meaningless: stop with its error, exit status 1."""
+    if errors:
+        print("\n".join(errors), file=sys.stderr)
+        raise SystemExit(1)
 
 
 def _p95(xs: list[float]) -> float:
@@ -278,8 +380,11 @@ def ttft_under_prefill(a: argparse.Namespace) -> None:
                 break  # the long prompt's prefill is over: later ones would not measure it
             gen = eng.chat([{"role": "user", "content": q}], max_tokens=4, temperature=0)
             got = threading.Event()
-            sched.submit(gen, lambda _: None, lambda _e, got=got: got.set())
+            errors: list[str] = []
+            sched.submit(gen, lambda _: None,
+                         lambda e, got=got, errors=errors: (e is not None and errors.append(repr(e)), got.set()))
             got.wait()
+            _fail_on(errors)
             out.append(gen.stats.extra.get("ttft_s", float("nan")))
             time.sleep(gap_s)
         return out
@@ -297,11 +402,15 @@ def ttft_under_prefill(a: argparse.Namespace) -> None:
     prefilled = threading.Event()
     t0 = time.perf_counter()
     t_long: list[float] = []
-    sched.submit(long_gen, lambda _: None, lambda _e: (t_long.append(time.perf_counter() - t0), prefilled.set()))
+    long_errors: list[str] = []
+    sched.submit(long_gen, lambda _: None,
+                 lambda e: (e is not None and long_errors.append(f"the long prompt failed: {e!r}"),
+                            t_long.append(time.perf_counter() - t0), prefilled.set()))
     time.sleep(0.5)  # it has started
     during = short_ttfts(sched, 0.5, prefilled)
     prefilled.wait()
     sched.close()
+    _fail_on(long_errors)
     print(f"{'':>24} | {'n':>3} | {'p50 s':>7} | {'p95 s':>7}")
     for name, xs in (("idle engine", alone), ("during the long prefill", during)):
         print(f"{name:>24} | {len(xs):>3} | {sorted(xs)[len(xs) // 2]:>7.3f} | {_p95(xs):>7.3f}")
