@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from local_engine.engine import Engine, default_threads
@@ -353,6 +354,18 @@ def _llamacpp_parallel(a: argparse.Namespace) -> dict[str, float] | None:
     return out
 
 
+def _on_done(errors: list[str], done: Any, what: str, t0: float = 0.0,
+             times: list[float] | None = None) -> Callable[[BaseException | None], None]:
+    """A scheduler ``on_done`` that keeps the error (if any), the end time, and sets ``done``."""
+    def cb(e: BaseException | None) -> None:
+        if e is not None:
+            errors.append(f"{what} failed: {e!r}")
+        if times is not None:
+            times.append(time.perf_counter() - t0)
+        done.set()
+    return cb
+
+
 def _fail_on(errors: list[str]) -> None:
     """A request that failed makes the figures meaningless: stop with its error, exit status 1."""
     if errors:
@@ -381,8 +394,7 @@ def ttft_under_prefill(a: argparse.Namespace) -> None:
             gen = eng.chat([{"role": "user", "content": q}], max_tokens=4, temperature=0)
             got = threading.Event()
             errors: list[str] = []
-            sched.submit(gen, lambda _: None,
-                         lambda e, got=got, errors=errors: (e is not None and errors.append(repr(e)), got.set()))
+            sched.submit(gen, lambda _: None, _on_done(errors, got, q))
             got.wait()
             _fail_on(errors)
             out.append(gen.stats.extra.get("ttft_s", float("nan")))
@@ -403,9 +415,7 @@ def ttft_under_prefill(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     t_long: list[float] = []
     long_errors: list[str] = []
-    sched.submit(long_gen, lambda _: None,
-                 lambda e: (e is not None and long_errors.append(f"the long prompt failed: {e!r}"),
-                            t_long.append(time.perf_counter() - t0), prefilled.set()))
+    sched.submit(long_gen, lambda _: None, _on_done(long_errors, prefilled, "the long prompt", t0, t_long))
     time.sleep(0.5)  # it has started
     during = short_ttfts(sched, 0.5, prefilled)
     prefilled.wait()

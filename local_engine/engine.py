@@ -412,6 +412,9 @@ class Engine:
         # what ``auto`` measured on this model: verify costs, acceptance (spec_control.py)
         self.spec_model = spec_control.ModelSpec()
         self.draft_model: DraftModel | None = None  # a smaller model with this tokenizer, for "draft"
+        # sequences whose KV can be live at once, for memory(): 1 when calls run one at a time; the
+        # scheduler serving this engine (local_engine/scheduler.py) raises it to its max_batch
+        self.max_batch = 1
 
     @classmethod
     def open(cls, model: str | Path, **opts: Any) -> Engine:
@@ -535,8 +538,9 @@ class Engine:
         return d
 
     def memory(self) -> dict[str, int]:
-        """One memory budget: weights + expert cache + the KV of one sequence at its longest
-        (``max_tokens`` + slack rows when bounded, else ``max_seq``) + the prefix cache's budget."""
+        """One memory budget: weights + expert cache + the KV of ``max_batch`` sequences each at its
+        longest (``max_tokens`` + slack rows when bounded, else ``max_seq``; ``kv_max_bytes`` is one
+        sequence's) + the prefix cache's budget."""
         out = {"weights_bytes": 0, "expert_cache_bytes": 0}
         kv_tok = kv_max = 0
         if isinstance(self.model, ReportsMemory):
@@ -545,9 +549,9 @@ class Engine:
             kv = self.kv_config
             rows = kv.max_tokens + kv_cache.SLACK if kv.max_tokens is not None else self.max_seq
             kv_max = kv_tok * rows
-        out.update(kv_bytes_per_token=kv_tok, kv_max_bytes=kv_max,
-                   prefix_cache_bytes=self.prefix_cache.budget_bytes)
-        out["total_bytes"] = (out["weights_bytes"] + out["expert_cache_bytes"] + kv_max
+        out.update(kv_bytes_per_token=kv_tok, kv_max_bytes=kv_max, kv_sequences=self.max_batch,
+                   kv_total_bytes=kv_max * self.max_batch, prefix_cache_bytes=self.prefix_cache.budget_bytes)
+        out["total_bytes"] = (out["weights_bytes"] + out["expert_cache_bytes"] + out["kv_total_bytes"]
                               + out["prefix_cache_bytes"])
         return out
 

@@ -74,6 +74,7 @@ class Scheduler:
             raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
         self.engine = engine
         self.max_batch, self.max_waiting = max_batch, max_waiting
+        engine.max_batch = max(engine.max_batch, max_batch)  # its memory() counts this many KV caches
         # the serial path's chunk by default: the same chunks give the same logits
         self.prefill_chunk = int(prefill_chunk or PREFILL_CHUNK)
         self._cv = threading.Condition()

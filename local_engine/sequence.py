@@ -29,9 +29,8 @@ if TYPE_CHECKING:
 @runtime_checkable
 class ChunksPrefill(Protocol):
     """A model whose ``forward`` runs a long prompt in chunks of ``prefill_chunk`` tokens
-    (models/llama.py): a serial run steps through the same chunks and checks for a cancel between
-    them. A model without it (the MoE engine, whose prefill reads each chunk's experts) gets the
-    whole prompt in one call."""
+    (models/llama.py, models/moe.py): a serial run steps through the same chunks and checks for a
+    cancel between them. A model without it gets the whole prompt in one call."""
 
     prefill_chunk: int
 

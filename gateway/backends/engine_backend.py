@@ -3,7 +3,7 @@
 Requests share the model through continuous batching (local_engine/scheduler.py): up to
 ``max_batch`` sequences decode together, one engine thread runs them. A worker thread takes the
 requests in arrival order, renders and tokenises each (and loads the model on first use), and
-hands it to the scheduler. At most ``max_queue`` requests are in the backend at once (running or
+hands it to the scheduler. At most ``max_queue`` (default 4 x ``max_batch``) requests are in the backend at once (running or
 waiting): one more is answered at once with ``BackendError("overloaded", 503, retry_after)``,
 never an unbounded pile-up. The event loop only awaits results: text deltas come over with
 ``loop.call_soon_threadsafe``. A target with speculative decoding on runs its requests one at a
@@ -63,14 +63,21 @@ class _Job:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+# The default bound on requests in the backend (running + waiting), in batches of max_batch.
+QUEUE_BATCHES = 4
+
+
 class EngineBackend(Backend):
     supports_embeddings = True  # the device's own MiniLM (gateway/backends/local_embeddings.py)
 
-    def __init__(self, name: str, model_path: str, *, threads: int | None = None, max_queue: int = 8,
+    def __init__(self, name: str, model_path: str, *, threads: int | None = None, max_queue: int | None = None,
                  max_batch: int = 8, default_max_tokens: int = 256, **engine_opts: Any) -> None:
         self.name = name
         self.model_path = model_path
         self.threads = threads
+        # a queue as deep as the batch made the (max_batch + 1)th concurrent request a 503 at once,
+        # though it would have started within one request's time: room for 4 batches' worth
+        max_queue = max_queue or QUEUE_BATCHES * max(1, max_batch)
         self.max_queue = max_queue
         self.max_batch = max(1, min(max_batch, max_queue))
         self._scheduler: Scheduler | None = None
@@ -117,6 +124,8 @@ class EngineBackend(Backend):
             except (EngineError, OSError, ValueError) as e:
                 self.load_error = f"{self.name}: cannot load model: {e}"
                 raise BackendError("connect", self.load_error) from None
+            # the memory stats count the KV of every sequence the scheduler may run at once
+            self.engine.max_batch = self.max_batch
             self._stats["load_s"] = round(time.monotonic() - t0, 2)
 
     def start_loading(self) -> None:

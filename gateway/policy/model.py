@@ -180,7 +180,9 @@ class LocalTarget(_Strict):
     min_rate_window_s: float = Field(2.0, gt=0)
     client: Literal["auto", "litellm", "openai"] = "auto"
     threads: int | None = Field(None, ge=1)
-    max_queue: int = Field(8, ge=1)
+    max_queue: int | None = Field(
+        None, ge=1, description="For engine: requests in the backend at once, running and waiting; one more "
+        "is answered 503 with Retry-After. Absent: 4 x max_batch (a burst waits its turn instead of failing).")
     max_batch: int = Field(
         8, ge=1, description="For engine: requests decoded together (continuous batching, "
         "local_engine/scheduler.py); at most max_queue, which counts running and waiting requests.")

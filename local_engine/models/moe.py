@@ -131,6 +131,12 @@ class RunStats:
 class MoEModel(CausalLM):
     """A packed MoE checkpoint: resident tensors in RAM, experts through an ``ExpertStore``."""
 
+    # A long prompt runs in chunks of this many tokens (sequence.ChunksPrefill), as the dense model's
+    # do: a cancel is seen between two chunks, not after the whole prompt. Each chunk reads the union
+    # of its tokens' experts; at a few hundred tokens that is already most of a layer's experts, so
+    # chunking adds little I/O over one pass.
+    prefill_chunk = 256
+
     def __init__(self, manifest: Manifest, store: ExpertStore, resident: dict[str, torch.Tensor]) -> None:
         self.m = manifest
         c = self.config = manifest.config
@@ -610,7 +616,7 @@ def _load_packed(path: Path, **opts: Any) -> Any:
         model.close()
         raise
     return Engine(model, tok, source=str(path), format="flash-moe-pack", max_seq=model.max_seq,
-                  threads=opts.get("threads"), kv=model.kv_config)
+                  threads=opts.get("threads"), prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
 
 
 def _register() -> None:

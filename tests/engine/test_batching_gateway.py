@@ -67,3 +67,47 @@ def test_concurrent_requests_share_the_batch(gw: RunningGateway, tmp_path: Path)
     count = re.search(r'^hybrid_engine_ttft_seconds_count{target="local"} (\S+)$', metrics, re.M)
     assert count and float(count.group(1)) == s["ttft"]["count"] >= 12
     assert re.search(r'^hybrid_engine_ttft_seconds_bucket{le="\+Inf",target="local"} ', metrics, re.M)
+
+
+DEEP_QUEUE_POLICY = POLICY.replace("max_queue: 8, max_batch: 4", "max_batch: 8")
+
+
+def test_a_burst_past_the_batch_waits_and_completes(tmp_path: Path) -> None:
+    """max_queue absent: 4 x max_batch. 16 requests at once with max_batch 8: the 9th..16th wait
+    for a seat (seen in the queue while the first 8 decode) and all complete; none gets a 503."""
+    import threading
+
+    (tmp_path / "p.yaml").write_text(DEEP_QUEUE_POLICY)
+    with run_gateway(tmp_path / "p.yaml") as running:
+        client = openai.OpenAI(base_url=running.base_url + "/v1", api_key="x", max_retries=0, timeout=300)
+        backend = running.state.runtime.dispatcher.backends["local"]
+        assert backend.max_queue == 32 and backend.max_batch == 8
+        expected = {q: _ask(client, q, stream=False) for q in QUESTIONS}
+        waiting_seen = active_seen = 0
+        stop = threading.Event()
+
+        def watch() -> None:
+            nonlocal waiting_seen, active_seen
+            while not stop.is_set():
+                s = backend.stats()
+                serving = s.get("serving", {})
+                waiting_seen = max(waiting_seen, s["queued"] + serving.get("queue_depth", 0))
+                active_seen = max(active_seen, serving.get("active_sequences", 0))
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        jobs = [(q, i % 2 == 1) for i, q in enumerate(QUESTIONS * 4)]  # 16 requests, half streamed
+        try:
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                answers = list(pool.map(lambda j: _ask(client, *j), jobs))
+        finally:
+            stop.set()
+            watcher.join()
+        assert answers == [expected[q] for q, _ in jobs]
+        s = backend.stats()
+        assert s["rejected_overloaded"] == 0 and s["serving"]["rejected_queue_full"] == 0
+        assert s["serving"]["admitted"] == 16 + len(QUESTIONS)
+        assert waiting_seen >= 8 and active_seen == 8  # the 9th..16th waited for a seat, not refused
+        assert s["memory_kv_sequences"] == 8
+        assert s["memory_kv_total_bytes"] == 8 * s["memory_kv_max_bytes"]

@@ -323,7 +323,9 @@ def test_policy_kv_cache_reaches_the_engine_and_one_memory_budget_reaches_stats(
     s = backend.stats()
     per_token = kv_cache.bytes_per_token(KVConfig("int4"), 2, 1, 32)
     assert s["memory_kv_bytes_per_token"] == per_token and s["memory_kv_max_bytes"] == per_token * (96 + SLACK)
-    assert s["memory_total_bytes"] == (s["memory_weights_bytes"] + s["memory_kv_max_bytes"] + 2**20)
+    # the KV of every sequence the scheduler may batch (max_batch, default 8) counts in the budget
+    assert s["memory_kv_sequences"] == 8 and s["memory_kv_total_bytes"] == 8 * s["memory_kv_max_bytes"]
+    assert s["memory_total_bytes"] == (s["memory_weights_bytes"] + s["memory_kv_total_bytes"] + 2**20)
     info = backend.engine.info()
     assert info["kv_cache"] == {"dtype": "int4", "max_tokens": 96, "sinks": 2} and info["memory"]["weights_bytes"] > 0
     metrics = Metrics()

@@ -68,3 +68,23 @@ def test_batched_moe_equals_serial_and_reads_the_union_once(tiny_models: dict[st
             assert (one - logits[b]).abs().max().item() < 1e-4
     finally:
         eng.close()
+
+
+def test_serial_moe_prefill_runs_in_chunks_and_sees_a_cancel_between_them(tiny_models: dict[str, Any]) -> None:
+    """A 600-token prompt on the MoE engine, iterated directly (the CLI, a speculative target): one
+    engine step per chunk of 256, and should_stop is polled between chunks, not after the prompt."""
+    eng = Engine.open(tiny_models["mixtral"].packed["int8"], memory_budget="unlimited", threads=1, prefix_cache_mb=0)
+    try:
+        assert eng.model.prefill_chunk == 256
+        prompt = " ".join(f"w{i % 120 + 3}" for i in range(600))
+        steps0 = eng.steps
+        gen = eng.generate(prompt, max_tokens=8, temperature=0, should_stop=lambda: eng.steps >= steps0 + 1)
+        assert len(gen.prompt_ids) > 2 * 256 + 1
+        assert list(gen) == [] and gen.finish_reason == "cancelled"
+        assert eng.steps == steps0 + 1 and gen.stats.completion_tokens == 0
+        steps0 = eng.steps
+        full = eng.generate(prompt, max_tokens=2, temperature=0)
+        "".join(full)
+        assert full.stats.completion_tokens == 2 and eng.steps == steps0 + 3 + 1  # 3 chunks, 1 decode step
+    finally:
+        eng.close()
