@@ -44,13 +44,11 @@ PREFILL_CHUNK = 256
 # and runs the unfused matmuls, which made a 2-token verify after 300 cached tokens cost 2.1 single
 # steps on the built-in model (1.5 with ``_few``; 9 tokens 5.1 -> 4.1).
 FEW_TOKENS = 16
-# The batched decode step's matmuls run on a multiple of 4 rows (zero rows pad it; their results
-# are dropped), and 2 sequences run their own decode steps: the several-row kernel reduces 4-row
-# tiles at once and the 1-3-row remainders per pair. Measured per matrix on the built-in model,
-# cost relative to one row, gate|up (Q4_1) / vocab head (Q8_0): 2 rows 4.5 / 3.4, 3 rows 3.4 / 4.3,
-# 4 rows 2.2 / 3.1, 5-7 rows 3.2-5.1 / 4.4-7.4, 8 rows 3.4 / 6.7.
-BATCH_MIN_ROWS = 3
-BATCH_ROW_MULTIPLE = 4
+# The batched decode step's matmuls take the B rows as they are (no padding) from 2 rows on.
+# Measured per step on the built-in model's matrices (thread CPU time, benchmarks/qkernel_rows.py
+# run 2026-12-05): M rows cost 0.72 / 0.69 / 0.53 / 0.47 of M single rows at M = 2 / 3 / 4 / 8;
+# 5-7 rows cost what 8 do (one 8-row tile per weight row) and 3 what 4 do.
+BATCH_MIN_ROWS = 2
 GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
 HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 WEIGHT_MODES = ("auto", "int4", "f32", "bf16", "int8")
@@ -521,15 +519,16 @@ class LlamaModel(CausalLM):
             if cache.length >= cache.max_seq:
                 raise ValueError(f"context length exceeded: {cache.length + 1} > {cache.max_seq} tokens")
         ffn, eps = self._ffn, c.eps
-        rows = -(-B // BATCH_ROW_MULTIPLE) * BATCH_ROW_MULTIPLE
-        x = torch.zeros(rows, c.d_model)
-        x[:B] = self.embed(ids)
-        o = torch.zeros(rows, c.n_heads * c.head_dim)  # padding rows stay 0: no attention runs for them
-        attends = [self._step_attention(cache, o[b]) for b, cache in enumerate(caches)]
+        x = self.embed(ids)
+        o = torch.empty(B, c.n_heads * c.head_dim)  # each row written by its sequence's attention
+        rows_attend = self._rows_attention(caches, o)
+        attends = [] if rows_attend else [self._step_attention(cache, o[b]) for b, cache in enumerate(caches)]
         for i, L in enumerate(self.layers):
             r = L.qkv.fused(x, L.attn_norm, eps)
             if L.qkv.bias is not None:
                 r = r + L.qkv.bias
+            if rows_attend:
+                rows_attend(i, r)
             for b, attend in enumerate(attends):
                 attend(i, r[b])
             L.o.fused(o, out=x)
@@ -538,8 +537,16 @@ class LlamaModel(CausalLM):
         for cache in caches:
             cache.advance(1)
         if isinstance(self.head, GGUFBlockLinear):
-            return self.head.fused(x, self.norm, eps)[:B]
-        return self.head(F.rms_norm(x, (c.d_model,), self.norm, eps)).float()[:B]
+            return self.head.fused(x, self.norm, eps)
+        return self.head(F.rms_norm(x, (c.d_model,), self.norm, eps)).float()
+
+    def _rows_attention(self, caches: list[Any], o: torch.Tensor) -> _RowsAttention | None:
+        """Every sequence's attention of a batched step in one C call per layer, or None where that
+        does not apply (a compressed cache, caches of unlike storage, a head dim not a multiple of 8)."""
+        ms = caches[0].max_seq if isinstance(caches[0], KVCache) else 0
+        if self.cfg.head_dim % 8 or not all(isinstance(k, KVCache) and k.max_seq == ms for k in caches):
+            return None
+        return _RowsAttention(self, caches, o)
 
     def _step_attention(self, cache: Any, o: torch.Tensor) -> Any:
         """``(layer, qkv rows) -> None``: RoPE, K/V write and attention of one token into ``o``."""
@@ -550,7 +557,9 @@ class LlamaModel(CausalLM):
         ptrs, scores = self._cache_ptrs(cache)
         cp, sp, op = self.rope.cos[p].data_ptr(), self.rope.sin[p].data_ptr(), o.data_ptr()
         hq, hk, hd, ms, sc = c.n_heads, c.n_kv_heads, c.head_dim, cache.max_seq, self._scale
-        return lambda i, r: lib.attn_step(r.data_ptr(), cp, sp, ptrs[i], p, ms, hq, hk, hd, sc, op, scores)
+        # 8-lane dot products where the head dim allows (qkernel.attn_step_v), else the scalar kernel
+        step = lib.attn_step_v if hd % 8 == 0 else lib.attn_step
+        return lambda i, r: step(r.data_ptr(), cp, sp, ptrs[i], p, ms, hq, hk, hd, sc, op, scores)
 
     def _step(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c = self.cfg
@@ -595,3 +604,29 @@ class LlamaModel(CausalLM):
         cache.advance(1)
         return self.head(rms(x, (d,), self.norm, eps)).float()
 
+
+class _RowsAttention:
+    """``(layer, qkv rows [B, ...]) -> None`` for ``step_batch``: RoPE, K/V write and attention of
+    each sequence's token into its row of ``o`` (qkernel.attn_rows: one ctypes call per layer, where
+    a call per sequence and layer cost more than the attention itself at short contexts)."""
+
+    def __init__(self, model: LlamaModel, caches: list[KVCache], o: torch.Tensor) -> None:
+        c = model.cfg
+        assert model._qlib is not None  # the fused step runs on qkernel
+        self.lib = model._qlib
+        # the addresses the kernel reads, in tensors that live as long as this object
+        self.kv = torch.tensor([model._cache_ptrs(k)[0] for k in caches], dtype=torch.int64).T.contiguous()
+        pos = [k.length for k in caches]
+        self.pos = torch.tensor(pos, dtype=torch.int32)
+        self.cos = torch.tensor([model.rope.cos[p].data_ptr() for p in pos], dtype=torch.int64)
+        self.sin = torch.tensor([model.rope.sin[p].data_ptr() for p in pos], dtype=torch.int64)
+        ms = caches[0].max_seq
+        self.scores = torch.empty(ms)
+        self.row_kv = [self.kv[i].data_ptr() for i in range(c.n_layers)]
+        self.args = (len(caches), self.cos.data_ptr(), self.sin.data_ptr())
+        self.tail = (self.pos.data_ptr(), ms, c.n_heads, c.n_kv_heads, c.head_dim, model._scale, o.data_ptr(),
+                     o.shape[1], self.scores.data_ptr())
+
+    def __call__(self, i: int, r: torch.Tensor) -> None:
+        B, cos, sin = self.args
+        self.lib.attn_rows(B, r.data_ptr(), r.shape[1], cos, sin, self.row_kv[i], *self.tail)
