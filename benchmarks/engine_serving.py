@@ -286,7 +286,7 @@ class _Run:
 def concurrency_table(a: argparse.Namespace) -> None:
     import torch
 
-    from local_engine.scheduler import Scheduler
+    from local_engine.scheduler import BatchesDecode, Scheduler
 
     eng = Engine.open(a.model, threads=a.threads, prefix_cache_mb=0)
     print()
@@ -302,6 +302,7 @@ def concurrency_table(a: argparse.Namespace) -> None:
           f"{'vs 1 stream':>11} | {'mean batch':>10} | {'llama.cpp tok/s':>15} | {'vs its 1':>8}")
     base_s = base_m = 0.0
     m = eng.model
+    assert isinstance(m, BatchesDecode)
     for n in a.streams:
         sched = Scheduler(eng, max_batch=max(a.streams), max_waiting=0)
         run = _Run(sched, n)
@@ -328,8 +329,9 @@ def concurrency_table(a: argparse.Namespace) -> None:
         base_s, base_m = (tok_s, model_tok_s) if n == 1 else (base_s, base_m)
         rs = f"{tok_s / base_s:.2f}x" if base_s else "-"
         rm = f"{model_tok_s / base_m:.2f}x" if base_m else "-"
-        lc = ref.get(str(n)) if ref else None
-        lcs = f"{lc:>15.1f} | {lc / ref['1']:>7.2f}x" if lc and "1" in ref else f"{'-':>15} | {'-':>8}"
+        lcs = f"{'-':>15} | {'-':>8}"
+        if ref and str(n) in ref and "1" in ref:
+            lcs = f"{ref[str(n)]:>15.1f} | {ref[str(n)] / ref['1']:>7.2f}x"
         print(f"{n:>7} | {tok_s:>15.1f} | {rs:>11} | {model_tok_s:>16.1f} | {rm:>11} | {st['mean_batch_size']:>10.2f} | "
               f"{lcs}", flush=True)
     print(f"load avg after {os.getloadavg()[0]:.2f}")

@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(1)
     libs = {"baseline": baseline_lib(a.baseline), "this": qkernel.load()}
     eng = Engine.open("builtin:smollm2-135m", threads=1, prefix_cache_mb=0)
-    model = eng.model
+    model: Any = eng.model  # a LlamaModel: this instrument swaps its kernels (_qlib, each matrix's _fn)
     kinds = {"qkv": [L.qkv for L in model.layers], "o": [L.o for L in model.layers],
              "gate_up": [L.gate_up for L in model.layers], "down": [L.down for L in model.layers],
              "head": [model.head]}
@@ -79,9 +79,9 @@ def main() -> None:
     batches = (1, 2, 4, 8)
     bcaches = []
     with torch.inference_mode():
-        for b in range(max(batches)):
+        for bi in range(max(batches)):
             c = model.new_cache()
-            model.forward(ids[b:b + 32], c, last_only=True)
+            model.forward(ids[bi:bi + 32], c, last_only=True)
             bcaches.append(c)
     print(f"# benchmarks/qkernel_rows.py --baseline {a.baseline} --rounds {a.rounds}; load average "
           f"{os.getloadavg()[0]:.1f} at start (2-core box shared with other sessions)")

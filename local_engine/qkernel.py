@@ -597,8 +597,9 @@ int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N,
    one token's attention over 33 cached tokens cost 22 us per layer for the built-in model, 5 of a
    batched 8-sequence step's 35 ms; here ~3 us. The same RoPE, cache write and softmax; the sums
    are in another order (8 lanes, then hsum8), so logits move by float rounding only. */
-void attn_step_v(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
-                 int hd, float scale, float *out, float *scores) {
+static void rope_kv_write(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq,
+                          int hk, int hd) {
+    /* RoPE on the q and k heads in place (HF rotate_half), then the k and v heads into the cache at p */
     int half = hd / 2;
     for (int h = 0; h < hq + hk; h++) {
         float *x = r + (size_t)h * hd;
@@ -610,11 +611,15 @@ void attn_step_v(float *r, const float *cos, const float *sin, float *kv, int p,
     }
     for (int h = 0; h < 2 * hk; h++)
         memcpy(kv + ((size_t)h * max_seq + p) * hd, r + (size_t)(hq + h) * hd, sizeof(float) * hd);
-    int g = hq / hk, n = p + 1;
+}
+
+void attn_step_v(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
+                 int hd, float scale, float *out, float *scores) {
+    rope_kv_write(r, cos, sin, kv, p, max_seq, hq, hk, hd);
+    const int g = hq / hk, n = p + 1;
     for (int h = 0; h < hq; h++) {
-        const float *q = r + (size_t)h * hd;
-        const float *K = kv + (size_t)(h / g) * max_seq * hd;
-        const float *V = kv + (size_t)(hk + h / g) * max_seq * hd;
+        const float *q = r + (size_t)h * hd, *K = kv + (size_t)(h / g) * max_seq * hd;
+        const float *V = K + (size_t)hk * max_seq * hd;
         float mx = -INFINITY;
         for (int t = 0; t < n; t++) {
             const float *k = K + (size_t)t * hd;
