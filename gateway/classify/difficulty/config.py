@@ -74,11 +74,11 @@ class DifficultyConfig(BaseModel):
         from gateway.classify.difficulty.calibrate import load_calibration
 
         if self.thresholds is not None and (self.cloud_share is not None or self.calibration is not None):
-            raise ValueError("difficulty: give either thresholds or cloud_share / calibration, not both")
+            raise ValueError("give either thresholds or cloud_share / calibration, not both")
         if self.calibration is not None:
             cal = load_calibration(self.calibration)  # CalibrationError is a ValueError: a policy error
             if cal.method != self.method:
-                raise ValueError(f"difficulty.calibration: {self.calibration} calibrates method {cal.method!r}, "
+                raise ValueError(f"calibration {self.calibration} calibrates method {cal.method!r}, "
                                  f"the policy uses {self.method!r}; re-run `hybrid-gateway difficulty calibrate "
                                  f"--method {self.method}`")
             if self.cloud_share is not None:
@@ -102,6 +102,6 @@ class DifficultyConfig(BaseModel):
             return
         shipped = (meta.get("thresholds") or {}).get(self.method) if isinstance(meta, dict) else None
         if not isinstance(shipped, dict) or not shipped.get("quantiles"):
-            raise ValueError(f"difficulty.cloud_share: the artefact {path} records no score distribution for "
+            raise ValueError(f"cloud_share: the artefact {path} records no score distribution for "
                              f"{self.method}; give `calibration:` (from `hybrid-gateway difficulty calibrate`) "
                              "or `thresholds:`")
