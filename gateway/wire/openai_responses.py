@@ -511,8 +511,8 @@ class ResponsesStream(ChatChunkTranslator):
         elif kind in ("response.completed", "response.incomplete"):
             self.done = True
         # one numbering for the whole stream, whoever wrote which event
-        event = _native_event(event, self._echo())
-        self._ev(events, str(kind), **{k: v for k, v in event.items() if k not in ("type", "sequence_number")})
+        events.append({**_native_event(event, self._echo()), "sequence_number": self.seq})
+        self.seq += 1
 
     def _end(self, events: list[Event]) -> None:
         assert self.response is not None
