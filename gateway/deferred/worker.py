@@ -25,6 +25,7 @@ from gateway.deferred.queue import QueueUnavailable
 from gateway.dispatch import AllTargetsFailed
 from gateway.pipeline import without_images
 from gateway.runtime import Runtime
+from gateway.store.budgets import Charge
 from gateway.wire import openai_chat
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ class DeferredWorker:
             return 0
         answer, _ = openai_chat.completion(outcome.response or {}, model=outcome.target,
                                            prompt_tokens=job.prompt_tokens)
+        self._charge(rt, job, outcome.target, answer)
         done = replace(job, status="completed", attempts=job.attempts + 1, target=outcome.target, result=answer,
                        error=None, completed=time.time(), callback="pending" if job.callback_url else None)
         if await self._finish(rt, done) and done.callback_url:
@@ -120,6 +122,22 @@ class DeferredWorker:
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)
         return 1
+
+    @staticmethod
+    def _charge(rt: Runtime, job: Job, target: str, answer: dict[str, Any]) -> None:
+        """The answer's usage on its client's counters, as for an answer given at once (its hold
+        was released when it was deferred: a deferred request is counted, not held)."""
+        if rt.budgets is None or job.client is None:
+            return
+        used = answer.get("usage") or {}
+        prompt, completion = used.get("prompt_tokens"), used.get("completion_tokens")
+        estimated = not (isinstance(prompt, int) and isinstance(completion, int))
+        charge = Charge(target, prompt if isinstance(prompt, int) else job.prompt_tokens,
+                        completion if isinstance(completion, int) else 0, estimated=estimated)
+        try:
+            rt.budgets.charge(job.client, None, [charge])
+        except Exception as exc:  # counting must never stop a delivery
+            log.error("usage_charge_failed", error=type(exc).__name__, id=job.id)
 
     async def _finish(self, rt: Runtime, job: Job) -> bool:
         if await self._service.queue.finish(job, self.owner, rt.policy.deferred.retention_s):

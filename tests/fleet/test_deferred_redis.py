@@ -104,6 +104,12 @@ def test_two_replicas_send_each_deferred_request_once(two: list[RunningGateway],
     for value in PII:
         assert value in done["response"]["choices"][0]["message"]["content"]
         assert all(value not in json.dumps(body) for body in down_cloud.received)
+    # Each sent once, each counted once on the client's shared usage (not when deferred: then).
+    def usage() -> dict:
+        return httpx.get(f"{b.base_url}/v1/usage", headers=auth, timeout=10, trust_env=False).json()
+    wait_for(lambda: usage()["requests"] == 6, what="deferred answers counted")  # settled by either worker
+    time.sleep(0.3)
+    assert usage()["requests"] == 6 and usage()["by_target"]["cloud"]["tokens"] == 6 * 12
     # The callback went out once, restored, and its state is on the shared store.
     wait_for(lambda: get(a, ids[5]).json()["callback"] == "delivered", what="callback delivered")
     sent = [body for _, body in _Hooks.received if body["id"] == ids[5]]
