@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.backends.base import Backend, BackendError, CallOptions
 
 if TYPE_CHECKING:
-    from local_engine.engine import Generation
+    from local_engine.engine import Engine, Generation
     from local_engine.scheduler import Scheduler
 
 _SENTINEL = object()
@@ -86,7 +86,7 @@ class EngineBackend(Backend):
         self.engine_opts = engine_opts
         # What OpenAI's system_fingerprint means: the configuration the answers come from.
         self.fingerprint = "fp_" + hashlib.sha256(f"{model_path}|{sorted(engine_opts.items())}".encode()).hexdigest()[:12]
-        self.engine: Any = None
+        self.engine: Engine | None = None
         self.load_error: str | None = None
         self._load_lock = threading.Lock()
         self._jobs: queue.Queue[Any] = queue.Queue()
@@ -107,9 +107,13 @@ class EngineBackend(Backend):
 
     def load(self) -> None:
         """Load the model now (blocking; idempotent). Raises BackendError if it cannot be loaded."""
+        self._loaded()
+
+    def _loaded(self) -> Engine:
+        """The engine, loaded first if it was not (BackendError when it cannot be)."""
         with self._load_lock:
             if self.engine is not None:
-                return
+                return self.engine
             if self.load_error is not None:
                 raise BackendError("connect", self.load_error)
             from local_engine.engine import Engine
@@ -120,13 +124,14 @@ class EngineBackend(Backend):
             if self.threads:
                 opts["threads"] = self.threads
             try:
-                self.engine = Engine.open(self.model_path, **opts)
+                engine = self.engine = Engine.open(self.model_path, **opts)
             except (EngineError, OSError, ValueError) as e:
                 self.load_error = f"{self.name}: cannot load model: {e}"
                 raise BackendError("connect", self.load_error) from None
             # the memory stats count the KV of every sequence the scheduler may run at once
             self.engine.max_batch = self.max_batch
             self._stats["load_s"] = round(time.monotonic() - t0, 2)
+            return engine
 
     def start_loading(self) -> None:
         """Load in the worker thread without blocking (``ready`` turns true when done)."""
@@ -173,7 +178,7 @@ class EngineBackend(Backend):
     def _moe_stats(self) -> dict[str, Any] | None:
         """Streaming stats of a packed MoE model (cumulative since load), else None."""
         eng = self.engine
-        if eng is None or getattr(eng, "format", "") != "flash-moe-pack":
+        if eng is None or eng.format != "flash-moe-pack":
             return None
         try:
             return dict(eng.model.stats())
@@ -212,14 +217,14 @@ class EngineBackend(Backend):
         avg = self._stats["avg_job_s"]
         self._stats["avg_job_s"] = round(dt if avg is None else 0.8 * avg + 0.2 * dt, 3)
 
-    def _batching(self) -> Scheduler | None:
+    def _batching(self, engine: Engine) -> Scheduler | None:
         """The scheduler, made on first use; None when requests run one at a time (speculation on)."""
-        if self.engine.speculative != "off":
+        if engine.speculative != "off":
             return None
         if self._scheduler is None:
             from local_engine.scheduler import Scheduler
 
-            self._scheduler = Scheduler(self.engine, max_batch=self.max_batch, max_waiting=self.max_queue)
+            self._scheduler = Scheduler(engine, max_batch=self.max_batch, max_waiting=self.max_queue)
         return self._scheduler
 
     def _serve(self, job: _Job) -> bool:
@@ -232,7 +237,7 @@ class EngineBackend(Backend):
             job.emit(("error", BackendError("timeout", f"{self.name}: deadline passed while queued")))
             return False
         try:
-            self.load()
+            engine = self._loaded()
         except BackendError as e:
             self._stats["errors"] += 1
             job.emit(("error", e))
@@ -242,9 +247,9 @@ class EngineBackend(Backend):
             return job.cancel.is_set() or time.monotonic() >= job.deadline
 
         try:
-            gen = self.engine.chat(job.messages, should_stop=should_stop, continue_final_message=job.continue_final,
+            gen = engine.chat(job.messages, should_stop=should_stop, continue_final_message=job.continue_final,
                                    **job.structure, **job.sampling)
-            sched = self._batching()
+            sched = self._batching(engine)
             if sched is not None:
                 def done(error: BaseException | None) -> None:
                     try:
