@@ -12,16 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from gateway.backends.base import Backend
 from gateway.classify.base import DifficultyClassifier, SensitivityClassifier
-from gateway.classify.difficulty import build_difficulty_classifier
+from gateway.classify.difficulty import DifficultyConfig, build_difficulty_classifier
 from gateway.classify.sensitivity import build_sensitivity_classifier
 from gateway.connectivity import ConnectivityMonitor, Force
 from gateway.dispatch import Dispatcher
 from gateway.policy.model import CloudTarget, LocalTarget, Policy
+from gateway.privacy.config import PrivacyConfig
 from gateway.privacy.vault import VaultStore
 from gateway.store.base import StateStore
 from gateway.store.budgets import Budgets
@@ -90,8 +94,12 @@ _KEEP_CLASSIFIERS = 2
 _CLASSIFIERS: dict[str, OrderedDict[str, Any]] = {}
 
 
-def _shared(kind: str, cfg: Any, build: Any) -> Any:
-    built = _CLASSIFIERS.setdefault(kind, OrderedDict())
+_Config = TypeVar("_Config", bound=BaseModel)
+_Classifier = TypeVar("_Classifier")
+
+
+def _shared(kind: str, cfg: _Config, build: Callable[[_Config], _Classifier]) -> _Classifier:
+    built: OrderedDict[str, _Classifier] = _CLASSIFIERS.setdefault(kind, OrderedDict())
     key = cfg.model_dump_json()
     if key in built:
         built.move_to_end(key)
@@ -102,12 +110,12 @@ def _shared(kind: str, cfg: Any, build: Any) -> Any:
     return built[key]
 
 
-def shared_sensitivity(cfg: Any) -> SensitivityClassifier:
-    return _shared("sensitivity", cfg, build_sensitivity_classifier)  # type: ignore[no-any-return]
+def shared_sensitivity(cfg: PrivacyConfig) -> SensitivityClassifier:
+    return _shared("sensitivity", cfg, build_sensitivity_classifier)
 
 
-def shared_difficulty(cfg: Any) -> DifficultyClassifier:
-    return _shared("difficulty", cfg, build_difficulty_classifier)  # type: ignore[no-any-return]
+def shared_difficulty(cfg: DifficultyConfig) -> DifficultyClassifier:
+    return _shared("difficulty", cfg, build_difficulty_classifier)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 from redis.asyncio import Redis
@@ -142,7 +143,7 @@ class RedisStore(StateStore):
     def _key(self, key: str) -> str:
         return self._prefix + key
 
-    async def _call(self, what: str, coro_fn, *args):  # type: ignore[no-untyped-def]
+    async def _call(self, what: str, coro_fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         if time.monotonic() < self._down_until:
             raise StoreUnavailable(f"redis unavailable ({what}: cooling down after a failure)")
         try:
