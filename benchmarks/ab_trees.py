@@ -104,7 +104,7 @@ def main() -> None:
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     policy = tmp / "hg-off.yaml"
     policy.write_text(textwrap.dedent(HG_POLICY).format(port=up_port, classification=CLASSIFY_OFF, rules="",
-                                                        redact="false"))
+                                                        redact="false", wire_targets=""))
     servers = []
     try:
         servers = [start_tree("old", args.old.resolve(), policy), start_tree("new", args.new.resolve(), policy),
