@@ -194,6 +194,19 @@ def test_a_whole_answer_read_as_a_stream_is_still_the_upstreams_own(
     assert call.type == "tool_use" and call.input == {"echo": f"mail {EMAIL}"} and msg.stop_reason == "tool_use"
 
 
+def test_a_whole_responses_answer_read_as_a_stream_is_still_the_upstreams_own(
+        gw: RunningGateway, responses_up: ResponsesUpstream) -> None:
+    responses_up.extra = {"service_tier": "default"}
+    raw = oai(gw).responses.with_raw_response.create(model="auto", input=f"hi {EMAIL}", extra_body={"truncation": "auto"},
+                                                     extra_headers={"x-route": "paced-responses"})
+    (got,) = responses_up.received
+    assert got["stream"] is True and got["truncation"] == "auto" and not leaked(responses_up.received)
+    answer = json.loads(raw.http_response.text)
+    valid("openai", "Response", answer)
+    resp = Response.model_validate(answer)
+    assert resp.id == "resp_test" and resp.service_tier == "default" and resp.output_text == f"echo: hi {EMAIL}"
+
+
 def responses_body() -> dict[str, Any]:
     return {
         "model": "auto", "instructions": f"User: {EMAIL}", "max_output_tokens": 50, "store": False,

@@ -58,6 +58,12 @@ rules:
     redact: true
     fallback: [responses, local]
     first_token_timeout_s: 10      # a whole answer is then read as a stream, to time its first token
+  - name: paced-responses
+    when: { header: { x-route: paced-responses } }
+    route: responses
+    redact: true
+    fallback: [local]
+    first_token_timeout_s: 10
   - name: to-responses
     when: { header: { x-route: responses } }
     route: responses
