@@ -128,6 +128,7 @@ OPERATIONS = {
     "POST /v1/embeddings", "GET /v1/models", "GET /healthz", "GET /readyz",
     "GET /metrics", "GET /admin/connectivity", "POST /admin/connectivity", "GET /dashboard/data",
     "GET /v1/usage", "GET /admin/usage", "POST /admin/reload", "GET /v1/deferred/{job_id}",
+    "GET /v1/responses/{job_id}",
 }
 BODYLESS_POSTS = {"POST /admin/reload"}  # re-reads the policy file: nothing to send
 EXAMPLES_PER_MODE = 15
