@@ -59,8 +59,7 @@ def best_k(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: 
     m-row forward (``cost[1]``: a single step); ``draft_s``: seconds to draft one token. A k > 0
     must beat a step by ``margin`` (relative) to be chosen."""
     best, best_rate = 0, (1.0 + margin) / cost[1]
-    for k in range(1, min(k_max, len(accept), len(cost) - 2) + 1):
-        rate = expected_tokens(accept, k) / (cost[k + 1] + k * draft_s)
+    for k, rate in enumerate(_rates(accept, cost, k_max, draft_s), start=1):
         if rate > best_rate:
             best, best_rate = k, rate
     return best
@@ -68,9 +67,18 @@ def best_k(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: 
 
 def best_positive_k(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: float = 0.0) -> int:
     """``best_k`` among k >= 1 (a probe's size): the k that would be chosen if drafting paid."""
-    rates = [expected_tokens(accept, k) / (cost[k + 1] + k * draft_s)
-             for k in range(1, min(k_max, len(accept), len(cost) - 2) + 1)]
+    rates = _rates(accept, cost, k_max, draft_s)
     return 1 + max(range(len(rates)), key=rates.__getitem__) if rates else 0
+
+
+def _rates(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: float) -> list[float]:
+    """Expected tokens per second of k = 1 .. k_max drafts (``expected_tokens`` kept running)."""
+    out, e, surv = [], 1.0, 1.0
+    for k in range(1, min(k_max, len(accept), len(cost) - 2) + 1):
+        surv *= accept[k - 1]
+        e += surv
+        out.append(e / (cost[k + 1] + k * draft_s))
+    return out
 
 
 @dataclass
@@ -80,8 +88,10 @@ class VerifyCosts:
     alpha: float = 0.25  # weight of a new measurement
     seconds: dict[int, float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
+    _curve: list[float] = field(default_factory=list)  # ``curve(K_MAX)`` until the next record
 
     def record(self, rows: int, seconds: float) -> None:
+        self._curve = []
         old = self.seconds.get(rows)
         self.seconds[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
         self.counts[rows] = self.counts.get(rows, 0) + 1
@@ -94,6 +104,11 @@ class VerifyCosts:
         """Seconds of an m-row forward at index m (index 0 unused), for m up to ``k_max`` + 1:
         measured sizes as measured, others interpolated (never below the smaller measured size)
         or extrapolated at ``PRIOR_ROW_STEPS`` steps a row. Needs a measured step."""
+        if not self._curve:
+            self._curve = self._estimate(K_MAX)
+        return self._curve[:k_max + 2]
+
+    def _estimate(self, k_max: int) -> list[float]:
         step = self.seconds[1]
         known = sorted(self.seconds.items())
         out = [0.0, step]
