@@ -283,19 +283,21 @@ class Generation:
             avail = lookup.propose(min(spec_control.K_MAX, room))
             if avail:
                 source = f"lookup:{min(lookup.matched, 3)}"
-                return source, avail[:ctl.choose(source, len(avail))]
+                return source, avail[:ctl.choose(source, len(avail), free=True)]
         if mode == "draft" or (mode == "auto" and (drafting.drafter is not None or isinstance(model, speculative.SelfDraft))):
             k = min(speculative.SELF_DRAFT_K, room) if ctl is None else ctl.choose("draft", min(spec_control.K_MAX, room))
             if k <= 0:
                 return "draft", []
-            t = time.perf_counter()
             if drafting.drafter is not None:
-                draft = drafting.drafter.propose(history, k)
-                timed = drafting.drafter.caught_up <= k + 1  # not the draft model's prefill of the prompt
+                run = drafting.drafter
+                draft = run.propose(history, k)
+                forwards, seconds = run.steps, run.step_s  # not its catch-up (the prompt, the first time)
             else:  # check_mode let "draft" through: the model drafts for itself
-                draft, timed = model.self_draft(history[-1], cache, k), True
-            if ctl is not None and timed:
-                ctl.model.record_draft("draft", len(draft), time.perf_counter() - t)
+                t = time.perf_counter()
+                draft = model.self_draft(history[-1], cache, k)
+                forwards, seconds = len(draft), time.perf_counter() - t
+            if ctl is not None:
+                ctl.model.record_draft("draft", forwards, seconds)
             return "draft", draft
         return "", []
 

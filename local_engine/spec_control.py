@@ -40,6 +40,9 @@ K_MAX = 15
 PRIOR_ROW_STEPS = 0.4
 # an unmeasured position's acceptance before any request has drafted there
 PRIOR_ACCEPT = 0.5
+# a drafter's seconds per drafted token before it was measured, in single steps of the target
+# (a draft model is meant to be several times cheaper; the first measurement replaces this)
+PRIOR_DRAFT_STEPS = 0.25
 
 def expected_tokens(accept: Sequence[float], k: int) -> float:
     """Tokens a verify of ``k`` drafts yields on average: the accepted drafts + the token decided
@@ -190,15 +193,16 @@ class SpecController:
     decisions: dict[int, int] = field(default_factory=dict)  # k chosen -> how often (stats)
     probes: int = 0
 
-    def choose(self, source: str, available: int = K_MAX) -> int:
-        """Drafts to verify next from ``source`` (``available``: the most it can give now); 0: step."""
+    def choose(self, source: str, available: int = K_MAX, free: bool = False) -> int:
+        """Drafts to verify next from ``source`` (``available``: the most it can give now; ``free``:
+        drafting costs nothing, as prompt lookup's); 0: a single step."""
         costs = self.model.costs
         self.probing = False
         if available <= 0 or costs.counts.get(1, 0) < self.probe_steps:
             return 0
         accept = self.rates(source)
         curve = costs.curve(min(available, K_MAX))
-        draft_s = self.model.draft_s.get(source, 0.0)
+        draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, self.margin)
         if k == 0:
             declined = self._declined.get(source, 0) + 1

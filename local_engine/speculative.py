@@ -43,6 +43,7 @@ local_engine/spec_control.py.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -134,6 +135,10 @@ class DraftRun:
         self.cache: Any = None
         self.tokens: list[int] = []  # the tokens whose K/V ``cache`` holds
         self.caught_up = 0  # tokens the last ``propose`` ran to catch up (the prompt, the first time)
+        # the last ``propose``'s one-token forwards and their seconds: what a drafted token costs
+        # (the catch-up runs whatever the answer gained since the last draft, so it is left out
+        # unless it was one token)
+        self.steps, self.step_s = 0, 0.0
 
     def propose(self, history: list[int], k: int) -> list[int]:
         """``k`` greedy tokens after ``history`` (the prompt + the answer so far, its last token
@@ -154,14 +159,18 @@ class DraftRun:
         del self.tokens[common:]
         ids = history[common:]
         self.caught_up = len(ids)
+        t = time.perf_counter()
         logits = m.forward(torch.tensor(ids, dtype=torch.long), self.cache, last_only=True)[-1]
         self.tokens.extend(ids)
+        self.steps, self.step_s = (1, time.perf_counter() - t) if len(ids) == 1 else (0, 0.0)
         out: list[int] = []
         while True:
             out.append(int(logits.argmax()))
             if len(out) == k:
                 return out
+            t = time.perf_counter()
             logits = m.forward(torch.tensor(out[-1:], dtype=torch.long), self.cache, last_only=True)[-1]
+            self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - t
             self.tokens.append(out[-1])
 
 

@@ -70,12 +70,14 @@ def test_draft_cache_rolls_back_to_what_the_target_accepted(smol: Engine) -> Non
         run = speculative.DraftRun(smol.model, smol.max_seq)
         first = run.propose(ids, 4)
         assert len(first) == 4 and run.caught_up == len(ids)
+        assert run.steps == 3 and run.step_s > 0  # its cost per draft: not the prompt's catch-up
         assert run.cache.length == len(ids) + 3  # the last draft is never run
         # the target accepted two drafts, then decided another token than the third
         wrong = (first[2] + 1) % smol.tokenizer.vocab_size
         history = [*ids, *first[:2], wrong]
         again = run.propose(history, 3)
         assert run.caught_up == 1  # only the new token ran: the accepted drafts' K/V were kept
+        assert run.steps == 3  # a one-token catch-up is a draft forward too
         fresh = speculative.DraftRun(smol.model, smol.max_seq)
         assert again == fresh.propose(history, 3)
         # all accepted + the next token: nothing rolled back, two tokens to catch up

@@ -88,7 +88,7 @@ def test_acceptance_counts_per_position_and_untried_positions_follow_the_last() 
 
 def _chance(ctl: SpecController, source: str, accept_first: int, step_s: float = 0.010) -> int:
     """One decode chance with a draft of K_MAX available; drafts accept ``accept_first`` tokens."""
-    k = ctl.choose(source, K_MAX)
+    k = ctl.choose(source, K_MAX, free=source.startswith("lookup"))
     if k == 0:
         ctl.record_step(step_s)
     else:
@@ -104,7 +104,7 @@ def test_controller_grows_k_while_drafts_are_accepted() -> None:
     assert ks[2:] == sorted(ks[2:])  # every fully accepted draft lets the next be longer
     # the model remembers: a later request on it starts long
     ctl2 = SpecController(ctl.model)
-    assert ctl2.choose("lookup:3", K_MAX) >= 7
+    assert ctl2.choose("lookup:3", K_MAX, free=True) >= 7
 
 
 def test_controller_stops_drafting_where_nothing_is_accepted_and_reprobes_less_often() -> None:
@@ -116,7 +116,7 @@ def test_controller_stops_drafting_where_nothing_is_accepted_and_reprobes_less_o
     assert gaps[-1] >= 32 and gaps == sorted(gaps)  # probes back off, up to max_wait
     assert ctl.probes >= 3
     # a probe that accepts its drafts brings the next probe back to the shortest wait
-    while (k := ctl.choose("lookup:1", K_MAX)) == 0:
+    while (k := ctl.choose("lookup:1", K_MAX, free=True)) == 0:
         ctl.record_step(0.010)
     ctl.record_verify("lookup:1", k, k, CURVE[k + 1] * 0.010)
     ks = [_chance(ctl, "lookup:1", 0) for _ in range(10)]
@@ -129,12 +129,17 @@ def test_sources_learn_apart_and_a_costly_drafter_drafts_less() -> None:
     for _ in range(30):
         _chance(ctl, "lookup:3", K_MAX)
         _chance(ctl, "lookup:1", 0)
-    assert ctl.choose("lookup:3", K_MAX) == K_MAX
-    assert ctl.choose("lookup:1", K_MAX) == 0
-    ms.record_draft("draft", 4, 0.004)  # a draft model at 0.1 step a token
-    assert ms.draft_s["draft"] == pytest.approx(0.001)
+    assert ctl.choose("lookup:3", K_MAX, free=True) == K_MAX
+    assert ctl.choose("lookup:1", K_MAX, free=True) == 0
     for _ in range(3):
         ms.table("draft").record(8, 8)
+    unmeasured = SpecController(ms).choose("draft", K_MAX)  # a quarter step a token until measured
+    assert unmeasured > 0
+    ms.record_draft("draft", 4, 0.004)  # a draft model at 0.1 step a token
+    assert ms.draft_s["draft"] == pytest.approx(0.001)
     assert SpecController(ms).choose("draft", K_MAX) == K_MAX
     ms.draft_s["draft"] = 0.008  # 0.8 step a token: drafting cannot pay
     assert SpecController(ms).choose("draft", K_MAX) == 0
+    ms.draft_s["draft"] = 0.010  # the target itself as its draft: never
+    assert SpecController(ms).choose("draft", K_MAX) == 0
+    assert SpecController(ms).choose("lookup:3", K_MAX, free=True) == K_MAX  # free drafts are not charged
