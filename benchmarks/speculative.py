@@ -13,9 +13,11 @@ be identical (checked: "same" column). Prefix cache off, so every run prefills a
 Packed MoE rows (``--moe DIR``, default moe_stream.py's int4 pack of its random Qwen3-MoE, 24
 layers x 64 experts, top-8, when it exists): decode tok/s off / prompt-lookup / draft (the
 self-draft: the same model on one expert per token) / draft-model (``--moe-draft DIR``: a second
-checkpoint with the same tokenizer, e.g. the same MoE packed at int2, streaming its own experts
-under the same budget) / auto (with the draft model when one is given) at expert-cache budgets of
-5/15/50% of the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
+checkpoint with the same tokenizer: a packed MoE, streaming its own experts under the same budget,
+or a dense HF dir; ``--moe-draft random-dense``: a small random Llama with the pack's vocabulary,
+whose drafts are right ~1/vocab of the time: it measures what a draft model costs and whether
+auto stops using one that does not pay) / auto (with the draft model when one is given) at
+expert-cache budgets of 5/15/50% of the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
 not inside moe_stream's memory cgroup), on (a) a prompt that repeats itself and (b) random ids.
 The checkpoint's weights are random, so its text never quotes and its routers pick near-uniformly:
 it measures what a verify and a self-draft cost against their acceptance, not a real model's
@@ -87,7 +89,35 @@ def _drop_pages(d: Path) -> None:
         os.close(fd)
 
 
-def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_pack: Path | None) -> None:
+def _random_dense_draft(d: Path, vocab: int) -> Path:
+    """A small random Llama (4 layers, d = 256) with ``vocab`` tokens, saved as an HF dir."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    return d
+
+
+def _open_draft(src: Path, budget: int, tokenizer_json: Path) -> Any:
+    """(model, max_seq) of a draft: a packed MoE (cold, like the target) or a dense HF dir."""
+    import shutil
+
+    from local_engine.models.moe import MoEModel
+
+    if (src / "manifest.json").is_file():
+        _drop_pages(src)
+        m = MoEModel.open(src, memory_budget=budget, prefetch=False)
+        return m, m.max_seq
+    if not (src / "tokenizer.json").is_file():
+        shutil.copy(tokenizer_json, src / "tokenizer.json")
+    d = Engine.open(src, threads=1, prefix_cache_mb=0)
+    return d.model, d.max_seq
+
+
+def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_src: str | None) -> None:
     import os
     import random
     import tempfile
@@ -102,11 +132,16 @@ def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_pack: Path
     motif = [rng.randrange(vocab) for _ in range(24)]
     prompts = {"repeat": motif * 2, "open": [rng.randrange(vocab) for _ in range(48)]}
     print(f"\n# packed MoE {packed} ({m.arch}, quant {m.quant}, bank {m.expert_bank_bytes / 2**20:.0f} MiB), "
-          f"{tokens} tokens greedy, cold per run, load {os.getloadavg()[0]:.1f}")
+          f"{tokens} tokens greedy, cold per run, load {os.getloadavg()[0]:.1f}, draft model {draft_src or 'none'}")
     print(f"{'budget':<7} {'prompt':<7} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
           f"{'MB/tok':>7} {'hit':>5} {'same':>5}")
     with tempfile.TemporaryDirectory() as td:
         tok = _word_tokenizer(vocab, Path(td))
+        draft_pack = None
+        if draft_src == "random-dense":
+            draft_pack = _random_dense_draft(Path(td) / "draft", vocab)
+        elif draft_src:
+            draft_pack = Path(draft_src)
         for frac in fractions:
             budget = int(frac * m.expert_bank_bytes)
             for name, ids in prompts.items():
@@ -119,15 +154,15 @@ def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_pack: Path
                     model = MoEModel.open(packed, memory_budget=budget, prefetch=False)
                     eng = Engine(model, tok, format="flash-moe-pack", prefix_cache_mb=0)
                     if with_draft and draft_pack is not None:
-                        _drop_pages(draft_pack)
-                        dm = MoEModel.open(draft_pack, memory_budget=budget, prefetch=False)
-                        eng.draft_model = DraftModel(dm, str(draft_pack), dm.max_seq)
+                        dm, dm_seq = _open_draft(draft_pack, budget, Path(td) / "tokenizer.json")
+                        eng.draft_model = DraftModel(dm, str(draft_pack), dm_seq)
                     try:
                         gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=tokens,
                                            speculative="draft" if mode == "draft-model" else mode)
                         text = "".join(gen)
                         st, x = model.stats(), gen.stats.extra
-                        if eng.draft_model is not None:  # the draft's reads are this run's reads too
+                        if eng.draft_model is not None and isinstance(eng.draft_model.model, MoEModel):
+                            # the draft's reads are this run's reads too
                             st["store_bytes_read"] += eng.draft_model.model.stats()["store_bytes_read"]
                     finally:
                         eng.close()
@@ -152,8 +187,8 @@ def main() -> None:
     ap.add_argument("--moe", type=Path, default=MOE_DEFAULT, help="a packed MoE dir (absent: no MoE rows)")
     ap.add_argument("--fractions", default="0.05,0.15,0.5", help="expert-cache budgets, fractions of the bank")
     ap.add_argument("--moe-tokens", type=int, default=32)
-    ap.add_argument("--moe-draft", type=Path, default=None,
-                    help="a packed MoE with the same tokenizer as --moe that drafts for it (draft-model rows)")
+    ap.add_argument("--moe-draft", default=None,
+                    help="a model dir with --moe's tokenizer that drafts for it (draft-model rows), or random-dense")
     ap.add_argument("--draft-model", default=None, help="dense rows: a smaller model with --model's tokenizer")
     ap.add_argument("--skip-dense", action="store_true")
     a = ap.parse_args()
