@@ -198,6 +198,8 @@ def build_runtime(
     difficulty = shared_difficulty(policy.difficulty)
     limits = RateLimiter(policy.clients, store)
     budgets = Budgets(policy, store)
+    if previous is not None and same_store and previous.budgets is not None:
+        budgets.carry_over(previous.budgets)  # nothing owed to the store is lost to a reload
     return Runtime(
         policy=policy,
         backends=backends,

@@ -111,6 +111,12 @@ class Budgets:
     def __bool__(self) -> bool:
         return bool(self._clients)
 
+    def carry_over(self, previous: Budgets) -> None:
+        """A policy reload on the same store: what the previous runtime's budgets still owe the
+        store (settles on their way, settles to replay) and its local approximation go on here."""
+        self._local, self._last_shared, self._degraded = previous._local, previous._last_shared, previous._degraded
+        self._pending, self._backlog, self._replay_lock = previous._pending, previous._backlog, previous._replay_lock
+
     def _period(self, client: Client, now: float) -> Period:
         return Period.at(client.budget.period if client.budget else _DEFAULT_PERIOD, now)
 

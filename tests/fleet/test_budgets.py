@@ -6,7 +6,7 @@ the decision and the period arithmetic as pure functions."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from gateway.policy.lint import lint
 from gateway.policy.load import PolicyError, parse_policy, parse_policy_source
 from gateway.store import admission
 from gateway.store.admission import Admitted
+from gateway.store.base import StoreUnavailable
 from gateway.store.budgets import Budgets, Charge, Period
 from gateway.store.embedded import EmbeddedStore
 from tests.support import policies
@@ -284,6 +285,32 @@ async def test_a_hold_that_does_not_fit_is_exceeded_until_those_in_flight_settle
     assert "held by requests in flight" in (refused.block_message or "")
     budgets.charge("a", big.hold, [Charge("cloud", 10, 100)])  # it cost far less than it held
     assert (await admitted(budgets, store, "a", max_tokens=1_000_000)).budget.status == "ok"
+
+
+class _Down(EmbeddedStore):
+    """A store whose settles fail until it is back."""
+
+    down = True
+
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        if self.down:
+            raise StoreUnavailable("store down")
+        return await super().settle(key, settle_id, amounts, ttl_s)
+
+
+async def test_settles_missed_while_the_store_is_down_survive_a_reload_and_are_replayed_once() -> None:
+    store = _Down()
+    before = Budgets(DECIDE, store)
+    before.charge("a", None, [Charge("cloud", 1000, 1000)])
+    await before.drain()  # the store is still down: the settle stays owed
+    assert (await before.usage("a"))["shared"] is False
+    after = Budgets(DECIDE, store)  # a policy reload on the same store
+    after.carry_over(before)
+    store.down = False
+    report = await after.usage("a")  # the store answers: what was owed is replayed first
+    assert report["requests"] == 1 and report["spent_usd"] == pytest.approx(0.00075)
+    await after.drain()
+    assert (await after.usage("a"))["requests"] == 1  # once
 
 
 # -- the policy file ----------------------------------------------------------------------------
