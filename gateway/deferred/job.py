@@ -41,7 +41,7 @@ class Job:
     callback_url: str | None = None
     created: float = field(default_factory=time.time)
     # The API it came in on (None: chat completions) and what of the request its answer echoes
-    # back in that API's shape (model, limits, tools: never the prompt, the instructions or metadata).
+    # back in that API's shape (model, limits, tools: never the prompt, instructions, metadata or user).
     wire: str | None = None
     echo: dict[str, Any] | None = None
     # What changes as it is sent:

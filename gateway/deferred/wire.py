@@ -18,8 +18,9 @@ from gateway.wire.base import WireAdapter
 MESSAGES = anthropic_messages.PATH
 RESPONSES = openai_responses.PATH
 
-# Never stored: they carry the prompt (redacted in the job's body already) or free text.
-_PROMPT_FIELDS = frozenset({"messages", "system", "input", "instructions", "metadata", "stream"})
+# Never stored: they carry the prompt (redacted in the job's body already) or free text that may
+# name a person (`user` is often an email).
+_PROMPT_FIELDS = frozenset({"messages", "system", "input", "instructions", "metadata", "user", "stream"})
 # Enough for the adapter to parse the echo back into its request type (the prompt is not read).
 _STUB: dict[str, dict[str, Any]] = {MESSAGES: {"messages": [{"role": "user", "content": "-"}]},
                                     RESPONSES: {"input": "-"}}

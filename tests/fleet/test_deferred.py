@@ -254,7 +254,7 @@ def test_messages_and_responses_are_deferred_in_their_own_shapes(
         oai = sdk(gw.base_url)
         raw_r = oai.responses.with_raw_response.create(
             model="auto", input=PROMPT, instructions=f"Sign as {PII[2]}.", max_output_tokens=50,
-            metadata={"ticket": PII[1]}, extra_headers=defer_headers)
+            metadata={"ticket": PII[1]}, user=PII[0], extra_headers=defer_headers)
         assert raw_r.status_code == 202
         resp_job = raw_r.http_response.json()
         assert resp_job["object"] == "response" and resp_job["status"] == "queued"
