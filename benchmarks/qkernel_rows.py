@@ -51,7 +51,26 @@ def baseline_lib(rev: str) -> Any:
         lib.attn_step_v  # noqa: B018  (a revision before the 8-lane attention: its decode step is the scalar one)
     except AttributeError:
         lib.attn_step_v = lib.attn_step
+    try:
+        lib.attn_rows  # noqa: B018
+    except AttributeError:  # before one call per layer: a call per sequence, as step_batch made then
+        lib.attn_rows = _attn_rows_by_sequence(lib)
     return lib
+
+
+def _attn_rows_by_sequence(lib: Any) -> Any:
+    """qkernel.attn_rows's signature over a revision's per-sequence attn_step."""
+    import ctypes
+
+    def attn_rows(B: int, r: int, rstride: int, cos: int, sin: int, kv: int, pos: int, ms: int, hq: int, hk: int,
+                  hd: int, scale: float, out: int, ostride: int, scores: int) -> None:
+        cs, sn, kvs = ((ctypes.c_int64 * B).from_address(a) for a in (cos, sin, kv))
+        ps = (ctypes.c_int32 * B).from_address(pos)
+        for b in range(B):
+            lib.attn_step(r + 4 * b * rstride, cs[b], sn[b], kvs[b], ps[b], ms, hq, hk, hd, scale,
+                          out + 4 * b * ostride, scores)
+
+    return attn_rows
 
 
 def main() -> None:
