@@ -18,11 +18,12 @@ over 2-bit codes with an fp16 scale and min per group of G columns (G a multiple
 streamed MoE experts of ``pack --quant int2``, multiplied straight from the read buffer;
 ``q4smatmul`` the same for ``pack --quant int4`` (symmetric nibbles, min = -8 scale).
 
-Several activation rows (a speculative verify's k+1 positions, a prefill chunk) take another path
-than the decode step's one row: each weight row is unpacked once into an int16 buffer in L1 and
-multiplied with every activation row from there, and the int32 block sums of a 2x4 tile are
-reduced across lanes before the per-block scale, so a (weight row, activation row) pair costs
-little more than its two ``madd``s (figures: docs/engine.md, speculative decoding).
+Several activation rows (a batched decode step's B sequences, a speculative verify's k+1
+positions, a prefill chunk) take another path than the decode step's one row: each weight block
+is unpacked once for all of them (in registers for 2-8 rows: 2x2, 2x4 and 1x8 tiles; through an
+int16 buffer in L1 from 9 rows on) and the int32 block sums of a tile's pairs are reduced across
+lanes before the per-block scale, so a (weight row, activation row) pair costs little more than
+its two ``madd``s; 8 rows cost 0.41 of 8 single rows (figures: docs/engine.md, serving).
 
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
@@ -179,7 +180,7 @@ static inline __attribute__((always_inline)) void mtile(const int16_t *wq, const
 
 /* The next R weight rows' bytes of block step b (R blocks of bs bytes per step) requested ahead of
    the arithmetic, as rows_m1 does: without it the several-row tiles waited on DRAM, and the
-   vocab head (30 MB of Q8_0) took 4.3x a single row's time at M = 2 instead of 1.5x. */
+   vocab head (30 MB of Q8_0) took 4.1x a single row's time at M = 2 instead of 1.4x. */
 static inline __attribute__((always_inline)) void gguf_prefetch(const uint8_t *gw, int bs, int nb, int r, int R,
                                                                 int b) {
     const char *ahead = (const char *)(gw + (size_t)(r + R) * nb * bs) + (size_t)b * bs * R;

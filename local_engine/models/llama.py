@@ -46,7 +46,7 @@ PREFILL_CHUNK = 256
 FEW_TOKENS = 16
 # The batched decode step's matmuls take the B rows as they are (no padding) from 2 rows on.
 # Measured per step on the built-in model's matrices (thread CPU time, benchmarks/qkernel_rows.py
-# run 2026-12-05): M rows cost 0.72 / 0.69 / 0.53 / 0.47 of M single rows at M = 2 / 3 / 4 / 8;
+# run 2026-12-05): M rows cost 0.68 / 0.65 / 0.50 / 0.41 of M single rows at M = 2 / 3 / 4 / 8;
 # 5-7 rows cost what 8 do (one 8-row tile per weight row) and 3 what 4 do.
 BATCH_MIN_ROWS = 2
 GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
