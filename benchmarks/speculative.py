@@ -237,6 +237,10 @@ def dense_rows(a: argparse.Namespace) -> None:
                   f"{(accepted / drafted if drafted else 0):>7.0%} {(fwd + accepted) / fwd if fwd else 0:>8.2f} "
                   f"{drafted:>8} {'yes' if same else 'NO':>5}")
             sys.stdout.flush()
+    costs = eng.spec_model.costs
+    if costs.step_s:  # what auto measured on this model: an m-row verify in single steps
+        print("# auto's measured forward cost, m rows: steps  " + "  ".join(
+            f"{m}: {sec / costs.step_s:.2f}" for m, sec in sorted(costs.seconds.items())))
 
 
 if __name__ == "__main__":
