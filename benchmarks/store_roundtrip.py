@@ -48,8 +48,15 @@ async def run(url: str, calls: int) -> list[tuple[str, list[float]]]:
                                    3_600_000, 90]
         return [*keys, *args]
 
+    async def embedded_admit() -> None:
+        h = hold()
+        await embedded.admit(BUCKETS, h)
+        # Settled as a request would be, so holds do not pile up (the embedded store sums the
+        # holds in flight on each admit).
+        embedded._holds.get(h.key, {}).pop(h.id, None)
+
     cases: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("embedded admit", lambda: embedded.admit(BUCKETS, hold())),
+        ("embedded admit", embedded_admit),
         ("RedisStore.admit", lambda: store.admit(BUCKETS, hold())),
         ("evalsha, pool", lambda: pooled.evalsha(sha, 4, *raw_args())),
         ("evalsha, one connection", lambda: single.evalsha(sha, 4, *raw_args())),
