@@ -13,8 +13,8 @@ measured while decoding, not assumed:
 - ``VerifyCosts`` (one per model: an engine's): moving averages of the seconds of a step and of
   each verify size. The curve is not linear (the kernel's row tiles: on the built-in model an
   8-row verify costs ~3.5 steps, a 2-row one ~1.8, 16 rows ~6.1), so each size keeps its own
-  figure; sizes never run are interpolated between measured ones, or extrapolated past the largest
-  at ``PRIOR_ROW_STEPS`` a row.
+  figure; a size never run is priced optimistically between measured ones (so it is tried once),
+  or extrapolated past the largest at ``PRIOR_ROW_STEPS`` a row.
 - ``Acceptance``: per draft position j, how many verifies got as far as j and how many accepted it.
   Not one geometric rate: prompt-lookup drafts are bimodal (a quote is copied 15 tokens at a time,
   a wrong n-gram fails at its first token), so the conditional rates differ by position. Kept per
@@ -38,6 +38,8 @@ K_MAX = 15
 # cost of an extra verify row, in single steps, past the largest size measured (the built-in
 # model's curve rises ~0.3-0.4 steps a row past 8 rows: benchmarks/results/speculative.txt)
 PRIOR_ROW_STEPS = 0.4
+# between two measured sizes: an extra row priced at this (optimistic: the size gets tried)
+OPTIMISTIC_ROW_STEPS = 0.1
 # an unmeasured position's acceptance before any request has drafted there
 PRIOR_ACCEPT = 0.5
 # a drafter's seconds per drafted token before it was measured, in single steps of the target
@@ -86,9 +88,15 @@ def _rates(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: 
 
 @dataclass
 class VerifyCosts:
-    """Moving averages of the seconds of an m-row decode forward, m = 1 (a step) .. K_MAX + 1."""
+    """Moving averages of the seconds of an m-row decode forward, m = 1 (a step) .. K_MAX + 1.
 
-    alpha: float = 0.25  # weight of a new measurement
+    On a shared box the noise is one-sided (another process only ever slows a forward down) and a
+    rarely used size keeps a spike for long, so a slower sample moves its average by ``alpha_up``
+    only, a faster one by ``alpha``; and the curve never lets m rows cost more than a larger
+    measured size (fewer rows are never slower)."""
+
+    alpha: float = 0.25  # weight of a new measurement that is faster than the average
+    alpha_up: float = 0.1  # ... and of one that is slower
     seconds: dict[int, float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
     _curve: list[float] = field(default_factory=list)  # ``curve(K_MAX)`` until the next record
@@ -96,7 +104,8 @@ class VerifyCosts:
     def record(self, rows: int, seconds: float) -> None:
         self._curve = []
         old = self.seconds.get(rows)
-        self.seconds[rows] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+        a = self.alpha if old is None or seconds < old else self.alpha_up
+        self.seconds[rows] = seconds if old is None else (1 - a) * old + a * seconds
         self.counts[rows] = self.counts.get(rows, 0) + 1
 
     @property
@@ -105,10 +114,13 @@ class VerifyCosts:
 
     def curve(self, k_max: int = K_MAX) -> list[float]:
         """Seconds of an m-row forward at index m (index 0 unused), for m up to ``k_max`` + 1:
-        measured sizes as measured, others interpolated (never below the smaller measured size)
-        or extrapolated at ``PRIOR_ROW_STEPS`` steps a row. Needs a measured step."""
+        measured sizes as measured, others between two measured sizes at the smaller one's cost +
+        ``OPTIMISTIC_ROW_STEPS`` a row (at most the larger one's), past the largest extrapolated at ``PRIOR_ROW_STEPS`` steps a row. Needs a measured step."""
         if not self._curve:
-            self._curve = self._estimate(K_MAX)
+            est = self._estimate(K_MAX)
+            for m in range(K_MAX, 1, -1):  # isotonic from above: m rows cost at most m + 1 rows
+                est[m] = min(est[m], est[m + 1])
+            self._curve = est
         return self._curve[:k_max + 2]
 
     def _estimate(self, k_max: int) -> list[float]:
@@ -124,7 +136,10 @@ class VerifyCosts:
             if hi is None:
                 out.append(lo[1] + PRIOR_ROW_STEPS * step * (m - lo[0]))
             else:
-                out.append(max(lo[1], lo[1] + (hi[1] - lo[1]) * (m - lo[0]) / (hi[0] - lo[0])))
+                # optimistic, so that an unmeasured size is tried once: the staircase is cheap at
+                # the end of a tile (8 rows ~3.3 steps, 9 rows ~4.9), which a line through its
+                # neighbours would hide for good
+                out.append(min(hi[1], lo[1] + OPTIMISTIC_ROW_STEPS * step * (m - lo[0])))
         return out
 
 
