@@ -54,15 +54,17 @@ run: setup
 
 test: setup system-tools
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The edit-test loop: lint, then every test not marked slow (pyproject.toml's markers say which
 # are). `make test` still runs them all, as CI does.
 test-fast: setup
 	$(BIN)/ruff check gateway local_engine tests policies benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
 
-# mypy over gateway/ and local_engine/ (pyproject.toml's [tool.mypy]).
+# mypy over gateway/ and local_engine/ (pyproject.toml's [tool.mypy]); `make test` and `make test-fast` run it too.
 typecheck: setup
 	$(BIN)/mypy
 

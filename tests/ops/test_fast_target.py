@@ -1,4 +1,5 @@
-"""`make test-fast` lints and runs the tests not marked slow; `make test` (what CI runs) runs all."""
+"""`make test-fast` lints, type-checks and runs the tests not marked slow; `make test` (what CI runs)
+runs all."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def dry_run(target: str) -> str:
 def test_fast_skips_slow_tests_and_full_runs_everything() -> None:
     fast, full = dry_run("test-fast"), dry_run("test")
     assert "ruff check" in fast and '-m "not slow"' in fast
+    assert "bin/mypy" in fast and "bin/mypy" in full  # the type check gates both
     pytest_line = next(line for line in full.splitlines() if "-m pytest" in line)
     assert " -m " not in pytest_line.split("-m pytest", 1)[1]  # no marker expression: everything
 
