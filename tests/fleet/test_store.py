@@ -30,7 +30,9 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         s = build_store(StateConfig())
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        s = build_store(StateConfig(backend="redis", url=server.url))
+        # A generous call timeout: these tests are about atomicity and TTLs, and 50 fresh connections
+        # at once on a loaded 2-core CI box overran the 0.5 s default.
+        s = build_store(StateConfig(backend="redis", url=server.url, timeout_ms=5000))
     yield s
     await s.aclose()
 
