@@ -857,17 +857,7 @@ int gq_expert(int bits, const uint8_t *gq, const uint16_t *gs, const uint16_t *g
    out [hq, hd]: softmax(q K^T * scale) V over positions 0..p, q head h reading kv head h / (hq / hk). */
 void attn_step(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
                int hd, float scale, float *out, float *scores) {
-    int half = hd / 2;
-    for (int h = 0; h < hq + hk; h++) {
-        float *x = r + (size_t)h * hd;
-        for (int i = 0; i < half; i++) {
-            float a = x[i], b = x[i + half];
-            x[i] = a * cos[i] - b * sin[i];
-            x[i + half] = b * cos[i + half] + a * sin[i + half];
-        }
-    }
-    for (int h = 0; h < 2 * hk; h++)
-        memcpy(kv + ((size_t)h * max_seq + p) * hd, r + (size_t)(hq + h) * hd, sizeof(float) * hd);
+    rope_kv_write(r, cos, sin, kv, p, max_seq, hq, hk, hd);
     int g = hq / hk, n = p + 1;
     for (int h = 0; h < hq; h++) {
         const float *q = r + (size_t)h * hd;
