@@ -24,7 +24,7 @@ from tests.support.upstream import FakeUpstream
 pytestmark = pytest.mark.slow  # a real redis-server and two gateway replicas
 
 REST = """
-state: {{backend: redis, url: "{url}"}}
+state: {{backend: redis, url: "{url}", timeout_ms: 5000}}
 clients:
   - {{name: app, api_key: sk-app}}
   - {{name: other, api_key: sk-other}}

@@ -37,6 +37,7 @@ POLICY = """
 state:
   backend: redis
   url: {url}
+  timeout_ms: 5000   # about sharing, not degrading: a loaded CI box must not turn a slow call into a local fallback
 connectivity:
   probe_interval_s: 30
 clients:

@@ -29,6 +29,7 @@ POLICY = """
 state:
   backend: redis
   url: {url}
+  timeout_ms: 5000   # a loaded CI box once took >0.5 s for an EVALSHA; these tests are about sharing, not degrading
 connectivity:
   probe_interval_s: 30
 clients:
