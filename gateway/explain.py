@@ -43,6 +43,44 @@ from gateway.wire.base import invalid
 from gateway.wire.embeddings import EmbeddingsRequest, classify_body
 
 
+def describe(rt: Runtime, prepared: pipeline.Prepared) -> dict[str, Any]:
+    """A prepared request's decision and every feature it was made on (POST /v1/route/explain,
+    the CLI's `explain`)."""
+    f, d = prepared.features, prepared.decision
+    planned: dict[str, int] = {}
+    if prepared.redacted is not None:
+        planned = dict(f.sensitivity.counts)
+    return {
+        "decision": d.as_dict(),
+        "features": {
+            "model": f.model,
+            "client": f.client,
+            "connectivity": f.overall_connectivity,
+            "targets": f.connectivity,
+            "sensitivity": {
+                "level": f.sensitivity.level,
+                "entities": f.sensitivity.counts,
+                "unscanned": list(f.sensitivity.unscanned),
+                "error": f.sensitivity.error,
+            },
+            "difficulty": {
+                "level": f.difficulty.level,
+                "score": round(f.difficulty.score, 4),
+                "method": f.difficulty.method,
+                "reasons": f.difficulty.evidence.get("reasons", []),  # in words, strongest first
+                "evidence": f.difficulty.evidence,
+            },
+            "prompt_tokens": f.prompt_tokens,
+            "has_tools": f.has_tools,
+            "has_images": f.has_images,
+            "has_response_format": f.has_response_format,
+            "budget": f.budget.as_dict(),
+        },
+        "redactions_planned": planned,
+        "wire": {t: rt.policy.targets[t].api for t in d.chain},  # the API each target is called with
+    }
+
+
 def offline_runtime(policy: Policy, source: str) -> Runtime:
     """A runtime whose connectivity is only what we force: nothing is probed or called."""
     return build_runtime(policy, source, force="online")
@@ -71,7 +109,7 @@ async def explain_with(
         rt.monitor.force(name, "offline" if offline else "online")
     prepared = await pipeline.prepare(rt, _call(body, headers, client), Metrics(), score_all=True)
     pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
-    return prepared, pipeline.explain(rt, prepared)
+    return prepared, describe(rt, prepared)
 
 
 F = TypeVar("F", SensitivityFinding, DifficultyFinding)
@@ -153,7 +191,7 @@ async def _explained_local(
                             shared_sensitivity(policy.privacy) if need_s else _NO_SENSITIVITY,
                             shared_difficulty(policy.difficulty) if need_d else _NO_DIFFICULTY)
         prepared = await pipeline.prepare(rt, call, Metrics(), score_all=need_d)
-        result = pipeline.explain(rt, prepared)
+        result = describe(rt, prepared)
     finally:
         await monitor.aclose()
     if not need_s:

@@ -37,8 +37,8 @@ def route_headers(prepared: Prepared, served: Served) -> dict[str, str]:
         h["x-hybrid-model"] = _header_safe(served.model)
     if served.fallbacks:
         h["x-hybrid-fallback"] = ", ".join(str(fb) for fb in served.fallbacks)
-    if prepared.warnings:
-        h["x-hybrid-warning"] = "; ".join(prepared.warnings)
+    if served.warnings:
+        h["x-hybrid-warning"] = "; ".join(served.warnings)
     if prepared.decision.pin_refused:
         h["x-hybrid-pin-refused"] = prepared.decision.pin_refused
     return h

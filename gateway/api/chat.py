@@ -266,7 +266,7 @@ async def route_explain(
     pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
     if prepared.call.trace is not None:
         prepared.call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
-    result = pipeline.explain(rt, prepared)
+    result = explain.describe(rt, prepared)
     if embedding is not None:
         result["embeddings"] = explain.embedding_plan(rt.policy, prepared, *embedding)
     return JSON(result, headers={"x-request-id": prepared.call.request_id})

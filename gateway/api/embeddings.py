@@ -65,7 +65,6 @@ async def _serve(request: Request) -> Response:
                       dimensions=req.dimensions)
         # Nothing is redacted on this endpoint: the redaction prepare planned is never sent.
         prepared.redacted, prepared.vault = None, None
-        prepared.warnings.extend(chosen.notes)
 
         async def call(target: str, opts: CallOptions) -> dict[str, Any]:
             emb = rt.policy.embeddings_of(target)
@@ -74,7 +73,7 @@ async def _serve(request: Request) -> Response:
                 raise BackendError("invalid", f"{target} does not embed")
             return normalise(await backend.embed(upstream_body(req, emb.model), opts), req, target)
 
-        result, served = await pipeline.embed(rt, prepared, chosen.chain, call)
+        result, served = await pipeline.embed(rt, prepared, chosen.chain, call, chosen.notes)
     except APIError as exc:
         pipeline.release_prepared(rt, prepared)  # refused or failed: its budget hold goes
         respond.record_failed(state, prepared, exc, False, endpoint=PATH)

@@ -3,7 +3,6 @@ pipeline exactly as the chat route does, convert out, and answer errors in the f
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +28,6 @@ from gateway.api.event_stream import EventStreamResponse
 from gateway.api.responses import JSON
 from gateway.deferred import wire as deferred_wire
 from gateway.dispatch import aclose_quietly
-from gateway.runtime import Runtime
 from gateway.schema import APIError, ChatCompletionRequest
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
@@ -132,7 +130,7 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
         answer, headers["x-hybrid-usage"] = openai_chat.completion(
             response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
         return JSON(adapter.from_chat(answer, req), headers=headers)
-    translator = adapter.translator(req, await _input_tokens(rt, prepared, served.target), request_id)
+    translator = adapter.translator(req, await pipeline.prompt_tokens(rt, prepared, served.target), request_id)
     normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
                                              want_usage=True)
 
@@ -160,14 +158,3 @@ async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStre
     headers["cache-control"] = "no-cache"
     headers["x-accel-buffering"] = "no"
     return EventStreamResponse(events(), headers=headers)
-
-
-async def _input_tokens(rt: Runtime, prepared: pipeline.Prepared, target: str) -> int:
-    """The prompt's size for a stream that must say it first: the target's own count where it
-    has a tokenizer here (the engine), else the pipeline's estimate (~4 characters a token)."""
-    if not rt.is_engine(target):
-        return prepared.features.prompt_tokens
-    # Rendering and tokenizing a long prompt takes milliseconds: not on the event loop.
-    body = pipeline.body_for(rt, prepared, target)
-    counted = await asyncio.to_thread(rt.backends[target].prompt_tokens, body)
-    return counted if counted is not None else prepared.features.prompt_tokens

@@ -13,6 +13,7 @@ from gateway import pipeline
 from gateway.features import DifficultyFinding, Features, SensitivityFinding
 from gateway.policy.evaluate import decide
 from gateway.policy.load import parse_policy
+from gateway.stages.targets import all_failed_error
 
 POLICY = parse_policy(
     """
@@ -134,9 +135,9 @@ def test_a_cloud_that_fails_says_the_device_was_left_out_on_purpose() -> None:
     from gateway.dispatch import AllTargetsFailed
 
     failed = AllTargetsFailed([("cloud", BackendError("connect", "connection refused"))], [])
-    err = pipeline._all_failed_error(failed, decide(features(ONLINE), POLICY))
+    err = all_failed_error(failed, decide(features(ONLINE), POLICY))
     assert err.status == 503 and err.message.endswith(
         "local targets not tried: rule 'agents' does not answer tools or a response_format on them "
         "(local_tools: refuse)")
-    plain = pipeline._all_failed_error(failed, decide(features(ONLINE, tools=False), POLICY))
+    plain = all_failed_error(failed, decide(features(ONLINE, tools=False), POLICY))
     assert "local targets not tried" not in plain.message
