@@ -12,7 +12,7 @@ import sys
 import click
 
 from local_engine.cache import DEFAULT_POLICY, POLICIES
-from local_engine.formats.pack import QUANT_METHODS, PackError
+from local_engine.formats.pack import DENSE_METHODS, QUANT_METHODS, PackError
 from local_engine.formats.pack import pack as pack_dir
 
 
@@ -25,16 +25,20 @@ from local_engine.formats.pack import pack as pack_dir
 @click.option("--group-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Columns per quantisation group: must divide the hidden and expert widths "
                    "(even for int4, a multiple of 32 for int2).")
+@click.option("--dense", type=click.Choice(DENSE_METHODS), default="f32", show_default=True,
+              help="Resident matrices read every token (attention, shared experts, dense MLPs, vocab head): "
+                   "lossless (source dtype), or GGUF Q8_0 (int8: within rounding of f32) / Q4_1 (int4) blocks "
+                   "multiplied by the engine's integer kernel. Routers, norms and embeddings stay lossless.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def pack(src: str, dst: str, quant: str, group_size: int, no_progress: bool) -> None:
+def pack(src: str, dst: str, quant: str, group_size: int, dense: str, no_progress: bool) -> None:
     """Convert an MoE checkpoint SRC (HF safetensors dir, or an MoE GGUF file) into the flash layout in DST."""
     try:
-        m = pack_dir(src, dst, quant=quant, group_size=group_size, progress=not no_progress)
+        m = pack_dir(src, dst, quant=quant, group_size=group_size, progress=not no_progress, dense=dense)
     except PackError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"packed {m.arch}: {len(m.moe_layers)} MoE layers x {m.num_experts} experts, "
                f"bundle {m.stride} B, expert bank {m.expert_bank_bytes / 2**20:.1f} MiB, "
-               f"resident {m.resident_bytes / 2**20:.1f} MiB -> {dst}")
+               f"resident {m.resident_bytes / 2**20:.1f} MiB (dense {m.dense}) -> {dst}")
 
 
 @click.command("moe-generate")

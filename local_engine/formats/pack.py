@@ -20,6 +20,16 @@ columns, one fp16 scale per (row, group); ``int4`` packs two values per byte (lo
 four values per byte in blocks of 32 columns (see ``quantize_int2``), and needs a group size that
 is a multiple of 32 (the kernel's activation block). ``none`` copies the source dtype bit for bit.
 
+Dense weights (``dense``: ``f32`` | ``int8`` | ``int4``): the resident matrices every token reads
+(attention q/k/v/o, shared experts, dense MLP layers, the vocab head) are kept lossless by default
+(``f32``: the source dtype), or stored as GGUF ``Q8_0`` (``int8``) / ``Q4_1`` (``int4``) blocks, the
+formats ``qkernel.qmatmul`` multiplies for dense GGUF models (activations quantised to int16 per
+block, so Q8_0 is within rounding of fp32). Such a tensor's manifest entry carries ``qtype`` and its
+logical ``shape``; its bytes are the rows of blocks. Routers, norms and the embedding table stay
+lossless (a router's top-k flips on small errors; the embedding is read one row a token). Why: in
+a streamed MoE the resident fp32 attention was read in full every token, ~150 MB on the benchmark
+model, more than the int4 experts it streams at a 5% budget, so fewer expert bits could not show.
+
 Checksums: every resident tensor and every expert bundle carries one, under a key named after its
 algorithm. Format version 2 (what ``pack`` writes) names it in ``"checksum"`` and uses ``crc32c``;
 version 1 packs have no such field and use ``crc32`` (zlib). Readers verify whichever the manifest
@@ -58,6 +68,10 @@ MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.bin"
 EXPERTS_FILE = "experts.bin"
 QUANT_METHODS = ("none", "int8", "int4", "int2")
+# dense (resident, read-every-token) matrices: lossless, or the GGUF block type qkernel multiplies
+DENSE_METHODS = ("f32", "int8", "int4")
+DENSE_QTYPES = {"int8": "Q8_0", "int4": "Q4_1"}
+DENSE_BLOCK = 32  # columns per GGUF Q8_0 / Q4_1 block
 INT2_BLOCK = 32  # columns per int2 packing block (and qkernel's activation block)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "generation_config.json")
@@ -353,6 +367,16 @@ class Manifest:
         return int(self.raw["quant"]["group_size"])
 
     @property
+    def dense(self) -> str:
+        """How the resident matrices are stored (``DENSE_METHODS``); packs before it are lossless."""
+        return str(self.raw["quant"].get("dense", "f32"))
+
+    def resident_qtype(self, name: str) -> str | None:
+        """The GGUF block type of a resident tensor stored quantised (``dense`` int8 / int4), else None."""
+        q = self.raw["resident"]["tensors"][name].get("qtype")
+        return None if q is None else str(q)
+
+    @property
     def stride(self) -> int:
         return int(self.raw["experts"]["stride"])
 
@@ -424,6 +448,7 @@ class Manifest:
         tok = self.root / "tokenizer.json"
         return {"source": str(self.root), "format": "flash-moe-pack", "arch": self.arch,
                 "quant": self.quant, "group_size": self.group_size if self.quant != "none" else None,
+                "dense": self.dense,
                 "layers": int(c["num_hidden_layers"]), "moe_layers": len(self.moe_layers),
                 "experts": self.num_experts, "top_k": int(c["num_experts_per_tok"]),
                 "hidden_size": int(c["hidden_size"]), "vocab_size": c.get("vocab_size"),
@@ -477,7 +502,9 @@ def load_resident(m: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
             if verify and check(buf) != m.tensor_crc(name):
                 raise PackError(f"{path}: checksum mismatch in resident tensor {name} at offset {t['offset']}")
             dt = dtype_from_name(t["dtype"])
-            out[name] = torch.frombuffer(buf, dtype=dt).reshape(t["shape"]) if buf else torch.empty(
+            # a quantised matrix (dense int8 / int4) comes back as its rows of GGUF blocks
+            shape = [t["shape"][0], -1] if t.get("qtype") else t["shape"]
+            out[name] = torch.frombuffer(buf, dtype=dt).reshape(shape) if buf else torch.empty(
                 t["shape"], dtype=dt)
     return out
 
@@ -564,6 +591,33 @@ def _bundle_arrays(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, qua
     return [("gate_up", q1), ("gate_up.scale", s1), ("down", q2), ("down.scale", s2)]
 
 
+def dense_quantisable(name: str, t: torch.Tensor) -> bool:
+    """Whether ``pack --dense int8|int4`` stores this resident tensor as GGUF blocks: the
+    projection matrices every token reads in full (attention q/k/v/o, shared experts, dense MLP
+    layers: ``*_proj.weight``) and the vocab head, when their width is whole blocks. Routers
+    (``gate.weight``), norms and the embedding table stay lossless."""
+    return (t.dim() == 2 and t.is_floating_point() and t.shape[1] % DENSE_BLOCK == 0
+            and (name.endswith("_proj.weight") or name == "lm_head.weight"))
+
+
+def quantize_dense(w: torch.Tensor, dense: str) -> torch.Tensor:
+    """``w`` [rows, cols] as rows of GGUF blocks (uint8 [rows, bytes per row]): Q8_0 for int8,
+    Q4_1 for int4, written by the ``gguf`` package's reference quantiser (what llama.cpp's
+    converter writes), so ``qkernel.qmatmul`` multiplies them as it does a GGUF file's."""
+    import gguf
+
+    qt = gguf.GGMLQuantizationType[DENSE_QTYPES[dense]]
+    return torch.from_numpy(gguf.quants.quantize(w.float().numpy(), qt))
+
+
+def dequantize_dense(blocks: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    """fp32 [rows, cols] of a dense tensor stored as GGUF blocks (the reference for the kernel)."""
+    import gguf
+
+    w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(w.astype("float32", copy=False)).reshape(shape)
+
+
 def _tensor_bytes(t: torch.Tensor) -> bytes:
     t = t.contiguous()
     if t.numel() == 0:
@@ -571,13 +625,46 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes()
 
 
+def _write_resident(path: Path, names: list[str], get: Callable[[str], torch.Tensor], dense: str,
+                    checksum_name: str, tick: Callable[[], None] = lambda: None) -> tuple[dict[str, Any], int]:
+    """Write resident.bin from ``get(name)`` tensors, 64-byte aligned, the ``dense_quantisable`` ones
+    as GGUF blocks when ``dense`` is int8 / int4; a tied vocab head read as blocks gets its own
+    copy (the embedding stays lossless). Returns (the manifest's tensor entries, file size)."""
+    names = list(names)
+    tied = dense != "f32" and "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    if tied:
+        names.append("lm_head.weight")
+    checksum = CHECKSUMS[checksum_name]
+    meta: dict[str, Any] = {}
+    with open(path, "wb") as f:
+        off = 0
+        for name in names:
+            t = get("model.embed_tokens.weight" if tied and name == "lm_head.weight" else name)
+            qtype = DENSE_QTYPES[dense] if dense != "f32" and dense_quantisable(name, t) else None
+            data = _tensor_bytes(quantize_dense(t, dense) if qtype else t)
+            pad = _align(off, RESIDENT_ALIGN) - off
+            f.write(b"\0" * pad)
+            off += pad
+            f.write(data)
+            meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
+                          "dtype": "U8" if qtype else dtype_name(t.dtype), checksum_name: checksum(data)}
+            if qtype:
+                meta[name]["qtype"] = qtype
+            off += len(data)
+            tick()
+    return meta, off
+
+
 def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = "none",
          group_size: int = 64, progress: bool = True,
-         on_progress: Callable[[int], None] | None = None) -> Manifest:
+         on_progress: Callable[[int], None] | None = None, dense: str = "f32") -> Manifest:
     """Convert an HF safetensors MoE directory (or a GGUF MoE file, see ``gguf_moe``) into the
-    flash layout (see module docstring)."""
+    flash layout (see module docstring). ``quant``: the experts; ``dense``: the resident matrices
+    every token reads (``f32`` lossless, ``int8`` / ``int4`` GGUF blocks)."""
     if quant not in QUANT_METHODS:
         raise PackError(f"unknown quantisation {quant!r} (choose from {', '.join(QUANT_METHODS)})")
+    if dense not in DENSE_METHODS:
+        raise PackError(f"unknown dense format {dense!r} (choose from {', '.join(DENSE_METHODS)})")
     src, dst = Path(src), Path(dst)
     srcv: Any
     if src.is_file() and src.suffix.lower() == ".gguf":
@@ -598,7 +685,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     dst.mkdir(parents=True, exist_ok=True)
 
     resident_names = [k for k in srcv.where if not _is_expert_tensor(k, spec)]
-    total = sum(1 for _ in resident_names) + len(layers) * n_exp
+    total = len(resident_names) + len(layers) * n_exp
     bar = None
     if progress:
         from tqdm import tqdm
@@ -611,23 +698,9 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
         if on_progress is not None:
             on_progress(1)
 
-    # Resident tensors: lossless, one at a time.
+    # Resident tensors: one at a time (lossless, or the dense matrices as GGUF blocks).
     checksum = CHECKSUMS[CHECKSUM]
-    res_meta: dict[str, Any] = {}
-    with open(dst / RESIDENT_FILE, "wb") as f:
-        off = 0
-        for name in resident_names:
-            t = srcv.get(name)
-            data = _tensor_bytes(t)
-            pad = _align(off, RESIDENT_ALIGN) - off
-            f.write(b"\0" * pad)
-            off += pad
-            f.write(data)
-            res_meta[name] = {"offset": off, "nbytes": len(data), "shape": list(t.shape),
-                              "dtype": dtype_name(t.dtype), CHECKSUM: checksum(data)}
-            off += len(data)
-            tick()
-        res_size = off
+    res_meta, res_size = _write_resident(dst / RESIDENT_FILE, resident_names, srcv.get, dense, CHECKSUM, tick)
 
     # Expert bundles: fixed layout, so the first bundle defines parts/stride for all.
     parts: list[dict[str, Any]] | None = None
@@ -664,7 +737,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
         "checksum": CHECKSUM,
         "arch": spec.model_type,
         "config": cfg,
-        "quant": {"method": quant, "group_size": group_size, "scale_dtype": "F16"},
+        "quant": {"method": quant, "group_size": group_size, "scale_dtype": "F16", "dense": dense},
         "alignment": ALIGN,
         "resident": {"file": RESIDENT_FILE, "file_nbytes": res_size, "tensors": res_meta},
         "experts": {
@@ -689,6 +762,39 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, dst / MANIFEST)  # the manifest appears only once the data is complete
+    return read_manifest(dst)
+
+
+def redense(src: str | os.PathLike[str], dst: str | os.PathLike[str], dense: str) -> Manifest:
+    """A copy of the lossless-dense pack ``src`` with its resident matrices stored as ``dense``
+    (``pack(..., dense=...)`` gives the same bytes): only resident.bin and the manifest are
+    written; experts.bin is hard-linked (copied where a link cannot be made), so trying a dense
+    format on a large pack takes seconds, not a re-quantisation of every expert."""
+    if dense not in DENSE_METHODS:
+        raise PackError(f"unknown dense format {dense!r} (choose from {', '.join(DENSE_METHODS)})")
+    m = read_manifest(src)
+    if m.dense != "f32":
+        raise PackError(f"{m.root}: its dense matrices are already {m.dense}: redense needs a lossless (f32) pack")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = load_resident(m)
+    meta, size = _write_resident(dst / RESIDENT_FILE, list(tensors), tensors.__getitem__, dense, m.checksum)
+    experts = dst / EXPERTS_FILE
+    if experts.exists():
+        experts.unlink()
+    try:
+        os.link(m.root / EXPERTS_FILE, experts)
+    except OSError:
+        shutil.copyfile(m.root / EXPERTS_FILE, experts)
+    raw = json.loads(json.dumps(m.raw))
+    raw["quant"]["dense"] = dense
+    raw["resident"] = {**raw["resident"], "file_nbytes": size, "tensors": meta}
+    for name in TOKENIZER_FILES:
+        if (m.root / name).is_file():
+            shutil.copyfile(m.root / name, dst / name)
+    tmp = dst / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(raw, indent=1))
+    os.replace(tmp, dst / MANIFEST)
     return read_manifest(dst)
 
 

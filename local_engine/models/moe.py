@@ -27,13 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from local_engine import kv_cache
+from local_engine import kv_cache, qkernel
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.expert_store import ExpertStore, peak_rss_bytes
 from local_engine.formats.pack import (
     Manifest,
     PackError,
     UnsupportedArchitecture,
+    dequantize_dense,
     load_resident,
     read_manifest,
 )
@@ -50,7 +51,7 @@ from local_engine.models.layers import (
     swiglu,
 )
 from local_engine.prefetch_switch import PrefetchSwitch
-from local_engine.quant import GroupExpert
+from local_engine.quant import GGUFBlockLinear, GroupExpert
 
 # --------------------------------------------------------------------------- routing (pure)
 
@@ -153,7 +154,10 @@ class MoEModel(CausalLM):
         self.top_k = int(c["num_experts_per_tok"])
         self.route = router_for(c)
         self.moe_layers = set(manifest.moe_layers)
-        self.w = {k: (v if v.dtype == torch.float32 else v.float()) for k, v in resident.items()}
+        blocks = {k: v for k, v in resident.items() if manifest.resident_qtype(k)}
+        self.w = {k: (v if v.dtype == torch.float32 else v.float()) for k, v in resident.items() if k not in blocks}
+        # matrices stored as GGUF blocks (pack --dense int8|int4): qkernel.qmatmul, q|k|v fused
+        self.lin: dict[str, Linear] = self._block_linears(manifest, blocks)
         rp = c.get("rope_parameters") or c.get("rope_scaling") or {}
         theta = float(rp.get("rope_theta", c.get("rope_theta", 10000.0)))
         try:
@@ -164,7 +168,7 @@ class MoEModel(CausalLM):
         self._rope_tables: RopeTables | None = None
         mp = "block_sparse_moe" if self.arch == "mixtral" else "mlp"
         self._moe_prefix = mp
-        if "lm_head.weight" not in self.w:
+        if "lm_head.weight" not in self.w and "lm_head.weight" not in self.lin:
             if not c.get("tie_word_embeddings", False):
                 raise PackError(f"{manifest.root}: lm_head.weight missing and embeddings are not tied")
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
@@ -224,15 +228,71 @@ class MoEModel(CausalLM):
     def close(self) -> None:
         self.store.close()
 
+    def _block_linears(self, m: Manifest, blocks: dict[str, torch.Tensor]) -> dict[str, Linear]:
+        """Kernels over the resident matrices a pack stores as GGUF blocks (``dense`` int8 / int4),
+        biases included; q, k and v of a layer as one matrix (``<prefix>qkv``: one call, rows
+        q|k|v) unless OLMoE's whole-projection norm needs them apart. Without the compiled kernel
+        they are dequantised to fp32 once (the PyTorch path)."""
+        if not blocks:
+            return {}
+        lib = qkernel.load()
+
+        def shape(name: str) -> tuple[int, int]:
+            r, c = m.raw["resident"]["tensors"][name]["shape"]
+            return int(r), int(c)
+
+        def make(names: list[str]) -> Linear:
+            qt = {m.resident_qtype(n) for n in names}
+            qtype = str(qt.pop())
+            biases = [self.w.get(n.removesuffix("weight") + "bias") for n in names]
+            bias = None if all(b is None for b in biases) else torch.cat(
+                [b if b is not None else torch.zeros(shape(n)[0]) for n, b in zip(names, biases, strict=True)])
+            if lib is None:
+                w = torch.cat([dequantize_dense(blocks[n], qtype, shape(n)) for n in names])
+                return _with_bias(w, bias)
+            data = blocks[names[0]].numpy() if len(names) == 1 else torch.cat([blocks[n] for n in names]).numpy()
+            return GGUFBlockLinear(lib, data, qtype, (sum(shape(n)[0] for n in names), shape(names[0])[1]), bias)
+
+        out: dict[str, Linear] = {}
+        done: set[str] = set()
+        for i in range(self.n_layers):
+            p = f"model.layers.{i}.self_attn."
+            qkv = [p + f"{x}_proj.weight" for x in "qkv"]
+            if self.arch != "olmoe" and all(n in blocks for n in qkv) and len({m.resident_qtype(n) for n in qkv}) == 1:
+                out[p + "qkv"] = make(qkv)
+                done.update(qkv)
+        for n in blocks:
+            if n not in done:
+                out[n] = make([n])
+        return out
+
+    def _linear(self, name: str) -> Linear:
+        """A resident matrix as a Linear with its bias: its block kernel, or the fp32 weight."""
+        if name in self.lin:
+            return self.lin[name]
+        return _with_bias(self.w[name], self.w.get(name.removesuffix("weight") + "bias"))
+
+    def dense_bytes_per_token(self) -> int:
+        """Bytes of resident weights one decode token reads: every matrix in full (attention,
+        routers, shared experts, dense MLP layers, the vocab head) as held in memory (fp32, or
+        GGUF blocks for a ``dense`` int8 / int4 pack), one embedding row; norms included."""
+        emb = self.w["model.embed_tokens.weight"]
+        n = emb.shape[1] * emb.element_size()
+        n += sum(v.numel() * v.element_size() for k, v in self.w.items()
+                 if k != "model.embed_tokens.weight" and not (k == "lm_head.weight" and v is emb))
+        return n + sum(int(getattr(x, "nbytes", 0)) for x in self.lin.values())
+
     # ------------------------------------------------------------------ layers
     def _attn(self, i: int, h: torch.Tensor, cache: KVCache | Attends, pos0: int) -> torch.Tensor:
         p = f"model.layers.{i}.self_attn."
         w = self.w
-        wq = _with_bias(w[p + "q_proj.weight"], w.get(p + "q_proj.bias"))
-        wk = _with_bias(w[p + "k_proj.weight"], w.get(p + "k_proj.bias"))
-        wv = _with_bias(w[p + "v_proj.weight"], w.get(p + "v_proj.bias"))
+        wqkv = self.lin.get(p + "qkv")
+        wq = wk = wv = None
+        if wqkv is None:
+            wq, wk, wv = (self._linear(p + f"{x}_proj.weight") for x in "qkv")
         q_norm = k_norm = None
         if self.arch == "olmoe":  # OLMoE normalises the whole projection before the head split
+            assert wq is not None and wk is not None
             qw, kw, qn, kn = wq, wk, w[p + "q_norm.weight"], w[p + "k_norm.weight"]
             wq = lambda x: rms_norm(linear(x, qw), qn, self.eps)  # noqa: E731
             wk = lambda x: rms_norm(linear(x, kw), kn, self.eps)  # noqa: E731
@@ -240,9 +300,9 @@ class MoEModel(CausalLM):
             q_norm, k_norm = w[p + "q_norm.weight"], w[p + "k_norm.weight"]
         # a compressed / bounded cache brings its own RoPE (positions past any table: kv_cache.py)
         n_pos = pos0 + h.shape[0] if isinstance(cache, KVCache) else 0
-        return attention(h, layer=i, start=pos0, wq=wq, wk=wk, wv=wv, wo=w[p + "o_proj.weight"],
+        return attention(h, layer=i, start=pos0, wq=wq, wk=wk, wv=wv, wo=self._linear(p + "o_proj.weight"),
                          n_heads=self.nh, n_kv_heads=self.nkv, head_dim=self.hd, rope=self._rope(n_pos),
-                         cache=cache, q_norm=q_norm, k_norm=k_norm, eps=self.eps)
+                         cache=cache, q_norm=q_norm, k_norm=k_norm, eps=self.eps, wqkv=wqkv)
 
     def _rope(self, n_pos: int) -> RopeTables:
         if self._rope_tables is None or self._rope_tables.max_pos < n_pos:
@@ -250,8 +310,7 @@ class MoEModel(CausalLM):
         return self._rope_tables
 
     def _dense_mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
-        w = self.w
-        return swiglu(h, w[prefix + "gate_proj.weight"], w[prefix + "up_proj.weight"], w[prefix + "down_proj.weight"])
+        return swiglu(h, *(self._linear(prefix + f"{x}_proj.weight") for x in ("gate", "up", "down")))
 
     def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         p = f"model.layers.{i}.{self._moe_prefix}."
@@ -284,7 +343,7 @@ class MoEModel(CausalLM):
 
     def _plus_shared(self, p: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus Qwen2-MoE's gated shared expert of ``h`` where the layer (prefix ``p``) has one."""
-        if self.arch == "qwen2_moe" and (p + "shared_expert.gate_proj.weight") in self.w:
+        if self.arch == "qwen2_moe" and (p + "shared_expert_gate.weight") in self.w:
             shared = self._dense_mlp(p + "shared_expert.", h)
             out = out + torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * shared
         return out
@@ -412,7 +471,7 @@ class MoEModel(CausalLM):
             x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
         for c in caches:
             c.advance(1)
-        out = F.linear(rms_norm(x, self.w["model.norm.weight"], self.eps), self.w["lm_head.weight"])
+        out = linear(rms_norm(x, self.w["model.norm.weight"], self.eps), self._linear("lm_head.weight"))
         r.tokens_processed += B
         r.decode_s += time.perf_counter() - t0
         r.io_wait_s += io.io_wait_s - before[2]
@@ -471,7 +530,7 @@ class MoEModel(CausalLM):
         if last_only:
             x = x[-1:]
         x = rms_norm(x, self.w["model.norm.weight"], self.eps)
-        return F.linear(x, self.w["lm_head.weight"])
+        return linear(x, self._linear("lm_head.weight"))
 
     def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(token_ids, dtype=torch.long)
@@ -494,7 +553,7 @@ class MoEModel(CausalLM):
 
     def describe(self) -> dict[str, Any]:
         """For ``Engine.info()``."""
-        return {"arch": self.arch, "format": "flash-moe-pack", "quant": self.m.quant,
+        return {"arch": self.arch, "format": "flash-moe-pack", "quant": self.m.quant, "dense": self.m.dense,
                 "layers": self.n_layers, "moe_layers": len(self.moe_layers), "experts": self.m.num_experts,
                 "top_k": self.top_k, "bundle_bytes": self.m.stride, "expert_bank_bytes": self.m.expert_bank_bytes,
                 "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.cache.budget_bytes,
@@ -549,6 +608,7 @@ class MoEModel(CausalLM):
             "spec_draft_s": r.draft_s,
             "peak_rss_bytes": peak_rss_bytes(),
             "resident_bytes": self.m.resident_bytes,
+            "dense_bytes_per_token": self.dense_bytes_per_token(),
             "expert_bank_bytes": self.m.expert_bank_bytes,
             **{f"store_{k}": v for k, v in s.items()},
             **(self._switch.stats() if self._switch is not None else {}),
