@@ -16,7 +16,9 @@ from typing import Any
 import click
 
 from local_engine.cache import DEFAULT_POLICY, POLICIES
+from local_engine.engine import Engine, resolve
 from local_engine.errors import EngineError
+from local_engine.formats.pack import MANIFEST, read_manifest
 
 
 def _clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,9 +48,6 @@ def info(model: str, weights: str) -> None:
     """Print what MODEL is (architecture, sizes, weight representation) as JSON.
 
     A packed MoE dir is described from its manifest: no weights loaded, no tokenizer needed."""
-    from local_engine.engine import Engine, resolve
-    from local_engine.formats.pack import MANIFEST, read_manifest
-
     path = resolve(model)
     if (path / MANIFEST).is_file():
         info = read_manifest(path).describe()
@@ -110,8 +109,6 @@ def generate(model: str, prompt: str | None, chat_text: str | None, system: str 
     """Generate text from MODEL, streamed to stdout."""
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("give exactly one of --prompt or --chat")
-    from local_engine.engine import Engine
-
     opts: dict[str, Any] = {"memory_budget": memory_budget} if memory_budget is not None else {}
     if cache_policy is not None:
         opts["policy"] = cache_policy

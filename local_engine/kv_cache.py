@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from local_engine import kv_kernel
+from local_engine.errors import ContextOverflow
 from local_engine.models.layers import RopeTables
 
 DTYPES = ("f32", "bf16", "int8", "int4")
@@ -294,7 +295,7 @@ class CompressedKVCache:
 
     def _check_room(self, end: int) -> None:
         if end > self.max_seq:
-            raise ValueError(f"context length exceeded: {end} > {self.max_seq} tokens")
+            raise ContextOverflow(f"context length exceeded: {end} > {self.max_seq} tokens")
 
     # ------------------------------------------------------------------ attention, any T
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ import sys
 import click
 
 from local_engine.cache import DEFAULT_POLICY, POLICIES
-from local_engine.formats.pack import DENSE_METHODS, QUANT_METHODS, PackError
+from local_engine.errors import PackError
+from local_engine.formats.pack import DENSE_METHODS, QUANT_METHODS
 from local_engine.formats.pack import pack as pack_dir
+from local_engine.models.moe import MoEModel
 
 
 @click.command("pack")
@@ -50,8 +52,6 @@ def pack(src: str, dst: str, quant: str, group_size: int, dense: str, no_progres
 @click.option("--stats", is_flag=True, help="Print streaming stats as JSON on stderr.")
 def moe_generate(packed: str, ids: str, max_tokens: int, memory_budget: str, policy: str, stats: bool) -> None:
     """Greedy decode from token ids on a packed MoE dir (no tokenizer needed)."""
-    from local_engine.models.moe import MoEModel
-
     try:
         model = MoEModel.open(packed, memory_budget=memory_budget, policy=policy)
     except (PackError, ValueError) as e:

@@ -20,6 +20,7 @@ Matrices that share an input (q|k|v, gate|up) are fused by concatenating rows be
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from local_engine import qkernel
+from local_engine.formats.pack import dequantize
 from local_engine.store import RawTensor
 
 INT4_GROUP = 32
@@ -159,8 +162,6 @@ class GGUFBlockLinear:
 
     def __init__(self, lib: object, blocks: np.ndarray, qtype: str, shape: tuple[int, int],
                  bias: torch.Tensor | None = None) -> None:
-        from local_engine import qkernel
-
         rows, cols = shape
         if qtype == "Q4_0":
             blocks, qtype = _q4_0_as_q4_1(blocks, rows, cols), "Q4_1"
@@ -246,8 +247,6 @@ class GroupLinear:
         self.nbytes = q.numel() + scale.numel() * 2 * (2 if mins is not None else 1)
 
     def dequantize(self) -> torch.Tensor:
-        from local_engine.formats.pack import dequantize
-
         return dequantize(self.q, self.scale, self.method, (self.out_features, self.in_features), self.mins)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -314,8 +313,6 @@ class GroupExpert:
     def __call__(self, buf: object, x: torch.Tensor, w: float, y: torch.Tensor) -> None:
         """``y`` [hidden] = w · down(silu(g) · u) of the bundle in ``buf`` (a writable buffer)
         for ``x`` [hidden] (fp32, contiguous)."""
-        import ctypes
-
         base = ctypes.addressof(ctypes.c_char.from_buffer(buf))  # type: ignore[arg-type]
         p = [base + o if o >= 0 else None for o in self._off]
         rc = self._fn(self.bits, *p, self.group, x.data_ptr(), self.hidden, self.inter, w, y.data_ptr())

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from local_engine.errors import EngineError
+from local_engine.models.llama import PREFILL_CHUNK
 from local_engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -68,8 +69,6 @@ class _Request:
 class Scheduler:
     def __init__(self, engine: Engine, *, max_batch: int = 8, max_waiting: int = 16,
                  prefill_chunk: int | None = None) -> None:
-        from local_engine.models.llama import PREFILL_CHUNK
-
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch must be >= 1 and max_waiting >= 0")
         self.engine = engine

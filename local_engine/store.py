@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from local_engine.errors import ModelFileError, UnsupportedModel
+from local_engine.formats.gguf import GGUFFile
 
 # Quant types we can dequantise (gguf.quants implements them in numpy).
 SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
@@ -68,8 +69,6 @@ class GGUFStore:
     """A memory-mapped GGUF file (header parsed by local_engine.formats.gguf)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from local_engine.formats.gguf import GGUFFile
-
         self.path = Path(path)
         _check_file(self.path)
         self._file = GGUFFile(self.path)

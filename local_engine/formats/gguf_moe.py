@@ -43,8 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from local_engine.errors import EngineError
-from local_engine.formats.pack import PackError, UnsupportedArchitecture
+from local_engine.errors import EngineError, PackError, UnsupportedArchitecture
+from local_engine.formats.gguf import GGUFFile
+from local_engine.formats.sources import PackSource
+from local_engine.tokenizer import from_gguf
 
 # GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."); "{moe}" is the MoE
 # block's prefix ("mlp", or "block_sparse_moe" for Mixtral)
@@ -112,13 +114,10 @@ def _decode(raw: np.ndarray, type_name: str, shape: tuple[int, ...], where: str)
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
-class GGUFSource:
-    """What ``pack`` needs from a source (``config``, ``where``, ``has``, ``get``, ``get_row``),
-    plus ``write_tokenizer``."""
+class GGUFSource(PackSource):
+    """A GGUF MoE file as a ``PackSource`` (HF names and config from the GGUF's own)."""
 
     def __init__(self, path: Path) -> None:
-        from local_engine.formats.gguf import GGUFFile
-
         self.src = path
         try:
             self._f = GGUFFile(path)
@@ -256,8 +255,9 @@ class GGUFSource:
         raise PackError(f"{self.src}: layer {layer}: no gate expert tensor")
 
     # ------------------------------------------------------------------ tensors
-    def has(self, name: str) -> bool:
-        return name in self.where
+    @property
+    def config_where(self) -> str:
+        return str(self.src)
 
     def _raw(self, g: str) -> np.ndarray:
         return self._f.data(g).view(np.uint8).reshape(-1)  # the tensor's bytes, memory-mapped
@@ -296,8 +296,6 @@ class GGUFSource:
     def _tokenizer(self) -> Any:
         """The dense engine's tokenizer for this GGUF (None without one); built at open so that a
         tokenizer we cannot convert fails the pack before any data is written."""
-        from local_engine.tokenizer import from_gguf
-
         meta = self._meta
         if "tokenizer.ggml.model" not in meta:
             return None

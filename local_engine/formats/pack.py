@@ -51,7 +51,9 @@ from typing import Any
 import crc32c
 import torch
 
-from local_engine.errors import EngineError
+from local_engine.errors import PackError, UnsupportedArchitecture
+from local_engine.formats.gguf_moe import GGUFSource
+from local_engine.formats.sources import PackSource, SafetensorsSource, copy_tokenizer_files
 
 FORMAT_NAME = "hgw-flash-moe"
 FORMAT_VERSION = 2
@@ -73,8 +75,6 @@ DENSE_METHODS = ("f32", "int8", "int4")
 DENSE_QTYPES = {"int8": "Q8_0", "int4": "Q4_1"}
 DENSE_BLOCK = 32  # columns per GGUF Q8_0 / Q4_1 block
 INT2_BLOCK = 32  # columns per int2 packing block (and qkernel's activation block)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
 
 # safetensors dtype names <-> torch
 _DTYPES: dict[str, torch.dtype] = {
@@ -87,17 +87,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-class PackError(EngineError, RuntimeError):
-    """A packed directory (or a pack source) is missing, malformed, truncated or corrupt.
-
-    An EngineError, so the CLI prints it as one line (exit 2) and the gateway maps it like any
-    other model error."""
-
-
-class UnsupportedArchitecture(PackError):
-    """The checkpoint's architecture is not one of the MoE families we know how to route."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -511,51 +500,7 @@ def load_resident(m: Manifest, verify: bool = True) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- source reading
 
-class _Source:
-    """Lazy view over an HF safetensors directory: name -> shard, slices read on demand."""
-
-    def __init__(self, src: Path) -> None:
-        from safetensors import safe_open
-
-        self.src = src
-        cfg_path = src / "config.json"
-        if not cfg_path.is_file():
-            raise PackError(f"{src}: no config.json (expected a Hugging Face safetensors directory)")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise PackError(f"{cfg_path}: invalid JSON: {e}") from None
-        shards = sorted(src.glob("*.safetensors"))
-        if not shards:
-            raise PackError(f"{src}: no *.safetensors files")
-        self._handles = []
-        self.where: dict[str, Any] = {}
-        for s in shards:
-            try:
-                h = safe_open(str(s), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise PackError(f"{s}: cannot open safetensors file: {e}") from None
-            self._handles.append(h)
-            for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
-                self.where[k] = h
-
-    def has(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> torch.Tensor:
-        try:
-            return self.where[name].get_tensor(name)
-        except KeyError:
-            raise PackError(f"{self.src}: tensor {name} missing from checkpoint") from None
-
-    def get_row(self, name: str, i: int) -> torch.Tensor:
-        return self.where[name].get_slice(name)[i]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return dtype_from_name(self.where[name].get_slice(name).get_dtype())
-
-
-def _expert_tensors(srcv: _Source, spec: ArchSpec, layer: int, e: int, inter: int
+def _expert_tensors(srcv: PackSource, spec: ArchSpec, layer: int, e: int, inter: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     base = f"model.layers.{layer}.{spec.moe_prefix}.experts"
     per = f"{base}.{e}"
@@ -655,26 +600,28 @@ def _write_resident(path: Path, names: list[str], get: Callable[[str], torch.Ten
     return meta, off
 
 
-def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = "none",
+def open_source(src: str | os.PathLike[str]) -> PackSource:
+    """What ``pack`` reads: a GGUF MoE file (``gguf_moe``) or an HF safetensors directory."""
+    path = Path(src)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return GGUFSource(path)
+    return SafetensorsSource(path)
+
+
+def pack(src: PackSource | str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = "none",
          group_size: int = 64, progress: bool = True,
          on_progress: Callable[[int], None] | None = None, dense: str = "f32") -> Manifest:
-    """Convert an HF safetensors MoE directory (or a GGUF MoE file, see ``gguf_moe``) into the
-    flash layout (see module docstring). ``quant``: the experts; ``dense``: the resident matrices
-    every token reads (``f32`` lossless, ``int8`` / ``int4`` GGUF blocks)."""
+    """Convert an opened source (``open_source``; a path is opened here) of an MoE checkpoint (HF
+    safetensors directory or GGUF MoE file) into the flash layout (see module docstring).
+    ``quant``: the experts; ``dense``: the resident matrices every token reads (``f32`` lossless,
+    ``int8`` / ``int4`` GGUF blocks)."""
     if quant not in QUANT_METHODS:
         raise PackError(f"unknown quantisation {quant!r} (choose from {', '.join(QUANT_METHODS)})")
     if dense not in DENSE_METHODS:
         raise PackError(f"unknown dense format {dense!r} (choose from {', '.join(DENSE_METHODS)})")
-    src, dst = Path(src), Path(dst)
-    srcv: Any
-    if src.is_file() and src.suffix.lower() == ".gguf":
-        from local_engine.formats.gguf_moe import GGUFSource
-
-        srcv = GGUFSource(src)
-        where = str(src)
-    else:
-        srcv = _Source(src)
-        where = str(src / "config.json")
+    srcv = src if isinstance(src, PackSource) else open_source(src)
+    dst = Path(dst)
+    where = srcv.config_where
     cfg = srcv.config
     spec = arch_spec(cfg, where)
     hidden, inter = expert_dims(cfg)
@@ -690,7 +637,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="tensor", desc=f"pack {src.name} -> {dst.name} [{quant}]")
+        bar = tqdm(total=total, unit="tensor", desc=f"pack {srcv.src.name} -> {dst.name} [{quant}]")
 
     def tick() -> None:
         if bar is not None:
@@ -723,7 +670,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
                 bundle = bytearray(stride)
                 for p, b in zip(parts, blobs, strict=True):
                     if len(b) != p["nbytes"]:
-                        raise PackError(f"{src}: layer {layer} expert {e} has a different shape than expert 0")
+                        raise PackError(f"{srcv.src}: layer {layer} expert {e} has a different shape than expert 0")
                     bundle[p["offset"]:p["offset"] + len(b)] = b
                 crcs.append(checksum(memoryview(bundle)[:bundle_nbytes]))
                 f.write(bundle)
@@ -754,11 +701,7 @@ def pack(src: str | os.PathLike[str], dst: str | os.PathLike[str], quant: str = 
             CHECKSUM: crcs,
         },
     }
-    for name in TOKENIZER_FILES:  # small: lets Engine.open(dst) tokenise and chat
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-    if hasattr(srcv, "write_tokenizer"):  # a GGUF's tokenizer is metadata: GGUFSource writes it as HF files
-        srcv.write_tokenizer(dst)
+    srcv.write_tokenizer(dst)  # small: lets Engine.open(dst) tokenise and chat
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, dst / MANIFEST)  # the manifest appears only once the data is complete
@@ -789,9 +732,7 @@ def redense(src: str | os.PathLike[str], dst: str | os.PathLike[str], dense: str
     raw = json.loads(json.dumps(m.raw))
     raw["quant"]["dense"] = dense
     raw["resident"] = {**raw["resident"], "file_nbytes": size, "tensors": meta}
-    for name in TOKENIZER_FILES:
-        if (m.root / name).is_file():
-            shutil.copyfile(m.root / name, dst / name)
+    copy_tokenizer_files(m.root, dst)
     tmp = dst / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(raw, indent=1))
     os.replace(tmp, dst / MANIFEST)

@@ -44,6 +44,8 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from local_engine.errors import ContextOverflow
+
 Linear = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -173,7 +175,7 @@ class KVCache:
                start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[1]
         if end > self.max_seq:
-            raise ValueError(f"context length exceeded: {end} > {self.max_seq} tokens")
+            raise ContextOverflow(f"context length exceeded: {end} > {self.max_seq} tokens")
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]

@@ -29,15 +29,9 @@ import torch.nn.functional as F
 
 from local_engine import kv_cache, qkernel
 from local_engine.cache import DEFAULT_POLICY
+from local_engine.errors import PackError, UnsupportedArchitecture
 from local_engine.expert_store import ExpertStore, peak_rss_bytes
-from local_engine.formats.pack import (
-    Manifest,
-    PackError,
-    UnsupportedArchitecture,
-    dequantize_dense,
-    load_resident,
-    read_manifest,
-)
+from local_engine.formats.pack import Manifest, dequantize_dense, load_resident, read_manifest
 from local_engine.models.base import CausalLM
 from local_engine.models.layers import (
     Attends,
@@ -633,57 +627,3 @@ def parse_bytes(v: int | str | None) -> int:
     if unit not in _UNITS or not num:
         raise ValueError(f"cannot parse memory size {v!r} (e.g. 512MiB, 2GiB, 0)")
     return int(float(num) * _UNITS[unit])
-
-
-# --------------------------------------------------------------------------- Engine integration
-
-
-def _load_packed(path: Path, **opts: Any) -> Any:
-    """``Engine.open(packed_dir, memory_budget="2GiB", policy=..., readers=..., direct=..., verify=...)``.
-
-    Without ``memory_budget`` the env var ``LOCAL_ENGINE_MOE_BUDGET`` applies (so ``local-engine
-    generate`` can set it), else 2GiB. The tokenizer comes from the packed dir (``pack`` copies it).
-    """
-    import os
-
-    from local_engine.engine import Engine
-    from local_engine.errors import EngineError
-    from local_engine.tokenizer import from_hf_dir
-
-    budget = opts.get("memory_budget") or os.environ.get("LOCAL_ENGINE_MOE_BUDGET") or "2GiB"
-    try:
-        model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
-                              threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
-                              verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"),
-                              record_trace=bool(opts.get("record_trace", False)),  # a server runs for days
-                              standins=opts.get("standins"),
-                              standin_below=float(opts.get("standin_below", DEFAULT_STANDIN_BELOW)))
-    except (PackError, ValueError) as e:  # BudgetError is a ValueError
-        raise EngineError(str(e)) from None
-    if opts.get("max_seq"):
-        model.max_seq = int(opts["max_seq"])
-    kv = opts.get("kv_cache")
-    if kv is not None:
-        try:
-            kv_cache.check(kv, model.hd, int(model.config.get("max_position_embeddings") or model.max_seq))
-        except ValueError as e:
-            model.close()
-            raise EngineError(f"{path}: {e}") from None
-        model.kv_config = kv
-    try:
-        tok = from_hf_dir(path)
-    except BaseException:
-        model.close()
-        raise
-    return Engine(model, tok, source=str(path), format="flash-moe-pack", max_seq=model.max_seq,
-                  threads=opts.get("threads"), prefix_cache_mb=opts.get("prefix_cache_mb"), kv=model.kv_config)
-
-
-def _register() -> None:
-    from local_engine.engine import register_loader
-
-    register_loader("flash-moe-pack", lambda p: p.is_dir() and (p / "manifest.json").is_file(), _load_packed,
-                    first=True)
-
-
-_register()
