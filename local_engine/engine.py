@@ -247,6 +247,8 @@ class Generation:
         if ctl is not None:  # how often auto chose each k (0: a single step), and its re-probes
             out["spec_auto_k"] = {str(k): n for k, n in sorted(ctl.decisions.items())}
             out["spec_auto_probes"] = ctl.probes
+            out["spec_auto_shadowed"] = ctl.shadowed  # declined lookup drafts scored for free
+            out["spec_auto_explore_loss"] = round(ctl.explore_loss, 3)  # steps, net (negative: won)
         return out
 
     def _propose(self, model: Any, cache: Any, history: list[int], room: int,
@@ -257,11 +259,19 @@ class Generation:
         mode, ctl, lookup = self.spec_mode, drafting.ctl, drafting.lookup
         if mode == "prompt-lookup" and lookup is not None:
             return "lookup", lookup.propose(min(speculative.DRAFT_K, room))
+        if ctl is not None and isinstance(model, speculative.VerifyCostPrior):
+            prior = model.verify_cost_prior(spec_control.K_MAX + 1)
+            if prior is None:  # nothing to price a verify with yet: a step
+                return "", []
+            ctl.model.costs.set_prior(prior)
         if lookup is not None and ctl is not None:  # auto: a free draft first, sized by the controller
             avail = lookup.propose(min(spec_control.K_MAX, room))
             if avail:
                 source = f"lookup:{min(lookup.matched, 3)}"
-                return source, avail[:ctl.choose(source, len(avail), free=True)]
+                k = ctl.choose(source, len(avail), free=True)
+                if k == 0:  # declined: learn its acceptance from the tokens decided next
+                    ctl.shadow(source, avail)
+                return source, avail[:k]
         if mode == "draft" or (mode == "auto" and (drafting.drafter is not None or isinstance(model, speculative.SelfDraft))):
             k = min(speculative.SELF_DRAFT_K, room) if ctl is None else ctl.choose("draft", min(spec_control.K_MAX, room))
             if k <= 0:
@@ -308,6 +318,8 @@ class Generation:
             if gram is not None:
                 gram.advance(nxt)
             history.append(nxt)
+            if drafting.ctl is not None:
+                drafting.ctl.observe(nxt)
             self.stats.completion_tokens += 1
             pending += dec.push(nxt)
             if stops and (gram is None or gram.grammar.stops_apply(self.text + pending)):

@@ -22,16 +22,38 @@ measured while decoding, not assumed:
   per draft source (prompt lookup per length of the n-gram it matched: 1-token matches in open
   chat were right 1 time in 8, 4-token ones in a quote nearly always).
 
-Re-probing: a source whose drafts stopped paying is not drafted for; after ``reprobe`` declined
-chances the controller drafts once at the best k > 0 anyway (the text may have turned to quoting),
-and doubles the wait after each probe that accepted nothing (``max_wait`` at most), like
-``prefetch_switch``'s periodic re-trials. Pure bookkeeping: the caller reports seconds; no clock.
+A model whose verify cost is not the dense one declares a prior (``speculative.VerifyCostPrior``):
+a packed MoE's verify of m positions reads the *union* of their experts, which grows with m far
+faster than a dense verify's cost (a random router's 8 rows read ~5x a step's experts, not ~3.5x a
+step's time), so the dense extrapolation made a fresh engine's first verifies lose. ``moe_prior``
+prices an m-row forward from what the engine knew before its first verify: the share of a decode
+step's time spent on experts (reads + expert compute) and the union sizes of m consecutive recent
+positions' experts (``RouteWindow``); unmeasured sizes follow that curve, scaled by the nearest
+measured size's ratio to it once one is measured.
+
+Learning without paying: a free draft source (prompt lookup) that the controller declines is
+scored anyway (``Shadow``): the draft it would have verified is compared with the tokens plain
+decoding then decides, and its acceptance recorded as if verified. So acceptance never needs a
+losing verify; only a verify size's cost does.
+
+Exploration is bounded: the request's net loss from exploratory verifies (verify seconds in steps
+minus tokens yielded) stays under ``explore_share`` of its decoded tokens. A verify at a size not
+measured yet that the curve predicts will win is allowed while that budget (at least
+``explore_allowance`` steps) is not overdrawn; a
+probe (drafting although no k is predicted to pay) only where the budget also holds its loss if
+none of its drafts is accepted, so a short request does not probe at all. After ``reprobe`` declined chances the controller
+probes at the best k > 0 (the text may have turned to quoting), doubling the wait after each probe
+that accepted nothing (``max_wait`` at most), like ``prefetch_switch``'s re-trials. Pure
+bookkeeping: the caller reports seconds and tokens; no clock.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 # the most drafts a verify runs: 16 rows (models/llama.py FEW_TOKENS, the fast verify path)
 K_MAX = 15
@@ -45,6 +67,13 @@ PRIOR_ACCEPT = 0.5
 # a drafter's seconds per drafted token before it was measured, in single steps of the target
 # (a draft model is meant to be several times cheaper; the first measurement replaces this)
 PRIOR_DRAFT_STEPS = 0.25
+# a packed MoE's non-expert work (attention, resident fp32 projections, the vocabulary head) per extra
+# verify row, in that work's single-step time: no saving assumed until a verify is measured (the
+# several-row path measured ~1.5 at 2 rows on a loaded box: sdpa, fp32 GEMM and per-expert ops
+# where the step has fused one-row kernels; benchmarks/verify_cost.py --moe)
+MOE_ROW_STEPS = 1.0
+# recent decode positions whose experts ``RouteWindow`` keeps
+ROUTE_WINDOW = 32
 
 def expected_tokens(accept: Sequence[float], k: int) -> float:
     """Tokens a verify of ``k`` drafts yields on average: the accepted drafts + the token decided
@@ -86,6 +115,69 @@ def _rates(accept: Sequence[float], cost: Sequence[float], k_max: int, draft_s: 
     return out
 
 
+def moe_prior(union: Sequence[float], expert_share: float, k_max: int = K_MAX) -> list[float]:
+    """An m-row forward's seconds in single steps (index m, m = 1 .. ``k_max`` + 1) for a packed MoE.
+
+    ``union[m]``: the mean number of distinct experts per MoE layer that m consecutive positions
+    route to (``union[1]``: a step's, top-k); ``expert_share``: the share of a decode step's time
+    spent on experts (waiting for reads + their compute). The expert part scales with the experts
+    read and multiplied (each once per verify, for all its rows); the rest as fp32 work over a few
+    rows (``MOE_ROW_STEPS``). Pessimistic where it is unsure: reads in parallel are priced as
+    serial, misses as a step's share of them, and rows as saving no non-expert work."""
+    a = min(max(expert_share, 0.0), 1.0)
+    return [0.0] + [(1 - a) * (1 + MOE_ROW_STEPS * (m - 1)) + a * union[m] / union[1] for m in range(1, k_max + 2)]
+
+
+class RouteWindow:
+    """The experts each of the last ``size`` decode positions routed to, per MoE layer (bool masks
+    [layers, experts]), and the mean union size of m consecutive positions' experts: what an m-row
+    verify of such positions reads (``moe_prior``)."""
+
+    def __init__(self, layers: int, experts: int, size: int = ROUTE_WINDOW) -> None:
+        self.layers, self.experts = layers, experts
+        self.masks: deque[torch.Tensor] = deque(maxlen=size)
+        self.version = 0  # bumped per position: a cached union curve is stale when it moved
+        self._union: tuple[int, int, list[float]] | None = None
+
+    def add(self, idx_per_layer: Sequence[torch.Tensor]) -> None:
+        """One forward's routing: per MoE layer, idx [rows, top_k]; each row is a position."""
+        if not idx_per_layer:
+            return
+        idx = torch.stack([i.to(torch.long) for i in idx_per_layer])  # [layers, rows, top_k]
+        for r in range(idx.shape[1]):
+            mask = torch.zeros(self.layers, self.experts, dtype=torch.bool)
+            mask.scatter_(1, idx[:, r, :], True)
+            self.masks.append(mask)
+        self.version += idx.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def union_sizes(self, m_max: int) -> list[float]:
+        """Index m (1 .. ``m_max``): mean experts per layer in the union of m consecutive positions.
+        Past the window's length, each further position brings the share q of the experts not yet
+        in the union that the longest measured span implies, U(m) = E - (E - U(1)) (1 - q)^(m - 1)
+        (q = 0: positions on the same experts; q = U(1)/E: a uniform router); from one position,
+        a uniform router's (the worst case)."""
+        if self._union is not None and self._union[:2] == (self.version, m_max):
+            return self._union[2]
+        stack = torch.stack(list(self.masks))  # [W, layers, experts]
+        acc = stack.clone()
+        out = [0.0, float(acc.sum(-1).float().mean())]
+        for m in range(2, min(m_max, stack.shape[0]) + 1):
+            acc = acc[:-1] | stack[m - 1:]
+            out.append(float(acc.sum(-1).float().mean()))
+        e, m0, u1 = float(self.experts), len(out) - 1, out[1]
+        if m0 > 1:
+            rest = max(e - min(out[m0], e), 0.0) / max(e - u1, 1e-9)
+            keep = rest ** (1 / (m0 - 1))
+        else:
+            keep = 1 - u1 / e
+        out += [e - (e - u1) * keep ** (m - 1) for m in range(m0 + 1, m_max + 1)]
+        self._union = (self.version, m_max, out)
+        return out
+
+
 @dataclass
 class VerifyCosts:
     """Moving averages of the seconds of an m-row decode forward, m = 1 (a step) .. K_MAX + 1.
@@ -99,7 +191,14 @@ class VerifyCosts:
     alpha_up: float = 0.1  # ... and of one that is slower
     seconds: dict[int, float] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
+    # the model's own estimate of an m-row forward in steps (``moe_prior``), or None: the dense
+    # staircase's rules (optimistic between measured sizes, ``PRIOR_ROW_STEPS`` past them)
+    prior: list[float] | None = None
     _curve: list[float] = field(default_factory=list)  # ``curve(K_MAX)`` until the next record
+
+    def set_prior(self, prior: list[float] | None) -> None:
+        if prior != self.prior:
+            self.prior, self._curve = prior, []
 
     def record(self, rows: int, seconds: float) -> None:
         self._curve = []
@@ -127,11 +226,16 @@ class VerifyCosts:
         step = self.seconds[1]
         known = sorted(self.seconds.items())
         out = [0.0, step]
+        prior = self.prior
         for m in range(2, k_max + 2):
             if m in self.seconds:
                 out.append(self.seconds[m])
                 continue
             lo = max((p for p in known if p[0] < m), key=lambda p: p[0])
+            if prior is not None:
+                # the model's curve, scaled by how the nearest measured size below came out against it
+                out.append(prior[m] * lo[1] / prior[lo[0]])
+                continue
             hi = min((p for p in known if p[0] > m), key=lambda p: p[0], default=None)
             if hi is None:
                 out.append(lo[1] + PRIOR_ROW_STEPS * step * (m - lo[0]))
@@ -187,6 +291,15 @@ class ModelSpec:
 
 
 @dataclass
+class Shadow:
+    """A free draft the controller declined, scored against the tokens decided after it."""
+
+    source: str
+    draft: list[int]
+    matched: int = 0
+
+
+@dataclass
 class SpecController:
     """One request's choice of k, from its own acceptance and its model's (``ModelSpec``).
 
@@ -201,33 +314,60 @@ class SpecController:
     max_wait: int = 128  # the longest wait between probes of a source that keeps losing
     margin: float = 0.03  # drafting must beat a step by this much: noise on a busy box
     weight: float = 2.0  # pseudo-verifies of the model's acceptance in a request's estimate
+    # exploratory verifies (a size not measured yet, a probe) may lose at most this share of the
+    # request's decoded tokens, in single steps, net of what they won
+    explore_share: float = 0.02
+    # ... and at least this many steps for sizes the curve predicts will win (the dense staircase
+    # prices them optimistically so that each is tried: one that lost must not lock the rest out)
+    explore_allowance: float = 1.0
     tables: dict[str, Acceptance] = field(default_factory=dict)
     _declined: dict[str, int] = field(default_factory=dict)
     _wait: dict[str, int] = field(default_factory=dict)
     probing: bool = False
+    exploring: bool = False  # the verify being chosen is exploratory (its loss is charged)
     decisions: dict[int, int] = field(default_factory=dict)  # k chosen -> how often (stats)
     probes: int = 0
+    tokens: int = 0  # tokens decided by the steps and verifies reported so far
+    explore_loss: float = 0.0  # net steps lost by exploratory verifies (negative: they won)
+    shadowed: int = 0  # declined free drafts scored against the decided tokens (stats)
+    _shadows: list[Shadow] = field(default_factory=list)
 
     def choose(self, source: str, available: int = K_MAX, free: bool = False) -> int:
         """Drafts to verify next from ``source`` (``available``: the most it can give now; ``free``:
         drafting costs nothing, as prompt lookup's); 0: a single step."""
         costs = self.model.costs
-        self.probing = False
+        self.probing = self.exploring = False
         if available <= 0 or costs.counts.get(1, 0) < self.probe_steps:
             return 0
         accept = self.rates(source)
         curve = costs.curve(min(available, K_MAX))
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, self.margin)
+        if k > 0 and costs.counts.get(k + 1, 0) == 0:
+            if self.explore_loss <= max(self.budget(), self.explore_allowance):
+                self.exploring = True
+            else:  # overdrawn: only sizes already measured
+                known = [c if m <= 1 or costs.counts.get(m, 0) else float("inf") for m, c in enumerate(curve)]
+                k = best_k(accept, known, available, draft_s, self.margin)
         if k == 0:
             declined = self._declined.get(source, 0) + 1
             self._declined[source] = declined
             if declined >= self._wait.get(source, self.reprobe):
-                k, self.probing = best_positive_k(accept, curve, available, draft_s), True
-                self._declined[source] = 0
-                self.probes += 1
+                kp = best_positive_k(accept, curve, available, draft_s)
+                # the budget must hold the probe's loss if nothing is accepted (its acceptance is a
+                # guess; a short request has no room for one)
+                worst = (curve[kp + 1] + kp * draft_s) / curve[1] - 1
+                if self.explore_loss + worst <= self.budget():
+                    k, self.probing = kp, True
+                    self.exploring = True
+                    self._declined[source] = 0
+                    self.probes += 1
         self.decisions[k] = self.decisions.get(k, 0) + 1
         return k
+
+    def budget(self) -> float:
+        """Steps that exploratory verifies may have lost so far, net."""
+        return self.explore_share * self.tokens
 
     def rates(self, source: str) -> list[float]:
         prior = self.model.table(source).rates()
@@ -235,13 +375,45 @@ class SpecController:
 
     def record_step(self, seconds: float) -> None:
         self.model.costs.record(1, seconds)
+        self.tokens += 1
 
     def record_verify(self, source: str, drafted: int, accepted: int, seconds: float) -> None:
         """A verify of ``drafted`` drafts (``seconds``: the verify alone, not the drafting)."""
+        step = self.model.costs.step_s
+        if self.exploring and step:
+            spent = seconds + drafted * self.model.draft_s.get(source, 0.0)
+            self.explore_loss += spent / step - (accepted + 1)
         self.model.costs.record(drafted + 1, seconds)
-        self.tables.setdefault(source, Acceptance()).record(drafted, accepted)
-        self.model.table(source).record(drafted, accepted)
+        self.tokens += accepted + 1
+        self._record_acceptance(source, drafted, accepted)
         if self.probing:  # a probe that accepted nothing: wait twice as long before the next
             wait = self._wait.get(source, self.reprobe)
             self._wait[source] = min(wait * 2, self.max_wait) if accepted == 0 else self.reprobe
             self.probing = False
+        self.exploring = False
+
+    def _record_acceptance(self, source: str, drafted: int, accepted: int) -> None:
+        self.tables.setdefault(source, Acceptance()).record(drafted, accepted)
+        self.model.table(source).record(drafted, accepted)
+
+    def shadow(self, source: str, draft: list[int]) -> None:
+        """A free draft that was declined: score it against the tokens decided next (``observe``).
+        Each declined chance's draft is scored (up to ``K_MAX`` at once): they overlap, as the
+        drafts a verify would have run at those positions would have."""
+        if draft and len(self._shadows) < K_MAX:
+            self._shadows.append(Shadow(source, list(draft)))
+
+    def observe(self, token: int) -> None:
+        """A decided token (the next after those the pending shadowed drafts were proposed at)."""
+        if not self._shadows:
+            return
+        pending = []
+        for sh in self._shadows:
+            if token == sh.draft[sh.matched]:
+                sh.matched += 1
+                if sh.matched < len(sh.draft):
+                    pending.append(sh)
+                    continue
+            self._record_acceptance(sh.source, len(sh.draft), sh.matched)
+            self.shadowed += 1
+        self._shadows = pending

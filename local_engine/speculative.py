@@ -119,6 +119,17 @@ class FastVerify(Protocol):
 
 
 @runtime_checkable
+class VerifyCostPrior(Protocol):
+    """A model whose verify cost does not grow like the dense kernel's staircase (a packed MoE: a
+    verify reads the union of its positions' experts) prices one before measuring it."""
+
+    def verify_cost_prior(self, max_rows: int) -> list[float] | None:
+        """Index m (1 .. ``max_rows``): an m-row forward's seconds in single steps, from what the
+        model measured so far (spec_control.moe_prior); None until it has decoded a step."""
+        ...
+
+
+@runtime_checkable
 class SelfDraft(Protocol):
     """A model that drafts with a cheaper version of itself over its own KV cache (models/moe.py:
     fewer experts per token), leaving the cache as it found it."""

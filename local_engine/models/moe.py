@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from local_engine import kv_cache, qkernel
+from local_engine import kv_cache, qkernel, spec_control
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.errors import PackError, UnsupportedArchitecture
 from local_engine.expert_store import ExpertStore, peak_rss_bytes
@@ -178,6 +178,11 @@ class MoEModel(CausalLM):
         # router weight is below this is computed from its stand-in bundle instead of its own
         self.standin_below = 0.0
         self._drafting = False
+        # speculative auto's prior (verify_cost_prior): the experts recent decode positions routed
+        # to, and the share of a decode step's time spent on experts (reads + compute), averaged
+        self.routes = spec_control.RouteWindow(len(self.moe_layers), int(manifest.num_experts))
+        self._routing: list[torch.Tensor] | None = None  # this forward's idx per MoE layer, when kept
+        self.expert_share: float | None = None
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
 
@@ -312,6 +317,8 @@ class MoEModel(CausalLM):
         weights, idx = self.route(logits)
         if self._drafting:
             weights, idx = self._draft_route(i, logits)
+        elif self._routing is not None:
+            self._routing.append(idx)
         if h.shape[0] == 1 and self.store.expert_fn is not None:
             return self._moe_one(i, h, logits, weights, idx, self.store.expert_fn)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
@@ -405,7 +412,12 @@ class MoEModel(CausalLM):
         io, cs, r = self.store.io, self.store.cache.stats, self.run
         before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
         t0 = time.perf_counter()
-        out = self._forward(ids, cache, False, False)
+        self._routing = []
+        try:
+            out = self._forward(ids, cache, False, False)
+        finally:
+            routing, self._routing = self._routing, None
+        self.routes.add(routing)  # each verified position routes like a step's
         r.decode_s += time.perf_counter() - t0
         r.io_wait_s += io.io_wait_s - before[2]
         r.decode_tokens += 1
@@ -417,6 +429,22 @@ class MoEModel(CausalLM):
         r.decode_hits += cs.hits - before[3]
         r.decode_misses += cs.misses - before[4]
         return out
+
+    def _learn_step(self, routing: list[torch.Tensor] | None, seconds: float, expert_s: float) -> None:
+        """A decode step's experts and its expert share of time, for ``verify_cost_prior``."""
+        if routing:
+            self.routes.add(routing)
+        if seconds > 0:
+            share = min(expert_s / seconds, 1.0)
+            self.expert_share = share if self.expert_share is None else 0.75 * self.expert_share + 0.25 * share
+
+    def verify_cost_prior(self, max_rows: int) -> list[float] | None:
+        """An m-row verify's seconds in single steps before any was measured (``speculative.
+        VerifyCostPrior``): its experts are the union of its positions', priced from the recent
+        positions' routing and a step's expert share of time (spec_control.moe_prior)."""
+        if self.expert_share is None or not len(self.routes):
+            return None
+        return spec_control.moe_prior(self.routes.union_sizes(max_rows), self.expert_share, max_rows - 1)
 
     def self_draft(self, last: int, cache: KVCache, k: int) -> list[int]:
         """Up to ``k`` greedy tokens after ``last`` from the same model routed to ``draft_experts``
@@ -489,13 +517,19 @@ class MoEModel(CausalLM):
         decode = ids.shape[0] == 1  # a prefill batch would guess most experts: never prefetch there
         sw = self._switch if decode else None
         prefetch = decode and (sw.choose() if sw is not None else self.prefetch is True)
+        compute0 = r.expert_compute_s
         t0 = time.perf_counter()
-        out = self._forward(ids, cache, last_only, prefetch)
+        self._routing = [] if decode else None
+        try:
+            out = self._forward(ids, cache, last_only, prefetch)
+        finally:
+            routing, self._routing = self._routing, None
         dt = time.perf_counter() - t0
         if sw is not None:
             sw.record(prefetch, dt)
         r.io_wait_s += io.io_wait_s - before[2]
         if decode:
+            self._learn_step(routing, dt, io.io_wait_s - before[2] + r.expert_compute_s - compute0)
             r.decode_s += dt
             r.decode_tokens += 1
             r.decode_bytes_read += io.bytes_read - before[0]

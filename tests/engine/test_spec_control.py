@@ -5,8 +5,10 @@ from synthetic verifies (no clock: it is told the seconds)."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
+import torch
 
 from local_engine.spec_control import (
     K_MAX,
@@ -14,11 +16,13 @@ from local_engine.spec_control import (
     PRIOR_ROW_STEPS,
     Acceptance,
     ModelSpec,
+    RouteWindow,
     SpecController,
     VerifyCosts,
     best_k,
     best_positive_k,
     expected_tokens,
+    moe_prior,
 )
 
 # the built-in model's measured verify cost in single steps at m rows (1 thread): the row tiles
@@ -115,7 +119,8 @@ def test_controller_grows_k_while_drafts_are_accepted() -> None:
 
 
 def test_controller_stops_drafting_where_nothing_is_accepted_and_reprobes_less_often() -> None:
-    ctl = SpecController(ModelSpec(), reprobe=4, max_wait=32)
+    # a budget that never binds: the back-off alone spaces the probes
+    ctl = SpecController(ModelSpec(), reprobe=4, max_wait=32, explore_share=1.0)
     ks = [_chance(ctl, "lookup:1", 0) for _ in range(200)]
     verifies = [i for i, k in enumerate(ks) if k > 0]
     assert 2 <= len(verifies) <= 12  # a few tries, then only probes
@@ -128,6 +133,17 @@ def test_controller_stops_drafting_where_nothing_is_accepted_and_reprobes_less_o
     ctl.record_verify("lookup:1", k, k, CURVE[k + 1] * 0.010)
     ks = [_chance(ctl, "lookup:1", 0) for _ in range(10)]
     assert any(k > 0 for k in ks[:4])
+
+
+def test_probes_lose_at_most_their_share_of_the_tokens() -> None:
+    for n in (32, 200, 2000):
+        ctl = SpecController(ModelSpec(), reprobe=4, max_wait=32)
+        ks = [_chance(ctl, "lookup:1", 0) for _ in range(n)]
+        lost = sum(CURVE[k + 1] - 1 for k in ks if k)  # steps the verifies took beyond their one token
+        # the budget (2% of the tokens) may be overdrawn by one verify's loss, at most
+        assert lost <= ctl.explore_share * ctl.tokens + CURVE[K_MAX + 1]
+        assert ctl.explore_loss == pytest.approx(lost)
+    assert ctl.probes >= 3 and lost <= 0.03 * ctl.tokens  # a long run still probes, and stays bounded
 
 
 def test_sources_learn_apart_and_a_costly_drafter_drafts_less() -> None:
@@ -150,3 +166,162 @@ def test_sources_learn_apart_and_a_costly_drafter_drafts_less() -> None:
     ms.draft_s["draft"] = 0.010  # the target itself as its draft: never
     assert SpecController(ms).choose("draft", K_MAX) == 0
     assert SpecController(ms).choose("lookup:3", K_MAX, free=True) == 7  # free drafts are not charged
+
+
+# ---------------------------------------------------------------- packed MoE: the union prior
+
+# a random router's top-8 of 64: m positions route to 64 (1 - (7/8)^m) distinct experts a layer
+UNIFORM = [0.0] + [64 * (1 - (7 / 8) ** m) for m in range(1, K_MAX + 2)]
+
+
+def test_moe_prior_prices_the_union_of_the_positions_experts() -> None:
+    p = moe_prior(UNIFORM, expert_share=1.0)
+    assert p[1] == 1.0 and p[2] == pytest.approx(15 / 8)  # 2 rows read 1.875x a step's experts
+    assert p[8] == pytest.approx(UNIFORM[8] / 8) and p[8] > 5.2  # 8 rows: 5.25 steps of reads
+    shared = [0.0] + [8.0] * (K_MAX + 1)  # every position on the same experts: read once
+    assert moe_prior(shared, expert_share=1.0)[16] == 1.0
+    mixed = moe_prior(UNIFORM, expert_share=0.4)
+    assert mixed[2] == pytest.approx(0.6 * 2 + 0.4 * 15 / 8)  # the rest: a step's worth per row
+    assert all(a < b for a, b in itertools.pairwise(mixed[1:]))
+
+
+def test_route_window_measures_union_sizes_and_extrapolates() -> None:
+    w = RouteWindow(layers=2, experts=64, size=8)
+    same = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]])
+    for _ in range(4):
+        w.add([same, same])  # one position, both layers on experts 0..7
+    assert w.union_sizes(16) == pytest.approx([0.0] + [8.0] * 16)  # shared: never more than a step's
+    w = RouteWindow(layers=1, experts=64, size=8)
+    w.add([torch.arange(32).reshape(4, 8)])  # a 4-row verify: four disjoint positions
+    u = w.union_sizes(8)
+    assert u[1:5] == pytest.approx([8, 16, 24, 32])
+    # past the window: each position brings the share of unseen experts measured over 4 (24 of 56)
+    keep = (32 / 56) ** (1 / 3)
+    assert u[6] == pytest.approx(64 - 56 * keep ** 5) and u[8] < 64
+    w = RouteWindow(layers=1, experts=64, size=8)
+    w.add([torch.arange(8)[None]])  # one position: a uniform router's growth
+    assert w.union_sizes(16) == pytest.approx(UNIFORM[:17])
+
+
+def test_cost_curve_follows_the_prior_scaled_by_measured_sizes() -> None:
+    c = VerifyCosts()
+    c.record(1, 0.100)
+    prior = moe_prior(UNIFORM, expert_share=0.5)
+    c.set_prior(prior)
+    assert c.curve(K_MAX)[5] == pytest.approx(0.100 * prior[5])  # nothing measured: the prior
+    c.record(2, 0.300)  # a 2-row verify came out at 3 steps, prior[2] said less
+    curve = c.curve(K_MAX)
+    assert curve[2] == pytest.approx(0.300)
+    assert curve[5] == pytest.approx(0.100 * prior[5] * 3 / prior[2])  # the prior, scaled as size 2 came out
+    c.set_prior(None)  # without one: the dense rules
+    assert c.curve(K_MAX)[16] == pytest.approx(0.300 + PRIOR_ROW_STEPS * 0.100 * 14)
+
+
+def test_a_declined_lookup_draft_learns_its_acceptance_from_the_decided_tokens() -> None:
+    ms = ModelSpec()
+    ctl = SpecController(ms)
+    ctl.shadow("lookup:2", [5, 6, 7, 8])
+    ctl.observe(5)
+    ctl.shadow("lookup:1", [6, 9])  # declined at the next position: scored alongside
+    for t in (6, 1):
+        ctl.observe(t)
+    assert ctl.shadowed == 2 and ctl.tables["lookup:2"].tried[:4] == [1, 1, 1, 0]
+    assert ctl.tables["lookup:2"].accepted[:3] == [1, 1, 0] and ms.table("lookup:2").accepted[:3] == [1, 1, 0]
+    assert ctl.tables["lookup:1"].tried[:2] == [1, 1] and ctl.tables["lookup:1"].accepted[:2] == [1, 0]
+    ctl.shadow("lookup:1", [9, 10])
+    ctl.observe(9)
+    ctl.observe(10)  # all accepted
+    assert ctl.shadowed == 3 and ctl.tables["lookup:1"].accepted[:2] == [2, 1]
+    ctl.observe(11)  # nothing pending: nothing recorded
+    assert ctl.shadowed == 3
+
+
+def _simulate(n: int, true_cost: list[float], accept: float, prior: list[float] | None,
+              seed: int = 0) -> tuple[float, SpecController]:
+    """A request of ``n`` tokens under ``auto`` with a lookup draft of up to 15 tokens at every
+    position, each right with probability ``accept`` until the first wrong one; verify costs from
+    a recorded curve (steps at m rows); declined drafts shadowed, as the engine does. Seconds spent,
+    in steps (off: ``n``)."""
+    rng = random.Random(seed)
+    right = [0] * (n + K_MAX + 2)  # drafted at position p: this many right tokens
+    for p in range(len(right)):
+        while right[p] < K_MAX and rng.random() < accept:
+            right[p] += 1
+    truth = list(range(n + K_MAX + 2))
+    ctl = SpecController(ModelSpec())
+    pos, spent = 0, 0.0
+    while pos < n:
+        draft = truth[pos + 1:pos + 1 + right[pos]] + [-1] * (K_MAX - right[pos])
+        room = n - pos - 1
+        if prior is not None:
+            ctl.model.costs.set_prior(prior)
+        k = ctl.choose("lookup:3", min(room, K_MAX), free=True) if room > 0 else 0
+        if k == 0:
+            ctl.shadow("lookup:3", draft[:room] if room else [])
+            spent += true_cost[1]
+            ctl.record_step(true_cost[1] * 0.01)
+            decided = 1
+        else:
+            acc = min(k, right[pos])
+            spent += true_cost[k + 1]
+            ctl.record_verify("lookup:3", k, acc, true_cost[k + 1] * 0.01)
+            decided = acc + 1
+        for _ in range(decided):
+            pos += 1
+            ctl.observe(truth[pos])
+    return spent, ctl
+
+
+def _recorded(points: dict[int, float]) -> list[float]:
+    """A curve from a few measured sizes (steps at m rows), linear between them."""
+    sizes = sorted(points)
+    out = [0.0]
+    for m in range(1, K_MAX + 2):
+        lo = max(s for s in sizes if s <= m)
+        hi = min((s for s in sizes if s >= m), default=lo)
+        out.append(points[lo] if hi == lo else points[lo] + (points[hi] - points[lo]) * (m - lo) / (hi - lo))
+    return out
+
+
+# benchmarks/verify_cost.py --moe on the random Qwen3-MoE int4 pack (1 thread, load ~10): an m-row
+# verify over the step before it; the step's expert share of time beside it
+MOE_RECORDED = {
+    "5%": (_recorded({1: 1.0, 2: 2.6, 3: 3.0, 4: 3.3, 6: 4.5, 8: 5.6, 12: 6.0, 16: 7.0}), 0.38),
+    "15%": (_recorded({1: 1.0, 2: 2.2, 3: 3.6, 4: 4.0, 6: 5.2, 8: 6.1, 12: 7.3, 16: 8.3}), 0.32),
+    "50%": (_recorded({1: 1.0, 2: 2.7, 4: 3.5, 8: 4.8, 16: 7.5}), 0.23),
+}
+
+
+@pytest.mark.parametrize("budget", sorted(MOE_RECORDED))
+@pytest.mark.parametrize("accept", [0.1, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("n", [32, 512])
+def test_auto_on_recorded_moe_costs_is_never_3pct_slower_than_off(budget: str, accept: float, n: int) -> None:
+    true_cost, share = MOE_RECORDED[budget]
+    for seed in range(3):
+        spent, ctl = _simulate(n, true_cost, accept, moe_prior(UNIFORM, share), seed)
+        assert spent <= 1.03 * n, (spent, ctl.decisions, ctl.explore_loss)
+    if n == 32:
+        assert ctl.probes == 0  # no room for one in a short request
+
+
+def test_auto_on_moe_drafts_where_positions_share_experts_and_drafts_are_right() -> None:
+    # a skewed router on a budget that reads most of a step: 16 positions read 2.5x one's experts,
+    # and verifies cost what the union of reads predicts; a quoting answer
+    union = [0.0] + [8.0 * (1 + 0.1 * (m - 1)) for m in range(1, K_MAX + 2)]
+    share = 0.9
+    prior = moe_prior(union, share)
+    true_cost = [0.0] + [0.1 * (1 + 0.3 * (m - 1)) + share * union[m] / 8 for m in range(1, K_MAX + 2)]
+    spent, ctl = _simulate(512, true_cost, 0.95, prior)
+    assert spent < 512 / 2.5 and max(ctl.decisions) >= 7  # long drafts, well over 2.5x
+    spent, _ = _simulate(32, true_cost, 0.95, prior)
+    assert spent < 32 / 1.5  # a short request gets there too: the prior predicted the win
+    spent, ctl = _simulate(512, true_cost, 0.1, prior)
+    assert spent <= 1.03 * 512 and ctl.decisions.get(0, 0) > 400  # open chat: steps
+
+
+def test_auto_on_the_dense_staircase_still_pays_on_a_quote() -> None:
+    # geometric 0.9 acceptance: 1.65x at best (k = 7: 5.7 tokens for 3.45 steps), learning included
+    spent, ctl = _simulate(128, CURVE, 0.9, None)
+    assert spent < 128 / 1.4 and ctl.shadowed > 0
+    spent, _ = _simulate(128, CURVE, 0.1, None)
+    assert spent <= 1.03 * 128

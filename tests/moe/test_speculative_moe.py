@@ -5,6 +5,7 @@ as one decode forward; the self-draft leaves the KV cache as it found it."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +144,26 @@ def test_a_draft_model_with_another_tokenizer_is_refused(tiny_models: dict[str, 
 
     with pytest.raises(EngineError, match=r"draft_model .*tokenizer is not the target's"):
         Engine.open(tiny_models["mixtral"].packed["int4"], draft_model=str(resolve("builtin:smollm2-135m")))
+
+
+def test_auto_prices_a_verify_from_the_routing_it_saw_and_keeps_greedy_output(tiny_models: dict[str, Tiny]) -> None:
+    packed = tiny_models["qwen3_moe"].packed["int4"]
+    eng = Engine.open(packed, memory_budget=3 * read_manifest(packed).stride, prefetch=False, prefix_cache_mb=0)
+    try:
+        m = eng.model
+        assert isinstance(m, MoEModel)
+        assert m.verify_cost_prior(17) is None  # nothing decoded yet: no verify is priced
+        plain, _ = _gen(eng, "off")
+        prior = m.verify_cost_prior(17)
+        assert prior is not None and len(prior) == 18 and prior[1] == 1.0
+        assert all(a <= b for a, b in itertools.pairwise(prior[1:]))
+        # what the prior read: the decode steps' experts (top-k of each MoE layer) and their time share
+        u = m.routes.union_sizes(4)
+        assert u[1] == pytest.approx(m.top_k) and m.top_k <= u[2] <= 2 * m.top_k
+        assert m.expert_share is not None and 0.0 < m.expert_share <= 1.0
+        text, st = _gen(eng, "auto")
+        assert text == plain
+        assert st["spec_mode"] == "auto" and st["spec_auto_explore_loss"] <= 1.0 + 0.02 * 16
+        assert sum(st["spec_auto_k"].values()) > 0
+    finally:
+        eng.close()
