@@ -183,9 +183,9 @@ class Generation:
         queue: list[int] = []  # drafted tokens a verify accepted: decided, their K/V already cached
         spec = {"drafted": 0, "accepted": 0, "verifies": 0, "steps": 0}
         # the prefix cache lends the KV of the longest kept prefix of the prompt, and keeps this
-        # sequence's KV when the block exits, however it ends (a client gone included)
+        # prompt's KV when the block exits, however it ends (a client gone included)
         with eng.lock, torch.inference_mode(), \
-                eng.prefix_cache.lease(self.prompt_ids, model.new_cache, history) as (cache, cached):
+                eng.prefix_cache.lease(self.prompt_ids, model.new_cache) as (cache, cached):
             self.start_step = eng.steps
             self.stats.cached_tokens = cached
             t0 = time.perf_counter()
@@ -200,8 +200,7 @@ class Generation:
                         model, cache, logits, sampler, history, dec, stops, hold, max_new,
                         _Drafting(lookup, ctl, drafter), queue, spec)
             finally:
-                # a stop inside accepted drafts leaves their K/V past the answer: the prefix cache
-                # keeps only positions whose tokens it is told
+                # a stop inside accepted drafts leaves their K/V past the answer (kv_bytes below)
                 if cache.length > len(history):
                     cache.crop(len(history))
             self.stats.decode_s = time.perf_counter() - t1

@@ -57,7 +57,7 @@ import torch
 
 from local_engine import kv_kernel
 from local_engine.errors import ContextOverflow
-from local_engine.models.layers import RopeTables
+from local_engine.models.layers import RopeTables, group_cuts
 
 DTYPES = ("f32", "bf16", "int8", "int4")
 GROUP = 32  # channels per scale block (llama.cpp's q8_0 / q4_1 size); head_dim must be a multiple
@@ -308,12 +308,17 @@ class CompressedKVCache:
             self.step(layer, r, out)
             return out.view(hq, 1, hd)
         start = self.length
-        if T <= SLACK or start + T <= self.capacity:
+        # One call per attention group (layers.prefill_attention: a prefix hit then computes each
+        # row in the call a fresh run does). Past the ring's end, pieces of <= SLACK tokens: a
+        # piece's writes then overwrite only rows that have left the window of every query in it,
+        # so each token sees exactly its window.
+        cuts = [c - start for c in group_cuts(start, start + T)]
+        if start + T > self.capacity:
+            ring = max(0, self.capacity - start)
+            cuts += [ring, *range(ring, T, SLACK)]
+        cuts = sorted(set(cuts))
+        if len(cuts) == 2:
             return self._attend(layer, q, k, v, start)
-        # Past the ring's end, pieces of <= SLACK tokens: a piece's writes then overwrite only rows
-        # that have left the window of every query in it, so each token sees exactly its window.
-        cuts = [0, max(0, self.capacity - start)] if start < self.capacity else [0]
-        cuts = sorted(set(cuts + list(range(cuts[-1], T, SLACK)) + [T]))
         return torch.cat([self._attend(layer, q[:, a:b], k[:, a:b], v[:, a:b], start + a)
                           for a, b in itertools.pairwise(cuts) if b > a], 1)
 

@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from local_engine.models.layers import ATTN_GROUP
+
 DEFAULT_MB = 256  # ~5,800 tokens of SmolLM2-135M's fp32 KV (46 KB a token)
 # Each entry is a whole preallocated KV cache (max_seq positions of address space, only the
 # written ones resident): a bound on their number keeps the address space and the lookup small.
@@ -52,6 +54,8 @@ class PositionalKV(Protocol):
 
     @property
     def reusable(self) -> bool: ...
+
+    def crop(self, n: int) -> None: ...
 
 
 @dataclass
@@ -79,10 +83,11 @@ class PrefixCache:
         self.lookups = self.hits = self.reused_tokens = self.evictions = 0
 
     def take(self, prompt: list[int], new_cache: Any) -> tuple[Any, int]:
-        """A cache holding the longest kept prefix of ``prompt`` and that prefix's length.
+        """A cache holding the longest kept prefix of ``prompt`` that a hit may reuse, and its length.
 
-        At least the prompt's last two tokens are left to run (its logits start the answer).
-        ``new_cache()`` makes an empty cache (the model's)."""
+        That length is a multiple of ``ATTN_GROUP`` and leaves at least the prompt's last two
+        tokens to run, so every new row goes through the prefill calls a fresh run makes
+        (module docstring). ``new_cache()`` makes an empty cache (the model's)."""
         self.lookups += 1
         ids = np.asarray(prompt, dtype=np.int64)
         best, best_n = None, 0
@@ -90,14 +95,12 @@ class PrefixCache:
             n = common_prefix(e.tokens, ids)
             if n > best_n:
                 best, best_n = key, n
-        # at least the last two tokens run: a single one would go through the fused decode step,
-        # whose logits are ~5e-3 from the prefill path's (docs/engine.md) and flipped a near-tie
-        # greedy answer between two identical requests; two take the prefill path, ~1e-5 from a fresh run
         n = min(best_n, len(ids) - 2)
+        n -= n % ATTN_GROUP
         if best is None or n <= 0:
             return new_cache(), 0
         e = self._entries[best]
-        if n >= len(e.tokens) - 2:  # the prompt extends (all but the last tokens of) the entry: continue in its cache
+        if best_n == len(e.tokens):  # the prompt extends (or repeats) the entry: continue in its cache
             del self._entries[best]
             self.nbytes -= e.nbytes
             cache = e.cache
@@ -113,20 +116,25 @@ class PrefixCache:
         return cache, n
 
     @contextmanager
-    def lease(self, prompt: list[int], new_cache: Any, history: list[int]) -> Iterator[tuple[Any, int]]:
-        """``take`` on entry; on exit ``put`` the cache with ``history`` (the prompt and the tokens
-        generated into it since, a list the caller appends to), however the block ends."""
+    def lease(self, prompt: list[int], new_cache: Any) -> Iterator[tuple[Any, int]]:
+        """``take`` on entry; on exit ``put`` the cache back with ``prompt``, however the block ends."""
         cache, n = self.take(prompt, new_cache)
         try:
             yield cache, n
         finally:
-            self.put(history, cache)
+            self.put(prompt, cache)
 
-    def put(self, tokens: list[int], cache: Any) -> None:
-        """Keep ``cache``, whose first ``len(tokens)`` positions hold these tokens' K/V."""
-        if not isinstance(cache, PositionalKV) or not cache.reusable or not tokens or self.budget_bytes <= 0:
+    def put(self, prompt: list[int], cache: Any) -> None:
+        """Keep ``cache``'s K/V of ``prompt`` (its first ``cache.length`` tokens when the prefill
+        stopped early). Positions past the prompt are dropped: a decode step wrote them, with
+        other sums than the prefill a later prompt would run over the same tokens."""
+        if not isinstance(cache, PositionalKV) or not cache.reusable or not prompt or self.budget_bytes <= 0:
             return
-        ids = np.asarray(tokens[:cache.length], dtype=np.int64)
+        if cache.length > len(prompt):
+            cache.crop(len(prompt))
+        ids = np.asarray(prompt[:cache.length], dtype=np.int64)
+        if not len(ids):
+            return
         entry = _Entry(ids, cache)
         if entry.nbytes > self.budget_bytes:
             return

@@ -160,7 +160,7 @@ class Sequence:
             if self.cache.length > len(self.history):
                 self.cache.crop(len(self.history))
             gen.stats.extra["kv_bytes"] = kv_cache.kv_bytes(self.cache)
-            eng.prefix_cache.put(self.history, self.cache)
+            eng.prefix_cache.put(gen.prompt_ids, self.cache)
             self.cache = None
         if self._t_decode:
             gen.stats.decode_s = time.perf_counter() - self._t_decode

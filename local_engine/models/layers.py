@@ -37,6 +37,7 @@ Shapes: one sequence at a time, no batch dim. ``x`` is ``[T, d_model]``; heads a
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -47,6 +48,10 @@ import torch.nn.functional as F
 from local_engine.errors import ContextOverflow
 
 Linear = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+# Query rows per attention call in a prefill, cut at multiples of it by absolute position
+# (``prefill_attention``): the prefix cache reuses K/V up to a multiple of it, so a hit computes
+# each new row in the very call a fresh run does. A chunk (models' ``prefill_chunk``) is a multiple.
+ATTN_GROUP = 32
 
 
 def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
@@ -266,13 +271,30 @@ def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk:
     else:
         if g > 1:
             k_all, v_all = k_all.repeat_interleave(g, 0), v_all.repeat_interleave(g, 0)
-        if start == 0:
-            out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
-        else:
-            S = start + T
-            mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=start)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        out = prefill_attention(q, k_all, v_all, start)
     return linear(out.transpose(0, 1).reshape(T, nq), wo)
+
+
+def group_cuts(start: int, end: int) -> list[int]:
+    """``start``, the multiples of ``ATTN_GROUP`` between, ``end``: where a prefill's attention calls cut."""
+    first = (start // ATTN_GROUP + 1) * ATTN_GROUP
+    return [start, *range(first, end, ATTN_GROUP), end]
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of ``q [H, T, Dh]`` (positions start..start+T-1) over ``k``/``v`` ``[H, start+T, Dh]``.
+
+    One SDPA call per group of ``ATTN_GROUP`` positions (cut at multiples of it): a row's sums
+    then come from the same call however the prompt was chunked or how much of it a prefix hit
+    reused, so its logits are bitwise a fresh run's (SDPA's sums depend on the call's shape: a
+    2-row call differed from a 145-row one by ~2e-7, which grew to ~5e-3 in the logits)."""
+    T = q.shape[1]
+    cuts = group_cuts(start, start + T)
+    outs = []
+    for a, b in itertools.pairwise(cuts):
+        mask = torch.ones(b - a, b, dtype=torch.bool).tril(diagonal=a)
+        outs.append(F.scaled_dot_product_attention(q[:, a - start:b - start], k[:, :b], v[:, :b], attn_mask=mask))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
 def swiglu(x: torch.Tensor, w_gate: Linear | None, w_up: Linear | None, w_down: Linear,

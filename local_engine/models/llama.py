@@ -19,6 +19,7 @@ Fused weights: q|k|v and gate|up are concatenated so a layer does 4 matmuls per 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,8 +380,10 @@ class LlamaModel(CausalLM):
         if ids.shape[0] == 1 and self._step_ok:
             return self._step(ids, cache)
         if ids.shape[0] > PREFILL_CHUNK:
-            outs = [self._forward(ids[a:a + PREFILL_CHUNK], cache, last_only)
-                    for a in range(0, ids.shape[0], PREFILL_CHUNK)]
+            # a last piece of one token would take the one-row matmul kernel (other sums than the
+            # several-row one's): it runs with the piece before
+            cuts = [*range(0, ids.shape[0] - 1, PREFILL_CHUNK), ids.shape[0]]
+            outs = [self._forward(ids[a:b], cache, last_only) for a, b in itertools.pairwise(cuts)]
             return outs[-1] if last_only else torch.cat(outs)
         return self._forward(ids, cache, last_only)
 
@@ -397,8 +400,8 @@ class LlamaModel(CausalLM):
             h = rms_norm(x, L.ffn_norm, c.eps)
             x = x + swiglu(h, None, None, L.down, w_gate_up=L.gate_up)
         cache.advance(ids.shape[0])
-        if last_only:
-            x = x[-1:]
+        if last_only:  # two rows: one would take the one-row kernel, whose sums are not the others'
+            return self.head(rms_norm(x[-2:], self.norm, c.eps)).float()[-1:]
         return self.head(rms_norm(x, self.norm, c.eps)).float()
 
     # --------------------------------------------------------------------------- decode step

@@ -232,10 +232,17 @@ def test_window_logits_equal_f32_until_the_window_fills(tiny: Path) -> None:
 def test_prefix_cache_reuses_compressed_caches_but_not_wrapped_windows(tiny: Path) -> None:
     eng = Engine.open(tiny, weights="f32", threads=1, max_seq=256,
                       kv_cache={"dtype": "int8", "max_tokens": 64, "sinks": 4})
-    prompt = "The quick brown fox jumps over the lazy dog."
+    prompt = "The quick brown fox jumps over the lazy dog. " * 5
     first = "".join(eng.generate(prompt, max_tokens=8, temperature=0))
     again = eng.generate(prompt, max_tokens=8, temperature=0)
     assert "".join(again) == first and again.stats.cached_tokens > 0
+    # the rows after the reused ones are a fresh run's, bitwise (one call per attention group)
+    ids = again.prompt_ids
+    with torch.inference_mode():
+        cache, n = eng.prefix_cache.take(ids, eng.model.new_cache)
+        got = eng.model.forward(torch.tensor(ids[n:]), cache)
+    assert n > 0 and torch.equal(got, eng.logits(ids)[n:])
+    eng.prefix_cache.put(ids, cache)
     assert eng.prefix_cache.stats()["prefix_cache_bytes"] > 0
     eng.prefix_cache.clear()
     long = eng.generate(prompt, max_tokens=200, temperature=0)  # wraps the ring: not kept
