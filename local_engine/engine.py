@@ -435,19 +435,24 @@ class Engine:
         ld = loaders.find(path)
         if ld is None:
             raise EngineError(f"{path}: not a model this engine can open (GGUF file or a directory with config.json)")
-        got = ld.load(path, **opts)
+        try:
+            got = ld.load(path, **opts)
+        except EngineError:
+            raise
+        except ValueError as e:  # one a loader did not name (an option it could not parse)
+            raise EngineError(str(e)) from None
         eng = cls(got.model, got.tokenizer, source=str(path), format=got.format, threads=threads,
                   prefix_cache_mb=opts.get("prefix_cache_mb"), kv=got.kv)
         try:
             if draft_src:
                 eng.draft_model = _open_draft(eng, draft_src, threads)
             speculative.check_mode(spec_mode, eng.model, eng.draft_model)
-        except ValueError as e:
-            eng.close()
-            raise EngineError(str(e)) from None
         except EngineError:
             eng.close()
             raise
+        except ValueError as e:
+            eng.close()
+            raise EngineError(str(e)) from None
         eng.speculative = spec_mode
         return eng
 
@@ -555,13 +560,13 @@ class Engine:
 
 def _open_draft(target: Engine, source: str | Path, threads: int) -> DraftModel:
     """The draft model for ``target``: opened like a target (no prefix cache of its own), and
-    refused unless its tokenizer is the target's (ValueError)."""
+    refused unless its tokenizer is the target's."""
     try:
         d = Engine.open(source, threads=threads, prefix_cache_mb=0)
     except EngineError as e:
         raise EngineError(f"draft_model: {e}") from None
     if not speculative.same_tokenizer(d.tokenizer, target.tokenizer):
         d.close()
-        raise ValueError(f"draft_model {source}: its tokenizer is not the target's ({d.tokenizer.vocab_size} "
+        raise EngineError(f"draft_model {source}: its tokenizer is not the target's ({d.tokenizer.vocab_size} "
                          f"tokens vs {target.tokenizer.vocab_size}, or different ids): drafts would be other tokens")
     return DraftModel(d.model, d.source, d.max_seq)

@@ -18,7 +18,7 @@ from typing import Any
 
 from local_engine import kv_cache
 from local_engine.cache import DEFAULT_POLICY
-from local_engine.errors import EngineError, PackError
+from local_engine.errors import EngineError
 from local_engine.models.base import CausalLM
 from local_engine.models.llama import LlamaModel, config_from_gguf, config_from_hf
 from local_engine.models.moe import DEFAULT_STANDIN_BELOW, MoEModel
@@ -93,7 +93,9 @@ def load_packed(path: Path, **opts: Any) -> Loaded:
                               record_trace=bool(opts.get("record_trace", False)),  # a server runs for days
                               standins=opts.get("standins"),
                               standin_below=float(opts.get("standin_below", DEFAULT_STANDIN_BELOW)))
-    except (PackError, ValueError) as e:  # BudgetError is a ValueError
+    except EngineError:  # PackError, BudgetError: already in the tree
+        raise
+    except ValueError as e:  # a bad option (prefetch, verify, standin_below)
         raise EngineError(str(e)) from None
     if opts.get("max_seq"):
         model.max_seq = int(opts["max_seq"])

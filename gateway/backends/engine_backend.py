@@ -125,7 +125,7 @@ class EngineBackend(Backend):
                 opts["threads"] = self.threads
             try:
                 engine = self.engine = Engine.open(self.model_path, **opts)
-            except (EngineError, OSError, ValueError) as e:
+            except (EngineError, OSError) as e:  # the engine's error tree (local_engine/errors.py)
                 self.load_error = f"{self.name}: cannot load model: {e}"
                 raise BackendError("connect", self.load_error) from None
             # the memory stats count the KV of every sequence the scheduler may run at once

@@ -112,3 +112,20 @@ def test_cli_generate_with_stats(smol_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "Paris" in r.stdout
     assert "prefill" in r.stderr and "decode" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_one_error_tree() -> None:
+    """Every engine error is an EngineError (one except clause for callers); the built-in second
+    bases stay for code that caught those before."""
+    import torch
+
+    from local_engine.errors import BudgetError, ContextOverflow, PackError, UnsupportedArchitecture
+    from local_engine.models.layers import KVCache
+
+    for cls in (ModelFileError, UnsupportedModel, PackError, UnsupportedArchitecture, BudgetError, ContextOverflow):
+        assert issubclass(cls, EngineError), cls
+    assert issubclass(BudgetError, ValueError) and issubclass(ContextOverflow, ValueError)
+    assert issubclass(PackError, RuntimeError)
+    cache = KVCache(1, 1, 4, 2)
+    with pytest.raises(ContextOverflow, match=r"context length exceeded: 3 > 2 tokens"):
+        cache.update(0, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), 0)

@@ -46,7 +46,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(u)
         for v in sorted(graph[u]):
             if state.get(v) == 1:
-                return stack[stack.index(v):] + [v]
+                return [*stack[stack.index(v):], v]
             if v not in state and (c := dfs(v)) is not None:
                 return c
         stack.pop()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from local_engine.expert_store import BudgetError
+from local_engine.errors import BudgetError, EngineError
 from local_engine.formats.pack import PackError, UnsupportedArchitecture, pack, read_manifest
 from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
@@ -61,8 +61,9 @@ def test_corrupt_resident_tensor(tiny_models: dict[str, Tiny], tmp_path: Path) -
 def test_budget_below_one_layers_experts(tiny_models: dict[str, Tiny]) -> None:
     p = tiny_models["mixtral"].packed["none"]
     stride = read_manifest(p).stride
-    with pytest.raises(BudgetError, match="below one layer's active experts"):
+    with pytest.raises(BudgetError, match="below one layer's active experts") as err:
         MoEModel.open(p, memory_budget=stride)  # top-2 needs 2 bundles
+    assert isinstance(err.value, EngineError)  # one tree: the gateway catches EngineError alone
     MoEModel.open(p, memory_budget=2 * stride).close()  # the documented minimum works
 
 
