@@ -79,7 +79,8 @@ class DeferredService:
 
     async def accept(self, rt: Runtime, prepared: Prepared, wire: str | None = None,
                      echo: dict[str, Any] | None = None) -> Job:
-        """Queue the request; `wire` and `echo` for one that came in on Messages or Responses
+        """Queue the request, whose budget hold the caller has released (a queued job reserves
+        nothing); `wire` and `echo` for one that came in on Messages or Responses
         (gateway/deferred/wire.py), whose answer is then shown in that API's shape."""
         call = prepared.call
         cfg = rt.policy.deferred
@@ -105,6 +106,8 @@ class DeferredService:
                            code="deferred_queue_unavailable", headers={"Retry-After": "5"}) from None
         log.info("request_deferred", id=stored.id, rule=stored.rule, request_id=call.request_id,
                  duplicate=stored.id != job_id)
+        if rt.budgets is not None:  # its hold, released by the caller, is off the shared budget before the 202
+            await rt.budgets.flush()
         return stored
 
     # -- reading ------------------------------------------------------------------------------

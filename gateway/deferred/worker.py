@@ -4,6 +4,12 @@ Each replica runs one worker; they share the queue, and a job is sent by whichev
 (atomically, under a lease longer than a request may take). The worker wakes every `poll_s`, and
 at once when a cloud target comes back online. Jobs are sent one at a time: a backlog drains at
 the pace of one request in flight per replica.
+
+A queued job reserves nothing on its client's budget (its hold was released when it was
+deferred: minutes of waiting must not starve the client's other requests). When it is sent it
+holds its estimated maximum cost like any request, and settles with what it cost; a job whose
+hold does not fit waits while other requests hold the budget, and fails with `budget_exceeded`
+once the spend alone leaves it no room this period.
 """
 
 from __future__ import annotations
@@ -23,8 +29,10 @@ from gateway.backends.base import CallOptions
 from gateway.deferred.job import Job
 from gateway.deferred.queue import QueueUnavailable
 from gateway.dispatch import AllTargetsFailed
-from gateway.pipeline import without_images
+from gateway.pipeline import max_tokens, without_images
 from gateway.runtime import Runtime
+from gateway.store import admission
+from gateway.store.base import Hold, fits
 from gateway.store.budgets import Charge
 from gateway.wire import openai_chat
 
@@ -95,11 +103,29 @@ class DeferredWorker:
         if not any(rt.monitor.state(t) == "online" for t in chain):
             await queue.release(job, self.owner, cfg.poll_s, attempted=False)
             return 0
+        admitted = await admission.admit(rt.store, None, rt.budgets, job.client, tokens=0,
+                                         prompt_tokens=job.prompt_tokens, max_tokens=max_tokens(job.body), pinned=None)
+        budget = admitted.budget
+        if budget.status == "exceeded":
+            assert budget.limit_usd is not None
+            if fits(budget.spent_usd, 0.0, budget.hold_usd, budget.limit_usd):  # held by others: it may fit soon
+                await queue.release(job, self.owner, cfg.poll_s, attempted=False)
+                return 0
+            await self._finish(rt, replace(job, status="failed", completed=time.time(), error={
+                "message": f"The client's {budget.period} budget (${budget.limit_usd:g}) has no room for this "
+                           f"request: ${budget.spent_usd:.6f} spent, up to ${budget.hold_usd:.6f} needed.",
+                "code": "budget_exceeded"}))
+            return 0
+        hold = admitted.hold
         opts = CallOptions(deadline=time.monotonic() + rt.policy.limits.request_timeout_s, request_id=job.id,
                            idempotency_key=job.idempotency_key)
         try:
             outcome = await rt.dispatcher.complete(chain, lambda t: self._body(rt, job, t), opts)
-        except AllTargetsFailed as exc:
+        except BaseException as exc:
+            if rt.budgets is not None:
+                rt.budgets.release(hold, job.client)
+            if not isinstance(exc, AllTargetsFailed):
+                raise
             error = {"message": "; ".join(f"{t}: {e.reason}" for t, e in exc.errors)[:1000],
                      "code": "upstream_rejected" if exc.invalid is not None else "all_targets_unavailable"}
             waiting = exc.invalid is None and all(e.kind in _UNREACHABLE for _, e in exc.errors)
@@ -114,7 +140,7 @@ class DeferredWorker:
             return 0
         answer, _ = openai_chat.completion(outcome.response or {}, model=outcome.target,
                                            prompt_tokens=job.prompt_tokens)
-        self._charge(rt, job, outcome.target, answer)
+        self._charge(rt, job, hold, outcome.target, answer)
         done = replace(job, status="completed", attempts=job.attempts + 1, target=outcome.target, result=answer,
                        error=None, completed=time.time(), callback="pending" if job.callback_url else None)
         if await self._finish(rt, done) and done.callback_url:
@@ -124,9 +150,9 @@ class DeferredWorker:
         return 1
 
     @staticmethod
-    def _charge(rt: Runtime, job: Job, target: str, answer: dict[str, Any]) -> None:
-        """The answer's usage on its client's counters, as for an answer given at once (its hold
-        was released when it was deferred: a deferred request is counted, not held)."""
+    def _charge(rt: Runtime, job: Job, hold: Hold | None, target: str, answer: dict[str, Any]) -> None:
+        """The answer's usage on its client's counters and its hold released, as for an answer
+        given at once."""
         if rt.budgets is None or job.client is None:
             return
         used = answer.get("usage") or {}
@@ -135,7 +161,7 @@ class DeferredWorker:
         charge = Charge(target, prompt if isinstance(prompt, int) else job.prompt_tokens,
                         completion if isinstance(completion, int) else 0, estimated=estimated)
         try:
-            rt.budgets.charge(job.client, None, [charge])
+            rt.budgets.charge(job.client, hold, [charge])
         except Exception as exc:  # counting must never stop a delivery
             log.error("usage_charge_failed", error=type(exc).__name__, id=job.id)
 

@@ -1,8 +1,9 @@
 """Admission: the one store round trip a request makes before dispatch.
 
 The client's rate-limit tokens are taken and its budget hold placed by one atomic call
-(StateStore.admit: one EVALSHA on Redis), so a request costs the store one round trip before its
-answer and one settle after it (off the answer's path). While the store is down each half
+(StateStore.admit: one EVALSHA on Redis), which also carries the settles of the answers this
+replica gave since its last call: one round trip per request in steady state, none after the
+answer (a replica that goes quiet sends its last settles on their own, SETTLE_AFTER_S later). While the store is down each half
 degrades on its own terms: rate limits to this replica's buckets, budgets to its local
 approximation.
 """
@@ -40,7 +41,10 @@ async def admit(store: StateStore, limits: RateLimiter | None, budgets: Budgets 
     admission: Admission | None = None
     wait = 0.0
     try:
-        admission = await store.admit(buckets, hold)
+        if budgets is not None:  # the answers this replica settled since its last call go along
+            admission = await budgets.carrying(lambda settles: store.admit(buckets, hold, settles))
+        else:
+            admission = await store.admit(buckets, hold)
         wait = admission.wait_s
         if limits is not None and buckets:
             limits.shared()

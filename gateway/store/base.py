@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.features import BUDGET_SLACK_USD
@@ -49,6 +49,17 @@ class Hold:
 
 
 @dataclass(frozen=True)
+class Settle:
+    """An answered (or abandoned) request's account: its hold `id` released and `amounts` added
+    to the counters of hash `key` (which then expire `ttl_s` from now), once per `id`."""
+
+    key: str
+    id: str
+    amounts: Mapping[str, float]
+    ttl_s: float
+
+
+@dataclass(frozen=True)
 class Admission:
     """What one admit call found: the rate limits' verdict and, with a hold, the client's spend."""
 
@@ -88,10 +99,12 @@ class StateStore(ABC):
         seconds until all of them could be taken."""
 
     @abstractmethod
-    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
-        """One atomic step before dispatch: take `cost` from every bucket (or from none), and
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
+        """One atomic step before dispatch: apply `settles` (this replica's answers since its
+        last call, each once: see `settle`), take `cost` from every bucket (or from none), and
         when they gave, place `hold` if it fits the budget beside the spend and the other holds
-        (holds past their `lapse_s` are dropped first)."""
+        (holds past their `lapse_s` are dropped first). With no buckets and no hold it only
+        applies the settles: one round trip for a batch of them."""
 
     @abstractmethod
     async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:

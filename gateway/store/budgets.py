@@ -23,23 +23,31 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from gateway.features import BUDGET_SLACK_USD, BudgetState
 from gateway.policy.model import Client, Policy
-from gateway.store.base import Admission, Hold, StateStore, StoreUnavailable, fits
+from gateway.store.base import Admission, Hold, Settle, StateStore, StoreUnavailable, fits
 from gateway.store.embedded import EmbeddedStore
 
 log = structlog.get_logger("gateway.budgets")
 
 _DEFAULT_PERIOD = "day"  # how usage is counted for a client without a budget
+
+# An answer's settle waits this long for its replica's next admit to carry it (one store round
+# trip per request in steady state) before it is sent on its own: quiet traffic settles promptly
+# all the same, and a hold outlives its answer by this much at most.
+SETTLE_AFTER_S = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -84,14 +92,6 @@ class Period:
 _HOLD_MARGIN_S = 30.0
 
 
-@dataclass(frozen=True)
-class _Settle:
-    key: str
-    id: str
-    amounts: dict[str, float]
-    ttl_s: float
-
-
 class Budgets:
     def __init__(self, policy: Policy, store: StateStore, clock: Callable[[], float] = time.time) -> None:
         self._policy = policy
@@ -101,10 +101,13 @@ class Budgets:
         self._local = EmbeddedStore()
         self._last_shared: dict[str, float] = {}  # key -> the spend last read from the store
         self._degraded = False
-        self._pending: dict[str, set[asyncio.Task[None]]] = {}  # key -> its settles not yet done
-        self._backlog: list[_Settle] = []  # settles the store could not take: replayed when it is back
+        self._queued: list[Settle] = []  # answers since the last store call: the next admit carries them
+        self._pending: dict[str, set[asyncio.Future[None]]] = {}  # key -> calls carrying its settles
+        self._backlog: list[Settle] = []  # settles the store could not take: replayed when it is back
         self._replaying: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()  # one replay at a time: each settle leaves the backlog once
+        self._timer: asyncio.TimerHandle | None = None  # sends what no admit carried in SETTLE_AFTER_S
+        self._flushes: set[asyncio.Task[None]] = set()
         priced = [p for p in map(policy.prices, policy.targets) if p is not None]
         self._dearest = (max((p.input for p in priced), default=0.0), max((p.output for p in priced), default=0.0))
 
@@ -113,9 +116,10 @@ class Budgets:
 
     def carry_over(self, previous: Budgets) -> None:
         """A policy reload on the same store: what the previous runtime's budgets still owe the
-        store (settles on their way, settles to replay) and its local approximation go on here."""
+        store (settles queued, on their way, to replay) and its local approximation go on here."""
         self._local, self._last_shared, self._degraded = previous._local, previous._last_shared, previous._degraded
         self._pending, self._backlog, self._replay_lock = previous._pending, previous._backlog, previous._replay_lock
+        self._queued = previous._queued  # the previous timer, if set, flushes this same list
 
     def _period(self, client: Client, now: float) -> Period:
         return Period.at(client.budget.period if client.budget else _DEFAULT_PERIOD, now)
@@ -151,10 +155,72 @@ class Budgets:
                     ttl_s=period.left_s(now) + 60, lapse_s=self._policy.limits.request_timeout_s + _HOLD_MARGIN_S)
 
     async def settled(self, hold: Hold) -> None:
-        """Wait for this replica's own settles of the hold's client (they land before it admits
-        again, so one replica's sequential requests see each other's cost)."""
+        """Wait for the store calls carrying this replica's settles of the hold's client (they
+        land before it admits again, so one replica's sequential requests see each other's cost;
+        those still queued go with the admit itself, applied before its hold)."""
         if pending := self._pending.get(hold.key):
             await asyncio.wait(set(pending))
+
+    async def carrying(self, call: Callable[[Sequence[Settle]], Awaitable[T]]) -> T:
+        """Make a store call that carries every settle queued on this replica, each once: applied
+        with the call, or, if it fails, counted locally and replayed when the store is back (a
+        call that failed after the store applied it is replayed too: the settle id counts once)."""
+        batch, self._queued[:] = self._queued[:], []
+        if not batch:
+            return await call(())
+        sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        keys = {s.key for s in batch}
+        for key in keys:
+            self._pending.setdefault(key, set()).add(sent)
+        try:
+            result = await call(batch)
+        except StoreUnavailable:
+            self._down()
+            self._missed(batch)
+            raise
+        except BaseException:  # cancelled mid-call (its client left): applied or not, replayed once
+            self._missed(batch)
+            raise
+        finally:
+            sent.set_result(None)
+            for key in keys:
+                self._done(key, sent)
+        self._up()
+        for s in batch:  # should the store go down before the next read, the local approximation starts here
+            self._last_shared[s.key] = self._last_shared.get(s.key, 0.0) + s.amounts.get("usd", 0.0)
+        return result
+
+    def _missed(self, batch: list[Settle]) -> None:
+        for s in batch:
+            self._local.add_now(s.key, s.amounts, s.ttl_s)
+        self._backlog.extend(batch)
+
+    def _done(self, key: str, sent: asyncio.Future[None]) -> None:
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.discard(sent)
+            if not pending:
+                del self._pending[key]
+
+    async def flush(self) -> None:
+        """Send the settles no admit has carried yet, on their own (one round trip for them all);
+        if the store is down they go to the backlog."""
+        if self._queued:
+            with contextlib.suppress(StoreUnavailable):
+                await self.carrying(lambda settles: self._store.admit([], None, settles))
+
+    def _flush_later(self) -> None:
+        self._timer = None
+        if self._queued:
+            task = asyncio.ensure_future(self._flush_logged())
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except Exception as exc:  # counting must never take the loop down
+            log.error("usage_charge_failed", error=type(exc).__name__)
 
     def state(self, client_name: str | None, hold: Hold, admission: Admission | None) -> BudgetState:
         """The budget feature from what the store's admit found, or (`admission` None: the store
@@ -176,7 +242,8 @@ class Budgets:
 
     # -- reading --------------------------------------------------------------------------------
     async def _read(self, key: str) -> dict[str, float]:
-        if pending := self._pending.get(key):  # this replica's own settles land before it reads
+        await self.flush()  # this replica's own settles land before it reads
+        if pending := self._pending.get(key):
             await asyncio.wait(set(pending))
         try:
             await self._replay()
@@ -211,7 +278,8 @@ class Budgets:
     # -- after the answer -----------------------------------------------------------------------
     def charge(self, client_name: str | None, hold: Hold | None, charges: list[Charge]) -> None:
         """Settle one answer: its hold released, its usage and cost added to the client's counters
-        for this period, exactly once, in a task (the answer does not wait for the store)."""
+        for this period, exactly once, off the answer's path: queued for this replica's next admit
+        to carry, or sent on its own after SETTLE_AFTER_S."""
         client = self._clients.get(client_name or "")
         if client is None:
             return
@@ -232,37 +300,14 @@ class Budgets:
             now = self._clock()
             period = self._period(client, now)
             key, ttl = self._key(client, period), period.left_s(now) + 60  # a minute past its period
-        settle = _Settle(key, hold.id if hold is not None else secrets.token_hex(12), amounts, ttl)
-        task = asyncio.ensure_future(self._settle(settle))
-        pending = self._pending.setdefault(key, set())
-        pending.add(task)
-        task.add_done_callback(lambda t: self._done(key, t))
+        self._queued.append(Settle(key, hold.id if hold is not None else secrets.token_hex(12), amounts, ttl))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._flush_later)
 
     def release(self, hold: Hold | None, client_name: str | None) -> None:
         """A held request that ends without an answer (refused, failed, deferred): its hold goes."""
         if hold is not None:
             self.charge(client_name, hold, [])
-
-    def _done(self, key: str, task: asyncio.Task[None]) -> None:
-        pending = self._pending.get(key)
-        if pending is not None:
-            pending.discard(task)
-            if not pending:
-                del self._pending[key]
-
-    async def _settle(self, settle: _Settle) -> None:
-        try:
-            await self._replay()  # older settles first
-            await self._store.settle(settle.key, settle.id, settle.amounts, settle.ttl_s)
-            self._up()
-            # Should the store go down before the next read, the local approximation starts here.
-            self._last_shared[settle.key] = self._last_shared.get(settle.key, 0.0) + settle.amounts.get("usd", 0.0)
-        except StoreUnavailable:
-            self._down()
-            self._local.add_now(settle.key, settle.amounts, settle.ttl_s)
-            self._backlog.append(settle)
-        except Exception as exc:  # counting must never take the loop down
-            log.error("usage_charge_failed", error=type(exc).__name__)
 
     async def _replay(self) -> None:
         """The settles the store missed, oldest first, each once (its settle id); raises
@@ -279,11 +324,17 @@ class Budgets:
                 log.info("usage_replayed", backlog=len(self._backlog))
 
     async def drain(self) -> None:
-        """Wait for every settle still on its way to the store (at shutdown), and replay what the
-        store missed if it answers now."""
-        tasks = {t for pending in self._pending.values() for t in pending}
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
+        """Send every settle still queued or on its way to the store (at shutdown), and replay
+        what the store missed if it answers now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self.flush()
+        sent = {f for pending in self._pending.values() for f in pending}
+        if sent:
+            await asyncio.wait(sent, timeout=5)
         try:
             async with asyncio.timeout(5):
                 await self._replay()

@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
-from gateway.store.base import SETTLED_MEMORY_S, Admission, Bucket, Handler, Hold, StateStore, fits
+from gateway.store.base import SETTLED_MEMORY_S, Admission, Bucket, Handler, Hold, Settle, StateStore, fits
 
 log = structlog.get_logger("gateway.store")
 
@@ -80,7 +80,9 @@ class EmbeddedStore(StateStore):
                 self._buckets[b.key] = (tokens - min(b.cost, b.capacity) if wait == 0.0 else tokens, now)
             return wait
 
-    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
+        for s in settles:
+            self.settle_now(s.key, s.id, s.amounts, s.ttl_s)
         wait = self.take_now(buckets)
         if wait > 0 or hold is None:
             return Admission(wait_s=wait)
@@ -98,6 +100,9 @@ class EmbeddedStore(StateStore):
             return Admission(spent_usd=spent, held_usd=held + hold.usd, held=True)
 
     async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        return self.settle_now(key, settle_id, amounts, ttl_s)
+
+    def settle_now(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
         now = self._clock()
         with self._lock:
             if self._settled.get(settle_id, 0.0) > now:

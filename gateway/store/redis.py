@@ -1,8 +1,9 @@
 """The shared store on Redis (redis-py's asyncio client), for several replicas.
 
 Coordination is Redis's own: TTLs on keys, Lua scripts called by EVALSHA (one before dispatch
-takes the rate-limit tokens and places the budget hold together; one after the answer settles
-it, once per request), pub/sub for fleet-wide switches. Every call has a bounded socket timeout; after a failure the store answers
+applies the settles this replica owes, once per request, then takes the rate-limit tokens and
+places the budget hold; the same script with no request flushes settles on their own), pub/sub
+for fleet-wide switches. Every call has a bounded socket timeout; after a failure the store answers
 StoreUnavailable at once for `cooldown_s`, so an outage costs requests no waiting, and it tries
 Redis again after that, so the state returns when Redis does.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -28,28 +29,59 @@ from gateway.store.base import (
     Bucket,
     Handler,
     Hold,
+    Settle,
     StateStore,
     StoreUnavailable,
 )
 
 log = structlog.get_logger("gateway.store")
 
-# The one round trip a request makes before dispatch. KEYS: one hash per bucket, then (with a
-# hold) the client's counters and its holds (a sorted set: hold id -> when it lapses). ARGV: the
-# number of buckets, capacity, rate (tokens/s) and cost for each, then (with a hold) its id, usd,
-# limit, the counters' ttl (ms) and its lapse (s). Returns {wait, spent, held, placed}: wait "0"
-# when every bucket gave its cost (else nothing was taken or held). Timed by the server's clock,
-# so replicas' clocks do not matter.
-_ADMIT = """
+# A request's settle, shared by both scripts below: once per id (its marker remembers it
+# SETTLED_MEMORY_S), the hold, if still there, released as the actual cost is added.
+_SETTLE_FN = """
+local function settle(usage, holds, marker, id, ttl, first, last)
+  if not redis.call('SET', marker, '1', 'NX', 'PX', MEMORY) then return 0 end
+  local amount = redis.call('HGET', usage, 'hold:' .. id)
+  if amount then
+    redis.call('HDEL', usage, 'hold:' .. id)
+    redis.call('HINCRBYFLOAT', usage, 'held', -tonumber(amount))
+    redis.call('ZREM', holds, id)
+  end
+  for i = first, last, 2 do
+    redis.call('HINCRBYFLOAT', usage, ARGV[i], ARGV[i + 1])
+  end
+  redis.call('PEXPIRE', usage, ttl)
+  return 1
+end
+""".replace("MEMORY", str(int(SETTLED_MEMORY_S * 1000)))
+
+# The one round trip a request makes before dispatch. It first applies the settles this replica
+# owes (answers given since its last call: piggybacked here, so a request costs one round trip in
+# steady state), then takes the rate-limit tokens and places the budget hold. KEYS: one hash per
+# bucket; three per settle (the counters, their holds, the settled marker); then (with a hold) the
+# client's counters and its holds (a sorted set: hold id -> when it lapses). ARGV: the number of
+# buckets and of settles; capacity, rate (tokens/s) and cost for each bucket; for each settle its
+# id, the counters' ttl (ms), its number of fields, then field, amount pairs; then (with a hold)
+# its id, usd, limit, the counters' ttl (ms) and its lapse (s). Returns {wait, spent, held,
+# placed}: wait "0" when every bucket gave its cost (else nothing was taken or held; the settles
+# are applied either way). Timed by the server's clock, so replicas' clocks do not matter.
+_ADMIT = _SETTLE_FN + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local n = tonumber(ARGV[1])
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local a = 3 * n + 3
+for j = 1, m do
+  local k = n + 3 * j
+  local fields = tonumber(ARGV[a + 2])
+  settle(KEYS[k - 2], KEYS[k - 1], KEYS[k], ARGV[a], ARGV[a + 1], a + 3, a + 2 * fields + 1)
+  a = a + 3 + 2 * fields
+end
 local levels = {}
 local wait = 0
 for i = 1, n do
-  local cap = tonumber(ARGV[3 * i - 1])
-  local rate = tonumber(ARGV[3 * i])
-  local cost = math.min(tonumber(ARGV[3 * i + 1]), cap)
+  local cap = tonumber(ARGV[3 * i])
+  local rate = tonumber(ARGV[3 * i + 1])
+  local cost = math.min(tonumber(ARGV[3 * i + 2]), cap)
   local b = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
   local tokens = tonumber(b[1]) or cap
   local ts = tonumber(b[2]) or now
@@ -58,17 +90,17 @@ for i = 1, n do
   if tokens < cost then wait = math.max(wait, (cost - tokens) / rate) end
 end
 for i = 1, n do
-  local cap = tonumber(ARGV[3 * i - 1])
-  local rate = tonumber(ARGV[3 * i])
+  local cap = tonumber(ARGV[3 * i])
+  local rate = tonumber(ARGV[3 * i + 1])
   local tokens = levels[i]
-  if wait == 0 then tokens = tokens - math.min(tonumber(ARGV[3 * i + 1]), cap) end
+  if wait == 0 then tokens = tokens - math.min(tonumber(ARGV[3 * i + 2]), cap) end
   redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
   redis.call('PEXPIRE', KEYS[i], math.ceil(cap / rate * 1000) + 1000)
 end
-if wait > 0 or #KEYS == n then return {tostring(wait), '0', '0', 0} end
-local usage, holds = KEYS[n + 1], KEYS[n + 2]
-local a = 3 * n + 1
-local id, usd, limit = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+local h = n + 3 * m
+if wait > 0 or #KEYS == h then return {tostring(wait), '0', '0', 0} end
+local usage, holds = KEYS[h + 1], KEYS[h + 2]
+local id, usd, limit = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
 -- Holds whose replica never settled them (it died mid-request) lapse here.
 local lapsed = redis.call('ZRANGEBYSCORE', holds, '-inf', now)
 for _, old in ipairs(lapsed) do
@@ -85,31 +117,17 @@ local held = math.max(0, tonumber(c[2]) or 0)
 if spent >= limit - SLACK or spent + held + usd > limit + SLACK then
   return {'0', tostring(spent), tostring(held), 0}
 end
-redis.call('HSET', usage, 'hold:' .. id, ARGV[a + 2])
-held = tonumber(redis.call('HINCRBYFLOAT', usage, 'held', ARGV[a + 2]))
-redis.call('ZADD', holds, now + tonumber(ARGV[a + 5]), id)
-redis.call('PEXPIRE', usage, ARGV[a + 4])
-redis.call('PEXPIRE', holds, ARGV[a + 4])
+redis.call('HSET', usage, 'hold:' .. id, ARGV[a + 1])
+held = tonumber(redis.call('HINCRBYFLOAT', usage, 'held', ARGV[a + 1]))
+redis.call('ZADD', holds, now + tonumber(ARGV[a + 4]), id)
+redis.call('PEXPIRE', usage, ARGV[a + 3])
+redis.call('PEXPIRE', holds, ARGV[a + 3])
 return {'0', tostring(spent), tostring(held), 1}
 """.replace("SLACK", repr(BUDGET_SLACK_USD))
 
-# After the answer: KEYS: the counters, their holds, the settled marker; ARGV: the hold id, the
-# counters' ttl (ms), the marker's (ms), then field, amount pairs. The marker makes a retried
-# settle count once; the hold, if still there, is released as the actual cost is added.
-_SETTLE = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[3]) then return 0 end
-local amount = redis.call('HGET', KEYS[1], 'hold:' .. ARGV[1])
-if amount then
-  redis.call('HDEL', KEYS[1], 'hold:' .. ARGV[1])
-  redis.call('HINCRBYFLOAT', KEYS[1], 'held', -tonumber(amount))
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-for i = 4, #ARGV, 2 do
-  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
+# One settle on its own (a replay after an outage): KEYS: the counters, their holds, the settled
+# marker; ARGV: the hold id, the counters' ttl (ms), then field, amount pairs.
+_SETTLE = _SETTLE_FN + "return settle(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], 3, #ARGV)\n"
 
 # KEYS[1]: a hash of counters; ARGV: ttl in ms, then field, amount pairs. One script, so the
 # counters and their expiry change together, whichever replicas add at the same moment.
@@ -168,23 +186,30 @@ class RedisStore(StateStore):
     async def take(self, buckets: list[Bucket]) -> float:
         return (await self.admit(buckets, None)).wait_s
 
-    async def admit(self, buckets: list[Bucket], hold: Hold | None) -> Admission:
+    def _settle_keys(self, key: str, settle_id: str) -> list[str]:
+        return [self._key(key), self._key(key + ":holds"), self._key(f"{key}:settled:{settle_id}")]
+
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
         keys = [self._key(b.key) for b in buckets]
-        args: list[str | float] = [len(buckets)]
+        args: list[str | float] = [len(buckets), len(settles)]
         for b in buckets:
             args += [b.capacity, b.rate, b.cost]
+        for s in settles:
+            keys += self._settle_keys(s.key, s.id)
+            args += [s.id, max(1, int(s.ttl_s * 1000)), len(s.amounts)]
+            for name, value in s.amounts.items():
+                args += [name, repr(float(value))]
         if hold is not None:
             keys += [self._key(hold.key), self._key(hold.key + ":holds")]
             args += [hold.id, repr(hold.usd), repr(hold.limit_usd), max(1, int(hold.ttl_s * 1000)), hold.lapse_s]
-        wait, spent, held, placed = await self._call("admit", lambda: self._admit(keys=keys, args=args))
+        wait, spent, held, placed = await self._call("admit", self._admit, keys, args)
         return Admission(wait_s=float(wait), spent_usd=float(spent), held_usd=float(held), held=bool(placed))
 
     async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
-        keys = [self._key(key), self._key(key + ":holds"), self._key(f"{key}:settled:{settle_id}")]
-        args: list[str | float] = [settle_id, max(1, int(ttl_s * 1000)), int(SETTLED_MEMORY_S * 1000)]
+        args: list[str | float] = [settle_id, max(1, int(ttl_s * 1000))]
         for name, value in amounts.items():
             args += [name, repr(float(value))]
-        return bool(await self._call("settle", lambda: self._settle(keys=keys, args=args)))
+        return bool(await self._call("settle", self._settle, self._settle_keys(key, settle_id), args))
 
     async def add(self, key: str, amounts: Mapping[str, float], ttl_s: float) -> None:
         args: list[str | float] = [max(1, int(ttl_s * 1000))]

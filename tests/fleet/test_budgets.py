@@ -5,8 +5,9 @@ the decision and the period arithmetic as pure functions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +24,7 @@ from gateway.policy.lint import lint
 from gateway.policy.load import PolicyError, parse_policy, parse_policy_source
 from gateway.store import admission
 from gateway.store.admission import Admitted
-from gateway.store.base import StoreUnavailable
+from gateway.store.base import Admission, Bucket, Hold, Settle, StoreUnavailable
 from gateway.store.budgets import Budgets, Charge, Period
 from gateway.store.embedded import EmbeddedStore
 from tests.support import policies
@@ -287,10 +288,56 @@ async def test_a_hold_that_does_not_fit_is_exceeded_until_those_in_flight_settle
     assert (await admitted(budgets, store, "a", max_tokens=1_000_000)).budget.status == "ok"
 
 
+class _Counting(EmbeddedStore):
+    """Counts the store calls that carry settles, and how many each carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.carried: list[int] = []  # per admit call: the settles it carried
+        self.alone = 0  # settles sent on their own
+
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
+        self.carried.append(len(settles))
+        return await super().admit(buckets, hold, settles)
+
+    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
+        self.alone += 1
+        return await super().settle(key, settle_id, amounts, ttl_s)
+
+
+async def test_an_answers_settle_rides_on_the_next_admit_or_goes_on_its_own_when_traffic_stops() -> None:
+    store = _Counting()
+    budgets = Budgets(DECIDE, store)
+    first = await admitted(budgets, store, "a", max_tokens=1_000_000)  # holds $0.6 of $1
+    assert first.hold is not None
+    budgets.charge("a", first.hold, [Charge("cloud", 10, 100)])
+    assert store.carried == [0] and store.alone == 0  # the answer waited for no store call
+    # The next request's one call carries the first's settle, applied before its own hold: the
+    # $0.6 is free again, so another $0.6 fits.
+    second = await admitted(budgets, store, "a", max_tokens=1_000_000)
+    assert store.carried == [0, 1] and second.hold is not None and second.budget.status == "ok"
+    assert second.budget.spent_usd == pytest.approx(cost := (10 * 0.15 + 100 * 0.6) / 1e6)
+    # Traffic stops: the last settle goes on its own, in one call, a moment later.
+    budgets.charge("a", second.hold, [Charge("cloud", 10, 100)])
+    for _ in range(1000):
+        if len(store.carried) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert store.carried == [0, 1, 1] and store.alone == 0
+    report = await budgets.usage("a")  # nothing left queued: the read sends no settle
+    assert store.carried == [0, 1, 1] and store.alone == 0
+    assert report["requests"] == 2 and report["held_usd"] == 0 and report["spent_usd"] == pytest.approx(2 * cost)
+
+
 class _Down(EmbeddedStore):
-    """A store whose settles fail until it is back."""
+    """A store whose settles fail until it is back (carried by an admit or replayed alone)."""
 
     down = True
+
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
+        if self.down:
+            raise StoreUnavailable("store down")
+        return await super().admit(buckets, hold, settles)
 
     async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
         if self.down:

@@ -28,6 +28,7 @@ state: {{backend: redis, url: "{url}", timeout_ms: 5000}}
 clients:
   - {{name: app, api_key: sk-app}}
   - {{name: other, api_key: sk-other}}
+  - {{name: tight, api_key: sk-tight, budget: {{usd: 0.1, period: day, hold_tokens: 7}}}}
 connectivity: {{probe_interval_s: 0.3, probe_timeout_s: 0.5, failures_to_offline: 1, successes_to_online: 1}}
 limits: {{classify_budget_ms: 20000}}
 privacy: {{analysis_budget_ms: 20000}}
@@ -53,7 +54,8 @@ def down_cloud() -> Iterator[FakeUpstream]:
 def two(tmp_path: Path, down_cloud: FakeUpstream, local: FakeUpstream, redis_server: RedisServer,
         vault_key: str) -> Iterator[list[RunningGateway]]:
     path = policies.write_policy(tmp_path / "p.yaml", down_cloud, local, REST.format(url=redis_server.url),
-                                 cloud_settings={"timeout_s": 5, "retries": 0})
+                                 cloud_settings={"timeout_s": 5, "retries": 0,
+                                                 "prices": "{input: 1000, output: 10000}"})
     with ExitStack() as stack:
         yield [stack.enter_context(run_gateway(path)) for _ in range(2)]
 
@@ -118,3 +120,45 @@ def test_two_replicas_send_each_deferred_request_once(two: list[RunningGateway],
     hooks.server_close()
     for value in PII:
         assert value.encode() not in b"\n".join(redis_server.dump())
+
+
+def usage(gw: RunningGateway, key: str) -> dict:
+    return httpx.get(f"{gw.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}, timeout=10,
+                     trust_env=False).json()
+
+
+def test_a_queued_request_reserves_nothing_and_holds_its_cost_once_it_is_sent(
+        two: list[RunningGateway], down_cloud: FakeUpstream, redis_server: RedisServer) -> None:
+    a, b = two
+    for gw in two:
+        wait_for(lambda gw=gw: gw.state.runtime.monitor.state("cloud") == "offline", what="cloud offline")
+    auth = {"Authorization": "Bearer sk-tight"}
+    # "hello" holds up to $0.071 (1 prompt token + hold_tokens 7 at 1000 / 10000 per 1M) and the
+    # $0.1 budget has room for one such hold: each acceptance below would be a 429 if a request
+    # queued before it (on either replica) still held its share.
+    ids = []
+    for i, gw in enumerate([a, b, a]):
+        status, job, _ = defer(gw.base_url, {**auth, "Idempotency-Key": f"tight-{i}"}, text="hello")
+        assert status == 202, job
+        ids.append(job["id"])
+    for gw in two:
+        report = usage(gw, "sk-tight")
+        assert (report["held_usd"], report["spent_usd"], report["requests"]) == (0, 0, 0), report
+    counters = redis_server.client().hgetall(next(
+        k for k in redis_server.client().scan_iter("hg:usage:tight:*") if redis_server.client().type(k) == b"hash"))
+    assert float(counters.get(b"held", 0)) == pytest.approx(0, abs=1e-9)
+    assert not [f for f in counters if f.startswith(b"hold:")]
+
+    # Sent, each job holds like any request: one answer ($0.075) leaves no room for another hold,
+    # so the budget is kept across both workers and the other two fail without being sent.
+    down_cloud.start()
+    final = [wait_for(lambda job_id=job_id: (r := get(a, job_id, key="sk-tight").json())["status"]
+                      in ("completed", "failed") and r, what=f"{job_id} done") for job_id in ids]
+    assert sorted(j["status"] for j in final) == ["completed", "failed", "failed"], final
+    refused = [j["error"] for j in final if j["status"] == "failed"]
+    assert all(e["code"] == "budget_exceeded" and "$0.1" in e["message"] for e in refused), refused
+    time.sleep(0.5)  # more ticks of both workers: nothing else goes out
+    assert len(down_cloud.received) == 1
+    wait_for(lambda: usage(b, "sk-tight")["requests"] == 1, what="the answer counted")
+    report = usage(a, "sk-tight")
+    assert report["spent_usd"] == pytest.approx(0.075) and report["held_usd"] == 0 and report["requests"] == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -14,7 +14,7 @@ from gateway.policy.load import parse_policy
 from gateway.policy.model import StateConfig
 from gateway.privacy.vault import Vault
 from gateway.store import admission
-from gateway.store.base import Bucket, Hold, StateStore, StoreUnavailable
+from gateway.store.base import Admission, Bucket, Hold, Settle, StateStore, StoreUnavailable
 from gateway.store.budgets import Budgets, Charge
 from gateway.store.build import StateConfigError, build_store, vault_key
 from gateway.store.redis import RedisStore
@@ -105,6 +105,32 @@ async def test_a_settle_counts_once_and_a_rate_limit_refusal_holds_nothing(store
     assert (await store.counters(key)).get("held") == pytest.approx(0.1)  # only the first one's
 
 
+async def test_settles_carried_by_an_admit_land_before_it_once_each(store: StateStore) -> None:
+    key = "usage:" + os.urandom(4).hex()
+    first = hold(key, 0.8)
+    assert (await store.admit([], first)).held
+    assert not (await store.admit([], hold(key, 0.5))).held  # 0.8 held: no room
+    # The first request's answer (it cost 0.1) rides on the next admit: its hold is released
+    # before the new one is weighed, in the same atomic step.
+    carried = Settle(key, first.id, {"usd": 0.1, "requests": 1}, 60)
+    second = await store.admit([], hold(key, 0.5), [carried])
+    assert second.held and second.spent_usd == pytest.approx(0.1) and second.held_usd == pytest.approx(0.5)
+    # Carried again (a call replayed after an ambiguous failure) or replayed alone: counted once.
+    await store.admit([], None, [carried])
+    assert await store.settle(key, first.id, {"usd": 0.1, "requests": 1}, 60) is False
+    # A rate limit that refuses the request still lands what it carries; nothing is held for it.
+    other = "usage:" + os.urandom(4).hex()
+    bucket = Bucket(os.urandom(4).hex(), capacity=1, period_s=600, cost=1)
+    assert await store.take([bucket]) == 0.0
+    refused = await store.admit([bucket], hold(other, 0.1), [Settle(other, "s1", {"usd": 0.3, "requests": 1}, 60),
+                                                             Settle(key, "s2", {"usd": 0.2, "requests": 1}, 60)])
+    assert refused.wait_s > 0 and not refused.held
+    assert (await store.counters(other)) == {"usd": pytest.approx(0.3), "requests": 1}
+    counters = await store.counters(key)
+    assert counters["requests"] == 2 and counters["usd"] == pytest.approx(0.3)
+    assert counters["held"] == pytest.approx(0.5)  # the second request's hold only
+
+
 async def test_a_hold_never_settled_lapses(store: StateStore) -> None:
     key = "usage:" + os.urandom(4).hex()
     assert (await store.admit([], hold(key, 0.9, lapse_s=0.2))).held  # its replica died mid-request
@@ -114,17 +140,17 @@ async def test_a_hold_never_settled_lapses(store: StateStore) -> None:
 
 
 class _AnswerLost(RedisStore):
-    """Redis applies the first settle but its answer never comes back (a timeout after the
-    write): the caller cannot tell whether it counted."""
+    """Redis applies the first call carrying settles but its answer never comes back (a timeout
+    after the write): the caller cannot tell whether they counted."""
 
     lost = 0
 
-    async def settle(self, key: str, settle_id: str, amounts: Mapping[str, float], ttl_s: float) -> bool:
-        applied = await super().settle(key, settle_id, amounts, ttl_s)
-        if not self.lost:
+    async def admit(self, buckets: list[Bucket], hold: Hold | None, settles: Sequence[Settle] = ()) -> Admission:
+        admission = await super().admit(buckets, hold, settles)
+        if settles and not self.lost:
             self.lost += 1
-            raise StoreUnavailable("redis unavailable (settle: TimeoutError)")
-        return applied
+            raise StoreUnavailable("redis unavailable (admit: TimeoutError)")
+        return admission
 
 
 BILLED = parse_policy("""
