@@ -126,17 +126,24 @@ def make_checkpoint() -> None:
 
 
 def packed_dir(quant: str) -> Path:
-    """The fp32 pack is `packed/` (as before); quantised ones (group 64) sit beside it."""
-    return PACKED if quant == "none" else WORK / f"packed-{quant}"
+    """The fp32 pack is `packed/` (as before); quantised ones (group 64) sit beside it. A label
+    ``EXPERTS@DENSE`` (``int2@int8``) is that pack with its resident matrices as ``pack --dense
+    DENSE`` stores them (``redense``: the same experts.bin, linked)."""
+    experts, _, dense = quant.partition("@")
+    base = PACKED if experts == "none" else WORK / f"packed-{experts}"
+    return base.with_name(f"{base.name}-d{dense}") if dense else base
 
 
 def ensure_packed(quants: tuple[str, ...] = ("none",)) -> None:
-    from local_engine.formats.pack import MANIFEST, pack
+    from local_engine.formats.pack import MANIFEST, pack, redense
 
     make_checkpoint()
     for q in quants:
-        if not (packed_dir(q) / MANIFEST).exists():
-            pack(SRC, packed_dir(q), quant=q)
+        experts, _, dense = q.partition("@")
+        if not (packed_dir(experts) / MANIFEST).exists():
+            pack(SRC, packed_dir(experts), quant=experts)
+        if dense and not (packed_dir(q) / MANIFEST).exists():
+            redense(packed_dir(experts), packed_dir(q), dense)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -784,18 +791,21 @@ def main() -> None:
     if len(quants) > 1:
         print()
         print(f"## Packs at the same byte budgets (fractions of the {quants[0]} bank) and cgroup limits")
-        print(f"| budget | pack | bundle MiB | tok/s | MB read/token | hit rate decode | compute s/token | "
-              f"tok/s ÷ {quants[0]} | MB/token ÷ {quants[0]} |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"| budget | pack (experts@dense) | bundle MiB | tok/s | MB read/token: experts | dense (resident "
+              f"matrices) | both | hit rate decode | compute s/token | I/O wait | tok/s ÷ {quants[0]} "
+              f"| expert MB/token ÷ {quants[0]} |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         base_rows = {r["frac"]: r for r in rows if r["quant"] == quants[0] and "error" not in r}
         for r in rows:
             if "error" in r:
                 continue
             d, b = derived(r), base_rows.get(r["frac"])
             db = derived(b) if b else None
+            dense_mb = r["dense_bytes_per_token"] / 1e6
             print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['quant']} | "
                   f"{mans[r['quant']].stride / 2**20:.3f} | {d['tps']:.2f} | {d['bpt'] / 1e6:.1f} | "
-                  f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | "
+                  f"{dense_mb:.1f} | {d['bpt'] / 1e6 + dense_mb:.1f} | "
+                  f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | {r['decode_io_wait_s'] / d['decode_s']:.0%} | "
                   f"{d['tps'] / db['tps'] if db else float('nan'):.2f}x | "
                   f"{d['bpt'] / db['bpt'] if db and db['bpt'] else float('nan'):.2f} |")
 
