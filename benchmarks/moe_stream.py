@@ -284,6 +284,7 @@ def worker_ours(a: argparse.Namespace) -> None:
                           verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch,
                           standins=packed_dir(a.standin_quant) if a.standin_quant else None,
                           standin_below=a.standin_below)
+    model.overlap_misses = a.overlap
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
     io = model.store.io
     pattern = PatternCeiling(model.store.fd, model.m.stride, a.readers)
@@ -603,6 +604,8 @@ def main() -> None:
     ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
                     help="budgets also decoded with prefetch on ('' to skip)")
     ap.add_argument("--verify", default="first")
+    ap.add_argument("--overlap", action="store_true",
+                    help="missed experts multiplied in their reader threads (MoEModel.overlap_misses), every row")
     ap.add_argument("--standins", default="",
                     help="a pack of --quants (e.g. int2) as low-bit stand-ins for the first pack's missed experts: "
                          "adds rows of the first pack with stand-ins at each --standin-below threshold")
@@ -648,7 +651,8 @@ def main() -> None:
               for q, x in mans.items()) + f"; resident {resident / 2**20:.0f} MiB; budgets are fractions of the "
           f"{quants[0]} bank (setup {time.perf_counter() - t_setup:.0f}s)")
     print(f"# machine: {os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f} at start (shared box); "
-          f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}")
+          f"decode {a.tokens} tokens after an {a.prompt}-token prompt; torch threads {a.threads}"
+          f"{'; misses multiplied in their reader threads (--overlap)' if a.overlap else ''}")
     if a.replay_only:
         return skewed_tables(L, E, k)
     caps = [(f"{f:.0%}", int(bank * f) // stride) for f in (0.05, 0.15, 0.5)]
@@ -685,6 +689,7 @@ def main() -> None:
         r = run_in_cgroup(["--worker", "ours", "--quant", quant, "--budget", str(budget), "--policy", a.policy,
                            "--tokens", str(a.tokens), "--prompt", str(a.prompt), "--threads", str(a.threads),
                            "--readers", str(a.readers), "--verify", a.verify, *(["--prefetch"] if prefetch else []),
+                           *(["--overlap"] if a.overlap else []),
                            *alt],
                           limit, f"ours{quant}{int(frac * 100)}{'p' if prefetch else ''}{'s' if alt else ''}",
                           timeout=900)

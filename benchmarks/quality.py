@@ -193,10 +193,32 @@ def moe_table(size: int, max_tokens: int, work: Path, out: Callable[[str], None]
                 f"{man.expert_bank_bytes / 1024:.0f} | {r['ppl']:.1f} | {r['kl_mean']:.3g} | {r['kl_p99']:.3g} | "
                 f"{r['top1']:.1%} |")
         standin_rows(scorer, packs, out)
+        dense_rows(scorer, packs, work, out)
     finally:
         for m in models.values():
             m.close()
     out(f"\n(MoE table: {time.perf_counter() - t0:.0f} s)")
+
+
+def dense_rows(scorer: Scorer, packs: dict[str, Path], work: Path, out: Callable[[str], None]) -> None:
+    """The same packs with their resident matrices (attention, vocab head) as ``pack --dense
+    int8|int4`` stores them (GGUF Q8_0 / Q4_1 blocks, qkernel), against the all-lossless pack."""
+    from local_engine.formats.pack import redense
+    from local_engine.models.moe import MoEModel
+
+    out("\n### Dense matrices in low bits (`pack --dense`), same text, same reference (all lossless)\n")
+    out("| experts | dense | resident KiB | dense bytes read / token | mean KL (nats) | p99 KL | top-1 = ref |")
+    out("|---|---|---|---|---|---|---|")
+    for q in ("none", "int4", "int2"):
+        for dense in ("f32", "int8", "int4"):
+            path = packs[q] if dense == "f32" else redense(packs[q], work / f"{q}-d{dense}", dense).root
+            m = MoEModel.open(path, memory_budget="unlimited", prefetch=False, record_trace=False)
+            try:
+                r = scorer.score(None if (q, dense) == ("none", "f32") else m.logits)
+                out(f"| {q} | {dense} | {m.m.resident_bytes / 1024:.0f} | {m.dense_bytes_per_token()} | "
+                    f"{r['kl_mean']:.3g} | {r['kl_p99']:.3g} | {r['top1']:.1%} |")
+            finally:
+                m.close()
 
 
 def _stepwise(m: Any) -> Callable[[list[int]], torch.Tensor]:

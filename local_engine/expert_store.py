@@ -57,6 +57,7 @@ class IOStats:
     prefetch_reads: int = 0  # speculative reads done (next-layer guess; cancelled ones not counted)
     prefetch_used: int = 0  # ... that a later request consumed
     standin_reads: int = 0  # misses served by the stand-in pack's bundle instead of their own
+    offloaded_compute_s: float = 0.0  # request(work=...): misses' compute done in the reader threads
     trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
     trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
     # router probabilities over all experts per step (mean over its tokens), None where not given
@@ -221,6 +222,20 @@ class ExpertStore:
             view.release()
         return buf
 
+    def _read_and_work(self, layer: int, expert: int, f: _BundleFile | None,
+                       work: Callable[[int, Any, bool], None]) -> mmap.mmap:
+        buf = self._read(layer, expert, f)
+        t0 = time.perf_counter()
+        try:
+            work(expert, buf, f is not None)
+        except BaseException:
+            (f or self._main).release(buf)
+            raise
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.io.offloaded_compute_s += dt
+        return buf
+
     def _pread(self, f: _BundleFile, view: memoryview, off: int, layer: int, expert: int) -> None:
         """Fill `view` from the file. Only this counts as read time: the checksum after it is CPU
         work (crc32c ~0.04 ms/MiB, zlib's crc32 of version 1 packs ~0.3) and, counted in, made the
@@ -254,7 +269,8 @@ class ExpertStore:
 
     def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
                 n_tokens: int = 1, probs: Sequence[float] | None = None,
-                standin_ok: Collection[int] = ()) -> Iterator[tuple[int, Any, bool]]:
+                standin_ok: Collection[int] = (),
+                work: Callable[[int, Any, bool], None] | None = None) -> Iterator[tuple[int, Any, bool]]:
         """Yield ``(expert, buffer, standin)`` for every expert in ``experts`` (each once): hits first.
 
         ``uses[i]``: how many of the step's ``n_tokens`` tokens go to ``experts[i]`` (default 1
@@ -262,6 +278,11 @@ class ExpertStore:
         for every expert of the layer (mean over the step's tokens), evidence for router-aware policies.
         ``standin_ok``: experts that, on a miss, may be served by the stand-in pack's bundle (then
         ``standin`` is True and the buffer is in the stand-in's layout, ``standin_fn``).
+        ``work(expert, buffer, standin)``: the caller's computation on a bundle, run before it is
+        yielded: a hit's in this thread, a miss's in the reader thread as soon as its bytes land, so
+        misses are multiplied beside the caller (``work`` must release the GIL, as a qkernel call
+        does, and write only what no other expert's ``work`` writes). ``io_wait_s`` then includes
+        waiting for that compute; ``offloaded_compute_s`` counts it.
         """
         keys = [(layer, e) for e in experts]
         uses = uses if uses is not None else [1] * len(experts)
@@ -295,10 +316,17 @@ class ExpertStore:
         def fill() -> None:
             while todo and len(pending) < self.max_inflight:
                 e = todo.popleft()
-                pending[self.pool.submit(self._read, layer, e, alt if e in subs else None)] = e
+                src = alt if e in subs else None
+                if work is None:
+                    pending[self.pool.submit(self._read, layer, e, src)] = e
+                else:
+                    pending[self.pool.submit(self._read_and_work, layer, e, src, work)] = e
 
         fill()  # reads start before any compute
-        yield from hits
+        for e, b, _ in hits:
+            if work is not None:
+                work(e, b, False)
+            yield e, b, False
         while pending:
             t = time.perf_counter()
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
@@ -387,6 +415,7 @@ class ExpertStore:
             "prefetch_reads": io.prefetch_reads,
             "prefetch_used": io.prefetch_used,
             "standin_uses": io.standin_reads,
+            "offloaded_compute_s": io.offloaded_compute_s,
             "working_set_bytes": self.working_set_bytes,
             "peak_rss_bytes": peak_rss_bytes(),
         }

@@ -177,6 +177,9 @@ class MoEModel(CausalLM):
         # low-bit stand-ins (store opened with a stand-in pack): a decode step's missed expert whose
         # router weight is below this is computed from its stand-in bundle instead of its own
         self.standin_below = 0.0
+        # a one-token step's missed experts multiplied in their reader thread as their bytes land
+        # (ExpertStore.request(work=...)), beside this thread's hits; off unless measured to pay
+        self.overlap_misses = False
         self._drafting = False
         # speculative auto's prior (verify_cost_prior): the experts recent decode positions routed
         # to, and the share of a decode step's time spent on experts (reads + compute), averaged
@@ -367,11 +370,23 @@ class MoEModel(CausalLM):
         ys = torch.empty(len(experts), self.H)
         alt = self.store.standin_fn
         ok = standin_candidates(picks, ws, self.standin_below) if alt is not None and not self._drafting else ()
-        for e, buf, standin in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok):
-            t0 = time.perf_counter()
+
+        def work(e: int, buf: Any, standin: bool) -> None:  # a hit's here, a miss's in its reader thread
             r = row[e]
             (alt if standin and alt is not None else expert)(buf, x, ws[order[r]], ys[r])
-            self.run.expert_compute_s += time.perf_counter() - t0
+
+        if self.overlap_misses:
+            io = self.store.io
+            t0, w0 = time.perf_counter(), io.io_wait_s
+            for _ in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok, work=work):
+                pass
+            # this thread's share: hits' compute and bookkeeping (misses': store stats offloaded_compute_s)
+            self.run.expert_compute_s += time.perf_counter() - t0 - (io.io_wait_s - w0)
+        else:
+            for e, buf, standin in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok):
+                t0 = time.perf_counter()
+                work(e, buf, standin)
+                self.run.expert_compute_s += time.perf_counter() - t0
         return self._plus_shared(f"model.layers.{i}.{self._moe_prefix}.", h, ys.sum(0, keepdim=True).to(h.dtype))
 
     def _prefetch_after(self, i: int, x: torch.Tensor) -> None:

@@ -231,3 +231,31 @@ def test_int2_generates_through_the_cli_and_the_library(demo_packs: dict[str, Pa
     finally:
         eng.close()
     assert text and st["store_reads"] > 0 and st["store_bytes_read"] == st["store_reads"] * stride2
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_misses_multiplied_in_reader_threads_give_the_same_logits(int2_packs: dict[str, Path], budget: int) -> None:
+    """``overlap_misses``: a one-token step's missed experts run in their reader threads as their
+    bytes land (``ExpertStore.request(work=...)``), hits in the decode thread; each expert writes
+    its own row and the rows are summed in expert order, so the logits are bitwise those of the
+    serial loop whatever order the reads finish in."""
+    path = int2_packs["qwen2_moe"]
+    runs: dict[bool, list[torch.Tensor]] = {}
+    offloaded = {}
+    for overlap in (False, True):
+        m = MoEModel.open(path, memory_budget=budget * read_manifest(path).stride, prefetch=False)
+        m.overlap_misses = overlap
+        try:
+            cache = m.new_cache(64)
+            lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
+            steps = []
+            for _ in range(6):
+                lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
+                steps.append(lg[-1])
+            runs[overlap] = steps
+            offloaded[overlap] = m.store.stats()["offloaded_compute_s"]
+        finally:
+            m.close()
+    assert offloaded[False] == 0.0 and offloaded[True] > 0.0
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(a, b)
