@@ -135,6 +135,17 @@ def test_model_reads_int2_experts_through_the_kernel_as_dequantised(int2_packs: 
     assert len(toks) == 6 and all(0 <= t < 128 for t in toks)
 
 
+def _greedy_steps(m: MoEModel, n: int) -> list[torch.Tensor]:
+    """The logits of ``n`` greedy one-token decode steps after PROMPT's prefill."""
+    cache = m.new_cache(64)
+    lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
+    steps = []
+    for _ in range(n):
+        lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
+        steps.append(lg[-1])
+    return steps
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 @pytest.mark.parametrize("quant", ["int2", "int4"])
 def test_decode_step_one_kernel_call_per_expert_equals_the_general_path(int2_packs: dict[str, Path],
@@ -158,13 +169,7 @@ def test_decode_step_one_kernel_call_per_expert_equals_the_general_path(int2_pac
 
         for name, fn in (("fast", counting), ("general", None)):
             m.store.expert_fn = fn  # type: ignore[assignment]
-            cache = m.new_cache(64)
-            lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
-            steps = []
-            for _ in range(5):
-                lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
-                steps.append(lg[-1])
-            runs[name] = steps
+            runs[name] = _greedy_steps(m, 5)
     finally:
         m.close()
     n_moe = len(m.moe_layers)
@@ -246,13 +251,7 @@ def test_misses_multiplied_in_reader_threads_give_the_same_logits(int2_packs: di
         m = MoEModel.open(path, memory_budget=budget * read_manifest(path).stride, prefetch=False)
         m.overlap_misses = overlap
         try:
-            cache = m.new_cache(64)
-            lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
-            steps = []
-            for _ in range(6):
-                lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
-                steps.append(lg[-1])
-            runs[overlap] = steps
+            runs[overlap] = _greedy_steps(m, 6)
             offloaded[overlap] = m.store.stats()["offloaded_compute_s"]
         finally:
             m.close()
