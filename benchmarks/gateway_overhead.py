@@ -384,8 +384,16 @@ end
 """
 
 
-def haproxy_wrk(name: str, backends: list[Server], tmp: Path, seconds: float, conns: int) -> tuple[float, str]:
-    """req/s of wrk through HAProxy to `backends` (round robin), and wrk's error line if any."""
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def haproxy_wrk(name: str, backends: list[Server], tmp: Path, seconds: float, conns: int,
+                cpu: dict[str, float] | None = None) -> tuple[float, str]:
+    """req/s of wrk through HAProxy to `backends` (round robin), and wrk's error line if any;
+    `cpu` gains the CPU seconds wrk and HAProxy used (the load generator's side)."""
     port = free_port()
     cfg = tmp / f"{name}.haproxy.cfg"
     servers = "\n".join(f"  server r{i} {b.url.removeprefix('http://')}" for i, b in enumerate(backends))
@@ -396,9 +404,15 @@ def haproxy_wrk(name: str, backends: list[Server], tmp: Path, seconds: float, co
         wait_http(f"http://127.0.0.1:{port}/healthz", proxy, timeout=10)
         script = tmp / "post.lua"
         script.write_text(WRK_LUA.format(key=CLIENT_KEY, prompt=PROMPT[:200]))
+        before = os.times()
         out = subprocess.run([shutil.which("wrk") or "wrk", "-t", "1", "-c", str(conns), "-d", f"{seconds:g}s",
                               "-s", str(script), f"http://127.0.0.1:{port}"],
                              capture_output=True, text=True, timeout=seconds + 60).stdout
+        after = os.times()
+        if cpu is not None:
+            cpu["wrk"] = cpu.get("wrk", 0.0) + (after.children_user + after.children_system
+                                                - before.children_user - before.children_system)
+            cpu["haproxy"] = cpu.get("haproxy", 0.0) + cpu_s(proxy.pid)
     finally:
         proxy.terminate()
         proxy.wait(10)
@@ -484,9 +498,19 @@ def run_state(args: argparse.Namespace) -> str:
         two_lb: list[float] = []
         notes: list[str] = []
         cells = [("one", [procs[1]], one_lb), ("two", [procs[1], procs[2]], two_lb)]
+        # Where the 2 cores went in each cell: CPU seconds per process over its runs.
+        others = {"replicas": [procs[1].proc.pid, procs[2].proc.pid], "upstream": [upstream.pid],
+                  "redis-server": [redis_proc.pid]}
+        cpu: dict[str, dict[str, float]] = {"one": {}, "two": {}}
+        wall: dict[str, float] = {"one": 0.0, "two": 0.0}
         for r in range(args.rounds):  # alternate who goes first, so load from other work hits both alike
             for name, backends, sink in cells[r % 2:] + cells[:r % 2]:
-                rps, errors = haproxy_wrk(name, backends, tmp, args.slice_s * 2, 32)
+                start = {k: sum(map(cpu_s, pids)) for k, pids in others.items()}
+                t0 = time.monotonic()
+                rps, errors = haproxy_wrk(name, backends, tmp, args.slice_s * 2, 32, cpu[name])
+                wall[name] += time.monotonic() - t0
+                for k, pids in others.items():
+                    cpu[name][k] = cpu[name].get(k, 0.0) + sum(map(cpu_s, pids)) - start[k]
                 sink.append(rps)
                 if errors:
                     notes.append(f"{name}: {errors}")
@@ -499,6 +523,12 @@ def run_state(args: argparse.Namespace) -> str:
         out(f"  ratio 2/1 (best of each): {max(two_lb) / max(max(one_lb), 1e-9):.2f}x (issue #22 asks >= 1.7x)")
         for note in notes:
             out(f"  errors {note}")
+        out(f"  CPU used, in cores (CPU seconds / wall seconds of the cell's runs; {os.cpu_count()} cores in all):")
+        for name in ("one", "two"):
+            used = cpu[name]
+            out(f"    {name + ' replica' + ('s' if name == 'two' else ''):<13}"
+                + ", ".join(f"{k} {v / wall[name]:.2f}" for k, v in used.items())
+                + f"; total {sum(used.values()) / wall[name]:.2f}")
         out(f"  on {os.cpu_count()} cores the gateway replicas, HAProxy, wrk, the Python fake upstream and "
             "redis-server all share the CPUs: a second replica can only use what the others leave.")
     finally:
