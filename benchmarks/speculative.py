@@ -12,16 +12,16 @@ be identical (checked: "same" column). Prefix cache off, so every run prefills a
 
 Packed MoE rows (``--moe DIR``, default moe_stream.py's int4 pack of its random Qwen3-MoE, 24
 layers x 64 experts, top-8, when it exists): decode tok/s off / prompt-lookup / draft (the
-self-draft: the same model on one expert per token) / draft-model (``--moe-draft DIR``: a second
-checkpoint with the same tokenizer: a packed MoE, streaming its own experts under the same budget,
-or a dense HF dir; ``--moe-draft random-dense``: a small random Llama with the pack's vocabulary,
-whose drafts are right ~1/vocab of the time: it measures what a draft model costs and whether
-auto stops using one that does not pay) / auto (with the draft model when one is given) at
-expert-cache budgets of 5/15/50% of the bank, each run cold (a fresh model, the pack's page cache dropped with POSIX_FADV_DONTNEED;
-not inside moe_stream's memory cgroup), on (a) a prompt that repeats itself and (b) random ids.
-The checkpoint's weights are random, so its text never quotes and its routers pick near-uniformly:
-it measures what a verify and a self-draft cost against their acceptance, not a real model's
-acceptance. MB/token: expert bytes read per decoded token.
+self-draft: the same model on one expert per token) / auto at expert-cache budgets of 5/15/50% of
+the bank, on (a) a prompt that repeats itself and (b) random ids. Each run is cold in a fresh
+process inside a memory cgroup (v1) of resident + budget + 1 GiB, page cache counted, the pack's
+pages dropped first (as moe_stream.py); a fresh engine per run, so ``auto`` starts knowing nothing
+(the hardest case for it). The checkpoint's weights are random, so its routers pick near-uniformly
+and its text never quotes: it measures what a verify and a self-draft cost against their
+acceptance, not a real model's acceptance. MB/tok: expert bytes read per decoded token.
+
+llama.cpp anchor (dense rows): llama-cpp-python's ``LlamaPromptLookupDecoding`` (its defaults) on
+the same GGUF and the same prompt ids; "not installed" when llama_cpp is absent.
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ def run(eng: Engine, prompt: str, mode: str, max_tokens: int) -> dict[str, Any]:
     gen = eng.chat([{"role": "user", "content": prompt}], max_tokens=max_tokens, speculative=mode)
     text = "".join(gen)
     return {"text": text, "tokens": gen.stats.completion_tokens - 1, "decode_s": gen.stats.decode_s,
-            **{k: v for k, v in gen.stats.extra.items() if k.startswith("spec_")}}
+            "prompt_ids": list(gen.prompt_ids), **{k: v for k, v in gen.stats.extra.items() if k.startswith("spec_")}}
 
 
 MOE_DEFAULT = Path(__file__).parent / ".work" / "moe" / "packed-int4"
-MOE_MODES = ("off", "prompt-lookup", "draft", "draft-model", "auto")
+MOE_MODES = ("off", "prompt-lookup", "draft", "auto")
 
 
 def _word_tokenizer(vocab: int, d: Path) -> Any:
@@ -80,102 +80,130 @@ def _word_tokenizer(vocab: int, d: Path) -> Any:
     return from_hf_dir(d)
 
 
-def _drop_pages(d: Path) -> None:
-    import os
-
-    for f in d.iterdir():  # cold: the pack's pages out of the page cache
-        fd = os.open(f, os.O_RDONLY)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        os.close(fd)
-
-
-def _random_dense_draft(d: Path, vocab: int) -> Path:
-    """A small random Llama (4 layers, d = 256) with ``vocab`` tokens, saved as an HF dir."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    return d
-
-
-def _open_draft(src: Path, budget: int, tokenizer_json: Path) -> Any:
-    """(model, max_seq) of a draft: a packed MoE (cold, like the target) or a dense HF dir."""
-    import shutil
-
-    from local_engine.models.moe import MoEModel
-
-    if (src / "manifest.json").is_file():
-        _drop_pages(src)
-        m = MoEModel.open(src, memory_budget=budget, prefetch=False)
-        return m, m.max_seq
-    if not (src / "tokenizer.json").is_file():
-        shutil.copy(tokenizer_json, src / "tokenizer.json")
-    d = Engine.open(src, threads=1, prefix_cache_mb=0)
-    return d.model, d.max_seq
-
-
-def moe_rows(packed: Path, fractions: list[float], tokens: int, draft_src: str | None) -> None:
-    import os
+def moe_prompts(vocab: int) -> dict[str, list[int]]:
     import random
+
+    rng = random.Random(0)
+    motif = [rng.randrange(vocab) for _ in range(24)]
+    return {"repeat": motif * 2, "open": [rng.randrange(vocab) for _ in range(48)]}
+
+
+def moe_worker(a: argparse.Namespace) -> None:
+    """One cold run in this (fresh) process, inside the memory cgroup the parent made: a JSON line."""
+    import json
     import tempfile
 
-    from local_engine.engine import DraftModel
+    import torch
+
+    from benchmarks.moe_stream import join_cgroup
     from local_engine.formats.pack import read_manifest
     from local_engine.models.moe import MoEModel
 
-    m = read_manifest(packed)
-    vocab = int(m.config["vocab_size"])
-    rng = random.Random(0)
-    motif = [rng.randrange(vocab) for _ in range(24)]
-    prompts = {"repeat": motif * 2, "open": [rng.randrange(vocab) for _ in range(48)]}
-    print(f"\n# packed MoE {packed} ({m.arch}, quant {m.quant}, bank {m.expert_bank_bytes / 2**20:.0f} MiB), "
-          f"{tokens} tokens greedy, cold per run, load {os.getloadavg()[0]:.1f}, draft model {draft_src or 'none'}")
-    print(f"{'budget':<7} {'prompt':<7} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
-          f"{'MB/tok':>7} {'hit':>5} {'same':>5}")
+    join_cgroup(a.cgroup)
+    torch.set_num_threads(a.threads)
+    vocab = int(read_manifest(a.moe).config["vocab_size"])
+    ids = moe_prompts(vocab)[a.moe_prompt]
     with tempfile.TemporaryDirectory() as td:
         tok = _word_tokenizer(vocab, Path(td))
-        draft_pack = None
-        if draft_src == "random-dense":
-            draft_pack = _random_dense_draft(Path(td) / "draft", vocab)
-        elif draft_src:
-            draft_pack = Path(draft_src)
-        for frac in fractions:
-            budget = int(frac * m.expert_bank_bytes)
-            for name, ids in prompts.items():
-                ref: dict[str, Any] = {}
+        model = MoEModel.open(a.moe, memory_budget=a.moe_budget, prefetch=False)
+        eng = Engine(model, tok, format="flash-moe-pack", prefix_cache_mb=0)
+        try:
+            gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=a.moe_tokens, speculative=a.moe_mode)
+            text = "".join(gen)
+            st, x = model.stats(), gen.stats.extra
+        finally:
+            eng.close()
+    print(json.dumps({"text": text, "tokens": gen.stats.completion_tokens - 1, "decode_s": gen.stats.decode_s,
+                      "mb": st["store_bytes_read"] / 2**20, "completion": gen.stats.completion_tokens,
+                      "hit": st["hit_rate"], **{k: v for k, v in x.items() if k.startswith("spec_")}}))
+
+
+def moe_rows(a: argparse.Namespace) -> None:
+    """Each (budget, prompt, mode) cold in a fresh worker inside a memory cgroup (v1) limited to
+    resident + budget + 1 GiB, page cache included (as benchmarks/moe_stream.py); the modes of a
+    (budget, prompt) interleaved over ``--moe-rounds`` rounds, best round kept."""
+    import json
+    import os
+    import subprocess
+
+    from benchmarks.moe_stream import evict, make_cgroup
+    from local_engine.formats.pack import read_manifest
+
+    m = read_manifest(a.moe)
+    print(f"\n# packed MoE {a.moe} ({m.arch}, quant {m.quant}, bank {m.expert_bank_bytes / 2**20:.0f} MiB), "
+          f"{a.moe_tokens} tokens greedy, {a.threads} thread(s), each run cold (pages dropped) in a fresh process in a "
+          f"memory cgroup of resident + budget + 1 GiB; best of {a.moe_rounds} interleaved rounds; "
+          f"load {os.getloadavg()[0]:.1f}")
+    print(f"{'budget':<7} {'prompt':<7} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
+          f"{'MB/tok':>7} {'hit':>5} {'k chosen (auto)':<22} {'same':>5}")
+    for frac in [float(f) for f in a.fractions.split(",") if f]:
+        budget = int(frac * m.expert_bank_bytes)
+        limit = int(m.resident_bytes) + budget + 2**30
+        for name in moe_prompts(int(m.config["vocab_size"])):
+            best: dict[str, dict[str, Any]] = {}
+            for _ in range(a.moe_rounds):
                 for mode in MOE_MODES:
-                    with_draft = draft_pack is not None and mode in ("draft-model", "auto")
-                    if mode == "draft-model" and not with_draft:
-                        continue
-                    _drop_pages(packed)
-                    model = MoEModel.open(packed, memory_budget=budget, prefetch=False)
-                    eng = Engine(model, tok, format="flash-moe-pack", prefix_cache_mb=0)
-                    if with_draft and draft_pack is not None:
-                        dm, dm_seq = _open_draft(draft_pack, budget, Path(td) / "tokenizer.json")
-                        eng.draft_model = DraftModel(dm, str(draft_pack), dm_seq)
+                    evict(a.moe)
+                    cg = make_cgroup(f"spec{int(frac * 100)}{mode}", limit)
                     try:
-                        gen = eng.generate(" ".join(f"w{i}" for i in ids), max_tokens=tokens,
-                                           speculative="draft" if mode == "draft-model" else mode)
-                        text = "".join(gen)
-                        st, x = model.stats(), gen.stats.extra
-                        if eng.draft_model is not None and isinstance(eng.draft_model.model, MoEModel):
-                            # the draft's reads are this run's reads too
-                            st["store_bytes_read"] += eng.draft_model.model.stats()["store_bytes_read"]
+                        p = subprocess.run([sys.executable, __file__, "--moe-worker", "--cgroup", str(cg), "--moe",
+                                            str(a.moe), "--moe-budget", str(budget), "--moe-prompt", name,
+                                            "--moe-mode", mode, "--moe-tokens", str(a.moe_tokens),
+                                            "--threads", str(a.threads)], capture_output=True, text=True, timeout=600)
+                        failcnt = int((cg / "memory.failcnt").read_text())
                     finally:
-                        eng.close()
-                    n = gen.stats.completion_tokens - 1
-                    row = {"tok_s": n / gen.stats.decode_s, "text": text, "mb": st["store_bytes_read"] / 2**20}
-                    ref.setdefault("off", row)
-                    drafted = x["spec_drafted"]
-                    print(f"{frac:<7.0%} {name:<7} {mode:<14} {row['tok_s']:>7.2f} "
-                          f"{row['tok_s'] / ref['off']['tok_s']:>6.2f}x "
-                          f"{(x['spec_accepted'] / drafted if drafted else 0):>7.0%} {x['spec_tokens_per_forward']:>8.2f} "
-                          f"{row['mb'] / max(gen.stats.completion_tokens, 1):>7.1f} {st['hit_rate']:>5.2f} "
-                          f"{'yes' if text == ref['off']['text'] else 'NO':>5}")
-                    sys.stdout.flush()
+                        cg.rmdir()
+                    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+                    if p.returncode or not lines:
+                        print(f"# {frac:.0%} {name} {mode}: worker failed rc={p.returncode}: {p.stderr[-300:]}")
+                        continue
+                    r = json.loads(lines[-1])
+                    r["tok_s"], r["failcnt"] = r["tokens"] / r["decode_s"], failcnt
+                    if mode not in best or r["tok_s"] > best[mode]["tok_s"]:
+                        best[mode] = r
+            off = best.get("off")
+            for mode, r in best.items():
+                drafted = r["spec_drafted"]
+                ks = ",".join(f"{k}:{n}" for k, n in r.get("spec_auto_k", {}).items()) if mode == "auto" else ""
+                print(f"{frac:<7.0%} {name:<7} {mode:<14} {r['tok_s']:>7.2f} "
+                      f"{r['tok_s'] / off['tok_s'] if off else 0:>6.2f}x "
+                      f"{(r['spec_accepted'] / drafted if drafted else 0):>7.0%} {r['spec_tokens_per_forward']:>8.2f} "
+                      f"{r['mb'] / max(r['completion'], 1):>7.1f} {r['hit']:>5.2f} {ks:<22} "
+                      f"{'yes' if off and r['text'] == off['text'] else 'NO':>5}")
+            sys.stdout.flush()
+
+
+def llamacpp_rows(a: argparse.Namespace, prompt_ids: dict[str, list[list[int]]],
+                  ours: dict[str, dict[str, float]]) -> None:
+    """llama.cpp's prompt lookup (llama-cpp-python ``LlamaPromptLookupDecoding``, its defaults) on the
+    same GGUF and the same prompt ids, greedy, same threads and token cap; best of --repeat."""
+    try:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        print("# llama.cpp anchor: llama-cpp-python not installed (benchmarks/requirements-llamacpp.txt): no anchor rows")
+        return
+    from benchmarks.llamacpp_anchors import _llama_complete, _open_llama
+
+    if a.model != "builtin:smollm2-135m":
+        print(f"# llama.cpp anchor: only for builtin:smollm2-135m's GGUF, not {a.model}")
+        return
+    llms = {"off": _open_llama(a.threads, n_ctx=1024),
+            "prompt-lookup": _open_llama(a.threads, n_ctx=1024, draft_model=LlamaPromptLookupDecoding())}
+    for name, prompts in prompt_ids.items():
+        best: dict[str, float] = {}
+        for _ in range(a.repeat):
+            tok = {m: 0 for m in llms}
+            secs = {m: 0.0 for m in llms}
+            for ids in prompts:
+                for m, llm in llms.items():
+                    _, n, dt, _ = _llama_complete(llm, ids, a.max_tokens)
+                    tok[m] += n - 1
+                    secs[m] += dt
+            for m in llms:
+                best[m] = max(best.get(m, 0.0), tok[m] / secs[m])
+        for m, v in best.items():
+            print(f"{name:<9} {'llama.cpp ' + m:<24} {v:>7.1f}   ours auto / this: {ours[name]['auto'] / v:.2f}x")
+        sys.stdout.flush()
 
 
 def main() -> None:
@@ -187,11 +215,19 @@ def main() -> None:
     ap.add_argument("--moe", type=Path, default=MOE_DEFAULT, help="a packed MoE dir (absent: no MoE rows)")
     ap.add_argument("--fractions", default="0.05,0.15,0.5", help="expert-cache budgets, fractions of the bank")
     ap.add_argument("--moe-tokens", type=int, default=32)
-    ap.add_argument("--moe-draft", default=None,
-                    help="a model dir with --moe's tokenizer that drafts for it (draft-model rows), or random-dense")
+    ap.add_argument("--moe-rounds", type=int, default=2)
     ap.add_argument("--draft-model", default=None, help="dense rows: a smaller model with --model's tokenizer")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--moe-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cgroup", help=argparse.SUPPRESS)
+    ap.add_argument("--moe-budget", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--moe-prompt", help=argparse.SUPPRESS)
+    ap.add_argument("--moe-mode", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.moe_worker:
+        moe_worker(a)
+        return
     import os
 
     t_all = time.perf_counter()
@@ -199,7 +235,7 @@ def main() -> None:
     if not a.skip_dense:
         dense_rows(a)
     if a.moe.is_dir():
-        moe_rows(a.moe, [float(f) for f in a.fractions.split(",") if f], a.moe_tokens, a.moe_draft)
+        moe_rows(a)
     else:
         print(f"# no packed MoE at {a.moe} (make it with benchmarks/moe_stream.py --quants int4): no MoE rows")
     print(f"# {time.perf_counter() - t_all:.0f} s, load average {os.getloadavg()[0]:.1f} at the end")
@@ -214,6 +250,8 @@ def dense_rows(a: argparse.Namespace) -> None:
           f"  ({a.model}, greedy; draft model: {a.draft_model or 'none'})")
     print(f"{'workload':<9} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
           f"{'drafted':>8} {'same':>5}")
+    prompt_ids: dict[str, list[list[int]]] = {}
+    ours: dict[str, dict[str, float]] = {}
     for name, prompts in workloads().items():
         best: dict[str, float] = {}
         last: dict[str, list[dict[str, Any]]] = {}
@@ -226,6 +264,8 @@ def dense_rows(a: argparse.Namespace) -> None:
                 tok_s = sum(r["tokens"] for r in rows[m]) / sum(r["decode_s"] for r in rows[m])
                 best[m] = max(best.get(m, 0.0), tok_s)
             last = rows
+        prompt_ids[name] = [r["prompt_ids"] for r in last["off"]]
+        ours[name] = best
         for m in modes:
             rs = last[m]
             drafted, accepted = sum(r["spec_drafted"] for r in rs), sum(r["spec_accepted"] for r in rs)
@@ -241,6 +281,8 @@ def dense_rows(a: argparse.Namespace) -> None:
     if costs.step_s:  # what auto measured on this model: an m-row verify in single steps
         print("# auto's measured forward cost, m rows: steps  " + "  ".join(
             f"{m}: {sec / costs.step_s:.2f}" for m, sec in sorted(costs.seconds.items())))
+    if not a.skip_llamacpp:
+        llamacpp_rows(a, prompt_ids, ours)
 
 
 if __name__ == "__main__":
