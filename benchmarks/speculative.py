@@ -173,37 +173,30 @@ def moe_rows(a: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
-def llamacpp_rows(a: argparse.Namespace, prompt_ids: dict[str, list[list[int]]],
-                  ours: dict[str, dict[str, float]]) -> None:
-    """llama.cpp's prompt lookup (llama-cpp-python ``LlamaPromptLookupDecoding``, its defaults) on the
-    same GGUF and the same prompt ids, greedy, same threads and token cap; best of --repeat."""
+def open_llamacpp(a: argparse.Namespace) -> dict[str, Any]:
+    """llama.cpp off and with its prompt lookup (llama-cpp-python ``LlamaPromptLookupDecoding``, its
+    defaults) on the built-in model's GGUF; {} (with a line saying why) when it cannot run."""
+    if a.skip_llamacpp:
+        return {}
     try:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     except ImportError:
         print("# llama.cpp anchor: llama-cpp-python not installed (benchmarks/requirements-llamacpp.txt): no anchor rows")
-        return
-    from benchmarks.llamacpp_anchors import _llama_complete, _open_llama
+        return {}
+    from benchmarks.llamacpp_anchors import _open_llama
 
     if a.model != "builtin:smollm2-135m":
         print(f"# llama.cpp anchor: only for builtin:smollm2-135m's GGUF, not {a.model}")
-        return
-    llms = {"off": _open_llama(a.threads, n_ctx=1024),
-            "prompt-lookup": _open_llama(a.threads, n_ctx=1024, draft_model=LlamaPromptLookupDecoding())}
-    for name, prompts in prompt_ids.items():
-        best: dict[str, float] = {}
-        for _ in range(a.repeat):
-            tok = {m: 0 for m in llms}
-            secs = {m: 0.0 for m in llms}
-            for ids in prompts:
-                for m, llm in llms.items():
-                    _, n, dt, _ = _llama_complete(llm, ids, a.max_tokens)
-                    tok[m] += n - 1
-                    secs[m] += dt
-            for m in llms:
-                best[m] = max(best.get(m, 0.0), tok[m] / secs[m])
-        for m, v in best.items():
-            print(f"{name:<9} {'llama.cpp ' + m:<24} {v:>7.1f}   ours auto / this: {ours[name]['auto'] / v:.2f}x")
-        sys.stdout.flush()
+        return {}
+    return {"llama.cpp off": _open_llama(a.threads, n_ctx=1024),
+            "llama.cpp lookup": _open_llama(a.threads, n_ctx=1024, draft_model=LlamaPromptLookupDecoding())}
+
+
+def run_llamacpp(llm: Any, ids: list[int], max_tokens: int) -> dict[str, Any]:
+    from benchmarks.llamacpp_anchors import _llama_complete
+
+    text, n, dt, _ = _llama_complete(llm, ids, max_tokens)
+    return {"text": text, "tokens": n - 1, "decode_s": dt, "spec_drafted": 0, "spec_accepted": 0, "spec_verifies": 0}
 
 
 def main() -> None:
@@ -248,41 +241,46 @@ def dense_rows(a: argparse.Namespace) -> None:
         modes = ("off", "prompt-lookup", "draft-model", "auto")
     print(f"# benchmarks/speculative.py --max-tokens {a.max_tokens} --repeat {a.repeat} --threads {a.threads}"
           f"  ({a.model}, greedy; draft model: {a.draft_model or 'none'})")
-    print(f"{'workload':<9} {'mode':<14} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
+    print(f"{'workload':<9} {'mode':<16} {'tok/s':>7} {'vs off':>7} {'accept':>7} {'tok/fwd':>8} "
           f"{'drafted':>8} {'same':>5}")
-    prompt_ids: dict[str, list[list[int]]] = {}
-    ours: dict[str, dict[str, float]] = {}
+    llms = open_llamacpp(a)
     for name, prompts in workloads().items():
         best: dict[str, float] = {}
         last: dict[str, list[dict[str, Any]]] = {}
         for _ in range(a.repeat):
-            rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+            rows: dict[str, list[dict[str, Any]]] = {m: [] for m in (*modes, *llms)}
             for p in prompts:
                 for m in modes:
                     rows[m].append(run(eng, p, m, a.max_tokens))
-            for m in modes:
+                for m, llm in llms.items():  # the same prompt ids, interleaved with ours
+                    rows[m].append(run_llamacpp(llm, rows["off"][-1]["prompt_ids"], a.max_tokens))
+            for m in rows:
                 tok_s = sum(r["tokens"] for r in rows[m]) / sum(r["decode_s"] for r in rows[m])
                 best[m] = max(best.get(m, 0.0), tok_s)
             last = rows
-        prompt_ids[name] = [r["prompt_ids"] for r in last["off"]]
-        ours[name] = best
-        for m in modes:
+        for m in (*modes, *llms):
             rs = last[m]
             drafted, accepted = sum(r["spec_drafted"] for r in rs), sum(r["spec_accepted"] for r in rs)
             verifies = sum(r["spec_verifies"] for r in rs)
             steps = sum(r["tokens"] for r in rs) - accepted - verifies  # forwards that were single steps
             fwd = (verifies + max(steps, 0))
             same = all(r["text"] == o["text"] for r, o in zip(rs, last["off"], strict=True))
-            print(f"{name:<9} {m:<14} {best[m]:>7.1f} {best[m] / best['off']:>6.2f}x "
+            if m in llms:  # its own counters are not exposed: tok/s and whether its text is ours
+                print(f"{name:<9} {m:<16} {best[m]:>7.1f} {best[m] / best['off']:>6.2f}x {'':>7} {'':>8} "
+                      f"{'':>8} {'yes' if same else 'NO':>5}")
+                continue
+            print(f"{name:<9} {m:<16} {best[m]:>7.1f} {best[m] / best['off']:>6.2f}x "
                   f"{(accepted / drafted if drafted else 0):>7.0%} {(fwd + accepted) / fwd if fwd else 0:>8.2f} "
                   f"{drafted:>8} {'yes' if same else 'NO':>5}")
             sys.stdout.flush()
+        if llms:
+            print(f"# {name}: ours auto / llama.cpp prompt lookup {best['auto'] / best['llama.cpp lookup']:.2f}x, "
+                  f"ours off / llama.cpp off {best['off'] / best['llama.cpp off']:.2f}x (target auto >= 0.8x)")
     costs = eng.spec_model.costs
     if costs.step_s:  # what auto measured on this model: an m-row verify in single steps
         print("# auto's measured forward cost, m rows: steps  " + "  ".join(
             f"{m}: {sec / costs.step_s:.2f}" for m, sec in sorted(costs.seconds.items())))
-    if not a.skip_llamacpp:
-        llamacpp_rows(a, prompt_ids, ours)
+
 
 
 if __name__ == "__main__":

@@ -177,7 +177,10 @@ class Generation:
         hold = max((len(s) for s in stops), default=1) - 1
         pending = ""  # text held back because it may be the start of a stop string
         lookup = speculative.PromptLookup(history) if self.spec_mode in ("prompt-lookup", "auto") else None
-        ctl = spec_control.SpecController(eng.spec_model) if self.spec_mode == "auto" else None
+        # a model that prices its verifies with a prior (a packed MoE) explores under a budget and
+        # learns lookup acceptance from declined drafts; the dense staircase explores freely
+        ctl = (spec_control.SpecController(eng.spec_model, budgeted=isinstance(model, speculative.VerifyCostPrior))
+               if self.spec_mode == "auto" else None)
         drafter = (speculative.DraftRun(eng.draft_model.model, eng.draft_model.max_seq)
                    if eng.draft_model is not None and self.spec_mode in ("draft", "auto") else None)
         queue: list[int] = []  # drafted tokens a verify accepted: decided, their K/V already cached
@@ -268,7 +271,7 @@ class Generation:
             if avail:
                 source = f"lookup:{min(lookup.matched, 3)}"
                 k = ctl.choose(source, len(avail), free=True)
-                if k == 0:  # declined: learn its acceptance from the tokens decided next
+                if k == 0 and ctl.budgeted:  # declined: learn its acceptance from the tokens decided next
                     ctl.shadow(source, avail)
                 return source, avail[:k]
         if mode == "draft" or (mode == "auto" and (drafting.drafter is not None or isinstance(model, speculative.SelfDraft))):

@@ -320,6 +320,9 @@ class SpecController:
     # ... and at least this many steps for sizes the curve predicts will win (the dense staircase
     # prices them optimistically so that each is tried: one that lost must not lock the rest out)
     explore_allowance: float = 1.0
+    # False: exploration is not budgeted (the dense staircase: its optimistic pricing of unmeasured
+    # sizes is how auto finds the cheap end of a row tile, and a dense verify's loss is small)
+    budgeted: bool = True
     tables: dict[str, Acceptance] = field(default_factory=dict)
     _declined: dict[str, int] = field(default_factory=dict)
     _wait: dict[str, int] = field(default_factory=dict)
@@ -344,7 +347,7 @@ class SpecController:
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, self.margin)
         if k > 0 and costs.counts.get(k + 1, 0) == 0:
-            if self.explore_loss <= max(self.budget(), self.explore_allowance):
+            if not self.budgeted or self.explore_loss <= max(self.budget(), self.explore_allowance):
                 self.exploring = True
             else:  # overdrawn: only sizes already measured
                 known = [c if m <= 1 or costs.counts.get(m, 0) else float("inf") for m, c in enumerate(curve)]
@@ -357,7 +360,7 @@ class SpecController:
                 # the budget must hold the probe's loss if nothing is accepted (its acceptance is a
                 # guess; a short request has no room for one)
                 worst = (curve[kp + 1] + kp * draft_s) / curve[1] - 1
-                if self.explore_loss + worst <= self.budget():
+                if not self.budgeted or self.explore_loss + worst <= self.budget():
                     k, self.probing = kp, True
                     self.exploring = True
                     self._declined[source] = 0

@@ -238,6 +238,8 @@ def test_a_declined_lookup_draft_learns_its_acceptance_from_the_decided_tokens()
 
 def _simulate(n: int, true_cost: list[float], accept: float, prior: list[float] | None,
               seed: int = 0) -> tuple[float, SpecController]:
+    # as the engine runs it: a model with a prior (MoE) budgets exploration and shadows declined
+    # drafts; the dense staircase does neither
     """A request of ``n`` tokens under ``auto`` with a lookup draft of up to 15 tokens at every
     position, each right with probability ``accept`` until the first wrong one; verify costs from
     a recorded curve (steps at m rows); declined drafts shadowed, as the engine does. Seconds spent,
@@ -248,7 +250,7 @@ def _simulate(n: int, true_cost: list[float], accept: float, prior: list[float] 
         while right[p] < K_MAX and rng.random() < accept:
             right[p] += 1
     truth = list(range(n + K_MAX + 2))
-    ctl = SpecController(ModelSpec())
+    ctl = SpecController(ModelSpec(), budgeted=prior is not None)
     pos, spent = 0, 0.0
     while pos < n:
         draft = truth[pos + 1:pos + 1 + right[pos]] + [-1] * (K_MAX - right[pos])
@@ -257,7 +259,8 @@ def _simulate(n: int, true_cost: list[float], accept: float, prior: list[float] 
             ctl.model.costs.set_prior(prior)
         k = ctl.choose("lookup:3", min(room, K_MAX), free=True) if room > 0 else 0
         if k == 0:
-            ctl.shadow("lookup:3", draft[:room] if room else [])
+            if ctl.budgeted:
+                ctl.shadow("lookup:3", draft[:room] if room else [])
             spent += true_cost[1]
             ctl.record_step(true_cost[1] * 0.01)
             decided = 1
@@ -320,8 +323,12 @@ def test_auto_on_moe_drafts_where_positions_share_experts_and_drafts_are_right()
 
 
 def test_auto_on_the_dense_staircase_still_pays_on_a_quote() -> None:
-    # geometric 0.9 acceptance: 1.65x at best (k = 7: 5.7 tokens for 3.45 steps), learning included
+    # geometric 0.9 acceptance: 1.65x at best (k = 7: 5.7 tokens for 3.45 steps); without shadows a
+    # first rejected verify keeps a 128-token request at k = 0 for a while (real quotes are bimodal:
+    # 1.6-1.7x in benchmarks/results/speculative.txt)
     spent, ctl = _simulate(128, CURVE, 0.9, None)
-    assert spent < 128 / 1.4 and ctl.shadowed > 0
+    assert spent < 128 / 1.2 and not ctl.budgeted
+    spent, ctl = _simulate(512, CURVE, 0.9, None)
+    assert spent < 512 / 1.4
     spent, _ = _simulate(128, CURVE, 0.1, None)
     assert spent <= 1.03 * 128
