@@ -31,16 +31,11 @@ from tests.support.upstream import FakeUpstream, Fault
 
 pytestmark = pytest.mark.slow  # the built-in engine generates every answer under a grammar
 
-# The prefix cache is off: the table sends each request on two APIs in turn and wants the same greedy
-# answer, but a prompt whose prefix is reused prefills its last token with the fused decode step,
-# whose logits are within ~5e-3 of the prefill path's (docs/engine.md), and "Say hello." with tools
-# has a near-tie that such rounding flips. The cache's own exactness is tests/engine/test_prefix_cache.py's.
 POLICY = """
 version: 1
 targets:
   cloud: {kind: cloud, model: openai/gpt-x, api_base: "http://127.0.0.1:1/v1", api_key: sk-x, timeout_s: 2, retries: 0}
-  local: {kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 120,
-          prefix_cache_mb: 0}
+  local: {kind: local, engine: local_engine, model_path: "builtin:smollm2-135m", default_max_tokens: 120}
 connectivity: {probe_interval_s: 30}
 privacy: {enabled: false}
 difficulty: {method: heuristic}
@@ -49,7 +44,7 @@ rules:
 """
 # The same gateway also serves a packed MoE model (pinned by name) and a rule that refuses
 # structured requests on the device.
-MOE_TARGET = '  moe: {kind: local, engine: local_engine, model_path: "MOE_DIR", default_max_tokens: 300, threads: 1, prefix_cache_mb: 0}\n'
+MOE_TARGET = '  moe: {kind: local, engine: local_engine, model_path: "MOE_DIR", default_max_tokens: 300, threads: 1}\n'
 STRICT_RULE = "  - {name: strict-agents, when: {header: {x-agents: strict}}, route: cloud, fallback: [local], local_tools: refuse}\n"
 STRICT = {"x-agents": "strict"}
 
