@@ -231,7 +231,7 @@ def worker(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     experts = Path(a.pack) / "experts.bin"
-    model = MoEModel.open(a.pack, memory_budget=a.budget, threads=a.readers, verify=a.verify)
+    model = MoEModel.open(a.pack, memory_budget=a.budget, readers=a.readers, verify=a.verify)
     stride = model.m.stride
     before = measure_ceiling(experts, stride, a.readers, a.ceiling_s)
     g = torch.Generator().manual_seed(1)

@@ -50,9 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from cache_research import belady_hits, replay  # noqa: E402
 from moe_stream import CFG, SRC, TRACES, best_fixed_set, scored_cache_hits  # noqa: E402
-
-from local_engine.cache import belady_hits, replay  # noqa: E402
 
 Trace = list[list[tuple[int, int]]]
 

@@ -276,17 +276,19 @@ class PatternCeiling:
 def worker_ours(a: argparse.Namespace) -> None:
     join_cgroup(a.cgroup)
     import torch
+    from cache_research import TraceRecorder
 
     from local_engine.models.moe import MoEModel
 
     torch.set_num_threads(a.threads)
-    model = MoEModel.open(packed_dir(a.quant), memory_budget=a.budget, policy=a.policy, threads=a.readers, direct=True,
+    rec = TraceRecorder()
+    model = MoEModel.open(packed_dir(a.quant), memory_budget=a.budget, policy=a.policy, readers=a.readers, direct=True,
                           verify=a.verify, prefetch="auto" if a.prefetch_auto else a.prefetch,
                           standins=packed_dir(a.standin_quant) if a.standin_quant else None,
-                          standin_below=a.standin_below)
+                          standin_below=a.standin_below, recorder=rec)
     model.overlap_misses = a.overlap
     prompt = random.Random(0).sample(range(CFG["vocab_size"]), a.prompt)
-    io = model.store.io
+    io = rec
     pattern = PatternCeiling(model.store.fd, model.m.stride, a.readers)
     # seeded sampling (T=1): greedy on a random model falls into short loops that reuse the
     # same experts, which would flatter the cache; sampling keeps routing near-uniform
@@ -519,7 +521,7 @@ def shuffled_belady(steps: list[list[tuple[int, int]]], capacity: int, layers: i
     the prompt's prefill first): the same popularity, no temporal locality. If it matches Belady
     on the real order, Belady's margin over online policies is foresight of the draws, which no
     online policy can learn."""
-    from local_engine.cache import belady_hits
+    from cache_research import belady_hits
 
     head = steps[:layers] if prefill else []
     toks = [steps[i:i + layers] for i in range(len(head), len(steps), layers)]
@@ -536,7 +538,7 @@ REPLAY_POLICIES = ("lru", "lfu-da", "tinylfu", "layer-lfu", "adaptive", "router"
 
 def replay_all(trace: Trace, capacity: int, uses: list[tuple[int, list[int]]] | None = None,
                probs: Probs | None = None, layers: int | None = None) -> dict[str, float]:
-    from local_engine.cache import belady_hits, replay
+    from cache_research import belady_hits, replay
 
     steps = [[(layer, e) for e in es] for layer, es in trace]
     out = {p: replay(steps, capacity, p, uses=uses, probs=probs).hit_rate for p in REPLAY_POLICIES}

@@ -177,7 +177,7 @@ def moe_table(size: int, max_tokens: int, work: Path, out: Callable[[str], None]
     packs = {q: pack(src, work / q, quant=q, group_size=GROUP, progress=False).root
              for q in ("none", "int8", "int4", "int2")}
     ids = from_hf_dir(packs["none"]).encode(load_text())[:max_tokens]
-    models = {q: MoEModel.open(p, memory_budget="unlimited", prefetch=False, record_trace=False)
+    models = {q: MoEModel.open(p, memory_budget="unlimited", prefetch=False)
               for q, p in packs.items()}
     try:
         scorer = Scorer(ids, size, models["none"].logits)
@@ -212,7 +212,7 @@ def dense_rows(scorer: Scorer, packs: dict[str, Path], work: Path, out: Callable
     for q in ("none", "int4", "int2"):
         for dense in ("f32", "int8", "int4"):
             path = packs[q] if dense == "f32" else redense(packs[q], work / f"{q}-d{dense}", dense).root
-            m = MoEModel.open(path, memory_budget="unlimited", prefetch=False, record_trace=False)
+            m = MoEModel.open(path, memory_budget="unlimited", prefetch=False)
             try:
                 r = scorer.score(None if (q, dense) == ("none", "f32") else m.logits)
                 out(f"| {q} | {dense} | {m.m.resident_bytes / 1024:.0f} | {m.dense_bytes_per_token()} | "
@@ -244,7 +244,7 @@ def standin_rows(scorer: Scorer, packs: dict[str, Path], out: Callable[[str], No
                  for t in (0.15, 0.2, 0.25, 1.0)]
     settings.append(("int2 alone", packs["int2"], {}))
     for label, path, kw in settings:
-        m = MoEModel.open(path, memory_budget=0, prefetch=False, record_trace=False, **kw)
+        m = MoEModel.open(path, memory_budget=0, prefetch=False, **kw)
         try:
             r = scorer.score(_stepwise(m))
             st = m.stats()
@@ -347,7 +347,7 @@ def kv_table(size: int, moe_tokens: int, work: Path, out: Callable[[str], None])
         raise SystemExit(f"demo-moe failed: {res.output}")
     packed = pack(src, work / "none", quant="none", group_size=GROUP, progress=False).root
     mids = from_hf_dir(packed).encode(load_text())[:moe_tokens]
-    m = MoEModel.open(packed, memory_budget="unlimited", prefetch=False, record_trace=False)
+    m = MoEModel.open(packed, memory_budget="unlimited", prefetch=False)
     try:
         mscorer = Scorer(mids, size, m.logits)
         mshape = m.kv_shape()

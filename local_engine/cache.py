@@ -1,4 +1,7 @@
-"""Byte-bounded expert cache with pluggable eviction, hit/miss stats, and offline trace replay.
+"""Byte-bounded expert cache with pluggable eviction and hit/miss stats.
+
+Offline replays of recorded traces and Belady's optimum live with the benchmarks
+(benchmarks/cache_research.py).
 
 Keys are ``(layer, expert)``; values are opaque buffers with a byte size. The budget counts
 only those buffers (what we hold in anonymous memory), never the page cache.
@@ -723,76 +726,3 @@ class ExpertCache:
     def clear(self) -> None:
         for k in list(self._items):
             self._evict(k)
-
-
-# --------------------------------------------------------------------------- offline replay
-
-def replay(trace: Sequence[Sequence[Key]], capacity: int, policy: str,
-           uses: Sequence[tuple[int, Sequence[int]]] | None = None,
-           probs: Sequence[Sequence[float] | None] | None = None, **policy_opts: Any) -> CacheStats:
-    """Replay a trace of steps (each: the keys one layer needs at once) on an item-bounded cache.
-
-    Keys of one step are pinned together, mirroring the runtime (a layer's experts are all in
-    use during its step). A step's group (its layer) is its first key's ``[0]`` for tuple keys.
-    ``uses`` (optional, parallel to ``trace``): per step, (tokens in the step, tokens per key).
-    ``probs`` (optional, parallel): per step, the router's probability for each of the layer's experts.
-    """
-    c = ExpertCache(budget_bytes=capacity, policy=policy, policy_opts=policy_opts)
-    for i, step in enumerate(trace):
-        n, per_key = uses[i] if uses is not None else (1, [1] * len(step))
-        if step:
-            k0 = step[0]
-            c.step(k0[0] if isinstance(k0, tuple) else None, n, probs[i] if probs is not None else None)
-        for k, u in zip(step, per_key, strict=True):
-            if c.lookup(k, u) is None:
-                c.insert(k, None, 1, pinned=step)
-    return c.stats
-
-
-def belady_hits(trace: Sequence[Sequence[Key]], capacity: int) -> CacheStats:
-    """Optimal offline hit count (Belady's MIN) for unit-size items on the same step trace."""
-    flat = [k for step in trace for k in step]
-    step_of = [i for i, step in enumerate(trace) for _ in step]
-    inf = len(flat) + 1
-    nxt = [inf] * len(flat)
-    last: dict[Key, int] = {}
-    for i in range(len(flat) - 1, -1, -1):
-        nxt[i] = last.get(flat[i], inf)
-        last[flat[i]] = i
-    stats = CacheStats()
-    resident: dict[Key, int] = {}  # key -> next use position
-    heap: list[tuple[int, Key]] = []  # max-heap on next use (negated)
-    for i, k in enumerate(flat):
-        if k in resident:
-            stats.hits += 1
-        else:
-            stats.misses += 1
-            if capacity <= 0:
-                continue
-            if len(resident) >= capacity:
-                # evict farthest next use, but never a key of the current step (pinned)
-                pinned = set(trace[step_of[i]])
-                skipped = []
-                while heap:
-                    negn, v = heapq.heappop(heap)
-                    if resident.get(v) != -negn:
-                        continue
-                    if v in pinned:
-                        skipped.append((negn, v))
-                        continue
-                    if -negn < nxt[i]:
-                        # every resident key is needed sooner than k: bypass (don't cache k)
-                        skipped.append((negn, v))
-                        v = None
-                    break
-                else:
-                    v = None
-                for item in skipped:
-                    heapq.heappush(heap, item)
-                if v is None:
-                    continue
-                del resident[v]
-                stats.evictions += 1
-        resident[k] = nxt[i]
-        heapq.heappush(heap, (-nxt[i], k))
-    return stats

@@ -26,8 +26,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -58,12 +58,31 @@ class IOStats:
     prefetch_used: int = 0  # ... that a later request consumed
     standin_reads: int = 0  # misses served by the stand-in pack's bundle instead of their own
     offloaded_compute_s: float = 0.0  # request(work=...): misses' compute done in the reader threads
-    trace: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (layer, experts) per step
-    trace_uses: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)  # (tokens, tokens per expert)
-    # router probabilities over all experts per step (mean over its tokens), None where not given
-    trace_probs: list[tuple[float, ...] | None] = field(default_factory=list)
-    # file slots read together, per request (misses) or prefetch call: lets a benchmark replay the pattern
-    read_batches: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    """The store's running counters at one moment; the difference of two accounts what ran between."""
+
+    bytes_read: int = 0
+    io_busy_s: float = 0.0
+    io_wait_s: float = 0.0
+    hits: int = 0
+    misses: int = 0
+
+    def __sub__(self, other: StoreSnapshot) -> StoreSnapshot:
+        return StoreSnapshot(self.bytes_read - other.bytes_read, self.io_busy_s - other.io_busy_s,
+                             self.io_wait_s - other.io_wait_s, self.hits - other.hits, self.misses - other.misses)
+
+
+class StoreObserver(Protocol):
+    """Told every request and every batch of file slots read together: a research recorder
+    (benchmarks/cache_research.py's ``TraceRecorder``), never needed to serve."""
+
+    def requested(self, layer: int, experts: Sequence[int], n_tokens: int, uses: Sequence[int],
+                  probs: Sequence[float] | None) -> None: ...
+
+    def read(self, slots: Sequence[int]) -> None: ...
 
 
 def peak_rss_bytes() -> int:
@@ -134,14 +153,15 @@ def check_standins(main: Manifest, alt: Manifest) -> None:
 
 
 class ExpertStore:
-    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = DEFAULT_POLICY, threads: int = 8,
+    def __init__(self, manifest: Manifest, budget_bytes: int, policy: str = DEFAULT_POLICY, readers: int = 8,
                  direct: bool = True, verify: str = "first", min_resident_experts: int = 1,
-                 max_inflight: int | None = None, record_trace: bool = True,
+                 max_inflight: int | None = None, observer: StoreObserver | None = None,
                  standins: Manifest | None = None) -> None:
         """``standins``: another pack of the same model (int2, or int4 under an int4/none pack) whose
         bundle ``request`` reads instead of a missed expert's own when the caller allows it
         (``standin_ok``): HOBBIT's low-bit stand-ins for experts not worth waiting for. Its bundles
-        are never cached; their reads count in ``bytes_read`` and in ``standin_reads``."""
+        are never cached; their reads count in ``bytes_read`` and in ``standin_reads``.
+        ``readers``: the I/O threads; ``observer``: told every request and read (off: None)."""
         self.top_k = min_resident_experts
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify must be one of {VERIFY_MODES}")
@@ -160,17 +180,17 @@ class ExpertStore:
         self.cache = ExpertCache(budget_bytes, effective, on_evict=lambda _k, buf: self._release(buf),
                                  item_bytes=self.stride)
         self.verify = verify
-        self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * threads)
+        self.max_inflight = max(max_inflight or 0, min_resident_experts, 2 * readers)
         if standins is not None:
             check_standins(manifest, standins)
         self._main = _BundleFile(manifest, direct, self.max_inflight)
         self.path, self.fd, self.direct = self._main.path, self._main.fd, self._main.direct
         self._alt = _BundleFile(standins, direct, self.max_inflight) if standins is not None else None
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="expert-read")
+        self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="expert-read")
         self.closed = False
-        self.threads = threads
+        self.readers = readers
         self.io = IOStats()
-        self.record_trace = record_trace
+        self.observer = observer
         self._lock = threading.Lock()
         self._inflight = 0
         self._busy_since = 0.0
@@ -264,8 +284,26 @@ class ExpertStore:
 
     @property
     def wants_router_probs(self) -> bool:
-        """Whether `request` has a use for the router's probabilities (policy or trace)."""
-        return self.record_trace or self.cache.policy in ROUTER_AWARE_POLICIES
+        """Whether `request` has a use for the router's probabilities (policy or observer)."""
+        return self.observer is not None or self.cache.policy in ROUTER_AWARE_POLICIES
+
+    def snapshot(self) -> StoreSnapshot:
+        """Bytes read, I/O busy and wait time, cache hits and misses so far (see ``StoreSnapshot``)."""
+        io, cs = self.io, self.cache.stats
+        return StoreSnapshot(io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether the cache holds the bundle now (a request for it would hit)."""
+        return (layer, expert) in self.cache
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.cache.budget_bytes
+
+    @property
+    def policy(self) -> str:
+        """The cache policy that runs (``lru`` when the whole bank fits, whatever was asked)."""
+        return self.cache.policy
 
     def request(self, layer: int, experts: list[int], uses: list[int] | None = None,
                 n_tokens: int = 1, probs: Sequence[float] | None = None,
@@ -287,10 +325,8 @@ class ExpertStore:
         keys = [(layer, e) for e in experts]
         uses = uses if uses is not None else [1] * len(experts)
         self.io.steps += 1
-        if self.record_trace:
-            self.io.trace.append((layer, tuple(experts)))
-            self.io.trace_uses.append((n_tokens, tuple(uses)))
-            self.io.trace_probs.append(tuple(probs) if probs is not None else None)
+        if self.observer is not None:
+            self.observer.requested(layer, experts, n_tokens, uses, probs)
         hits: list[tuple[int, Any, bool]] = []
         todo: deque[int] = deque()
         self.cache.step(layer, n_tokens, probs)
@@ -310,8 +346,8 @@ class ExpertStore:
             self._drop_prefetched(lambda k: k[0] == layer)
         alt = self._alt
         subs = {e for e in todo if e in standin_ok} if alt is not None and standin_ok else set()
-        if self.record_trace:  # the pack's own reads (a benchmark replays them on its file)
-            self.io.read_batches.append(tuple(self.m.slot(layer, e) for e in todo if e not in subs))
+        if self.observer is not None:  # the pack's own reads (a benchmark replays them on its file)
+            self.observer.read([self.m.slot(layer, e) for e in todo if e not in subs])
 
         def fill() -> None:
             while todo and len(pending) < self.max_inflight:
@@ -361,8 +397,8 @@ class ExpertStore:
             self._prefetched[key] = self.pool.submit(self._read, layer, e)
             self.io.prefetch_reads += 1
             slots.append(self.m.slot(layer, e))
-        if self.record_trace and slots:
-            self.io.read_batches.append(tuple(slots))
+        if self.observer is not None and slots:
+            self.observer.read(slots)
 
     def _drop_prefetched(self, which: Callable[[tuple[int, int]], bool]) -> None:
         for key in [k for k in self._prefetched if which(k)]:

@@ -19,6 +19,7 @@ from typing import Any
 from local_engine import kv_cache
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.errors import EngineError
+from local_engine.formats.pack import PACK_FORMAT
 from local_engine.models.base import CausalLM
 from local_engine.models.llama import LlamaModel, config_from_gguf, config_from_hf
 from local_engine.models.moe import DEFAULT_STANDIN_BELOW, MoEModel
@@ -88,9 +89,8 @@ def load_packed(path: Path, **opts: Any) -> Loaded:
     budget = opts.get("memory_budget") or os.environ.get("LOCAL_ENGINE_MOE_BUDGET") or "2GiB"
     try:
         model = MoEModel.open(path, memory_budget=budget, policy=opts.get("policy", DEFAULT_POLICY),
-                              threads=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
+                              readers=int(opts.get("readers", 8)), direct=bool(opts.get("direct", True)),
                               verify=opts.get("verify", "first"), prefetch=opts.get("prefetch", "auto"),
-                              record_trace=bool(opts.get("record_trace", False)),  # a server runs for days
                               standins=opts.get("standins"),
                               standin_below=float(opts.get("standin_below", DEFAULT_STANDIN_BELOW)))
     except EngineError:  # PackError, BudgetError: already in the tree
@@ -112,9 +112,9 @@ def load_packed(path: Path, **opts: Any) -> Loaded:
     except BaseException:
         model.close()
         raise
-    return Loaded(model, tok, "flash-moe-pack", model.kv_config)
+    return Loaded(model, tok, PACK_FORMAT, model.kv_config)
 
 
-register_loader("flash-moe-pack", lambda p: p.is_dir() and (p / "manifest.json").is_file(), load_packed)
+register_loader(PACK_FORMAT, lambda p: p.is_dir() and (p / "manifest.json").is_file(), load_packed)
 register_loader("hf-dir", lambda p: p.is_dir() and (p / "config.json").is_file(), load_hf, first=False)
 register_loader("gguf", lambda p: p.is_file(), load_gguf, first=False)

@@ -55,6 +55,9 @@ from local_engine.errors import PackError, UnsupportedArchitecture
 from local_engine.formats.gguf_moe import GGUFSource
 from local_engine.formats.sources import PackSource, SafetensorsSource, copy_tokenizer_files
 
+# The pack format's one name (Engine.info()'s "format", the loader's); FORMAT_NAME is the string
+# the manifest carries on disk, kept so packs written before stay readable.
+PACK_FORMAT = "flash-moe-pack"
 FORMAT_NAME = "hgw-flash-moe"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -435,7 +438,7 @@ class Manifest:
         read and no tokenizer is needed (``tokenizer`` says whether one was packed, to chat)."""
         c = self.config
         tok = self.root / "tokenizer.json"
-        return {"source": str(self.root), "format": "flash-moe-pack", "arch": self.arch,
+        return {"source": str(self.root), "format": PACK_FORMAT, "arch": self.arch,
                 "quant": self.quant, "group_size": self.group_size if self.quant != "none" else None,
                 "dense": self.dense,
                 "layers": int(c["num_hidden_layers"]), "moe_layers": len(self.moe_layers),

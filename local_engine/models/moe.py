@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from local_engine import kv_cache, qkernel, spec_control
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.errors import PackError, UnsupportedArchitecture
-from local_engine.expert_store import ExpertStore, peak_rss_bytes
-from local_engine.formats.pack import Manifest, dequantize_dense, load_resident, read_manifest
+from local_engine.expert_store import ExpertStore, StoreObserver, StoreSnapshot, peak_rss_bytes
+from local_engine.formats.pack import PACK_FORMAT, Manifest, dequantize_dense, load_resident, read_manifest
 from local_engine.models.base import CausalLM
 from local_engine.models.layers import (
     Attends,
@@ -101,7 +101,9 @@ def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
 
 
 @dataclass
-class RunStats:
+class StreamCounters:
+    """What a packed model ran and read since it opened (or ``reset_stats``): ``stats()`` reports it."""
+
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_tokens: int = 0
@@ -166,7 +168,7 @@ class MoEModel(CausalLM):
             if not c.get("tie_word_embeddings", False):
                 raise PackError(f"{manifest.root}: lm_head.weight missing and embeddings are not tied")
             self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
-        self.run = RunStats()
+        self.run = StreamCounters()
         self.max_seq = 4096
         self.kv_config = kv_cache.KVConfig()
         # next-layer prefetch: forced on/off, or chosen per token by a PrefetchSwitch ("auto")
@@ -191,15 +193,16 @@ class MoEModel(CausalLM):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, threads: int = 8,
+    def open(cls, path: str | Path, memory_budget: int | str = 0, policy: str = DEFAULT_POLICY, readers: int = 8,
              direct: bool = True, verify: str = "first", prefetch: bool | str = "auto",
-             record_trace: bool = True, standins: str | Path | None = None,
+             recorder: StoreObserver | None = None, standins: str | Path | None = None,
              standin_below: float = DEFAULT_STANDIN_BELOW) -> MoEModel:
         """``prefetch``: True, False, or "auto" = the decode tries both in interleaved blocks of
         tokens and keeps the faster, re-checking every 64 tokens (``PrefetchSwitch``): whether it
         pays depends on the disk and CPU more than on the budget. Off when the whole bank is
-        cached (nothing left to read). ``record_trace`` keeps the
-        expert trace for replays (grows with every token: off in long-running servers).
+        cached (nothing left to read). ``readers``: the I/O threads.
+        ``recorder``: told every expert request and read (benchmarks/cache_research.py's
+        ``TraceRecorder`` keeps them for replays; None, the default, records nothing).
         ``standins``: a pack of the same model with cheaper experts (``pack --quant int2``); a decode
         step's expert that misses the cache and has a router weight below ``standin_below`` is
         computed from its stand-in bundle (half of int4's bytes) instead of its own."""
@@ -209,8 +212,8 @@ class MoEModel(CausalLM):
         if not 0.0 <= standin_below <= 1.0:
             raise ValueError(f"standin_below must be a router weight in [0, 1], not {standin_below}")
         alt = read_manifest(standins) if standins is not None else None
-        store = ExpertStore(m, budget, policy=policy, threads=threads, direct=direct, verify=verify,
-                            min_resident_experts=k, record_trace=record_trace, standins=alt)
+        store = ExpertStore(m, budget, policy=policy, readers=readers, direct=direct, verify=verify,
+                            min_resident_experts=k, observer=recorder, standins=alt)
         try:
             model = cls(m, store, load_resident(m))
         except BaseException:
@@ -376,12 +379,12 @@ class MoEModel(CausalLM):
             (alt if standin and alt is not None else expert)(buf, x, ws[order[r]], ys[r])
 
         if self.overlap_misses:
-            io = self.store.io
-            t0, w0 = time.perf_counter(), io.io_wait_s
+            t0, before = time.perf_counter(), self.store.snapshot()
             for _ in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok, work=work):
                 pass
             # this thread's share: hits' compute and bookkeeping (misses': store stats offloaded_compute_s)
-            self.run.expert_compute_s += time.perf_counter() - t0 - (io.io_wait_s - w0)
+            waited = (self.store.snapshot() - before).io_wait_s
+            self.run.expert_compute_s += time.perf_counter() - t0 - waited
         else:
             for e, buf, standin in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok):
                 t0 = time.perf_counter()
@@ -411,7 +414,7 @@ class MoEModel(CausalLM):
         on a cold cache it read ~1.8x the bytes per token of plain decoding), the likeliest
         overall when none is cached; weights renormalised over the picks."""
         order = torch.argsort(logits[0], descending=True).tolist()
-        cached = [e for e in order if (layer, e) in self.store.cache]
+        cached = [e for e in order if self.store.holds(layer, e)]
         pick = (cached or order)[:self.draft_experts]
         w = F.softmax(logits[0, pick].float(), dim=-1)
         return w[None].to(logits.dtype), torch.tensor([pick])
@@ -424,8 +427,8 @@ class MoEModel(CausalLM):
         forward (time, bytes, hits, misses), not as a prefill; no next-layer prefetch (its guess
         would be the union of k+1 guesses) and no prefetch-switch sample (a verify's time is not a
         step's)."""
-        io, cs, r = self.store.io, self.store.cache.stats, self.run
-        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        r = self.run
+        before = self.store.snapshot()
         t0 = time.perf_counter()
         self._routing = []
         try:
@@ -433,16 +436,9 @@ class MoEModel(CausalLM):
         finally:
             routing, self._routing = self._routing, None
         self.routes.add(routing)  # each verified position routes like a step's
-        r.decode_s += time.perf_counter() - t0
-        r.io_wait_s += io.io_wait_s - before[2]
-        r.decode_tokens += 1
+        self._count_decode(self.store.snapshot() - before, time.perf_counter() - t0, 1)
         r.verifies += 1
         r.verify_positions += ids.shape[0]
-        r.decode_bytes_read += io.bytes_read - before[0]
-        r.decode_io_busy_s += io.io_busy_s - before[1]
-        r.decode_io_wait_s += io.io_wait_s - before[2]
-        r.decode_hits += cs.hits - before[3]
-        r.decode_misses += cs.misses - before[4]
         return out
 
     def _learn_step(self, routing: list[torch.Tensor] | None, seconds: float, expert_s: float) -> None:
@@ -496,8 +492,8 @@ class MoEModel(CausalLM):
         B = ids.shape[0]
         if B == 1:
             return self.forward(ids, caches[0], last_only=True)
-        io, cs, r = self.store.io, self.store.cache.stats, self.run
-        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        r = self.run
+        before = self.store.snapshot()
         t0 = time.perf_counter()
         x = self.w["model.embed_tokens.weight"][ids]
         for i in range(self.n_layers):
@@ -510,14 +506,7 @@ class MoEModel(CausalLM):
             c.advance(1)
         out = linear(rms_norm(x, self.w["model.norm.weight"], self.eps), self._linear("lm_head.weight"))
         r.tokens_processed += B
-        r.decode_s += time.perf_counter() - t0
-        r.io_wait_s += io.io_wait_s - before[2]
-        r.decode_tokens += B
-        r.decode_bytes_read += io.bytes_read - before[0]
-        r.decode_io_busy_s += io.io_busy_s - before[1]
-        r.decode_io_wait_s += io.io_wait_s - before[2]
-        r.decode_hits += cs.hits - before[3]
-        r.decode_misses += cs.misses - before[4]
+        self._count_decode(self.store.snapshot() - before, time.perf_counter() - t0, B)
         return out
 
     # ------------------------------------------------------------------ forward
@@ -527,8 +516,8 @@ class MoEModel(CausalLM):
         Accounts every call, whoever drives it (``Engine`` or ``generate_ids``): one token is a
         decode step, more is a prefill micro-batch.
         """
-        io, cs, r = self.store.io, self.store.cache.stats, self.run
-        before = (io.bytes_read, io.io_busy_s, io.io_wait_s, cs.hits, cs.misses)
+        r = self.run
+        before = self.store.snapshot()
         decode = ids.shape[0] == 1  # a prefill batch would guess most experts: never prefetch there
         sw = self._switch if decode else None
         prefetch = decode and (sw.choose() if sw is not None else self.prefetch is True)
@@ -542,20 +531,27 @@ class MoEModel(CausalLM):
         dt = time.perf_counter() - t0
         if sw is not None:
             sw.record(prefetch, dt)
-        r.io_wait_s += io.io_wait_s - before[2]
+        delta = self.store.snapshot() - before
         if decode:
-            self._learn_step(routing, dt, io.io_wait_s - before[2] + r.expert_compute_s - compute0)
-            r.decode_s += dt
-            r.decode_tokens += 1
-            r.decode_bytes_read += io.bytes_read - before[0]
-            r.decode_io_busy_s += io.io_busy_s - before[1]
-            r.decode_io_wait_s += io.io_wait_s - before[2]
-            r.decode_hits += cs.hits - before[3]
-            r.decode_misses += cs.misses - before[4]
+            self._learn_step(routing, dt, delta.io_wait_s + r.expert_compute_s - compute0)
+            self._count_decode(delta, dt, 1)
         else:
+            r.io_wait_s += delta.io_wait_s
             r.prefill_s += dt
             r.prefill_tokens += ids.shape[0]
         return out
+
+    def _count_decode(self, delta: StoreSnapshot, seconds: float, tokens: int) -> None:
+        """Account ``tokens`` decode tokens that took ``seconds`` and did ``delta`` in the store."""
+        r = self.run
+        r.decode_s += seconds
+        r.decode_tokens += tokens
+        r.io_wait_s += delta.io_wait_s
+        r.decode_bytes_read += delta.bytes_read
+        r.decode_io_busy_s += delta.io_busy_s
+        r.decode_io_wait_s += delta.io_wait_s
+        r.decode_hits += delta.hits
+        r.decode_misses += delta.misses
 
     @torch.inference_mode()
     def _forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool, prefetch: bool) -> torch.Tensor:
@@ -592,15 +588,15 @@ class MoEModel(CausalLM):
     def memory_bytes(self) -> dict[str, int]:
         """Resident tensors, and the expert cache's budget (at most the whole bank)."""
         return {"weights_bytes": int(self.m.resident_bytes),
-                "expert_cache_bytes": int(min(self.store.cache.budget_bytes, self.m.expert_bank_bytes))}
+                "expert_cache_bytes": int(min(self.store.budget_bytes, self.m.expert_bank_bytes))}
 
     def describe(self) -> dict[str, Any]:
         """For ``Engine.info()``."""
-        return {"arch": self.arch, "format": "flash-moe-pack", "quant": self.m.quant, "dense": self.m.dense,
+        return {"arch": self.arch, "format": PACK_FORMAT, "quant": self.m.quant, "dense": self.m.dense,
                 "layers": self.n_layers, "moe_layers": len(self.moe_layers), "experts": self.m.num_experts,
                 "top_k": self.top_k, "bundle_bytes": self.m.stride, "expert_bank_bytes": self.m.expert_bank_bytes,
-                "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.cache.budget_bytes,
-                "cache_policy": self.store.cache.policy, "o_direct": self.store.direct,
+                "resident_bytes": self.m.resident_bytes, "cache_budget_bytes": self.store.budget_bytes,
+                "cache_policy": self.store.policy, "o_direct": self.store.direct,
                 "working_set_bytes": self.store.working_set_bytes, "prefetch": self.prefetch,
                 "standins": self.store.standins_quant, "standin_below": self.standin_below}
 
@@ -619,7 +615,7 @@ class MoEModel(CausalLM):
             lg = self.forward(torch.tensor([tok], dtype=torch.long), cache)[-1]
 
     def reset_stats(self) -> None:
-        self.run = RunStats()
+        self.run = StreamCounters()
         self.store.reset_stats()
 
     def stats(self) -> dict[str, Any]:

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
 
-from local_engine.cache import ExpertCache, belady_hits, replay
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from cache_research import TraceRecorder, belady_hits, replay
+
+from local_engine.cache import ExpertCache
 
 
 def test_byte_budget_is_never_exceeded_and_pinned_items_stay() -> None:
@@ -283,10 +289,10 @@ def test_the_model_feeds_router_probabilities_to_the_cache(tiny_models) -> None:
     stride = read_manifest(packed).stride
     toks = {}
     for policy in ("lru", "router"):
-        m = MoEModel.open(packed, memory_budget=3 * stride, policy=policy, prefetch=False)
+        io = TraceRecorder()
+        m = MoEModel.open(packed, memory_budget=3 * stride, policy=policy, prefetch=False, recorder=io)
         try:
             toks[policy] = list(m.generate_ids(PROMPT, GEN_STEPS))
-            io = m.store.io
             assert len(io.trace_probs) == len(io.trace) > 0
             for (layer, experts), (n, _), p in zip(io.trace, io.trace_uses, io.trace_probs, strict=True):
                 assert p is not None and len(p) == m.m.num_experts and abs(sum(p) - 1.0) < 1e-5

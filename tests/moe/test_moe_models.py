@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from cache_research import TraceRecorder
 
 from local_engine.models.moe import MoEModel
 from tests.moe.conftest import ARCHS, GEN_STEPS, PROMPT, Tiny
@@ -209,10 +216,11 @@ def test_local_engine_generate_prefetch_and_policy_flags(tiny_models: dict[str, 
 
 
 def test_prefill_reads_each_touched_expert_once_per_layer(tiny_models: dict[str, Tiny]) -> None:
-    m = MoEModel.open(tiny_models["qwen2_moe"].packed["none"], memory_budget=0)
+    rec = TraceRecorder()
+    m = MoEModel.open(tiny_models["qwen2_moe"].packed["none"], memory_budget=0, recorder=rec)
     try:
         m.logits(PROMPT)  # 12 tokens x top-2 in one micro-batch
-        trace, io = m.store.io.trace, m.store.io
+        trace, io = rec.trace, m.store.io
     finally:
         m.close()
     assert [layer for layer, _ in trace] == m.m.moe_layers  # one request per MoE layer, dense layer skipped
