@@ -33,6 +33,9 @@ def _load(path: str) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Hybrid Gateway: an OpenAI-compatible gateway that routes LLM traffic by policy."""
+    from gateway.logs import logs_to_stderr
+
+    logs_to_stderr()  # not in front of the JSON `explain` and `policy test` print on stdout
 
 
 @main.command()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import orjson
 import structlog
@@ -44,6 +44,23 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None
     # litellm logs request bodies at DEBUG/INFO: keep it quiet so prompts never reach the logs.
     for noisy in ("LiteLLM", "litellm", "httpx", "httpcore", "presidio-analyzer", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _Stderr:
+    """sys.stderr as it is when a line is written (a test runner swaps it per command)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def logs_to_stderr() -> None:
+    """structlog's lines on stderr, for a CLI command that prints data on stdout: unconfigured,
+    structlog prints on stdout. Only the stream changes; `serve` configures the rest."""
+    if not structlog.is_configured():
+        structlog.configure(logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _Stderr())))
 
 
 class AuditLog:

@@ -4,6 +4,7 @@ gateway on loopback (or the CLI as a user runs it)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -276,6 +277,17 @@ def test_default_policy_without_a_key_answers_with_a_named_rule():
     out = json.loads(result.output)
     assert out["decision"]["rule"] == "no-cloud-key" and out["decision"]["target"] == "local"
     assert out["features"]["connectivity"] == "disabled" and out["features"]["targets"] == {"cloud": "disabled"}
+
+
+def test_explain_prints_only_its_json_on_stdout_and_logs_on_stderr():
+    # With a key, presidio loads and logs `privacy_analyzer_ready`: that line belongs on stderr.
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "explain", "--policy",
+                          str(ROOT / "policies/default.yaml"), "My name is John Smith."],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "CLOUD_API_KEY": "sk-test"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)["decision"]["rule"]
+    assert "privacy_analyzer_ready" in out.stderr
 
 
 # 7. explain: the server's connectivity view, only what the decision needs, or ask the server.
