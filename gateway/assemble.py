@@ -6,7 +6,7 @@ answer, and gets exactly that shape: text fields concatenated per choice, tool c
 their index (arguments concatenated, as the OpenAI SDK's own stream accumulator does), the last
 finish_reason, the usage chunk (asked for with `stream_options.include_usage`), and the answer's
 id, created, model and system_fingerprint. A pass-through stream's upstream events are kept, in
-order, under `NATIVE` (pipeline.complete makes the upstream's own answer of them).
+order, under `NATIVE` (gateway/stages/restore.py makes the upstream's own answer of them).
 """
 
 from __future__ import annotations

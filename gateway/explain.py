@@ -39,6 +39,7 @@ from gateway.policy.model import CloudTarget, Policy
 from gateway.privacy.vault import VaultStore
 from gateway.runtime import Runtime, build_runtime, shared_difficulty, shared_sensitivity
 from gateway.schema import APIError
+from gateway.stages.embed import redacts_input
 from gateway.wire.base import invalid
 from gateway.wire.embeddings import EmbeddingsRequest, classify_body
 
@@ -107,9 +108,25 @@ async def explain_with(
         # A simulation: a cloud target without a key is treated like any other, online or offline.
         health.disabled = False
         rt.monitor.force(name, "offline" if offline else "online")
-    prepared = await pipeline.prepare(rt, _call(body, headers, client), Metrics(), score_all=True)
+    return await _explained(rt, _call(body, headers, client), Metrics())
+
+
+async def _explained(rt: Runtime, call: pipeline.Call, metrics: Metrics) -> tuple[pipeline.Prepared, dict[str, Any]]:
+    prepared = await pipeline.prepare(rt, call, metrics, score_all=True)
     pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
     return prepared, describe(rt, prepared)
+
+
+async def explain_call(rt: Runtime, call: pipeline.Call, metrics: Metrics,
+                       embedding: tuple[EmbeddingsRequest, Requested] | None = None) -> dict[str, Any]:
+    """POST /v1/route/explain: the running gateway's decision on `call`, never sent; `embedding`:
+    a POST /v1/embeddings body's request, whose embedding plan follows the decision."""
+    prepared, result = await _explained(rt, call, metrics)
+    if call.trace is not None:
+        call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
+    if embedding is not None:
+        result["embeddings"] = embedding_plan(rt.policy, prepared, *embedding)
+    return result
 
 
 F = TypeVar("F", SensitivityFinding, DifficultyFinding)
@@ -224,7 +241,7 @@ def embedding_plan(policy: Policy, prepared: pipeline.Prepared, req: EmbeddingsR
                    want: Requested) -> dict[str, Any]:
     """What POST /v1/embeddings would do after the decision: the targets that may embed this
     input in the space asked for, in order, or the refusal it would answer."""
-    would_redact = prepared.redacted is not None and prepared.redacted != prepared.call.body
+    would_redact = redacts_input(prepared)
     out: dict[str, Any] = {"space_asked": want.space or "auto", "would_redact": would_redact,
                            "redacted": False}  # an embedding input is never redacted (docs/apis.md)
     if prepared.decision.action != "route":

@@ -25,13 +25,13 @@ from gateway.stages.classify import classify, estimate_tokens, without_images
 from gateway.stages.decide import blocked, fail_closed, max_tokens, pinned_target, requested_tokens
 from gateway.stages.embed import EmbedCall, embed
 from gateway.stages.redact import Redaction, needed, redact
-from gateway.stages.stream import SSE_DONE, StreamRun, sse
+from gateway.stages.stream import StreamRun
 from gateway.stages.targets import TargetBodies, all_failed_error, options
 from gateway.store import admission
 
 __all__ = [  # what the routes, explain and the deferred queue use
-    "SSE_DONE", "Call", "EmbedCall", "Prepared", "Served", "complete", "embed", "estimate_tokens", "fail_closed",
-    "prepare", "prompt_tokens", "refuse_blocked", "release_prepared", "sse", "stream", "without_images",
+    "Call", "EmbedCall", "Prepared", "Served", "complete", "embed", "estimate_tokens", "fail_closed",
+    "prepare", "prompt_tokens", "release_prepared", "stream", "without_images",
 ]
 
 
@@ -79,11 +79,6 @@ async def _prepare(rt: Runtime, call: Call, metrics: Metrics, score_all: bool) -
                     redacted=redaction.redacted, native_redacted=redaction.native_redacted, hold=admitted.hold)
 
 
-def refuse_blocked(prepared: Prepared) -> None:
-    if prepared.decision.action == "block":
-        raise blocked(prepared.decision)
-
-
 def _refuse_blocked(rt: Runtime, prepared: Prepared) -> None:
     if prepared.decision.action == "block":
         release_prepared(rt, prepared)
@@ -112,12 +107,10 @@ async def complete(rt: Runtime, prepared: Prepared) -> tuple[dict[str, Any], Ser
     return response, served
 
 
-async def stream(rt: Runtime, prepared: Prepared,
-                 encoded: bool = True) -> tuple[AsyncIterator[Any], Served, dict[str, Any]]:
-    """Returns the SSE byte stream, what served it, and a dict filled with usage as it streams.
-
-    `encoded=False`: the restored chunk dicts instead (no `[DONE]`), for a wire adapter that
-    translates them into another API's events; an interruption arrives as an `{"error": ...}` dict."""
+async def stream(rt: Runtime, prepared: Prepared) -> tuple[AsyncIterator[dict[str, Any]], Served, dict[str, Any]]:
+    """The restored chunks in chat's schema (for a wire adapter to write in its format; an
+    interruption arrives as an `{"error": ...}` dict), what served them, and a dict filled with
+    usage as it streams."""
     _refuse_blocked(rt, prepared)
     decision, bodies, opts = prepared.decision, TargetBodies(rt, prepared), options(rt, prepared.call)
     try:
@@ -126,7 +119,7 @@ async def stream(rt: Runtime, prepared: Prepared,
     except AllTargetsFailed as exc:
         release_prepared(rt, prepared)
         raise all_failed_error(exc, decision) from None
-    run = StreamRun(rt, prepared, outcome, _served(prepared, outcome, bodies), bodies, opts, encoded)
+    run = StreamRun(rt, prepared, outcome, _served(prepared, outcome, bodies), bodies, opts)
     return run.events(), run.served, run.usage
 
 

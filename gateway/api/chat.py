@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -13,17 +12,17 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from gateway import explain, pipeline, respond
+from gateway import explain, pipeline, respond, serve
 from gateway.api import deferred
 from gateway.api.deps import authenticate, get_state, request_id_of, state_of
 from gateway.api.errors import error_response, unexpected_error, validation_error
-from gateway.api.event_stream import EventStreamResponse
+from gateway.api.event_stream import EventStreamResponse, until_disconnect
 from gateway.api.responses import JSON
-from gateway.dispatch import aclose_quietly
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
 from gateway.wire.embeddings import classify_body
+from gateway.wire.openai_chat import SSE_DONE, sse
 
 router = APIRouter()
 
@@ -118,34 +117,6 @@ async def read_body(request: Request, state: GatewayState,
     return data
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    try:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-    except OSError:  # a server that raises instead of sending http.disconnect: gone all the same
-        return
-
-
-async def complete_watched(request: Request, rt: pipeline.Runtime,
-                           prepared: pipeline.Prepared) -> tuple[dict[str, Any], pipeline.Served]:
-    """`pipeline.complete`, cancelled as soon as the client hangs up. Nothing is sent until the
-    answer is whole, so without watching the connection (the body is read; the next ASGI message
-    is `http.disconnect`) an abandoned request ran to its end: a local engine generated every
-    token for nobody. Cancelling the call reaches the backend (the engine stops within a step)."""
-    work = asyncio.ensure_future(pipeline.complete(rt, prepared))
-    gone = asyncio.ensure_future(_until_disconnect(request.receive))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():  # the client left (or this handler itself was cancelled)
-            work.cancel()
-            await asyncio.wait({work})  # let the backend's cleanup run before the request is recorded
-    if not work.cancelled():
-        return work.result()
-    raise APIError(499, "The client closed the connection before the answer was ready.", code="cancelled")
-
-
 _KEY_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})  # credentials never reach rules or logs
 
 
@@ -170,62 +141,33 @@ async def chat_completions(request: Request) -> Response | EventStreamResponse:
     # Served by `serve_chat` (see gateway/app.py); the route stays registered for the OpenAPI
     # document. It calls its two dependencies itself for the same reason.
     state = state_of(request)
-    started = time.monotonic()
-    request_id = request_id_of(request)
-    client: str | None = None
-    body: dict[str, Any] = {}
-    call: pipeline.Call | None = None
+    incoming = serve.Incoming(state, request_id_of(request), CHAT_PATH)
     try:
-        client = await authenticate(request)
-        body = await read_body(request, state)
-        rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
-        call = _call(request, body, client)
-        prepared = await pipeline.prepare(rt, call, state.metrics)
-        if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
-            pipeline.release_prepared(rt, prepared)  # charged when sent, not now
-            job = await state.deferred.accept(rt, prepared)
-            respond.record(state, prepared, None, 202, {}, False)
-            return deferred.accepted(state, prepared, job)
+        incoming.client = await authenticate(request)
+        body = incoming.data = await read_body(request, state)
+        call = _call(request, body, incoming.client)
     except APIError as exc:
-        respond.record_rejected(state, request_id, started, exc, client, body.get("model"), body.get("stream") is True)
-        if call is not None and call.trace is not None:
-            call.trace.end(exc.status, {}, exc.code)
+        incoming.rejected(exc)
         raise
-    try:
-        if body.get("stream"):
-            stream, served, usage = await pipeline.stream(rt, prepared, encoded=False)
-        else:
-            response, served = await complete_watched(request, rt, prepared)
-    except APIError as exc:
-        respond.record_failed(state, prepared, exc, bool(body.get("stream")))
-        raise
-    headers = respond.route_headers(prepared, served)
-    if not body.get("stream"):
-        respond.record(state, prepared, served, 200, response.get("usage") or {}, False)
-        answer, headers["x-hybrid-usage"] = openai_chat.completion(
-            response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
-        return JSON(answer, headers=headers)
-    chunks = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
+    result = await serve.answer(incoming, state.runtime, call, stream=bool(body.get("stream")),
+                                until_disconnect=lambda: until_disconnect(request.receive))
+    if isinstance(result, serve.Deferred):
+        return deferred.accepted(state, result.prepared, result.job)
+    prompt_tokens = result.prepared.features.prompt_tokens
+    if isinstance(result, serve.Whole):
+        answer, result.headers["x-hybrid-usage"] = openai_chat.completion(
+            result.response, model=result.served.target, prompt_tokens=prompt_tokens)
+        return JSON(answer, headers=result.headers)
+    chunks = openai_chat.ChunkNormaliser(model=result.served.target, prompt_tokens=prompt_tokens,
                                          want_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
-    async def observed() -> AsyncIterator[bytes]:
-        first = True
-        try:
-            async for chunk in stream:
-                if first:
-                    state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
-                    first = False
-                yield pipeline.sse(chunks.chunk(chunk))
-            if (owed := chunks.finish()) is not None:  # the client asked for usage; no target sent it
-                yield b": x-hybrid-usage: estimated\n\n" + pipeline.sse(owed)
-            yield pipeline.SSE_DONE
-        finally:
-            await aclose_quietly(stream)  # closes the upstream when the client left mid-stream
-            respond.record(state, prepared, served, 200, usage, True)
+    def finish() -> list[bytes]:
+        if (owed := chunks.finish()) is not None:  # the client asked for usage; no target sent it
+            return [b": x-hybrid-usage: estimated\n\n" + sse(owed), SSE_DONE]
+        return [SSE_DONE]
 
-    headers["cache-control"] = "no-cache"
-    headers["x-accel-buffering"] = "no"
-    return EventStreamResponse(observed(), headers=headers)
+    return EventStreamResponse(result.events(lambda chunk: (sse(chunks.chunk(chunk)),), finish),
+                               headers=result.headers)
 
 
 async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
@@ -262,11 +204,5 @@ async def route_explain(
             ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise validation_error(exc) from None
-    prepared = await pipeline.prepare(rt, _call(request, body, client), state.metrics, score_all=True)
-    pipeline.release_prepared(rt, prepared)  # explained, never sent: nothing to hold
-    if prepared.call.trace is not None:
-        prepared.call.trace.end(200, {"hybrid.rule": prepared.decision.rule})
-    result = explain.describe(rt, prepared)
-    if embedding is not None:
-        result["embeddings"] = explain.embedding_plan(rt.policy, prepared, *embedding)
-    return JSON(result, headers={"x-request-id": prepared.call.request_id})
+    call = _call(request, body, client)
+    return JSON(await explain.explain_call(rt, call, state.metrics, embedding), headers={"x-request-id": call.request_id})

@@ -19,9 +19,13 @@ from collections.abc import AsyncIterator, Mapping
 from starlette.types import Receive, Scope, Send
 
 
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+async def until_disconnect(receive: Receive) -> None:
+    """Returns when the client has hung up (the request body already read)."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except OSError:  # a server that raises instead of sending http.disconnect: gone all the same
+        return
 
 
 class EventStreamResponse:
@@ -47,7 +51,7 @@ class EventStreamResponse:
                 client_left = True
                 me.cancel()
 
-        watcher = asyncio.ensure_future(_until_disconnect(receive))
+        watcher = asyncio.ensure_future(until_disconnect(receive))
         watcher.add_done_callback(on_disconnect)
         try:
             async for chunk in self.body:

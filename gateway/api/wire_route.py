@@ -4,8 +4,6 @@ pipeline exactly as the chat route does, convert out, and answer errors in the f
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
@@ -14,20 +12,15 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import pipeline, respond
+from gateway import pipeline
+from gateway import serve as serving
 from gateway.api import deferred
-from gateway.api.chat import (
-    _call,
-    _inline_defs,
-    complete_watched,
-    read_body,
-)
+from gateway.api.chat import _call, _inline_defs, read_body
 from gateway.api.deps import authenticate, request_id_of, state_of
 from gateway.api.errors import validation_error
-from gateway.api.event_stream import EventStreamResponse
+from gateway.api.event_stream import EventStreamResponse, until_disconnect
 from gateway.api.responses import JSON
 from gateway.deferred import wire as deferred_wire
-from gateway.dispatch import aclose_quietly
 from gateway.schema import APIError, ChatCompletionRequest
 from gateway.state import GatewayState
 from gateway.wire import openai_chat
@@ -87,74 +80,47 @@ def _checked(state: GatewayState, body: dict[str, Any]) -> None:
 
 async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
     state = state_of(request)
-    started = time.monotonic()
-    request_id = request_id_of(request)
-    client: str | None = None
-    data: dict[str, Any] = {}
+    incoming = serving.Incoming(state, request_id_of(request), adapter.endpoint)
     try:
-        client = await authenticate(request)
-        data = await read_body(request, state, schema=None)
+        incoming.client = await authenticate(request)
+        data = incoming.data = await read_body(request, state, schema=None)
         req = adapter.parse(data)
         body = adapter.to_chat(req)
         _checked(state, body)
-        rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
-        call = _call(request, body, client)
+        call = _call(request, body, incoming.client)
         if adapter.api is not None:  # the client's own body too, for a target of its API
             call = dataclasses.replace(call, passthrough=Passthrough(adapter.api, data))
-        prepared = await pipeline.prepare(rt, call, state.metrics)
-        if state.deferred.wants(rt, prepared):  # cloud-only, marked deferrable, and the cloud unreachable
-            pipeline.release_prepared(rt, prepared)  # charged when sent, not now
-            job = await state.deferred.accept(rt, prepared, wire=adapter.endpoint, echo=deferred_wire.echo_of(data))
-            respond.record(state, prepared, None, 202, {}, False, endpoint=adapter.endpoint)
-            return deferred.accepted(state, prepared, job)
     except APIError as exc:
-        respond.record_rejected(state, request_id, started, exc, client, data.get("model"),
-                                data.get("stream") is True, endpoint=adapter.endpoint)
+        incoming.rejected(exc)
         raise
-    streaming = bool(body.get("stream"))
-    try:
-        if streaming:
-            chunks, served, usage = await pipeline.stream(rt, prepared, encoded=False)
-        else:
-            response, served = await complete_watched(request, rt, prepared)
-    except APIError as exc:
-        respond.record_failed(state, prepared, exc, streaming, endpoint=adapter.endpoint)
-        raise
-    headers = respond.route_headers(prepared, served)
-    if not streaming:
-        respond.record(state, prepared, served, 200, response.get("usage") or {}, False, endpoint=adapter.endpoint)
-        if isinstance(native := response.get(NATIVE), dict):  # the upstream's own answer, restored
-            headers["x-hybrid-usage"] = "reported"
-            return JSON(adapter.native_answer(native, req), headers=headers)
+    rt = state.runtime  # one runtime for the whole request, even if the policy reloads meanwhile
+    result = await serving.answer(incoming, rt, call, stream=bool(body.get("stream")),
+                                  until_disconnect=lambda: until_disconnect(request.receive),
+                                  wire=adapter.endpoint, echo=deferred_wire.echo_of(data))
+    if isinstance(result, serving.Deferred):
+        return deferred.accepted(state, result.prepared, result.job)
+    prompt_tokens = result.prepared.features.prompt_tokens
+    if isinstance(result, serving.Whole):
+        if isinstance(native := result.response.get(NATIVE), dict):  # the upstream's own answer, restored
+            result.headers["x-hybrid-usage"] = "reported"
+            return JSON(adapter.native_answer(native, req), headers=result.headers)
         # Rebuilt to chat's schema first, so the adapter reads one shape whoever answered.
-        answer, headers["x-hybrid-usage"] = openai_chat.completion(
-            response, model=served.target, prompt_tokens=prepared.features.prompt_tokens)
-        return JSON(adapter.from_chat(answer, req), headers=headers)
-    translator = adapter.translator(req, await pipeline.prompt_tokens(rt, prepared, served.target), request_id)
-    normalised = openai_chat.ChunkNormaliser(model=served.target, prompt_tokens=prepared.features.prompt_tokens,
-                                             want_usage=True)
+        answer, result.headers["x-hybrid-usage"] = openai_chat.completion(
+            result.response, model=result.served.target, prompt_tokens=prompt_tokens)
+        return JSON(adapter.from_chat(answer, req), headers=result.headers)
+    target = result.served.target
+    translator = adapter.translator(req, await pipeline.prompt_tokens(rt, result.prepared, target),
+                                    incoming.request_id)
+    normalised = openai_chat.ChunkNormaliser(model=target, prompt_tokens=prompt_tokens, want_usage=True)
 
-    async def events() -> AsyncIterator[bytes]:
-        first = True
-        try:
-            async for chunk in chunks:
-                if first:
-                    state.metrics.ttft.labels(served.target).observe(time.monotonic() - prepared.call.started)
-                    first = False
-                # A pass-through's chunk goes as it is (its events say the answer); another is
-                # normalised to chat's schema, its internal parts put back.
-                for event in translator.feed(chunk if NATIVE in chunk
-                                             else {**normalised.chunk(chunk), **internal(chunk)}):
-                    yield sse_event(event)
-            if (owed := normalised.finish()) is not None:  # no target reported usage: estimated
-                for event in translator.feed(owed):
-                    yield sse_event(event)
-            for event in translator.finish():
-                yield sse_event(event)
-        finally:
-            await aclose_quietly(chunks)  # closes the upstream when the client left mid-stream
-            respond.record(state, prepared, served, 200, usage, True, endpoint=adapter.endpoint)
+    def convert(chunk: dict[str, Any]) -> list[bytes]:
+        # A pass-through's chunk goes as it is (its events say the answer); another is
+        # normalised to chat's schema, its internal parts put back.
+        return [sse_event(e) for e in translator.feed(chunk if NATIVE in chunk
+                                                      else {**normalised.chunk(chunk), **internal(chunk)})]
 
-    headers["cache-control"] = "no-cache"
-    headers["x-accel-buffering"] = "no"
-    return EventStreamResponse(events(), headers=headers)
+    def finish() -> list[bytes]:
+        owed = normalised.finish()  # no target reported usage: estimated
+        return [sse_event(e) for e in (*(translator.feed(owed) if owed is not None else ()), *translator.finish())]
+
+    return EventStreamResponse(result.events(convert, finish), headers=result.headers)

@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.dispatch import AllTargetsFailed, Dispatcher, Part
+from gateway.policy.embeddings import Requested, plan
 from gateway.runtime import Runtime
 from gateway.stages.call import Prepared, Served
 from gateway.stages.charge import charge, release_prepared
@@ -32,11 +33,21 @@ class _EmbeddingTarget(Backend):
         raise BackendError("invalid", "embeddings do not stream")
 
 
-async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...], call: EmbedCall,
-                notes: tuple[str, ...] = ()) -> tuple[dict[str, Any], Served]:
-    """An embeddings request along `chain`; `notes`: what the plan changed (x-hybrid-warning)."""
+def redacts_input(prepared: Prepared) -> bool:
+    """The rule redacts and the input holds something it would replace."""
+    return prepared.redacted is not None and prepared.redacted != prepared.call.body
+
+
+async def embed(rt: Runtime, prepared: Prepared, want: Requested, dimensions: int | None,
+                call: EmbedCall) -> tuple[dict[str, Any], Served]:
+    """An embeddings request along the decision's chain as the plan narrows it to the targets
+    that may embed this input in the space `want`s."""
     if prepared.decision.action == "block":
         raise blocked(prepared.decision)
+    chosen = plan(rt.policy, prepared.decision, want, would_redact=redacts_input(prepared), dimensions=dimensions)
+    # Nothing is redacted on this endpoint: the redaction prepare planned is never sent.
+    prepared.redacted, prepared.vault = None, None
+    chain = chosen.chain
     dispatcher = Dispatcher(rt.policy, {t: _EmbeddingTarget(t, call) for t in chain}, rt.monitor)
     try:
         outcome = await dispatcher.complete(chain, lambda t: {}, options(rt, prepared.call))
@@ -47,7 +58,8 @@ async def embed(rt: Runtime, prepared: Prepared, chain: tuple[str, ...], call: E
     billed = Served(target=outcome.target, fallbacks=[], redactions=0,
                     parts=[Part(outcome.target, usage=_embedding_usage(response))])
     await charge(rt, prepared, billed, [0])
-    return response, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0, warnings=list(notes))
+    return response, Served(target=outcome.target, fallbacks=outcome.fallbacks, redactions=0,
+                           warnings=list(chosen.notes))  # what the plan changed
 
 
 def _embedding_usage(response: dict[str, Any]) -> dict[str, Any] | None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 import structlog
 
 from gateway import resume
@@ -22,17 +21,6 @@ from gateway.stream_deadline import StreamDeadline
 from gateway.wire.passthrough import NATIVE
 
 log = structlog.get_logger("gateway.pipeline")
-
-
-def sse(data: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(data) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def _as_is(data: dict[str, Any]) -> dict[str, Any]:
-    return data
 
 
 def stream_error(target: str, exc: BackendError) -> dict[str, Any]:
@@ -51,19 +39,17 @@ class StreamRun:
     (a resumed stream gains a part and a fallback); `usage` fills in as the targets report it."""
 
     def __init__(self, rt: Runtime, prepared: Prepared, first: Outcome, served: Served, bodies: TargetBodies,
-                 opts: CallOptions, encoded: bool = True) -> None:
+                 opts: CallOptions) -> None:
         self.rt, self.prepared, self.first, self.bodies, self.opts = rt, prepared, first, bodies, opts
         self.served = served
-        self.encoded = encoded
-        self.emit = sse if encoded else _as_is
         self.want_usage = bool((prepared.call.body.get("stream_options") or {}).get("include_usage"))
         self.usage: dict[str, Any] = {}
         self.partial = resume.Partial()
         self.marks = [0]  # where each part's text starts in what the client saw
 
-    async def events(self) -> AsyncIterator[Any]:
-        """The chunks as the client gets them: SSE bytes ending in `[DONE]`, or (not `encoded`)
-        the restored chunk dicts, an interruption as an `{"error": ...}` dict."""
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The restored chunks in chat's schema, for the route to write in its wire format; an
+        interruption no target could resume arrives as an `{"error": ...}` dict."""
         current, partial = self.first, self.partial
         trace = self.prepared.call.trace
         # A stream is restored chunk by chunk: its restore span lasts as long as the stream.
@@ -81,10 +67,10 @@ class StreamRun:
                             continue
                         for c in self._out(chunk, restorer):
                             partial.seen(c)
-                            yield self.emit(c)
+                            yield c
                     for c in restorer.flush() if restorer is not None else ():
                         partial.seen(c)
-                        yield self.emit(c)
+                        yield c
                     break
                 except BackendError as exc:
                     log.warning("stream_interrupted", target=current.target, reason=exc.reason,
@@ -94,10 +80,10 @@ class StreamRun:
                     nxt = await self._resume(current.target)
                     if nxt is None:
                         for c in restorer.flush() if restorer is not None else ():
-                            yield self.emit(c)
+                            yield c
                         # Tokens were already sent and no target can write the rest: end the stream
                         # with an error event the OpenAI SDK raises on, never a hung connection.
-                        yield self.emit(stream_error(current.target, exc))
+                        yield stream_error(current.target, exc)
                         self.usage["error"] = exc.reason
                         break
                     self._moved(current.target, nxt, exc.reason)
@@ -110,8 +96,6 @@ class StreamRun:
             ends = [*self.marks[1:], len(partial.text)]
             await charge(self.rt, self.prepared, self.served,
                          [end - start for start, end in zip(self.marks, ends, strict=True)])
-        if self.encoded:
-            yield SSE_DONE
 
     async def _read(self, current: Outcome) -> AsyncIterator[dict[str, Any]]:
         """A target's chunks: those already pulled, then the rest under the stream deadline."""

@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Any
 
+import orjson
+
 from gateway.wire.passthrough import INTERNAL
 
 # What OpenAI's schema allows; foreign values (Anthropic's, llama.cpp's) are mapped, else "stop".
@@ -96,8 +98,6 @@ def _tool_call(call: Any, i: int, streamed: bool) -> dict[str, Any] | None:
     if isinstance(args, str):
         function["arguments"] = args
     elif args is not None:  # an upstream that sends an object: the schema says JSON text
-        import orjson
-
         function["arguments"] = orjson.dumps(args).decode()
     if streamed:
         out["index"] = _int(call.get("index"), i)
@@ -233,3 +233,11 @@ class ChunkNormaliser:
         if self._fingerprint is not None:
             owed["system_fingerprint"] = self._fingerprint
         return owed
+
+
+def sse(data: dict[str, Any]) -> bytes:
+    """One chat completion chunk as a server-sent event."""
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

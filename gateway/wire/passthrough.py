@@ -7,7 +7,7 @@ stays the one chat body every stage reads; the client's own body rides beside it
 part that only the same-API backend opens (gateway/backends/wire_http.py), redacted in that
 API's own positions (gateway/privacy/native.py).
 
-On the way to the backend the part travels inside the body under `NATIVE`; `pipeline.body_for`
+On the way to the backend the part travels inside the body under `NATIVE`; `gateway/stages/targets.py`
 puts it there for a same-API target only, so no other backend ever sees it. On the way back,
 the backend's chat completion (and each stream chunk) carries the upstream's own answer (or the
 stream events the chunk came from) under the same key, for the client's adapter to answer with.
