@@ -6,7 +6,6 @@ import asyncio
 import time
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
@@ -15,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import explain, pipeline, respond, serve
 from gateway.api import deferred
 from gateway.api.deps import authenticate, get_state, request_id_of, state_of
-from gateway.api.errors import error_response, unexpected_error, validation_error
+from gateway.api.errors import error_response, json_object, unexpected_error, validation_error
 from gateway.api.event_stream import EventStreamResponse, until_disconnect
 from gateway.api.responses import JSON
 from gateway.schema import APIError, ChatCompletionRequest, ErrorResponse
@@ -97,12 +96,7 @@ async def read_body(request: Request, state: GatewayState,
     raw = b"".join(chunks)
     if not raw:
         raise APIError(400, "The request body is empty; expected JSON.", code="invalid_json")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise APIError(400, "The request body is not valid JSON (or not UTF-8).", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    data = json_object(raw)
     if _depth_exceeds(data, MAX_JSON_DEPTH):
         raise APIError(400, f"The request body is nested deeper than {MAX_JSON_DEPTH} levels.", code="invalid_json")
     messages = data.get("messages")

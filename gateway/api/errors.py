@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,3 +60,14 @@ def unexpected_error(exc: Exception, path: str) -> JSON:
     # Log the type only: an exception's text may quote request content.
     log.error("unhandled_error", error=type(exc).__name__, path=path)
     return error_response(APIError(500, "Internal error in the gateway.", code="internal_error"))
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object, or the 400 that says what it is instead."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise APIError(400, "The request body is not valid JSON (or not UTF-8).", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Literal, TypeVar
 
-import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.api.deps import get_state, require_admin
-from gateway.api.errors import validation_error
+from gateway.api.errors import json_object, validation_error
 from gateway.api.responses import JSON
 from gateway.schema import APIError
 from gateway.state import GatewayState
@@ -54,12 +53,7 @@ async def json_body(request: Request, model: type[M]) -> M:
     raw = await request.body()
     if len(raw) > _MAX_ADMIN_BODY:
         raise APIError(413, f"Request body exceeds {_MAX_ADMIN_BODY} bytes.", code="body_too_large")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise APIError(400, "The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    data = json_object(raw)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

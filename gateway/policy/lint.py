@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS
-from gateway.policy.load import PolicySource
+from gateway.policy.load import PolicySource, Problem
 from gateway.policy.model import AtLeast, Bound, LocalTarget, Policy, When
 from gateway.policy.pace import resolve
 
@@ -38,11 +38,8 @@ Cell = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
-class LintWarning:
-    file: str
-    line: int
-    col: int
-    message: str
+class LintWarning(Problem):
+    """A policy that loads but likely does not do what was meant: where, and why."""
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}: warning: {self.message}"

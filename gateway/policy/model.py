@@ -66,6 +66,16 @@ class Prices(_Strict):
         return self.input == 0 and self.output == 0
 
 
+# Fields both kinds of target have, described once.
+ContinuesAnswers = Annotated[bool | None, Field(
+    description="Can go on writing an unfinished assistant answer, so a stream another target broke "
+    "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
+    "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.")]
+Vision = Annotated[bool | None, Field(
+    description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
+    "body is forwarded as sent), false for `engine: local_engine` (text only).")]
+
+
 class CloudTarget(_Strict):
     """Data sent here leaves the device."""
 
@@ -96,17 +106,8 @@ class CloudTarget(_Strict):
         "litellm for every other provider.",
     )
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    continues_answers: bool | None = Field(
-        None,
-        description="Can go on writing an unfinished assistant answer, so a stream another target broke "
-        "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
-        "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
-    )
-    vision: bool | None = Field(
-        None,
-        description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
-        "body is forwarded as sent), false for `engine: local_engine` (text only).",
-    )
+    continues_answers: ContinuesAnswers = None
+    vision: Vision = None
     embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
     api: WireAPI = Field("chat", description=_API_DOC)
     prices: Prices | None = Field(
@@ -207,17 +208,8 @@ class LocalTarget(_Strict):
         "sinks: 4}. Absent: f32, unbounded.")
     default_max_tokens: int = Field(256, ge=1)
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    continues_answers: bool | None = Field(
-        None,
-        description="Can go on writing an unfinished assistant answer, so a stream another target broke "
-        "after its first token is resumed here. Absent: true for `engine: local_engine`, false otherwise; "
-        "set true for an OpenAI-compatible server with vLLM's `continue_final_message`.",
-    )
-    vision: bool | None = Field(
-        None,
-        description="Takes image_url content parts. Absent: true for cloud targets and local servers (the "
-        "body is forwarded as sent), false for `engine: local_engine` (text only).",
-    )
+    continues_answers: ContinuesAnswers = None
+    vision: Vision = None
     embeddings: Embeddings | None = Field(None, description=_EMBEDDINGS_DOC)
     api: WireAPI = Field("chat", description=_API_DOC)
 
