@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 from local_engine.errors import EngineError
+from local_engine.models.layers import ATTN_GROUP
 from local_engine.models.llama import PREFILL_CHUNK
 from local_engine.sequence import Sequence
 
@@ -74,8 +75,10 @@ class Scheduler:
         self.engine = engine
         self.max_batch, self.max_waiting = max_batch, max_waiting
         engine.max_batch = max(engine.max_batch, max_batch)  # its memory() counts this many KV caches
-        # the serial path's chunk by default: the same chunks give the same logits
-        self.prefill_chunk = int(prefill_chunk or PREFILL_CHUNK)
+        # the serial path's chunk by default; any chunk is cut at a multiple of ATTN_GROUP, so a
+        # chunk edge never splits an attention group and the logits are a serial run's, bitwise
+        chunk = int(prefill_chunk or PREFILL_CHUNK)
+        self.prefill_chunk = max(ATTN_GROUP, chunk - chunk % ATTN_GROUP)
         self._cv = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._active: list[tuple[_Request, Sequence]] = []

@@ -216,3 +216,14 @@ def test_long_prompts_prefill_in_chunks_with_the_same_logits(smol: Engine, monke
     assert torch.equal(got, want)
     last = model.forward(ids, model.new_cache(), last_only=True)
     assert last.shape[0] == 1 and torch.equal(last[0], want[-1])
+
+
+def test_scheduler_chunks_never_split_an_attention_group(smol: Engine) -> None:
+    from local_engine.scheduler import Scheduler
+
+    for asked, got in ((100, 96), (10, ATTN_GROUP), (256, 256)):
+        s = Scheduler(_no_cache(smol), prefill_chunk=asked)
+        try:
+            assert s.prefill_chunk == got
+        finally:
+            s.close()
