@@ -101,7 +101,8 @@ class Budgets:
         self._local = EmbeddedStore()
         self._last_shared: dict[str, float] = {}  # key -> the spend last read from the store
         self._degraded = False
-        self._queued: list[Settle] = []  # answers since the last store call: the next admit carries them
+        # Answers since the last store call, each with when it was queued: the next admit carries them.
+        self._queued: list[tuple[float, Settle]] = []
         self._pending: dict[str, set[asyncio.Future[None]]] = {}  # key -> calls carrying its settles
         self._backlog: list[Settle] = []  # settles the store could not take: replayed when it is back
         self._replaying: asyncio.Task[None] | None = None
@@ -165,7 +166,7 @@ class Budgets:
         """Make a store call that carries every settle queued on this replica, each once: applied
         with the call, or, if it fails, counted locally and replayed when the store is back (a
         call that failed after the store applied it is replayed too: the settle id counts once)."""
-        batch, self._queued[:] = self._queued[:], []
+        batch, self._queued[:] = [s for _, s in self._queued], []
         if not batch:
             return await call(())
         sent: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -210,8 +211,15 @@ class Budgets:
                 await self.carrying(lambda settles: self._store.admit([], None, settles))
 
     def _flush_later(self) -> None:
+        # Only settles no admit has carried for SETTLE_AFTER_S go on their own: under steady
+        # traffic the timer finds them carried already and waits for the oldest left.
         self._timer = None
-        if self._queued:
+        if not self._queued:
+            return
+        wait = self._queued[0][0] + SETTLE_AFTER_S - time.monotonic()
+        if wait > 0:
+            self._timer = asyncio.get_running_loop().call_later(wait, self._flush_later)
+        else:
             task = asyncio.ensure_future(self._flush_logged())
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
@@ -300,7 +308,8 @@ class Budgets:
             now = self._clock()
             period = self._period(client, now)
             key, ttl = self._key(client, period), period.left_s(now) + 60  # a minute past its period
-        self._queued.append(Settle(key, hold.id if hold is not None else secrets.token_hex(12), amounts, ttl))
+        self._queued.append((time.monotonic(),
+                             Settle(key, hold.id if hold is not None else secrets.token_hex(12), amounts, ttl)))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(SETTLE_AFTER_S, self._flush_later)
 
