@@ -529,8 +529,13 @@ def run_state(args: argparse.Namespace) -> str:
             out(f"    {name + ' replica' + ('s' if name == 'two' else ''):<13}"
                 + ", ".join(f"{k} {v / wall[name]:.2f}" for k, v in used.items())
                 + f"; total {sum(used.values()) / wall[name]:.2f}")
+        two_total = sum(cpu["two"].values()) / wall["two"]
         out(f"  on {os.cpu_count()} cores the gateway replicas, HAProxy, wrk, the Python fake upstream and "
-            "redis-server all share the CPUs: a second replica can only use what the others leave.")
+            "redis-server all share the CPUs: a second replica can only use what the others leave; "
+            + (f"this run's processes used {two_total:.2f} of them with 2 replicas, other work on the box the "
+               f"rest (load average {load[0]:.1f}): the limit was the shared machine, not wrk (its CPU above)"
+               if two_total < 0.8 * (os.cpu_count() or 1) else
+               "they were busy: the limit was these processes' CPU (wrk's share above)"))
     finally:
         for p in procs:
             p.stop()
