@@ -15,6 +15,7 @@ import orjson
 import structlog
 
 from gateway.backends.base import BackendError
+from gateway.backends.litellm_backend import stop_logging_worker
 from gateway.connectivity import Force
 from gateway.deferred.service import build_deferred
 from gateway.logs import AuditLog
@@ -213,6 +214,8 @@ class GatewayState:
         for backend in self.runtime.backends.values():
             with contextlib.suppress(Exception):
                 await backend.aclose()
+        with contextlib.suppress(Exception):
+            await stop_logging_worker()
         self.audit.close()
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # sends the spans still batched

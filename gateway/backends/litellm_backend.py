@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,6 +14,24 @@ from gateway.backends.errors import from_litellm
 
 # The machine may be offline: litellm must not fetch its cost map at import (litellm #739).
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+async def stop_logging_worker() -> None:
+    """Stop litellm's logging worker if it runs on this event loop (the gateway's, at shutdown).
+    Left running, its pending `_worker_loop` coroutine is collected after the loop has closed and
+    Python reports "Event loop is closed". A worker bound to another loop (another gateway in the
+    same process) is left to that one: cancelling its tasks from here would not be thread-safe."""
+    if "litellm" not in sys.modules:  # never imported: nothing was logged
+        return
+    from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+
+    if GLOBAL_LOGGING_WORKER._bound_loop is not asyncio.get_running_loop():  # no public accessor
+        return
+    try:
+        await asyncio.wait_for(GLOBAL_LOGGING_WORKER.flush(), timeout=2)
+    except Exception:  # shutting down: callbacks that do not finish are dropped
+        pass
+    await GLOBAL_LOGGING_WORKER.stop(discard_pending=True, timeout=2)
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
