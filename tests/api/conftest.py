@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import RunningGateway, reset_upstreams, run_gateway
 from tests.support.policies import policy_yaml
 from tests.support.tool_upstream import ToolStreamingUpstream
 
@@ -98,12 +98,7 @@ def audit_line(gw: RunningGateway, request_id: str) -> dict[str, Any]:
     raise AssertionError(f"no audit line for {request_id}")
 
 
-@pytest.fixture(autouse=True)
-def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    for name in ("cloud", "local"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).reset()
+__all__ = ["reset_upstreams"]  # autouse (tests/support/gateway.py): each test starts with empty recordings
 
 
 def sse(gw: RunningGateway, path: str, body: dict[str, Any],

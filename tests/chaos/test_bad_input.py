@@ -22,7 +22,7 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import write_policy
+from tests.support.policies import OFFLINE_LOCAL, write_policy
 from tests.support.upstream import FakeUpstream
 
 
@@ -65,13 +65,7 @@ limits:
   classify_budget_ms: 5000
 difficulty:
   method: heuristic
-defaults:
-  fallback: [local]
-rules:
-  - name: offline
-    when: { connectivity: offline }
-    route: local
-  - name: to-cloud
+""" + OFFLINE_LOCAL + """  - name: to-cloud
     when: { header: { x-route: cloud } }
     route: cloud
   - name: default

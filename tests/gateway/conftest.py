@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import policies
-from tests.support.gateway import RunningGateway, run_gateway
+from tests.support.gateway import RunningGateway, reset_upstreams, run_gateway
+from tests.support.policies import OFFLINE_LOCAL
 from tests.support.upstream import FakeUpstream
 
 # The policy of the gateway tests less its targets (write_policy adds them). Other tests edit
@@ -25,13 +26,7 @@ limits:
   request_timeout_s: 8
   body_read_timeout_s: 1
   classify_budget_ms: 5000
-defaults:
-  fallback: [local]
-rules:
-  - name: offline
-    when: { connectivity: offline }
-    route: local
-  - name: forbidden
+""" + OFFLINE_LOCAL + """  - name: forbidden
     when: { header: { x-team: blocked-* } }
     block: { status: 403, message: "Team is not allowed." }
   - name: to-cloud
@@ -70,9 +65,4 @@ def gw(policy_file: Path) -> Iterator[RunningGateway]:
         yield running
 
 
-@pytest.fixture(autouse=True)
-def _clean(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    for name in ("cloud", "local"):
-        if name in request.fixturenames:
-            request.getfixturevalue(name).reset()
+__all__ = ["reset_upstreams"]  # autouse (tests/support/gateway.py): each test starts with empty recordings

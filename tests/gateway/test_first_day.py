@@ -23,7 +23,7 @@ from gateway.policy.evaluate import decide
 from gateway.policy.load import parse_policy
 from tests.gateway.conftest import POLICY
 from tests.support.gateway import RunningGateway, run_gateway
-from tests.support.policies import policy_yaml, write_policy
+from tests.support.policies import OFFLINE_LOCAL, policy_yaml, write_policy
 from tests.support.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +36,7 @@ clients:
   - {name: app, api_key: k-app}
 connectivity: {probe_interval_s: 0.3, probe_timeout_s: 0.5, failures_to_offline: 3, successes_to_online: 2}
 limits: {request_timeout_s: 30, classify_budget_ms: 5000}
-defaults:
-  fallback: [local]
-rules:
-  - name: offline
-    when: { connectivity: offline }
-    route: local
-  - name: keep-home
+""" + OFFLINE_LOCAL + """  - name: keep-home
     when: { header: { x-keep: home } }
     route: engine
     allow_pin: false

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import uvicorn
 
 from gateway.app import create_app
@@ -72,3 +73,13 @@ def run_gateway(policy_path: str | Path, *, admin_key: str | None = "admin-secre
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+
+
+@pytest.fixture(autouse=True)
+def reset_upstreams(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, the `cloud` and `local` fake upstreams it used forget what they received
+    (a conftest that wants it imports it)."""
+    yield
+    for name in ("cloud", "local"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).reset()

@@ -24,6 +24,16 @@ class Served(Protocol):
     def base_url(self) -> str: ...
 
 
+# The head of most test policies' rules: everything falls back to `local`, and offline stays there.
+OFFLINE_LOCAL = """defaults:
+  fallback: [local]
+rules:
+  - name: offline
+    when: { connectivity: offline }
+    route: local
+"""
+
+
 def policy_yaml(
     cloud_url: str,
     local_url: str,
