@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from local_engine.errors import ModelFileError, UnsupportedModel
-from local_engine.formats.gguf import GGUFFile
+from local_engine.formats.gguf import GGUFFile, dequantize_blocks
 
 # Quant types we can dequantise (gguf.quants implements them in numpy).
 SUPPORTED_GGUF_TYPES = {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
@@ -95,18 +95,14 @@ class GGUFStore:
         return tuple(self._tensor(name).shape)
 
     def get(self, name: str) -> torch.Tensor:
-        import gguf
-
         t = self._tensor(name)
         q = t.type_name
         if q not in SUPPORTED_GGUF_TYPES:
             raise UnsupportedModel(self.path, f"tensor {name} has quant type {q}")
         data = self._file.data(name)
         if q in ("F32", "F16"):
-            arr = data.astype(np.float32)
-        else:
-            arr = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[q])
-        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(t.shape)
+            return torch.from_numpy(np.ascontiguousarray(data.astype(np.float32))).reshape(t.shape)
+        return dequantize_blocks(data, q).reshape(t.shape)
 
     def raw(self, name: str) -> RawTensor | None:
         t = self._tensor(name)

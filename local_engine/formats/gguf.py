@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from local_engine.errors import ModelFileError
 
@@ -21,6 +22,37 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
        7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
+
+# The one GGUF <-> Hugging Face tensor-name table (models/llama.py, formats/gguf_moe.py): GGUF name
+# (after "blk.N.") -> HF name (after "model.layers.N."); "{moe}" is an MoE block's prefix ("mlp",
+# or "block_sparse_moe" for Mixtral)
+GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate_inp.weight": "{moe}.gate.weight",
+    "ffn_gate_inp_shexp.weight": "{moe}.shared_expert_gate.weight",
+    "ffn_gate_shexp.weight": "{moe}.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "{moe}.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "{moe}.shared_expert.down_proj.weight",
+    # a dense layer inside an MoE model (Qwen2/3-MoE mlp_only_layers)
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 
 @dataclass
 class GGUFTensorInfo:
@@ -120,3 +152,20 @@ class GGUFFile:
             return raw.view(np.float16).reshape(t.shape)
         rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
         return raw.reshape(rows, -1)
+
+
+def dequantize_blocks(data: np.ndarray, qtype: str) -> torch.Tensor:
+    """fp32 values of GGUF-quantised bytes (``qtype`` a ``GGMLQuantizationType`` name; ``data``
+    rows of whole blocks), as ``gguf.quants`` computes them: the engine's one dequantiser. KeyError
+    or NotImplementedError for a type it has no dequantiser for."""
+    import gguf
+
+    arr = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's ``LlamaModel.permute`` (its converter interleaves the two
+    RoPE halves of each q/k head, HF's layout splits them): ``w_hf = w_gguf[idx]``."""
+    half = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(-1)

@@ -44,39 +44,16 @@ import numpy as np
 import torch
 
 from local_engine.errors import EngineError, PackError, UnsupportedArchitecture
-from local_engine.formats.gguf import GGUFFile
+from local_engine.formats.gguf import (
+    GGUF_GLOBAL_NAMES,
+    GGUF_LAYER_NAMES,
+    GGUFFile,
+    dequantize_blocks,
+    unpermute_rows,
+)
 from local_engine.formats.sources import PackSource
 from local_engine.tokenizer import from_gguf
 
-# GGUF tensor name (after "blk.N.") -> HF name (after "model.layers.N."); "{moe}" is the MoE
-# block's prefix ("mlp", or "block_sparse_moe" for Mixtral)
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate_inp.weight": "{moe}.gate.weight",
-    "ffn_gate_inp_shexp.weight": "{moe}.shared_expert_gate.weight",
-    "ffn_gate_shexp.weight": "{moe}.shared_expert.gate_proj.weight",
-    "ffn_up_shexp.weight": "{moe}.shared_expert.up_proj.weight",
-    "ffn_down_shexp.weight": "{moe}.shared_expert.down_proj.weight",
-    # a dense layer inside an MoE model (Qwen2/3-MoE mlp_only_layers)
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 _EXPS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight")
 _LEGACY_EXPERT = re.compile(r"ffn_(gate|up|down)\.(\d+)\.weight")  # pre-2024 Mixtral GGUFs
 _LOSSLESS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -89,29 +66,18 @@ _ARCHS = {
 }
 
 
-def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
-    """Row order that undoes llama.cpp's ``LlamaModel.permute`` (which turns HF's half-split RoPE
-    layout into interleaved pairs): ``w_hf = w_gguf[idx]``."""
-    half = n_rows // n_head // 2
-    return np.arange(n_rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(-1)
-
-
 def _decode(raw: np.ndarray, type_name: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
     """Bytes of a tensor (or of one expert's slice) -> a tensor of ``shape``; lossless dtypes kept."""
-    import gguf
-
     if type_name in _LOSSLESS:
         # a copy: the array is a read-only view of the memory-mapped file
         view = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}[type_name]
         t = torch.from_numpy(np.array(raw.view(view))).reshape(shape)
         return t.view(torch.bfloat16) if type_name == "BF16" else t  # numpy has no bfloat16
     try:
-        qt = gguf.GGMLQuantizationType[type_name]
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        arr = gguf.quants.dequantize(np.ascontiguousarray(raw).reshape(rows, -1), qt)
+        return dequantize_blocks(np.ascontiguousarray(raw).reshape(rows, -1), type_name).reshape(shape)
     except (KeyError, NotImplementedError):
         raise PackError(f"{where}: GGUF type {type_name} cannot be dequantised") from None
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
 class GGUFSource(PackSource):
@@ -141,8 +107,8 @@ class GGUFSource(PackSource):
         self._moe_layers: set[int] = set()
         unknown: list[str] = []
         for name in self._t:
-            if name in _GLOBAL_NAMES:
-                self.where[_GLOBAL_NAMES[name]] = name
+            if name in GGUF_GLOBAL_NAMES:
+                self.where[GGUF_GLOBAL_NAMES[name]] = name
                 continue
             m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
             if m is None:
@@ -152,8 +118,8 @@ class GGUFSource(PackSource):
             hp = f"model.layers.{layer}."
             experts = f"{hp}{self._moe}.experts."
             legacy = _LEGACY_EXPERT.fullmatch(rest)
-            if rest in _LAYER_NAMES:
-                self.where[hp + _LAYER_NAMES[rest].format(moe=self._moe)] = name
+            if rest in GGUF_LAYER_NAMES:
+                self.where[hp + GGUF_LAYER_NAMES[rest].format(moe=self._moe)] = name
             elif rest in (_EXPS[0], _EXPS[3]):  # gate (+ up, down alongside) or the fused gate|up
                 self.where[experts + "gate_up_proj"] = name
                 self.where[experts + "down_proj"] = f"blk.{layer}.{_EXPS[2]}"
@@ -272,7 +238,7 @@ class GGUFSource(PackSource):
             out = out.reshape(1, -1)  # llama.cpp declares it [H]; HF's Linear(H, 1) is [1, H]
         if self._permute and (".q_proj." in name or ".k_proj." in name):
             heads = self.config["num_attention_heads"] if ".q_proj." in name else self.config["num_key_value_heads"]
-            out = out[torch.from_numpy(_unpermute_rows(out.shape[0], heads))]
+            out = out[torch.from_numpy(unpermute_rows(out.shape[0], heads))]
         return out
 
     def get_row(self, name: str, e: int) -> torch.Tensor:

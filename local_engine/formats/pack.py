@@ -52,6 +52,7 @@ import crc32c
 import torch
 
 from local_engine.errors import PackError, UnsupportedArchitecture
+from local_engine.formats.gguf import dequantize_blocks
 from local_engine.formats.gguf_moe import GGUFSource
 from local_engine.formats.sources import PackSource, SafetensorsSource, copy_tokenizer_files
 
@@ -124,13 +125,17 @@ class ArchSpec:
     up: str
     down: str
     num_experts_key: str
+    # what models/moe.py computes differently per family (its quirks, in one place):
+    qk_norm: str = ""  # "head": RMSNorm per q/k head (Qwen3-MoE); "projection": over the whole q/k projection (OLMoE)
+    shared_expert: bool = False  # a sigmoid-gated shared expert beside the routed ones (Qwen2-MoE)
+    renormalise: bool | None = None  # top-k weights renormalised always (Mixtral); None: config's norm_topk_prob
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "mixtral": ArchSpec("mixtral", "block_sparse_moe", "w1", "w3", "w2", "num_local_experts"),
-    "qwen2_moe": ArchSpec("qwen2_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
-    "qwen3_moe": ArchSpec("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
-    "olmoe": ArchSpec("olmoe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts"),
+    "mixtral": ArchSpec("mixtral", "block_sparse_moe", "w1", "w3", "w2", "num_local_experts", renormalise=True),
+    "qwen2_moe": ArchSpec("qwen2_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", shared_expert=True),
+    "qwen3_moe": ArchSpec("qwen3_moe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", qk_norm="head"),
+    "olmoe": ArchSpec("olmoe", "mlp", "gate_proj", "up_proj", "down_proj", "num_experts", qk_norm="projection"),
 }
 
 
@@ -560,10 +565,7 @@ def quantize_dense(w: torch.Tensor, dense: str) -> torch.Tensor:
 
 def dequantize_dense(blocks: torch.Tensor, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
     """fp32 [rows, cols] of a dense tensor stored as GGUF blocks (the reference for the kernel)."""
-    import gguf
-
-    w = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[qtype])
-    return torch.from_numpy(w.astype("float32", copy=False)).reshape(shape)
+    return dequantize_blocks(blocks.numpy(), qtype).reshape(shape)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

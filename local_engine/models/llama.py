@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from local_engine import kv_cache, qkernel
 from local_engine.errors import UnsupportedModel
+from local_engine.formats.gguf import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, dequantize_blocks, unpermute_rows
 from local_engine.models.base import CausalLM
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
 from local_engine.quant import DenseLinear, F16Linear, GGUFBlockLinear, Int4Linear, Int8Linear, SizedLinear
@@ -50,7 +51,9 @@ FEW_TOKENS = 16
 # run 2026-12-05): M rows cost 0.68 / 0.65 / 0.50 / 0.41 of M single rows at M = 2 / 3 / 4 / 8;
 # 5-7 rows cost what 8 do (one 8-row tile per weight row) and 3 what 4 do.
 BATCH_MIN_ROWS = 2
-GGUF_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+# GGUF architectures we run, and their quirk: whether llama.cpp's converter permuted the q/k rows
+# (its RoPE pairs adjacent dims; llama-arch models only), undone at load
+GGUF_ARCHS = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 HF_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 WEIGHT_MODES = ("auto", "int4", "f32", "bf16", "int8")
 BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # what local_engine.qkernel multiplies in place
@@ -74,29 +77,15 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# HF tensor-name suffixes per layer, and their GGUF spellings
-_LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", "attn_norm.weight"),
-    "q": ("self_attn.q_proj.weight", "attn_q.weight"),
-    "k": ("self_attn.k_proj.weight", "attn_k.weight"),
-    "v": ("self_attn.v_proj.weight", "attn_v.weight"),
-    "o": ("self_attn.o_proj.weight", "attn_output.weight"),
-    "q_bias": ("self_attn.q_proj.bias", "attn_q.bias"),
-    "k_bias": ("self_attn.k_proj.bias", "attn_k.bias"),
-    "v_bias": ("self_attn.v_proj.bias", "attn_v.bias"),
-    "q_norm": ("self_attn.q_norm.weight", "attn_q_norm.weight"),
-    "k_norm": ("self_attn.k_norm.weight", "attn_k_norm.weight"),
-    "ffn_norm": ("post_attention_layernorm.weight", "ffn_norm.weight"),
-    "gate": ("mlp.gate_proj.weight", "ffn_gate.weight"),
-    "up": ("mlp.up_proj.weight", "ffn_up.weight"),
-    "down": ("mlp.down_proj.weight", "ffn_down.weight"),
+# the tensors a layer / the model reads, by their GGUF names (HF names: formats.gguf's table)
+_LAYER_KEYS = {
+    "attn_norm": "attn_norm.weight", "q": "attn_q.weight", "k": "attn_k.weight", "v": "attn_v.weight",
+    "o": "attn_output.weight", "q_bias": "attn_q.bias", "k_bias": "attn_k.bias", "v_bias": "attn_v.bias",
+    "q_norm": "attn_q_norm.weight", "k_norm": "attn_k_norm.weight", "ffn_norm": "ffn_norm.weight",
+    "gate": "ffn_gate.weight", "up": "ffn_up.weight", "down": "ffn_down.weight",
 }
-_GLOBAL_NAMES = {
-    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
-    "norm": ("model.norm.weight", "output_norm.weight"),
-    "head": ("lm_head.weight", "output.weight"),
-    "rope_freqs": ("", "rope_freqs.weight"),
-}
+_GLOBAL_KEYS = {"embed": "token_embd.weight", "norm": "output_norm.weight", "head": "output.weight",
+                "rope_freqs": "rope_freqs.weight"}  # rope_freqs: GGUF only (llama3 scaling baked in)
 
 
 def config_from_gguf(store: GGUFStore) -> LlamaConfig:
@@ -157,12 +146,6 @@ def config_from_hf(store: TensorStore) -> LlamaConfig:
     )
 
 
-def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
-    # GGUF's llama converter interleaves the two RoPE halves of each head; undo it (as HF does)
-    dim = n_rows // n_head // 2
-    return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(-1)
-
-
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
@@ -189,7 +172,7 @@ class LlamaModel(CausalLM):
             raise UnsupportedModel(store.info.path, str(e)) from None
         self.store, self.cfg, self.mode = store, cfg, weights
         self.gguf = store.info.format == "gguf"
-        self._permute = self.gguf and cfg.arch in ("llama", "mistral")
+        self._permute = self.gguf and GGUF_ARCHS.get(cfg.arch, False)
         self.max_seq = min(max_seq, cfg.context_length)
         self._names = set(store.names())
         # "auto" on a GGUF: Q4_0/Q4_1/Q8_0 matrices stay as GGUF blocks behind the AVX2 kernel
@@ -214,8 +197,10 @@ class LlamaModel(CausalLM):
     # --------------------------------------------------------------------------- loading
     def _name(self, key: str, layer: int | None = None) -> str:
         if layer is None:
-            return _GLOBAL_NAMES[key][1 if self.gguf else 0]
-        hf, gg = _LAYER_NAMES[key]
+            g = _GLOBAL_KEYS[key]
+            return g if self.gguf else GGUF_GLOBAL_NAMES.get(g, "")
+        gg = _LAYER_KEYS[key]
+        hf = GGUF_LAYER_NAMES[gg]
         return f"blk.{layer}.{gg}" if self.gguf else f"model.layers.{layer}.{hf}"
 
     def _vec(self, name: str) -> torch.Tensor:
@@ -227,7 +212,7 @@ class LlamaModel(CausalLM):
     def _rows(self, name: str, n_head: int | None) -> tuple[torch.Tensor | None, RawTensor | None]:
         """A matrix as (float tensor, None) or (None, raw quantised), q/k rows un-permuted for GGUF."""
         raw = self.store.raw(name) if self.gguf else None
-        perm = _unpermute_rows(self.store.shape(name)[0], n_head) if (self._permute and n_head) else None  # type: ignore[attr-defined]
+        perm = unpermute_rows(self.store.shape(name)[0], n_head) if (self._permute and n_head) else None  # type: ignore[attr-defined]
         if raw is not None and self.mode == "int4" and raw.qtype in ("Q4_0", "Q4_1"):
             if perm is not None:
                 raw = RawTensor(raw.name, raw.qtype, raw.shape, raw.data[perm])
@@ -246,7 +231,7 @@ class LlamaModel(CausalLM):
         for r, (_, h) in zip(raws, names, strict=True):
             assert r is not None
             if self._permute and h:
-                r = RawTensor(r.name, r.qtype, r.shape, r.data[_unpermute_rows(r.shape[0], h)])
+                r = RawTensor(r.name, r.qtype, r.shape, r.data[unpermute_rows(r.shape[0], h)])
             parts.append(r)
         return GGUFBlockLinear.from_raw(self._qlib, parts, bias)
 
@@ -301,8 +286,8 @@ class LlamaModel(CausalLM):
             bias = torch.cat([b if b is not None else torch.zeros(s) for b, s in zip(biases, sizes, strict=True)])
             if self._permute:
                 qn, kn = sizes[0], sizes[1]
-                bias[:qn] = bias[:qn][torch.from_numpy(_unpermute_rows(qn, c.n_heads))]
-                bias[qn:qn + kn] = bias[qn:qn + kn][torch.from_numpy(_unpermute_rows(kn, c.n_kv_heads))]
+                bias[:qn] = bias[:qn][torch.from_numpy(unpermute_rows(qn, c.n_heads))]
+                bias[qn:qn + kn] = bias[qn:qn + kn][torch.from_numpy(unpermute_rows(kn, c.n_kv_heads))]
         return _Layer(
             attn_norm=self._vec(n("attn_norm", i)),
             ffn_norm=self._vec(n("ffn_norm", i)),
@@ -316,12 +301,8 @@ class LlamaModel(CausalLM):
 
     @staticmethod
     def _dequant_chunks(raw: RawTensor, rows: int = 4096) -> Any:
-        import gguf
-
-        qt = gguf.GGMLQuantizationType[raw.qtype]
         for a in range(0, raw.shape[0], rows):
-            arr = gguf.quants.dequantize(raw.data[a:a + rows], qt)
-            yield torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(-1, raw.shape[1])
+            yield dequantize_blocks(raw.data[a:a + rows], raw.qtype).reshape(-1, raw.shape[1])
 
     def _load_embeddings(self) -> None:
         emb_name = self._name("embed")
@@ -355,11 +336,8 @@ class LlamaModel(CausalLM):
             b = rows.reshape(len(ids), -1, 34)
             d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
             out = b[:, :, 2:].view(np.int8).astype(np.float32) * d
-        else:
-            import gguf
-
-            out = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[raw.qtype])
-        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
+            return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
+        return dequantize_blocks(rows, raw.qtype).reshape(len(ids), -1)
 
     def new_cache(self) -> KVCache | kv_cache.CompressedKVCache:
         c = self.cfg

@@ -31,7 +31,14 @@ from local_engine import kv_cache, qkernel, spec_control
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.errors import PackError, UnsupportedArchitecture
 from local_engine.expert_store import ExpertStore, StoreObserver, StoreSnapshot, peak_rss_bytes
-from local_engine.formats.pack import PACK_FORMAT, Manifest, dequantize_dense, load_resident, read_manifest
+from local_engine.formats.pack import (
+    ARCHS,
+    PACK_FORMAT,
+    Manifest,
+    dequantize_dense,
+    load_resident,
+    read_manifest,
+)
 from local_engine.models.base import CausalLM
 from local_engine.models.layers import (
     Attends,
@@ -69,7 +76,7 @@ def route_qwen(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) ->
 
 def router_for(config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     k = int(config["num_experts_per_tok"])
-    if config["model_type"] == "mixtral":
+    if ARCHS[config["model_type"]].renormalise:
         return lambda lg: route_mixtral(lg, k)
     norm = bool(config.get("norm_topk_prob", False))
     return lambda lg: route_qwen(lg, k, norm)
@@ -139,6 +146,7 @@ class MoEModel(CausalLM):
         c = self.config = manifest.config
         self.store = store
         self.arch = manifest.arch
+        self.spec = ARCHS[self.arch]  # the family's quirks (formats/pack.py)
         if c.get("hidden_act", "silu") != "silu":
             raise UnsupportedArchitecture(f"{manifest.root}: activation {c.get('hidden_act')!r} unsupported")
         self.H = int(c["hidden_size"])
@@ -162,7 +170,7 @@ class MoEModel(CausalLM):
         except ValueError as e:
             raise UnsupportedArchitecture(f"{manifest.root}: {e}") from None
         self._rope_tables: RopeTables | None = None
-        mp = "block_sparse_moe" if self.arch == "mixtral" else "mlp"
+        mp = self.spec.moe_prefix
         self._moe_prefix = mp
         if "lm_head.weight" not in self.w and "lm_head.weight" not in self.lin:
             if not c.get("tie_word_embeddings", False):
@@ -263,7 +271,7 @@ class MoEModel(CausalLM):
         for i in range(self.n_layers):
             p = f"model.layers.{i}.self_attn."
             qkv = [p + f"{x}_proj.weight" for x in "qkv"]
-            if self.arch != "olmoe" and all(n in blocks for n in qkv) and len({m.resident_qtype(n) for n in qkv}) == 1:
+            if self.spec.qk_norm != "projection" and all(n in blocks for n in qkv) and len({m.resident_qtype(n) for n in qkv}) == 1:
                 out[p + "qkv"] = make(qkv)
                 done.update(qkv)
         for n in blocks:
@@ -296,12 +304,12 @@ class MoEModel(CausalLM):
         if wqkv is None:
             wq, wk, wv = (self._linear(p + f"{x}_proj.weight") for x in "qkv")
         q_norm = k_norm = None
-        if self.arch == "olmoe":  # OLMoE normalises the whole projection before the head split
+        if self.spec.qk_norm == "projection":  # normalised over the whole projection, before the head split
             assert wq is not None and wk is not None
             qw, kw, qn, kn = wq, wk, w[p + "q_norm.weight"], w[p + "k_norm.weight"]
             wq = lambda x: rms_norm(linear(x, qw), qn, self.eps)  # noqa: E731
             wk = lambda x: rms_norm(linear(x, kw), kn, self.eps)  # noqa: E731
-        elif self.arch == "qwen3_moe":  # per-head q/k RMSNorm
+        elif self.spec.qk_norm == "head":
             q_norm, k_norm = w[p + "q_norm.weight"], w[p + "k_norm.weight"]
         # a compressed / bounded cache brings its own RoPE (positions past any table: kv_cache.py)
         n_pos = pos0 + h.shape[0] if isinstance(cache, KVCache) else 0
@@ -350,7 +358,7 @@ class MoEModel(CausalLM):
 
     def _plus_shared(self, p: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus Qwen2-MoE's gated shared expert of ``h`` where the layer (prefix ``p``) has one."""
-        if self.arch == "qwen2_moe" and (p + "shared_expert_gate.weight") in self.w:
+        if self.spec.shared_expert and (p + "shared_expert_gate.weight") in self.w:
             shared = self._dense_mlp(p + "shared_expert.", h)
             out = out + torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * shared
         return out

@@ -17,6 +17,33 @@ GEN_STEPS = 10
 
 
 @dataclass
+class Compared:
+    """A pack against its transformers model on ``PROMPT`` (``compare_with_transformers``)."""
+
+    diff: float  # max |logit difference|
+    scale: float  # max |reference logit|: what a quantised pack's diff is judged against
+    tokens: list[int]  # the pack's greedy continuation (GEN_STEPS tokens)
+
+
+def compare_with_transformers(hf: object, packed: Path, budget: int | str = 0, label: str = "") -> Compared:
+    """Open ``packed`` at ``budget`` and compare its logits (and greedy tokens) with ``hf``'s, fp32:
+    the check every pack test repeats (printed with ``label`` so a run shows the figures)."""
+    from local_engine.models.moe import MoEModel
+
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]  # type: ignore[operator]
+    model = MoEModel.open(packed, memory_budget=budget)
+    try:
+        diff = (model.logits(PROMPT) - ref).abs().max().item()
+        tokens = list(model.generate_ids(PROMPT, GEN_STEPS))
+    finally:
+        model.close()
+    if label:
+        print(f"{label}, budget={budget}: max |logit diff| vs transformers = {diff:.2e}")
+    return Compared(diff, ref.abs().max().item(), tokens)
+
+
+@dataclass
 class Tiny:
     arch: str
     hf_dir: Path

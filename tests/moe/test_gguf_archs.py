@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from local_engine.formats.pack import pack
 from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
-from tests.moe.conftest import GEN_STEPS, PROMPT, _config
+from tests.moe.conftest import GEN_STEPS, PROMPT, _config, compare_with_transformers
 
 # --------------------------------------------------------------------------- tokenizers
 
@@ -209,18 +209,11 @@ def _hf_greedy(hf: Any, ids: list[int], n: int, stop: set[int] | None = None) ->
 
 
 def _check_against_transformers(hf: Any, packed: Path, label: str) -> None:
-    with torch.no_grad():
-        ref = hf(torch.tensor([PROMPT])).logits[0]
     want = _hf_greedy(hf, PROMPT, GEN_STEPS)
     for budget in (0, "unlimited"):
-        model = MoEModel.open(packed, memory_budget=budget)
-        try:
-            diff = (model.logits(PROMPT) - ref).abs().max().item()
-            print(f"{label} GGUF pack, budget={budget}: max |logit diff| vs transformers fp32 = {diff:.2e}")
-            assert diff < 1e-4
-            assert list(model.generate_ids(PROMPT, GEN_STEPS)) == want
-        finally:
-            model.close()
+        got = compare_with_transformers(hf, packed, budget, f"{label} GGUF pack")
+        assert got.diff < 1e-4
+        assert got.tokens == want
 
 
 # --------------------------------------------------------------------------- tests
@@ -255,15 +248,8 @@ def test_quantised_mixtral_gguf(built: dict[str, Built], tmp_path: Path) -> None
     _write_gguf(b.hf, src, "llama", _spm_tokenizer, attn_type="Q8_0", expert_type="BF16")
     pack(src, tmp_path / "packed", progress=False)
     assert {p.dtype for p in read_manifest(tmp_path / "packed").parts} == {"BF16"}
-    with torch.no_grad():
-        ref = b.hf(torch.tensor([PROMPT])).logits[0]
-    model = MoEModel.open(tmp_path / "packed", memory_budget=0)
-    try:
-        diff = (model.logits(PROMPT) - ref).abs().max().item()
-    finally:
-        model.close()
-    print(f"Mixtral GGUF, Q8_0 attention + BF16 experts: max |logit diff| vs transformers fp32 = {diff:.2e}")
-    assert 0 < diff < 0.05 * ref.abs().max().item()  # rounding, not a wrong (or still permuted) row
+    got = compare_with_transformers(b.hf, tmp_path / "packed", 0, "Mixtral GGUF, Q8_0 attention + BF16 experts")
+    assert 0 < got.diff < 0.05 * got.scale  # rounding, not a wrong (or still permuted) row
 
 
 def test_qwen2moe_fused_gate_up_gguf(built: dict[str, Built], tmp_path: Path) -> None:

@@ -6,13 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from local_engine.formats.pack import UnsupportedArchitecture, pack
-from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
-from tests.moe.conftest import GEN_STEPS, PROMPT, Tiny
+from tests.moe.conftest import Tiny, compare_with_transformers
 
 
 def _write_gguf(t: Tiny, path: Path, expert_type: str = "F32", arch: str = "qwen3moe") -> None:
@@ -67,18 +65,11 @@ def test_gguf_moe_packs_and_matches_transformers(tiny_models: dict[str, Tiny], t
     r = CliRunner().invoke(pack_main, ["pack", str(src), str(tmp_path / "packed"), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "packed qwen3_moe: 3 MoE layers x 8 experts" in r.output
-    with torch.no_grad():
-        ref = t.hf(torch.tensor([PROMPT])).logits[0]
     ours = {}
     for budget in (0, "unlimited"):
-        model = MoEModel.open(tmp_path / "packed", memory_budget=budget)
-        try:
-            diff = (model.logits(PROMPT) - ref).abs().max().item()
-            print(f"GGUF (F32) pack, budget={budget}: max |logit diff| vs transformers = {diff:.2e}")
-            assert diff < 1e-4
-            ours[budget] = list(model.generate_ids(PROMPT, GEN_STEPS))
-        finally:
-            model.close()
+        got = compare_with_transformers(t.hf, tmp_path / "packed", budget, "GGUF (F32) pack")
+        assert got.diff < 1e-4
+        ours[budget] = got.tokens
     assert ours[0] == ours["unlimited"]
 
 
@@ -87,15 +78,8 @@ def test_quantised_gguf_experts_are_dequantised(tiny_models: dict[str, Tiny], tm
     src = tmp_path / "tiny-q8.gguf"
     _write_gguf(t, src, expert_type="Q8_0")
     pack(src, tmp_path / "packed", quant="none", progress=False)
-    with torch.no_grad():
-        ref = t.hf(torch.tensor([PROMPT])).logits[0]
-    model = MoEModel.open(tmp_path / "packed", memory_budget=0)
-    try:
-        diff = (model.logits(PROMPT) - ref).abs().max().item()
-    finally:
-        model.close()
-    print(f"GGUF Q8_0 experts: max |logit diff| vs transformers fp32 = {diff:.2e}")
-    assert 0 < diff < 0.05 * ref.abs().max().item()  # Q8_0 rounding, not a wrong tensor
+    got = compare_with_transformers(t.hf, tmp_path / "packed", 0, "GGUF Q8_0 experts")
+    assert 0 < got.diff < 0.05 * got.scale  # Q8_0 rounding, not a wrong tensor
 
 
 def test_unsupported_gguf_architecture_is_refused(tiny_models: dict[str, Tiny], tmp_path: Path) -> None:

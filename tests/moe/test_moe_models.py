@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from cache_research import TraceRecorder
 
 from local_engine.models.moe import MoEModel
-from tests.moe.conftest import ARCHS, GEN_STEPS, PROMPT, Tiny
+from tests.moe.conftest import ARCHS, GEN_STEPS, PROMPT, Tiny, compare_with_transformers
 
 TOL = 1e-4  # fp32, same op order up to GEMM blocking
 
@@ -253,15 +253,8 @@ def test_bf16_checkpoint_packs_losslessly(tiny_models: dict[str, Tiny], tmp_path
     with torch.no_grad():
         for (_, p32), (_, p16) in zip(ref_model.named_parameters(), hf16.named_parameters(), strict=True):
             p32.copy_(p16.float())
-    with torch.no_grad():
-        ref = ref_model(torch.tensor([PROMPT])).logits[0]
-    m = MoEModel.open(tmp_path / "packed", memory_budget=0)
-    try:
-        diff = (m.logits(PROMPT) - ref).abs().max().item()
-    finally:
-        m.close()
-    print(f"bf16 pack: max |logit diff| vs transformers (bf16 weights, fp32 compute) = {diff:.2e}")
-    assert diff < TOL
+    got = compare_with_transformers(ref_model, tmp_path / "packed", 0, "bf16 pack (bf16 weights, fp32 compute)")
+    assert got.diff < TOL
 
 
 def test_prefetch_auto_is_on_trial_unless_the_bank_fits(tiny_models: dict[str, Tiny]) -> None:
