@@ -598,6 +598,13 @@ int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N,
    one token's attention over 33 cached tokens cost 22 us per layer for the built-in model, 5 of a
    batched 8-sequence step's 35 ms; here ~3 us. The same RoPE, cache write and softmax; the sums
    are in another order (8 lanes, then hsum8), so logits move by float rounding only. */
+static inline float exp_scores(float *scores, int n, float mx) {
+    /* the softmax's numerators in place (exp(score - max)); returns 1 / their sum */
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
+    return 1.0f / sum;
+}
+
 static void rope_kv_write(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq,
                           int hk, int hd) {
     /* RoPE on the q and k heads in place (HF rotate_half), then the k and v heads into the cache at p */
@@ -635,9 +642,7 @@ void attn_step_v(float *r, const float *cos, const float *sin, float *kv, int p,
             scores[t] = dot;
             if (dot > mx) mx = dot;
         }
-        float sum = 0.0f;
-        for (int t = 0; t < n; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
-        float inv = 1.0f / sum;
+        float inv = exp_scores(scores, n, mx);
         float *o = out + (size_t)h * hd;
         /* o's hd / 8 accumulators side by side (independent FMA chains), one pass over V's rows */
         for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(o + c, _mm256_setzero_ps());
@@ -872,9 +877,7 @@ void attn_step(float *r, const float *cos, const float *sin, float *kv, int p, i
             scores[t] = dot;
             if (dot > mx) mx = dot;
         }
-        float sum = 0.0f;
-        for (int t = 0; t < n; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
-        float inv = 1.0f / sum;
+        float inv = exp_scores(scores, n, mx);
         float *o = out + (size_t)h * hd;
         for (int i = 0; i < hd; i++) o[i] = 0.0f;
         for (int t = 0; t < n; t++) {

@@ -218,6 +218,21 @@ class Attends(Protocol):
 # ----------------------------------------------------------------------------------- blocks
 
 
+def _split_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int,
+                 q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, heads * Dh] projections -> [heads, T, Dh], q and k RMS-normed per head where the model does."""
+    T = q.shape[0]
+    q = q.reshape(T, n_heads, head_dim).transpose(0, 1)
+    k = k.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+    v = v.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)
+    return q, k, v
+
+
 def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk: Linear | None,
               wv: Linear | None, wo: Linear, n_heads: int, n_kv_heads: int, head_dim: int,
               rope: RopeTables, cache: KVCache | Attends, q_norm: torch.Tensor | None = None,
@@ -234,13 +249,7 @@ def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk:
     if not isinstance(cache, KVCache):
         # a compressed / bounded cache (local_engine/kv_cache.py) owns positions and storage: it
         # rotates, stores and attends itself
-        q = q.reshape(T, n_heads, head_dim).transpose(0, 1)
-        k = k.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
-        v = v.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
-        if q_norm is not None:
-            q = rms_norm(q, q_norm, eps)
-        if k_norm is not None:
-            k = rms_norm(k, k_norm, eps)
+        q, k, v = _split_heads(q, k, v, n_heads, n_kv_heads, head_dim, q_norm, k_norm, eps)
         out = cache.attend(layer, q, k, v)
         return linear(out.transpose(0, 1).reshape(T, nq).to(x.dtype), wo)
     if wqkv is not None and q_norm is None and k_norm is None:
@@ -249,13 +258,7 @@ def attention(x: torch.Tensor, *, layer: int, start: int, wq: Linear | None, wk:
         q, k = qk[:n_heads], qk[n_heads:]
         v = v.view(T, n_kv_heads, head_dim).transpose(0, 1)
     else:
-        q = q.reshape(T, n_heads, head_dim).transpose(0, 1)
-        k = k.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
-        v = v.reshape(T, n_kv_heads, head_dim).transpose(0, 1)
-        if q_norm is not None:
-            q = rms_norm(q, q_norm, eps)
-        if k_norm is not None:
-            k = rms_norm(k, k_norm, eps)
+        q, k, v = _split_heads(q, k, v, n_heads, n_kv_heads, head_dim, q_norm, k_norm, eps)
         q = rope.apply(q, start)
         k = rope.apply(k, start)
     k_all, v_all = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype), start)
