@@ -38,8 +38,8 @@ losing verify; only a verify size's cost does.
 
 Exploration is bounded: the request's net loss from exploratory verifies (verify seconds in steps
 minus tokens yielded) stays under ``explore_share`` of its decoded tokens. A verify at a size not
-measured yet that the curve predicts will win is allowed while that budget (at least
-``explore_allowance`` steps) is not overdrawn; a
+measured yet that the curve predicts will win is allowed while that budget is not overdrawn (one
+that lost locks the others out until the request's tokens cover it); a
 probe (drafting although no k is predicted to pay) only where the budget also holds its loss if
 none of its drafts is accepted, so a short request does not probe at all. After ``reprobe`` declined chances the controller
 probes at the best k > 0 (the text may have turned to quoting), doubling the wait after each probe
@@ -317,9 +317,6 @@ class SpecController:
     # exploratory verifies (a size not measured yet, a probe) may lose at most this share of the
     # request's decoded tokens, in single steps, net of what they won
     explore_share: float = 0.02
-    # ... and at least this many steps for sizes the curve predicts will win (the dense staircase
-    # prices them optimistically so that each is tried: one that lost must not lock the rest out)
-    explore_allowance: float = 1.0
     # False: exploration is not budgeted (the dense staircase: its optimistic pricing of unmeasured
     # sizes is how auto finds the cheap end of a row tile, and a dense verify's loss is small)
     budgeted: bool = True
@@ -347,7 +344,7 @@ class SpecController:
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, self.margin)
         if k > 0 and costs.counts.get(k + 1, 0) == 0:
-            if not self.budgeted or self.explore_loss <= max(self.budget(), self.explore_allowance):
+            if not self.budgeted or self.explore_loss <= self.budget():
                 self.exploring = True
             else:  # overdrawn: only sizes already measured
                 known = [c if m <= 1 or costs.counts.get(m, 0) else float("inf") for m, c in enumerate(curve)]
