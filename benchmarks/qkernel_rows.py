@@ -1,8 +1,8 @@
 """qkernel's several-row path against a baseline revision's, in one process, on the built-in model.
 
 A speculative verify multiplies k+1 activation rows at once; what it costs against single steps
-decides whether drafting pays (local_engine/speculative.py). This loads ``local_engine/qkernel.py``
-as it was at ``--baseline`` (a git revision) next to the working tree's, points every matrix of
+decides whether drafting pays (local_engine/speculative.py). This loads ``local_engine/qkernel.py`` (and
+``csrc/qkernel.c``) as it was at ``--baseline`` (a git revision) next to the working tree's, points every matrix of
 the built-in SmolLM2-135M at one or the other, and interleaves them: prefill tok/s (97 tokens),
 decode tok/s, a 5- and a 9-token verify in single steps, each matrix kind's time at M rows
 (all 30 layers, so weights stream from memory as in decode), and the batched decode step
@@ -35,11 +35,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def baseline_lib(rev: str) -> Any:
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:local_engine/qkernel.py"], check=True,
-                         capture_output=True, text=True).stdout
+    def show(path: str) -> str | None:
+        out = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        return out.stdout if out.returncode == 0 else None
+
+    src = show("local_engine/qkernel.py")
+    if src is None:
+        raise SystemExit(f"no local_engine/qkernel.py at {rev}")
     with tempfile.TemporaryDirectory() as td:
         path = Path(td) / "qkernel_baseline.py"
         path.write_text(src)
+        c_src = show("local_engine/csrc/qkernel.c")  # from e3b8a57's successors on, the C source is its own file
+        if c_src is not None:
+            (Path(td) / "csrc").mkdir()
+            (Path(td) / "csrc" / "qkernel.c").write_text(c_src)
         spec = importlib.util.spec_from_file_location("qkernel_baseline", path)
         assert spec is not None and spec.loader is not None
         mod = importlib.util.module_from_spec(spec)

@@ -1,0 +1,844 @@
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+/* Below this many multiply-adds (~0.5 ms of one core) an OpenMP fork/join with passive waits costs
+   more than it saves: measured at 2 threads, decode 58 -> 66 tok/s with only the vocab head (and
+   prefill) split across threads. */
+#ifndef QK_MIN_PARALLEL
+#define QK_MIN_PARALLEL 4000000
+#endif
+
+typedef struct { float d; float s; int16_t q[32]; } xblock;  /* activations, 72 bytes */
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float h2f(const uint8_t *p) {
+    uint16_t h; memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* x [M, K] fp32 -> M*K/32 blocks of int16 with an fp32 scale (and scale * sum for Q4_1).
+   With normw != NULL each row is RMS-normalised first (x * normw / sqrt(mean(x^2) + eps), as
+   HF's RMSNorm): the per-row factor only multiplies the block scales, so it costs one pass. */
+static void quantize_x(const float *x, int M, int K, const float *normw, float eps, xblock *out) {
+    int nb = K / 32;
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (size_t)m * K;
+        float rs = 1.0f;
+        if (normw) {
+            __m256 ss = _mm256_setzero_ps();
+            for (int i = 0; i < K; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); ss = _mm256_fmadd_ps(v, v, ss); }
+            rs = 1.0f / sqrtf(hsum8(ss) / (float)K + eps);
+        }
+        for (int b = 0; b < nb; b++) {
+            const float *v = xr + b * 32;
+            xblock *o = out + (size_t)m * nb + b;
+            __m256 xv[4];
+            for (int i = 0; i < 4; i++) {
+                xv[i] = _mm256_loadu_ps(v + 8 * i);
+                if (normw) xv[i] = _mm256_mul_ps(xv[i], _mm256_loadu_ps(normw + b * 32 + 8 * i));
+            }
+            __m256 mx = _mm256_setzero_ps();
+            const __m256 sign = _mm256_set1_ps(-0.0f);
+            for (int i = 0; i < 4; i++) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, xv[i]));
+            __m128 t = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+            t = _mm_max_ss(t, _mm_movehdup_ps(t));
+            float amax = _mm_cvtss_f32(t);
+            float d = amax / 32767.0f, id = amax > 0 ? 32767.0f / amax : 0.0f;
+            __m256 mul = _mm256_set1_ps(id);
+            __m256i q[4];
+            for (int i = 0; i < 4; i++)
+                q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(xv[i], mul),
+                                                          _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+            __m256i s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            s4 = _mm_hadd_epi32(s4, s4); s4 = _mm_hadd_epi32(s4, s4);
+            o->d = d * rs;
+            o->s = d * rs * (float)_mm_cvtsi128_si32(s4);
+            /* 2 x (8 int32 + 8 int32) -> 16 int16 in order (packs interleaves the 128-bit lanes) */
+            _mm256_storeu_si256((__m256i *)o->q, _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8));
+            _mm256_storeu_si256((__m256i *)(o->q + 16), _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+        }
+    }
+}
+
+/* ---- several activation rows (M > 1: a speculative verify, a batched step, a prefill chunk) ----
+   Each weight row is unpacked once, for all M activation rows: its blocks go to int16 (+ an fp32
+   scale and min per block) in a small buffer that stays in L1, and every tile of activation rows
+   reads it from there. Unpacking is ~a third of a block's work at M = 1; done per tile of 4
+   activation rows (as before) it made a 9-row product cost ~6 single rows. Tiles: 2 weight rows
+   x 4 activation rows (mtile24), then remainders (mtile), with the same float operations per
+   (weight row, activation row, block), so results do not depend on M. The min term (Q4_1, int2,
+   int4) uses the activation blocks' sums transposed: xst [nb][mpad], mpad = M rounded up to 4
+   (zero padded); xdt holds their scales the same way. */
+#define MR 2       /* weight rows per tile */
+#define MM_MAX 4   /* activation rows per tile */
+
+static inline int hsum_epi32(__m256i v) {  /* integer: exact in any order */
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+    return _mm_cvtsi128_si32(t);
+}
+
+/* A remainder tile (R weight rows x MM < 4 activation rows, or 1 weight row): each pair's block
+   sum reduced to one int32, then the same float operations mtile24 does in its lanes (convert,
+   scale dw * xd, FMA; the min term's FMA; their sum at the end), one scalar at a time, so a row's
+   result does not depend on which tile it fell in: a prefill chunk or a verify gives a position
+   the same logits whatever the batch's size. */
+static inline __attribute__((always_inline)) void mtile(const int16_t *wq, const float *wd, const float *wm,
+                                                        const int HASM, const int R, const int MM, int nb,
+                                                        const xblock *xq, const float *xst, int mpad, int m, int r,
+                                                        int N, float *y, int add) {
+    __m128 acc[MR][MM_MAX], sacc[MR][MM_MAX];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) { acc[i][j] = _mm_setzero_ps(); sacc[i][j] = _mm_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        __m256i w0[MR], w1[MR];
+        for (int i = 0; i < R; i++) {
+            const int16_t *p = wq + ((size_t)i * nb + b) * 32;
+            w0[i] = _mm256_loadu_si256((const __m256i *)p);
+            w1[i] = _mm256_loadu_si256((const __m256i *)(p + 16));
+        }
+        for (int j = 0; j < MM; j++) {
+            const xblock *xb = xq + (size_t)(m + j) * nb + b;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+            __m128 xd = _mm_set_ss(xb->d);
+            for (int i = 0; i < R; i++) {
+                int t = hsum_epi32(_mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1)));
+                __m128 sc = _mm_mul_ss(_mm_set_ss(wd[(size_t)i * nb + b]), xd);
+                acc[i][j] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), t), sc, acc[i][j]);
+                if (HASM)
+                    sacc[i][j] = _mm_fmadd_ss(_mm_set_ss(wm[(size_t)i * nb + b]),
+                                              _mm_set_ss(xst[(size_t)b * mpad + m + j]), sacc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) {
+            float v = _mm_cvtss_f32(HASM ? _mm_add_ss(acc[i][j], sacc[i][j]) : acc[i][j]);
+            float *o = y + (size_t)(m + j) * N + r + i;
+            *o = add ? *o + v : v;
+        }
+}
+
+/* The next R weight rows' bytes of block step b (R blocks of bs bytes per step) requested ahead of
+   the arithmetic, as rows_m1 does: without it the several-row tiles waited on DRAM, and the
+   vocab head (30 MB of Q8_0) took 4.1x a single row's time at M = 2 instead of 1.4x. */
+static inline __attribute__((always_inline)) void gguf_prefetch(const uint8_t *gw, int bs, int nb, int r, int R,
+                                                                int b) {
+    const char *ahead = (const char *)(gw + (size_t)(r + R) * nb * bs) + (size_t)b * bs * R;
+    _mm_prefetch(ahead, _MM_HINT_T0);
+    if (bs * R > 64) _mm_prefetch(ahead + 64, _MM_HINT_T0);
+}
+
+/* The full tile, 2 weight rows x 4 activation rows: the 8 pairs' int32 block sums are reduced
+   across lanes first (unpack + add, 3 levels), so the int -> float conversion, the scale and the
+   FMA are one 8-lane op each per block for all 8 pairs instead of one per pair: the multiply
+   ports then carry little more than the 2 madds per pair. Lane 4 i + j of the result is weight
+   row i, activation row j. xdt: the activation blocks' scales transposed like xst. */
+static inline __attribute__((always_inline)) __m256i red4(__m256i a, __m256i b, __m256i c, __m256i d) {
+    /* lanes 0..3 (4..7): partial sums of a, b, c, d over their low (high) 128-bit halves */
+    __m256i ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    __m256i cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+    return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+}
+
+static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, const float *wd, const float *wm,
+                                                          const int HASM, int nb, const xblock *xq, const float *xdt,
+                                                          const float *xst, int mpad, int m, int valid, int r, int N,
+                                                          float *y, int add, const uint8_t *gw, const int QT) {
+    /* valid < 4: a remainder run as a full tile, the missing activation rows read as the last
+       valid one (their lanes are computed and dropped; the valid lanes' arithmetic is the same).
+       QT (1: Q4_1, 8: Q8_0): weight rows r, r + 1 unpacked from the GGUF blocks at gw here, not
+       read from the buffer: with one tile (M <= 4) the buffer's store and reload cost more than
+       they save (the same int16 codes and scales, so the same results). */
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
+    const xblock *x0r = xq + (size_t)m * nb;
+    const xblock *x1r = x0r + (size_t)(valid > 1 ? 1 : 0) * nb, *x2r = x0r + (size_t)(valid > 2 ? 2 : valid - 1) * nb;
+    const xblock *x3r = x0r + (size_t)(valid > 3 ? 3 : valid - 1) * nb;
+    for (int b = 0; b < nb; b++) {
+        /* one weight row at a time (its 4 products reduced at once): few live registers, no
+           spills; the activation blocks are re-read from L1 for the second row */
+        __m256i g[2];
+        float dws[2], mws[2];
+        if (QT) gguf_prefetch(gw, bs, nb, r, 2, b);
+        for (int i = 0; i < 2; i++) {
+            __m256i a0, a1;
+            if (QT) {
+                const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * bs;
+                dws[i] = h2f(blk);
+                if (QT == 1) {
+                    mws[i] = h2f(blk + 2);
+                    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+                    a0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, lowmask));
+                    a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lowmask));
+                } else {
+                    a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+                    a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+                }
+            } else {
+                const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
+                a0 = _mm256_loadu_si256((const __m256i *)wp);
+                a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+            }
+#define PAIR(XR) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
+                                  _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16))))
+            g[i] = red4(PAIR(x0r), PAIR(x1r), PAIR(x2r), PAIR(x3r));
+#undef PAIR
+        }
+        __m256i g0 = g[0], g1 = g[1];
+        __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
+        __m256 xd = _mm256_broadcast_ps((const __m128 *)(xdt + (size_t)b * mpad + m));
+        __m256 dw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(dws[0])), _mm_set1_ps(dws[1]), 1)
+                       : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
+                                              _mm_broadcast_ss(wd + nb + b), 1);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, xd), acc);
+        if (HASM) {
+            __m256 mw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(mws[0])), _mm_set1_ps(mws[1]), 1)
+                           : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wm + b)),
+                                                  _mm_broadcast_ss(wm + nb + b), 1);
+            sacc = _mm256_fmadd_ps(mw, _mm256_broadcast_ps((const __m128 *)(xst + (size_t)b * mpad + m)), sacc);
+        }
+    }
+    float v[8];
+    _mm256_storeu_ps(v, HASM ? _mm256_add_ps(acc, sacc) : acc);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < valid; j++) {
+            float *o = y + (size_t)(m + j) * N + r + i;
+            *o = add ? *o + v[4 * i + j] : v[4 * i + j];
+        }
+}
+
+/* 2 weight rows x 2 activation rows: mtile24's arithmetic on 4 pairs (lanes i, j of an xmm
+   instead of 4 i + j of a ymm): a padded full tile did twice the work and ran 2.4x slower than
+   the per-pair tile before it on the vocab head at M = 2 (a batched step of two sequences). */
+static inline __attribute__((always_inline)) void mtile22(const int16_t *wq, const float *wd, const float *wm,
+                                                          const int HASM, int nb, const xblock *xq, const float *xdt,
+                                                          const float *xst, int mpad, int m, int r, int N, float *y,
+                                                          int add, const uint8_t *gw, const int QT) {
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    __m128 acc = _mm_setzero_ps(), sacc = _mm_setzero_ps();
+    const xblock *x0r = xq + (size_t)m * nb, *x1r = x0r + nb;
+    for (int b = 0; b < nb; b++) {
+        __m256i p[4];
+        float dws[2], mws[2];
+        if (QT) gguf_prefetch(gw, bs, nb, r, 2, b);
+        for (int i = 0; i < 2; i++) {
+            __m256i a0, a1;
+            if (QT) {
+                const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * bs;
+                dws[i] = h2f(blk);
+                if (QT == 1) {
+                    mws[i] = h2f(blk + 2);
+                    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
+                    a0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, lowmask));
+                    a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lowmask));
+                } else {
+                    a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+                    a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+                }
+            } else {
+                const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
+                a0 = _mm256_loadu_si256((const __m256i *)wp);
+                a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+                dws[i] = wd[(size_t)i * nb + b];
+                if (HASM) mws[i] = wm[(size_t)i * nb + b];
+            }
+            p[2 * i] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x0r[b].q)),
+                                        _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(x0r[b].q + 16))));
+            p[2 * i + 1] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x1r[b].q)),
+                                            _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(x1r[b].q + 16))));
+        }
+        __m256i g = red4(p[0], p[1], p[2], p[3]);  /* lane 2 i + j: pair (i, j), per 128-bit half */
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
+        __m128 xd2 = _mm_castpd_ps(_mm_load1_pd((const double *)(xdt + (size_t)b * mpad + m)));  /* xd0 xd1 xd0 xd1 */
+        __m128 dw = _mm_setr_ps(dws[0], dws[0], dws[1], dws[1]);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(t), _mm_mul_ps(dw, xd2), acc);
+        if (HASM) {
+            __m128 xs2 = _mm_castpd_ps(_mm_load1_pd((const double *)(xst + (size_t)b * mpad + m)));
+            sacc = _mm_fmadd_ps(_mm_setr_ps(mws[0], mws[0], mws[1], mws[1]), xs2, sacc);
+        }
+    }
+    float v[4];
+    _mm_storeu_ps(v, HASM ? _mm_add_ps(acc, sacc) : acc);
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) {
+            float *o = y + (size_t)(m + j) * N + r + i;
+            *o = add ? *o + v[2 * i + j] : v[2 * i + j];
+        }
+}
+
+/* every activation row against R unpacked weight rows starting at r */
+static inline __attribute__((always_inline)) void mtiles(const int16_t *wq, const float *wd, const float *wm,
+                                                         const int HASM, const int R, int nb, const xblock *xq,
+                                                         const float *xdt, const float *xst, int M, int mpad, int r,
+                                                         int N, float *y, int add) {
+    int m = 0;
+    if (R == 2) {
+        for (; m + 4 <= M; m += 4) mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, 4, r, N, y, add, NULL, 0);
+        if (M - m == 3) {  /* a padded full tile is cheaper than 3 scalar rows */
+            mtile24(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, 3, r, N, y, add, NULL, 0);
+            return;
+        }
+        if (M - m == 2) {
+            mtile22(wq, wd, wm, HASM, nb, xq, xdt, xst, mpad, m, r, N, y, add, NULL, 0);
+            return;
+        }
+    }
+    for (; m + 4 <= M; m += 4) mtile(wq, wd, wm, HASM, R, 4, nb, xq, xst, mpad, m, r, N, y, add);
+    switch (M - m) {
+    case 3: mtile(wq, wd, wm, HASM, R, 3, nb, xq, xst, mpad, m, r, N, y, add); break;
+    case 2: mtile(wq, wd, wm, HASM, R, 2, nb, xq, xst, mpad, m, r, N, y, add); break;
+    case 1: mtile(wq, wd, wm, HASM, R, 1, nb, xq, xst, mpad, m, r, N, y, add); break;
+    default: break;
+    }
+}
+
+/* The unpack buffer of MR rows: int16 codes [MR][nb][32], scale and min [MR][nb]; on the stack
+   up to this many blocks per row (K = 8192), else malloc'd per call of the row function. */
+#define UNPACK_STACK_NB 256
+typedef struct { int16_t *q; float *d, *m; void *heap; } ubuf;
+
+static inline int ubuf_init(ubuf *u, int nb, int16_t *sq, float *sd, float *sm) {
+    u->heap = NULL;
+    if (nb <= UNPACK_STACK_NB) { u->q = sq; u->d = sd; u->m = sm; return 0; }
+    size_t nq = (size_t)MR * nb * 32 * sizeof(int16_t), nf = (size_t)MR * nb * sizeof(float);
+    char *h = (char *)malloc(nq + 2 * nf);
+    if (!h) return -1;
+    u->heap = h; u->q = (int16_t *)h; u->d = (float *)(h + nq); u->m = (float *)(h + nq + nf);
+    return 0;
+}
+
+/* Q4_1 block: 20 bytes = fp16 d, fp16 m, 16 bytes of nibbles (byte j: element j low nibble,
+   element j+16 high nibble). Q8_0 block: 34 bytes = fp16 d, 32 int8. */
+static inline __attribute__((always_inline)) void unpack_gguf(const uint8_t *w, const int QT, int row, int nb,
+                                                              int16_t *wq, float *wd, float *wm) {
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    const uint8_t *blk = w + (size_t)row * nb * bs;
+    for (int b = 0; b < nb; b++, blk += bs) {
+        __m256i w0, w1;
+        wd[b] = h2f(blk);
+        if (QT == 1) {
+            wm[b] = h2f(blk + 2);
+            __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
+            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
+            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
+        } else {
+            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        }
+        _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32), w0);
+        _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32 + 16), w1);
+    }
+}
+
+/* 1 weight row x 8 activation rows (M >= 5: a batched decode step of 5+ sequences, a prefill
+   chunk, a long verify), straight from the GGUF blocks: the row's block is unpacked once into
+   registers, its 8 pairs' int32 block sums are reduced across lanes (red4 twice and one 128-bit
+   swap: 8 vectors -> 1, lane j = activation row m + j; integer sums, exact in any order), then one
+   convert, one scale (dw * the 8 rows' dx, from
+   xdt) and one FMA for all 8 pairs: the same float operations per pair as mtile24 and mtile22,
+   so a row's result does not depend on M. valid < 8: the missing rows read as the last valid
+   one and their lanes are dropped. Against mtile24 over an unpacked buffer (two 4-row tiles per
+   weight row): 0.49 instead of 0.59 of 8 single rows for the built-in model's matrices. */
+static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, const int QT, int nb, const xblock *xq,
+                                                         const float *xdt, const float *xst, int mpad, int m,
+                                                         int valid, int r, int N, float *y, int add) {
+    const int bs = QT == 1 ? 20 : 34;
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    const uint8_t *wr = gw + (size_t)r * nb * bs;
+    const xblock *xr[8];
+    for (int j = 0; j < 8; j++) xr[j] = xq + (size_t)(m + (j < valid ? j : valid - 1)) * nb;
+    __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = wr + (size_t)b * bs;
+        gguf_prefetch(gw, bs, nb, r, 1, b);
+        __m256i a0, a1;
+        if (QT == 1) {
+            __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
+            a0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
+            a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
+        } else {
+            a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+            a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        }
+#define PAIR(J) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)xr[J][b].q)), \
+                                 _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(xr[J][b].q + 16))))
+        /* lanes 0..3 (4..7) of h03: rows 0..3, low (high) 128-bit halves of their sums */
+        __m256i h03 = red4(PAIR(0), PAIR(1), PAIR(2), PAIR(3)), h47 = red4(PAIR(4), PAIR(5), PAIR(6), PAIR(7));
+#undef PAIR
+        __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(h03, h47, 0x20),
+                                     _mm256_permute2x128_si256(h03, h47, 0x31));
+        __m256 sc = _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), _mm256_loadu_ps(xdt + (size_t)b * mpad + m));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc);
+        if (QT == 1)
+            sacc = _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk + 2)), _mm256_loadu_ps(xst + (size_t)b * mpad + m), sacc);
+    }
+    float v[8];
+    _mm256_storeu_ps(v, QT == 1 ? _mm256_add_ps(acc, sacc) : acc);
+    for (int j = 0; j < valid; j++) {
+        float *o = y + (size_t)(m + j) * N + r;
+        *o = add ? *o + v[j] : v[j];
+    }
+}
+
+/* M > 1, GGUF blocks. Up to 4 activation rows: one tile per pair of weight rows, each block
+   unpacked in registers once. 5-8 rows (a batched decode step): one 8-row tile per weight row.
+   9 rows and more (a prefill chunk, a long verify): each pair of weight rows unpacked once into an
+   int16 buffer that stays in L1 and multiplied from there by 4-row tiles (unpacking once per
+   8-row group cost a 97-token prefill 16%). Every tile does the same float operations per pair. */
+static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, const int QT, int r0, int r1, int nb,
+                                                             const xblock *xq, const float *xt, int M, int mpad,
+                                                             int N, float *y, int add) {
+    const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
+    int r = r0;
+    if (M <= 4) {
+        for (; r + 2 <= r1; r += 2) {
+            if (M == 2) mtile22(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, 0, r, N, y, add, w, QT);
+            else mtile24(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add, w, QT);
+        }
+        if (r < r1)  /* an odd last row: the 8-row tile's arithmetic on M rows */
+            htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
+        return;
+    }
+    if (M <= 8) {
+        for (; r < r1; r++) htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
+        return;
+    }
+    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
+    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
+    ubuf u;
+    if (ubuf_init(&u, nb, sq, sd, sm)) return;
+    for (; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            unpack_gguf(w, QT, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb, u.m + (size_t)i * nb);
+        mtiles(u.q, u.d, u.m, QT == 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    for (; r < r1; r++) {
+        unpack_gguf(w, QT, r, nb, u.q, u.d, u.m);
+        mtiles(u.q, u.d, u.m, QT == 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    free(u.heap);
+}
+
+/* The activation blocks' scales and sums transposed for the tiles: [2][nb][mpad], zero padded
+   (scales first: xdt = t, xst = t + nb * mpad). */
+static float *xmeta_t(const xblock *xq, int M, int nb, int mpad) {
+    float *t = (float *)calloc((size_t)2 * nb * mpad, sizeof(float));
+    if (!t) return NULL;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            t[(size_t)b * mpad + m] = xq[(size_t)m * nb + b].d;
+            t[((size_t)nb + b) * mpad + m] = xq[(size_t)m * nb + b].s;
+        }
+    return t;
+}
+
+/* M == 1 (a decode step): 4 rows at a time with per-row pointers and explicit accumulators, so
+   the block loop is ~15 instructions per row (the generic tile() spilled and recomputed
+   addresses: 2x slower here). */
+#define ROW_Q4_1(P, A, MS) {                                                                      \
+        const uint8_t *blk = (P) + (size_t)b * 20;                                                  \
+        __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));                                    \
+        __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));                               \
+        __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));            \
+        __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));        \
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd), A); \
+        MS += h2f(blk + 2) * xs; }
+#define ROW_Q8_0(P, A) {                                                                          \
+        const uint8_t *blk = (P) + (size_t)b * 34;                                                  \
+        __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));             \
+        __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));            \
+        __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));        \
+        A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd), A); }
+
+static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, const int QT, int r0, int r1, int nb, const xblock *xq, float *y, int add) {
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    const size_t rb = (size_t)nb * (QT == 1 ? 20 : 34);
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const uint8_t *p0 = w + r * rb, *p1 = p0 + rb, *p2 = p1 + rb, *p3 = p2 + rb;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        float m0 = 0, m1 = 0, m2 = 0, m3 = 0;
+        for (int b = 0; b < nb; b++) {
+            const xblock *x = xq + b;
+            /* the next 4 rows, one 64-byte line per row and block step: keeps a few DRAM
+               requests in flight ahead of the arithmetic */
+            const char *ahead = (const char *)(p0 + 4 * rb) + (size_t)b * (QT == 1 ? 20 : 34) * 4;
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)x->q);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q + 16));
+            __m256 xd = _mm256_set1_ps(x->d);
+            if (QT == 1) {
+                float xs = x->s;
+                ROW_Q4_1(p0, a0, m0) ROW_Q4_1(p1, a1, m1) ROW_Q4_1(p2, a2, m2) ROW_Q4_1(p3, a3, m3)
+            } else {
+                ROW_Q8_0(p0, a0) ROW_Q8_0(p1, a1) ROW_Q8_0(p2, a2) ROW_Q8_0(p3, a3)
+            }
+        }
+        float v[4] = {hsum8(a0) + m0, hsum8(a1) + m1, hsum8(a2) + m2, hsum8(a3) + m3};
+        for (int i = 0; i < 4; i++) y[r + i] = add ? y[r + i] + v[i] : v[i];
+    }
+    for (; r < r1; r++) {
+        const uint8_t *p0 = w + r * rb;
+        __m256 a0 = _mm256_setzero_ps();
+        float m0 = 0;
+        for (int b = 0; b < nb; b++) {
+            const xblock *x = xq + b;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)x->q);
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x->q + 16));
+            __m256 xd = _mm256_set1_ps(x->d);
+            if (QT == 1) {
+                float xs = x->s;
+                ROW_Q4_1(p0, a0, m0)
+            } else {
+                ROW_Q8_0(p0, a0)
+            }
+        }
+        float v = hsum8(a0) + m0;
+        y[r] = add ? y[r] + v : v;
+    }
+}
+
+/* y[M, N] (+)= rmsnorm?(x[M, K]) @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0).
+   normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
+int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads,
+            const float *normw, float eps, int add) {
+    if (K % 32 != 0) return -1;
+    int nb = K / 32, mpad = (M + 7) & ~7;  /* htile8 reads 8 lanes from a multiple of 8 */
+    xblock stackbuf[128];
+    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
+    if (!xq) return -2;
+    quantize_x(x, M, K, normw, eps, xq);
+    float *xt = NULL;
+    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
+        if (xq != stackbuf) free(xq);
+        return -2;
+    }
+    /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
+    int chunks = (N + 15) / 16;
+    if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int c = 0; c < chunks; c++) {
+        int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
+        if (M == 1 && qtype == 1) rows_m1(w, 1, r0, r1, nb, xq, y, add);
+        else if (M == 1) rows_m1(w, 8, r0, r1, nb, xq, y, add);
+        else if (qtype == 1) gguf_mrows(w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+        else gguf_mrows(w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+    }
+    free(xt);
+    if (xq != stackbuf) free(xq);
+    return 0;
+}
+
+/* attn_step (below) with the dot products and the weighted sum of V in 8-lane FMAs (head_dim a
+   multiple of 8). attn_step sums each q . k in one scalar chain: ~4 cycles per multiply-add, so
+   one token's attention over 33 cached tokens cost 22 us per layer for the built-in model, 5 of a
+   batched 8-sequence step's 35 ms; here ~3 us. The same RoPE, cache write and softmax; the sums
+   are in another order (8 lanes, then hsum8), so logits move by float rounding only. */
+static inline float exp_scores(float *scores, int n, float mx) {
+    /* the softmax's numerators in place (exp(score - max)); returns 1 / their sum */
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { scores[t] = expf(scores[t] - mx); sum += scores[t]; }
+    return 1.0f / sum;
+}
+
+static void rope_kv_write(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq,
+                          int hk, int hd) {
+    /* RoPE on the q and k heads in place (HF rotate_half), then the k and v heads into the cache at p */
+    int half = hd / 2;
+    for (int h = 0; h < hq + hk; h++) {
+        float *x = r + (size_t)h * hd;
+        for (int i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cos[i] - b * sin[i];
+            x[i + half] = b * cos[i + half] + a * sin[i + half];
+        }
+    }
+    for (int h = 0; h < 2 * hk; h++)
+        memcpy(kv + ((size_t)h * max_seq + p) * hd, r + (size_t)(hq + h) * hd, sizeof(float) * hd);
+}
+
+void attn_step_v(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
+                 int hd, float scale, float *out, float *scores) {
+    rope_kv_write(r, cos, sin, kv, p, max_seq, hq, hk, hd);
+    const int g = hq / hk, n = p + 1;
+    for (int h = 0; h < hq; h++) {
+        const float *q = r + (size_t)h * hd, *K = kv + (size_t)(h / g) * max_seq * hd;
+        const float *V = K + (size_t)hk * max_seq * hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            const float *k = K + (size_t)t * hd;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int i = 0;
+            for (; i + 16 <= hd; i += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+            }
+            if (i < hd) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+            float dot = hsum8(_mm256_add_ps(a0, a1)) * scale;
+            scores[t] = dot;
+            if (dot > mx) mx = dot;
+        }
+        float inv = exp_scores(scores, n, mx);
+        float *o = out + (size_t)h * hd;
+        /* o's hd / 8 accumulators side by side (independent FMA chains), one pass over V's rows */
+        for (int c = 0; c < hd; c += 8) _mm256_storeu_ps(o + c, _mm256_setzero_ps());
+        for (int t = 0; t < n; t++) {
+            __m256 a = _mm256_set1_ps(scores[t] * inv);
+            const float *v = V + (size_t)t * hd;
+            for (int c = 0; c < hd; c += 8)
+                _mm256_storeu_ps(o + c, _mm256_fmadd_ps(a, _mm256_loadu_ps(v + c), _mm256_loadu_ps(o + c)));
+        }
+    }
+}
+
+/* attn_step_v for B sequences of one batched decode step, one call per layer: sequence b's q|k|v
+   row at r + b * rstride, its position pos[b], its RoPE rows cos[b] / sin[b], its layer's K|V
+   block kv[b], its output row at out + b * ostride (240 ctypes calls a step for 8 sequences of
+   a 30-layer model cost more than the attention in them). */
+void attn_rows(int B, float *r, int rstride, const int64_t *cos, const int64_t *sin, const int64_t *kv,
+               const int *pos, int max_seq, int hq, int hk, int hd, float scale, float *out, int ostride,
+               float *scores) {
+    for (int b = 0; b < B; b++)
+        attn_step_v(r + (size_t)b * rstride, (const float *)cos[b], (const float *)sin[b], (float *)kv[b], pos[b],
+                    max_seq, hq, hk, hd, scale, out + (size_t)b * ostride, scores);
+}
+
+/* ---- 2-bit asymmetric groups (the MoE pack's int2 experts, formats/pack.py quantize_int2) ----
+   W [N, K]: q [N, K/4] bytes (per block of 32 columns, byte j holds columns j, j+8, j+16, j+24 in
+   bits 0-1, 2-3, 4-5, 6-7), fp16 scale and min [N, K/G] (G a multiple of 32): w = q * scale + min.
+   The same sum as the Q4_1 path, block by block against the int16-quantised activations:
+     y[m, r] = sum_b  s[r,g(b)] * dx[m,b] * sum_i q[r,b,i] * qx[m,b,i]  +  mn[r,g(b)] * dx[m,b] * sum_i qx[m,b,i]
+   Unpacking a block: its 8 bytes broadcast to the four 64-bit lanes, lane i shifted right by 2i
+   (one variable shift) and masked, which is the block's 32 codes in column order; then widened
+   to two int16 vectors (half the instructions of shifting and interleaving 128-bit parts). */
+static inline __attribute__((always_inline)) void q2_unpack(const uint8_t *blk, __m256i *w0, __m256i *w1) {
+    int64_t v;
+    memcpy(&v, blk, 8);
+    __m256i c = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 2, 4, 6)),
+                                 _mm256_set1_epi8(0x03));
+    *w0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(c));       /* columns 0..15 */
+    *w1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(c, 1));  /* columns 16..31 */
+}
+
+/* The pack's symmetric int4 (formats/pack.py quantize): byte j of a row holds column 2j in its low
+   nibble and 2j+1 in its high one, w = (nibble - 8) * scale per group: the same sum with
+   min = -8 * scale. A block of 32 columns is 16 bytes: low and high nibbles interleaved back
+   into column order by unpacklo/hi_epi8. */
+static inline __attribute__((always_inline)) void q4s_unpack(const uint8_t *blk, __m256i *w0, __m256i *w1) {
+    const __m128i lowmask = _mm_set1_epi8(0x0F);
+    __m128i v = _mm_loadu_si128((const __m128i *)blk);
+    __m128i lo = _mm_and_si128(v, lowmask), hi = _mm_and_si128(_mm_srli_epi16(v, 4), lowmask);
+    *w0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));  /* columns 0..15 */
+    *w1 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));  /* columns 16..31 */
+}
+
+/* R weight rows x MM activation rows; BITS (2: int2 with mins, 4: the pack's symmetric int4, mn
+   unused), R, MM compile-time constants at every call site. */
+static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, const uint16_t *sc, const uint16_t *mn,
+                                                          const int BITS, const int R, const int MM, int bpg, int r,
+                                                          int m, int nb, const xblock *xq, int N, float *y) {
+    const int ng = nb / bpg;
+    const int bb = BITS * 4;  /* bytes per block of 32 columns */
+    const size_t rb = (size_t)nb * bb;
+    const uint8_t *qr[4];
+    const uint16_t *sr[4], *mr[4];
+    __m256 acc[4][4];
+    float summs[4][4];
+    for (int i = 0; i < R; i++) {
+        qr[i] = q + (size_t)(r + i) * rb;
+        sr[i] = sc + (size_t)(r + i) * ng;
+        mr[i] = BITS == 2 ? mn + (size_t)(r + i) * ng : sr[i];
+        for (int j = 0; j < MM; j++) { acc[i][j] = _mm256_setzero_ps(); summs[i][j] = 0.0f; }
+    }
+    for (int g = 0; g < ng; g++) {
+        float dw[4], mw[4];
+        for (int i = 0; i < R; i++) {
+            dw[i] = _cvtsh_ss(sr[i][g]);
+            mw[i] = BITS == 2 ? _cvtsh_ss(mr[i][g]) : -8.0f * dw[i];
+        }
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i w0[4], w1[4];
+            for (int i = 0; i < R; i++) {
+                if (BITS == 2) q2_unpack(qr[i] + (size_t)b * bb, &w0[i], &w1[i]);
+                else q4s_unpack(qr[i] + (size_t)b * bb, &w0[i], &w1[i]);
+            }
+            if (MM == 1 && R == 4) _mm_prefetch((const char *)(qr[3] + rb) + (size_t)b * bb * 4, _MM_HINT_T0);
+            for (int j = 0; j < MM; j++) {
+                const xblock *xb = xq + (size_t)(m + j) * nb + b;
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+                __m256 xd = _mm256_set1_ps(xb->d);
+                for (int i = 0; i < R; i++) {
+                    __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(dw[i]), xd),
+                                                acc[i][j]);
+                    summs[i][j] += mw[i] * xb->s;
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < MM; j++) y[(size_t)(m + j) * N + r + i] = hsum8(acc[i][j]) + summs[i][j];
+}
+
+static inline __attribute__((always_inline)) void unpack_gq(const uint8_t *q, const uint16_t *sc,
+                                                            const uint16_t *mn, const int BITS, int bpg, int row,
+                                                            int nb, int16_t *wq, float *wd, float *wm) {
+    const int ng = nb / bpg, bb = BITS * 4;
+    const uint8_t *qr = q + (size_t)row * nb * bb;
+    const uint16_t *sr = sc + (size_t)row * ng, *mr = BITS == 2 ? mn + (size_t)row * ng : sr;
+    for (int g = 0; g < ng; g++) {
+        float d = _cvtsh_ss(sr[g]), mv = BITS == 2 ? _cvtsh_ss(mr[g]) : -8.0f * d;
+        for (int b = g * bpg; b < (g + 1) * bpg; b++) {
+            __m256i w0, w1;
+            if (BITS == 2) q2_unpack(qr + (size_t)b * bb, &w0, &w1);
+            else q4s_unpack(qr + (size_t)b * bb, &w0, &w1);
+            _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32), w0);
+            _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32 + 16), w1);
+            wd[b] = d;
+            wm[b] = mv;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void gq_rows(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, const int BITS, int bpg, int r0,
+                    int r1, int nb, const xblock *xq, const float *xt, int M, int mpad, int N, float *y) {
+    const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
+    int r = r0;
+    if (M == 1) {
+        for (; r + 4 <= r1; r += 4) q2_tile(q, sc, mn, BITS, 4, 1, bpg, r, 0, nb, xq, N, y);
+        for (; r < r1; r++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, 0, nb, xq, N, y);
+        return;
+    }
+    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
+    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
+    ubuf u;
+    if (ubuf_init(&u, nb, sq, sd, sm)) return;
+    for (; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            unpack_gq(q, sc, mn, BITS, bpg, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb,
+                      u.m + (size_t)i * nb);
+        mtiles(u.q, u.d, u.m, 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
+    }
+    for (; r < r1; r++) {
+        unpack_gq(q, sc, mn, BITS, bpg, r, nb, u.q, u.d, u.m);
+        mtiles(u.q, u.d, u.m, 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
+    }
+    free(u.heap);
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for a grouped matrix: bits 2 = int2 (scale and min), 4 = the pack's
+   symmetric int4 (mn ignored); group G columns per scale. */
+static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
+                    float *y, int M, int N, int K, int nthreads) {
+    if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
+    int nb = K / 32, mpad = (M + 3) & ~3;
+    xblock stackbuf[128];
+    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
+    if (!xq) return -2;
+    quantize_x(x, M, K, NULL, 0.0f, xq);
+    float *xt = NULL;
+    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
+        if (xq != stackbuf) free(xq);
+        return -2;
+    }
+    int chunks = (N + 15) / 16;
+    if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+    for (int c = 0; c < chunks; c++) {
+        int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
+        if (bits == 2) gq_rows(q, sc, mn, 2, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
+        else gq_rows(q, sc, mn, 4, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
+    }
+    free(xt);
+    if (xq != stackbuf) free(xq);
+    return 0;
+}
+
+int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x, float *y,
+             int M, int N, int K, int nthreads) {
+    return gqmatmul(2, q, sc, mn, G, x, y, M, N, K, nthreads);
+}
+
+int q4smatmul(const uint8_t *q, const uint16_t *sc, int G, const float *x, float *y, int M, int N, int K,
+              int nthreads) {
+    return gqmatmul(4, q, sc, sc, G, x, y, M, N, K, nthreads);
+}
+
+/* One streamed expert for one token, in one call: y[H] = w * down(silu(g) * u), [g; u] = gate_up x.
+   The decode step ran this as ~12 PyTorch dispatches per expert (views, two matmuls, slicing, silu,
+   products), each releasing and re-taking the GIL that 8 reader threads contend for: at the 5%
+   budget that overhead, not the kernel, was most of an expert's time. The bundle's parts (int2:
+   codes, scale, min per matrix; int4: codes and scale, mn unused) are pointers into its read
+   buffer. One thread: an expert is ~0.7 M multiply-adds, far below QK_MIN_PARALLEL. */
+int gq_expert(int bits, const uint8_t *gq, const uint16_t *gs, const uint16_t *gm, const uint8_t *dq,
+              const uint16_t *ds, const uint16_t *dm, int G, const float *x, int H, int I, float w, float *y) {
+    if (I % 32 != 0 || I % G != 0) return -1;
+    float stackbuf[2 * 2048];
+    float *gu = 2 * I <= 2 * 2048 ? stackbuf : (float *)malloc(sizeof(float) * 2 * (size_t)I);
+    if (!gu) return -2;
+    int rc = gqmatmul(bits, gq, gs, gm, G, x, gu, 1, 2 * I, H, 1);
+    if (rc == 0) {
+        for (int i = 0; i < I; i++) {
+            float g = gu[i];
+            gu[i] = g / (1.0f + expf(-g)) * gu[I + i];
+        }
+        rc = gqmatmul(bits, dq, ds, dm, G, gu, y, 1, H, I, 1);
+    }
+    if (rc == 0 && w != 1.0f)
+        for (int j = 0; j < H; j++) y[j] *= w;
+    if (gu != stackbuf) free(gu);
+    return rc;
+}
+
+/* One decode step of attention for one layer, after the q|k|v matmul:
+   r [hq + 2 hk, hd]: q heads, k heads, v heads (fp32, rotated here in place);
+   cos/sin [hd]: the RoPE row of position p (HF rotate_half layout: cos[i] == cos[i + hd/2]);
+   kv [2 hk, max_seq, hd]: this layer's cache (K heads then V heads); k and v are written at p;
+   out [hq, hd]: softmax(q K^T * scale) V over positions 0..p, q head h reading kv head h / (hq / hk). */
+void attn_step(float *r, const float *cos, const float *sin, float *kv, int p, int max_seq, int hq, int hk,
+               int hd, float scale, float *out, float *scores) {
+    rope_kv_write(r, cos, sin, kv, p, max_seq, hq, hk, hd);
+    int g = hq / hk, n = p + 1;
+    for (int h = 0; h < hq; h++) {
+        const float *q = r + (size_t)h * hd;
+        const float *K = kv + (size_t)(h / g) * max_seq * hd;
+        const float *V = kv + (size_t)(hk + h / g) * max_seq * hd;
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) {
+            const float *k = K + (size_t)t * hd;
+            float dot = 0.0f;
+            for (int i = 0; i < hd; i++) dot += q[i] * k[i];
+            dot *= scale;
+            scores[t] = dot;
+            if (dot > mx) mx = dot;
+        }
+        float inv = exp_scores(scores, n, mx);
+        float *o = out + (size_t)h * hd;
+        for (int i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int t = 0; t < n; t++) {
+            const float *v = V + (size_t)t * hd;
+            float a = scores[t] * inv;
+            for (int i = 0; i < hd; i++) o[i] += a * v[i];
+        }
+    }
+}
