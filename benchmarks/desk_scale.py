@@ -2,7 +2,7 @@
 
 The phone ran 200 GB of weights in 12 GB of RAM. Here: a synthetic Qwen3-MoE pack of >= 24 GB
 (default 26 GB of experts: 16x the limit; int4 experts, group 64, the layout
-local_engine/formats/pack.py writes) decoded inside a memory cgroup (v1, page cache counted) of
+local_engine/formats/pack_writer.py writes) decoded inside a memory cgroup (v1, page cache counted) of
 1.5 GiB, after the pack's pages were dropped from the page cache
 (POSIX_FADV_DONTNEED). In the same run, the disk's I/O bound for this model: O_DIRECT reads of
 whole expert bundles at random bundle offsets of the same file, on as many threads as the
@@ -95,7 +95,8 @@ def expert_pool(cfg: dict[str, Any], n: int, group: int, seed: int) -> tuple[lis
     """n distinct int4 bundles: (parts, bundle bytes padded to the stride)."""
     import torch
 
-    from local_engine.formats.pack import ALIGN, RESIDENT_ALIGN, dtype_name, quantize
+    from local_engine.formats.pack import ALIGN, RESIDENT_ALIGN, dtype_name
+    from local_engine.formats.pack_quant import quantize
 
     g = torch.Generator().manual_seed(seed + 1)
     H, inter = cfg["hidden_size"], cfg["moe_intermediate_size"]

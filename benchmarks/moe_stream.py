@@ -135,7 +135,8 @@ def packed_dir(quant: str) -> Path:
 
 
 def ensure_packed(quants: tuple[str, ...] = ("none",)) -> None:
-    from local_engine.formats.pack import MANIFEST, pack, redense
+    from local_engine.formats.pack import MANIFEST
+    from local_engine.formats.pack_writer import pack, redense
 
     make_checkpoint()
     for q in quants:

@@ -101,7 +101,7 @@ class Scorer:
 def _requantise(engine: Any, method: str) -> int:
     """Replace every layer matrix of an f32 engine by the MoE pack's ``method`` of it; returns its bytes."""
     from local_engine import qkernel
-    from local_engine.formats.pack import dequantize, quantize, quantize_int2
+    from local_engine.formats.pack_quant import dequantize, quantize, quantize_int2
     from local_engine.quant import DenseLinear, Int2Linear
 
     lib = qkernel.load()
@@ -165,7 +165,8 @@ def moe_table(size: int, max_tokens: int, work: Path, out: Callable[[str], None]
     from click.testing import CliRunner
 
     from local_engine.cli import main
-    from local_engine.formats.pack import pack, read_manifest
+    from local_engine.formats.pack import read_manifest
+    from local_engine.formats.pack_writer import pack
     from local_engine.models.moe import MoEModel
     from local_engine.tokenizer import from_hf_dir
 
@@ -203,7 +204,7 @@ def moe_table(size: int, max_tokens: int, work: Path, out: Callable[[str], None]
 def dense_rows(scorer: Scorer, packs: dict[str, Path], work: Path, out: Callable[[str], None]) -> None:
     """The same packs with their resident matrices (attention, vocab head) as ``pack --dense
     int8|int4`` stores them (GGUF Q8_0 / Q4_1 blocks, qkernel), against the all-lossless pack."""
-    from local_engine.formats.pack import redense
+    from local_engine.formats.pack_writer import redense
     from local_engine.models.moe import MoEModel
 
     out("\n### Dense matrices in low bits (`pack --dense`), same text, same reference (all lossless)\n")
@@ -272,7 +273,7 @@ def kernel_table(out: Callable[[str], None]) -> None:
     import gguf
 
     from local_engine import qkernel
-    from local_engine.formats.pack import dequantize, quantize, quantize_int2
+    from local_engine.formats.pack_quant import dequantize, quantize, quantize_int2
     from local_engine.quant import GGUFBlockLinear, GroupLinear, Int2Linear
     from local_engine.store import RawTensor
 
@@ -320,7 +321,7 @@ def kv_table(size: int, moe_tokens: int, work: Path, out: Callable[[str], None])
     from local_engine import kv_cache
     from local_engine.cli import main
     from local_engine.engine import Engine
-    from local_engine.formats.pack import pack
+    from local_engine.formats.pack_writer import pack
     from local_engine.models.moe import MoEModel
     from local_engine.tokenizer import from_hf_dir
 

@@ -34,12 +34,8 @@ import torch
 from local_engine import qkernel
 from local_engine.cache import DEFAULT_POLICY, ROUTER_AWARE_POLICIES, ExpertCache
 from local_engine.errors import BudgetError, PackError
-from local_engine.formats.pack import (
-    EXPERTS_FILE,
-    Manifest,
-    bundle_views,
-    dequantize,
-)
+from local_engine.formats.pack import EXPERTS_FILE, Manifest, bundle_views
+from local_engine.formats.pack_quant import dequantize
 from local_engine.models.layers import Linear
 from local_engine.quant import GroupExpert, GroupLinear
 

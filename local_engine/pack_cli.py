@@ -13,8 +13,8 @@ import click
 
 from local_engine.cache import DEFAULT_POLICY, POLICIES
 from local_engine.errors import PackError
-from local_engine.formats.pack import DENSE_METHODS, QUANT_METHODS
-from local_engine.formats.pack import pack as pack_dir
+from local_engine.formats.pack_quant import DENSE_METHODS, QUANT_METHODS
+from local_engine.formats.pack_writer import pack as pack_dir
 from local_engine.models.moe import MoEModel
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from local_engine import qkernel
-from local_engine.formats.pack import dequantize
+from local_engine.formats.pack_quant import dequantize
 from local_engine.store import RawTensor
 
 INT4_GROUP = 32
@@ -224,7 +224,7 @@ class GroupLinear:
     """A pack's grouped expert matrix multiplied by ``qkernel`` straight from its bytes.
 
     ``method`` "int2": ``q`` uint8 [out, in/4], ``scale`` / ``mins`` fp16 [out, in/group]
-    (layout: ``formats.pack.quantize_int2``; ``qkernel.q2matmul``). "int4": the pack's symmetric
+    (layout: ``formats.pack_quant.quantize_int2``; ``qkernel.q2matmul``). "int4": the pack's symmetric
     nibbles, ``q`` uint8 [out, in/2], ``scale`` fp16, no mins (``qkernel.q4smatmul``). The tensors
     may be zero-copy views over a read buffer (a streamed expert): nothing is converted or
     copied. Without the compiled kernel (``lib`` None), or with a group the kernel cannot block

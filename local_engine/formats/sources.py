@@ -1,7 +1,7 @@
 """What ``pack`` reads a checkpoint through: ``PackSource``, and the safetensors one.
 
 A source presents an MoE checkpoint under Hugging Face tensor names with an HF ``config``;
-``pack`` (formats/pack.py) writes the flash layout from any of them. ``SafetensorsSource`` reads
+``pack`` (formats/pack_writer.py) writes the flash layout from any of them. ``SafetensorsSource`` reads
 an HF directory; ``formats.gguf_moe.GGUFSource`` maps a llama.cpp GGUF file onto the same names.
 """
 

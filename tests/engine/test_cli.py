@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from local_engine.cli import main
 from local_engine.demo_moe import DemoShape, write_demo_moe
-from local_engine.formats.pack import pack
+from local_engine.formats.pack_writer import pack
 from local_engine.formats.sources import TOKENIZER_FILES
 
 

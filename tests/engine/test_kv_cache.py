@@ -364,7 +364,7 @@ def test_packed_moe_runs_on_a_bounded_int8_cache(tmp_path: Path) -> None:
     """The MoE's attention (layers.attention -> attend, the C step for single tokens) on the demo
     pack: logits within int8's error of f32 KV before the window fills, flat KV after it."""
     from local_engine.demo_moe import DemoShape, write_demo_moe
-    from local_engine.formats.pack import pack
+    from local_engine.formats.pack_writer import pack
 
     write_demo_moe(tmp_path / "demo", DemoShape(layers=2, experts=4, top_k=2))
     packed = pack(tmp_path / "demo", tmp_path / "packed", quant="none", group_size=64, progress=False).root

@@ -112,7 +112,7 @@ def test_model_falls_back_to_torch_kernels(monkeypatch, smol_path, smol) -> None
 # --------------------------------------------------------------------------- int2 (MoE experts)
 
 def _int2(rows: int, cols: int, group: int, seed: int):
-    from local_engine.formats.pack import dequantize, quantize_int2
+    from local_engine.formats.pack_quant import dequantize, quantize_int2
 
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
     q, s, m = quantize_int2(w, group)
@@ -162,7 +162,7 @@ def test_int2_kernel_refuses_a_group_it_cannot_block(lib) -> None:
 @pytest.mark.parametrize("rows,cols,group", [(301, 96, 32), (37, 480, 96), (768, 320, 64)])
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_pack_int4_matches_dequantised_matmul(lib, rows: int, cols: int, group: int, m: int) -> None:
-    from local_engine.formats.pack import dequantize, quantize
+    from local_engine.formats.pack_quant import dequantize, quantize
     from local_engine.quant import GroupLinear
 
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + m))
@@ -186,7 +186,7 @@ def test_pack_int4_matches_dequantised_matmul(lib, rows: int, cols: int, group: 
 
 def _linear(lib, fmt: str, rows: int, cols: int, seed: int):
     """A kernel-backed matrix of format ``fmt`` and its dequantised weights."""
-    from local_engine.formats.pack import dequantize, quantize
+    from local_engine.formats.pack_quant import dequantize, quantize
     from local_engine.quant import GroupLinear, Int2Linear
 
     if fmt in ("Q4_0", "Q4_1", "Q8_0"):

@@ -82,7 +82,7 @@ def _save_word_tokenizer(d: Path, vocab: int) -> None:
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
     import transformers
 
-    from local_engine.formats.pack import pack
+    from local_engine.formats.pack_writer import pack
 
     root = tmp_path_factory.mktemp("moe")
     out: dict[str, Tiny] = {}

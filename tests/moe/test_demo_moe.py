@@ -62,7 +62,7 @@ def test_transformers_reads_the_demo_as_the_packed_engine_computes_it(walk: dict
                                                                       tmp_path: Path) -> None:
     import transformers
 
-    from local_engine.formats.pack import pack
+    from local_engine.formats.pack_writer import pack
     from local_engine.models.moe import MoEModel
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(walk["src"]).eval()

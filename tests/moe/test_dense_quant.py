@@ -17,16 +17,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from local_engine.formats.pack import (
-    PackError,
-    dense_quantisable,
-    dequantize_dense,
-    load_resident,
-    pack,
-    quantize_dense,
-    read_manifest,
-    redense,
-)
+from local_engine.errors import PackError
+from local_engine.formats.pack import dequantize_dense, load_resident, read_manifest
+from local_engine.formats.pack_quant import dense_quantisable, quantize_dense
+from local_engine.formats.pack_writer import pack, redense
 from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
 from tests.moe.conftest import PROMPT, Tiny

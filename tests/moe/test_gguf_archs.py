@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from local_engine.formats.pack import pack
+from local_engine.formats.pack_writer import pack
 from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
 from tests.moe.conftest import GEN_STEPS, PROMPT, _config, compare_with_transformers
@@ -308,7 +308,7 @@ def test_packed_gguf_chats_with_its_own_tokenizer(built: dict[str, Built], name:
 
 
 def test_unconvertible_tokenizer_fails_before_writing(built: dict[str, Built], tmp_path: Path) -> None:
-    from local_engine.formats.pack import PackError
+    from local_engine.errors import PackError
 
     def wordpiece(w: gguf.GGUFWriter) -> None:
         w.add_tokenizer_model("bert")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from local_engine.formats.pack import UnsupportedArchitecture, pack
+from local_engine.errors import UnsupportedArchitecture
+from local_engine.formats.pack_writer import pack
 from local_engine.pack_cli import main as pack_main
 from tests.moe.conftest import Tiny, compare_with_transformers
 

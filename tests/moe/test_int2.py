@@ -12,14 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from local_engine.formats.pack import (
-    PackError,
-    dequantize,
-    pack,
-    quantize_int2,
-    read_manifest,
-    unpack_int2,
-)
+from local_engine.errors import PackError
+from local_engine.formats.pack import read_manifest
+from local_engine.formats.pack_quant import dequantize, quantize_int2, unpack_int2
+from local_engine.formats.pack_writer import pack
 from local_engine.models.moe import MoEModel
 from tests.moe.conftest import PROMPT, Tiny
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from local_engine.errors import BudgetError, EngineError
-from local_engine.formats.pack import PackError, UnsupportedArchitecture, pack, read_manifest
+from local_engine.errors import BudgetError, EngineError, PackError, UnsupportedArchitecture
+from local_engine.formats.pack import read_manifest
+from local_engine.formats.pack_writer import pack
 from local_engine.models.moe import MoEModel
 from local_engine.pack_cli import main as pack_main
 from tests.moe.conftest import PROMPT, Tiny

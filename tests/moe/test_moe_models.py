@@ -241,7 +241,8 @@ def test_bf16_checkpoint_packs_losslessly(tiny_models: dict[str, Tiny], tmp_path
     """Real checkpoints are bf16: `none` keeps bf16 bits on disk, compute upcasts to fp32."""
     import copy
 
-    from local_engine.formats.pack import pack, read_manifest
+    from local_engine.formats.pack import read_manifest
+    from local_engine.formats.pack_writer import pack
 
     t = tiny_models["qwen3_moe"]
     hf16 = copy.deepcopy(t.hf).to(torch.bfloat16)

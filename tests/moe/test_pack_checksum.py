@@ -12,7 +12,8 @@ import crc32c
 import pytest
 import torch
 
-from local_engine.formats.pack import PackError, read_manifest
+from local_engine.errors import PackError
+from local_engine.formats.pack import read_manifest
 from local_engine.models.moe import MoEModel
 from tests.moe.conftest import PROMPT, Tiny
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from local_engine.formats.pack import dequantize, quantize
+from local_engine.formats.pack_quant import dequantize, quantize
 
 
 @pytest.mark.parametrize("method,qmax", [("int8", 127), ("int4", 7)])

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from local_engine.formats.pack import PackError, pack
+from local_engine.errors import PackError
+from local_engine.formats.pack_writer import pack
 from local_engine.models.moe import MoEModel, standin_candidates
 from tests.moe.conftest import Tiny
 
