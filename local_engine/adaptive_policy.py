@@ -1,0 +1,95 @@
+"""``adaptive`` and ``router``: the expert cache's policy that follows whichever of several candidate
+policies (layer-LFU decays, router-driven scores) has been hitting most lately, by shadow caches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+
+from local_engine.cache_policies import Key, LayerLFU, Policy
+from local_engine.router_policy import RouterLFU
+
+
+class AdaptiveLayerLFU(Policy):
+    """layer-LFU whose decay follows whichever of a few candidates has been hitting most lately.
+
+    How fast popularity should be forgotten depends on the routing: a router with stable
+    favourites wants a long memory (decay near 1), one with token-to-token reuse wants a short one.
+    Each candidate decay runs a shadow cache (keys only, same capacity in bundles) fed the same
+    requests; the real cache takes its eviction and admission decisions from the candidate whose
+    shadow has the most hits, counted with exponential forgetting over a few tokens' requests.
+    Cost: a few dict/heap operations per candidate per request, negligible next to a bundle read.
+    """
+
+    def __init__(self, capacity: int, decays: Sequence[float] = (0.5, 0.8, 0.95), window: int = 1000,
+                 candidates: Sequence[Callable[[], Policy]] | None = None) -> None:
+        self._cap = max(int(capacity), 0)
+        make = list(candidates) if candidates is not None else [lambda d=d: LayerLFU(d) for d in decays]
+        self._real = [m() for m in make]  # scores (+ heaps) over the real cache's keys
+        # scores (+ heaps) over each shadow's keys; shared with the real one where the policy allows
+        self._shadow = [r.twin() if isinstance(r, RouterLFU) else m() for r, m in zip(self._real, make, strict=True)]
+        self._sets: list[set[Key]] = [set() for _ in make]
+        self._hits = [0.0] * len(make)
+        self._fade = 1.0 - 1.0 / max(window, 1)
+        self.leader = len(make) - 1
+        self._pinned: set[Key] = set()
+        # each shadow's misses of the current step, inserted when the step ends, as the runtime does
+        # (all of a step's lookups first, then its inserts with every key of the step pinned); without
+        # it a shadow could evict a key of the step it has not seen yet, which the real cache never does
+        self._missed: list[list[Key]] = [[] for _ in make]
+        self._stepped = False
+
+    def step(self, group: Hashable, n_tokens: int = 1) -> None:
+        self._flush()
+        self._stepped = True
+        for p in (*self._real, *self._shadow):
+            p.step(group, n_tokens)
+        self._pinned = set()
+
+    def observe(self, group: Hashable, probs: Sequence[float]) -> None:
+        for p in (*self._real, *self._shadow):
+            p.observe(group, probs)
+
+    def _flush(self) -> None:
+        for p, keys, missed in zip(self._shadow, self._sets, self._missed, strict=True):
+            for key in missed:
+                if len(keys) >= self._cap:
+                    v = p.victim(self._pinned)
+                    if v is None or not p.admit(key, v):
+                        continue
+                    keys.discard(v)
+                    p.remove(v)
+                keys.add(key)
+                p.insert(key)
+            missed.clear()
+
+    def access(self, key: Key, uses: int = 1) -> None:
+        self._pinned.add(key)
+        for p in self._real:
+            p.access(key, uses)
+        for i, (p, keys) in enumerate(zip(self._shadow, self._sets, strict=True)):
+            p.access(key, uses)
+            self._hits[i] *= self._fade
+            if key in keys:
+                self._hits[i] += 1.0
+            elif self._cap > 0:
+                self._missed[i].append(key)
+        if not self._stepped:  # used without steps: every request is its own step
+            self._flush()
+            self._pinned = set()
+        best = max(range(len(self._hits)), key=self._hits.__getitem__)
+        if self._hits[best] > self._hits[self.leader]:
+            self.leader = best
+
+    def admit(self, key: Key, victim: Key) -> bool:
+        return self._real[self.leader].admit(key, victim)
+
+    def insert(self, key: Key) -> None:
+        for p in self._real:
+            p.insert(key)
+
+    def remove(self, key: Key) -> None:
+        for p in self._real:
+            p.remove(key)
+
+    def victim(self, pinned: set[Key]) -> Key | None:
+        return self._real[self.leader].victim(pinned)
