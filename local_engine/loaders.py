@@ -19,9 +19,10 @@ from typing import Any
 from local_engine import kv_cache
 from local_engine.cache import DEFAULT_POLICY
 from local_engine.errors import EngineError
+from local_engine.formats.llama_weights import config_from_gguf, config_from_hf
 from local_engine.formats.pack import PACK_FORMAT
 from local_engine.models.base import CausalLM
-from local_engine.models.llama import LlamaModel, config_from_gguf, config_from_hf
+from local_engine.models.llama import LlamaModel
 from local_engine.models.moe import DEFAULT_STANDIN_BELOW, MoEModel
 from local_engine.store import GGUFStore, SafetensorsStore
 from local_engine.tokenizer import Tokenizer, from_gguf, from_hf_dir

@@ -28,7 +28,7 @@ its two ``madd``s; 8 rows cost 0.41 of 8 single rows (figures: docs/engine.md, s
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is
 no compiler, the CPU lacks AVX2/FMA/F16C, or ``LOCAL_ENGINE_NO_CKERNEL=1`` is set, ``load()``
-returns None and the model falls back to PyTorch's kernels (see models/llama.py); the reason is
+returns None and the model falls back to PyTorch's kernels (see formats/llama_weights.py); the reason is
 kept in ``unavailable_reason``.
 """
 

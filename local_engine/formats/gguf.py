@@ -23,7 +23,7 @@ _NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.i
        7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
 
-# The one GGUF <-> Hugging Face tensor-name table (models/llama.py, formats/gguf_moe.py): GGUF name
+# The one GGUF <-> Hugging Face tensor-name table (formats/llama_weights.py, formats/gguf_moe.py): GGUF name
 # (after "blk.N.") -> HF name (after "model.layers.N."); "{moe}" is an MoE block's prefix ("mlp",
 # or "block_sparse_moe" for Mixtral)
 GGUF_LAYER_NAMES = {

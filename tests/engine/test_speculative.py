@@ -174,7 +174,8 @@ def test_speculative_sampling_draws_from_the_target_distribution(tmp_path: Path,
     """The rejection rule on a real (random, 16-token) model: over many verifies of the same draft,
     the first token's and (after an accepted first draft) the second token's frequencies match the
     target's sampling distributions computed by plain single steps, within a chi-square bound."""
-    from local_engine.models.llama import LlamaModel, config_from_hf
+    from local_engine.formats.llama_weights import config_from_hf
+    from local_engine.models.llama import LlamaModel
     from local_engine.sampling import Sampler, SamplingParams
     from local_engine.store import SafetensorsStore
 
