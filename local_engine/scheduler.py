@@ -42,7 +42,8 @@ from local_engine.models.llama import PREFILL_CHUNK
 from local_engine.sequence import Sequence
 
 if TYPE_CHECKING:
-    from local_engine.engine import Engine, Generation
+    from local_engine.engine import Engine
+    from local_engine.generation import Generation
 
 # Time-to-first-token buckets (seconds) of the per-request histogram in ``stats()``.
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -1,6 +1,6 @@
 """One request inside the scheduler (local_engine/scheduler.py): its token loop as a state machine.
 
-``Generation._run`` (engine.py) is the same loop written as one generator over a model it holds
+``Generation._run`` (generation.py) is the same loop written as one generator over a model it holds
 alone; here each call does one piece so the scheduler can interleave many sequences on one model:
 ``prefill`` one chunk of the prompt, then ``choose`` a token from the latest logits (sampling,
 grammar mask, stop tokens and strings, text emission: the same order and rules as
@@ -23,7 +23,8 @@ from local_engine.sampling import Sampler
 from local_engine.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
-    from local_engine.engine import Engine, Generation
+    from local_engine.engine import Engine
+    from local_engine.generation import Generation
 
 
 @runtime_checkable

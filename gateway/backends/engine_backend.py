@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 from gateway.backends.base import Backend, BackendError, CallOptions
 
 if TYPE_CHECKING:
-    from local_engine.engine import Engine, Generation
+    from local_engine.engine import Engine
+    from local_engine.generation import Generation
     from local_engine.scheduler import Scheduler
 
 _SENTINEL = object()

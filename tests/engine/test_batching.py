@@ -174,7 +174,7 @@ def test_prompt_past_the_context_is_an_engine_error(eng: Engine) -> None:
 def test_long_prompt_chunks_as_the_serial_path(eng: Engine, n: int) -> None:
     """256-token chunks, and a one-token remainder runs with the chunk before (the model's decode
     step would compute it otherwise): logits and so the answer are the serial run's."""
-    from local_engine.engine import Generation
+    from local_engine.generation import Generation
     from local_engine.sampling import SamplingParams
 
     ids = eng.tokenizer.encode(" ".join(f"w{i}" for i in range(400)), add_special=True)[:n]
