@@ -51,6 +51,9 @@ DEFAULT_POLICY = "adaptive"
 
 @dataclass
 class CacheStats:
+    """What an ``ExpertCache`` did since it was made: lookups found / not found, items pushed out
+    to make room, items taken in, items refused."""
+
     hits: int = 0
     misses: int = 0
     evictions: int = 0

@@ -60,10 +60,10 @@ class IOStats:
 class StoreSnapshot:
     """The store's running counters at one moment; the difference of two accounts what ran between."""
 
-    bytes_read: int = 0
+    bytes_read: int = 0  # IOStats' counters (their meaning: there)
     io_busy_s: float = 0.0
     io_wait_s: float = 0.0
-    hits: int = 0
+    hits: int = 0  # the expert cache's (CacheStats)
     misses: int = 0
 
     def __sub__(self, other: StoreSnapshot) -> StoreSnapshot:

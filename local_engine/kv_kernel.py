@@ -17,17 +17,12 @@ through PyTorch (``unavailable_reason`` says why).
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import threading
 
 from local_engine import qkernel
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fPIC", "-shared"]
 
 unavailable_reason: str | None = None
-_lib: ctypes.CDLL | None = None
-_tried = False
-_lock = threading.Lock()
 
 
 def _build() -> ctypes.CDLL:
@@ -41,13 +36,9 @@ def _build() -> ctypes.CDLL:
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel, or None (then ``unavailable_reason`` says why)."""
-    global _lib, _tried, unavailable_reason
-    with _lock:
-        if not _tried:
-            _tried = True
-            try:
-                _lib = _build()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                unavailable_reason = str(e)
-                _lib = None
-        return _lib
+    global unavailable_reason
+    lib, unavailable_reason = _ONCE.get()
+    return lib
+
+
+_ONCE = qkernel.OnceBuilt(_build)

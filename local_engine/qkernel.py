@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
@@ -50,9 +51,6 @@ QTYPE_Q4_1 = 1
 QTYPE_Q8_0 = 8
 
 unavailable_reason: str | None = None
-_lib: ctypes.CDLL | None = None
-_tried = False
-_lock = threading.Lock()
 
 
 def _cpu_flags() -> set[str]:
@@ -110,6 +108,29 @@ def compile_shared(name: str, source: str, flags: list[str], link: tuple[str, ..
     return ctypes.CDLL(str(so))
 
 
+class OnceBuilt:
+    """A C library built and loaded on first use, once per process: under a lock, since two threads
+    (a server's engine and a request) may ask first at the same moment; a failed build is not retried."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._tried = False
+        self._lib: ctypes.CDLL | None = None
+        self._reason: str | None = None
+
+    def get(self) -> tuple[ctypes.CDLL | None, str | None]:
+        """(the library, None) or (None, why it could not be built)."""
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                try:
+                    self._lib = self._build()
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    self._reason = str(e)
+            return self._lib, self._reason
+
+
 def _build() -> ctypes.CDLL:
     lib = compile_shared("qkernel", c_source("qkernel"), _FLAGS)
     f = lib.qmatmul
@@ -142,13 +163,9 @@ def _build() -> ctypes.CDLL:
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (then ``unavailable_reason`` says why)."""
-    global _lib, _tried, unavailable_reason
-    with _lock:
-        if not _tried:
-            _tried = True
-            try:
-                _lib = _build()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                unavailable_reason = str(e)
-                _lib = None
-        return _lib
+    global unavailable_reason
+    lib, unavailable_reason = _ONCE.get()
+    return lib
+
+
+_ONCE = OnceBuilt(_build)

@@ -151,6 +151,14 @@ class Int8Linear:
         return y if self.bias is None else y + self.bias
 
 
+def _kernel_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the [M, in] contiguous fp32 rows the C kernels read (``x`` itself, reshaped, when it is)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    return x2
+
+
 class GGUFBlockLinear:
     """GGUF Q4_0 / Q4_1 / Q8_0 blocks kept as they are, multiplied by local_engine.qkernel (AVX2).
 
@@ -188,9 +196,7 @@ class GGUFBlockLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
+        x2 = _kernel_rows(x)
         m = x2.shape[0]
         y = torch.empty(m, self.out_features)
         self._run(x2, y, m, None, 0.0, 0)
@@ -253,9 +259,7 @@ class GroupLinear:
         if self._fn is None:
             return F.linear(x.float(), self.dequantize())
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
+        x2 = _kernel_rows(x)
         m = x2.shape[0]
         y = torch.empty(m, self.out_features)
         head: tuple[int, ...] = (self.q.data_ptr(), self.scale.data_ptr())

@@ -13,12 +13,14 @@ import torch
 
 @dataclass
 class SamplingParams:
+    """One request's sampling options (OpenAI's / llama.cpp's names); each default leaves its step out."""
+
     max_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: every token
+    top_p: float = 1.0  # 1: the whole distribution
+    repetition_penalty: float = 1.0  # 1: none
+    seed: int | None = None  # None: a fresh seed per request
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

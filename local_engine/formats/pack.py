@@ -168,6 +168,16 @@ class Part:
     nbytes: int
 
 
+class _ExpertsInt:
+    """A ``Manifest`` attribute read as an int from the manifest's ``experts`` section, under its own name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, m: Manifest, owner: type | None = None) -> int:
+        return int(m.raw["experts"][self.key])
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
@@ -199,31 +209,18 @@ class Manifest:
         q = self.raw["resident"]["tensors"][name].get("qtype")
         return None if q is None else str(q)
 
-    @property
-    def stride(self) -> int:
-        return int(self.raw["experts"]["stride"])
-
-    @property
-    def bundle_nbytes(self) -> int:
-        return int(self.raw["experts"]["bundle_nbytes"])
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.raw["experts"]["num_experts"])
+    # the experts section's sizes: a bundle's stride and used bytes, experts per MoE layer, the hidden
+    # width H and an expert's intermediate width I (gate_up is [2I, H], down [H, I])
+    stride = _ExpertsInt()
+    bundle_nbytes = _ExpertsInt()
+    num_experts = _ExpertsInt()
+    hidden_size = _ExpertsInt()
+    intermediate_size = _ExpertsInt()
 
     @property
     def parts(self) -> list[Part]:
         return [Part(p["name"], tuple(p["shape"]), p["dtype"], p["offset"], p["nbytes"])
                 for p in self.raw["experts"]["parts"]]
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.raw["experts"]["hidden_size"])
-
-    @property
-    def intermediate_size(self) -> int:
-        """An expert's intermediate width I (gate_up is [2I, H], down [H, I])."""
-        return int(self.raw["experts"]["intermediate_size"])
 
     @property
     def moe_layers(self) -> list[int]:
