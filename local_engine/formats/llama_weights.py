@@ -1,6 +1,7 @@
 """Dense Llama-family weights (Llama, Mistral, Qwen2, Qwen3, SmolLM) from a TensorStore, apart from
 the forward pass (models/llama.py): the config, the tensors' names, the q/k un-permutation of
-llama-arch GGUF files, and the representation each matrix is kept in, chosen by ``weights``:
+llama-arch GGUF files, the rows of a GGUF embedding table (``embedding_rows``, dequantised
+per step), and the representation each matrix is kept in, chosen by ``weights``:
 
     "auto"  GGUF Q4_0/Q4_1/Q8_0 matrices (and the vocab head) stay as the file's blocks behind
             local_engine.qkernel (AVX2, int16 activations per block of 32); other GGUF quant
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from local_engine import qkernel
@@ -136,6 +138,19 @@ class LayerWeights:
     down: Any
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+
+
+def embedding_rows(raw: RawTensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 rows ``ids`` of an embedding table kept as GGUF blocks (dequantised per step, not at load)."""
+    rows = raw.data[ids.numpy()]
+    if raw.qtype == "Q8_0":
+        # blocks of 32: fp16 scale + 32 int8; a handful of numpy ops instead of gguf's generic
+        # dequantiser (46 us per row, called every decode step)
+        b = rows.reshape(len(ids), -1, 34)
+        d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
+        out = b[:, :, 2:].view(np.int8).astype(np.float32) * d
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
+    return dequantize_blocks(rows, raw.qtype).reshape(len(ids), -1)
 
 
 class LlamaWeights:

@@ -11,14 +11,12 @@ import itertools
 import math
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from local_engine import kv_cache
 from local_engine.errors import UnsupportedModel
-from local_engine.formats.gguf import dequantize_blocks
-from local_engine.formats.llama_weights import WEIGHT_MODES, LlamaConfig, LlamaWeights
+from local_engine.formats.llama_weights import WEIGHT_MODES, LlamaConfig, LlamaWeights, embedding_rows
 from local_engine.models.base import CausalLM
 from local_engine.models.layers import KVCache, RopeTables, attention, rms_norm, rope_inv_freq, swiglu
 from local_engine.quant import GGUFBlockLinear
@@ -79,15 +77,7 @@ class LlamaModel(CausalLM):
             return self._emb[ids]
         raw = self._emb_raw
         assert raw is not None
-        rows = raw.data[ids.numpy()]
-        if raw.qtype == "Q8_0":
-            # blocks of 32: fp16 scale + 32 int8; a handful of numpy ops instead of gguf's generic
-            # dequantiser (46 us per row, called every decode step)
-            b = rows.reshape(len(ids), -1, 34)
-            d = b[:, :, :2].copy().view(np.float16).astype(np.float32)
-            out = b[:, :, 2:].view(np.int8).astype(np.float32) * d
-            return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(len(ids), -1)
-        return dequantize_blocks(rows, raw.qtype).reshape(len(ids), -1)
+        return embedding_rows(raw, ids)
 
     def new_cache(self) -> KVCache | kv_cache.CompressedKVCache:
         c = self.cfg
