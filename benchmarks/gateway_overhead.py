@@ -107,6 +107,11 @@ from tests.support import upstream
 from tests.support.embeddings_upstream import EmbeddingsUpstream
 from tests.support.wire_upstreams import MessagesUpstream, ResponsesUpstream
 upstream._Server.request_queue_size = 1024  # socketserver's default backlog of 5 drops SYNs at c=64
+_report = upstream._Server.handle_error
+def _quiet(self, request, client_address):  # wrk drops its connections when a cell ends: not an error
+    if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+        _report(self, request, client_address)
+upstream._Server.handle_error = _quiet
 up = EmbeddingsUpstream(model="fake-model", reply=lambda body: "A fixed small answer of a few words.", port={port})
 up.received = type("Sink", (), {{"append": lambda self, x: None, "clear": lambda self: None}})()  # no growth
 up.received_headers = up.received
@@ -536,6 +541,13 @@ def run_state(args: argparse.Namespace) -> str:
                f"rest (load average {load[0]:.1f}): the limit was the shared machine, not wrk (its CPU above)"
                if two_total < 0.8 * (os.cpu_count() or 1) else
                "they were busy: the limit was these processes' CPU (wrk's share above)"))
+        # The most a second replica can add when the CPUs are the limit: what the cores leave after the
+        # 2-replica cell's other processes (LB, wrk, upstream, Redis), over one replica's own CPU.
+        one_replica = cpu["one"]["replicas"] / wall["one"]
+        rest = (sum(cpu["two"].values()) - cpu["two"]["replicas"]) / wall["two"]
+        bound = ((os.cpu_count() or 1) - rest) / max(one_replica, 1e-9)
+        out(f"  CPU bound on the ratio: ({os.cpu_count()} cores - {rest:.2f} for the others) / {one_replica:.2f} "
+            f"for one replica = {bound:.2f}x, if a replica's CPU per request stayed as it is alone")
     finally:
         for p in procs:
             p.stop()
