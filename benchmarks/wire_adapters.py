@@ -8,7 +8,7 @@ Two directions the gateway runs on every request of issue #17's per-target wire 
   gateway/wire/to_messages.request, against litellm's AnthropicConfig.map_openai_params +
   transform_request (what litellm.completion does before it POSTs to Anthropic);
 * Responses request -> chat (a Responses client, the pipeline's hub): ours,
-  gateway/wire/openai_responses.to_chat, against litellm's
+  gateway/wire/responses_in.to_chat, against litellm's
   LiteLLMCompletionResponsesConfig.transform_responses_api_request_to_chat_completion_request.
 
 Each pair is timed in the same run, interleaved, and the ratio printed; then each output is
@@ -71,9 +71,9 @@ def litellm_to_messages(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def ours_responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    from gateway.wire import openai_responses
+    from gateway.wire import responses_in
 
-    return openai_responses.to_chat(openai_responses.ResponsesRequest.model_validate(body))
+    return responses_in.to_chat(responses_in.ResponsesRequest.model_validate(body))
 
 
 def litellm_responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from typing import Literal
 import httpx
 import structlog
 
-from gateway.policy.model import CloudTarget, ConnectivityConfig
+from gateway.policy.model import ConnectivityConfig
+from gateway.policy.targets import CloudTarget
 
 log = structlog.get_logger("gateway.connectivity")
 

@@ -34,8 +34,9 @@ from gateway.assemble import Assembler, streaming_body
 from gateway.backends.base import Backend, BackendError, CallOptions
 from gateway.connectivity import ConnectivityMonitor
 from gateway.hedge import Hedge, race
-from gateway.policy.model import LocalTarget, Policy
+from gateway.policy.model import Policy
 from gateway.policy.pace import NO_PACE, Pace
+from gateway.policy.targets import LocalTarget
 from gateway.stream_deadline import SlowError, StreamDeadline
 
 log = structlog.get_logger("gateway.dispatch")

@@ -35,7 +35,8 @@ from gateway.features import (
 from gateway.metrics import Metrics
 from gateway.policy.embeddings import Requested, plan, requested
 from gateway.policy.evaluate import decide
-from gateway.policy.model import CloudTarget, Policy
+from gateway.policy.model import Policy
+from gateway.policy.targets import CloudTarget
 from gateway.privacy.vault import VaultStore
 from gateway.runtime import Runtime, build_runtime, shared_difficulty, shared_sensitivity
 from gateway.schema import APIError

@@ -24,7 +24,8 @@ from gateway.classify.difficulty import DifficultyConfig, build_difficulty_class
 from gateway.classify.sensitivity import build_sensitivity_classifier
 from gateway.connectivity import ConnectivityMonitor, Force
 from gateway.dispatch import Dispatcher
-from gateway.policy.model import CloudTarget, LocalTarget, Policy
+from gateway.policy.model import Policy
+from gateway.policy.targets import CloudTarget, LocalTarget
 from gateway.privacy.config import PrivacyConfig
 from gateway.privacy.vault import VaultStore
 from gateway.store.base import StateStore

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from gateway.api.wire_route import wire_route
-from gateway.wire.anthropic_messages import PATH, AnthropicMessages, ErrorResponse
+from gateway.wire.anthropic_messages import ANTHROPIC_MESSAGES, PATH, ErrorResponse
 
 __all__ = ["PATH", "router", "serve_messages"]
 
 router = APIRouter()
-serve_messages = wire_route(router, AnthropicMessages(), ErrorResponse, name="create_message")
+serve_messages = wire_route(router, ANTHROPIC_MESSAGES, ErrorResponse, name="create_message")

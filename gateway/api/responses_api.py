@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from gateway.api.wire_route import wire_route
 from gateway.schema import ErrorResponse
-from gateway.wire.openai_responses import PATH, OpenAIResponses
+from gateway.wire.openai_responses import OPENAI_RESPONSES, PATH
 
 __all__ = ["PATH", "router", "serve_responses"]
 
 router = APIRouter()
-serve_responses = wire_route(router, OpenAIResponses(), ErrorResponse, name="create_response")
+serve_responses = wire_route(router, OPENAI_RESPONSES, ErrorResponse, name="create_response")

@@ -37,7 +37,7 @@ def openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-def wire_route(router: APIRouter, adapter: WireAdapter, error_model: type[BaseModel], name: str) -> ASGIApp:
+def wire_route(router: APIRouter, adapter: WireAdapter[Any], error_model: type[BaseModel], name: str) -> ASGIApp:
     """Registers the adapter's POST route on `router` for the OpenAPI document, and returns the
     ASGI handler gateway/app.py serves it with (past FastAPI's routing)."""
     errors: dict[int | str, dict[str, Any]] = {s: {"model": error_model} for s in (400, 401, 403, 404, 413, 503)}
@@ -55,7 +55,7 @@ def wire_route(router: APIRouter, adapter: WireAdapter, error_model: type[BaseMo
     return direct
 
 
-async def serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
+async def serve(request: Request, adapter: WireAdapter[Any]) -> Response | EventStreamResponse:
     try:
         return await _serve(request, adapter)
     except APIError as exc:
@@ -78,7 +78,7 @@ def _checked(state: GatewayState, body: dict[str, Any]) -> None:
         raise validation_error(exc) from None
 
 
-async def _serve(request: Request, adapter: WireAdapter) -> Response | EventStreamResponse:
+async def _serve(request: Request, adapter: WireAdapter[Any]) -> Response | EventStreamResponse:
     state = state_of(request)
     incoming = serving.Incoming(state, request_id_of(request), adapter.endpoint)
     try:

@@ -24,8 +24,8 @@ _PROMPT_FIELDS = frozenset({"messages", "system", "input", "instructions", "meta
 # Enough for the adapter to parse the echo back into its request type (the prompt is not read).
 _STUB: dict[str, dict[str, Any]] = {MESSAGES: {"messages": [{"role": "user", "content": "-"}]},
                                     RESPONSES: {"input": "-"}}
-_ADAPTERS: dict[str, WireAdapter] = {MESSAGES: anthropic_messages.AnthropicMessages(),
-                                     RESPONSES: openai_responses.OpenAIResponses()}
+_ADAPTERS: dict[str, WireAdapter[Any]] = {MESSAGES: anthropic_messages.ANTHROPIC_MESSAGES,
+                                     RESPONSES: openai_responses.OPENAI_RESPONSES}
 # A job's status as a Response object's.
 _RESPONSE_STATUS = {"queued": "queued", "in_progress": "in_progress", "completed": "completed", "failed": "failed"}
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.policy.evaluate import Decision
-from gateway.policy.model import Embeddings, Policy
+from gateway.policy.model import Policy
+from gateway.policy.targets import Embeddings
 from gateway.schema import APIError
 
 

@@ -25,8 +25,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from gateway.features import DIFFICULTY_LEVELS, SENSITIVITY_LEVELS
 from gateway.policy.load import PolicySource, Problem
-from gateway.policy.model import AtLeast, Bound, LocalTarget, Policy, When
+from gateway.policy.model import AtLeast, Bound, Policy, When
 from gateway.policy.pace import resolve
+from gateway.policy.targets import LocalTarget
 
 # The one connectivity state in which a cloud target can answer; every other value the model
 # allows (offline, disabled, ...) means no cloud call can succeed.

@@ -442,22 +442,8 @@ def error_body(err: APIError) -> dict[str, Any]:
             "request_id": err.headers.get("x-request-id")}
 
 
-class AnthropicMessages(WireAdapter):
-    endpoint = PATH
-    request_model = MessagesRequest
-    api = "messages"
-
-    def to_chat(self, request: MessagesRequest) -> dict[str, Any]:
-        return to_chat(request)
-
-    def from_chat(self, response: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
-        return from_chat(response, request)
-
-    def translator(self, request: MessagesRequest, input_tokens: int, request_id: str) -> MessagesStream:
-        return MessagesStream(request.model, request.stop_sequences, input_tokens, request_id)
-
-    def native_answer(self, answer: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
-        return native_message(answer)
-
-    def error_body(self, err: APIError) -> dict[str, Any]:
-        return error_body(err)
+ANTHROPIC_MESSAGES = WireAdapter(
+    endpoint=PATH, request_model=MessagesRequest, api="messages", to_chat=to_chat, from_chat=from_chat,
+    translator=lambda req, input_tokens, request_id: MessagesStream(req.model, req.stop_sequences, input_tokens,
+                                                                    request_id),
+    native_answer=lambda answer, req: native_message(answer), error_body=error_body)

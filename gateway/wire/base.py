@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
@@ -15,6 +16,7 @@ from gateway.schema import APIError
 from gateway.wire.passthrough import NativeAPI, native_events
 
 Event = dict[str, Any]
+R = TypeVar("R", bound=BaseModel)  # a wire format's request model
 
 
 class StreamTranslator(ABC):
@@ -116,36 +118,35 @@ class OpenModel(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class WireAdapter(ABC):
-    """One wire format: its request model, the conversions, its error shape."""
+def _as_it_came(answer: dict[str, Any], request: Any) -> dict[str, Any]:
+    return answer
+
+
+def _gateway_error(err: APIError) -> dict[str, Any]:
+    return err.body()
+
+
+@dataclass(frozen=True)
+class WireAdapter(Generic[R]):
+    """One wire format: its request model, the conversions, its error shape. A record of the
+    format's functions: each adapter module builds one."""
 
     endpoint: str  # the path, also the label of the audit line
-    request_model: type[BaseModel]
+    request_model: type[R]
+    to_chat: Callable[[R], dict[str, Any]]
+    """The chat-completions body the pipeline runs on. Raises APIError(400) for what it cannot express."""
+    from_chat: Callable[[dict[str, Any], R], dict[str, Any]]
+    """The API's answer object from the (restored) chat completion."""
+    translator: Callable[[R, int, str], StreamTranslator]
+    """(request, input_tokens, request_id): `input_tokens` is the prompt's size before any answer (the
+    target's count, or an estimate); `request_id` the x-request-id, for an error event that names it."""
+    native_answer: Callable[[dict[str, Any], R], dict[str, Any]] = _as_it_came
+    """A same-API upstream's own answer (pass-through, restored) as this API's answer: as it came,
+    completed with what the published schema requires."""
+    error_body: Callable[[APIError], dict[str, Any]] = _gateway_error
     api: NativeAPI | None = None  # a target of this API (`api:` in the policy) gets the client's own body
 
-    @abstractmethod
-    def to_chat(self, request: Any) -> dict[str, Any]:
-        """The chat-completions body the pipeline runs on. Raises APIError(400) for what it
-        cannot express."""
-
-    @abstractmethod
-    def from_chat(self, response: dict[str, Any], request: Any) -> dict[str, Any]:
-        """The API's answer object from the (restored) chat completion."""
-
-    @abstractmethod
-    def translator(self, request: Any, input_tokens: int, request_id: str) -> StreamTranslator:
-        """`input_tokens`: the prompt's size before any answer (the target's count, or an estimate);
-        `request_id`: the x-request-id, for an error event that names it."""
-
-    def native_answer(self, answer: dict[str, Any], request: Any) -> dict[str, Any]:
-        """A same-API upstream's own answer (pass-through, restored) as this API's answer: as it
-        came, completed with what the published schema requires."""
-        return answer
-
-    @abstractmethod
-    def error_body(self, err: APIError) -> dict[str, Any]: ...
-
-    def parse(self, data: dict[str, Any]) -> Any:
+    def parse(self, data: dict[str, Any]) -> R:
         try:
             return self.request_model.model_validate(data)
         except ValidationError as exc:

@@ -245,7 +245,7 @@ def test_fallback_within_the_space_and_litellm_embeddings(gw: RunningGateway, cl
 def test_policy_refuses_an_engine_embedding_model_it_cannot_run() -> None:
     from pydantic import ValidationError
 
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
 
     engine = {"kind": "local", "engine": "local_engine", "model_path": "builtin:smollm2-135m"}
     assert LocalTarget.model_validate({**engine, "embeddings": {"model": "builtin:all-minilm-l6-v2"}})

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 
 from gateway.schema import APIError
 from gateway.wire import anthropic_messages as am
-from gateway.wire import openai_responses as orr
+from gateway.wire import responses_in, responses_out
 
 A_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 R_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
@@ -121,12 +121,12 @@ def test_anthropic_error_types_follow_the_status() -> None:
         ErrorResponse.model_validate(am.error_body(APIError(s, "m")))
 
 
-def _responses_req(**fields: Any) -> orr.ResponsesRequest:
-    return orr.ResponsesRequest.model_validate({"model": "auto", "input": "q", **fields})
+def _responses_req(**fields: Any) -> responses_in.ResponsesRequest:
+    return responses_in.ResponsesRequest.model_validate({"model": "auto", "input": "q", **fields})
 
 
 def test_responses_in_merges_one_assistant_turn_and_drops_reasoning() -> None:
-    body = orr.to_chat(_responses_req(input=[
+    body = responses_in.to_chat(_responses_req(input=[
         {"role": "user", "content": "q"},
         {"type": "reasoning", "id": "rs_1", "summary": []},
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me see."}]},
@@ -144,13 +144,13 @@ def test_responses_in_merges_one_assistant_turn_and_drops_reasoning() -> None:
 def test_responses_out_is_incomplete_when_cut_by_the_token_limit() -> None:
     response = {"model": "m", "usage": {"prompt_tokens": 1, "completion_tokens": 9},
                 "choices": [{"finish_reason": "length", "message": {"role": "assistant", "content": "partial"}}]}
-    resp = Response.model_validate(orr.from_chat(response, _responses_req(max_output_tokens=9)))
+    resp = Response.model_validate(responses_out.from_chat(response, _responses_req(max_output_tokens=9)))
     assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
     assert resp.output_text == "partial" and resp.max_output_tokens == 9
 
 
 def responses_events(chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    t = orr.ResponsesStream(_responses_req(stream=True))
+    t = responses_out.ResponsesStream(_responses_req(stream=True))
     events = [e for c in chunks for e in t.feed(c)] + t.finish()
     assert t.finish() == []
     for e in events:

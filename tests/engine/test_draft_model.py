@@ -101,7 +101,7 @@ def test_open_with_a_draft_model_and_clear_errors(smol_path: Path, tmp_path: Pat
 def test_cli_and_policy_take_a_draft_model(smol_path: Path) -> None:
     from click.testing import CliRunner
 
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
     from gateway.runtime import build_backend
     from local_engine.cli import main
 

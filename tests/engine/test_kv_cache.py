@@ -318,7 +318,7 @@ def test_int4_kv_within_a_kl_bound_of_f32(smol_kv: dict[str, Engine]) -> None:
 
 def test_policy_kv_cache_reaches_the_engine_and_one_memory_budget_reaches_stats(tiny: Path) -> None:
     from gateway.metrics import Metrics
-    from gateway.policy.model import KV_SLACK, LocalTarget
+    from gateway.policy.targets import KV_SLACK, LocalTarget
     from gateway.runtime import build_backend
 
     assert KV_SLACK == SLACK

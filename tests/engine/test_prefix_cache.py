@@ -184,7 +184,7 @@ def test_hits_are_whole_attention_groups_and_leave_two_tokens(smol: Engine) -> N
 
 def test_policy_budget_reaches_the_engine_and_stats_reach_metrics() -> None:
     from gateway.metrics import Metrics
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
     from gateway.runtime import build_backend
 
     cfg = LocalTarget(kind="local", engine="local_engine", model_path="builtin:smollm2-135m", prefix_cache_mb=1.5)

@@ -258,7 +258,7 @@ def test_cli_generate_speculative_prints_its_stats(smol_path: Any) -> None:
 def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
     from pydantic import ValidationError
 
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
     from gateway.runtime import build_backend
 
     kw: dict[str, Any] = {"kind": "local", "engine": "local_engine", "model_path": "builtin:smollm2-135m"}
@@ -272,7 +272,7 @@ def test_policy_engine_target_passes_speculative_to_the_engine() -> None:
 
 def test_speculation_counts_reach_the_gateway_metrics() -> None:
     from gateway.metrics import Metrics
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
     from gateway.runtime import build_backend
 
     cfg = LocalTarget(kind="local", engine="local_engine", model_path="builtin:smollm2-135m",

@@ -106,7 +106,7 @@ def test_cli_and_policy_turn_stand_ins_on(tiny_models: dict[str, Tiny], int2_pac
     from click.testing import CliRunner
 
     from gateway.backends.engine_backend import EngineBackend
-    from gateway.policy.model import LocalTarget
+    from gateway.policy.targets import LocalTarget
     from gateway.runtime import build_backend
     from local_engine.cli import main
 
