@@ -140,14 +140,14 @@ def explain(prompt: str | None, policy_path: str, offline: bool, model: str, mes
             _fail("--offline and --client describe a local simulation; with --server the server decides")
         result = _explain_remote(server, body, hdrs, api_key)
     else:
-        from gateway.explain import explain_embeddings_local, explain_local
+        from gateway.explain import LocalView, explain_embeddings_local, explain_local
         from gateway.schema import APIError
 
         policy = _load(policy_path)
         run = explain_embeddings_local if embeddings else explain_local
+        view = LocalView(offline=offline, headers=hdrs, client=client, score_all=score_all)
         try:
-            result = asyncio.run(run(policy, policy_path, body, offline=offline, headers=hdrs, client=client,
-                                     score_all=score_all))
+            result = asyncio.run(run(policy, policy_path, body, view))
         except APIError as exc:  # what the endpoint would answer before deciding (an unknown model...)
             _fail(f"HTTP {exc.status}: {exc.message}")
     click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())

@@ -173,38 +173,31 @@ def depends_on(policy: Policy, features: Features, pinned: str | None) -> tuple[
     return by_sensitivity or redacts, by_difficulty
 
 
-async def explain_local(
-    policy: Policy,
-    source: str,
-    body: dict[str, Any],
-    *,
-    offline: bool = False,
-    headers: dict[str, str] | None = None,
-    client: str | None = None,
-    score_all: bool = False,
-) -> dict[str, Any]:
-    return (await _explained_local(policy, source, body, offline=offline, headers=headers, client=client,
-                                   score_all=score_all))[1]
+@dataclass(frozen=True)
+class LocalView:
+    """What the CLI's `explain` is told about the request beyond its body."""
+
+    offline: bool = False  # every cloud target offline (else: the server's optimistic start)
+    headers: dict[str, str] | None = None
+    client: str | None = None  # the authenticated client's name
+    score_all: bool = False  # run every classifier, even those the decision does not depend on
 
 
-async def _explained_local(
-    policy: Policy,
-    source: str,
-    body: dict[str, Any],
-    *,
-    offline: bool,
-    headers: dict[str, str] | None,
-    client: str | None,
-    score_all: bool,
-) -> tuple[pipeline.Prepared, dict[str, Any]]:
+async def explain_local(policy: Policy, source: str, body: dict[str, Any], view: LocalView = LocalView()
+                        ) -> dict[str, Any]:
+    return (await _explained_local(policy, source, body, view))[1]
+
+
+async def _explained_local(policy: Policy, source: str, body: dict[str, Any], view: LocalView
+                           ) -> tuple[pipeline.Prepared, dict[str, Any]]:
     clouds = {n: t for n, t in policy.targets.items() if isinstance(t, CloudTarget)}
     # The server's own monitor, never started: its view at start-up, and not a packet sent.
-    monitor = ConnectivityMonitor(clouds, policy.connectivity, force_all="offline" if offline else "auto")
-    call = _call(body, headers, client)
+    monitor = ConnectivityMonitor(clouds, policy.connectivity, force_all="offline" if view.offline else "auto")
+    call = _call(body, view.headers, view.client)
     try:
         first = await pipeline.prepare(_light_runtime(policy, source, monitor, _NO_SENSITIVITY, _NO_DIFFICULTY),
                                        call, Metrics())
-        need_s, need_d = (True, True) if score_all else depends_on(policy, first.features, first.decision.pinned)
+        need_s, need_d = (True, True) if view.score_all else depends_on(policy, first.features, first.decision.pinned)
         rt = _light_runtime(policy, source, monitor,
                             shared_sensitivity(policy.privacy) if need_s else _NO_SENSITIVITY,
                             shared_difficulty(policy.difficulty) if need_d else _NO_DIFFICULTY)
@@ -254,21 +247,12 @@ def embedding_plan(policy: Policy, prepared: pipeline.Prepared, req: EmbeddingsR
     return {**out, "space": chosen.space, "chain": list(chosen.chain), "notes": list(chosen.notes)}
 
 
-async def explain_embeddings_local(
-    policy: Policy,
-    source: str,
-    data: dict[str, Any],
-    *,
-    offline: bool = False,
-    headers: dict[str, str] | None = None,
-    client: str | None = None,
-    score_all: bool = False,
-) -> dict[str, Any]:
+async def explain_embeddings_local(policy: Policy, source: str, data: dict[str, Any],
+                                   view: LocalView = LocalView()) -> dict[str, Any]:
     """`explain_local` for an embeddings request: its inputs decided as chat's user messages, then
     the embedding plan (`embeddings` in the result). Raises APIError for a request the endpoint
     would refuse before deciding (bad body, unknown model)."""
     req, want = embeddings_request(data, policy)
-    prepared, result = await _explained_local(policy, source, classify_body(req, want.model), offline=offline,
-                                              headers=headers, client=client, score_all=score_all)
+    prepared, result = await _explained_local(policy, source, classify_body(req, want.model), view)
     result["embeddings"] = embedding_plan(policy, prepared, req, want)
     return result

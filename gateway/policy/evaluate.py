@@ -72,6 +72,14 @@ class Decision:
         }
 
 
+def _blocked(rule: str, status: int, message: str, *, code: str | None = None, matched: tuple[str, ...] = (),
+             pinned: str | None = None, notes: tuple[str, ...] = (), local_tools: str | None = None,
+             retry_after_s: float | None = None) -> Decision:
+    """A refusal, answered with `status` and `message`; `code` None: blocked_by_policy."""
+    return Decision(rule=rule, action="block", block_status=status, block_message=message, block_code=code,
+                    matched=matched, pinned=pinned, notes=notes, local_tools=local_tools, retry_after_s=retry_after_s)
+
+
 def _level(levels: tuple[str, ...], cond: str | AtLeast, actual: str, what: str) -> str | None:
     if isinstance(cond, AtLeast):
         if level_rank(levels, actual) >= level_rank(levels, cond.at_least):
@@ -178,18 +186,9 @@ def _refused_locally(policy: Policy, rule: Rule, features: Features, chain: tupl
     else:
         why = "its chain has no cloud target"
     # 403, a policy refusal like a rule's block: a 5xx would have the SDKs retry it at once, for nothing
-    return Decision(
-        rule=rule.name,
-        action="block",
-        block_status=403,
-        block_message=f"This request has {features.structured}, and rule {rule.name!r} does not answer those on "
-        f"local targets (policy: local_tools = refuse); {why}.",
-        block_code="local_tools_refused",
-        matched=reasons,
-        pinned=pinned,
-        notes=notes,
-        local_tools="refuse",
-    )
+    return _blocked(rule.name, 403, f"This request has {features.structured}, and rule {rule.name!r} does not "
+                    f"answer those on local targets (policy: local_tools = refuse); {why}.",
+                    code="local_tools_refused", matched=reasons, pinned=pinned, notes=notes, local_tools="refuse")
 
 
 def _over_budget(policy: Policy, features: Features, decision: Decision) -> Decision:
@@ -214,17 +213,9 @@ def _over_budget(policy: Policy, features: Features, decision: Decision) -> Deci
                    f"prices). Ask for fewer max_tokens, or retry when requests in flight have settled.")
         alone = b.spent_usd + b.hold_usd <= limit  # it fits once those in flight settle
         retry = min(b.resets_in_s, 1.0) if alone else b.resets_in_s
-    return Decision(
-        rule=decision.rule,
-        action="block",
-        block_status=429,
-        block_message=message,
-        block_code="budget_exceeded",
-        matched=decision.matched,
-        pinned=decision.pinned,
-        notes=(*decision.notes, f"budget exceeded: priced target(s) {', '.join(priced)} refused"),
-        retry_after_s=retry,
-    )
+    return _blocked(decision.rule, 429, message, code="budget_exceeded", matched=decision.matched,
+                    pinned=decision.pinned, retry_after_s=retry,
+                    notes=(*decision.notes, f"budget exceeded: priced target(s) {', '.join(priced)} refused"))
 
 
 def decide(features: Features, policy: Policy, pinned: str | None = None) -> Decision:
@@ -239,14 +230,7 @@ def _decide_rule(features: Features, policy: Policy, pinned: str | None) -> Deci
         if reasons is None:
             continue
         if rule.block is not None:
-            return Decision(
-                rule=rule.name,
-                action="block",
-                block_status=rule.block.status,
-                block_message=rule.block.message,
-                matched=reasons,
-                pinned=pinned,
-            )
+            return _blocked(rule.name, rule.block.status, rule.block.message, matched=reasons, pinned=pinned)
         chain = policy.chain(rule)
         notes: tuple[str, ...] = ()
         if pinned is not None:
@@ -254,17 +238,9 @@ def _decide_rule(features: Features, policy: Policy, pinned: str | None) -> Deci
             notes = (note,)
         if features.has_images and not any(policy.takes_images(t) for t in chain):
             if policy.defaults.images == "reject":
-                return Decision(
-                    rule=rule.name,
-                    action="block",
-                    block_status=400,
-                    block_message=f"This request has images, and no target rule {rule.name!r} may use "
-                    f"({', '.join(chain)}) takes images (policy: defaults.images = reject).",
-                    block_code="images_not_supported",
-                    matched=reasons,
-                    pinned=pinned,
-                    notes=notes,
-                )
+                return _blocked(rule.name, 400, f"This request has images, and no target rule {rule.name!r} may "
+                                f"use ({', '.join(chain)}) takes images (policy: defaults.images = reject).",
+                                code="images_not_supported", matched=reasons, pinned=pinned, notes=notes)
             notes = (*notes, "images dropped: no target of the chain takes images")
         local_tools = policy.local_tools(rule) if features.structured else None
         local = [t for t in chain if not policy.is_cloud(t)]
@@ -291,10 +267,4 @@ def _decide_rule(features: Features, policy: Policy, pinned: str | None) -> Deci
             local_tools=local_tools,
             refuses_local=refuses_local,
         )
-    return Decision(
-        rule="(none)",
-        action="block",
-        block_status=403,
-        block_message="No policy rule matches this request.",
-        pinned=pinned,
-    )
+    return _blocked("(none)", 403, "No policy rule matches this request.", pinned=pinned)

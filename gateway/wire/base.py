@@ -200,3 +200,4 @@ def chat_usage(response: dict[str, Any]) -> tuple[int, int]:
 
 def tool_calls_of(message: dict[str, Any]) -> list[dict[str, Any]]:
     return [c for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+

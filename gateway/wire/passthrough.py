@@ -16,9 +16,12 @@ stream events the chunk came from) under the same key, for the client's adapter 
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from gateway.backends.base import BackendError
 
 NativeAPI = Literal["messages", "responses"]
 
@@ -70,22 +73,50 @@ class EventReader(ABC):
     API's end event came. For a pass-through stream (`native`), each event rides on the chunks it
     became (on a chunk without choices when it became none), so none is lost."""
 
-    name: str
-    native: bool
-    finished: bool
-    id: str
-    created: int
-    model: str
+    def __init__(self, name: str, native: bool, first_id: str) -> None:
+        self.name = name
+        self.native = native  # a pass-through stream: each event rides on the chunks it became
+        self.finished = False
+        self.id = first_id  # until the upstream's first event names its own
+        self.model = ""
+        self.created = int(time.time())
+        self.tools: dict[int, int] = {}  # the upstream's block / item index -> chat tool-call index
 
     def feed(self, event: Any) -> list[dict[str, Any]]:
+        if not isinstance(event, dict):
+            raise BackendError("protocol", f"{self.name}: stream event is not an object")
         chunks = self._feed(event)
         if not self.native:
             return chunks
-        return carry(chunks, {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                              "model": self.model}, [event])
+        return carry(chunks, self._head(), [event])
 
     @abstractmethod
-    def _feed(self, event: Any) -> list[dict[str, Any]]: ...
+    def _feed(self, event: dict[str, Any]) -> list[dict[str, Any]]: ...
+
+    # The chat chunks an upstream's events become, all with the stream's one id, created and model.
+
+    def _head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {**self._head(),
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
+
+    def _opened(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """The first chunk, from the upstream's opening event's answer (it names the id and model)."""
+        self.id = str(answer.get("id") or self.id)
+        self.model = str(answer.get("model") or "")
+        return self._chunk({"role": "assistant", "content": ""})
+
+    def _usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._head(), "choices": [], "usage": usage}
+
+    def _call_started(self, index: int, call_id: str, name: str) -> dict[str, Any]:
+        return self._chunk({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                            "function": {"name": name, "arguments": ""}}]})
+
+    def _call_arguments(self, index: int, arguments: str) -> dict[str, Any]:
+        return self._chunk({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]})
 
 
 # -- an answer from its stream, for a whole answer the dispatcher read as a stream (assemble.py) ---

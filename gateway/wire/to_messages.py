@@ -27,6 +27,13 @@ from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
 from gateway.wire import passthrough
 from gateway.wire.base import arguments_object, new_id
+from gateway.wire.chat_parts import (
+    assistant_message,
+    chat_completion,
+    chat_functions,
+    function_call,
+    split_system,
+)
 from gateway.wire.passthrough import PROMPT_TOKENS
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -136,15 +143,8 @@ def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, An
 
 
 def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for tool in tools:
-        fn = tool.get("function") or {}
-        one: dict[str, Any] = {"name": fn.get("name") or "",
-                               "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
-        if fn.get("description"):
-            one["description"] = fn["description"]
-        out.append(one)
-    return out
+    return [{"name": fn["name"], "input_schema": fn["parameters"],
+             **({"description": fn["description"]} if "description" in fn else {})} for fn in chat_functions(tools)]
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
@@ -163,13 +163,11 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 
 def request(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The Messages request for a chat body (already redacted where the rule says so)."""
-    system: list[str] = []
+    system, turns = split_system(body.get("messages") or [])
     messages: list[dict[str, Any]] = []
-    for msg in body.get("messages") or ():
+    for msg in turns:
         role = msg.get("role")
-        if role in ("system", "developer"):
-            system.append(content_text(msg.get("content")))
-        elif role == "tool":
+        if role == "tool":
             _append(messages, "user", [_tool_result(msg)])
         elif role == "assistant":
             _append(messages, "assistant", _assistant(msg))
@@ -187,8 +185,8 @@ def request(body: dict[str, Any], model: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": model, "messages": messages,
                            "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
                            or DEFAULT_MAX_TOKENS}
-    if any(system):
-        out["system"] = "\n".join(s for s in system if s)
+    if system:
+        out["system"] = system
     stop = body.get("stop")
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
@@ -224,31 +222,26 @@ def _finish(stop_reason: Any) -> str:
     return _FINISH.get(stop_reason, "stop") if isinstance(stop_reason, str) else "stop"
 
 
+def _call(block: dict[str, Any], ids: dict[str, str]) -> dict[str, Any]:
+    """A `tool_use` block as a chat tool call, under the client's own id (see tool_id)."""
+    call_id = str(block.get("id") or new_id("toolu_"))
+    return function_call(ids.get(call_id, call_id), str(block.get("name") or ""),
+                         json.dumps(block.get("input") or {}, ensure_ascii=False))
+
+
 def completion(message: dict[str, Any], name: str, ids: dict[str, str] | None = None) -> dict[str, Any]:
     """A chat completion for an upstream `Message`. Raises BackendError("protocol") for anything else."""
     if not isinstance(message, dict) or message.get("type") != "message" or not isinstance(message.get("content"), list):
         raise BackendError("protocol", f"{name}: answer is not an Anthropic message")
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in message["content"]:
-        if not isinstance(block, dict):
-            continue
-        if block.get("type") == "text":
-            texts.append(str(block.get("text") or ""))
-        elif block.get("type") == "tool_use":
-            call_id = str(block.get("id") or new_id("toolu_"))
-            calls.append({"id": (ids or {}).get(call_id, call_id), "type": "function",
-                          "function": {"name": str(block.get("name") or ""),
-                                       "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
-    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
-    if calls:
-        msg["tool_calls"] = calls
-    choice: dict[str, Any] = {"index": 0, "message": msg, "finish_reason": _finish(message.get("stop_reason")),
-                              "logprobs": None}
+    blocks = [b for b in message["content"] if isinstance(b, dict)]
+    texts = [str(b.get("text") or "") for b in blocks if b.get("type") == "text"]
+    calls = [_call(b, ids or {}) for b in blocks if b.get("type") == "tool_use"]
+    choice: dict[str, Any] = {"index": 0, "message": assistant_message(texts, calls),
+                              "finish_reason": _finish(message.get("stop_reason")), "logprobs": None}
     if message.get("stop_reason") == "stop_sequence" and isinstance(message.get("stop_sequence"), str):
         choice["stop_reason"] = message["stop_sequence"]
-    return {"id": str(message.get("id") or new_id("msg_")), "object": "chat.completion", "created": int(time.time()),
-            "model": str(message.get("model") or ""), "choices": [choice], "usage": _usage(message.get("usage"))}
+    return chat_completion(str(message.get("id") or new_id("msg_")), int(time.time()), str(message.get("model") or ""),
+                           choice, _usage(message.get("usage")))
 
 
 class EventReader(passthrough.EventReader):
@@ -258,40 +251,23 @@ class EventReader(passthrough.EventReader):
     retries, falls back or resumes as for any broken stream."""
 
     def __init__(self, name: str, native: bool = False, ids: dict[str, str] | None = None) -> None:
-        self.name = name
+        super().__init__(name, native, new_id("msg_"))
         self.ids = ids or {}  # sanitised tool id -> the client's (see tool_id)
-        self.native = native  # a pass-through stream: each event rides on the chunks it became
-        self.finished = False
-        self.id = new_id("msg_")
-        self.model = ""
-        self.created = int(time.time())
         self.usage: dict[str, Any] = {}
-        self.tools: dict[int, int] = {}  # content block index -> chat tool-call index
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None, **extra}]}
-
-    def _feed(self, event: Any) -> list[dict[str, Any]]:
-        if not isinstance(event, dict):
-            raise BackendError("protocol", f"{self.name}: stream event is not an object")
+    def _feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
         if kind == "message_start":
             message = event.get("message") or {}
-            self.id = str(message.get("id") or self.id)
-            self.model = str(message.get("model") or "")
             self.usage = dict(message.get("usage") or {})
             # The upstream's own count, for the message_start a Messages client is sent.
-            return [{**self._chunk({"role": "assistant", "content": ""}),
-                     PROMPT_TOKENS: _usage(self.usage)["prompt_tokens"]}]
+            return [{**self._opened(message), PROMPT_TOKENS: _usage(self.usage)["prompt_tokens"]}]
         if kind == "content_block_start":
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 k = self.tools.setdefault(int(event.get("index") or 0), len(self.tools))
                 call_id = str(block.get("id") or new_id("toolu_"))
-                return [self._chunk({"tool_calls": [{"index": k, "id": self.ids.get(call_id, call_id),
-                                                     "type": "function", "function": {
-                                                         "name": str(block.get("name") or ""), "arguments": ""}}]})]
+                return [self._call_started(k, self.ids.get(call_id, call_id), str(block.get("name") or ""))]
             if block.get("type") == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
             return []
@@ -303,8 +279,7 @@ class EventReader(passthrough.EventReader):
                 slot = self.tools.get(int(event.get("index") or 0))
                 if slot is None:
                     raise BackendError("protocol", f"{self.name}: input_json_delta outside a tool_use block")
-                return [self._chunk({"tool_calls": [{"index": slot, "function": {
-                    "arguments": str(delta.get("partial_json") or "")}}]})]
+                return [self._call_arguments(slot, str(delta.get("partial_json") or ""))]
             return []  # thinking and signature deltas have no chat equivalent
         if kind == "message_delta":
             delta = event.get("delta") or {}
@@ -315,8 +290,7 @@ class EventReader(passthrough.EventReader):
             return [self._chunk({}, _finish(delta.get("stop_reason")), **extra)]
         if kind == "message_stop":
             self.finished = True
-            return [{"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [], "usage": _usage(self.usage)}]
+            return [self._usage_chunk(_usage(self.usage))]
         if kind == "error":
             error = event.get("error") or {}
             status = 529 if error.get("type") == "overloaded_error" else 500

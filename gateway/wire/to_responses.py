@@ -22,6 +22,13 @@ from gateway.backends.base import BackendError
 from gateway.classify.text import content_text
 from gateway.wire import passthrough
 from gateway.wire.base import new_id
+from gateway.wire.chat_parts import (
+    assistant_message,
+    chat_completion,
+    chat_functions,
+    function_call,
+    split_system,
+)
 
 
 def _parts(content: Any) -> str | list[dict[str, Any]]:
@@ -42,19 +49,6 @@ def _parts(content: Any) -> str | list[dict[str, Any]]:
     return out
 
 
-def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for tool in tools:
-        fn = tool.get("function") or {}
-        one: dict[str, Any] = {"type": "function", "name": fn.get("name") or "",
-                               "parameters": fn.get("parameters") or {"type": "object", "properties": {}},
-                               "strict": bool(fn.get("strict"))}
-        if fn.get("description"):
-            one["description"] = fn["description"]
-        out.append(one)
-    return out
-
-
 def _format(fmt: Any) -> dict[str, Any] | None:
     if not isinstance(fmt, dict):
         return None
@@ -70,30 +64,30 @@ def _format(fmt: Any) -> dict[str, Any] | None:
     return None
 
 
+def _items(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One chat message (not system) as input items: an assistant's text and each of its calls are
+    items of their own."""
+    if msg.get("role") == "tool":
+        return [{"type": "function_call_output", "call_id": str(msg.get("tool_call_id") or ""),
+                 "output": content_text(msg.get("content"))}]
+    if msg.get("role") != "assistant":
+        return [{"type": "message", "role": "user", "content": _parts(msg.get("content"))}]
+    text = content_text(msg.get("content"))
+    items = [{"type": "message", "role": "assistant", "content": text}] if text else []
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        items.append({"type": "function_call", "call_id": str(call.get("id") or new_id("call_")),
+                      "name": str(fn.get("name") or ""), "arguments": str(fn.get("arguments") or "")})
+    return items
+
+
 def request(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The Responses request for a chat body (already redacted where the rule says so)."""
-    instructions: list[str] = []
-    items: list[dict[str, Any]] = []
-    for msg in body.get("messages") or ():
-        role = msg.get("role")
-        if role in ("system", "developer"):
-            instructions.append(content_text(msg.get("content")))
-        elif role == "tool":
-            items.append({"type": "function_call_output", "call_id": str(msg.get("tool_call_id") or ""),
-                          "output": content_text(msg.get("content"))})
-        elif role == "assistant":
-            text = content_text(msg.get("content"))
-            if text:
-                items.append({"type": "message", "role": "assistant", "content": text})
-            for call in msg.get("tool_calls") or ():
-                fn = call.get("function") or {}
-                items.append({"type": "function_call", "call_id": str(call.get("id") or new_id("call_")),
-                              "name": str(fn.get("name") or ""), "arguments": str(fn.get("arguments") or "")})
-        else:
-            items.append({"type": "message", "role": "user", "content": _parts(msg.get("content"))})
+    instructions, turns = split_system(body.get("messages") or [])
+    items = [item for msg in turns for item in _items(msg)]
     out: dict[str, Any] = {"model": model, "input": items, "store": False}
-    if any(instructions):
-        out["instructions"] = "\n".join(s for s in instructions if s)
+    if instructions:
+        out["instructions"] = instructions
     tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     if tokens:
         out["max_output_tokens"] = tokens
@@ -101,7 +95,7 @@ def request(body: dict[str, Any], model: str) -> dict[str, Any]:
         if body.get(name) is not None:
             out[name] = body[name]
     if body.get("tools"):
-        out["tools"] = _tools(body["tools"])
+        out["tools"] = [{"type": "function", **fn} for fn in chat_functions(body["tools"])]
         choice = body.get("tool_choice")
         if isinstance(choice, dict):
             out["tool_choice"] = {"type": "function", "name": str((choice.get("function") or {}).get("name") or "")}
@@ -143,23 +137,14 @@ def completion(response: dict[str, Any], name: str) -> dict[str, Any]:
         raise BackendError("protocol", f"{name}: answer is not a Responses response")
     if response.get("status") == "failed":
         raise BackendError("status", f"{name}: response failed", status=500)
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for item in response["output"]:
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") == "message":
-            texts.append(_message_text(item))
-        elif item.get("type") == "function_call":
-            calls.append({"id": str(item.get("call_id") or new_id("call_")), "type": "function",
-                          "function": {"name": str(item.get("name") or ""), "arguments": str(item.get("arguments") or "")}})
-    msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
-    if calls:
-        msg["tool_calls"] = calls
-    return {"id": str(response.get("id") or new_id("resp_")), "object": "chat.completion",
-            "created": int(response.get("created_at") or time.time()), "model": str(response.get("model") or ""),
-            "choices": [{"index": 0, "message": msg, "finish_reason": _finish(response, bool(calls)), "logprobs": None}],
-            "usage": _usage(response.get("usage"))}
+    items = [i for i in response["output"] if isinstance(i, dict)]
+    texts = [_message_text(i) for i in items if i.get("type") == "message"]
+    calls = [function_call(str(i.get("call_id") or new_id("call_")), str(i.get("name") or ""),
+                           str(i.get("arguments") or "")) for i in items if i.get("type") == "function_call"]
+    choice = {"index": 0, "message": assistant_message(texts, calls), "finish_reason": _finish(response, bool(calls)),
+              "logprobs": None}
+    return chat_completion(str(response.get("id") or new_id("resp_")), int(response.get("created_at") or time.time()),
+                           str(response.get("model") or ""), choice, _usage(response.get("usage")))
 
 
 _TERMINAL = ("response.completed", "response.incomplete")
@@ -170,27 +155,12 @@ class EventReader(passthrough.EventReader):
     .incomplete). response.failed and `error` raise BackendError, as a broken stream does."""
 
     def __init__(self, name: str, native: bool = False) -> None:
-        self.name = name
-        self.native = native  # a pass-through stream: each event rides on the chunks it became
-        self.finished = False
-        self.id = new_id("resp_")
-        self.model = ""
-        self.created = int(time.time())
-        self.tools: dict[int, int] = {}  # output_index -> chat tool-call index
+        super().__init__(name, native, new_id("resp_"))
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    def _feed(self, event: Any) -> list[dict[str, Any]]:
-        if not isinstance(event, dict):
-            raise BackendError("protocol", f"{self.name}: stream event is not an object")
+    def _feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
         if kind == "response.created":
-            response = event.get("response") or {}
-            self.id = str(response.get("id") or self.id)
-            self.model = str(response.get("model") or "")
-            return [self._chunk({"role": "assistant", "content": ""})]
+            return [self._opened(event.get("response") or {})]
         if kind == "response.output_text.delta":
             return [self._chunk({"content": str(event.get("delta") or "")})]
         if kind == "response.output_item.added":
@@ -198,20 +168,16 @@ class EventReader(passthrough.EventReader):
             if item.get("type") != "function_call":
                 return []
             k = self.tools.setdefault(int(event.get("output_index") or 0), len(self.tools))
-            return [self._chunk({"tool_calls": [{"index": k, "id": str(item.get("call_id") or new_id("call_")),
-                                                 "type": "function", "function": {
-                                                     "name": str(item.get("name") or ""), "arguments": ""}}]})]
+            return [self._call_started(k, str(item.get("call_id") or new_id("call_")), str(item.get("name") or ""))]
         if kind == "response.function_call_arguments.delta":
             slot = self.tools.get(int(event.get("output_index") or 0))
             if slot is None:
                 raise BackendError("protocol", f"{self.name}: arguments delta outside a function_call item")
-            return [self._chunk({"tool_calls": [{"index": slot, "function": {"arguments": str(event.get("delta") or "")}}]})]
+            return [self._call_arguments(slot, str(event.get("delta") or ""))]
         if kind in _TERMINAL:
             self.finished = True
             response = event.get("response") or {}
-            return [self._chunk({}, _finish(response, bool(self.tools))),
-                    {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                     "choices": [], "usage": _usage(response.get("usage"))}]
+            return [self._chunk({}, _finish(response, bool(self.tools))), self._usage_chunk(_usage(response.get("usage")))]
         if kind in ("response.failed", "error"):
             raise BackendError("status", f"{self.name}: {kind} in stream", status=500)
         return []  # in_progress, part / item done events, reasoning: nothing chat needs

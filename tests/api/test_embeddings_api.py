@@ -263,7 +263,7 @@ def test_explain_shows_the_embedding_plan(gw: RunningGateway, route: str, text: 
                                           redacts: bool) -> None:
     """POST /v1/route/explain with an embeddings body, and `explain --embeddings` on the policy file,
     say which targets may embed the input, in which space, and why a sensitive one stays home."""
-    from gateway.explain import explain_embeddings_local
+    from gateway.explain import LocalView, explain_embeddings_local
 
     body = {"model": CLOUD_SPACE, "input": text}
     r = post(gw, "/v1/route/explain", body, headers={"x-route": route})
@@ -275,7 +275,8 @@ def test_explain_shows_the_embedding_plan(gw: RunningGateway, route: str, text: 
         assert plan["refused"]["code"] == "sensitive_embedding_refused"
     else:
         assert plan["space"] == CLOUD_SPACE
-    local = asyncio.run(explain_embeddings_local(gw.state.runtime.policy, "p.yaml", body, headers={"x-route": route}))
+    local = asyncio.run(explain_embeddings_local(gw.state.runtime.policy, "p.yaml", body,
+                                                 LocalView(headers={"x-route": route})))
     assert local["embeddings"]["chain"] == chain and local["decision"] == r.json()["decision"]
 
 
