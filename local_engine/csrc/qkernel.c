@@ -155,6 +155,40 @@ static inline __attribute__((always_inline)) __m256i red4(__m256i a, __m256i b, 
     return _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
 }
 
+/* One GGUF block's 32 weights as int16, in two halves of 16 (Q4_1: 20 bytes = fp16 d, fp16 m, 16 bytes of
+   nibbles, byte j holding element j low and element j+16 high; Q8_0: 34 bytes = fp16 d, 32 int8). */
+static inline __attribute__((always_inline)) void gguf_block16(const uint8_t *blk, const int QT, __m256i *w0, __m256i *w1) {
+    if (QT == 1) {
+        const __m128i lowmask = _mm_set1_epi8(0x0F);
+        __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
+        *w0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
+        *w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
+    } else {
+        *w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        *w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+    }
+}
+
+/* Weight row r + i's block b for a tile: from the GGUF blocks at gw (QT != 0) or from the unpacked
+   int16 buffer wq with its scales wd / mins wm (QT == 0); the same codes and scales either way. */
+static inline __attribute__((always_inline)) void tile_wblock(const uint8_t *gw, const int QT, const int16_t *wq,
+                                                              const float *wd, const float *wm, const int HASM, int nb,
+                                                              int r, int i, int b, __m256i *a0, __m256i *a1,
+                                                              float *dw, float *mw) {
+    if (QT) {
+        const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * (QT == 1 ? 20 : 34);
+        *dw = h2f(blk);
+        if (QT == 1) *mw = h2f(blk + 2);
+        gguf_block16(blk, QT, a0, a1);
+    } else {
+        const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
+        *a0 = _mm256_loadu_si256((const __m256i *)wp);
+        *a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+        *dw = wd[(size_t)i * nb + b];
+        if (HASM) *mw = wm[(size_t)i * nb + b];
+    }
+}
+
 static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, const float *wd, const float *wm,
                                                           const int HASM, int nb, const xblock *xq, const float *xdt,
                                                           const float *xst, int mpad, int m, int valid, int r, int N,
@@ -165,7 +199,6 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
        read from the buffer: with one tile (M <= 4) the buffer's store and reload cost more than
        they save (the same int16 codes and scales, so the same results). */
     const int bs = QT == 1 ? 20 : 34;
-    const __m128i lowmask = _mm_set1_epi8(0x0F);
     __m256 acc = _mm256_setzero_ps(), sacc = _mm256_setzero_ps();
     const xblock *x0r = xq + (size_t)m * nb;
     const xblock *x1r = x0r + (size_t)(valid > 1 ? 1 : 0) * nb, *x2r = x0r + (size_t)(valid > 2 ? 2 : valid - 1) * nb;
@@ -178,23 +211,7 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
         if (QT) gguf_prefetch(gw, bs, nb, r, 2, b);
         for (int i = 0; i < 2; i++) {
             __m256i a0, a1;
-            if (QT) {
-                const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * bs;
-                dws[i] = h2f(blk);
-                if (QT == 1) {
-                    mws[i] = h2f(blk + 2);
-                    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-                    a0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, lowmask));
-                    a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lowmask));
-                } else {
-                    a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-                    a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-                }
-            } else {
-                const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
-                a0 = _mm256_loadu_si256((const __m256i *)wp);
-                a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
-            }
+            tile_wblock(gw, QT, wq, wd, wm, HASM, nb, r, i, b, &a0, &a1, &dws[i], &mws[i]);
 #define PAIR(XR) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
                                   _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16))))
             g[i] = red4(PAIR(x0r), PAIR(x1r), PAIR(x2r), PAIR(x3r));
@@ -203,14 +220,10 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
         __m256i g0 = g[0], g1 = g[1];
         __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(g0, g1, 0x20), _mm256_permute2x128_si256(g0, g1, 0x31));
         __m256 xd = _mm256_broadcast_ps((const __m128 *)(xdt + (size_t)b * mpad + m));
-        __m256 dw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(dws[0])), _mm_set1_ps(dws[1]), 1)
-                       : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wd + b)),
-                                              _mm_broadcast_ss(wd + nb + b), 1);
+        __m256 dw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(dws[0])), _mm_set1_ps(dws[1]), 1);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(dw, xd), acc);
         if (HASM) {
-            __m256 mw = QT ? _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(mws[0])), _mm_set1_ps(mws[1]), 1)
-                           : _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(wm + b)),
-                                                  _mm_broadcast_ss(wm + nb + b), 1);
+            __m256 mw = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(mws[0])), _mm_set1_ps(mws[1]), 1);
             sacc = _mm256_fmadd_ps(mw, _mm256_broadcast_ps((const __m128 *)(xst + (size_t)b * mpad + m)), sacc);
         }
     }
@@ -231,7 +244,6 @@ static inline __attribute__((always_inline)) void mtile22(const int16_t *wq, con
                                                           const float *xst, int mpad, int m, int r, int N, float *y,
                                                           int add, const uint8_t *gw, const int QT) {
     const int bs = QT == 1 ? 20 : 34;
-    const __m128i lowmask = _mm_set1_epi8(0x0F);
     __m128 acc = _mm_setzero_ps(), sacc = _mm_setzero_ps();
     const xblock *x0r = xq + (size_t)m * nb, *x1r = x0r + nb;
     for (int b = 0; b < nb; b++) {
@@ -240,25 +252,7 @@ static inline __attribute__((always_inline)) void mtile22(const int16_t *wq, con
         if (QT) gguf_prefetch(gw, bs, nb, r, 2, b);
         for (int i = 0; i < 2; i++) {
             __m256i a0, a1;
-            if (QT) {
-                const uint8_t *blk = gw + ((size_t)(r + i) * nb + b) * bs;
-                dws[i] = h2f(blk);
-                if (QT == 1) {
-                    mws[i] = h2f(blk + 2);
-                    __m128i q = _mm_loadu_si128((const __m128i *)(blk + 4));
-                    a0 = _mm256_cvtepu8_epi16(_mm_and_si128(q, lowmask));
-                    a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(q, 4), lowmask));
-                } else {
-                    a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-                    a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-                }
-            } else {
-                const int16_t *wp = wq + ((size_t)i * nb + b) * 32;
-                a0 = _mm256_loadu_si256((const __m256i *)wp);
-                a1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
-                dws[i] = wd[(size_t)i * nb + b];
-                if (HASM) mws[i] = wm[(size_t)i * nb + b];
-            }
+            tile_wblock(gw, QT, wq, wd, wm, HASM, nb, r, i, b, &a0, &a1, &dws[i], &mws[i]);
             p[2 * i] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x0r[b].q)),
                                         _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(x0r[b].q + 16))));
             p[2 * i + 1] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x1r[b].q)),
@@ -329,20 +323,12 @@ static inline int ubuf_init(ubuf *u, int nb, int16_t *sq, float *sd, float *sm) 
 static inline __attribute__((always_inline)) void unpack_gguf(const uint8_t *w, const int QT, int row, int nb,
                                                               int16_t *wq, float *wd, float *wm) {
     const int bs = QT == 1 ? 20 : 34;
-    const __m128i lowmask = _mm_set1_epi8(0x0F);
     const uint8_t *blk = w + (size_t)row * nb * bs;
     for (int b = 0; b < nb; b++, blk += bs) {
         __m256i w0, w1;
         wd[b] = h2f(blk);
-        if (QT == 1) {
-            wm[b] = h2f(blk + 2);
-            __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
-            w0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
-            w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
-        } else {
-            w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-        }
+        if (QT == 1) wm[b] = h2f(blk + 2);
+        gguf_block16(blk, QT, &w0, &w1);
         _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32), w0);
         _mm256_storeu_si256((__m256i *)(wq + (size_t)b * 32 + 16), w1);
     }
@@ -361,7 +347,6 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
                                                          const float *xdt, const float *xst, int mpad, int m,
                                                          int valid, int r, int N, float *y, int add) {
     const int bs = QT == 1 ? 20 : 34;
-    const __m128i lowmask = _mm_set1_epi8(0x0F);
     const uint8_t *wr = gw + (size_t)r * nb * bs;
     const xblock *xr[8];
     for (int j = 0; j < 8; j++) xr[j] = xq + (size_t)(m + (j < valid ? j : valid - 1)) * nb;
@@ -370,14 +355,7 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
         const uint8_t *blk = wr + (size_t)b * bs;
         gguf_prefetch(gw, bs, nb, r, 1, b);
         __m256i a0, a1;
-        if (QT == 1) {
-            __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));
-            a0 = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));
-            a1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));
-        } else {
-            a0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            a1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-        }
+        gguf_block16(blk, QT, &a0, &a1);
 #define PAIR(J) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)xr[J][b].q)), \
                                  _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(xr[J][b].q + 16))))
         /* lanes 0..3 (4..7) of h03: rows 0..3, low (high) 128-bit halves of their sums */
