@@ -497,19 +497,36 @@ static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, cons
 
 /* y[M, N] (+)= rmsnorm?(x[M, K]) @ W[N, K]^T for W in GGUF blocks (qtype 1 = Q4_1, 8 = Q8_0).
    normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
+/* A matmul's activations: quantised per block of 32 (xq, on the stack when M x nb <= 128 blocks)
+   and, for M > 1, their scales transposed for the several-row tiles (xt, mpad lanes a block). */
+typedef struct { xblock *xq; float *xt; xblock stack[128]; } xprep;
+
+static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw, float eps, int mpad) {
+    int nb = K / 32;
+    p->xt = NULL;
+    p->xq = (size_t)M * nb <= 128 ? p->stack : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
+    if (!p->xq) return -2;
+    quantize_x(x, M, K, normw, eps, p->xq);
+    if (M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) {
+        if (p->xq != p->stack) free(p->xq);
+        return -2;
+    }
+    return 0;
+}
+
+static void xprep_free(xprep *p) {
+    free(p->xt);
+    if (p->xq != p->stack) free(p->xq);
+}
+
 int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads,
             const float *normw, float eps, int add) {
     if (K % 32 != 0) return -1;
     int nb = K / 32, mpad = (M + 7) & ~7;  /* htile8 reads 8 lanes from a multiple of 8 */
-    xblock stackbuf[128];
-    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
-    if (!xq) return -2;
-    quantize_x(x, M, K, normw, eps, xq);
-    float *xt = NULL;
-    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
-        if (xq != stackbuf) free(xq);
-        return -2;
-    }
+    xprep xp;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad)) return -2;
+    const xblock *xq = xp.xq;
+    const float *xt = xp.xt;
     /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
     int chunks = (N + 15) / 16;
     if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
@@ -521,8 +538,7 @@ int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N,
         else if (qtype == 1) gguf_mrows(w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
         else gguf_mrows(w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
     }
-    free(xt);
-    if (xq != stackbuf) free(xq);
+    xprep_free(&xp);
     return 0;
 }
 
@@ -730,15 +746,10 @@ static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16
                     float *y, int M, int N, int K, int nthreads) {
     if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
     int nb = K / 32, mpad = (M + 3) & ~3;
-    xblock stackbuf[128];
-    xblock *xq = (size_t)M * nb <= 128 ? stackbuf : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
-    if (!xq) return -2;
-    quantize_x(x, M, K, NULL, 0.0f, xq);
-    float *xt = NULL;
-    if (M > 1 && !(xt = xmeta_t(xq, M, nb, mpad))) {
-        if (xq != stackbuf) free(xq);
-        return -2;
-    }
+    xprep xp;
+    if (xprep_init(&xp, x, M, K, NULL, 0.0f, mpad)) return -2;
+    const xblock *xq = xp.xq;
+    const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
     if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -747,8 +758,7 @@ static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16
         if (bits == 2) gq_rows(q, sc, mn, 2, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
         else gq_rows(q, sc, mn, 4, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
     }
-    free(xt);
-    if (xq != stackbuf) free(xq);
+    xprep_free(&xp);
     return 0;
 }
 
