@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -452,10 +452,10 @@ def _joined(route: str, rest: tuple[str, ...], first: AllTargetsFailed | None,
 
 
 async def aclose_quietly(it: AsyncIterator[Any] | None) -> None:
-    """Close an async iterator (a stream we stop reading), ignoring what closing it raises."""
-    close = getattr(it, "aclose", None)
-    if close is not None:
+    """Close a stream we stop reading, ignoring what closing it raises. The Backend seam declares
+    an AsyncIterator (no aclose); every stream here is an async generator, which has one."""
+    if isinstance(it, AsyncGenerator):
         try:
-            await close()
+            await it.aclose()
         except Exception:
             pass

@@ -8,6 +8,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.api.deps import request_id_of
@@ -21,8 +22,8 @@ def error_response(err: APIError) -> JSON:
     return JSON(err.body(), status_code=err.status, headers=err.headers)
 
 
-def validation_error(exc: RequestValidationError | Exception) -> APIError:
-    errors = exc.errors() if hasattr(exc, "errors") else []
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None

@@ -14,7 +14,7 @@ client would keep a local model generating to `max_tokens`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
 from starlette.types import Receive, Scope, Send
 
@@ -65,6 +65,5 @@ class EventStreamResponse:
         finally:
             finished = True
             watcher.cancel()
-            aclose = getattr(self.body, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if isinstance(self.body, AsyncGenerator):  # what every body here is
+                await self.body.aclose()

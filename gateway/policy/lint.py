@@ -116,25 +116,27 @@ def _implies(key: str, narrow: Any, wide: Any) -> bool:
 
 
 def _open_keys(when: When, domains: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: getattr(when, k) for k in type(when).model_fields if k not in domains}
+    return {k: v for k, v in when if k not in domains}
 
 
 def _cells(domains: Mapping[str, tuple[Any, ...]], when: When | None, fixed: Mapping[str, Any]) -> Iterator[Cell]:
     """Every cell `when` admits (all cells when None), with the keys in `fixed` pinned to one value."""
     keys = list(domains)
+    conds = dict(when) if when is not None else None
     choices = []
     for k in keys:
         if k in fixed:
             values: Iterable[Any] = [fixed[k]] if fixed[k] in domains[k] else []
         else:
             values = domains[k]
-        choices.append([v for v in values if when is None or _admits(k, getattr(when, k), v)])
+        choices.append([v for v in values if conds is None or _admits(k, conds[k], v)])
     for combo in itertools.product(*choices):
         yield dict(zip(keys, combo, strict=True))
 
 
 def _cell_matches(when: When, cell: Cell) -> bool:
-    return all(_admits(k, getattr(when, k), v) for k, v in cell.items())
+    conds = dict(when)
+    return all(_admits(k, conds[k], v) for k, v in cell.items())
 
 
 def _reachable_cells(policy: Policy, index: int, domains: Mapping[str, tuple[Any, ...]],

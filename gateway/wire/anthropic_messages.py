@@ -207,9 +207,10 @@ def to_chat(req: MessagesRequest) -> dict[str, Any]:
         else:
             messages.append(_assistant(m.content, i))
     body: dict[str, Any] = {"model": req.model, "messages": messages, "max_tokens": req.max_tokens}
-    for name in ("temperature", "top_p"):
-        if getattr(req, name) is not None:
-            body[name] = getattr(req, name)
+    if req.temperature is not None:
+        body["temperature"] = req.temperature
+    if req.top_p is not None:
+        body["top_p"] = req.top_p
     if req.stop_sequences:
         body["stop"] = req.stop_sequences
     if req.tools:
