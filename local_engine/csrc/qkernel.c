@@ -376,6 +376,42 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
     }
 }
 
+/* Where the buffered path's weight rows come from: GGUF blocks (QT 1 = Q4_1, 8 = Q8_0) or, with
+   QT 0, the pack's grouped codes (BITS 2 = int2 with mins, 4 = symmetric int4; bpg blocks a group). */
+typedef struct { const uint8_t *w; int QT; const uint8_t *q; const uint16_t *sc, *mn; int BITS, bpg; } wrows;
+
+static inline __attribute__((always_inline)) void unpack_gq(const uint8_t *q, const uint16_t *sc,
+                                                            const uint16_t *mn, const int BITS, int bpg, int row,
+                                                            int nb, int16_t *wq, float *wd, float *wm);
+
+static inline __attribute__((always_inline)) void unpack_row(const wrows *s, int row, int nb, int16_t *wq, float *wd,
+                                                             float *wm) {
+    if (s->QT) unpack_gguf(s->w, s->QT, row, nb, wq, wd, wm);
+    else unpack_gq(s->q, s->sc, s->mn, s->BITS, s->bpg, row, nb, wq, wd, wm);
+}
+
+/* Weight rows r..r1 against many activation rows: each pair of weight rows unpacked once into an
+   int16 buffer that stays in L1 (on the stack up to UNPACK_STACK_NB blocks a row), multiplied from
+   there by mtiles' 4-row tiles. */
+static inline __attribute__((always_inline)) void buffered_rows(const wrows *s, const int HASM, int r, int r1, int nb,
+                                                                const xblock *xq, const float *xdt, const float *xst,
+                                                                int M, int mpad, int N, float *y, int add) {
+    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
+    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
+    ubuf u;
+    if (ubuf_init(&u, nb, sq, sd, sm)) return;
+    for (; r + 2 <= r1; r += 2) {
+        for (int i = 0; i < 2; i++)
+            unpack_row(s, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb, u.m + (size_t)i * nb);
+        mtiles(u.q, u.d, u.m, HASM, 2, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    for (; r < r1; r++) {
+        unpack_row(s, r, nb, u.q, u.d, u.m);
+        mtiles(u.q, u.d, u.m, HASM, 1, nb, xq, xdt, xst, M, mpad, r, N, y, add);
+    }
+    free(u.heap);
+}
+
 /* M > 1, GGUF blocks. Up to 4 activation rows: one tile per pair of weight rows, each block
    unpacked in registers once. 5-8 rows (a batched decode step): one 8-row tile per weight row.
    9 rows and more (a prefill chunk, a long verify): each pair of weight rows unpacked once into an
@@ -399,20 +435,8 @@ static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, c
         for (; r < r1; r++) htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
         return;
     }
-    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
-    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
-    ubuf u;
-    if (ubuf_init(&u, nb, sq, sd, sm)) return;
-    for (; r + 2 <= r1; r += 2) {
-        for (int i = 0; i < 2; i++)
-            unpack_gguf(w, QT, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb, u.m + (size_t)i * nb);
-        mtiles(u.q, u.d, u.m, QT == 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, add);
-    }
-    for (; r < r1; r++) {
-        unpack_gguf(w, QT, r, nb, u.q, u.d, u.m);
-        mtiles(u.q, u.d, u.m, QT == 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, add);
-    }
-    free(u.heap);
+    const wrows src = {w, QT, NULL, NULL, NULL, 0, 0};
+    buffered_rows(&src, QT == 1, r, r1, nb, xq, xdt, xst, M, mpad, N, y, add);
 }
 
 /* The activation blocks' scales and sums transposed for the tiles: [2][nb][mpad], zero padded
@@ -519,27 +543,14 @@ static void xprep_free(xprep *p) {
     if (p->xq != p->stack) free(p->xq);
 }
 
+static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, int K, int nthreads,
+                       const float *normw, float eps, int add, int mpad);
+
 int qmatmul(const uint8_t *w, int qtype, const float *x, float *y, int M, int N, int K, int nthreads,
             const float *normw, float eps, int add) {
     if (K % 32 != 0) return -1;
-    int nb = K / 32, mpad = (M + 7) & ~7;  /* htile8 reads 8 lanes from a multiple of 8 */
-    xprep xp;
-    if (xprep_init(&xp, x, M, K, normw, eps, mpad)) return -2;
-    const xblock *xq = xp.xq;
-    const float *xt = xp.xt;
-    /* rows in chunks of 16 so threads split the work evenly and each chunk streams whole rows */
-    int chunks = (N + 15) / 16;
-    if ((size_t)M * N * K < (size_t)QK_MIN_PARALLEL) nthreads = 1;
-    #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-    for (int c = 0; c < chunks; c++) {
-        int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        if (M == 1 && qtype == 1) rows_m1(w, 1, r0, r1, nb, xq, y, add);
-        else if (M == 1) rows_m1(w, 8, r0, r1, nb, xq, y, add);
-        else if (qtype == 1) gguf_mrows(w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
-        else gguf_mrows(w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
-    }
-    xprep_free(&xp);
-    return 0;
+    const wrows src = {w, qtype == 1 ? 1 : 8, NULL, NULL, NULL, 0, 0};
+    return matmul_rows(&src, x, y, M, N, K, nthreads, normw, eps, add, (M + 7) & ~7);  /* htile8: 8 lanes */
 }
 
 /* attn_step (below) with the dot products and the weighted sum of V in 8-lane FMAs (head_dim a
@@ -723,31 +734,17 @@ static inline __attribute__((always_inline)) void gq_rows(const uint8_t *q, cons
         for (; r < r1; r++) q2_tile(q, sc, mn, BITS, 1, 1, bpg, r, 0, nb, xq, N, y);
         return;
     }
-    int16_t sq[MR * UNPACK_STACK_NB * 32] __attribute__((aligned(32)));
-    float sd[MR * UNPACK_STACK_NB], sm[MR * UNPACK_STACK_NB];
-    ubuf u;
-    if (ubuf_init(&u, nb, sq, sd, sm)) return;
-    for (; r + 2 <= r1; r += 2) {
-        for (int i = 0; i < 2; i++)
-            unpack_gq(q, sc, mn, BITS, bpg, r + i, nb, u.q + (size_t)i * nb * 32, u.d + (size_t)i * nb,
-                      u.m + (size_t)i * nb);
-        mtiles(u.q, u.d, u.m, 1, 2, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
-    }
-    for (; r < r1; r++) {
-        unpack_gq(q, sc, mn, BITS, bpg, r, nb, u.q, u.d, u.m);
-        mtiles(u.q, u.d, u.m, 1, 1, nb, xq, xdt, xst, M, mpad, r, N, y, 0);
-    }
-    free(u.heap);
+    const wrows src = {NULL, 0, q, sc, mn, BITS, bpg};
+    buffered_rows(&src, 1, r, r1, nb, xq, xdt, xst, M, mpad, N, y, 0);
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T for a grouped matrix: bits 2 = int2 (scale and min), 4 = the pack's
-   symmetric int4 (mn ignored); group G columns per scale. */
-static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
-                    float *y, int M, int N, int K, int nthreads) {
-    if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
-    int nb = K / 32, mpad = (M + 3) & ~3;
+/* y[M, N] (+)= x[M, K] @ W[N, K]^T for the rows of s: rows in chunks of 16 so threads split the work
+   evenly and each chunk streams whole rows; each chunk takes its source's kernel for M rows. */
+static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, int K, int nthreads,
+                       const float *normw, float eps, int add, int mpad) {
+    int nb = K / 32;
     xprep xp;
-    if (xprep_init(&xp, x, M, K, NULL, 0.0f, mpad)) return -2;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad)) return -2;
     const xblock *xq = xp.xq;
     const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
@@ -755,11 +752,24 @@ static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
     for (int c = 0; c < chunks; c++) {
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
-        if (bits == 2) gq_rows(q, sc, mn, 2, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
-        else gq_rows(q, sc, mn, 4, G / 32, r0, r1, nb, xq, xt, M, mpad, N, y);
+        if (s->QT == 1 && M == 1) rows_m1(s->w, 1, r0, r1, nb, xq, y, add);
+        else if (s->QT && M == 1) rows_m1(s->w, 8, r0, r1, nb, xq, y, add);
+        else if (s->QT == 1) gguf_mrows(s->w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+        else if (s->QT) gguf_mrows(s->w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+        else if (s->BITS == 2) gq_rows(s->q, s->sc, s->mn, 2, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
+        else gq_rows(s->q, s->sc, s->mn, 4, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
     }
     xprep_free(&xp);
     return 0;
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T for a grouped matrix: bits 2 = int2 (scale and min), 4 = the pack's
+   symmetric int4 (mn ignored); group G columns per scale. */
+static int gqmatmul(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
+                    float *y, int M, int N, int K, int nthreads) {
+    if (K % 32 != 0 || G % 32 != 0 || K % G != 0) return -1;
+    const wrows src = {NULL, 0, q, sc, mn, bits == 2 ? 2 : 4, G / 32};
+    return matmul_rows(&src, x, y, M, N, K, nthreads, NULL, 0.0f, 0, (M + 3) & ~3);
 }
 
 int q2matmul(const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x, float *y,
