@@ -142,7 +142,7 @@ def moe_rows(a: argparse.Namespace) -> None:
         for name in moe_prompts(int(m.config["vocab_size"])):
             best: dict[str, dict[str, Any]] = {}
             for _ in range(a.moe_rounds):
-                for mode in MOE_MODES:
+                for mode in a.moe_modes.split(","):
                     evict(a.moe)
                     cg = make_cgroup(f"spec{int(frac * 100)}{mode}", limit)
                     try:
@@ -209,6 +209,7 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.05,0.15,0.5", help="expert-cache budgets, fractions of the bank")
     ap.add_argument("--moe-tokens", type=int, default=32)
     ap.add_argument("--moe-rounds", type=int, default=2)
+    ap.add_argument("--moe-modes", default=",".join(MOE_MODES), help="MoE rows: which modes (comma-separated)")
     ap.add_argument("--draft-model", default=None, help="dense rows: a smaller model with --model's tokenizer")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--skip-llamacpp", action="store_true")

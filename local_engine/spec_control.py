@@ -68,10 +68,18 @@ PRIOR_ACCEPT = 0.5
 # (a draft model is meant to be several times cheaper; the first measurement replaces this)
 PRIOR_DRAFT_STEPS = 0.25
 # a packed MoE's non-expert work (attention, resident fp32 projections, the vocabulary head) per extra
-# verify row, in that work's single-step time: no saving assumed until a verify is measured (the
-# several-row path measured ~1.5 at 2 rows on a loaded box: sdpa, fp32 GEMM and per-expert ops
-# where the step has fused one-row kernels; benchmarks/verify_cost.py --moe)
-MOE_ROW_STEPS = 1.0
+# verify row, in that work's single-step time. Measured (benchmarks/verify_cost.py --moe, the verify's
+# experts through the one-token kernel per row): 2 rows cost 1.53-1.69 steps at 5-50% budgets, which
+# this prices at 1.6-1.7; past 2 rows it overprices (8 rows: 2.7-3.3 measured, ~4.7 priced), so an
+# unmeasured size is not tried on its prior alone
+MOE_ROW_STEPS = 0.5
+# a verify's predicted tokens per second must beat a step's by this much to be chosen: a dense
+# verify's cost is noise on a busy box away from its average
+MARGIN = 0.03
+# ... on a packed MoE: a verify's cost also varies with how many of its rows' experts miss the cache
+# (measured 2-row verifies, one after each step: 1.5-1.7 steps median, single ones up to ~2.5), and a
+# 32-token request has no room to average a losing streak out; benchmarks/results/speculative.txt
+PRIOR_MARGIN = 0.15
 # recent decode positions whose experts ``RouteWindow`` keeps
 ROUTE_WINDOW = 32
 
@@ -312,7 +320,9 @@ class SpecController:
     probe_steps: int = 2  # single steps measured before the first verify when the model has none
     reprobe: int = 8  # declined chances of a source before a probe verify
     max_wait: int = 128  # the longest wait between probes of a source that keeps losing
-    margin: float = 0.03  # drafting must beat a step by this much: noise on a busy box
+    # drafting must beat a step by this much (relative); None: ``MARGIN``, or ``PRIOR_MARGIN`` for
+    # a model whose verifies are priced by its prior (a packed MoE)
+    margin: float | None = None
     weight: float = 2.0  # pseudo-verifies of the model's acceptance in a request's estimate
     # exploratory verifies (a size not measured yet, a probe) may lose at most this share of the
     # request's decoded tokens, in single steps, net of what they won
@@ -341,14 +351,15 @@ class SpecController:
             return 0
         accept = self.rates(source)
         curve = costs.curve(min(available, K_MAX))
+        margin = self.margin if self.margin is not None else MARGIN if costs.prior is None else PRIOR_MARGIN
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
-        k = best_k(accept, curve, available, draft_s, self.margin)
+        k = best_k(accept, curve, available, draft_s, margin)
         if k > 0 and costs.counts.get(k + 1, 0) == 0:
             if not self.budgeted or self.explore_loss <= self.budget():
                 self.exploring = True
             else:  # overdrawn: only sizes already measured
                 known = [c if m <= 1 or costs.counts.get(m, 0) else float("inf") for m, c in enumerate(curve)]
-                k = best_k(accept, known, available, draft_s, self.margin)
+                k = best_k(accept, known, available, draft_s, margin)
         if k == 0:
             declined = self._declined.get(source, 0) + 1
             self._declined[source] = declined

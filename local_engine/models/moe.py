@@ -1,11 +1,11 @@
 """Mixture-of-Experts decoder (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) over a packed flash layout.
 
 Routing is kept apart from expert compute (as in gpt-fast's MOEFeedForward vs
-ConditionalFeedForward): ``route_*`` are pure functions reproducing transformers exactly;
-``MoEBlock`` asks the ``ExpertStore`` for all experts a layer needs in one call and computes
-each as it arrives (hits first, then reads in completion order), then sums the per-expert
-outputs in ascending expert order so results do not depend on I/O timing (and match HF's
-summation order).
+ConditionalFeedForward): ``moe_route`` holds pure functions reproducing transformers exactly;
+``moe_experts.MoEExperts`` asks the ``ExpertStore`` for all experts a layer needs in one call and
+sums their outputs in a fixed order; ``moe_spec.MoESpeculation`` is the speculative side (verify,
+self-draft, the verify-cost prior). This module holds the model: construction, attention, the
+forward passes and their accounting.
 
 Shapes: T tokens in the step, H hidden, I expert intermediate, E experts, k top-k,
 nh / nkv / hd attention heads / kv heads / head dim.
@@ -51,53 +51,13 @@ from local_engine.models.layers import (
     rope_inv_freq,
     swiglu,
 )
+from local_engine.models.moe_experts import MoEExperts
+from local_engine.models.moe_route import DEFAULT_STANDIN_BELOW, router_for
+from local_engine.models.moe_spec import MoESpeculation
 from local_engine.prefetch_switch import PrefetchSwitch
-from local_engine.quant import GGUFBlockLinear, GroupExpert
+from local_engine.quant import GGUFBlockLinear
 
-# --------------------------------------------------------------------------- routing (pure)
-
-
-def route_mixtral(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax in fp32 -> top-k -> renormalise (always). Returns (weights [T,k], idx [T,k])."""
-    probs = F.softmax(router_logits.float(), dim=-1)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    w = w / w.sum(dim=-1, keepdim=True)
-    return w, idx
-
-
-def route_qwen(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2-MoE / Qwen3-MoE / OLMoE: softmax fp32 -> top-k -> renormalise only if configured."""
-    probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-    w, idx = torch.topk(probs, top_k, dim=-1)
-    if norm_topk_prob:
-        w = w / w.sum(dim=-1, keepdim=True)
-    return w.to(router_logits.dtype), idx
-
-
-def router_for(config: dict[str, Any]) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    k = int(config["num_experts_per_tok"])
-    if ARCHS[config["model_type"]].renormalise:
-        return lambda lg: route_mixtral(lg, k)
-    norm = bool(config.get("norm_topk_prob", False))
-    return lambda lg: route_qwen(lg, k, norm)
-
-
-DEFAULT_STANDIN_BELOW = 0.1  # with top-8 routing a weight below 0.1 is under the mean share (0.125)
-
-
-def standin_candidates(experts: list[int], weights: list[float], below: float) -> set[int]:
-    """The experts of one token whose router weight (after top-k renormalisation where the model
-    does it) is below ``below``: a miss of one of them is served by its low-bit stand-in rather
-    than waited for (HOBBIT: an expert that contributes little is not worth a full-precision read)."""
-    return {e for e, w in zip(experts, weights, strict=True) if w < below}
-
-
-# --------------------------------------------------------------------------- small ops
-
-
-def _expert_swiglu(x: torch.Tensor, gate_up: Linear, down: Linear) -> torch.Tensor:
-    """One expert: fp32 matrices (none/int8/int4, dequantised) or packed int2 ``Int2Linear``s."""
-    return swiglu(x, None, None, down, w_gate_up=gate_up)
+__all__ = ["DEFAULT_STANDIN_BELOW", "MoEModel", "StreamCounters", "parse_bytes"]
 
 
 def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> Linear:
@@ -132,7 +92,7 @@ class StreamCounters:
     draft_s: float = 0.0
 
 
-class MoEModel(CausalLM):
+class MoEModel(MoEExperts, MoESpeculation, CausalLM):
     """A packed MoE checkpoint: resident tensors in RAM, experts through an ``ExpertStore``."""
 
     # A long prompt runs in chunks of this many tokens (sequence.ChunksPrefill), as the dense model's
@@ -325,167 +285,6 @@ class MoEModel(CausalLM):
     def _dense_mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
         return swiglu(h, *(self._linear(prefix + f"{x}_proj.weight") for x in ("gate", "up", "down")))
 
-    def _moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        p = f"model.layers.{i}.{self._moe_prefix}."
-        logits = F.linear(h, self.w[p + "gate.weight"])
-        weights, idx = self.route(logits)
-        if self._drafting:
-            weights, idx = self._draft_route(i, logits)
-        elif self._routing is not None:
-            self._routing.append(idx)
-        if h.shape[0] == 1 and self.store.expert_fn is not None:
-            return self._moe_one(i, h, logits, weights, idx, self.store.expert_fn)
-        uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
-        experts = uniq.tolist()
-        # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
-        # where hidden states drift slowly, it predicts the next tokens' picks (see cache._RouterLFU);
-        # computed only for those policies or a recorded trace (it is on every layer's hot path)
-        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
-                 if self.store.wants_router_probs else None)
-        results: dict[int, torch.Tensor] = {}
-        toks: dict[int, torch.Tensor] = {}
-        for e, buf, _ in self.store.request(i, experts, counts.tolist(), h.shape[0], probs=probs):
-            t0 = time.perf_counter()
-            tok, slot = torch.where(idx == e)
-            gate_up, down = self.store.weights(buf)
-            results[e] = _expert_swiglu(h[tok], gate_up, down) * weights[tok, slot, None]
-            toks[e] = tok
-            self.run.expert_compute_s += time.perf_counter() - t0
-        out = torch.zeros_like(h)
-        for e in experts:  # fixed order: independent of which read finished first
-            out.index_add_(0, toks[e], results[e].to(out.dtype))
-        return self._plus_shared(p, h, out)
-
-    def _plus_shared(self, p: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out`` plus Qwen2-MoE's gated shared expert of ``h`` where the layer (prefix ``p``) has one."""
-        if self.spec.shared_expert and (p + "shared_expert_gate.weight") in self.w:
-            shared = self._dense_mlp(p + "shared_expert.", h)
-            out = out + torch.sigmoid(F.linear(h, self.w[p + "shared_expert_gate.weight"])) * shared
-        return out
-
-    def _moe_one(self, i: int, h: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor,
-                 expert: GroupExpert) -> torch.Tensor:
-        """``_moe`` for one token of grouped int2 / int4 experts: one kernel call per expert, no
-        per-expert tensor ops (at small budgets those, each releasing and re-taking the GIL the
-        reader threads contend for, cost more than the experts' arithmetic). Each expert's output
-        goes to its row in ascending expert order, and the rows are summed in that order, so the
-        result does not depend on which read finished first."""
-        picks = idx[0].tolist()
-        ws = weights[0].float().tolist()
-        order = sorted(range(len(picks)), key=picks.__getitem__)
-        experts = [picks[j] for j in order]
-        row = {e: r for r, e in enumerate(experts)}
-        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
-                 if self.store.wants_router_probs else None)
-        x = h[0].float().contiguous()
-        ys = torch.empty(len(experts), self.H)
-        alt = self.store.standin_fn
-        ok = standin_candidates(picks, ws, self.standin_below) if alt is not None and not self._drafting else ()
-
-        def work(e: int, buf: Any, standin: bool) -> None:  # a hit's here, a miss's in its reader thread
-            r = row[e]
-            (alt if standin and alt is not None else expert)(buf, x, ws[order[r]], ys[r])
-
-        if self.overlap_misses:
-            t0, before = time.perf_counter(), self.store.snapshot()
-            for _ in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok, work=work):
-                pass
-            # this thread's share: hits' compute and bookkeeping (misses': store stats offloaded_compute_s)
-            waited = (self.store.snapshot() - before).io_wait_s
-            self.run.expert_compute_s += time.perf_counter() - t0 - waited
-        else:
-            for e, buf, standin in self.store.request(i, experts, [1] * len(experts), 1, probs=probs, standin_ok=ok):
-                t0 = time.perf_counter()
-                work(e, buf, standin)
-                self.run.expert_compute_s += time.perf_counter() - t0
-        return self._plus_shared(f"model.layers.{i}.{self._moe_prefix}.", h, ys.sum(0, keepdim=True).to(h.dtype))
-
-    def _prefetch_after(self, i: int, x: torch.Tensor) -> None:
-        """Guess the next MoE layer's experts from this layer's output and start reading them.
-
-        The next layer's router sees ``norm(x + attn(x))``; ``norm(x)`` skips the attention
-        update, which the residual stream mostly survives, so the guess overlaps that layer's
-        attention with the reads. Decode only: a prefill batch would guess most experts.
-        """
-        j = self._next_moe.get(i)
-        if j is None:
-            return
-        p = f"model.layers.{j}."
-        h = rms_norm(x, self.w[p + "post_attention_layernorm.weight"], self.eps)
-        _, idx = self.route(F.linear(h, self.w[p + self._moe_prefix + ".gate.weight"]))
-        self.store.prefetch(j, torch.unique(idx).tolist())
-
-    # ------------------------------------------------------------------ speculative decoding
-    def _draft_route(self, layer: int, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The self-draft's routing of one token: its ``draft_experts`` likeliest experts among
-        those already in the expert cache (a draft that read from disk would cost what it saves:
-        on a cold cache it read ~1.8x the bytes per token of plain decoding), the likeliest
-        overall when none is cached; weights renormalised over the picks."""
-        order = torch.argsort(logits[0], descending=True).tolist()
-        cached = [e for e in order if self.store.holds(layer, e)]
-        pick = (cached or order)[:self.draft_experts]
-        w = F.softmax(logits[0, pick].float(), dim=-1)
-        return w[None].to(logits.dtype), torch.tensor([pick])
-
-    def verify_forward(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """``forward`` for a speculative verify of ``ids`` (last token + drafts) after the cache.
-
-        Each MoE layer asks the store once for the union of the k+1 positions' experts (``_moe``
-        requests ``unique(idx)``): an expert two drafts share is read once. Accounted as one decode
-        forward (time, bytes, hits, misses), not as a prefill; no next-layer prefetch (its guess
-        would be the union of k+1 guesses) and no prefetch-switch sample (a verify's time is not a
-        step's)."""
-        r = self.run
-        before = self.store.snapshot()
-        t0 = time.perf_counter()
-        self._routing = []
-        try:
-            out = self._forward(ids, cache, False, False)
-        finally:
-            routing, self._routing = self._routing, None
-        self.routes.add(routing)  # each verified position routes like a step's
-        self._count_decode(self.store.snapshot() - before, time.perf_counter() - t0, 1)
-        r.verifies += 1
-        r.verify_positions += ids.shape[0]
-        return out
-
-    def _learn_step(self, routing: list[torch.Tensor] | None, seconds: float, expert_s: float) -> None:
-        """A decode step's experts and its expert share of time, for ``verify_cost_prior``."""
-        if routing:
-            self.routes.add(routing)
-        if seconds > 0:
-            share = min(expert_s / seconds, 1.0)
-            self.expert_share = share if self.expert_share is None else 0.75 * self.expert_share + 0.25 * share
-
-    def verify_cost_prior(self, max_rows: int) -> list[float] | None:
-        """An m-row verify's seconds in single steps before any was measured (``speculative.
-        VerifyCostPrior``): its experts are the union of its positions', priced from the recent
-        positions' routing and a step's expert share of time (spec_control.moe_prior)."""
-        if self.expert_share is None or not len(self.routes):
-            return None
-        return spec_control.moe_prior(self.routes.union_sizes(max_rows), self.expert_share, max_rows - 1)
-
-    def self_draft(self, last: int, cache: KVCache, k: int) -> list[int]:
-        """Up to ``k`` greedy tokens after ``last`` from the same model routed to ``draft_experts``
-        expert per token, cached ones first (``_draft_route``): same attention, same KV cache, no
-        second checkpoint. The KV cache is left as it was: the verify that follows rewrites the
-        draft's rows."""
-        base, out, tok = cache.length, [], last
-        t0 = time.perf_counter()
-        self._drafting = True
-        try:
-            for _ in range(k):
-                logits = self._forward(torch.tensor([tok], dtype=torch.long), cache, True, False)
-                tok = int(logits[-1].argmax())
-                out.append(tok)
-        finally:
-            self._drafting = False
-            cache.crop(base)
-            self.run.tokens_processed -= len(out)  # _forward counted them: drafts are not model tokens
-            self.run.draft_tokens += len(out)
-            self.run.draft_s += time.perf_counter() - t0
-        return out
-
     # ------------------------------------------------------------------ batched decode
     @torch.inference_mode()
     def step_batch(self, ids: torch.Tensor, caches: list[Any]) -> torch.Tensor:
@@ -509,7 +308,7 @@ class MoEModel(CausalLM):
             h = rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps)
             x = x + torch.cat([self._attn(i, h[b:b + 1], c, c.length) for b, c in enumerate(caches)])
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
-            x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
+            x = x + (self._moe(i, h, True) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
         for c in caches:
             c.advance(1)
         out = linear(rms_norm(x, self.w["model.norm.weight"], self.eps), self._linear("lm_head.weight"))
@@ -562,14 +361,16 @@ class MoEModel(CausalLM):
         r.decode_misses += delta.misses
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool, prefetch: bool) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool, prefetch: bool,
+                 decode: bool = False) -> torch.Tensor:
+        """``decode``: ``ids`` are decode positions (a verify's), not a prompt's (``_moe``)."""
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
             lp = f"model.layers.{i}."
             x = x + self._attn(i, rms_norm(x, self.w[lp + "input_layernorm.weight"], self.eps), cache, pos0)
             h = rms_norm(x, self.w[lp + "post_attention_layernorm.weight"], self.eps)
-            x = x + (self._moe(i, h) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
+            x = x + (self._moe(i, h, decode) if i in self.moe_layers else self._dense_mlp(lp + "mlp.", h))
             if prefetch:
                 self._prefetch_after(i, x)
         cache.advance(ids.shape[0])

@@ -83,6 +83,30 @@ def test_verify_reads_the_union_of_its_positions_experts_once_per_layer(tiny_mod
         m.close()
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_a_verify_rows_experts_are_the_steps_bit_for_bit(tiny_models: dict[str, Tiny], arch: str) -> None:
+    """A few rows' experts (a verify's) run through the one-token kernel per row and are summed as a
+    step sums them: each row's MoE output is exactly what a one-token step gives for that row."""
+    packed = tiny_models[arch].packed["int4"]
+    m = MoEModel.open(packed, memory_budget=3 * read_manifest(packed).stride, prefetch=False)
+    try:
+        torch.manual_seed(0)
+        h = torch.randn(4, m.H)
+        layer = min(m.moe_layers)
+        fn = m.store.expert_fn
+        assert fn is not None
+        with torch.inference_mode():
+            # one routing for both (the router's matmul over 4 rows rounds apart from over one)
+            logits = torch.nn.functional.linear(h, m.w[f"model.layers.{layer}.{m.spec.moe_prefix}.gate.weight"])
+            w, idx = m.route(logits)
+            rows = m._moe_rows(layer, h, logits, w, idx, fn)
+            steps = torch.cat([m._moe_one(layer, h[r:r + 1], logits[r:r + 1], w[r:r + 1], idx[r:r + 1], fn)
+                               for r in range(h.shape[0])])
+        assert torch.equal(rows, steps)
+    finally:
+        m.close()
+
+
 def test_self_draft_leaves_the_cache_as_it_found_it(tiny_models: dict[str, Tiny]) -> None:
     packed = tiny_models["mixtral"].packed["none"]
     m = MoEModel.open(packed, memory_budget="unlimited", prefetch=False)

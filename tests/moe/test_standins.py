@@ -15,7 +15,8 @@ import torch
 
 from local_engine.errors import PackError
 from local_engine.formats.pack_writer import pack
-from local_engine.models.moe import MoEModel, standin_candidates
+from local_engine.models.moe import MoEModel
+from local_engine.models.moe_route import standin_candidates
 from tests.moe.conftest import Tiny
 
 ARCH = "qwen2_moe"  # shared expert + a dense layer: the stand-in path keeps both
