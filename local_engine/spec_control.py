@@ -64,6 +64,9 @@ PRIOR_ROW_STEPS = 0.4
 OPTIMISTIC_ROW_STEPS = 0.1
 # an unmeasured position's acceptance before any request has drafted there
 PRIOR_ACCEPT = 0.5
+# ... on a model whose verifies are priced by a prior (a packed MoE), at every position not measured
+# (not the position before's): a 2-row verify there costs ~1.4-1.7 steps, so a guess must not pay
+PRIOR_ACCEPT_MOE = 0.3
 # a drafter's seconds per drafted token before it was measured, in single steps of the target
 # (a draft model is meant to be several times cheaper; the first measurement replaces this)
 PRIOR_DRAFT_STEPS = 0.25
@@ -268,14 +271,17 @@ class Acceptance:
         for j in range(accepted):
             self.accepted[j] += 1
 
-    def rates(self, prior: Sequence[float] | None = None, weight: float = 2.0) -> list[float]:
+    def rates(self, prior: Sequence[float] | None = None, weight: float = 2.0,
+              unseen: float | None = None) -> list[float]:
         """P(accept j | reached j): this table's counts shrunk towards ``prior`` (``weight``
-        pseudo-verifies). Without a prior, towards the rate at the position before (``PRIOR_ACCEPT``
-        at the first): a position no verify reached yet is as likely as the last one reached, so
-        after drafts that were all accepted a longer draft is tried, not ruled out by a guess."""
+        pseudo-verifies). Without a prior, towards ``unseen`` where given, else towards the rate at
+        the position before (``PRIOR_ACCEPT`` at the first): a position no verify reached yet is as
+        likely as the last one reached, so after drafts that were all accepted a longer draft is
+        tried, not ruled out by a guess (the dense staircase, where a wrong guess costs little)."""
         out: list[float] = []
         for j, (a, t) in enumerate(zip(self.accepted, self.tried, strict=True)):
-            p = prior[j] if prior is not None else out[j - 1] if j else PRIOR_ACCEPT
+            p = (prior[j] if prior is not None else unseen if unseen is not None
+                 else out[j - 1] if j else PRIOR_ACCEPT)
             out.append((a + weight * p) / (t + weight))
         return out
 
@@ -381,7 +387,11 @@ class SpecController:
         return self.explore_share * self.tokens
 
     def rates(self, source: str) -> list[float]:
-        prior = self.model.table(source).rates()
+        # a model whose verifies are priced by its prior (a packed MoE) guesses low where nothing was
+        # measured: a position's acceptance inherited from the one before made auto verify 4 drafts
+        # that a repeating prompt's lookups never got past the first of
+        unseen = None if self.model.costs.prior is None else PRIOR_ACCEPT_MOE
+        prior = self.model.table(source).rates(unseen=unseen)
         return self.tables.setdefault(source, Acceptance()).rates(prior, self.weight)
 
     def record_step(self, seconds: float) -> None:
