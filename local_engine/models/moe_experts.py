@@ -69,7 +69,7 @@ class MoEExperts:
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
         # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
-        # where hidden states drift slowly, it predicts the next tokens' picks (see cache._RouterLFU);
+        # where hidden states drift slowly, it predicts the next tokens' picks (see router_policy.RouterLFU);
         # computed only for those policies or a recorded trace (it is on every layer's hot path)
         probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
                  if self.store.wants_router_probs else None)
