@@ -199,8 +199,9 @@ class ConnectivityMonitor:
             except Exception as exc:  # a probe bug must never kill the monitor
                 log.error("probe_failed", error=type(exc).__name__)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._next_delay())
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can drop a cancel
+                async with asyncio.timeout(self._next_delay()):
+                    await self._wake.wait()
 
     def start(self) -> None:
         if any(not h.disabled for h in self.health.values()) and self._task is None:

@@ -69,8 +69,9 @@ class DeferredWorker:
             except Exception as exc:  # a bug here must never stop later deliveries
                 log.error("deferred_worker_failed", error=type(exc).__name__)
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._runtime().policy.deferred.poll_s)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can drop a cancel
+                async with asyncio.timeout(self._runtime().policy.deferred.poll_s):
+                    await self._wake.wait()
 
     async def tick(self) -> int:
         """Send every due job whose targets are reachable; how many were sent."""
