@@ -13,6 +13,20 @@
 
 typedef struct { float d; float s; int16_t q[32]; } xblock;  /* activations, 72 bytes */
 
+/* acc + the int16 pair products of a and b summed per int32 lane: one VPDPWSSD where the build has
+   AVX-VNNI or AVX512-VNNI+VL (qkernel.py adds the -m flag only where /proc/cpuinfo lists it), else
+   madd + add. Both wrap modulo 2^32 in the same way, so the sums, and every result, are bitwise equal. */
+#if defined(__AVXVNNI__)
+#define QK_DPWSSD 1
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define QK_DPWSSD 1
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#else
+#define QK_DPWSSD 0
+#define DPWSSD(acc, a, b) _mm256_add_epi32((acc), _mm256_madd_epi16((a), (b)))
+#endif
+
 static inline float hsum8(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
     lo = _mm_add_ps(lo, hi);
@@ -116,7 +130,7 @@ static inline __attribute__((always_inline)) void mtile(const int16_t *wq, const
             __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
             __m128 xd = _mm_set_ss(xb->d);
             for (int i = 0; i < R; i++) {
-                int t = hsum_epi32(_mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1)));
+                int t = hsum_epi32(DPWSSD(_mm256_madd_epi16(w0[i], x0), w1[i], x1));
                 __m128 sc = _mm_mul_ss(_mm_set_ss(wd[(size_t)i * nb + b]), xd);
                 acc[i][j] = _mm_fmadd_ss(_mm_cvtsi32_ss(_mm_setzero_ps(), t), sc, acc[i][j]);
                 if (HASM)
@@ -212,8 +226,8 @@ static inline __attribute__((always_inline)) void mtile24(const int16_t *wq, con
         for (int i = 0; i < 2; i++) {
             __m256i a0, a1;
             tile_wblock(gw, QT, wq, wd, wm, HASM, nb, r, i, b, &a0, &a1, &dws[i], &mws[i]);
-#define PAIR(XR) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
-                                  _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16))))
+#define PAIR(XR) DPWSSD(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)(XR)[b].q)), \
+                        a1, _mm256_loadu_si256((const __m256i *)((XR)[b].q + 16)))
             g[i] = red4(PAIR(x0r), PAIR(x1r), PAIR(x2r), PAIR(x3r));
 #undef PAIR
         }
@@ -253,10 +267,10 @@ static inline __attribute__((always_inline)) void mtile22(const int16_t *wq, con
         for (int i = 0; i < 2; i++) {
             __m256i a0, a1;
             tile_wblock(gw, QT, wq, wd, wm, HASM, nb, r, i, b, &a0, &a1, &dws[i], &mws[i]);
-            p[2 * i] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x0r[b].q)),
-                                        _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(x0r[b].q + 16))));
-            p[2 * i + 1] = _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x1r[b].q)),
-                                            _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(x1r[b].q + 16))));
+            p[2 * i] = DPWSSD(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x0r[b].q)),
+                              a1, _mm256_loadu_si256((const __m256i *)(x0r[b].q + 16)));
+            p[2 * i + 1] = DPWSSD(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)x1r[b].q)),
+                                  a1, _mm256_loadu_si256((const __m256i *)(x1r[b].q + 16)));
         }
         __m256i g = red4(p[0], p[1], p[2], p[3]);  /* lane 2 i + j: pair (i, j), per 128-bit half */
         __m128i t = _mm_add_epi32(_mm256_castsi256_si128(g), _mm256_extracti128_si256(g, 1));
@@ -356,8 +370,8 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
         gguf_prefetch(gw, bs, nb, r, 1, b);
         __m256i a0, a1;
         gguf_block16(blk, QT, &a0, &a1);
-#define PAIR(J) _mm256_add_epi32(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)xr[J][b].q)), \
-                                 _mm256_madd_epi16(a1, _mm256_loadu_si256((const __m256i *)(xr[J][b].q + 16))))
+#define PAIR(J) DPWSSD(_mm256_madd_epi16(a0, _mm256_loadu_si256((const __m256i *)xr[J][b].q)), \
+                       a1, _mm256_loadu_si256((const __m256i *)(xr[J][b].q + 16)))
         /* lanes 0..3 (4..7) of h03: rows 0..3, low (high) 128-bit halves of their sums */
         __m256i h03 = red4(PAIR(0), PAIR(1), PAIR(2), PAIR(3)), h47 = red4(PAIR(4), PAIR(5), PAIR(6), PAIR(7));
 #undef PAIR
@@ -373,6 +387,70 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
     for (int j = 0; j < valid; j++) {
         float *o = y + (size_t)(m + j) * N + r;
         *o = add ? *o + v[j] : v[j];
+    }
+}
+
+/* htile8's sums with the activations transposed (xw, built by xpairs_t: block b's 16 vectors, vector
+   k lane j = activation row j's int16 pair 2k, 2k + 1 as one int32): each of the weight block's 16
+   int16 pairs is broadcast from a 64-byte copy on the stack (a load, no shuffle) and multiplied
+   into the 8 rows' lanes at once, so lane j ends as row j's block sum with no cross-lane
+   reduction (htile8 spent 14 shuffles and 15 adds a block on it). Integer sums, exact in any
+   order: the same int32 per pair, then the same convert, scale and FMA as htile8. */
+static inline __attribute__((always_inline)) void htile8t(const uint8_t *gw, const int QT, const int R, int nb,
+                                                          const int32_t *xw, const float *xdt, const float *xst,
+                                                          int mpad, int valid, int r, int N, float *y, int add) {
+    /* R weight rows (1 or 4) at once: each activation vector is loaded once for all R */
+    const int bs = QT == 1 ? 20 : 34;
+    const uint8_t *wr = gw + (size_t)r * nb * bs;
+    const size_t rb = (size_t)nb * bs;
+    int32_t wt[4][16] __attribute__((aligned(32)));
+    __m256 acc[4], sacc[4];
+    for (int i = 0; i < R; i++) { acc[i] = _mm256_setzero_ps(); sacc[i] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        gguf_prefetch(gw, bs, nb, r, R, b);
+        for (int i = 0; i < R; i++) {
+            __m256i a0, a1;
+            gguf_block16(wr + i * rb + (size_t)b * bs, QT, &a0, &a1);
+            _mm256_store_si256((__m256i *)wt[i], a0);
+            _mm256_store_si256((__m256i *)(wt[i] + 8), a1);
+        }
+        /* read wt back from memory (a broadcast load, on the load ports): left alone, gcc keeps a0, a1
+           in registers and broadcasts each pair with two shuffles, which then bound the loop */
+        __asm__ volatile("" : : "m"(wt) : "memory");
+        const __m256i *xv = (const __m256i *)(xw + (size_t)b * 128);
+        /* two chains a row: a VPDPWSSD's latency is ~5 cycles */
+        __m256i s0[4], s1[4];
+        {
+            __m256i x0 = _mm256_load_si256(xv), x1 = _mm256_load_si256(xv + 1);
+            for (int i = 0; i < R; i++) {
+                s0[i] = _mm256_madd_epi16(_mm256_set1_epi32(wt[i][0]), x0);
+                s1[i] = _mm256_madd_epi16(_mm256_set1_epi32(wt[i][1]), x1);
+            }
+        }
+        for (int k = 2; k < 16; k += 2) {
+            __m256i x0 = _mm256_load_si256(xv + k), x1 = _mm256_load_si256(xv + k + 1);
+            for (int i = 0; i < R; i++) {
+                s0[i] = DPWSSD(s0[i], _mm256_set1_epi32(wt[i][k]), x0);
+                s1[i] = DPWSSD(s1[i], _mm256_set1_epi32(wt[i][k + 1]), x1);
+            }
+        }
+        __m256 xd = _mm256_loadu_ps(xdt + (size_t)b * mpad);
+        for (int i = 0; i < R; i++) {
+            const uint8_t *blk = wr + i * rb + (size_t)b * bs;
+            __m256 sc = _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[i], s1[i])), sc, acc[i]);
+            if (QT == 1)
+                sacc[i] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk + 2)), _mm256_loadu_ps(xst + (size_t)b * mpad),
+                                          sacc[i]);
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        float v[8];
+        _mm256_storeu_ps(v, QT == 1 ? _mm256_add_ps(acc[i], sacc[i]) : acc[i]);
+        for (int j = 0; j < valid; j++) {
+            float *o = y + (size_t)j * N + r + i;
+            *o = add ? *o + v[j] : v[j];
+        }
     }
 }
 
@@ -413,13 +491,15 @@ static inline __attribute__((always_inline)) void buffered_rows(const wrows *s, 
 }
 
 /* M > 1, GGUF blocks. Up to 4 activation rows: one tile per pair of weight rows, each block
-   unpacked in registers once. 5-8 rows (a batched decode step): one 8-row tile per weight row.
+   unpacked in registers once. 5-8 rows (a batched decode step): one 8-row tile per weight row
+   (with VPDPWSSD: htile8t, four weight rows at a time over the transposed activations; in the
+   AVX2 build that tile's 16 madds + 16 adds a block were no faster than htile8's reduction).
    9 rows and more (a prefill chunk, a long verify): each pair of weight rows unpacked once into an
    int16 buffer that stays in L1 and multiplied from there by 4-row tiles (unpacking once per
    8-row group cost a 97-token prefill 16%). Every tile does the same float operations per pair. */
 static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, const int QT, int r0, int r1, int nb,
-                                                             const xblock *xq, const float *xt, int M, int mpad,
-                                                             int N, float *y, int add) {
+                                                             const xblock *xq, const float *xt, const int32_t *xw,
+                                                             int M, int mpad, int N, float *y, int add) {
     const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
     int r = r0;
     if (M <= 4) {
@@ -432,7 +512,12 @@ static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, c
         return;
     }
     if (M <= 8) {
+#if QK_DPWSSD
+        for (; r + 4 <= r1; r += 4) htile8t(w, QT, 4, nb, xw, xdt, xst, mpad, M, r, N, y, add);
+        for (; r < r1; r++) htile8t(w, QT, 1, nb, xw, xdt, xst, mpad, M, r, N, y, add);
+#else
         for (; r < r1; r++) htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
+#endif
         return;
     }
     const wrows src = {w, QT, NULL, NULL, NULL, 0, 0};
@@ -460,14 +545,14 @@ static float *xmeta_t(const xblock *xq, int M, int nb, int mpad) {
         __m128i t = _mm_loadu_si128((const __m128i *)(blk + 4));                                    \
         __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(t, lowmask));                               \
         __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(t, 4), lowmask));            \
-        __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));        \
+        __m256i pr = DPWSSD(_mm256_madd_epi16(lo, x0), hi, x1);                                     \
         A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd), A); \
         MS += h2f(blk + 2) * xs; }
 #define ROW_Q8_0(P, A) {                                                                          \
         const uint8_t *blk = (P) + (size_t)b * 34;                                                  \
         __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));             \
         __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));            \
-        __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1));        \
+        __m256i pr = DPWSSD(_mm256_madd_epi16(lo, x0), hi, x1);                                     \
         A = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd), A); }
 
 static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, const int QT, int r0, int r1, int nb, const xblock *xq, float *y, int add) {
@@ -523,15 +608,35 @@ static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, cons
    normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
 /* A matmul's activations: quantised per block of 32 (xq, on the stack when M x nb <= 128 blocks)
    and, for M > 1, their scales transposed for the several-row tiles (xt, mpad lanes a block). */
-typedef struct { xblock *xq; float *xt; xblock stack[128]; } xprep;
+typedef struct { xblock *xq; float *xt; int32_t *xw; xblock stack[128]; } xprep;
 
-static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw, float eps, int mpad) {
+/* The activation blocks' int16 pairs transposed for htile8t: [nb][16][8] int32, lane j = row j
+   (rows M..7 zero; their lanes are dropped). */
+static int32_t *xpairs_t(const xblock *xq, int M, int nb) {
+    int32_t *t = (int32_t *)aligned_alloc(32, (size_t)nb * 128 * sizeof(int32_t));
+    if (!t) return NULL;
+    memset(t, 0, (size_t)nb * 128 * sizeof(int32_t));
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            const xblock *xb = xq + (size_t)m * nb + b;
+            for (int k = 0; k < 16; k++) {
+                int32_t v;
+                memcpy(&v, xb->q + 2 * k, 4);
+                t[(size_t)b * 128 + k * 8 + m] = v;
+            }
+        }
+    return t;
+}
+
+static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw, float eps, int mpad, int pairs) {
     int nb = K / 32;
     p->xt = NULL;
+    p->xw = NULL;
     p->xq = (size_t)M * nb <= 128 ? p->stack : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!p->xq) return -2;
     quantize_x(x, M, K, normw, eps, p->xq);
-    if (M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) {
+    if ((M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) || (pairs && !(p->xw = xpairs_t(p->xq, M, nb)))) {
+        free(p->xt);
         if (p->xq != p->stack) free(p->xq);
         return -2;
     }
@@ -539,6 +644,7 @@ static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw
 }
 
 static void xprep_free(xprep *p) {
+    free(p->xw);
     free(p->xt);
     if (p->xq != p->stack) free(p->xq);
 }
@@ -744,7 +850,7 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
                        const float *normw, float eps, int add, int mpad) {
     int nb = K / 32;
     xprep xp;
-    if (xprep_init(&xp, x, M, K, normw, eps, mpad)) return -2;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 4 && M <= 8)) return -2;
     const xblock *xq = xp.xq;
     const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
@@ -754,8 +860,8 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
         if (s->QT == 1 && M == 1) rows_m1(s->w, 1, r0, r1, nb, xq, y, add);
         else if (s->QT && M == 1) rows_m1(s->w, 8, r0, r1, nb, xq, y, add);
-        else if (s->QT == 1) gguf_mrows(s->w, 1, r0, r1, nb, xq, xt, M, mpad, N, y, add);
-        else if (s->QT) gguf_mrows(s->w, 8, r0, r1, nb, xq, xt, M, mpad, N, y, add);
+        else if (s->QT == 1) gguf_mrows(s->w, 1, r0, r1, nb, xq, xt, xp.xw, M, mpad, N, y, add);
+        else if (s->QT) gguf_mrows(s->w, 8, r0, r1, nb, xq, xt, xp.xw, M, mpad, N, y, add);
         else if (s->BITS == 2) gq_rows(s->q, s->sc, s->mn, 2, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
         else gq_rows(s->q, s->sc, s->mn, 4, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
     }

@@ -82,7 +82,7 @@ def test_mixed_block_types_are_refused(lib) -> None:
 def test_disabled_by_environment(monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_ENGINE_NO_CKERNEL", "1")
     with pytest.raises(RuntimeError, match="LOCAL_ENGINE_NO_CKERNEL"):
-        qkernel._build()
+        qkernel.build()
 
 
 def test_compiler_error_is_reported(monkeypatch, tmp_path) -> None:
@@ -93,7 +93,7 @@ def test_compiler_error_is_reported(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("CC", str(bad))
     monkeypatch.setenv("LOCAL_ENGINE_CACHE", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="no such thing"):
-        qkernel._build()
+        qkernel.build()
 
 
 def test_model_falls_back_to_torch_kernels(monkeypatch, smol_path, smol) -> None:
@@ -245,3 +245,25 @@ def test_several_rows_with_a_long_row(lib) -> None:
     x = torch.randn(5, 8224, generator=torch.Generator().manual_seed(6))
     ref = x @ deq.T
     assert ((lin(x) - ref).abs().max() / ref.abs().max()).item() < 5e-4
+
+
+# The VNNI build (VPDPWSSD: the several-row tiles' multiply-adds in one instruction, and the 5-8 row
+# tile with the activations transposed) against the portable AVX2 build: integer block sums are
+# exact and every float operation per pair is the same, so every output is bitwise equal.
+@pytest.mark.skipif(not qkernel.vnni_available(), reason="this CPU has neither AVX-VNNI nor AVX512-VNNI+VL")
+@pytest.mark.parametrize("fmt", ["Q4_1", "Q8_0", "int2", "int4"])
+def test_vnni_build_equals_avx2_build_bitwise(fmt: str) -> None:
+    vnni, avx2 = qkernel.build(), qkernel.build(vnni=False)
+    assert vnni._name != avx2._name  # two builds, not the cached one twice
+    a, _ = _linear(vnni, fmt, 37, 576, seed=14)  # 37 rows: 4-row tiles and 1-row remainders
+    b, _ = _linear(avx2, fmt, 37, 576, seed=14)
+    x = torch.randn(16, 576, generator=torch.Generator().manual_seed(7))
+    x[:, 3] *= 60.0
+    for m in range(1, 17):
+        assert torch.equal(a(x[:m]), b(x[:m])), f"{fmt} M={m}: the VNNI build differs from the AVX2 build"
+    if fmt in ("Q4_1", "Q8_0"):  # the step's call: RMSNorm folded in, the result added into a residual
+        norm, base = torch.rand(576) + 0.5, torch.randn(8, 37)
+        ya, yb = base.clone(), base.clone()
+        a.fused(x[:8], norm, 1e-5, out=ya)
+        b.fused(x[:8], norm, 1e-5, out=yb)
+        assert torch.equal(ya, yb)
