@@ -491,37 +491,57 @@ static inline __attribute__((always_inline)) void buffered_rows(const wrows *s, 
 }
 
 /* M > 1, GGUF blocks. Up to 4 activation rows: one tile per pair of weight rows, each block
-   unpacked in registers once. 5-8 rows (a batched decode step): one 8-row tile per weight row
-   (with VPDPWSSD: htile8t, four weight rows at a time over the transposed activations; in the
-   AVX2 build that tile's 16 madds + 16 adds a block were no faster than htile8's reduction).
-   9 rows and more (a prefill chunk, a long verify): each pair of weight rows unpacked once into an
-   int16 buffer that stays in L1 and multiplied from there by 4-row tiles (unpacking once per
-   8-row group cost a 97-token prefill 16%). Every tile does the same float operations per pair. */
+   unpacked in registers once. With VPDPWSSD, 5 rows and more (a batched decode step, a prefill
+   chunk, a long verify): htile8t, four weight rows at a time over each group of 8 transposed
+   activation rows (Q8_0 matrices of the built-in model at 8 / 16 / 64 rows: 0.62 / 0.63 / 0.65
+   of the AVX2 build's time; in the AVX2 build that tile's 16 madds + 16 adds a block were no
+   faster than htile8's reduction). AVX2 build: 5-8 rows (a batched decode step) one 8-row tile
+   per weight row; 9 rows and more each pair of weight rows unpacked once into an int16 buffer that
+   stays in L1 and multiplied from there by 4-row tiles (unpacking once per 8-row group cost a
+   97-token prefill 16%). Every tile does the same float operations per pair. */
+/* Activation rows m .. m + valid - 1 (valid <= 4) against weight rows r..r1, straight from the GGUF blocks. */
+static inline __attribute__((always_inline)) void gguf_few_rows(const uint8_t *w, const int QT, int r, int r1, int nb,
+                                                                const xblock *xq, const float *xdt, const float *xst,
+                                                                int m, int valid, int mpad, int N, float *y, int add) {
+    for (; r + 2 <= r1; r += 2) {
+        if (valid == 2) mtile22(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, m, r, N, y, add, w, QT);
+        else mtile24(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, m, valid, r, N, y, add, w, QT);
+    }
+    if (r < r1)  /* an odd last row: the 8-row tile's arithmetic on valid rows */
+        htile8(w, QT, nb, xq, xdt, xst, mpad, m, valid, r, N, y, add);
+}
+
 static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, const int QT, int r0, int r1, int nb,
                                                              const xblock *xq, const float *xt, const int32_t *xw,
                                                              int M, int mpad, int N, float *y, int add) {
     const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
     int r = r0;
     if (M <= 4) {
-        for (; r + 2 <= r1; r += 2) {
-            if (M == 2) mtile22(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, 0, r, N, y, add, w, QT);
-            else mtile24(NULL, NULL, NULL, QT == 1, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add, w, QT);
-        }
-        if (r < r1)  /* an odd last row: the 8-row tile's arithmetic on M rows */
-            htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
+        gguf_few_rows(w, QT, r, r1, nb, xq, xdt, xst, 0, M, mpad, N, y, add);
         return;
     }
-    if (M <= 8) {
 #if QK_DPWSSD
-        for (; r + 4 <= r1; r += 4) htile8t(w, QT, 4, nb, xw, xdt, xst, mpad, M, r, N, y, add);
-        for (; r < r1; r++) htile8t(w, QT, 1, nb, xw, xdt, xst, mpad, M, r, N, y, add);
+    /* every 8 activation rows (xw's groups) against the chunk's weight rows, which stay in L1 / L2
+       from one group to the next; a last group of 1-4 rows takes the small tiles */
+    for (int m = 0; m < M; m += 8) {
+        int valid = M - m < 8 ? M - m : 8;
+        if (valid <= 4 && m > 0) {
+            gguf_few_rows(w, QT, r0, r1, nb, xq, xdt, xst, m, valid, mpad, N, y, add);
+            continue;
+        }
+        const int32_t *xg = xw + (size_t)(m / 8) * nb * 128;
+        float *yg = y + (size_t)m * N;
+        for (r = r0; r + 4 <= r1; r += 4) htile8t(w, QT, 4, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
+        for (; r < r1; r++) htile8t(w, QT, 1, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
+    }
 #else
+    if (M <= 8) {
         for (; r < r1; r++) htile8(w, QT, nb, xq, xdt, xst, mpad, 0, M, r, N, y, add);
-#endif
         return;
     }
     const wrows src = {w, QT, NULL, NULL, NULL, 0, 0};
     buffered_rows(&src, QT == 1, r, r1, nb, xq, xdt, xst, M, mpad, N, y, add);
+#endif
 }
 
 /* The activation blocks' scales and sums transposed for the tiles: [2][nb][mpad], zero padded
@@ -610,20 +630,18 @@ static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, cons
    and, for M > 1, their scales transposed for the several-row tiles (xt, mpad lanes a block). */
 typedef struct { xblock *xq; float *xt; int32_t *xw; xblock stack[128]; } xprep;
 
-/* The activation blocks' int16 pairs transposed for htile8t: [nb][16][8] int32, lane j = row j
-   (rows M..7 zero; their lanes are dropped). */
+/* The activation blocks' int16 pairs transposed for htile8t: [M / 8 groups][nb][16][8] int32, lane j
+   of group g = row 8 g + j (rows past M zero; their lanes are dropped). */
 static int32_t *xpairs_t(const xblock *xq, int M, int nb) {
-    int32_t *t = (int32_t *)aligned_alloc(32, (size_t)nb * 128 * sizeof(int32_t));
+    size_t n = (size_t)((M + 7) / 8) * nb * 128;
+    int32_t *t = (int32_t *)aligned_alloc(32, n * sizeof(int32_t));
     if (!t) return NULL;
-    memset(t, 0, (size_t)nb * 128 * sizeof(int32_t));
+    memset(t, 0, n * sizeof(int32_t));
     for (int m = 0; m < M; m++)
         for (int b = 0; b < nb; b++) {
             const xblock *xb = xq + (size_t)m * nb + b;
-            for (int k = 0; k < 16; k++) {
-                int32_t v;
-                memcpy(&v, xb->q + 2 * k, 4);
-                t[(size_t)b * 128 + k * 8 + m] = v;
-            }
+            int32_t *g = t + ((size_t)(m / 8) * nb + b) * 128 + m % 8;
+            for (int k = 0; k < 16; k++) memcpy(g + k * 8, xb->q + 2 * k, 4);
         }
     return t;
 }
@@ -850,7 +868,7 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
                        const float *normw, float eps, int add, int mpad) {
     int nb = K / 32;
     xprep xp;
-    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 4 && M <= 8)) return -2;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 4)) return -2;
     const xblock *xq = xp.xq;
     const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
