@@ -210,8 +210,8 @@ class Generation:
             if avail:
                 source = f"lookup:{min(lookup.matched, 3)}"
                 k = ctl.choose(source, len(avail), free=True)
-                if k == 0 and ctl.budgeted:  # declined: learn its acceptance from the tokens decided next
-                    ctl.shadow(source, avail)
+                if ctl.budgeted:  # what is not verified: learn its acceptance from the tokens decided next
+                    ctl.shadow(source, avail, k)
                 return source, avail[:k]
         if mode == "draft" or (mode == "auto" and (drafting.drafter is not None or isinstance(model, speculative.SelfDraft))):
             k = min(speculative.SELF_DRAFT_K, room) if ctl is None else ctl.choose("draft", min(spec_control.K_MAX, room))

@@ -31,19 +31,23 @@ step's time spent on experts (reads + expert compute) and the union sizes of m c
 positions' experts (``RouteWindow``); unmeasured sizes follow that curve, scaled by the nearest
 measured size's ratio to it once one is measured.
 
-Learning without paying: a free draft source (prompt lookup) that the controller declines is
-scored anyway (``Shadow``): the draft it would have verified is compared with the tokens plain
-decoding then decides, and its acceptance recorded as if verified. So acceptance never needs a
-losing verify; only a verify size's cost does.
+Learning without paying: a free draft source's (prompt lookup's) draft is scored past what a verify
+checks (``Shadow``): all of it when the controller declined it, the rest past the k verified
+otherwise; each position is compared with the token plain decoding then decides and recorded as if
+verified, as soon as it is known. So acceptance never needs a losing verify, and positions past
+the k verified are learnt too; only a verify size's cost needs a verify. On a model priced by a
+prior (a packed MoE) a request's own counts are shrunk towards the *other* requests' (its own
+counted twice read 3 right shadows as 0.89), with ``PRIOR_WEIGHT_MOE`` pseudo-verifies.
 
-Exploration is bounded: the request's net loss from exploratory verifies (verify seconds in steps
-minus tokens yielded) stays under ``explore_share`` of its decoded tokens. A verify at a size not
-measured yet that the curve predicts will win is allowed while that budget is not overdrawn (one
-that lost locks the others out until the request's tokens cover it); a
-probe (drafting although no k is predicted to pay) only where the budget also holds its loss if
-none of its drafts is accepted, so a short request does not probe at all. After ``reprobe`` declined chances the controller
-probes at the best k > 0 (the text may have turned to quoting), doubling the wait after each probe
-that accepted nothing (``max_wait`` at most), like ``prefetch_switch``'s re-trials. Pure
+Losses are bounded (``budgeted``, a packed MoE): every verify's net result is kept (verify seconds
+in steps minus tokens yielded). While the request's verifies have not lost, net, a k predicted to
+pay is verified (a size not measured yet included); once they have, a verify only where the budget
+(``explore_share`` of the request's decoded tokens) also holds its whole loss if nothing is
+accepted: a prompt whose drafts keep failing stops drafting, one whose verifies won keeps going. A
+probe (drafting although no k is predicted to pay) needs the same room, so a short request does
+not probe at all. After ``reprobe`` declined chances the controller probes at the best k > 0 (the
+text may have turned to quoting), doubling the wait after each probe that accepted nothing
+(``max_wait`` at most), like ``prefetch_switch``'s re-trials. Pure
 bookkeeping: the caller reports seconds and tokens; no clock.
 """
 
@@ -67,6 +71,13 @@ PRIOR_ACCEPT = 0.5
 # ... on a model whose verifies are priced by a prior (a packed MoE), at every position not measured
 # (not the position before's): a 2-row verify there costs ~1.4-1.7 steps, so a guess must not pay
 PRIOR_ACCEPT_MOE = 0.3
+# pseudo-verifies at the model's (or the unseen) acceptance that a request's own counts are shrunk
+# towards: on the dense staircase a wrong guess costs little
+PRIOR_WEIGHT = 2.0
+# ... on a packed MoE, where one failed verify costs 2-3% of a 32-token request: at 2, two right
+# declined drafts read as 0.65 and a 3-row verify priced 1.78 steps (measured 2.07) accepted
+# nothing; at 4 they read as 0.47 (a replay of the recorded answers, tests/engine/test_spec_moe_replay.py)
+PRIOR_WEIGHT_MOE = 4.0
 # a drafter's seconds per drafted token before it was measured, in single steps of the target
 # (a draft model is meant to be several times cheaper; the first measurement replaces this)
 PRIOR_DRAFT_STEPS = 0.25
@@ -275,17 +286,28 @@ class Acceptance:
         for j in range(accepted):
             self.accepted[j] += 1
 
+    def record_at(self, j: int, accepted: bool) -> None:
+        """Draft position ``j`` reached, and accepted or not (``record``, one position at a time)."""
+        self.tried[j] += 1
+        self.accepted[j] += accepted
+
+    def without(self, other: Acceptance) -> Acceptance:
+        """These counts less ``other``'s (a model's, less one of its requests')."""
+        return Acceptance([t - o for t, o in zip(self.tried, other.tried, strict=True)],
+                          [a - o for a, o in zip(self.accepted, other.accepted, strict=True)])
+
     def rates(self, prior: Sequence[float] | None = None, weight: float = 2.0,
-              unseen: float | None = None) -> list[float]:
+              unseen: float | None = None, reached: Sequence[float] | None = None) -> list[float]:
         """P(accept j | reached j): this table's counts shrunk towards ``prior`` (``weight``
-        pseudo-verifies). Without a prior, towards ``unseen`` where given, else towards the rate at
+        pseudo-verifies). Where there is none (or ``reached``, the prior's own counts of verifies
+        that got to a position, is 0 there), towards ``unseen`` where given, else towards the rate at
         the position before (``PRIOR_ACCEPT`` at the first): a position no verify reached yet is as
         likely as the last one reached, so after drafts that were all accepted a longer draft is
         tried, not ruled out by a guess (the dense staircase, where a wrong guess costs little)."""
         out: list[float] = []
         for j, (a, t) in enumerate(zip(self.accepted, self.tried, strict=True)):
-            p = (prior[j] if prior is not None else unseen if unseen is not None
-                 else out[j - 1] if j else PRIOR_ACCEPT)
+            p = (prior[j] if prior is not None and (reached is None or reached[j] > 0)
+                 else unseen if unseen is not None else out[j - 1] if j else PRIOR_ACCEPT)
             out.append((a + weight * p) / (t + weight))
         return out
 
@@ -310,10 +332,12 @@ class ModelSpec:
 
 @dataclass
 class Shadow:
-    """A free draft the controller declined, scored against the tokens decided after it."""
+    """A free draft scored against the tokens decided after it: one the controller declined, or the
+    part of one past the ``verified`` drafts a verify checks itself."""
 
     source: str
     draft: list[int]
+    verified: int = 0
     matched: int = 0
 
 
@@ -333,9 +357,11 @@ class SpecController:
     # drafting must beat a step by this much (relative); None: ``MARGIN``, or ``PRIOR_MARGIN`` for
     # a model whose verifies are priced by its prior (a packed MoE)
     margin: float | None = None
-    weight: float = 2.0  # pseudo-verifies of the model's acceptance in a request's estimate
-    # exploratory verifies (a size not measured yet, a probe) may lose at most this share of the
-    # request's decoded tokens, in single steps, net of what they won
+    # pseudo-verifies of the model's acceptance in a request's estimate; None: ``PRIOR_WEIGHT``, or
+    # ``PRIOR_WEIGHT_MOE`` for a model whose verifies are priced by its prior (a packed MoE)
+    weight: float | None = None
+    # where ``budgeted``: once the request's verifies lost, net, the next verify (or probe) must fit
+    # its whole loss in this share of the request's decoded tokens, in single steps
     explore_share: float = 0.02
     # False: exploration is not budgeted (the dense staircase: its optimistic pricing of unmeasured
     # sizes is how auto finds the cheap end of a row tile, and a dense verify's loss is small)
@@ -348,7 +374,9 @@ class SpecController:
     decisions: dict[int, int] = field(default_factory=dict)  # k chosen -> how often (stats)
     probes: int = 0
     tokens: int = 0  # tokens decided by the steps and verifies reported so far
-    explore_loss: float = 0.0  # net steps lost by exploratory verifies (negative: they won)
+    # net steps lost by verifies (negative: they won): every verify where ``budgeted``, else only
+    # exploratory ones (a stat there)
+    explore_loss: float = 0.0
     shadowed: int = 0  # declined free drafts scored against the decided tokens (stats)
     _shadows: list[Shadow] = field(default_factory=list)
 
@@ -364,12 +392,15 @@ class SpecController:
         margin = self.margin if self.margin is not None else MARGIN if costs.prior is None else PRIOR_MARGIN
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, margin)
-        if k > 0 and costs.counts.get(k + 1, 0) == 0:
-            if not self.budgeted or self.explore_loss <= self.budget():
-                self.exploring = True
-            else:  # overdrawn: only sizes already measured
-                known = [c if m <= 1 or costs.counts.get(m, 0) else float("inf") for m, c in enumerate(curve)]
-                k = best_k(accept, known, available, draft_s, margin)
+        if k > 0 and self.budgeted and self.explore_loss > 0:
+            # this request's verifies lost, net: the next one only where the budget also holds its
+            # loss if nothing is accepted (a prompt whose drafts keep failing stops drafting; one
+            # whose verifies won keeps going)
+            room = self.budget() - self.explore_loss
+            fits = [c if m <= 1 or (c + (m - 1) * draft_s) / curve[1] - 1 <= room else float("inf")
+                    for m, c in enumerate(curve)]
+            k = best_k(accept, fits, available, draft_s, margin)
+        self.exploring = k > 0 and costs.counts.get(k + 1, 0) == 0
         if k == 0:
             declined = self._declined.get(source, 0) + 1
             self._declined[source] = declined
@@ -387,7 +418,7 @@ class SpecController:
         return k
 
     def budget(self) -> float:
-        """Steps that exploratory verifies may have lost so far, net."""
+        """Steps that this request's verifies may have lost so far, net."""
         return self.explore_share * self.tokens
 
     def rates(self, source: str) -> list[float]:
@@ -395,8 +426,17 @@ class SpecController:
         # measured: a position's acceptance inherited from the one before made auto verify 4 drafts
         # that a repeating prompt's lookups never got past the first of
         unseen = None if self.model.costs.prior is None else PRIOR_ACCEPT_MOE
-        prior = self.model.table(source).rates(unseen=unseen)
-        return self.tables.setdefault(source, Acceptance()).rates(prior, self.weight)
+        own = self.tables.setdefault(source, Acceptance())
+        others = self.model.table(source)
+        if unseen is not None:
+            # the model's counts hold this request's too: shrinking towards them counted each of its
+            # outcomes twice (3 accepted shadows read as 0.89, where 4 verifies then accepted none).
+            # Kept on the dense staircase, where that optimism is how a first request grows its k
+            others = others.without(own)
+        prior = others.rates(unseen=unseen)
+        weight = (self.weight if self.weight is not None
+                  else PRIOR_WEIGHT if self.model.costs.prior is None else PRIOR_WEIGHT_MOE)
+        return own.rates(prior, weight, unseen, reached=others.tried if unseen is not None else None)
 
     def record_step(self, seconds: float) -> None:
         self.model.costs.record(1, seconds)
@@ -405,7 +445,7 @@ class SpecController:
     def record_verify(self, source: str, drafted: int, accepted: int, seconds: float) -> None:
         """A verify of ``drafted`` drafts (``seconds``: the verify alone, not the drafting)."""
         step = self.model.costs.step_s
-        if self.exploring and step:
+        if (self.budgeted or self.exploring) and step:
             spent = seconds + drafted * self.model.draft_s.get(source, 0.0)
             self.explore_loss += spent / step - (accepted + 1)
         self.model.costs.record(drafted + 1, seconds)
@@ -421,12 +461,15 @@ class SpecController:
         self.tables.setdefault(source, Acceptance()).record(drafted, accepted)
         self.model.table(source).record(drafted, accepted)
 
-    def shadow(self, source: str, draft: list[int]) -> None:
-        """A free draft that was declined: score it against the tokens decided next (``observe``).
-        Each declined chance's draft is scored (up to ``K_MAX`` at once): they overlap, as the
-        drafts a verify would have run at those positions would have."""
-        if draft and len(self._shadows) < K_MAX:
-            self._shadows.append(Shadow(source, list(draft)))
+    def shadow(self, source: str, draft: list[int], verified: int = 0) -> None:
+        """A free draft of which a verify checks the first ``verified`` tokens (0: declined): score
+        the rest against the tokens decided next (``observe``), so positions past the drafts
+        verified are learnt too (a verify that accepted all of its 3 drafts says nothing of a 4th,
+        and without this a position no verify reached kept its guess for good). Each chance's draft
+        is scored (up to ``K_MAX`` at once): they overlap, as the drafts a verify would have run at
+        those positions would have."""
+        if len(draft) > verified and len(self._shadows) < K_MAX:
+            self._shadows.append(Shadow(source, list(draft), verified))
 
     def observe(self, token: int) -> None:
         """A decided token (the next after those the pending shadowed drafts were proposed at)."""
@@ -434,11 +477,15 @@ class SpecController:
             return
         pending = []
         for sh in self._shadows:
-            if token == sh.draft[sh.matched]:
-                sh.matched += 1
-                if sh.matched < len(sh.draft):
-                    pending.append(sh)
-                    continue
-            self._record_acceptance(sh.source, len(sh.draft), sh.matched)
-            self.shadowed += 1
+            # each position's outcome is recorded as soon as it is known: a draft that keeps being
+            # right (a loop, a long quote) would otherwise teach nothing for up to 15 tokens
+            ok = token == sh.draft[sh.matched]
+            if sh.matched >= sh.verified:  # the verify records its own drafts' outcomes
+                for table in (self.tables.setdefault(sh.source, Acceptance()), self.model.table(sh.source)):
+                    table.record_at(sh.matched, ok)
+            sh.matched += ok
+            if ok and sh.matched < len(sh.draft):
+                pending.append(sh)
+            else:
+                self.shadowed += 1
         self._shadows = pending

@@ -2,7 +2,8 @@
 
 Drafts (``PromptLookup``): the last n tokens (n = 4, then 3, 2, 1) are looked up among the
 earlier positions of the prompt + the answer so far; the k tokens that followed their latest
-occurrence are the draft. Free (no second model) and strong when the answer quotes its prompt
+occurrence are the draft (where they run into the end of the text, the loop they form is copied
+on: "a b a b" drafts "a b a ...", not the two tokens that followed). Free (no second model) and strong when the answer quotes its prompt
 (edits, summaries, RAG answers).
 
 Draft model (``DraftRun``, mode "draft" with ``Engine.open(..., draft_model=...)``): a second,
@@ -96,7 +97,8 @@ class PromptLookup:
         self._done = max(self._done, len(t) - 1)
 
     def propose(self, k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix."""
+        """``k`` tokens after the latest earlier occurrence of the longest suffix (what followed
+        it, repeated where that runs into the end), or none."""
         if k <= 0:
             return []
         self.sync()
@@ -107,7 +109,14 @@ class PromptLookup:
             e = self._index.get(tuple(t[-n:]))
             if e is not None:
                 self.matched = n
-                return t[e + 1:e + 1 + k]
+                out = t[e + 1:e + 1 + k]
+                # the match ends p tokens back, so the text is taken to repeat with period p: a
+                # continuation that runs into the end goes on copying itself (a loop "a b a b"
+                # drafts k tokens, not the one or two that followed the latest match)
+                p = len(t) - 1 - e
+                while len(out) < k:
+                    out.append(out[-p])
+                return out
         return []
 
 

@@ -149,7 +149,7 @@ def test_probes_lose_at_most_their_share_of_the_tokens() -> None:
 
 def test_sources_learn_apart_and_a_costly_drafter_drafts_less() -> None:
     ms = ModelSpec()
-    ctl = SpecController(ms)
+    ctl = SpecController(ms, budgeted=False)  # the dense staircase (a budget stops lookup:1's losses)
     for _ in range(30):
         _chance(ctl, "lookup:3", K_MAX)
         _chance(ctl, "lookup:1", 0)
@@ -259,9 +259,9 @@ def _simulate(n: int, true_cost: list[float], accept: float, prior: list[float] 
         if prior is not None:
             ctl.model.costs.set_prior(prior)
         k = ctl.choose("lookup:3", min(room, K_MAX), free=True) if room > 0 else 0
+        if ctl.budgeted:
+            ctl.shadow("lookup:3", draft[:room] if room else [], k)
         if k == 0:
-            if ctl.budgeted:
-                ctl.shadow("lookup:3", draft[:room] if room else [])
             spent += true_cost[1]
             ctl.record_step(true_cost[1] * 0.01)
             decided = 1
