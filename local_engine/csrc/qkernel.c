@@ -817,7 +817,7 @@ static inline __attribute__((always_inline)) void q2_tile(const uint8_t *q, cons
                 __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
                 __m256 xd = _mm256_set1_ps(xb->d);
                 for (int i = 0; i < R; i++) {
-                    __m256i pr = _mm256_add_epi32(_mm256_madd_epi16(w0[i], x0), _mm256_madd_epi16(w1[i], x1));
+                    __m256i pr = DPWSSD(_mm256_madd_epi16(w0[i], x0), w1[i], x1);
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pr), _mm256_mul_ps(_mm256_set1_ps(dw[i]), xd),
                                                 acc[i][j]);
                     summs[i][j] += mw[i] * xb->s;
