@@ -390,17 +390,26 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
     }
 }
 
-/* htile8's sums with the activations transposed (xw, built by xpairs_t: block b's 16 vectors, vector
-   k lane j = activation row j's int16 pair 2k, 2k + 1 as one int32): each of the weight block's 16
-   int16 pairs is broadcast from a 64-byte copy on the stack (a load, no shuffle) and multiplied
-   into the 8 rows' lanes at once, so lane j ends as row j's block sum with no cross-lane
-   reduction (htile8 spent 14 shuffles and 15 adds a block on it). Integer sums, exact in any
-   order: the same int32 per pair, then the same convert, scale and FMA as htile8. */
-static inline __attribute__((always_inline)) void htile8t(const uint8_t *gw, const int QT, const int R, int nb,
-                                                          const int32_t *xw, const float *xdt, const float *xst,
-                                                          int mpad, int valid, int r, int N, float *y, int add) {
+/* htile8's sums with the activations transposed (xw, built by xpairs_t): lane l = j P + e of block b's
+   vector k holds activation row j's int16 pair k P + e (two int16 as one int32), P = 1 for groups
+   of 8 rows, 2 for 3-4 rows (so the lanes stay full). The weight block's pairs are broadcast P at a
+   time from a 64-byte copy on the stack (a load, no shuffle) and multiplied into every row's lanes
+   at once; after its 16 / P vectors, lane j P + e holds P partial sums of row j, folded into lane
+   j P by one add (htile8 spent 14 shuffles and 15 adds a block on its cross-lane reduction,
+   mtile24 9 per 4 pairs). Integer sums, exact in any order: the same int32 per pair,
+   then the same convert, scale and FMA as the other tiles, lane j P scaled by row j's xd (xdt with
+   lanes j P: stride floats a block). */
+static inline __attribute__((always_inline)) __m256i wpairs(const int32_t *p, const int P) {
+    if (P == 1) return _mm256_set1_epi32(*p);
+    return _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p));
+}
+
+static inline __attribute__((always_inline)) void htile8t(const uint8_t *gw, const int QT, const int R, const int P,
+                                                          int nb, const int32_t *xw, const float *xdt,
+                                                          const float *xst, int stride, int valid, int r, int N,
+                                                          float *y, int add) {
     /* R weight rows (1 or 4) at once: each activation vector is loaded once for all R */
-    const int bs = QT == 1 ? 20 : 34;
+    const int bs = QT == 1 ? 20 : 34, KV = 16 / P;
     const uint8_t *wr = gw + (size_t)r * nb * bs;
     const size_t rb = (size_t)nb * bs;
     int32_t wt[4][16] __attribute__((aligned(32)));
@@ -423,24 +432,26 @@ static inline __attribute__((always_inline)) void htile8t(const uint8_t *gw, con
         {
             __m256i x0 = _mm256_load_si256(xv), x1 = _mm256_load_si256(xv + 1);
             for (int i = 0; i < R; i++) {
-                s0[i] = _mm256_madd_epi16(_mm256_set1_epi32(wt[i][0]), x0);
-                s1[i] = _mm256_madd_epi16(_mm256_set1_epi32(wt[i][1]), x1);
+                s0[i] = _mm256_madd_epi16(wpairs(wt[i], P), x0);
+                s1[i] = _mm256_madd_epi16(wpairs(wt[i] + P, P), x1);
             }
         }
-        for (int k = 2; k < 16; k += 2) {
+        for (int k = 2; k < KV; k += 2) {
             __m256i x0 = _mm256_load_si256(xv + k), x1 = _mm256_load_si256(xv + k + 1);
             for (int i = 0; i < R; i++) {
-                s0[i] = DPWSSD(s0[i], _mm256_set1_epi32(wt[i][k]), x0);
-                s1[i] = DPWSSD(s1[i], _mm256_set1_epi32(wt[i][k + 1]), x1);
+                s0[i] = DPWSSD(s0[i], wpairs(wt[i] + k * P, P), x0);
+                s1[i] = DPWSSD(s1[i], wpairs(wt[i] + (k + 1) * P, P), x1);
             }
         }
-        __m256 xd = _mm256_loadu_ps(xdt + (size_t)b * mpad);
+        __m256 xd = _mm256_loadu_ps(xdt + (size_t)b * stride);
         for (int i = 0; i < R; i++) {
             const uint8_t *blk = wr + i * rb + (size_t)b * bs;
+            __m256i t = _mm256_add_epi32(s0[i], s1[i]);
+            if (P == 2) t = _mm256_add_epi32(t, _mm256_srli_epi64(t, 32));  /* lane 2 j: its pair of lanes */
             __m256 sc = _mm256_mul_ps(_mm256_set1_ps(h2f(blk)), xd);
-            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(s0[i], s1[i])), sc, acc[i]);
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sc, acc[i]);
             if (QT == 1)
-                sacc[i] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk + 2)), _mm256_loadu_ps(xst + (size_t)b * mpad),
+                sacc[i] = _mm256_fmadd_ps(_mm256_set1_ps(h2f(blk + 2)), _mm256_loadu_ps(xst + (size_t)b * stride),
                                           sacc[i]);
         }
     }
@@ -449,7 +460,7 @@ static inline __attribute__((always_inline)) void htile8t(const uint8_t *gw, con
         _mm256_storeu_ps(v, QT == 1 ? _mm256_add_ps(acc[i], sacc[i]) : acc[i]);
         for (int j = 0; j < valid; j++) {
             float *o = y + (size_t)j * N + r + i;
-            *o = add ? *o + v[j] : v[j];
+            *o = add ? *o + v[j * P] : v[j * P];
         }
     }
 }
@@ -490,16 +501,8 @@ static inline __attribute__((always_inline)) void buffered_rows(const wrows *s, 
     free(u.heap);
 }
 
-/* M > 1, GGUF blocks. Up to 4 activation rows: one tile per pair of weight rows, each block
-   unpacked in registers once. With VPDPWSSD, 5 rows and more (a batched decode step, a prefill
-   chunk, a long verify): htile8t, four weight rows at a time over each group of 8 transposed
-   activation rows (Q8_0 matrices of the built-in model at 8 / 16 / 64 rows: 0.62 / 0.63 / 0.65
-   of the AVX2 build's time; in the AVX2 build that tile's 16 madds + 16 adds a block were no
-   faster than htile8's reduction). AVX2 build: 5-8 rows (a batched decode step) one 8-row tile
-   per weight row; 9 rows and more each pair of weight rows unpacked once into an int16 buffer that
-   stays in L1 and multiplied from there by 4-row tiles (unpacking once per 8-row group cost a
-   97-token prefill 16%). Every tile does the same float operations per pair. */
-/* Activation rows m .. m + valid - 1 (valid <= 4) against weight rows r..r1, straight from the GGUF blocks. */
+/* Activation rows m .. m + valid - 1 (valid <= 4) against weight rows r..r1, straight from the GGUF
+   blocks: one tile per pair of weight rows, each block unpacked in registers once. */
 static inline __attribute__((always_inline)) void gguf_few_rows(const uint8_t *w, const int QT, int r, int r1, int nb,
                                                                 const xblock *xq, const float *xdt, const float *xst,
                                                                 int m, int valid, int mpad, int N, float *y, int add) {
@@ -511,16 +514,31 @@ static inline __attribute__((always_inline)) void gguf_few_rows(const uint8_t *w
         htile8(w, QT, nb, xq, xdt, xst, mpad, m, valid, r, N, y, add);
 }
 
+/* M > 1, GGUF blocks. With VPDPWSSD: 2 rows mtile22; 3-4 rows htile8t with 2 pairs a row in the
+   lanes (all the built-in model's matrices at 4 rows: 0.79 of mtile24's time); 5 rows and more (a
+   batched decode step, a prefill chunk, a long verify) htile8t, four weight rows at a time over
+   each group of 8 transposed activation rows (8 / 16 / 64 rows: ~0.65 of the AVX2 build's time; in
+   the AVX2 build that tile's 16 madds + 16 adds a block were no faster than htile8's reduction).
+   AVX2 build: up to 4 rows gguf_few_rows; 5-8 rows (a batched decode step) one 8-row tile per
+   weight row; 9 rows and more each pair of weight rows unpacked once into an int16 buffer that
+   stays in L1 and multiplied from there by 4-row tiles (unpacking once per 8-row group cost a
+   97-token prefill 16%). Every tile does the same float operations per pair. */
 static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, const int QT, int r0, int r1, int nb,
                                                              const xblock *xq, const float *xt, const int32_t *xw,
-                                                             int M, int mpad, int N, float *y, int add) {
+                                                             const float *xe, int M, int mpad, int N, float *y,
+                                                             int add) {
     const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
     int r = r0;
-    if (M <= 4) {
+    if (M == 2 || (M <= 4 && !QK_DPWSSD)) {  /* at 2 rows htile8t (4 pairs a row in the lanes) was slower */
         gguf_few_rows(w, QT, r, r1, nb, xq, xdt, xst, 0, M, mpad, N, y, add);
         return;
     }
 #if QK_DPWSSD
+    if (M <= 4) {  /* one group, 2 pairs a row in its lanes; xe: row j's scales in lane 2 j */
+        for (; r + 4 <= r1; r += 4) htile8t(w, QT, 4, 2, nb, xw, xe, xe + (size_t)nb * 8, 8, M, r, N, y, add);
+        for (; r < r1; r++) htile8t(w, QT, 1, 2, nb, xw, xe, xe + (size_t)nb * 8, 8, M, r, N, y, add);
+        return;
+    }
     /* every 8 activation rows (xw's groups) against the chunk's weight rows, which stay in L1 / L2
        from one group to the next; a last group of 1-4 rows takes the small tiles */
     for (int m = 0; m < M; m += 8) {
@@ -531,8 +549,8 @@ static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, c
         }
         const int32_t *xg = xw + (size_t)(m / 8) * nb * 128;
         float *yg = y + (size_t)m * N;
-        for (r = r0; r + 4 <= r1; r += 4) htile8t(w, QT, 4, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
-        for (; r < r1; r++) htile8t(w, QT, 1, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
+        for (r = r0; r + 4 <= r1; r += 4) htile8t(w, QT, 4, 1, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
+        for (; r < r1; r++) htile8t(w, QT, 1, 1, nb, xg, xdt + m, xst + m, mpad, valid, r, N, yg, add);
     }
 #else
     if (M <= 8) {
@@ -628,21 +646,30 @@ static inline __attribute__((always_inline)) void rows_m1(const uint8_t *w, cons
    normw: NULL or the RMSNorm weight [K] (with eps); add: accumulate into y (a residual add). */
 /* A matmul's activations: quantised per block of 32 (xq, on the stack when M x nb <= 128 blocks)
    and, for M > 1, their scales transposed for the several-row tiles (xt, mpad lanes a block). */
-typedef struct { xblock *xq; float *xt; int32_t *xw; xblock stack[128]; } xprep;
+typedef struct { xblock *xq; float *xt; int32_t *xw; float *xe; xblock stack[128]; } xprep;
 
-/* The activation blocks' int16 pairs transposed for htile8t: [M / 8 groups][nb][16][8] int32, lane j
-   of group g = row 8 g + j (rows past M zero; their lanes are dropped). */
-static int32_t *xpairs_t(const xblock *xq, int M, int nb) {
-    size_t n = (size_t)((M + 7) / 8) * nb * 128;
-    int32_t *t = (int32_t *)aligned_alloc(32, n * sizeof(int32_t));
+/* The activation blocks' int16 pairs transposed for htile8t, P pairs a row side by side:
+   [groups of 8 / P rows][nb][16 / P][8] int32, lane j P + e of vector k of a group's block b = its
+   row j's pair k P + e (rows past M zero; their lanes are dropped). With P > 1 (M <= 4, one group)
+   also xe: the rows' block scales and sums [2][nb][8] floats, row j in lane j P. */
+static int32_t *xpairs_t(const xblock *xq, int M, int nb, const int P, float **xe) {
+    const int G = 8 / P;
+    size_t n = (size_t)((M + G - 1) / G) * nb * 128, bytes = n * sizeof(int32_t) + (P > 1 ? (size_t)nb * 64 : 0);
+    int32_t *t = (int32_t *)aligned_alloc(32, bytes);  /* bytes: a multiple of 32 */
     if (!t) return NULL;
-    memset(t, 0, n * sizeof(int32_t));
+    memset(t, 0, bytes);
+    float *e = P > 1 ? (float *)(t + n) : NULL;
     for (int m = 0; m < M; m++)
         for (int b = 0; b < nb; b++) {
             const xblock *xb = xq + (size_t)m * nb + b;
-            int32_t *g = t + ((size_t)(m / 8) * nb + b) * 128 + m % 8;
-            for (int k = 0; k < 16; k++) memcpy(g + k * 8, xb->q + 2 * k, 4);
+            int32_t *g = t + ((size_t)(m / G) * nb + b) * 128 + (m % G) * P;
+            for (int k = 0; k < 16; k++) memcpy(g + (k / P) * 8 + k % P, xb->q + 2 * k, 4);
+            if (e) {
+                e[(size_t)b * 8 + m * P] = xb->d;
+                e[((size_t)nb + b) * 8 + m * P] = xb->s;
+            }
         }
+    *xe = e;
     return t;
 }
 
@@ -650,10 +677,12 @@ static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw
     int nb = K / 32;
     p->xt = NULL;
     p->xw = NULL;
+    p->xe = NULL;
     p->xq = (size_t)M * nb <= 128 ? p->stack : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!p->xq) return -2;
     quantize_x(x, M, K, normw, eps, p->xq);
-    if ((M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) || (pairs && !(p->xw = xpairs_t(p->xq, M, nb)))) {
+    const int P = M <= 4 ? 2 : 1;  /* htile8t's pairs a row in its lanes */
+    if ((M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) || (pairs && !(p->xw = xpairs_t(p->xq, M, nb, P, &p->xe)))) {
         free(p->xt);
         if (p->xq != p->stack) free(p->xq);
         return -2;
@@ -868,7 +897,7 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
                        const float *normw, float eps, int add, int mpad) {
     int nb = K / 32;
     xprep xp;
-    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 4)) return -2;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 2)) return -2;
     const xblock *xq = xp.xq;
     const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
@@ -878,8 +907,8 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
         int r0 = c * 16, r1 = r0 + 16 < N ? r0 + 16 : N;
         if (s->QT == 1 && M == 1) rows_m1(s->w, 1, r0, r1, nb, xq, y, add);
         else if (s->QT && M == 1) rows_m1(s->w, 8, r0, r1, nb, xq, y, add);
-        else if (s->QT == 1) gguf_mrows(s->w, 1, r0, r1, nb, xq, xt, xp.xw, M, mpad, N, y, add);
-        else if (s->QT) gguf_mrows(s->w, 8, r0, r1, nb, xq, xt, xp.xw, M, mpad, N, y, add);
+        else if (s->QT == 1) gguf_mrows(s->w, 1, r0, r1, nb, xq, xt, xp.xw, xp.xe, M, mpad, N, y, add);
+        else if (s->QT) gguf_mrows(s->w, 8, r0, r1, nb, xq, xt, xp.xw, xp.xe, M, mpad, N, y, add);
         else if (s->BITS == 2) gq_rows(s->q, s->sc, s->mn, 2, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
         else gq_rows(s->q, s->sc, s->mn, 4, s->bpg, r0, r1, nb, xq, xt, M, mpad, N, y);
     }
