@@ -25,9 +25,9 @@ int16 buffer in L1 from 9 rows on) and the int32 block sums of a tile's pairs ar
 lanes before the per-block scale, so a (weight row, activation row) pair costs little more than
 its two ``madd``s; 8 rows cost 0.41 of 8 single rows (figures: docs/engine.md, serving). Where the
 CPU has AVX-VNNI (or AVX512-VNNI+VL) the build adds its -m flag (``vnni_flags``): VPDPWSSD fuses
-each madd with its add, and 5 rows or more take a tile that needs no cross-lane reduction (8
-activation rows transposed, each weight pair broadcast): 8 to 64 rows then cost ~0.65 of the AVX2
-build's.
+each madd with its add, and 3 rows or more take a tile that needs no cross-lane reduction (8
+activation rows transposed, each weight pair broadcast; 3-4 rows two pairs a row): 4 to 64 rows
+then cost ~0.6-0.75 of the AVX2 build's.
 Integer sums are exact, so both builds give bitwise equal results (tests compare them).
 
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
