@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `benchmarks.*` when run as a script
+
 from local_engine.engine import Engine
 
 DATA = Path(__file__).parent / "data" / "quality"
