@@ -155,7 +155,13 @@ def build(vnni: bool = True) -> ctypes.CDLL:
     """Compile (or take from the cache) and load the kernel; ``vnni=False`` forces the portable AVX2
     build on any CPU (the tests compare the two bitwise)."""
     extra = vnni_flags(_cpu_flags()) if vnni else []
-    lib = compile_shared("qkernel", c_source("qkernel"), _FLAGS + extra)
+    try:
+        lib = compile_shared("qkernel", c_source("qkernel"), _FLAGS + extra)
+    except RuntimeError:
+        if not extra:
+            raise
+        # a compiler older than the CPU (gcc < 11 has no -mavxvnni): the portable build, not none
+        lib = compile_shared("qkernel", c_source("qkernel"), _FLAGS)
     f = lib.qmatmul
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
