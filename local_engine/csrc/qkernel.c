@@ -399,6 +399,11 @@ static inline __attribute__((always_inline)) void htile8(const uint8_t *gw, cons
    mtile24 9 per 4 pairs). Integer sums, exact in any order: the same int32 per pair,
    then the same convert, scale and FMA as the other tiles, lane j P scaled by row j's xd (xdt with
    lanes j P: stride floats a block). */
+/* htile8t's pairs a row in its lanes for M > 1 activation rows of a GGUF matrix: 2 for 3-4 rows, 1
+   from 5 rows on, 0 where the other tiles run (the AVX2 build; 2 rows, where htile8t was slower).
+   xprep builds the transposed activations for it, gguf_mrows picks its path by it. */
+static inline int htile8t_pairs(int M) { return !QK_DPWSSD || M <= 2 ? 0 : M <= 4 ? 2 : 1; }
+
 static inline __attribute__((always_inline)) __m256i wpairs(const int32_t *p, const int P) {
     if (P == 1) return _mm256_set1_epi32(*p);
     return _mm256_broadcastq_epi64(_mm_loadl_epi64((const __m128i *)p));
@@ -529,12 +534,12 @@ static inline __attribute__((always_inline)) void gguf_mrows(const uint8_t *w, c
                                                              int add) {
     const float *xdt = xt, *xst = xt + (size_t)nb * mpad;
     int r = r0;
-    if (M == 2 || (M <= 4 && !QK_DPWSSD)) {  /* at 2 rows htile8t (4 pairs a row in the lanes) was slower */
+    if (M <= 4 && htile8t_pairs(M) == 0) {
         gguf_few_rows(w, QT, r, r1, nb, xq, xdt, xst, 0, M, mpad, N, y, add);
         return;
     }
 #if QK_DPWSSD
-    if (M <= 4) {  /* one group, 2 pairs a row in its lanes; xe: row j's scales in lane 2 j */
+    if (htile8t_pairs(M) == 2) {  /* one group, 2 pairs a row in its lanes; xe: row j's scales in lane 2 j */
         for (; r + 4 <= r1; r += 4) htile8t(w, QT, 4, 2, nb, xw, xe, xe + (size_t)nb * 8, 8, M, r, N, y, add);
         for (; r < r1; r++) htile8t(w, QT, 1, 2, nb, xw, xe, xe + (size_t)nb * 8, 8, M, r, N, y, add);
         return;
@@ -673,6 +678,7 @@ static int32_t *xpairs_t(const xblock *xq, int M, int nb, const int P, float **x
     return t;
 }
 
+/* pairs: htile8t's pairs a row (htile8t_pairs), 0 where no transposed activations are needed */
 static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw, float eps, int mpad, int pairs) {
     int nb = K / 32;
     p->xt = NULL;
@@ -681,8 +687,7 @@ static int xprep_init(xprep *p, const float *x, int M, int K, const float *normw
     p->xq = (size_t)M * nb <= 128 ? p->stack : (xblock *)malloc(sizeof(xblock) * (size_t)M * nb);
     if (!p->xq) return -2;
     quantize_x(x, M, K, normw, eps, p->xq);
-    const int P = M <= 4 ? 2 : 1;  /* htile8t's pairs a row in its lanes */
-    if ((M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) || (pairs && !(p->xw = xpairs_t(p->xq, M, nb, P, &p->xe)))) {
+    if ((M > 1 && !(p->xt = xmeta_t(p->xq, M, nb, mpad))) || (pairs && !(p->xw = xpairs_t(p->xq, M, nb, pairs, &p->xe)))) {
         free(p->xt);
         if (p->xq != p->stack) free(p->xq);
         return -2;
@@ -897,7 +902,7 @@ static int matmul_rows(const wrows *s, const float *x, float *y, int M, int N, i
                        const float *normw, float eps, int add, int mpad) {
     int nb = K / 32;
     xprep xp;
-    if (xprep_init(&xp, x, M, K, normw, eps, mpad, QK_DPWSSD && s->QT && M > 2)) return -2;
+    if (xprep_init(&xp, x, M, K, normw, eps, mpad, s->QT ? htile8t_pairs(M) : 0)) return -2;
     const xblock *xq = xp.xq;
     const float *xt = xp.xt;
     int chunks = (N + 15) / 16;
