@@ -68,11 +68,7 @@ class MoEExperts:
                 return self._moe_rows(i, h, logits, weights, idx, self.store.expert_fn)
         uniq, counts = torch.unique(idx, return_counts=True)  # ascending; all requested at once
         experts = uniq.tolist()
-        # the router's view of ALL experts (mean over the step's tokens), for router-aware cache policies:
-        # where hidden states drift slowly, it predicts the next tokens' picks (see router_policy.RouterLFU);
-        # computed only for those policies or a recorded trace (it is on every layer's hot path)
-        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
-                 if self.store.wants_router_probs else None)
+        probs = self._router_probs(logits)
         results: dict[int, torch.Tensor] = {}
         toks: dict[int, torch.Tensor] = {}
         for e, buf, _ in self.store.request(i, experts, counts.tolist(), h.shape[0], probs=probs):
@@ -86,6 +82,16 @@ class MoEExperts:
         for e in experts:  # fixed order: independent of which read finished first
             out.index_add_(0, toks[e], results[e].to(out.dtype))
         return self._plus_shared(p, h, out)
+
+    def _router_probs(self, logits: torch.Tensor) -> list[float] | None:
+        """The router's view of ALL experts (mean over the step's tokens), for router-aware cache
+        policies: where hidden states drift slowly, it predicts the next tokens' picks (see
+        router_policy.RouterLFU). None unless such a policy or a recorded trace wants it: it is on
+        every layer's hot path."""
+        if not self.store.wants_router_probs:
+            return None
+        probs: list[float] = F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
+        return probs
 
     def _plus_shared(self, p: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out`` plus Qwen2-MoE's gated shared expert of ``h`` where the layer (prefix ``p``) has one."""
@@ -112,8 +118,7 @@ class MoEExperts:
             order = sorted(range(len(picks[r])), key=picks[r].__getitem__)
             for s, j in enumerate(order):
                 rows[picks[r][j]].append((r, s, ws[r][j]))
-        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
-                 if self.store.wants_router_probs else None)
+        probs = self._router_probs(logits)
         x = h.float().contiguous()
         ys = torch.empty(T, idx.shape[1], self.H)
         for e, buf, _ in self.store.request(i, experts, counts.tolist(), T, probs=probs):
@@ -136,8 +141,7 @@ class MoEExperts:
         order = sorted(range(len(picks)), key=picks.__getitem__)
         experts = [picks[j] for j in order]
         row = {e: r for r, e in enumerate(experts)}
-        probs = (F.softmax(logits, dim=-1, dtype=torch.float).mean(0).tolist()
-                 if self.store.wants_router_probs else None)
+        probs = self._router_probs(logits)
         x = h[0].float().contiguous()
         ys = torch.empty(len(experts), self.H)
         alt = self.store.standin_fn
