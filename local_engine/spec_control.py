@@ -391,7 +391,7 @@ class SpecController:
             return 0
         accept = self.rates(source)
         curve = costs.curve(min(available, K_MAX))
-        margin = self.margin if self.margin is not None else MARGIN if costs.prior is None else PRIOR_MARGIN
+        margin = self.margin if self.margin is not None else PRIOR_MARGIN if self.prior_priced else MARGIN
         draft_s = 0.0 if free else self.model.draft_s.get(source, PRIOR_DRAFT_STEPS * curve[1])
         k = best_k(accept, curve, available, draft_s, margin)
         if k > 0 and self.budgeted and self.explore_loss > 0:
@@ -423,11 +423,17 @@ class SpecController:
         """Steps that this request's verifies may have lost so far, net."""
         return self.explore_share * self.tokens
 
+    @property
+    def prior_priced(self) -> bool:
+        """The model's verifies are priced by its prior (a packed MoE): the cautious constants apply
+        (``PRIOR_MARGIN``, ``PRIOR_WEIGHT_MOE``, ``PRIOR_ACCEPT_MOE``)."""
+        return self.model.costs.prior is not None
+
     def rates(self, source: str) -> list[float]:
         # a model whose verifies are priced by its prior (a packed MoE) guesses low where nothing was
         # measured: a position's acceptance inherited from the one before made auto verify 4 drafts
         # that a repeating prompt's lookups never got past the first of
-        unseen = None if self.model.costs.prior is None else PRIOR_ACCEPT_MOE
+        unseen = PRIOR_ACCEPT_MOE if self.prior_priced else None
         own = self.tables.setdefault(source, Acceptance())
         others = self.model.table(source)
         if unseen is not None:
@@ -436,8 +442,7 @@ class SpecController:
             # Kept on the dense staircase, where that optimism is how a first request grows its k
             others = others.without(own)
         prior = others.rates(unseen=unseen)
-        weight = (self.weight if self.weight is not None
-                  else PRIOR_WEIGHT if self.model.costs.prior is None else PRIOR_WEIGHT_MOE)
+        weight = self.weight if self.weight is not None else PRIOR_WEIGHT_MOE if self.prior_priced else PRIOR_WEIGHT
         return own.rates(prior, weight, unseen, reached=others.tried if unseen is not None else None)
 
     def record_step(self, seconds: float) -> None:
@@ -465,9 +470,13 @@ class SpecController:
             self.probing = False
         self.exploring = False
 
+    def _tables(self, source: str) -> tuple[Acceptance, Acceptance]:
+        """The request's and the model's acceptance tables of ``source``: an outcome goes to both."""
+        return self.tables.setdefault(source, Acceptance()), self.model.table(source)
+
     def _record_acceptance(self, source: str, drafted: int, accepted: int) -> None:
-        self.tables.setdefault(source, Acceptance()).record(drafted, accepted)
-        self.model.table(source).record(drafted, accepted)
+        for table in self._tables(source):
+            table.record(drafted, accepted)
 
     def shadow(self, source: str, draft: list[int], verified: int = 0) -> None:
         """A free draft of which a verify checks the first ``verified`` tokens (0: declined): score
@@ -489,7 +498,7 @@ class SpecController:
             # right (a loop, a long quote) would otherwise teach nothing for up to 15 tokens
             ok = token == sh.draft[sh.matched]
             if sh.matched >= sh.verified:  # the verify records its own drafts' outcomes
-                for table in (self.tables.setdefault(sh.source, Acceptance()), self.model.table(sh.source)):
+                for table in self._tables(sh.source):
                     table.record_at(sh.matched, ok)
             sh.matched += ok
             if ok and sh.matched < len(sh.draft):
