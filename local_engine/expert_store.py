@@ -313,7 +313,8 @@ class ExpertStore:
         ``standin_ok``: experts that, on a miss, may be served by the stand-in pack's bundle (then
         ``standin`` is True and the buffer is in the stand-in's layout, ``standin_fn``).
         ``work(expert, buffer, standin)``: the caller's computation on a bundle, run before it is
-        yielded: a hit's in this thread, a miss's in the reader thread as soon as its bytes land, so
+        yielded: a hit's (and an adopted prefetch read's) in this thread, a miss's in the reader
+        thread as soon as its bytes land, so
         misses are multiplied beside the caller (``work`` must release the GIL, as a qkernel call
         does, and write only what no other expert's ``work`` writes). ``io_wait_s`` then includes
         waiting for that compute; ``offloaded_compute_s`` counts it.
@@ -333,11 +334,13 @@ class ExpertStore:
             else:
                 hits.append((e, b, False))
         pending: dict[Future[mmap.mmap], int] = {}
+        adopted: set[int] = set()  # read by prefetch, without ``work``: that runs here when it lands
         if self._prefetched:
             # adopt the speculative reads that guessed right; the rest of this layer's are waste
             for e in [e for e in todo if (layer, e) in self._prefetched]:
                 todo.remove(e)
                 pending[self._prefetched.pop((layer, e))] = e
+                adopted.add(e)
                 self.io.prefetch_used += 1
             self._drop_prefetched(lambda k: k[0] == layer)
         alt = self._alt
@@ -374,6 +377,8 @@ class ExpertStore:
                     continue
                 cached = self.cache.insert((layer, e), buf, self.stride, pinned=keys)
                 fill()
+                if work is not None and e in adopted:
+                    work(e, buf, False)
                 yield e, buf, False
                 if not cached:  # the consumer is done with it (see contract above)
                     self._release(buf)

@@ -234,17 +234,19 @@ def test_int2_generates_through_the_cli_and_the_library(demo_packs: dict[str, Pa
     assert text and st["store_reads"] > 0 and st["store_bytes_read"] == st["store_reads"] * stride2
 
 
-@pytest.mark.parametrize("budget", [0, 3])
-def test_misses_multiplied_in_reader_threads_give_the_same_logits(int2_packs: dict[str, Path], budget: int) -> None:
+@pytest.mark.parametrize(("budget", "prefetch"), [(0, False), (3, False), (3, True)])
+def test_misses_multiplied_in_reader_threads_give_the_same_logits(int2_packs: dict[str, Path], budget: int,
+                                                                   prefetch: bool) -> None:
     """``overlap_misses``: a one-token step's missed experts run in their reader threads as their
     bytes land (``ExpertStore.request(work=...)``), hits in the decode thread; each expert writes
     its own row and the rows are summed in expert order, so the logits are bitwise those of the
-    serial loop whatever order the reads finish in."""
+    serial loop whatever order the reads finish in. With next-layer prefetch, an adopted
+    speculative read (read without ``work``) is multiplied too."""
     path = int2_packs["qwen2_moe"]
     runs: dict[bool, list[torch.Tensor]] = {}
     offloaded = {}
     for overlap in (False, True):
-        m = MoEModel.open(path, memory_budget=budget * read_manifest(path).stride, prefetch=False)
+        m = MoEModel.open(path, memory_budget=budget * read_manifest(path).stride, prefetch=prefetch)
         m.overlap_misses = overlap
         try:
             runs[overlap] = _greedy_steps(m, 6)
