@@ -314,9 +314,9 @@ class ExpertStore:
         ``standin`` is True and the buffer is in the stand-in's layout, ``standin_fn``).
         ``work(expert, buffer, standin)``: the caller's computation on a bundle, run before it is
         yielded: a hit's (and an adopted prefetch read's) in this thread, a miss's in the reader
-        thread as soon as its bytes land, so
-        misses are multiplied beside the caller (``work`` must release the GIL, as a qkernel call
-        does, and write only what no other expert's ``work`` writes). ``io_wait_s`` then includes
+        thread as soon as its bytes land, so misses are multiplied beside the caller (``work`` must
+        release the GIL, as a qkernel call does, and write only what no other expert's ``work``
+        writes). ``io_wait_s`` then includes
         waiting for that compute; ``offloaded_compute_s`` counts it.
         """
         keys = [(layer, e) for e in experts]
