@@ -31,7 +31,9 @@ offline (``--replay-trace FILE --replay-tokens 16,64``); ``--record --tokens N``
 
 ``--quants int4,int2`` decodes quantised packs of the same checkpoint (group 64, packed once into
 benchmarks/.work/moe/packed-<quant>/) at the same byte budgets (fractions of the first pack's bank)
-and cgroup limits, and adds a table of tok/s and MB read per token against the first. A short run
+and cgroup limits, and adds a table of tok/s and MB read per token against the first (with
+``--prefetch-fractions`` every pack is also decoded with prefetch on, and compared with the first
+pack under the same setting). A short run
 (the setup alone packs ~1 GB of int4 + int2 from the 4.7 GB checkpoint):
 
     .venv/bin/python benchmarks/moe_stream.py --quants int4,int2 --tokens 8 --fractions 0.05,0.15 \
@@ -605,7 +607,7 @@ def main() -> None:
     ap.add_argument("--prefetch-auto", action="store_true",
                     help="(worker) prefetch chosen per token by the engine's PrefetchSwitch (its default)")
     ap.add_argument("--prefetch-fractions", default="0.05,0.15,0.5",
-                    help="budgets also decoded with prefetch on ('' to skip)")
+                    help="budgets also decoded with prefetch on, for every pack of --quants ('' to skip)")
     ap.add_argument("--verify", default="first")
     ap.add_argument("--overlap", action="store_true",
                     help="missed experts multiplied in their reader threads (MoEModel.overlap_misses), every row")
@@ -715,7 +717,7 @@ def main() -> None:
     # measures its own ceiling on its own read pattern, interleaved with its decode (see the
     # docstring), and its own compute time per token (decode time minus time blocked on reads).
     rows = [decode(float(x), False, q) for q in quants for x in a.fractions.split(",")]
-    prows = [decode(float(x), True, quants[0]) for x in a.prefetch_fractions.split(",") if x]
+    prows = [decode(float(x), True, q) for q in quants for x in a.prefetch_fractions.split(",") if x]
     if a.standins and a.standins not in quants:
         raise SystemExit(f"--standins {a.standins}: name one of --quants ({a.quants})")
     srows = [decode(float(x), False, quants[0], float(t)) for x in a.fractions.split(",")
@@ -803,14 +805,16 @@ def main() -> None:
               f"matrices) | both | hit rate decode | compute s/token | I/O wait | tok/s ÷ {quants[0]} "
               f"| expert MB/token ÷ {quants[0]} |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        base_rows = {r["frac"]: r for r in rows if r["quant"] == quants[0] and "error" not in r}
-        for r in rows:
+        # each row against the first pack's row at the same budget and prefetch setting
+        base_rows = {(r["frac"], r["prefetch"]): r for r in rows + prows if r["quant"] == quants[0] and "error" not in r}
+        for r in rows + prows:
             if "error" in r:
                 continue
-            d, b = derived(r), base_rows.get(r["frac"])
+            d, b = derived(r), base_rows.get((r["frac"], r["prefetch"]))
             db = derived(b) if b else None
             dense_mb = r["dense_bytes_per_token"] / 1e6
-            print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['quant']} | "
+            print(f"| {r['frac']:.0%} ({r['budget'] / 2**20:.0f} MiB) | {r['quant']}"
+                  f"{' + prefetch' if r['prefetch'] else ''} | "
                   f"{mans[r['quant']].stride / 2**20:.3f} | {d['tps']:.2f} | {d['bpt'] / 1e6:.1f} | "
                   f"{dense_mb:.1f} | {d['bpt'] / 1e6 + dense_mb:.1f} | "
                   f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | {r['decode_io_wait_s'] / d['decode_s']:.0%} | "
@@ -846,21 +850,21 @@ def main() -> None:
         print()
         print("## Next-layer prefetch (layer L+1's router on layer L's output, reads started before L+1's "
               "attention), same runs with prefetch on")
-        print("| budget | prefetch | tok/s | vs off | MB read/token | guesses used | I/O wait | ceiling GB/s |")
-        print("|---|---|---|---|---|---|---|---|")
-        off = {r["frac"]: r for r in rows if "error" not in r}
+        print("| budget | pack | prefetch | tok/s | vs off | MB read/token | guesses used | I/O wait | ceiling GB/s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        off = {(r["quant"], r["frac"]): r for r in rows if "error" not in r}
         for r in prows:
             if "error" in r:
-                print(f"| {r['frac']:.0%} | on | error: {r['error'][:200]} |")
+                print(f"| {r['frac']:.0%} | {r['quant']} | on | error: {r['error'][:200]} |")
                 continue
-            base = off.get(r["frac"])
+            base = off.get((r["quant"], r["frac"]))
             for label, x in (("off", base), ("on", r)):
                 if x is None:
                     continue
                 d = derived(x)
                 used = (f"{x['store_prefetch_used']}/{x['store_prefetch_reads']}"
                         if x["store_prefetch_reads"] else "-")
-                print(f"| {x['frac']:.0%} | {label} | {d['tps']:.2f} | {d['tps'] / derived(base)['tps'] if base else float('nan'):.2f}x "
+                print(f"| {x['frac']:.0%} | {x['quant']} | {label} | {d['tps']:.2f} | {d['tps'] / derived(base)['tps'] if base else float('nan'):.2f}x "
                       f"| {d['bpt'] / 1e6:.0f} | {used} | {x['decode_io_wait_s'] / d['decode_s']:.0%} "
                       f"| {x['ceiling'] / 1e9:.2f} |")
         print("guesses used: speculative reads a request then consumed / speculative reads done (the rest is "
