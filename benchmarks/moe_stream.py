@@ -803,8 +803,8 @@ def main() -> None:
         print(f"## Packs at the same byte budgets (fractions of the {quants[0]} bank) and cgroup limits")
         print(f"| budget | pack (experts@dense) | bundle MiB | tok/s | MB read/token: experts | dense (resident "
               f"matrices) | both | hit rate decode | compute s/token | I/O wait | tok/s ÷ {quants[0]} "
-              f"| expert MB/token ÷ {quants[0]} |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              f"| expert MB/token ÷ {quants[0]} | I/O bound tok/s | I/O bound ÷ {quants[0]}'s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         # each row against the first pack's row at the same budget and prefetch setting
         base_rows = {(r["frac"], r["prefetch"]): r for r in rows + prows if r["quant"] == quants[0] and "error" not in r}
         for r in rows + prows:
@@ -819,7 +819,11 @@ def main() -> None:
                   f"{dense_mb:.1f} | {d['bpt'] / 1e6 + dense_mb:.1f} | "
                   f"{r['decode_hit_rate']:.3f} | {d['compute_pt']:.3f} | {r['decode_io_wait_s'] / d['decode_s']:.0%} | "
                   f"{d['tps'] / db['tps'] if db else float('nan'):.2f}x | "
-                  f"{d['bpt'] / db['bpt'] if db and db['bpt'] else float('nan'):.2f} |")
+                  f"{d['bpt'] / db['bpt'] if db and db['bpt'] else float('nan'):.2f} | {d['bound']:.1f} | "
+                  f"{d['bound'] / db['bound'] if db else float('nan'):.2f}x |")
+        print("I/O bound: the row's own read pattern replayed by a bare reader (its ceiling) over its bytes per "
+              "token, no compute: a pack's tok/s ratio can reach its I/O-bound ratio only when compute is "
+              "hidden behind the reads or negligible.")
 
     if srows:
         print()
