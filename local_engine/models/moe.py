@@ -54,6 +54,7 @@ from local_engine.models.layers import (
 from local_engine.models.moe_experts import MoEExperts
 from local_engine.models.moe_route import DEFAULT_STANDIN_BELOW, router_for
 from local_engine.models.moe_spec import MoESpeculation
+from local_engine.models.moe_step import DecodeStep
 from local_engine.prefetch_switch import PrefetchSwitch
 from local_engine.quant import GGUFBlockLinear
 
@@ -158,6 +159,9 @@ class MoEModel(MoEExperts, MoESpeculation, CausalLM):
         self.expert_share: float | None = None
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
+        # a one-token forward over a plain KV cache, where the resident matrices are GGUF blocks:
+        # fused norms, attention in C (moe_step.py); None keeps every forward on the general path
+        self.decode_step: DecodeStep | None = DecodeStep.build(self) if self.lin else None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -364,6 +368,8 @@ class MoEModel(MoEExperts, MoESpeculation, CausalLM):
     def _forward(self, ids: torch.Tensor, cache: KVCache | Attends, last_only: bool, prefetch: bool,
                  decode: bool = False) -> torch.Tensor:
         """``decode``: ``ids`` are decode positions (a verify's), not a prompt's (``_moe``)."""
+        if ids.shape[0] == 1 and self.decode_step is not None and isinstance(cache, KVCache):
+            return self.decode_step(ids, cache, prefetch, decode)
         x = self.w["model.embed_tokens.weight"][ids]
         pos0 = cache.length
         for i in range(self.n_layers):
