@@ -4,6 +4,7 @@ policies (layer-LFU decays, router-driven scores) has been hitting most lately, 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Set as AbstractSet
 
 from local_engine.cache_policies import Key, LayerLFU, Policy
 from local_engine.router_policy import RouterLFU
@@ -50,35 +51,42 @@ class AdaptiveLayerLFU(Policy):
             p.observe(group, probs)
 
     def _flush(self) -> None:
+        pinned = self._pinned
         for p, keys, missed in zip(self._shadow, self._sets, self._missed, strict=True):
+            if not missed:
+                continue
+            asked, v = False, None  # a refused miss changes nothing: the victim stays the same
             for key in missed:
                 if len(keys) >= self._cap:
-                    v = p.victim(self._pinned)
+                    if not asked:
+                        asked, v = True, p.victim(pinned)
                     if v is None or not p.admit(key, v):
                         continue
                     keys.discard(v)
                     p.remove(v)
                 keys.add(key)
                 p.insert(key)
+                asked = False
             missed.clear()
 
     def access(self, key: Key, uses: int = 1) -> None:
         self._pinned.add(key)
         for p in self._real:
             p.access(key, uses)
-        for i, (p, keys) in enumerate(zip(self._shadow, self._sets, strict=True)):
+        hits, fade, cap = self._hits, self._fade, self._cap
+        for i, p in enumerate(self._shadow):
             p.access(key, uses)
-            self._hits[i] *= self._fade
-            if key in keys:
-                self._hits[i] += 1.0
-            elif self._cap > 0:
+            hits[i] *= fade
+            if key in self._sets[i]:
+                hits[i] += 1.0
+            elif cap > 0:
                 self._missed[i].append(key)
         if not self._stepped:  # used without steps: every request is its own step
             self._flush()
             self._pinned = set()
-        best = max(range(len(self._hits)), key=self._hits.__getitem__)
-        if self._hits[best] > self._hits[self.leader]:
-            self.leader = best
+        top = max(hits)
+        if top > hits[self.leader]:  # the first of the best, as max over indices
+            self.leader = hits.index(top)
 
     def admit(self, key: Key, victim: Key) -> bool:
         return self._real[self.leader].admit(key, victim)
@@ -91,5 +99,5 @@ class AdaptiveLayerLFU(Policy):
         for p in self._real:
             p.remove(key)
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None:
         return self._real[self.leader].victim(pinned)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,10 +123,14 @@ class ExpertCache:
             self._pol.sample = max(10 * (self.budget_bytes // max(self.item_bytes, 1)), 100)
         self._items: dict[Key, tuple[Any, int]] = {}
         self.used_bytes = 0
+        # the policy's last victim and the pinned set it was asked with, until the policy hears
+        # anything else: a step's refused misses (most of them at small budgets) ask again and again
+        self._victim: tuple[AbstractSet[Key], Key | None] | None = None
 
     def step(self, group: Hashable, n_tokens: int = 1, probs: Sequence[float] | None = None) -> None:
         """Announce a new step of ``group`` (a layer) over ``n_tokens`` tokens before its lookups;
         ``probs``: the router's probability for each of the layer's experts (mean over the tokens)."""
+        self._victim = None
         self._pol.step(group, n_tokens)
         if probs is not None:
             self._pol.observe(group, probs)
@@ -141,6 +146,7 @@ class ExpertCache:
 
         ``uses``: how many of the step's tokens need it (prefill), evidence for frequency policies.
         """
+        self._victim = None
         self._pol.access(key, uses)
         item = self._items.get(key)
         if item is None:
@@ -150,20 +156,35 @@ class ExpertCache:
         self._pol.touch(key)
         return item[0]
 
+    def _pick(self, pin: AbstractSet[Key]) -> Key | None:
+        """The policy's victim for ``pin`` for an admission check; asked again only after the policy
+        has heard of a change (each policy answers the same while nothing changed)."""
+        last = self._victim
+        if last is not None and (last[0] is pin or last[0] == pin):
+            return last[1]
+        v = self._pol.victim(pin)
+        self._victim = (pin, v)
+        return v
+
     def insert(self, key: Key, value: Any, nbytes: int, pinned: Iterable[Key] = ()) -> bool:
-        """Admit ``value``, evicting unpinned items as needed. False if it cannot fit."""
+        """Admit ``value``, evicting unpinned items as needed. False if it cannot fit.
+
+        ``pinned``: a frozenset is used as it is (pass the same one for all of a step's inserts)."""
         if key in self._items:
             return True
         if nbytes > self.budget_bytes:
             self.stats.rejected += 1
             return False
-        pin = set(pinned)
+        pin = pinned if isinstance(pinned, frozenset) else frozenset(pinned)
         if self.used_bytes + nbytes > self.budget_bytes:
-            v = self._pol.victim(pin)
+            v = self._pick(pin)
             if v is None or not self._pol.admit(key, v):
                 self.stats.rejected += 1
                 return False
         while self.used_bytes + nbytes > self.budget_bytes:
+            # asked afresh, as before: lfu-da's answer moves its victim behind equal priorities,
+            # so asking again names the next of them, and that is the one it has always evicted
+            self._victim = None
             v = self._pol.victim(pin)
             if v is None:
                 self.stats.rejected += 1
@@ -171,12 +192,14 @@ class ExpertCache:
             self._evict(v)
         self._items[key] = (value, nbytes)
         self.used_bytes += nbytes
+        self._victim = None
         self._pol.insert(key)
         self.stats.inserts += 1
         return True
 
     def _evict(self, key: Key) -> None:
         value, n = self._items.pop(key)
+        self._victim = None
         self._pol.remove(key)
         self.used_bytes -= n
         self.stats.evictions += 1

@@ -12,6 +12,7 @@ import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
+from collections.abc import Set as AbstractSet
 
 Key = Hashable
 
@@ -32,7 +33,7 @@ class Policy:
     def touch(self, key: Key) -> None: ...
     def insert(self, key: Key) -> None: ...
     def remove(self, key: Key) -> None: ...
-    def victim(self, pinned: set[Key]) -> Key | None: ...
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None: ...
 
 
 class LRU(Policy):
@@ -48,7 +49,7 @@ class LRU(Policy):
     def remove(self, key: Key) -> None:
         self._order.pop(key, None)
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None:
         for k in self._order:
             if k not in pinned:
                 return k
@@ -79,7 +80,7 @@ class LFUDA(Policy):
     def remove(self, key: Key) -> None:
         self._prio.pop(key, None)
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None:
         skipped = []
         found = None
         while self._heap:
@@ -139,6 +140,13 @@ class LayerLFU(Policy):
     Scores are stored un-decayed (``sum decay ** -t_use``, one min-heap per layer), so time
     passing never touches them; the decayed score is ``stored / unit[layer]`` with
     ``unit = decay ** -t_layer``. They grow geometrically, so everything is rescaled when large.
+
+    A victim is found without visiting every layer: each layer's lowest live key sits, with its
+    decayed score, in one heap over layers (``_lows``, stale entries skipped by version) and is only
+    recomputed after that layer changed (``_dirty``: a step, a cached key's use, an insert, a
+    removal). The step's own layer, whose keys are pinned, is searched on its own. At a 5% budget
+    the victim is asked ~600 times a token (the real cache and ``adaptive``'s shadows), and a
+    walk over all 24 layers each time cost several ms a token.
     """
 
     def __init__(self, decay: float = 0.9) -> None:
@@ -151,10 +159,12 @@ class LayerLFU(Policy):
         self._score: dict[Key, float] = {}  # survives eviction: popularity belongs to the expert
         self._in: set[Key] = set()
         self._heaps: dict[Hashable, list[tuple[float, int, Key]]] = {}
-        # each layer's lowest live key, kept until that layer's heap, scores or membership change:
-        # a victim is the lowest over all layers, and re-walking every layer's heap per eviction
-        # (x4 for adaptive's real cache and shadows) cost ~10 ms a token at a 5% budget
-        self._low: dict[Hashable, Key | None] = {}
+        # each group's place in _heaps' order: equal scores in two layers go to the earlier one
+        self._rank: dict[Hashable, int] = {}
+        # (decayed score, rank, version, group, key) of each clean group's lowest live key
+        self._lows: list[tuple[float, int, int, Hashable, Key]] = []
+        self._ver: dict[Hashable, int] = {}  # an entry of _lows is live while its version is the group's
+        self._dirty: set[Hashable] = set()  # groups whose entry in _lows may be out of date
         self._seq = itertools.count()
 
     @staticmethod
@@ -166,6 +176,7 @@ class LayerLFU(Policy):
         self._n[group] = n
         u = self._unit.get(group, 1.0) * self._inv**n
         self._unit[group] = u
+        self._dirty.add(group)  # the same lowest key, a new decayed score
         if u > 1e200:
             self._rescale(1e-200)
 
@@ -173,28 +184,30 @@ class LayerLFU(Policy):
         self._unit = {g: u * f for g, u in self._unit.items()}
         self._score = {k: v * f for k, v in self._score.items() if v * f > 1e-250 or k in self._in}
         self._heaps = {}
-        self._low = {}
         for k in self._in:
             self._heaps.setdefault(self._group(k), []).append((self._score[k], next(self._seq), k))
         for h in self._heaps.values():
             heapq.heapify(h)
+        self._rank = {g: i for i, g in enumerate(self._heaps)}
+        self._lows = []
+        self._dirty = set(self._heaps)
 
     def _now(self, key: Key) -> float:
         """The decayed score at its layer's current time."""
         return self._score.get(key, 0.0) / self._unit.get(self._group(key), 1.0)
 
     def access(self, key: Key, uses: int = 1) -> None:
-        g = self._group(key)
+        g = key[0] if isinstance(key, tuple) and key else None
         n = self._n.get(g, 1)
         w = 1.0
         if n > 1:  # a prefill micro-batch of n tokens: as n decode steps with the expert in uses/n of them
             d = self._decay
             w = uses / n * (n if d == 1.0 else (1.0 - d**n) / (1.0 - d))
-        self._score[key] = self._score.get(key, 0.0) + w * self._unit.get(g, 1.0)
+        sc = self._score[key] = self._score.get(key, 0.0) + w * self._unit.get(g, 1.0)
         if key in self._in:
-            self._low.pop(g, None)
+            self._dirty.add(g)
             h = self._heaps[g]
-            heapq.heappush(h, (self._score[key], next(self._seq), key))
+            heapq.heappush(h, (sc, next(self._seq), key))
             if len(h) > 4 * 64 + 64:  # drop stale entries (all hits, no evictions)
                 self._heaps[g] = h = [e for e in h if e[2] in self._in and self._score[e[2]] == e[0]]
                 heapq.heapify(h)
@@ -205,14 +218,18 @@ class LayerLFU(Policy):
     def insert(self, key: Key) -> None:
         self._in.add(key)
         g = self._group(key)
-        self._low.pop(g, None)
-        heapq.heappush(self._heaps.setdefault(g, []), (self._score.get(key, 0.0), next(self._seq), key))
+        self._dirty.add(g)
+        h = self._heaps.get(g)
+        if h is None:
+            self._rank[g] = len(self._heaps)
+            h = self._heaps[g] = []
+        heapq.heappush(h, (self._score.get(key, 0.0), next(self._seq), key))
 
     def remove(self, key: Key) -> None:
         self._in.discard(key)
-        self._low.pop(self._group(key), None)
+        self._dirty.add(self._group(key))
 
-    def _top(self, h: list[tuple[float, int, Key]], pinned: set[Key]) -> Key | None:
+    def _top(self, h: list[tuple[float, int, Key]], pinned: AbstractSet[Key]) -> Key | None:
         """Lowest live, unpinned key of one layer's heap (stale entries dropped on the way)."""
         skipped = []
         found = None
@@ -230,19 +247,53 @@ class LayerLFU(Policy):
             heapq.heappush(h, item)
         return found
 
-    def victim(self, pinned: set[Key]) -> Key | None:
-        best: Key | None = None
-        best_s = 0.0
-        pinned_groups = {self._group(k) for k in pinned}
-        for g, h in self._heaps.items():
-            if g in pinned_groups:  # the step's own layer: its pinned keys are skipped, not cached
-                k = self._top(h, pinned)
-            elif g in self._low:
-                k = self._low[g]
-            else:
-                k = self._low[g] = self._top(h, set())
+    def _refresh(self, g: Hashable) -> None:
+        """Put group ``g``'s lowest live key, unpinned, in ``_lows`` (its older entry goes stale)."""
+        h = self._heaps.get(g)
+        if h is None:
+            return
+        v = self._ver[g] = self._ver.get(g, 0) + 1
+        k = self._top(h, _NONE)
+        if k is not None:
+            heapq.heappush(self._lows, (self._score[k] / self._unit.get(g, 1.0), self._rank[g], v, g, k))
+            if len(self._lows) > 4 * len(self._heaps) + 64:
+                self._lows = [e for e in self._lows if self._ver[e[3]] == e[2]]
+                heapq.heapify(self._lows)
+
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None:
+        # the lowest decayed score over all layers, the earlier layer on a tie
+        pg = {k[0] if isinstance(k, tuple) and k else None for k in pinned}
+        dirty = self._dirty
+        if dirty:
+            # the step's own layers stay dirty: their pinned keys are skipped below, not remembered
+            for g in dirty - pg if pg else dirty:
+                self._refresh(g)
+            self._dirty = dirty & pg
+        best: tuple[float, int, Key] | None = None
+        for g in pg:
+            h = self._heaps.get(g)
+            if h is None:
+                continue
+            k = self._top(h, pinned)
             if k is not None:
-                s = self._score[k] / self._unit.get(g, 1.0)
-                if best is None or s < best_s:
-                    best, best_s = k, s
-        return best
+                s, r = self._score[k] / self._unit.get(g, 1.0), self._rank[g]
+                if best is None or s < best[0] or (s == best[0] and r < best[1]):
+                    best = (s, r, k)
+        lows, ver = self._lows, self._ver
+        aside = []
+        while lows:
+            e = lows[0]
+            if ver[e[3]] != e[2]:
+                heapq.heappop(lows)
+            elif e[3] in pg:
+                aside.append(heapq.heappop(lows))
+            else:
+                if best is None or e[0] < best[0] or (e[0] == best[0] and e[1] < best[1]):
+                    best = (e[0], e[1], e[4])
+                break
+        for e in aside:
+            heapq.heappush(lows, e)
+        return None if best is None else best[2]
+
+
+_NONE: frozenset[Key] = frozenset()

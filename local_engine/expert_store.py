@@ -319,7 +319,7 @@ class ExpertStore:
         writes). ``io_wait_s`` then includes
         waiting for that compute; ``offloaded_compute_s`` counts it.
         """
-        keys = [(layer, e) for e in experts]
+        keys = frozenset((layer, e) for e in experts)  # pinned for every insert of the step
         uses = uses if uses is not None else [1] * len(experts)
         self.io.steps += 1
         if self.observer is not None:

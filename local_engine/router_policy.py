@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from collections.abc import Set as AbstractSet
 
 from local_engine.cache_policies import Key, Policy
 
@@ -157,7 +158,6 @@ class RouterLFU(Policy):
         self._in: dict[Hashable, dict[int, Key]] = {}  # cached keys per group, by expert index
         # cached minimum per group: (score version, k version, score, expert)
         self._min: dict[Hashable, tuple[int, int, float, int]] = {}
-        self._pin: tuple[int, int, set[Hashable]] = (0, -1, set())  # (id, len, groups) of the last pinned set
 
     def twin(self) -> RouterLFU:
         """Another cache's view over the same scores (same requests, other contents)."""
@@ -197,16 +197,12 @@ class RouterLFU(Policy):
         if m is not None and m[3] == e:
             del self._min[g]
 
-    def _pinned_groups(self, pinned: set[Key]) -> set[Hashable]:
-        if not pinned:
-            return set()
-        pid, plen, groups = self._pin
-        if pid != id(pinned) or plen != len(pinned):
-            groups = {self.s.split(k)[0] for k in pinned}
-            self._pin = (id(pinned), len(pinned), groups)
-        return groups
+    def _pinned_groups(self, pinned: AbstractSet[Key]) -> set[Hashable]:
+        # every call: remembering the last set by id() handed a later, different set of the same
+        # size (a new step's, at the freed one's address) the old groups, and pinned keys were evicted
+        return {self.s.split(k)[0] for k in pinned}
 
-    def victim(self, pinned: set[Key]) -> Key | None:
+    def victim(self, pinned: AbstractSet[Key]) -> Key | None:
         s = self.s
         pg = self._pinned_groups(pinned)
         best_sc, best_e, best_g = math.inf, -1, None
