@@ -13,6 +13,11 @@ who else was running; CPU time still feels their memory traffic, not their preem
 
     /work/bin/benchslot env OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/qkernel_rows.py \\
         --baseline 64ffb00 | tee benchmarks/results/qkernel_rows.txt
+
+``--experts`` times only the decode step's expert call instead (``qkernel.gq_expert``: one int4 /
+int2 expert of benchmarks/moe_stream.py's model, gate|up 640x768 + down 768x320, groups of 64, one
+token), per call, over a bank of 4 experts (in cache) and of 256 (~100 MB int4: streamed from
+L3/memory, as a warm decode step's experts are), baseline and this tree interleaved.
 """
 
 from __future__ import annotations
@@ -82,13 +87,60 @@ def _attn_rows_by_sequence(lib: Any) -> Any:
     return attn_rows
 
 
+def _expert_bundle(bits: int, hidden: int, inter: int, group: int) -> tuple[bytearray, dict[str, int]]:
+    """A random expert's bundle as formats/pack lays one out: each part's bytes at its offset."""
+    from local_engine.formats.pack_quant import quantize, quantize_int2
+
+    gen = torch.Generator().manual_seed(bits)
+    buf, offsets = bytearray(), {}
+    for name, shape in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+        w = torch.randn(shape, generator=gen) * 0.05
+        parts = (dict(zip((name, f"{name}.scale", f"{name}.min"), quantize_int2(w, group), strict=True)) if bits == 2
+                 else dict(zip((name, f"{name}.scale"), quantize(w, "int4", group), strict=True)))
+        for part, t in parts.items():
+            offsets[part] = len(buf)
+            buf += t.contiguous().view(torch.uint8).numpy().tobytes()
+    return buf, offsets
+
+
+def expert_table(libs: dict[str, Any], rounds: int) -> None:
+    from local_engine.quant import GroupExpert
+
+    hidden, inter, group = 768, 320, 64
+    print(f"# gq_expert, one token, {hidden}x{inter} expert, groups of {group}: us per call (best of {rounds}), "
+          f"load average {os.getloadavg()[0]:.1f} at start")
+    print(f"{'experts':<8} {'bank':>5} {'baseline us':>12} {'this us':>8} {'speed-up':>9}")
+    x, y = torch.randn(hidden), torch.empty(hidden)
+    for bits in (4, 2):
+        buf, offsets = _expert_bundle(bits, hidden, inter, group)
+        fns = {k: GroupExpert(lib, f"int{bits}", offsets, hidden, inter, group) for k, lib in libs.items()}
+        for n in (4, 256):
+            bank = [bytearray(buf) for _ in range(n)]
+            best = {k: float("inf") for k in libs}
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    reps = max(1, 1024 // n)
+                    t = clock()
+                    for _ in range(reps):
+                        for b in bank:
+                            fn(b, x, 0.5, y)
+                    best[k] = min(best[k], (clock() - t) / (reps * n))
+            print(f"{'int' + str(bits):<8} {n:>5} {best['baseline'] * 1e6:>12.1f} {best['this'] * 1e6:>8.1f} "
+                  f"{best['baseline'] / best['this']:>8.2f}x")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", required=True, help="git revision whose qkernel.py is the baseline")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--experts", action="store_true", help="time only the one-token expert call (gq_expert)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     libs = {"baseline": baseline_lib(a.baseline), "this": qkernel.load()}
+    if a.experts:
+        expert_table(libs, a.rounds)
+        return
     eng = Engine.open("builtin:smollm2-135m", threads=1, prefix_cache_mb=0)
     model: Any = eng.model  # a LlamaModel: this instrument swaps its kernels (_qlib, each matrix's _fn)
     kinds = {"qkv": [L.qkv for L in model.layers], "o": [L.o for L in model.layers],

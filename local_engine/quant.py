@@ -300,7 +300,8 @@ class GroupExpert:
     The decode step's fast path (``MoEModel._moe`` with one token): where ``GroupLinear`` builds
     two matrices of tensor views per bundle and runs the expert as a dozen PyTorch calls, this
     knows where each part sits in every bundle (``offsets``: byte offsets of gate_up, its scale,
-    its min, down, its scale, its min; the mins 0 for int4) and makes one call per expert.
+    its min, down, its scale, its min; the mins 0 for int4) and makes one call per expert. Its
+    activations are int8 per group (the matrices' int16 per block of 32): see qkernel's docstring.
     """
 
     _PARTS = ("gate_up", "gate_up.scale", "gate_up.min", "down", "down.scale", "down.min")

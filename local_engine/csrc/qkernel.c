@@ -940,30 +940,281 @@ int q4smatmul(const uint8_t *q, const uint16_t *sc, int G, const float *x, float
     return gqmatmul(4, q, sc, sc, G, x, y, M, N, K, nthreads);
 }
 
+/* ---- one token through a streamed expert (gq_expert): int8 activations, u8 x s8 dot products ----
+   The decode step's expert matmuls are most of a warm token's time, so they take llama.cpp's
+   Q4_0 x Q8_0 recipe instead of q2_tile's int16 one (~13 operations per 32 weights and row):
+   - the activation is quantised to int8 per group of G columns (the weights' group: then one
+     float convert + FMA per (row, group) is all the float work, the group's blocks summed in
+     int32 first; a scale per 32 would double that work for a finer grid only in the blocks that
+     hold an outlier), its columns stored in the order the weights' codes come out of their bytes
+     (x8_perm), so unpacking is a shift and masks, no interleave;
+   - one VPDPBUSD (u8 codes x s8 activations, 4 products summed per int32 lane) per 32 weights;
+     int4's offset 8 enters each group's sum exactly as -8 x the sum of its activation codes,
+     int2's min as sum_g min x scale x code sum, an FMA per group for 8 rows;
+   - 8 weight rows a tile share the activation loads, and their int32 sums are reduced across
+     lanes together so the convert and FMA are one op per group for all 8; the tile after next
+     is prefetched (the next one only: 25 -> 20 us an int4 expert streamed from L3).
+   Measured (C harness, this box): 36.8 -> 12.7 us an int4 expert of the benchmark model in
+   cache. Numerics: int8 activations (a step of amax / 127 per group) where the other paths keep
+   int16; only this one-token path takes them, and every row of a speculative verify or a batched
+   step calls it too, so those equal a step bitwise. */
+
+/* acc + the u8 x s8 products of u and s, 4 summed per int32 lane: VPDPBUSD where the build has it
+   (as DPWSSD above), else maddubs + madd(ones) + add. maddubs saturates its int16 pair sums, but
+   a pair here is at most 2 x 15 x 128 = 3840 (int4 codes; int2's 3 less), far from 32767: both
+   forms are exact, so both builds give equal sums and bitwise equal results. */
+#if defined(__AVXVNNI__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#else
+#define DPBUSD(acc, u, s) \
+    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#endif
+
+/* The weight codes of 64 columns (two 32-blocks of a group: a "pair") or of a group's last odd
+   block, as u8 vectors of 32. int4 pair (32 bytes): low nibbles = the even columns of both
+   blocks, high nibbles = the odd ones. int4 block (16 bytes): [even | odd]. int2 pair (16 bytes,
+   block A then B, column 8i + k of a block in bits 2i of byte k): both 8-byte halves in both
+   128-bit lanes, shifted by (0, 0, 2, 2) and (4, 4, 6, 6). int2 block: column order (q2_unpack). */
+static inline __attribute__((always_inline)) void g8_pair(const uint8_t *p, const int BITS, __m256i *w0, __m256i *w1) {
+    if (BITS == 4) {
+        const __m256i m = _mm256_set1_epi8(0x0F);
+        __m256i v = _mm256_loadu_si256((const __m256i *)p);
+        *w0 = _mm256_and_si256(v, m);
+        *w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+    } else {
+        const __m256i m = _mm256_set1_epi8(0x03);
+        __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+        *w0 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 0, 2, 2)), m);
+        *w1 = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(4, 4, 6, 6)), m);
+    }
+}
+
+static inline __attribute__((always_inline)) __m256i g8_block(const uint8_t *p, const int BITS) {
+    if (BITS == 4) {
+        __m128i v = _mm_loadu_si128((const __m128i *)p);
+        __m256i c = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
+        return _mm256_and_si256(c, _mm256_set1_epi8(0x0F));
+    }
+    int64_t v;
+    memcpy(&v, p, 8);
+    return _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(v), _mm256_setr_epi64x(0, 2, 4, 6)),
+                            _mm256_set1_epi8(0x03));
+}
+
+/* The activation in the weights' order: x [64] (a pair) or [32] (a last odd block, n = 4) as n
+   fp32 vectors whose u8 code positions g8_pair / g8_block pair them with. int4: the even columns
+   then the odd ones (of each block, the pair's lo vector = [A even | B even]); int2 pair: whole
+   8-column chunks reordered (chunk c of the pair's vectors = columns 8 * order[c]); int2 block:
+   as it is. */
+static inline __attribute__((always_inline)) void x8_perm(const float *x, const int BITS, const int n, __m256 *v) {
+    if (BITS == 4) {
+        for (int h = 0; h < n / 2; h++) {  /* 16 columns -> 8 even + 8 odd */
+            __m256 a = _mm256_loadu_ps(x + 16 * h), b = _mm256_loadu_ps(x + 16 * h + 8);
+            v[h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+            v[n / 2 + h] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+        }
+    } else if (n == 8) {
+        static const int order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+        for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_ps(x + 8 * order[c]);
+    } else {
+        for (int c = 0; c < 4; c++) v[c] = _mm256_loadu_ps(x + 8 * c);
+    }
+}
+
+/* 4 vectors of fp32 x * id -> 32 int8 in order (codes within +-127); the codes' sum added to *s. */
+static inline __attribute__((always_inline)) void x8_store(const __m256 *v, __m256 id, int8_t *q, __m256i *s) {
+    __m256i c[4];
+    for (int i = 0; i < 4; i++) {
+        c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_ROUND_NEAREST | _MM_FROUND_NO_EXC));
+        *s = _mm256_add_epi32(*s, c[i]);
+    }
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* x [K] -> per group g of G columns: q[g G ..] its int8 codes in the weights' order, d[g] = its
+   scale (amax / 127), s[g] = the codes' sum (int4's offset term), m[g] = d[g] * s[g] (int2's). */
+typedef struct { int8_t *q; float *d; int32_t *s; float *m; } xq8;
+
+static void quantize_x8(const float *x, int K, int G, const int BITS, const xq8 *o) {
+    const int bpg = G / 32, ng = K / G;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int g = 0; g < ng; g++) {
+        const float *xg = x + (size_t)g * G;
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < G; i += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + i)));
+        __m128 t = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+        t = _mm_max_ss(t, _mm_movehdup_ps(t));
+        float amax = _mm_cvtss_f32(t);
+        __m256 id = _mm256_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+        __m256i s = _mm256_setzero_si256();
+        int8_t *q = o->q + (size_t)g * G;
+        int k = 0;
+        for (; k + 2 <= bpg; k += 2) {
+            __m256 v[8];
+            x8_perm(xg + 32 * k, BITS, 8, v);
+            x8_store(v, id, q + 32 * k, &s);
+            x8_store(v + 4, id, q + 32 * k + 32, &s);
+        }
+        if (k < bpg) {
+            __m256 v[4];
+            x8_perm(xg + 32 * k, BITS, 4, v);
+            x8_store(v, id, q + 32 * k, &s);
+        }
+        o->d[g] = amax / 127.0f;
+        o->s[g] = hsum_epi32(s);
+        o->m[g] = o->d[g] * (float)o->s[g];
+    }
+}
+
+/* rows[i] (lanes: 8 columns) -> cols[j] (lanes: the 8 rows' column j) */
+static inline __attribute__((always_inline)) void transpose8(const __m256 *rows, __m256 *cols) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 2; i++) {
+            u[4 * h + 2 * i] = _mm256_shuffle_ps(t[4 * h + i], t[4 * h + 2 + i], 0x44);
+            u[4 * h + 2 * i + 1] = _mm256_shuffle_ps(t[4 * h + i], t[4 * h + 2 + i], 0xEE);
+        }
+    for (int j = 0; j < 4; j++) {
+        cols[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+        cols[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+    }
+}
+
+/* 8 fp16 at p as fp32, of which the first n are wanted: read past them only where that stays
+   inside the array (end), else from a copy (the matrix's last row). */
+static inline __attribute__((always_inline)) __m256 h8(const uint16_t *p, int n, const uint16_t *end) {
+    if (p + 8 <= end) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t t[8] = {0};
+    for (int k = 0; k < n; k++) t[k] = p[k];
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t));
+}
+
+#define G8_GCHUNK 64  /* groups whose scales a tile holds converted at a time (2 KiB of stack) */
+
+/* y[r .. r+8) for the 8 weight rows from r. Each (row, group)'s int32 sum is reduced across lanes
+   with the other 7 rows' (red4 twice, then the two halves added), so the int -> float convert and
+   the FMA with the (row, group) scales are one 8-lane op per group for all 8 rows, not 8. Those
+   scales (the weights' fp16 scale x the activation group's) are converted 8 groups at a time and
+   transposed to [group][row]; int2's min term, sum_g min[r, g] d[g] s[g], likewise (lane = row). */
+static inline __attribute__((always_inline)) void g8_tile(const uint8_t *q, const uint16_t *sc, const uint16_t *mn,
+                                                          const int BITS, int bpg, int ng, int N, int r,
+                                                          const xq8 *x, float *y) {
+    const int bb = BITS * 4, G = 32 * bpg;  /* bytes per 32-block; columns per group */
+    const size_t rb = (size_t)ng * bpg * bb;
+    const uint8_t *q0 = q + (size_t)r * rb, *pf = q0 + 16 * rb;  /* pf: the tile after next, walked 8x as fast */
+    const uint16_t *send = sc + (size_t)N * ng, *mend = BITS == 2 ? mn + (size_t)N * ng : NULL;
+    __m256 acc = _mm256_setzero_ps();
+    __m256 sdx[G8_GCHUNK];
+    for (int c0 = 0; c0 < ng; c0 += G8_GCHUNK) {
+        const int c1 = c0 + G8_GCHUNK < ng ? c0 + G8_GCHUNK : ng;
+        for (int g0 = c0; g0 < c1; g0 += 8) {
+            const int n = c1 - g0 < 8 ? c1 - g0 : 8;
+            __m256 v[8], t[8];
+            for (int i = 0; i < 8; i++) v[i] = h8(sc + (size_t)(r + i) * ng + g0, n, send);
+            transpose8(v, t);
+            for (int j = 0; j < n; j++) sdx[g0 - c0 + j] = _mm256_mul_ps(t[j], _mm256_set1_ps(x->d[g0 + j]));
+            if (BITS == 2) {
+                for (int i = 0; i < 8; i++) v[i] = h8(mn + (size_t)(r + i) * ng + g0, n, mend);
+                transpose8(v, t);
+                for (int j = 0; j < n; j++) acc = _mm256_fmadd_ps(t[j], _mm256_set1_ps(x->m[g0 + j]), acc);
+            }
+        }
+        for (int g = c0; g < c1; g++) {
+            const int8_t *xg = x->q + (size_t)g * G;
+            const size_t go = (size_t)g * bpg * bb;
+            __m256i ai[8];
+            for (int i = 0; i < 8; i++) ai[i] = _mm256_setzero_si256();
+            int k = 0;
+            for (; k + 2 <= bpg; k += 2) {
+                const size_t o = go + (size_t)k * bb;
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xg + 32 * k));
+                __m256i x1 = _mm256_loadu_si256((const __m256i *)(xg + 32 * k + 32));
+                for (int i = 0; i < 8; i++) {
+                    __m256i w0, w1;
+                    g8_pair(q0 + i * rb + o, BITS, &w0, &w1);
+                    ai[i] = DPBUSD(DPBUSD(ai[i], w0, x0), w1, x1);
+                }
+                for (int l = 0; l < 16 * bb; l += 64) _mm_prefetch((const char *)pf + 8 * o + l, _MM_HINT_T0);
+            }
+            if (k < bpg) {
+                const size_t o = go + (size_t)k * bb;
+                __m256i x0 = _mm256_loadu_si256((const __m256i *)(xg + 32 * k));
+                for (int i = 0; i < 8; i++) ai[i] = DPBUSD(ai[i], g8_block(q0 + i * rb + o, BITS), x0);
+                for (int l = 0; l < 8 * bb; l += 64) _mm_prefetch((const char *)pf + 8 * o + l, _MM_HINT_T0);
+            }
+            __m256i lo = red4(ai[0], ai[1], ai[2], ai[3]), hi = red4(ai[4], ai[5], ai[6], ai[7]);
+            __m256i t = _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+            /* int4: sum (c - 8) x = sum c x - 8 sum x, exact in int32 */
+            if (BITS == 4) t = _mm256_sub_epi32(t, _mm256_set1_epi32(8 * x->s[g]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sdx[g - c0], acc);
+        }
+    }
+    _mm256_storeu_ps(y + r, acc);
+}
+
+/* y[N] = the rows of a grouped matrix against the int8 activation; N a multiple of 8 (gq_expert's
+   checks: every dimension a multiple of the group, itself of 32). */
+static inline __attribute__((always_inline)) void g8_rows(const uint8_t *q, const uint16_t *sc, const uint16_t *mn,
+                                                          const int BITS, int G, int N, int K, const xq8 *x, float *y) {
+    for (int r = 0; r < N; r += 8) g8_tile(q, sc, mn, BITS, G / 32, K / G, N, r, x, y);
+}
+
+/* y[N] = W[N, K] x[K] for a grouped matrix (bits 2 or 4), one token, int8 activations. */
+static void g8_matvec(int bits, const uint8_t *q, const uint16_t *sc, const uint16_t *mn, int G, const float *x,
+                      int N, int K, const xq8 *xb, float *y) {
+    if (bits == 2) {
+        quantize_x8(x, K, G, 2, xb);
+        g8_rows(q, sc, mn, 2, G, N, K, xb, y);
+    } else {
+        quantize_x8(x, K, G, 4, xb);
+        g8_rows(q, sc, mn, 4, G, N, K, xb, y);
+    }
+}
+
 /* One streamed expert for one token, in one call: y[H] = w * down(silu(g) * u), [g; u] = gate_up x.
    The decode step ran this as ~12 PyTorch dispatches per expert (views, two matmuls, slicing, silu,
    products), each releasing and re-taking the GIL that 8 reader threads contend for: at the 5%
    budget that overhead, not the kernel, was most of an expert's time. The bundle's parts (int2:
    codes, scale, min per matrix; int4: codes and scale, mn unused) are pointers into its read
    buffer. One thread: an expert is ~0.7 M multiply-adds, far below QK_MIN_PARALLEL. */
+#define GQE_STACK 4096  /* H and I up to this take no heap */
 int gq_expert(int bits, const uint8_t *gq, const uint16_t *gs, const uint16_t *gm, const uint8_t *dq,
               const uint16_t *ds, const uint16_t *dm, int G, const float *x, int H, int I, float w, float *y) {
-    if (I % 32 != 0 || I % G != 0) return -1;
-    float stackbuf[2 * 2048];
-    float *gu = 2 * I <= 2 * 2048 ? stackbuf : (float *)malloc(sizeof(float) * 2 * (size_t)I);
-    if (!gu) return -2;
-    int rc = gqmatmul(bits, gq, gs, gm, G, x, gu, 1, 2 * I, H, 1);
-    if (rc == 0) {
-        for (int i = 0; i < I; i++) {
-            float g = gu[i];
-            gu[i] = g / (1.0f + expf(-g)) * gu[I + i];
-        }
-        rc = gqmatmul(bits, dq, ds, dm, G, gu, y, 1, H, I, 1);
+    if (G <= 0 || G % 32 != 0 || H % G != 0 || I % G != 0) return -1;
+    const int K = H > I ? H : I, ng = K / 32;  /* ng: enough groups for any G */
+    float gu_s[2 * GQE_STACK], d_s[GQE_STACK / 32], m_s[GQE_STACK / 32];
+    int32_t s_s[GQE_STACK / 32];
+    int8_t q_s[GQE_STACK] __attribute__((aligned(32)));
+    void *heap = NULL;
+    float *gu = gu_s;
+    xq8 xb = {q_s, d_s, s_s, m_s};
+    if (K > GQE_STACK) {
+        heap = malloc(sizeof(float) * 2 * (size_t)I + (size_t)K + (sizeof(float) * 2 + sizeof(int32_t)) * (size_t)ng);
+        if (!heap) return -2;
+        gu = (float *)heap;
+        xb.d = gu + 2 * (size_t)I;
+        xb.m = xb.d + ng;
+        xb.s = (int32_t *)(xb.m + ng);
+        xb.q = (int8_t *)(xb.s + ng);
     }
-    if (rc == 0 && w != 1.0f)
+    g8_matvec(bits, gq, gs, gm, G, x, 2 * I, H, &xb, gu);
+    for (int i = 0; i < I; i++) {
+        float g = gu[i];
+        gu[i] = g / (1.0f + expf(-g)) * gu[I + i];
+    }
+    g8_matvec(bits, dq, ds, dm, G, gu, H, I, &xb, y);
+    if (w != 1.0f)
         for (int j = 0; j < H; j++) y[j] *= w;
-    if (gu != stackbuf) free(gu);
-    return rc;
+    free(heap);
+    return 0;
 }
 
 /* One decode step of attention for one layer, after the q|k|v matmul:

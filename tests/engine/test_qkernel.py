@@ -267,3 +267,102 @@ def test_vnni_build_equals_avx2_build_bitwise(fmt: str) -> None:
         a.fused(x[:8], norm, 1e-5, out=ya)
         b.fused(x[:8], norm, 1e-5, out=yb)
         assert torch.equal(ya, yb)
+
+
+
+# --------------------------------------------------------------------------- one token through an expert
+
+def _expert(bits: int, hidden: int, inter: int, group: int, seed: int):
+    """A grouped expert's bundle (gate_up [2I, H] then down [H, I], each part at its offset, as
+    ``formats.pack`` lays them out), its ``GroupExpert`` and its dequantised weights."""
+    from local_engine.formats.pack_quant import dequantize, quantize
+    from local_engine.quant import GroupExpert
+
+    gen = torch.Generator().manual_seed(seed)
+    buf, offsets, deq = bytearray(), {}, {}
+    for name, shape in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
+        w = torch.randn(shape, generator=gen) * 0.05
+        if bits == 2:
+            q, s, mn, d = _int2(*shape, group, seed=seed + shape[0])
+            parts = {name: q, f"{name}.scale": s, f"{name}.min": mn}
+        else:
+            q, s = quantize(w, "int4", group)
+            d = dequantize(q, s, "int4", shape)
+            parts = {name: q, f"{name}.scale": s}
+        deq[name] = d
+        for part, t in parts.items():
+            offsets[part] = len(buf)
+            buf += t.contiguous().view(torch.uint8).numpy().tobytes()
+    return (GroupExpert(qkernel.load(), "int2" if bits == 2 else "int4", offsets, hidden, inter, group), buf,
+            deq["gate_up"], deq["down"])
+
+
+def _int8_groups(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x as the one-token expert path sees it: int8 codes per group (scale amax / 127, ties to even)."""
+    g = x.reshape(-1, group)
+    amax = g.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127.0)).reshape(-1)
+
+
+def _expert_ref(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, w: float,
+                group: int | None = None) -> torch.Tensor:
+    """w * down(silu(g) * u), [g; u] = gate_up x, in float64; with ``group`` each matmul's input
+    quantised as the kernel quantises it (so only float rounding differs)."""
+    q = (lambda v: _int8_groups(v.float(), group).double()) if group else (lambda v: v.double())
+    g, u = (gate_up.double() @ q(x)).chunk(2)
+    return (w * (down.double() @ q(torch.nn.functional.silu(g) * u))).float()
+
+
+# The one-token expert path quantises its activations to int8 per group (the other paths: int16
+# per block of 32), so against the float reference it is only as close as int8 allows: ~1e-2 of
+# the output's largest value here, ~4e-2 where an outlier channel coarsens its group's grid (the
+# int16 paths: ~5e-5). Against a reference that quantises the same way it is exact up to float
+# rounding (~5e-7 here: the seeds are fixed, so a code rounded the other way would show as ~1e-3).
+# Odd group counts, groups of one block and of three (an odd block per group), a group as wide
+# as the row, and the benchmark model's shape (768 x 320, groups of 64).
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("hidden,inter,group", [(768, 320, 64), (96, 64, 32), (288, 96, 96), (320, 192, 64),
+                                                (128, 128, 128), (2048, 768, 64)])
+def test_gq_expert_matches_float_reference(bits: int, hidden: int, inter: int, group: int) -> None:
+    ex, buf, gate_up, down = _expert(bits, hidden, inter, group, seed=hidden + inter + bits)
+    gen = torch.Generator().manual_seed(3)
+    for outlier, bound in ((1.0, 2.5e-2), (40.0, 6e-2)):  # an outlier channel coarsens only its own group
+        x = torch.randn(hidden, generator=gen)
+        x[7] *= outlier
+        y = torch.empty(hidden)
+        ex(buf, x, 0.3, y)
+        scale = _expert_ref(gate_up, down, x, 0.3).abs().max()
+        rel = ((y - _expert_ref(gate_up, down, x, 0.3)).abs().max() / scale).item()
+        assert rel < bound, f"int{bits} {hidden}x{inter} g{group} outlier {outlier}: relative error {rel:.2e}"
+        rel8 = ((y - _expert_ref(gate_up, down, x, 0.3, group)).abs().max() / scale).item()
+        assert rel8 < 1e-5, f"int{bits} {hidden}x{inter} g{group}: {rel8:.2e} from the int8-activation reference"
+        # the same call again: nothing depends on what the buffers held before
+        y2 = torch.empty(hidden)
+        ex(buf, x, 0.3, y2)
+        assert torch.equal(y, y2)
+
+
+def test_gq_expert_refuses_a_group_it_cannot_block(lib) -> None:
+    ex, buf, _, _ = _expert(4, 96, 64, 32, seed=1)
+    ex.group = 48  # not a multiple of the 32-column block
+    with pytest.raises(RuntimeError, match="gq_expert failed with code -1"):
+        ex(buf, torch.randn(96), 1.0, torch.empty(96))
+
+
+# The one-token expert path's VPDPBUSD against its maddubs + madd emulation in the AVX2 build.
+@pytest.mark.skipif(not qkernel.vnni_available(), reason="this CPU has neither AVX-VNNI nor AVX512-VNNI+VL")
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("hidden,inter,group", [(768, 320, 64), (288, 96, 96), (96, 64, 32)])
+def test_vnni_build_equals_avx2_build_bitwise_one_token_expert(bits: int, hidden: int, inter: int,
+                                                                group: int) -> None:
+    vnni, avx2 = qkernel.build(), qkernel.build(vnni=False)
+    ex, buf, _, _ = _expert(bits, hidden, inter, group, seed=21)
+    x = torch.randn(hidden, generator=torch.Generator().manual_seed(8))
+    x[3] *= 60.0
+    ya, yb = torch.empty(hidden), torch.empty(hidden)
+    ex._fn = vnni.gq_expert
+    ex(buf, x, 0.7, ya)
+    ex._fn = avx2.gq_expert
+    ex(buf, x, 0.7, yb)
+    assert torch.equal(ya, yb), f"int{bits} {hidden}x{inter} g{group}: the VNNI build differs from the AVX2 build"

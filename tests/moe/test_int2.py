@@ -131,13 +131,16 @@ def test_model_reads_int2_experts_through_the_kernel_as_dequantised(int2_packs: 
     assert len(toks) == 6 and all(0 <= t < 128 for t in toks)
 
 
-def _greedy_steps(m: MoEModel, n: int) -> list[torch.Tensor]:
-    """The logits of ``n`` greedy one-token decode steps after PROMPT's prefill."""
+def _greedy_steps(m: MoEModel, n: int, follow: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The logits of ``n`` greedy one-token decode steps after PROMPT's prefill; with ``follow``
+    (another run's steps) each step is fed that run's greedy token, not its own, so two runs
+    whose logits differ a little are compared on the same tokens."""
     cache = m.new_cache(64)
     lg = m.forward(torch.tensor(PROMPT), cache)[-1:]
-    steps = []
-    for _ in range(n):
-        lg = m.forward(torch.tensor([int(lg[-1].argmax())]), cache)
+    steps: list[torch.Tensor] = []
+    for i in range(n):
+        prev = lg[-1] if follow is None or i == 0 else follow[i - 1]
+        lg = m.forward(torch.tensor([int(prev.argmax())]), cache)
         steps.append(lg[-1])
     return steps
 
@@ -149,7 +152,10 @@ def test_decode_step_one_kernel_call_per_expert_equals_the_general_path(int2_pac
                                                                         arch: str, quant: str) -> None:
     """A one-token step runs each grouped expert as one ``qkernel.gq_expert`` call
     (``MoEModel._moe_one``); it computes what the general path (``GroupLinear`` matrices and
-    PyTorch's SwiGLU) computes, step after step, with a cache budget that keeps reading."""
+    PyTorch's SwiGLU) computes, step after step, with a cache budget that keeps reading, up to
+    its int8 activations (the general path's are int16): fed the same tokens, the logits stay
+    within a few % of their largest (tests/engine/test_qkernel.py holds the kernel itself to an
+    int8-activation reference at float rounding)."""
     path = int2_packs[arch] if quant == "int2" else tiny_models[arch].packed["int4"]
     m = MoEModel.open(path, memory_budget=0, prefetch=False)
     runs: dict[str, list[torch.Tensor]] = {}
@@ -163,15 +169,18 @@ def test_decode_step_one_kernel_call_per_expert_equals_the_general_path(int2_pac
             calls += 1
             fast_fn(*a)  # type: ignore[arg-type]
 
-        for name, fn in (("fast", counting), ("general", None)):
-            m.store.expert_fn = fn  # type: ignore[assignment]
-            runs[name] = _greedy_steps(m, 5)
+        m.store.expert_fn = None  # type: ignore[assignment]
+        runs["general"] = _greedy_steps(m, 5)
+        m.store.expert_fn = counting  # type: ignore[assignment]
+        runs["fast"] = _greedy_steps(m, 5, follow=runs["general"])
     finally:
         m.close()
     n_moe = len(m.moe_layers)
     assert calls == 5 * n_moe * m.top_k  # every expert of every decode step, none of the prompt's
     for a, b in zip(runs["fast"], runs["general"], strict=True):
-        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+        print(f"{arch} {quant}: fast vs general {rel:.2e}")
+        assert rel < 5e-2
 
 
 @pytest.fixture(scope="module")
