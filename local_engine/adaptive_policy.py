@@ -7,7 +7,6 @@ from collections.abc import Callable, Hashable, Sequence
 from collections.abc import Set as AbstractSet
 
 from local_engine.cache_policies import Key, LayerLFU, Policy
-from local_engine.router_policy import RouterLFU
 
 
 class AdaptiveLayerLFU(Policy):
@@ -26,8 +25,8 @@ class AdaptiveLayerLFU(Policy):
         self._cap = max(int(capacity), 0)
         make = list(candidates) if candidates is not None else [lambda d=d: LayerLFU(d) for d in decays]
         self._real = [m() for m in make]  # scores (+ heaps) over the real cache's keys
-        # scores (+ heaps) over each shadow's keys; shared with the real one where the policy allows
-        self._shadow = [r.twin() if isinstance(r, RouterLFU) else m() for r, m in zip(self._real, make, strict=True)]
+        # heaps over each shadow's keys; scores shared with the real one where the policy allows
+        self._shadow = [t if (t := r.twin()) is not None else m() for r, m in zip(self._real, make, strict=True)]
         self._sets: list[set[Key]] = [set() for _ in make]
         self._hits = [0.0] * len(make)
         self._fade = 1.0 - 1.0 / max(window, 1)
@@ -51,7 +50,7 @@ class AdaptiveLayerLFU(Policy):
             p.observe(group, probs)
 
     def _flush(self) -> None:
-        pinned = self._pinned
+        pinned = frozenset(self._pinned)  # frozen: a policy may remember its groups for the flush
         for p, keys, missed in zip(self._shadow, self._sets, self._missed, strict=True):
             if not missed:
                 continue
@@ -73,20 +72,42 @@ class AdaptiveLayerLFU(Policy):
         self._pinned.add(key)
         for p in self._real:
             p.access(key, uses)
-        hits, fade, cap = self._hits, self._fade, self._cap
-        for i, p in enumerate(self._shadow):
+        for p in self._shadow:
             p.access(key, uses)
-            hits[i] *= fade
-            if key in self._sets[i]:
-                hits[i] += 1.0
-            elif cap > 0:
-                self._missed[i].append(key)
+        self._tally((key,))
         if not self._stepped:  # used without steps: every request is its own step
             self._flush()
             self._pinned = set()
-        top = max(hits)
-        if top > hits[self.leader]:  # the first of the best, as max over indices
-            self.leader = hits.index(top)
+
+    def access_many(self, keys: Sequence[Key], uses: Sequence[int]) -> None:
+        if not self._stepped or len(set(keys)) != len(keys):
+            # key by key: a shadow's heap entry takes the shared score as it is at its access
+            for key, u in zip(keys, uses, strict=True):
+                self.access(key, u)
+            return
+        self._pinned.update(keys)
+        for p in self._real:  # each candidate's owner first: its twin (the shadow) reads the scores
+            p.access_many(keys, uses)
+        for p in self._shadow:
+            p.access_many(keys, uses)
+        self._tally(keys)
+
+    def _tally(self, keys: Sequence[Key]) -> None:
+        """Each shadow's hits (faded), its misses to insert at the step's end, and the leader,
+        request by request."""
+        hits, fade, cap, sets, missed = self._hits, self._fade, self._cap, self._sets, self._missed
+        leader = self.leader
+        for key in keys:
+            for i, held in enumerate(sets):
+                hits[i] *= fade
+                if key in held:
+                    hits[i] += 1.0
+                elif cap > 0:
+                    missed[i].append(key)
+            top = max(hits)
+            if top > hits[leader]:  # the first of the best, as max over indices
+                leader = hits.index(top)
+        self.leader = leader
 
     def admit(self, key: Key, victim: Key) -> bool:
         return self._real[self.leader].admit(key, victim)

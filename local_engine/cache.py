@@ -156,6 +156,22 @@ class ExpertCache:
         self._pol.touch(key)
         return item[0]
 
+    def lookup_many(self, keys: Sequence[Key], uses: Sequence[int]) -> list[Any | None]:
+        """``lookup`` of each of a step's keys, in order: the policy hears of them in one call."""
+        self._victim = None
+        self._pol.access_many(keys, uses)
+        out: list[Any | None] = []
+        for key in keys:
+            item = self._items.get(key)
+            if item is None:
+                self.stats.misses += 1
+                out.append(None)
+            else:
+                self.stats.hits += 1
+                self._pol.touch(key)
+                out.append(item[0])
+        return out
+
     def _pick(self, pin: AbstractSet[Key]) -> Key | None:
         """The policy's victim for ``pin`` for an admission check; asked again only after the policy
         has heard of a change (each policy answers the same while nothing changed)."""

@@ -27,8 +27,19 @@ class Policy:
     def access(self, key: Key, uses: int = 1) -> None:
         """Every request (hit or miss), before touch/insert; ``uses``: tokens routed to it."""
 
+    def access_many(self, keys: Sequence[Key], uses: Sequence[int]) -> None:
+        """``access`` for each of a step's keys in order, all before any of their touches (no
+        policy's touch reads what access writes). One call a step instead of one a key."""
+        for key, u in zip(keys, uses, strict=True):
+            self.access(key, u)
+
     def admit(self, key: Key, victim: Key) -> bool:
         return True
+
+    def twin(self) -> Policy | None:
+        """Another cache's view over the same scores (same requests, other contents), or None where
+        the policy's scores depend on what it holds (then each cache needs a policy of its own)."""
+        return None
 
     def touch(self, key: Key) -> None: ...
     def insert(self, key: Key) -> None: ...
@@ -119,6 +130,40 @@ class TinyLFU(LRU):
         return self._count.get(key, 0) > self._count.get(victim, 0)
 
 
+class LayerScores:
+    """The scores of one ``LayerLFU`` decay: they depend only on the steps and uses, never on what
+    is cached, so ``adaptive``'s real cache and its shadow share them (``LayerLFU.twin``) and each
+    use is scored once. Scores are stored un-decayed (see ``LayerLFU``)."""
+
+    def __init__(self, decay: float) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError("decay must be in (0, 1]")
+        self.decay = decay
+        self.inv = 1.0 / decay
+        self.n: dict[Hashable, int] = {}  # tokens in the group's current step
+        self.unit: dict[Hashable, float] = {}  # decay ** -t for each group (layer)
+        self.score: dict[Key, float] = {}  # survives eviction: popularity belongs to the expert
+        self.holders: list[set[Key]] = []  # the cached keys of each LayerLFU reading these scores
+        self.epoch = 0  # rescales so far: each reader rebuilds its heaps after one
+
+    def step(self, group: Hashable, n_tokens: int) -> None:
+        n = max(n_tokens, 1)
+        self.n[group] = n
+        u = self.unit.get(group, 1.0) * self.inv**n
+        self.unit[group] = u
+        if u > 1e200:
+            self._rescale(1e-200)
+
+    def _rescale(self, f: float) -> None:
+        for g, u in self.unit.items():
+            self.unit[g] = u * f
+        # a score too small to matter goes, unless a reader holds its key (its heaps need it)
+        kept = {k: v * f for k, v in self.score.items() if v * f > 1e-250 or any(k in h for h in self.holders)}
+        self.score.clear()
+        self.score.update(kept)
+        self.epoch += 1
+
+
 class LayerLFU(Policy):
     """Per-layer decayed frequency with admission: keep the experts most likely to be used next.
 
@@ -149,15 +194,15 @@ class LayerLFU(Policy):
     walk over all 24 layers each time cost several ms a token.
     """
 
-    def __init__(self, decay: float = 0.9) -> None:
-        if not 0.0 < decay <= 1.0:
-            raise ValueError("decay must be in (0, 1]")
-        self._decay = decay
-        self._inv = 1.0 / decay
-        self._n: dict[Hashable, int] = {}  # tokens in the group's current step
-        self._unit: dict[Hashable, float] = {}  # decay ** -t for each group (layer)
-        self._score: dict[Key, float] = {}  # survives eviction: popularity belongs to the expert
+    def __init__(self, decay: float = 0.9, scores: LayerScores | None = None) -> None:
+        self._own = scores is None  # a twin reads its scores, the owner updates them
+        self._s = scores or LayerScores(decay)
+        self._decay = self._s.decay
         self._in: set[Key] = set()
+        self._s.holders.append(self._in)
+        # the shared state's dicts, mutated in place only, so these stay the same objects
+        self._n, self._unit, self._score = self._s.n, self._s.unit, self._s.score
+        self._epoch = self._s.epoch  # rescales seen
         self._heaps: dict[Hashable, list[tuple[float, int, Key]]] = {}
         # each group's place in _heaps' order: equal scores in two layers go to the earlier one
         self._rank: dict[Hashable, int] = {}
@@ -166,23 +211,27 @@ class LayerLFU(Policy):
         self._ver: dict[Hashable, int] = {}  # an entry of _lows is live while its version is the group's
         self._dirty: set[Hashable] = set()  # groups whose entry in _lows may be out of date
         self._seq = itertools.count()
+        # the last frozen pinned set and its groups (a step's inserts all pass the same one)
+        self._pin: tuple[AbstractSet[Key] | None, set[Hashable]] = (None, set())
+
+    def twin(self) -> LayerLFU:
+        """Another cache's view over the same scores (``adaptive``'s shadow of this candidate)."""
+        return LayerLFU(scores=self._s)
 
     @staticmethod
     def _group(key: Key) -> Hashable:
         return key[0] if isinstance(key, tuple) and key else None
 
     def step(self, group: Hashable, n_tokens: int = 1) -> None:
-        n = max(n_tokens, 1)
-        self._n[group] = n
-        u = self._unit.get(group, 1.0) * self._inv**n
-        self._unit[group] = u
+        if self._own:
+            self._s.step(group, n_tokens)
         self._dirty.add(group)  # the same lowest key, a new decayed score
-        if u > 1e200:
-            self._rescale(1e-200)
+        if self._epoch != self._s.epoch:
+            self._epoch = self._s.epoch
+            self._rebuild()
 
-    def _rescale(self, f: float) -> None:
-        self._unit = {g: u * f for g, u in self._unit.items()}
-        self._score = {k: v * f for k, v in self._score.items() if v * f > 1e-250 or k in self._in}
+    def _rebuild(self) -> None:
+        """Heaps anew from the rescaled scores."""
         self._heaps = {}
         for k in self._in:
             self._heaps.setdefault(self._group(k), []).append((self._score[k], next(self._seq), k))
@@ -197,23 +246,33 @@ class LayerLFU(Policy):
         return self._score.get(key, 0.0) / self._unit.get(self._group(key), 1.0)
 
     def access(self, key: Key, uses: int = 1) -> None:
-        g = key[0] if isinstance(key, tuple) and key else None
-        n = self._n.get(g, 1)
-        w = 1.0
-        if n > 1:  # a prefill micro-batch of n tokens: as n decode steps with the expert in uses/n of them
-            d = self._decay
-            w = uses / n * (n if d == 1.0 else (1.0 - d**n) / (1.0 - d))
-        sc = self._score[key] = self._score.get(key, 0.0) + w * self._unit.get(g, 1.0)
-        if key in self._in:
-            self._dirty.add(g)
-            h = self._heaps[g]
-            heapq.heappush(h, (sc, next(self._seq), key))
-            if len(h) > 4 * 64 + 64:  # drop stale entries (all hits, no evictions)
-                self._heaps[g] = h = [e for e in h if e[2] in self._in and self._score[e[2]] == e[0]]
-                heapq.heapify(h)
+        self.access_many((key,), (uses,))
+
+    def access_many(self, keys: Sequence[Key], uses: Sequence[int]) -> None:
+        score, unit, ns, held, heaps = self._score, self._unit, self._n, self._in, self._heaps
+        own, d = self._own, self._decay
+        for key, u in zip(keys, uses, strict=True):
+            g = key[0] if isinstance(key, tuple) and key else None
+            if own:
+                n = ns.get(g, 1)
+                w = 1.0
+                if n > 1:  # a prefill micro-batch of n tokens: as n decode steps with the expert in uses/n of them
+                    w = u / n * (n if d == 1.0 else (1.0 - d**n) / (1.0 - d))
+                score[key] = score.get(key, 0.0) + w * unit.get(g, 1.0)
+            if key in held:
+                self._dirty.add(g)
+                h = heaps[g]
+                heapq.heappush(h, (score[key], next(self._seq), key))
+                if len(h) > 4 * 64 + 64:  # drop stale entries (all hits, no evictions)
+                    heaps[g] = h = [e for e in h if e[2] in held and score[e[2]] == e[0]]
+                    heapq.heapify(h)
 
     def admit(self, key: Key, victim: Key) -> bool:
-        return self._now(key) > self._now(victim)
+        # _now(key) > _now(victim), inlined: asked for every miss of the real cache and each shadow
+        score, unit = self._score, self._unit
+        gk = key[0] if isinstance(key, tuple) and key else None
+        gv = victim[0] if isinstance(victim, tuple) and victim else None
+        return score.get(key, 0.0) / unit.get(gk, 1.0) > score.get(victim, 0.0) / unit.get(gv, 1.0)
 
     def insert(self, key: Key) -> None:
         self._in.add(key)
@@ -262,7 +321,12 @@ class LayerLFU(Policy):
 
     def victim(self, pinned: AbstractSet[Key]) -> Key | None:
         # the lowest decayed score over all layers, the earlier layer on a tie
-        pg = {k[0] if isinstance(k, tuple) and k else None for k in pinned}
+        if pinned is self._pin[0]:
+            pg = self._pin[1]
+        else:
+            pg = {k[0] if isinstance(k, tuple) and k else None for k in pinned}
+            if isinstance(pinned, frozenset):  # immutable, and held here: the same object, the same groups
+                self._pin = (pinned, pg)
         dirty = self._dirty
         if dirty:
             # the step's own layers stay dirty: their pinned keys are skipped below, not remembered

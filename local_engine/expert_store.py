@@ -328,8 +328,7 @@ class ExpertStore:
         hits: list[tuple[int, Any, bool]] = []
         todo: deque[int] = deque()
         self.cache.step(layer, n_tokens, probs)
-        for e, u in zip(experts, uses, strict=True):
-            b = self.cache.lookup((layer, e), u)
+        for e, b in zip(experts, self.cache.lookup_many([(layer, e) for e in experts], uses), strict=True):
             if b is None:
                 todo.append(e)
             else:
