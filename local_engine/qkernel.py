@@ -34,9 +34,10 @@ Integer sums are exact, so both builds give bitwise equal results (tests compare
 llama.cpp's Q4_0 x Q8_0 recipe instead: activations to int8 per weight group, stored in the order
 the weights' codes come out of their bytes, one VPDPBUSD (u8 x s8) per 32 weights and row, int32
 sums per group, one convert + FMA per group for 8 rows at once (the AVX2 build emulates VPDPBUSD
-exactly with ``maddubs`` + ``madd``). ~2.9x less time per expert than the int16 path (C harness,
-in cache); the price is int8 activations on that path only (the logits move ~1-3% of their
-largest against the int16 path's on the tiny test models).
+exactly with ``maddubs`` + ``madd``). Per call ~2x faster than the int16 path in cache
+(``benchmarks/qkernel_rows.py --experts``); streamed from memory it now runs near this box's one-core
+read bandwidth (~9 GB/s). The price is int8 activations on that path only: the logits move ~1-3% of
+their largest against the int16 path's on the tiny test models, KL ~0.01 nats on the demo MoE.
 
 The source is compiled once per machine into ``$LOCAL_ENGINE_CACHE`` (default
 ``~/.cache/local_engine``), keyed by a hash of the source and flags: ~1 s with gcc. If there is

@@ -320,10 +320,11 @@ def _expert_ref(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, w: f
 # int16 paths: ~5e-5). Against a reference that quantises the same way it is exact up to float
 # rounding (~5e-7 here: the seeds are fixed, so a code rounded the other way would show as ~1e-3).
 # Odd group counts, groups of one block and of three (an odd block per group), a group as wide
-# as the row, and the benchmark model's shape (768 x 320, groups of 64).
+# as the row, the benchmark model's shape (768 x 320, groups of 64), and a row of 65 groups (past
+# the 64 a tile converts at a time, and past the 4096 columns kept on the stack: the heap path).
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("hidden,inter,group", [(768, 320, 64), (96, 64, 32), (288, 96, 96), (320, 192, 64),
-                                                (128, 128, 128), (2048, 768, 64)])
+                                                (128, 128, 128), (2048, 768, 64), (4160, 64, 64)])
 def test_gq_expert_matches_float_reference(bits: int, hidden: int, inter: int, group: int) -> None:
     ex, buf, gate_up, down = _expert(bits, hidden, inter, group, seed=hidden + inter + bits)
     gen = torch.Generator().manual_seed(3)
@@ -353,7 +354,7 @@ def test_gq_expert_refuses_a_group_it_cannot_block(lib) -> None:
 # The one-token expert path's VPDPBUSD against its maddubs + madd emulation in the AVX2 build.
 @pytest.mark.skipif(not qkernel.vnni_available(), reason="this CPU has neither AVX-VNNI nor AVX512-VNNI+VL")
 @pytest.mark.parametrize("bits", [2, 4])
-@pytest.mark.parametrize("hidden,inter,group", [(768, 320, 64), (288, 96, 96), (96, 64, 32)])
+@pytest.mark.parametrize("hidden,inter,group", [(768, 320, 64), (288, 96, 96), (96, 64, 32), (4160, 64, 64)])
 def test_vnni_build_equals_avx2_build_bitwise_one_token_expert(bits: int, hidden: int, inter: int,
                                                                 group: int) -> None:
     vnni, avx2 = qkernel.build(), qkernel.build(vnni=False)
