@@ -159,9 +159,9 @@ class MoEModel(MoEExperts, MoESpeculation, CausalLM):
         self.expert_share: float | None = None
         order = sorted(self.moe_layers)
         self._next_moe = dict(itertools.pairwise(order))
-        # a one-token forward over a plain KV cache, where the resident matrices are GGUF blocks:
-        # fused norms, attention in C (moe_step.py); None keeps every forward on the general path
-        self.decode_step: DecodeStep | None = DecodeStep.build(self) if self.lin else None
+        # a one-token forward over a plain KV cache: fused norms, attention in C (moe_step.py);
+        # None (no C kernels, OLMoE) keeps every forward on the general path
+        self.decode_step: DecodeStep | None = DecodeStep.build(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
