@@ -6,7 +6,7 @@ Qwen3-MoE token makes 72 of them. A ctypes call is ~1-2 us.
 
 Built with the system C compiler into ``$LOCAL_ENGINE_CACHE`` like ``qkernel`` (a hash of the
 source names the file); if that cannot be done, ``load()`` returns None and the step keeps the
-PyTorch path (``unavailable_reason`` says why).
+PyTorch path (``KERNEL.get()`` says why).
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import ctypes
 from local_engine import qkernel
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared"]
-
-unavailable_reason: str | None = None
 
 
 def _build() -> ctypes.CDLL:
@@ -30,11 +28,5 @@ def _build() -> ctypes.CDLL:
     return lib
 
 
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (then ``unavailable_reason`` says why)."""
-    global unavailable_reason
-    lib, unavailable_reason = _ONCE.get()
-    return lib
-
-
-_ONCE = qkernel.OnceBuilt(_build)
+# ``KERNEL.get()``: (the library, None) or (None, why it could not be built)
+KERNEL = qkernel.OnceBuilt(_build)

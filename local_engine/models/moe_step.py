@@ -89,7 +89,7 @@ class DecodeStep:
 
     @classmethod
     def build(cls, model: MoEModel) -> DecodeStep | None:
-        qlib, nlib = qkernel.load(), norm_kernel.load()
+        qlib, nlib = qkernel.load(), norm_kernel.KERNEL.get()[0]
         if qlib is None or nlib is None or model.spec.qk_norm not in ("", "head") or model.nh % model.nkv:
             return None
         layers = []
