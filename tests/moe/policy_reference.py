@@ -14,8 +14,8 @@ import itertools
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
+from local_engine.adaptive_policy import AdaptiveLayerLFU
 from local_engine.cache_policies import Key, Policy
-from local_engine.router_policy import RouterLFU
 
 
 def _group(key: Key) -> Hashable:
@@ -83,31 +83,14 @@ class RefLayerLFU(Policy):
         return min(live, key=lambda k: (self._now(k), self._rank[_group(k)], self._score[k], self._seq[k]))
 
 
-class RefAdaptive(Policy):
-    """``AdaptiveLayerLFU`` with every shadow keeping its own scores and a victim asked per miss."""
+class RefAdaptive(AdaptiveLayerLFU):
+    """``AdaptiveLayerLFU``'s plumbing (candidates, steps, the leader's answers) with its decisions
+    made the obvious way: a victim asked per shadow miss, every request on its own, the leader as
+    the first index of the most hits. Given ``RefLayerLFU`` candidates (no ``twin``), every shadow
+    keeps its own scores."""
 
-    def __init__(self, capacity: int, make: Sequence[Callable[[], Policy]], window: int = 1000) -> None:
-        self._cap = capacity
-        self._real = [m() for m in make]
-        self._shadow = [r.twin() if isinstance(r, RouterLFU) else m() for r, m in zip(self._real, make, strict=True)]
-        self._sets: list[set[Key]] = [set() for _ in make]
-        self._hits = [0.0] * len(make)
-        self._fade = 1.0 - 1.0 / max(window, 1)
-        self.leader = len(make) - 1
-        self._pinned: set[Key] = set()
-        self._missed: list[list[Key]] = [[] for _ in make]
-        self._stepped = False
-
-    def step(self, group: Hashable, n_tokens: int = 1) -> None:
-        self._flush()
-        self._stepped = True
-        for p in (*self._real, *self._shadow):
-            p.step(group, n_tokens)
-        self._pinned = set()
-
-    def observe(self, group: Hashable, probs: Sequence[float]) -> None:
-        for p in (*self._real, *self._shadow):
-            p.observe(group, probs)
+    def __init__(self, capacity: int, make: Sequence[Callable[[], Policy]]) -> None:
+        super().__init__(capacity, candidates=make)
 
     def _flush(self) -> None:
         for p, keys, missed in zip(self._shadow, self._sets, self._missed, strict=True):
@@ -121,6 +104,10 @@ class RefAdaptive(Policy):
                 keys.add(key)
                 p.insert(key)
             missed.clear()
+
+    def access_many(self, keys: Sequence[Key], uses: Sequence[int]) -> None:
+        for key, u in zip(keys, uses, strict=True):
+            self.access(key, u)
 
     def access(self, key: Key, uses: int = 1) -> None:
         self._pinned.add(key)
@@ -139,20 +126,6 @@ class RefAdaptive(Policy):
         best = max(range(len(self._hits)), key=self._hits.__getitem__)
         if self._hits[best] > self._hits[self.leader]:
             self.leader = best
-
-    def admit(self, key: Key, victim: Key) -> bool:
-        return self._real[self.leader].admit(key, victim)
-
-    def insert(self, key: Key) -> None:
-        for p in self._real:
-            p.insert(key)
-
-    def remove(self, key: Key) -> None:
-        for p in self._real:
-            p.remove(key)
-
-    def victim(self, pinned: set[Key]) -> Key | None:
-        return self._real[self.leader].victim(pinned)
 
 
 class RefCache:

@@ -95,10 +95,6 @@ def run_ref(trace: list[Step], budget: int, pol: Policy, router: bool) -> tuple[
     return c.log, leaders
 
 
-def _adaptive_ref(cap: int, make: list[Callable[[], Policy]]) -> RefAdaptive:
-    return RefAdaptive(cap, make)
-
-
 REFS: dict[str, Callable[[int, dict[str, Any]], Policy]] = {
     "layer-lfu": lambda cap, o: RefLayerLFU(**o),
     "adaptive": lambda cap, o: RefAdaptive(cap, [lambda d=d: RefLayerLFU(d) for d in (0.5, 0.8, 0.95)]),
